@@ -1,0 +1,27 @@
+"""Test set-up: 8 simulated CPU devices, float32 matmuls, and small shared fixtures.
+
+XLA_FLAGS must be set before JAX initialises its backends, so this runs at import time.
+"""
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: long-running test (still run in CI)")
+  config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped on CPU-only machines")
+
+
+def pytest_collection_modifyitems(config, items):
+  import pytest
+  has_gpu = any(d.platform == "gpu" for d in jax.devices()) if os.environ.get("JAX_PLATFORMS") != "cpu" else False
+  skip_gpu = pytest.mark.skip(reason="needs a GPU")
+  for item in items:
+    if "gpu" in item.keywords and not has_gpu:
+      item.add_marker(skip_gpu)
