@@ -1,0 +1,246 @@
+"""The model's hyper-parameters: one frozen dataclass, named as in HF's DeepseekV3Config.
+
+`ModelConfig` is hashable so it can be a static argument of `jax.jit`. It converts from and to the HF
+`config.json` dict (both the legacy `rope_theta` + `rope_scaling` layout and the newer `rope_parameters`
+one) and from the `model` block of an ml_collections training config. `validate()` raises errors that
+name the offending field and say how to fix it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Optional
+
+
+class ConfigError(ValueError):
+  """A configuration value is wrong; the message names the field and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int = 129280
+  hidden_size: int = 7168
+  intermediate_size: int = 18432          # dense SwiGLU layers
+  moe_intermediate_size: int = 2048       # each routed / shared expert
+  num_hidden_layers: int = 61
+  first_k_dense_replace: int = 3          # the first k layers are dense, the rest MoE
+  num_attention_heads: int = 128
+  # MLA
+  q_lora_rank: Optional[int] = 1536       # None: a full-rank q_proj (DeepSeek-V2-Lite style)
+  kv_lora_rank: int = 512
+  qk_nope_head_dim: int = 128
+  qk_rope_head_dim: int = 64
+  v_head_dim: int = 128
+  # MoE
+  n_routed_experts: int = 256
+  n_shared_experts: int = 1
+  num_experts_per_tok: int = 8
+  n_group: int = 8
+  topk_group: int = 4
+  norm_topk_prob: bool = True
+  routed_scaling_factor: float = 2.5
+  scoring_func: str = "sigmoid"
+  # MTP
+  num_nextn_predict_layers: int = 1
+  # RoPE / YaRN. rope_scaling is a tuple of (key, value) pairs so the dataclass stays hashable.
+  rope_theta: float = 10000.0
+  rope_scaling: Optional[tuple] = (("type", "yarn"), ("factor", 40.0),
+                                   ("original_max_position_embeddings", 4096),
+                                   ("beta_fast", 32.0), ("beta_slow", 1.0),
+                                   ("mscale", 1.0), ("mscale_all_dim", 1.0))
+  max_position_embeddings: int = 163840
+  rms_norm_eps: float = 1e-6
+  tie_word_embeddings: bool = False
+  initializer_range: float = 0.02
+  bos_token_id: int = 0
+  eos_token_id: int = 1
+  # Numerics and memory (not part of the HF format).
+  dtype: str = "float32"                  # compute dtype of activations: float32 | bfloat16
+  param_dtype: str = "float32"
+  precision: str = "fp32"                 # 'fp32' | 'bf16' | 'fp8' (fp8 = DeepSeek block-scaled GEMMs)
+  remat: str = "paper"                    # 'none' | 'paper' (RMSNorm + MLA up-proj) | 'full'
+  capacity_factor: float = 0.0            # 0: dropless (DeepSeek-V3). >0: drop tokens over capacity
+  grouped_gemm: str = "ragged_dot"        # 'ragged_dot' | 'triton' (GPU kernel)
+
+  # ----------------------------------------------------------------------------------------------
+  @property
+  def qk_head_dim(self) -> int:
+    return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+  @property
+  def num_moe_layers(self) -> int:
+    return self.num_hidden_layers - self.first_k_dense_replace
+
+  @property
+  def num_dense_layers(self) -> int:
+    return self.first_k_dense_replace
+
+  @property
+  def rope(self) -> dict:
+    return dict(self.rope_scaling or ())
+
+  def replace(self, **kw) -> "ModelConfig":
+    return dataclasses.replace(self, **kw)
+
+  def validate(self) -> "ModelConfig":
+    def need(cond, field, msg):
+      if not cond:
+        raise ConfigError(f"model.{field}: {msg}")
+    for f in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
+              "qk_nope_head_dim", "v_head_dim", "intermediate_size"):
+      need(isinstance(getattr(self, f), int) and getattr(self, f) > 0, f,
+           f"must be a positive integer, got {getattr(self, f)!r}")
+    need(self.kv_lora_rank is not None, "kv_lora_rank", "is required for MLA (DeepSeek-V3 uses 512)")
+    need(self.q_lora_rank is None or (isinstance(self.q_lora_rank, int) and self.q_lora_rank > 0),
+         "q_lora_rank", f"must be a positive integer or None, got {self.q_lora_rank!r}")
+    need(isinstance(self.qk_rope_head_dim, int) and self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0,
+         "qk_rope_head_dim", f"must be a positive even number (RoPE rotates pairs), got {self.qk_rope_head_dim!r}")
+    need(0 <= self.first_k_dense_replace <= self.num_hidden_layers, "first_k_dense_replace",
+         f"must be in [0, num_hidden_layers={self.num_hidden_layers}], got {self.first_k_dense_replace}")
+    if self.num_moe_layers > 0:
+      need(self.n_routed_experts > 0, "n_routed_experts", "must be positive when there are MoE layers")
+      need(self.moe_intermediate_size > 0, "moe_intermediate_size", "must be positive")
+      need(self.n_group > 0 and self.n_routed_experts % self.n_group == 0, "n_group",
+           f"n_routed_experts={self.n_routed_experts} must be divisible by n_group={self.n_group}")
+      need(1 <= self.topk_group <= self.n_group, "topk_group",
+           f"must be in [1, n_group={self.n_group}], got {self.topk_group}")
+      per_group = self.n_routed_experts // self.n_group
+      need(per_group >= 2 or self.n_group == 1, "n_group",
+           f"each group needs >= 2 experts (group score = sum of the top-2); got {per_group} per group")
+      need(1 <= self.num_experts_per_tok <= self.topk_group * per_group, "num_experts_per_tok",
+           f"must be in [1, topk_group * experts_per_group = {self.topk_group * per_group}], "
+           f"got {self.num_experts_per_tok}")
+      need(self.scoring_func == "sigmoid", "scoring_func", "only 'sigmoid' (DeepSeek-V3) is supported")
+    need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers", "must be >= 0")
+    need(self.dtype in ("float32", "bfloat16"), "dtype", f"must be 'float32' or 'bfloat16', got {self.dtype!r}")
+    need(self.param_dtype in ("float32", "bfloat16"), "param_dtype",
+         f"must be 'float32' or 'bfloat16', got {self.param_dtype!r}")
+    need(self.precision in ("fp32", "bf16", "fp8"), "precision",
+         f"must be one of 'fp32', 'bf16', 'fp8', got {self.precision!r}")
+    need(self.remat in ("none", "paper", "full"), "remat",
+         f"must be one of 'none', 'paper', 'full', got {self.remat!r}")
+    need(self.grouped_gemm in ("ragged_dot", "triton"), "grouped_gemm",
+         f"must be 'ragged_dot' or 'triton', got {self.grouped_gemm!r}")
+    need(self.capacity_factor >= 0, "capacity_factor", "must be >= 0 (0 = dropless)")
+    rope = self.rope
+    if rope:
+      need(rope.get("type", rope.get("rope_type")) == "yarn", "rope_scaling",
+           f"only YaRN scaling is supported (type='yarn'), got {rope!r}; set rope_scaling=None for plain RoPE")
+      need(float(rope.get("factor", 0)) >= 1, "rope_scaling.factor", "must be >= 1")
+      need(int(rope.get("original_max_position_embeddings", 0)) > 0,
+           "rope_scaling.original_max_position_embeddings", "must be a positive integer")
+    return self
+
+  # ----------------------------------------------------------------------------------------------
+  def softmax_scale(self) -> float:
+    """1/sqrt(d_qk), times YaRN's mscale^2 correction (DeepSeek's `softmax_scale`)."""
+    scale = self.qk_head_dim ** -0.5
+    rope = self.rope
+    if rope and rope.get("mscale_all_dim"):
+      m = yarn_get_mscale(float(rope["factor"]), float(rope["mscale_all_dim"]))
+      scale = scale * m * m
+    return scale
+
+  # ----------------------------------------------------------------------------------------------
+  _HF_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+                "num_hidden_layers", "first_k_dense_replace", "num_attention_heads", "q_lora_rank",
+                "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts",
+                "n_shared_experts", "num_experts_per_tok", "n_group", "topk_group", "norm_topk_prob",
+                "routed_scaling_factor", "scoring_func", "num_nextn_predict_layers", "rope_theta",
+                "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "initializer_range",
+                "bos_token_id", "eos_token_id")
+
+  @classmethod
+  def from_hf_dict(cls, d: Mapping[str, Any], **overrides) -> "ModelConfig":
+    """From an HF config.json dict (legacy rope_scaling or newer rope_parameters layout)."""
+    kw = {}
+    for f in cls._HF_FIELDS:
+      if f in d and d[f] is not None:
+        kw[f] = d[f]
+    if "num_mtp_layers" in d and "num_nextn_predict_layers" not in d:
+      kw["num_nextn_predict_layers"] = d["num_mtp_layers"]
+    if d.get("q_lora_rank", 0) is None:
+      kw["q_lora_rank"] = None
+    if isinstance(kw.get("eos_token_id"), (list, tuple)):
+      kw["eos_token_id"] = int(kw["eos_token_id"][0])
+    rope = None
+    if d.get("rope_parameters"):                     # newer layout: theta lives inside
+      rp = dict(d["rope_parameters"])
+      if "rope_theta" in rp:
+        kw["rope_theta"] = rp.pop("rope_theta")
+      rtype = rp.get("rope_type", rp.get("type", "default"))
+      rope = None if rtype == "default" else rp
+    elif d.get("rope_scaling"):
+      rope = dict(d["rope_scaling"])
+    if rope is not None:
+      rope = dict(rope)
+      rtype = rope.pop("rope_type", None) or rope.pop("type", None)
+      rope.pop("type", None)
+      if rtype not in ("yarn", "deepseek_yarn"):
+        raise ConfigError(f"rope_scaling: type {rtype!r} is not supported; dsv3 implements YaRN "
+                          f"(DeepSeek-V3) or plain RoPE (no rope_scaling)")
+      rope["type"] = "yarn"
+      kw["rope_scaling"] = tuple(sorted((k, v) for k, v in rope.items() if v is not None))
+    else:
+      kw["rope_scaling"] = None
+    kw.update(overrides)
+    return cls(**kw).validate()
+
+  def to_hf_dict(self, legacy_rope: bool = True) -> dict:
+    d = {f: getattr(self, f) for f in self._HF_FIELDS}
+    d.update(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", hidden_act="silu",
+             num_key_value_heads=self.num_attention_heads, attention_bias=False, attention_dropout=0.0,
+             topk_method="noaux_tc", rope_interleave=True, torch_dtype="float32", use_cache=True)
+    rope = self.rope
+    if legacy_rope:
+      d["rope_scaling"] = ({k: v for k, v in rope.items() if k != "type"} | {"type": "yarn", "rope_type": "yarn"}
+                           if rope else None)
+    else:
+      d.pop("rope_theta")
+      d["rope_parameters"] = ({"rope_type": "yarn", "rope_theta": self.rope_theta,
+                               **{k: v for k, v in rope.items() if k != "type"}}
+                              if rope else {"rope_type": "default", "rope_theta": self.rope_theta})
+    return d
+
+  @classmethod
+  def from_any(cls, cfg) -> "ModelConfig":
+    """Accepts a ModelConfig, an HF dict, or a training ConfigDict (uses its `.model` block)."""
+    if isinstance(cfg, ModelConfig):
+      return cfg
+    if hasattr(cfg, "model") and not isinstance(cfg, Mapping):
+      return cls.from_config_dict(cfg)
+    if isinstance(cfg, Mapping) and "model" in cfg and isinstance(cfg["model"], Mapping):
+      return cls.from_config_dict(cfg)
+    return cls.from_hf_dict(dict(cfg))
+
+  @classmethod
+  def from_config_dict(cls, config) -> "ModelConfig":
+    """From a training config: its `model` block plus the top-level `precision`."""
+    m = dict(config["model"])
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(m) - names)
+    if unknown:
+      raise ConfigError(f"model.{unknown[0]}: unknown field; valid fields are {sorted(names)}")
+    if m.get("rope_scaling") is not None and not isinstance(m["rope_scaling"], tuple):
+      m["rope_scaling"] = tuple(sorted(dict(m["rope_scaling"]).items()))
+    if "precision" in config and config["precision"] is not None:
+      m["precision"] = config["precision"]
+      if config["precision"] == "bf16":
+        m.setdefault("dtype", "bfloat16")
+    return cls(**m).validate()
+
+
+def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
+  if scale <= 1:
+    return 1.0
+  return 0.1 * mscale * math.log(scale) + 1.0
+
+
+def deepseek_v3_671b() -> ModelConfig:
+  """The exact published DeepSeek-V3 config (671B total, 37B activated)."""
+  return ModelConfig(vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+                     num_hidden_layers=61, first_k_dense_replace=3, num_attention_heads=128, q_lora_rank=1536,
+                     kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                     n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8, n_group=8, topk_group=4,
+                     norm_topk_prob=True, routed_scaling_factor=2.5, num_nextn_predict_layers=1,
+                     max_position_embeddings=163840, dtype="bfloat16", precision="bf16").validate()
