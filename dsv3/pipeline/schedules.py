@@ -15,7 +15,7 @@ stage a (rank, phase) pair holds is the schedule's `placement`:
                         rank r). Each rank holds two stages, i.e. twice the parameters of 1F1B.
   DualPipeV             N ranks, one direction through 2N stages in a V: rank r holds stage r (phase 0,
                         going down) and stage 2N-1-r (phase 1, coming back); micro-batches turn on the
-                        last rank. Same parameters per rank as 1F1B over 2N ranks... on half the devices.
+                        last rank. 2N stages on N devices: each device holds two stages' parameters.
 
 `validate` checks a schedule (each F/B once, in order, W balanced, no deadlock) and `simulate` times it
 with per-cell costs (see dsv3.pipeline.simulate for the cost model and the bubble definition), e.g.
@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
-from typing import Iterable, List, Optional, Sequence, Union
+from typing import Iterable, List, Optional, Sequence
 
 from dsv3.pipeline import simulate as _engine
 from dsv3.pipeline.simulate import SimResult
@@ -76,7 +76,7 @@ class Op:
   def __eq__(self, other) -> bool:
     if isinstance(other, (Op, str)):
       return str(self) == str(other)
-    return NotImplemented
+    return False                    # an Op only equals an Op or its own notation string
 
   def __hash__(self) -> int:
     return hash(str(self))
@@ -292,7 +292,13 @@ def _as_schedule(schedule) -> Schedule:
 
 
 def _check_structure(sched: Schedule):
-  """Static checks: phases exist, each F and B once and in order, W matches the deferred B*."""
+  """Static checks: placement, phases exist, each F and B once and in order, W matches the B*."""
+  if len(sched.placement) != len(sched):
+    raise ValueError(f"placement has {len(sched.placement)} ranks but the schedule has {len(sched)}")
+  stages = [ds for phases in sched.placement for ds in phases]
+  expected = [(d, s) for d in sorted({d for d, _ in stages}) for s in range(sched.num_stages)]
+  if sorted(stages) != expected:
+    raise ValueError(f"placement must hold every (direction, stage) exactly once, got {sched.placement}")
   want = list(range(sched.num_microbatches))
   for r, ops in enumerate(sched):
     seen = {(kind, phase): [] for phase in range(len(sched.placement[r])) for kind in "FB"}
@@ -325,18 +331,11 @@ def validate(schedule) -> Schedule:
   Checks: every stage of every direction sits on exactly one (rank, phase); on each rank every
   micro-batch's F and B appear exactly once per phase, in micro-batch order; the number of W equals
   the number of deferred B* (and no W comes before its B*); and the cross-rank dependencies can be met
-  (simulating with unbounded queues never gets stuck).
+  (simulating with unbounded queues never gets stuck). Bare per-rank lists (of Ops or notation
+  strings) carry no placement: one phase is read as a linear pipeline, two as DualPipe.
   """
   sched = _as_schedule(schedule)
-  if len(sched.placement) != len(sched):
-    raise ValueError(f"placement has {len(sched.placement)} ranks but the schedule has {len(sched)}")
-  stages = [ds for phases in sched.placement for ds in phases]
-  directions = sorted({d for d, _ in stages})
-  expected = [(d, s) for d in directions for s in range(sched.num_stages)]
-  if sorted(stages) != expected:
-    raise ValueError(f"placement must hold every (direction, stage) exactly once, got {sched.placement}")
-  _check_structure(sched)
-  simulate(sched)
+  simulate(sched)                   # runs the static checks, then raises if the ranks deadlock
   return sched
 
 
@@ -400,12 +399,13 @@ def main(argv: Optional[Sequence[str]] = None):
   for method, stages, measured, paper, params, acts, _ in rows:
     print(f"{method:<10} {stages:>3} {measured:>13g} {paper:>15g} {params:>7} {acts:>12}")
   if args.print_ops:
-    for r, ops in enumerate(rows[2][-1] and dualpipe(args.ranks, args.chunks).strings()):
+    for r, ops in enumerate(dualpipe(args.ranks, args.chunks).strings()):
       print(f"rank {r}: " + " ".join(ops))
   if args.png:
-    from dsv3.pipeline import timeline
-    res = rows[2][-1]
-    timeline.plot_timeline(res, args.png, title=f"DualPipe, {args.ranks} ranks, {args.chunks} micro-batches")
+    from dsv3.pipeline import timeline   # matplotlib only when a picture is asked for
+    timeline.plot_timeline(rows[2][-1], args.png,
+                           title=f"DualPipe, {args.ranks} ranks, {args.chunks} micro-batches (F={args.F}, "
+                                 f"B={args.B}, W={args.W}, F&B={fb})")
     print(f"wrote {args.png}")
 
 

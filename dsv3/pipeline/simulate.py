@@ -15,12 +15,17 @@ Costs: an F cell costs F; a full B cell costs B (input *and* weight gradients); 
 its W cell costs W, so splitting a backward never changes the total work; an F&B unit costs FB (default
 F + B, i.e. no overlap gain; an F&B* unit costs FB - W).
 
-Bubble (what Table 2 of the DeepSeek-V3 report tabulates): the time a rank spends idle inside the
-step, counted from the moment its first input can exist (time 0 on every rank: all micro-batches are
-available at the start) to the end of the step (the makespan, when the last rank finishes). So
-`bubble[r] = makespan - busy[r]`, and `SimResult.bubble` is the largest over ranks (the step is as slow
-as its slowest rank; with uniform costs the ranks of 1F1B and ZB1P have equal bubbles, and for DualPipe
-the ranks that overlap the least set it). See schedules.paper_bubble for the closed forms it reproduces.
+Bubble (what Table 2 of the DeepSeek-V3 report tabulates): the time a rank spends idle inside the step,
+from time 0 (every micro-batch is available at the start) to the makespan (when the last rank finishes):
+`bubble_per_rank[r] = makespan - busy[r]`, and `SimResult.bubble` is the largest of them, because the
+step is as slow as its least-utilised rank. With uniform costs this reproduces the paper exactly
+(schedules.paper_bubble): 1F1B (PP-1)(F+B) for any F, B; ZB1P (PP-1)(F+B-2W) when W <= min(F, B-W);
+DualPipe (PP/2-1)(F&B+B-3W) and DualPipeV (the same with PP = 2*ranks stages) when F = B - W (a forward
+cell costs the same as an input-gradient cell, as in the paper's Figure 5 and the zero-bubble papers),
+W <= F and B <= F&B <= F+B. In 1F1B, ZB1P and DualPipe with F&B = F+B every rank has the same bubble;
+with F&B < F+B the middle DualPipe ranks (which overlap the most) set it. Outside F = B - W the
+DualPipe(V) schedule's critical path changes and the measured bubble departs from the closed form,
+e.g. by +(PP/2-1)(F-(B-W)) for DualPipe when F > B-W.
 
 Activations in flight on a rank are counted at op boundaries: an F adds one micro-batch's activation,
 a B or B* frees it (a B* keeps only what its deferred W needs, as in the zero-bubble paper's accounting),
