@@ -62,6 +62,12 @@ class ModelConfig:
   capacity_factor: float = 0.0            # 0: dropless (DeepSeek-V3). >0: drop tokens over capacity
   grouped_gemm: str = "ragged_dot"        # 'ragged_dot' | 'triton' (GPU kernel)
 
+  def __post_init__(self):
+    # Canonical form: a sorted tuple of pairs (hashable, order-independent), whatever the caller passed.
+    if self.rope_scaling is not None:
+      items = self.rope_scaling.items() if isinstance(self.rope_scaling, Mapping) else self.rope_scaling
+      object.__setattr__(self, "rope_scaling", tuple(sorted((str(k), v) for k, v in items)) or None)
+
   # ----------------------------------------------------------------------------------------------
   @property
   def qk_head_dim(self) -> int:
@@ -244,3 +250,64 @@ def deepseek_v3_671b() -> ModelConfig:
                      n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8, n_group=8, topk_group=4,
                      norm_topk_prob=True, routed_scaling_factor=2.5, num_nextn_predict_layers=1,
                      max_position_embeddings=163840, dtype="bfloat16", precision="bf16").validate()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training configuration (ml_collections). configs/*.py start from this and override.
+# ---------------------------------------------------------------------------------------------------
+def model_config_dict(cfg: ModelConfig):
+  """A ModelConfig as an ml_collections ConfigDict (the `model` block of a training config)."""
+  import ml_collections
+  d = dataclasses.asdict(cfg)
+  d.pop("precision")                      # set at the top level (config.precision)
+  d["rope_scaling"] = dict(cfg.rope_scaling) if cfg.rope_scaling else None
+  return ml_collections.ConfigDict(d, type_safe=False)
+
+
+def base_train_config(model: ModelConfig):
+  """Every field the trainer reads, with DeepSeek-V3's recipe as the default."""
+  import ml_collections
+  from dsv3 import data
+  c = ml_collections.ConfigDict()
+  c.model = model_config_dict(model)
+  c.precision = "fp32"                    # 'fp32' | 'bf16' | 'fp8'
+  c.seed = 0
+  c.num_train_steps = 1000
+  c.batch_size = 8                        # global, in sequences
+  c.seq_len = 128
+  c.grad_accum_steps = 1
+  # Optimizer: AdamW(0.9, 0.95, wd 0.1), clip 1.0 (report §4.2).
+  c.learning_rate = 3e-4
+  c.min_lr_ratio = 0.1
+  c.lr_schedule = "deepseek"              # 'deepseek' (warmup, constant, cosine, constant tail) | 'cosine'
+  c.warmup_steps = 20
+  c.decay_start_frac = 0.5                # deepseek schedule: cosine decay from here ...
+  c.decay_end_frac = 0.9                  # ... to min_lr at here, then constant
+  c.b1, c.b2, c.weight_decay, c.grad_clip = 0.9, 0.95, 0.1, 1.0
+  c.adam_moments_dtype = "float32"        # 'bfloat16' in the FP8 recipe
+  # Losses.
+  c.mtp_weight = 0.3                      # lambda for the first mtp_weight_switch_frac of training ...
+  c.mtp_weight_final = 0.1                # ... then this (report §4.2)
+  c.mtp_weight_switch_frac = 0.67
+  # Load balance (report §2.1.2).
+  c.balance = ml_collections.ConfigDict()
+  c.balance.mode = "aux_free"             # 'aux_free' (bias) | 'aux_loss' | 'none'
+  c.balance.gamma = 0.001                 # bias update speed ...
+  c.balance.gamma_final = 0.0             # ... after gamma_switch_frac of training
+  c.balance.gamma_switch_frac = 0.95
+  c.balance.sequence_alpha = 1e-4         # complementary sequence-wise balance loss
+  c.balance.aux_loss_alpha = 0.001        # only in 'aux_loss' mode (the ablation baseline)
+  # EMA of parameters in host memory.
+  c.ema_decay = 0.999                     # 0 disables
+  # Logging, evaluation, checkpoints.
+  c.log_every_steps = 10
+  c.eval_every_steps = 100
+  c.eval_batches = 4
+  c.checkpoint_every_steps = 200
+  c.keep_checkpoints = 3
+  c.init_from = ""                        # HF checkpoint dir or orbax dir; used when the workdir is empty
+  # Parallelism.
+  c.mesh = ml_collections.ConfigDict(dict(data=1, expert=1, pipeline=1))
+  c.pipeline = ml_collections.ConfigDict(dict(schedule="none", microbatches=1))
+  c.data = data.default_data_config()
+  return c

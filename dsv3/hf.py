@@ -1,0 +1,273 @@
+"""HF checkpoints in the DeepSeek-V3 format (what DeepSeek, Moonlight and Kimi-K2 ship), both directions.
+
+Layout on disk: config.json + model.safetensors, or model-0000x-of-0000y.safetensors with
+model.safetensors.index.json. Torch Linear weights are [out, in]; flax kernels are [in, out], so every
+projection is transposed. Routed experts are stored one tensor per expert; we stack them [E, ...]. Layers
+of one kind are stacked [L, ...] (nn.scan). The MTP module k is stored as layer num_hidden_layers + k
+(enorm, hnorm, eh_proj, shared_head.norm, shared_head.head, embed_tokens, and a full decoder block); its
+embed_tokens / shared_head.head are copies of the main ones and are written on save, checked on load.
+
+FP8 checkpoints (DeepSeek's official weights) store float8_e4m3fn weights plus `weight_scale_inv`, one
+float32 per 128x128 block (edge blocks partial); those are dequantised on load (w * scale per block).
+
+Loading streams tensor by tensor into preallocated host arrays, so a large checkpoint is never held twice.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+
+from dsv3 import model as model_lib
+from dsv3.config import ModelConfig
+
+
+class CheckpointError(ValueError):
+  """The checkpoint is missing a tensor, has a wrong shape, or is not in the expected format."""
+
+
+# Per-layer tensor names: (HF suffix, our path inside a Block, transpose?).
+_ATTN = [("self_attn.q_proj.weight", "self_attn/q_proj/kernel", True),
+         ("self_attn.q_a_proj.weight", "self_attn/q_a_proj/kernel", True),
+         ("self_attn.q_a_layernorm.weight", "self_attn/q_a_layernorm/weight", False),
+         ("self_attn.q_b_proj.weight", "self_attn/q_b_proj/kernel", True),
+         ("self_attn.kv_a_proj_with_mqa.weight", "self_attn/kv_a_proj_with_mqa/kernel", True),
+         ("self_attn.kv_a_layernorm.weight", "self_attn/kv_a_layernorm/weight", False),
+         ("self_attn.kv_b_proj.weight", "self_attn/kv_b_proj/kernel", True),
+         ("self_attn.o_proj.weight", "self_attn/o_proj/kernel", True),
+         ("input_layernorm.weight", "input_layernorm/weight", False),
+         ("post_attention_layernorm.weight", "post_attention_layernorm/weight", False)]
+_DENSE = [(f"mlp.{p}.weight", f"mlp/{p}/kernel", True) for p in ("gate_proj", "up_proj", "down_proj")]
+_MOE = ([("mlp.gate.weight", "mlp/gate", True)]
+        + [(f"mlp.shared_experts.{p}.weight", f"mlp/shared_experts/{p}/kernel", True)
+           for p in ("gate_proj", "up_proj", "down_proj")])
+_EXPERT = [(f"mlp.experts.{{e}}.{p}.weight", f"mlp/experts_{p}", True) for p in ("gate_proj", "up_proj", "down_proj")]
+_BIAS = ("mlp.gate.e_score_correction_bias", "mlp/e_score_correction_bias")
+_MTP = [("enorm.weight", "enorm/weight", False), ("hnorm.weight", "hnorm/weight", False),
+        ("eh_proj.weight", "eh_proj/kernel", True), ("shared_head.norm.weight", "shared_head_norm/weight", False)]
+
+
+def tensor_map(cfg: ModelConfig) -> dict:
+  """HF name -> (collection, path tuple, index tuple (stack/expert position), transpose)."""
+  m = {"model.embed_tokens.weight": ("params", ("embed_tokens", "embedding"), (), False),
+       "model.norm.weight": ("params", ("norm", "weight"), (), False)}
+  if not cfg.tie_word_embeddings:
+    m["lm_head.weight"] = ("params", ("lm_head",), (), True)
+
+  def block(prefix, root, idx, moe):
+    for hf, ours, t in _ATTN + (_MOE if moe else _DENSE):
+      if ("q_proj" in hf and cfg.q_lora_rank is not None) or ("q_a" in hf or "q_b" in hf) and cfg.q_lora_rank is None:
+        continue
+      m[f"{prefix}.{hf}"] = ("params", root + tuple(ours.split("/")), idx, t)
+    if moe:
+      m[f"{prefix}.{_BIAS[0]}"] = ("routing", root + tuple(_BIAS[1].split("/")), idx, False)
+      for e in range(cfg.n_routed_experts):
+        for hf, ours, t in _EXPERT:
+          m[f"{prefix}.{hf.format(e=e)}"] = ("params", root + tuple(ours.split("/")), idx + (e,), t)
+
+  for i in range(cfg.num_hidden_layers):
+    moe = i >= cfg.first_k_dense_replace
+    stack, j = ("moe_layers", i - cfg.first_k_dense_replace) if moe else ("dense_layers", i)
+    block(f"model.layers.{i}", (stack,), (j,), moe)
+  for k in range(cfg.num_nextn_predict_layers):
+    prefix, root = f"model.layers.{cfg.num_hidden_layers + k}", (f"mtp_{k}",)
+    for hf, ours, t in _MTP:
+      m[f"{prefix}.{hf}"] = ("params", root + tuple(ours.split("/")), (), t)
+    block(prefix, root + ("block",), (), cfg.num_moe_layers > 0)
+  return m
+
+
+def _mtp_copies(cfg: ModelConfig) -> dict:
+  """MTP layers' stored copies of the shared embedding and head: HF name -> main HF name."""
+  out = {}
+  for k in range(cfg.num_nextn_predict_layers):
+    p = f"model.layers.{cfg.num_hidden_layers + k}"
+    out[f"{p}.embed_tokens.weight"] = "model.embed_tokens.weight"
+    out[f"{p}.shared_head.head.weight"] = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+  return out
+
+
+def _get(tree, path):
+  for p in path:
+    tree = tree[p]
+  return tree
+
+
+def _set(tree, path, value):
+  for p in path[:-1]:
+    tree = tree.setdefault(p, {})
+  tree[path[-1]] = value
+
+
+def _files(path: str) -> list[str]:
+  if not os.path.isdir(path):
+    raise CheckpointError(f"checkpoint path {path!r} is not a directory; pass an HF checkpoint dir "
+                          f"(config.json + *.safetensors)")
+  index = os.path.join(path, "model.safetensors.index.json")
+  if os.path.exists(index):
+    with open(index) as f:
+      names = sorted(set(json.load(f)["weight_map"].values()))
+  else:
+    names = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+  if not names:
+    raise CheckpointError(f"{path}: no *.safetensors files found")
+  for n in names:
+    if not os.path.exists(os.path.join(path, n)):
+      raise CheckpointError(f"{path}: shard {n} listed in the index is missing")
+  return [os.path.join(path, n) for n in names]
+
+
+def _dequantize_fp8(w: np.ndarray, scale_inv: np.ndarray, name: str) -> np.ndarray:
+  """w [out, in] float8 with scale_inv [ceil(out/128), ceil(in/128)] -> float32."""
+  out_dim, in_dim = w.shape
+  expected = (-(-out_dim // 128), -(-in_dim // 128))
+  if scale_inv.shape != expected:
+    raise CheckpointError(f"{name}_scale_inv: shape {scale_inv.shape}, expected {expected} for 128x128 blocks "
+                          f"of a {w.shape} weight")
+  scale = np.repeat(np.repeat(scale_inv.astype(np.float32), 128, 0), 128, 1)[:out_dim, :in_dim]
+  return w.astype(np.float32) * scale
+
+
+def read_config(path: str) -> ModelConfig:
+  cfg_path = os.path.join(path, "config.json")
+  if not os.path.exists(cfg_path):
+    raise CheckpointError(f"{path}: config.json not found; an HF checkpoint dir holds config.json + safetensors")
+  with open(cfg_path) as f:
+    return ModelConfig.from_hf_dict(json.load(f))
+
+
+def load_checkpoint(path: str, dtype=None, config_overrides: Optional[dict] = None):
+  """HF DeepSeek-V3-format dir -> (ModelConfig, variables {'params', 'routing'}).
+
+  dtype=None keeps each tensor's stored float dtype (fp8 blocks dequantised to float32); else casts all.
+  """
+  cfg = read_config(path)
+  if config_overrides:
+    cfg = cfg.replace(**config_overrides).validate()
+  if dtype is not None:
+    cfg = cfg.replace(param_dtype="bfloat16" if jnp.dtype(dtype) == jnp.bfloat16 else "float32")
+  shapes = jax.eval_shape(lambda: model_lib.init(cfg, jax.random.key(0)))
+  names = tensor_map(cfg)
+  copies = _mtp_copies(cfg)
+  buffers: dict = {}                            # (collection, path) -> np array, allocated on first use
+  filled: set = set()
+  copy_values: dict = {}
+
+  for file in _files(path):
+    fw_np = safe_open(file, framework="numpy")
+    with fw_np as f:
+      keys = list(f.keys())
+    scales = {k[: -len("_scale_inv")] for k in keys if k.endswith("_scale_inv")}
+    for key in keys:
+      if key.endswith("_scale_inv"):
+        continue
+      if key not in names and key not in copies:
+        if re.match(r"model\.layers\.\d+\.", key) or key.startswith(("model.", "lm_head")):
+          raise CheckpointError(f"{file}: unexpected tensor {key!r} for this config "
+                                f"(num_hidden_layers={cfg.num_hidden_layers}, "
+                                f"num_nextn_predict_layers={cfg.num_nextn_predict_layers}); is config.json right?")
+        continue
+      value = _read(file, key, key in scales)
+      if key in copies:
+        copy_values[key] = value
+        continue
+      coll, ours, idx, transpose = names[key]
+      if transpose:
+        value = value.T
+      target = _get(shapes[coll], ours)
+      expected = target.shape[len(idx):]
+      if tuple(value.shape) != tuple(expected):
+        raise CheckpointError(f"{key}: shape {tuple(value.T.shape if transpose else value.shape)} does not match "
+                              f"the config (expected {tuple(expected[::-1]) if transpose else tuple(expected)})")
+      buf_key = (coll, ours)
+      if buf_key not in buffers:
+        store = np.dtype(dtype) if dtype is not None else value.dtype
+        buffers[buf_key] = np.zeros(target.shape, store)
+      buffers[buf_key][idx] = value.astype(buffers[buf_key].dtype)
+      filled.add(key)
+
+  missing = sorted(set(names) - filled)
+  if missing:
+    raise CheckpointError(f"{path}: missing tensor {missing[0]!r}" +
+                          (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+  variables: dict = {}
+  for (coll, ours), buf in buffers.items():
+    _set(variables.setdefault(coll, {}), ours, jnp.asarray(buf))
+  buffers.clear()
+  for key, main in copies.items():           # the MTP's stored embedding/head must be the shared ones
+    if key in copy_values:
+      coll, ours, _, t = names[main] if main in names else ("params", ("embed_tokens", "embedding"), (), False)
+      shared = np.asarray(_get(variables[coll], ours), np.float32)
+      if not np.allclose(copy_values[key].astype(np.float32), shared.T if t else shared, atol=1e-6):
+        raise CheckpointError(f"{key}: differs from {main}; dsv3's MTP shares the main embedding and head")
+  return cfg, variables
+
+
+def _read(file: str, key: str, fp8_scaled: bool) -> np.ndarray:
+  with safe_open(file, framework="numpy") as f:
+    dt = f.get_slice(key).get_dtype()
+    if not dt.startswith("F8"):
+      return f.get_tensor(key)
+  with safe_open(file, framework="flax") as f:  # numpy has no float8 dtype; go through JAX for these
+    w = np.asarray(f.get_tensor(key))
+    if not fp8_scaled:
+      return w.astype(np.float32)
+    return _dequantize_fp8(w, np.asarray(f.get_tensor(key + "_scale_inv")), key)
+
+
+def save_checkpoint(config, params, out_dir: str, max_shard_bytes: int = 4 << 30, dtype=None) -> None:
+  """Writes config.json + safetensors that transformers' AutoModelForCausalLM loads.
+
+  Written to a temporary directory first and renamed, so a crash never leaves a half checkpoint behind.
+  """
+  from safetensors.numpy import save_file
+  cfg = ModelConfig.from_any(config)
+  variables = model_lib._variables(cfg, params)
+  names = tensor_map(cfg)
+  tmp = out_dir.rstrip("/") + ".tmp"
+  os.makedirs(tmp, exist_ok=True)
+  hf_cfg = cfg.to_hf_dict()
+  store = np.dtype(dtype) if dtype is not None else None
+  shard, shard_bytes, shards = {}, 0, []
+
+  def emit(name, arr):
+    nonlocal shard, shard_bytes
+    arr = np.ascontiguousarray(arr if store is None else arr.astype(store))
+    if shard and shard_bytes + arr.nbytes > max_shard_bytes:
+      shards.append(shard)
+      shard, shard_bytes = {}, 0
+    shard[name] = arr
+    shard_bytes += arr.nbytes
+
+  for name, (coll, ours, idx, transpose) in names.items():
+    value = np.asarray(_get(variables[coll], ours)[idx] if idx else _get(variables[coll], ours))
+    emit(name, value.T if transpose else value)
+  for key, main in _mtp_copies(cfg).items():
+    coll, ours, _, t = names.get(main, ("params", ("embed_tokens", "embedding"), (), False))
+    value = np.asarray(_get(variables[coll], ours))
+    emit(key, value.T if t else value)
+  shards.append(shard)
+  hf_cfg["torch_dtype"] = str(next(iter(shards[0].values())).dtype)
+  if len(shards) == 1:
+    save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+  else:
+    weight_map = {}
+    for i, s in enumerate(shards):
+      fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+      save_file(s, os.path.join(tmp, fname), metadata={"format": "pt"})
+      weight_map.update({k: fname for k in s})
+    with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+      json.dump({"metadata": {"total_size": sum(a.nbytes for s in shards for a in s.values())},
+                 "weight_map": weight_map}, f, indent=1)
+  with open(os.path.join(tmp, "config.json"), "w") as f:
+    json.dump(hf_cfg, f, indent=1)
+  if os.path.exists(out_dir):
+    import shutil
+    shutil.rmtree(out_dir)
+  os.replace(tmp, out_dir)
