@@ -57,6 +57,7 @@ def atomic_write(path: pathlib.Path, write: Callable) -> None:
   try:
     with os.fdopen(fd, "wb") as f:
       write(f)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; a shared cache must be readable by everyone
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

@@ -1,0 +1,502 @@
+"""The training data pipeline: documents -> one token stream per split -> packed, shuffled, sharded batches.
+
+Every corpus becomes a token stream per split (train, validation). Text documents are tokenized once as
+`<|bos|> text <|eos|>` and concatenated; the streams are cached as .npy files under the tokenizer cache dir
+(keyed by corpus fingerprint + tokenizer + split), so the second start only memory-maps them. Pre-tokenized
+.bin/.npy files already are streams and are memory-mapped directly.
+
+Packing is concatenate-and-chunk: an epoch is the stream cut into windows of seq_len + 1 tokens (inputs plus
+the shifted targets), documents running across window edges with <|eos|> between them. Each epoch starts the
+cut at a different seeded offset in [0, seq_len] (so window edges move) and visits the windows in a grain
+index shuffle seeded with seed + epoch. Example k of that infinite sequence belongs to global batch
+k // batch_size; process p takes examples p, p + P, p + 2P, ... of each global batch (P processes), so the
+processes' shards are disjoint and together are exactly the global batch. Everything is a pure function of
+the example index, so the iterator state is one integer (`examples` consumed) and resume is exact; it even
+stays valid when batch_size or the process count change between runs.
+
+Config (`config.data`, see `default_data_config`), plus top-level `config.seq_len`, `config.batch_size`
+(global, divisible by the process count) and `config.seed`:
+  source               'stdlib' (default: the running Python's standard-library *.py sources, without test
+                       and site-packages dirs), or a path / glob / directory, or a comma-separated list
+  format               'auto' (by extension: .jsonl/.ndjson, .parquet/.pq, .bin, .npy, anything else text)
+                       | 'text' (one document per file) | 'jsonl' | 'parquet' | 'bin' | 'npy'
+  field                jsonl key / parquet column holding the document text ('text')
+  tokenizer            '' : byte-level BPE trained on the stdlib corpus (cached) | 'data': BPE trained on
+                       data.source's training split | path to a tokenizer.json or a directory holding one
+  vocab_size           size of the trained BPE (4096); unused with a tokenizer.json
+  validation_fraction  share of documents (by a stable hash of their name) held out (0.02); pre-tokenized
+                       files hold out the stream's tail. 0 = no validation
+  dtype                token dtype of raw .bin files: 'uint16' | 'uint32'
+  eval_batches         global validation batches per evaluation (16; 0 = all that fit)
+  max_files            use only the first N files of the sorted source (0 = all); for quick runs and tests
+  prefetch             batches a background grain thread prepares ahead (2; 0 = none)
+  cache_dir            '' = $DSV3_CACHE or ~/.cache/dsv3
+
+API:
+  data = make_datasets(config, process_index=None, process_count=None)   # defaults: jax.process_*()
+  batch = next(data.train)             # int32 [batch_size // process_count, seq_len + 1]
+  state = data.train.get_state()       # JSON-serialisable dict; put it in every checkpoint
+  data.train.set_state(state)          # continue exactly where that checkpoint's run was
+  for batch in data.eval_batches(): ...   # the same finite batches on every call
+  data.check_vocab(model_vocab_size)   # DataError if a token id does not fit the model's vocabulary
+  data.tokenizer                       # tokenizer.Tokenizer (None for .bin/.npy without data.tokenizer)
+  train_iter, eval_batches, tokenizer = data   # also unpacks as a 3-tuple
+Every bad setting raises DataError (a ValueError) whose message names the config field and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import itertools
+import json
+import logging
+import os
+import pathlib
+import sys
+import sysconfig
+from typing import Callable, Iterator, Optional
+
+import grain
+import ml_collections
+import numpy as np
+
+from dsv3 import tokenizer as tokenizer_lib
+from dsv3.config import ConfigError
+
+VERSION = 1                      # bump when tokenization or packing changes: old cached streams are ignored
+FORMATS = ("auto", "text", "jsonl", "parquet", "bin", "npy")
+_EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet",
+               ".bin": "bin", ".npy": "npy"}
+_STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+_BPE_CHARS = 16_000_000          # caps BPE training text (a few seconds on one core)
+_ENCODE_CHARS = 4_000_000        # text tokenized per encode_batch call: bounds memory on big corpora
+
+
+class DataError(ConfigError):
+  """A data setting is wrong; the message names the config field and the fix."""
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """The `data` block the config files embed; field meanings are in the module docstring."""
+  return ml_collections.ConfigDict(dict(
+      source="stdlib", format="auto", field="text", tokenizer="", vocab_size=4096, validation_fraction=0.02,
+      dtype="uint16", eval_batches=16, max_files=0, prefetch=2, cache_dir=""))
+
+
+def _unit_hash(key: str) -> float:
+  """A stable (machine- and run-independent) hash of `key` in [0, 1)."""
+  return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") / 2.0 ** 64
+
+
+def _sha(obj) -> str:
+  return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------
+# Corpus: which files, in which format, and a fingerprint that changes when any of them does.
+
+@dataclasses.dataclass
+class Corpus:
+  files: list                    # pathlib.Paths, sorted
+  names: list                    # stable document-name prefixes (relative paths) used for the split
+  format: str
+  field: str
+  fingerprint: str
+
+
+def stdlib_corpus(max_files: int = 0) -> Corpus:
+  """The running Python's standard-library sources: real text present on every machine, no download."""
+  root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+  files = []
+  for d, dirs, names in os.walk(root):
+    # Pruning in place keeps os.walk out of site-packages, which can be far bigger than the stdlib.
+    dirs[:] = [x for x in dirs if x not in _STDLIB_SKIP and not x.startswith(".")]
+    files += [pathlib.Path(d, f) for f in names if f.endswith(".py")]
+  files.sort(key=lambda p: p.relative_to(root).as_posix())
+  if max_files:
+    files = files[:max_files]
+  names = [p.relative_to(root).as_posix() for p in files]
+  # Sizes, not mtimes: identical stdlibs on different machines share one cache entry.
+  fp = _sha(["stdlib", sys.version_info[:3], [(n, p.stat().st_size) for n, p in zip(names, files)]])
+  return Corpus(files, names, "text", "text", fp)
+
+
+def resolve_corpus(source: str, fmt: str = "auto", field: str = "text", max_files: int = 0) -> Corpus:
+  """Expands `source` (paths, globs, directories, comma-separated) and settles the format."""
+  if fmt not in FORMATS:
+    raise DataError(f"data.format: unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+  if source == "stdlib":
+    if fmt not in ("auto", "text"):
+      raise DataError(f"data.format: the stdlib corpus is text, got {fmt!r}; use 'auto' or 'text'")
+    return stdlib_corpus(max_files)
+  files = []
+  for part in [s.strip() for s in str(source).split(",") if s.strip()]:
+    part = os.path.expanduser(part)
+    if glob.has_magic(part):
+      found = sorted(p for p in glob.glob(part, recursive=True) if os.path.isfile(p))
+      if not found:
+        raise DataError(f"data.source: no files match {part!r}; point it at existing "
+                        f"text/jsonl/parquet/bin/npy files")
+    elif os.path.isdir(part):
+      found = sorted(str(p) for p in pathlib.Path(part).rglob("*") if p.is_file()
+                     and not any(x.startswith(".") for x in p.relative_to(part).parts))
+      if not found:
+        raise DataError(f"data.source: directory {part!r} holds no files; point it at text/jsonl/parquet/"
+                        f"bin/npy files")
+    elif os.path.isfile(part):
+      found = [part]
+    else:
+      raise DataError(f"data.source: {part!r} does not exist; give existing files, a glob or a directory, "
+                      f"or 'stdlib' for the built-in corpus")
+    files += [f for f in found if f not in files]
+  if not files:
+    raise DataError(f"data.source: {source!r} names no files; give paths, globs or 'stdlib'")
+  if max_files:
+    files = files[:max_files]
+  paths = [pathlib.Path(f).resolve() for f in files]
+  if fmt == "auto":
+    kinds = sorted({_EXTENSIONS.get(p.suffix.lower(), "text") for p in paths})
+    if len(kinds) > 1:
+      raise DataError(f"data.format: data.source mixes formats {kinds}; narrow data.source to one kind of "
+                      f"file or set data.format explicitly")
+    fmt = kinds[0]
+  # Names relative to the files' common directory keep the split stable if the data moves.
+  common = os.path.commonpath([str(p.parent) for p in paths])
+  names = [os.path.relpath(p, common) for p in paths]
+  fp = _sha([fmt, field, [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]])
+  return Corpus(paths, names, fmt, field, fp)
+
+
+def iter_documents(corpus: Corpus) -> Iterator[tuple[str, str]]:
+  """Yields (stable name, text) for each non-empty document of a text/jsonl/parquet corpus."""
+  field = corpus.field
+  for path, name in zip(corpus.files, corpus.names):
+    if corpus.format == "text":
+      text = path.read_text(encoding="utf-8", errors="replace")
+      if text.strip():
+        yield name, text
+    elif corpus.format == "jsonl":
+      with open(path, encoding="utf-8", errors="replace") as f:
+        for i, line in enumerate(f):
+          if not line.strip():
+            continue
+          try:
+            obj = json.loads(line)
+          except ValueError as e:
+            raise DataError(f"data.source: {path}:{i + 1} is not valid JSON ({e}); jsonl files need one JSON "
+                            f"object per line (or set data.format='text')") from None
+          if not isinstance(obj, dict) or field not in obj:
+            keys = sorted(obj)[:10] if isinstance(obj, dict) else type(obj).__name__
+            raise DataError(f"data.field: {path}:{i + 1} has no field {field!r} (it has {keys}); set "
+                            f"data.field to the key that holds the document text")
+          if isinstance(obj[field], str) and obj[field].strip():
+            yield f"{name}:{i}", obj[field]
+    else:
+      import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top  (only parquet users pay for it)
+      pf = pq.ParquetFile(path)
+      if field not in pf.schema_arrow.names:
+        raise DataError(f"data.field: {path} has no column {field!r} (columns: {pf.schema_arrow.names}); set "
+                        f"data.field to the column that holds the document text")
+      row = 0
+      for batch in pf.iter_batches(columns=[field], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+          if isinstance(text, str) and text.strip():
+            yield f"{name}:{row}", text
+          row += 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Token streams.
+
+class TokenStream:
+  """A sequence of 1-D integer arrays (memory-mapped or not) read as one concatenated stream."""
+
+  def __init__(self, parts):
+    self.parts = [p for p in parts if len(p)]
+    self.starts = np.cumsum([0] + [len(p) for p in self.parts])
+
+  def __len__(self) -> int:
+    return int(self.starts[-1])
+
+  def read(self, a: int, b: int) -> np.ndarray:
+    """Tokens [a, b) as int32, crossing part boundaries as needed."""
+    out, i = [], int(np.searchsorted(self.starts, a, side="right")) - 1
+    while a < b:
+      s = a - self.starts[i]
+      take = min(b - a, len(self.parts[i]) - s)
+      out.append(self.parts[i][s:s + take])
+      a, i = a + take, i + 1
+    return np.concatenate(out).astype(np.int32) if out else np.zeros([0], np.int32)
+
+  def split(self, cut: int) -> tuple["TokenStream", "TokenStream"]:
+    """Two streams of views: tokens [0, cut) and [cut, end)."""
+    head, tail = [], []
+    for p, s in zip(self.parts, self.starts):
+      head.append(p[:max(0, cut - s)])
+      tail.append(p[max(0, cut - s):])
+    return TokenStream(head), TokenStream(tail)
+
+  def id_range(self) -> tuple[int, int]:
+    lo, hi = 0, -1
+    for p in self.parts:
+      for s in range(0, len(p), 1 << 26):  # chunks keep a large memory-mapped file out of RAM
+        c = np.asarray(p[s:s + (1 << 26)])
+        lo, hi = min(lo, int(c.min())), max(hi, int(c.max()))
+    return lo, hi
+
+
+def _load_token_file(path: pathlib.Path, fmt: str, dtype: str) -> np.ndarray:
+  if fmt == "bin":
+    size = path.stat().st_size
+    itemsize = np.dtype(dtype).itemsize
+    if size % itemsize:
+      raise DataError(f"data.dtype: {path} has {size} bytes, not a multiple of {itemsize} ({dtype}); check "
+                      f"data.dtype ('uint16' or 'uint32') or the file")
+    return np.memmap(path, dtype=dtype, mode="r") if size else np.zeros([0], dtype)
+  try:
+    arr = np.load(path, mmap_mode="r", allow_pickle=False)
+  except (ValueError, OSError) as e:
+    raise DataError(f"data.source: {path} is not a readable .npy array ({e}); save token ids with np.save") from None
+  if not np.issubdtype(arr.dtype, np.integer):
+    raise DataError(f"data.source: {path} holds {arr.dtype} values; pre-tokenized .npy files must hold "
+                    f"integer token ids")
+  return arr.reshape(-1)
+
+
+def _tokenize(docs, tok: tokenizer_lib.Tokenizer, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+  """Documents -> (train, validation) streams of `<|bos|> doc <|eos|>`; a doc's split is its name's hash."""
+  dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
+  parts, buf, chars, ndocs = ([[], []], [[], []], [0, 0], [0, 0])
+
+  def flush(v):
+    if buf[v]:
+      ids = tok.encode_batch(buf[v], bos=True, eos=True)
+      parts[v].append(np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype))
+      buf[v], chars[v] = [], 0
+
+  for name, text in docs:
+    v = int(fraction > 0 and _unit_hash(name) < fraction)
+    buf[v].append(text)
+    chars[v] += len(text)
+    ndocs[v] += 1
+    if chars[v] > _ENCODE_CHARS:
+      flush(v)
+  flush(0)
+  flush(1)
+  train, val = (np.concatenate(p) if p else np.zeros([0], dtype) for p in parts)
+  if fraction > 0 and (ndocs[0] == 0 or ndocs[1] == 0):
+    # Too few documents for a split by name (e.g. one big file): hold out the stream's tail instead.
+    both = np.concatenate([train, val])
+    cut = len(both) - max(1, int(len(both) * fraction))
+    train, val = both[:cut], both[cut:]
+  return train, val
+
+
+def _cached_streams(corpus: Corpus, tok, fraction: float, cache: str) -> tuple[np.ndarray, np.ndarray]:
+  key = _sha([VERSION, corpus.fingerprint, tok.fingerprint, fraction])
+  paths = [tokenizer_lib.cache_dir(cache) / f"tokens-v{VERSION}-{key}-{s}.npy" for s in ("train", "val")]
+  if not all(p.is_file() for p in paths):
+    streams = _tokenize(iter_documents(corpus), tok, fraction)
+    for p, arr in zip(paths, streams):
+      tokenizer_lib.atomic_write(p, lambda f, a=arr: np.save(f, a))
+  return tuple(np.load(p, mmap_mode="r") for p in paths)
+
+
+def _bpe_texts(corpus: Corpus, fraction: float) -> Callable[[], Iterator[str]]:
+  """Training documents in hash order (a deterministic, well-mixed subset) up to _BPE_CHARS characters."""
+  def texts():
+    chars = 0
+    order = sorted(range(len(corpus.files)), key=lambda i: _unit_hash(corpus.names[i]))
+    sub = dataclasses.replace(corpus, files=[corpus.files[i] for i in order],
+                              names=[corpus.names[i] for i in order])
+    for name, text in iter_documents(sub):
+      if fraction > 0 and _unit_hash(name) < fraction:
+        continue
+      yield text
+      chars += len(text)
+      if chars >= _BPE_CHARS:
+        return
+  return texts
+
+
+def load_tokenizer(data_cfg, corpus: Optional[Corpus] = None) -> tokenizer_lib.Tokenizer:
+  """The tokenizer `data_cfg.tokenizer` names; '' trains (once) on the stdlib corpus' training split."""
+  spec, cache = data_cfg.tokenizer, data_cfg.cache_dir
+  if spec in ("", "bpe"):
+    # Always the full stdlib with the default split, so every experiment shares one tokenizer per vocab size.
+    std = stdlib_corpus()
+    return tokenizer_lib.load_or_train("", data_cfg.vocab_size, _bpe_texts(std, 0.02),
+                                       _sha([std.fingerprint, _BPE_CHARS]), cache)
+  if spec == "data":
+    if corpus is None or corpus.format in ("bin", "npy"):
+      raise DataError("data.tokenizer: 'data' trains a BPE on data.source, which must then be text/jsonl/"
+                      "parquet; use '' or a tokenizer.json path")
+    fp = _sha([corpus.fingerprint, data_cfg.validation_fraction, _BPE_CHARS])
+    return tokenizer_lib.load_or_train("", data_cfg.vocab_size, _bpe_texts(corpus, data_cfg.validation_fraction),
+                                       fp, cache)
+  return tokenizer_lib.load(spec)
+
+
+# ------------------------------------------------------------------------------------------------
+# grain pipelines.
+
+def _epoch_offset(seed: int, epoch: int, length: int) -> int:
+  return int(_unit_hash(f"offset:{seed}:{epoch}") * length)
+
+
+class TrainIterator:
+  """Infinite iterator of int32 [per_process_batch, seq_len + 1] batches with exact, portable state."""
+
+  def __init__(self, stream: TokenStream, seq_len: int, global_batch: int, seed: int, process_index: int,
+               process_count: int, prefetch: int, fingerprint: str):
+    length = seq_len + 1
+    self.windows_per_epoch = (len(stream) - length + 1) // length   # every window fits at any offset
+    self.global_batch, self.seed, self.seq_len, self.fingerprint = global_batch, seed, seq_len, fingerprint
+    n = self.windows_per_epoch
+
+    def window(index, j):
+      start = _epoch_offset(seed, index // n, length) + j * length
+      return stream.read(start, start + length)
+
+    # grain reshuffles epoch e with seed + e; hashing the seed keeps runs with seeds s and s+1 unrelated.
+    ds = grain.MapDataset.range(n).shuffle(seed=int(_unit_hash(f"shuffle:{seed}") * 2 ** 32)).repeat(None)
+    ds = ds.map_with_index(window)[process_index::process_count]
+    self._batches = ds.batch(global_batch // process_count, drop_remainder=True)
+    self._read = grain.ReadOptions(num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch)
+    self._it = None
+    self._start(0)
+
+  def _start(self, batch_index: int):
+    if self._it is not None and hasattr(self._it, "close"):
+      self._it.close()   # stops the old prefetch thread
+    self._next = batch_index
+    self._it = iter(self._batches[batch_index:].to_iter_dataset(self._read))
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> np.ndarray:
+    batch = next(self._it)
+    self._next += 1
+    return batch
+
+  @property
+  def epoch(self) -> float:
+    return self._next * self.global_batch / self.windows_per_epoch
+
+  def get_state(self) -> dict:
+    return {"version": VERSION, "examples": self._next * self.global_batch, "seed": self.seed,
+            "seq_len": self.seq_len, "fingerprint": self.fingerprint}
+
+  def set_state(self, state: dict) -> None:
+    """Continues after `state['examples']` global examples; exact when the data settings are unchanged."""
+    for k in ("seed", "seq_len", "fingerprint"):
+      if state.get(k) != getattr(self, k):
+        logging.warning("data: checkpoint's data %s was %r, now %r; continuing from its example count, but "
+                        "the batches differ from an uninterrupted run", k, state.get(k), getattr(self, k))
+    examples = int(state["examples"])
+    batch_index = -(-examples // self.global_batch)
+    if batch_index * self.global_batch != examples:
+      logging.warning("data: batch_size changed to %d; skipping %d examples to align", self.global_batch,
+                      batch_index * self.global_batch - examples)
+    self._start(batch_index)
+
+
+@dataclasses.dataclass
+class Datasets:
+  """What `make_datasets` returns; unpacks as (train, eval_batches, tokenizer)."""
+  train: TrainIterator
+  eval_batches: Callable[[], Iterator[np.ndarray]]
+  tokenizer: Optional[tokenizer_lib.Tokenizer]
+  train_tokens: int
+  val_tokens: int
+  num_eval_batches: int
+  streams: tuple = dataclasses.field(repr=False, default=())
+  _id_range: Optional[tuple] = dataclasses.field(repr=False, default=None)
+
+  def __iter__(self):
+    return iter((self.train, self.eval_batches, self.tokenizer))
+
+  def check_vocab(self, model_vocab_size: int) -> None:
+    """Raises DataError when a token id is negative or >= model_vocab_size (the embedding would be OOB)."""
+    if self._id_range is None:
+      ranges = [s.id_range() for s in self.streams if len(s)]
+      self._id_range = (min(r[0] for r in ranges), max(r[1] for r in ranges))
+    lo, hi = self._id_range
+    if lo < 0:
+      raise DataError(f"data.source: the token stream holds negative id {lo}; pre-tokenized files must hold ids "
+                      f"in [0, vocab_size)")
+    if hi >= model_vocab_size:
+      raise DataError(f"model.vocab_size: the data holds token id {hi} but model.vocab_size is "
+                      f"{model_vocab_size}; set model.vocab_size >= {hi + 1} (or lower data.vocab_size)")
+
+
+def _get(cfg, key, default):
+  return cfg[key] if cfg is not None and key in cfg else default
+
+
+def make_datasets(config, process_index: Optional[int] = None, process_count: Optional[int] = None) -> Datasets:
+  """Builds the train iterator, the validation batches and the tokenizer from `config` (see module doc)."""
+  d = default_data_config()
+  given = _get(config, "data", None) or {}
+  for k in given:
+    if k not in d:
+      raise DataError(f"data.{k}: unknown field; valid fields are {sorted(d)}")
+    d[k] = given[k]
+  seq_len, batch_size, seed = (_get(config, "seq_len", None), _get(config, "batch_size", None),
+                               int(_get(config, "seed", 0)))
+  if not isinstance(seq_len, int) or seq_len <= 0:
+    raise DataError(f"seq_len: must be a positive integer, got {seq_len!r}")
+  if not isinstance(batch_size, int) or batch_size <= 0:
+    raise DataError(f"batch_size: must be a positive integer (the global batch), got {batch_size!r}")
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top  (lets tests and tools use the pipeline without jax)
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if batch_size % process_count:
+    raise DataError(f"batch_size: the global batch {batch_size} is not divisible by the process count "
+                    f"{process_count}; set batch_size to a multiple of {process_count}")
+  if not 0 <= process_index < process_count:
+    raise DataError(f"process_index {process_index} is outside [0, process_count={process_count})")
+  fraction = float(d.validation_fraction)
+  if not 0 <= fraction < 1:
+    raise DataError(f"data.validation_fraction: must be in [0, 1), got {fraction}")
+  if d.dtype not in ("uint16", "uint32"):
+    raise DataError(f"data.dtype: must be 'uint16' or 'uint32' (the .bin token width), got {d.dtype!r}")
+
+  corpus = resolve_corpus(d.source, d.format, d.field, int(d.max_files))
+  if corpus.format in ("bin", "npy"):
+    tok = load_tokenizer(d) if d.tokenizer not in ("", "bpe") else None
+    full = TokenStream([_load_token_file(p, corpus.format, d.dtype) for p in corpus.files])
+    train, val = full.split(len(full) - int(len(full) * fraction))
+  else:
+    tok = load_tokenizer(d, corpus)
+    train, val = (TokenStream([s]) for s in _cached_streams(corpus, tok, fraction, d.cache_dir))
+  fingerprint = _sha([corpus.fingerprint, tok.fingerprint if tok else "", fraction])
+
+  length, per_process = seq_len + 1, batch_size // process_count
+  if (len(train) - length + 1) // length < batch_size:
+    raise DataError(f"data.source: the training split has {len(train)} tokens, fewer than one global batch of "
+                    f"batch_size={batch_size} x (seq_len+1)={length} (+ seq_len); add data or lower "
+                    f"batch_size / seq_len")
+  train_iter = TrainIterator(train, seq_len, batch_size, seed, process_index, process_count, int(d.prefetch),
+                             fingerprint)
+
+  num_eval = (len(val) // length) // batch_size
+  if d.eval_batches:
+    num_eval = min(num_eval, int(d.eval_batches))
+  if fraction > 0 and num_eval == 0:
+    raise DataError(f"data.validation_fraction: the validation split has {len(val)} tokens, fewer than one "
+                    f"global batch of {batch_size} x {length}; raise data.validation_fraction (or set it to 0 "
+                    f"for no validation), or lower batch_size / seq_len")
+  val_ds = (grain.MapDataset.range(num_eval * batch_size)
+            .map(lambda j: val.read(j * length, (j + 1) * length))[process_index::process_count]
+            .batch(per_process, drop_remainder=True))
+
+  def eval_batches() -> Iterator[np.ndarray]:
+    return iter(val_ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
+
+  logging.info("data: %s (%s, %d files): %d train / %d validation tokens, %d windows per epoch, tokenizer %s",
+               d.source, corpus.format, len(corpus.files), len(train), len(val), train_iter.windows_per_epoch, tok)
+  return Datasets(train_iter, eval_batches, tok, len(train), len(val), num_eval, streams=(train, val))
