@@ -1,0 +1,416 @@
+"""The planner: parameter counts, KV cache, training FLOPs and per-device memory of a training config.
+
+Everything is read off the real model: `jax.eval_shape(model.init, ...)` gives every variable's shape and
+dtype without allocating (the 671B model builds in well under a second on CPU), and
+`jax.eval_shape(model.init_cache, ...)` gives the latent KV cache. Nothing here restates the architecture;
+a change to dsv3/model.py shows up in the plan.
+
+Counting conventions (they reproduce the published DeepSeek-V3 numbers):
+  total_params       the main model's 'params' (MTP excluded). The 'routing' collection (the aux-loss-free
+                     correction biases) is balancer state, not a parameter: `routing_state` reports it.
+  activated_params   per token: every non-routed-expert parameter (embedding and head included, shared
+                     experts included) + num_experts_per_tok of the n_routed_experts routed experts per MoE
+                     layer.
+  mtp_params         the MTP modules; they share the main model's embedding and head, so nothing is counted
+                     twice.
+  flops_per_token    training (forward + backward) FLOPs of the main model for one token of a seq_len
+                     sequence:  6 * activated matmul params  +  3 * h * (d_qk + d_v) * seq_len * layers.
+                     Matmul params are activated params minus the embedding lookup and norm scales (plus the
+                     embedding again when the head is tied). Attention: QK^T and PV cost 2*h*(d_qk + d_v)
+                     FLOPs per visible key in the forward, a causal token sees seq_len/2 keys on average,
+                     and backward costs twice the forward. `mtp_flops_per_token` is the same for the MTP
+                     modules, the shared head's GEMM included (the MTP logits are a second head GEMM).
+
+Memory per device for the mesh (data, expert, pipeline), devices = data * expert * pipeline:
+  * routed experts are sharded over `expert`; everything else is replicated over data and expert;
+  * layers are split into contiguous, as-equal-as-possible pipeline stages (first stages take the
+    remainder); the embedding sits on the first stage, the final norm, head and MTP modules on the last.
+    Rank r holds stage r (1F1B, ZB1P, GPipe), stages r and P-1-r under DualPipe (two copies of the
+    parameters), stages r and 2P-1-r under DualPipeV. The plan reports the rank with the most bytes;
+  * grads are FP32 (DeepSeek accumulates in FP32);
+  * optimizer states (ZeRO-1) are sharded over every axis the parameter is replicated on: data * expert for
+    non-expert parameters (the expert axis carries different batch rows too), data for routed experts.
+    AdamW keeps two moments in `adam_moments_dtype` (BF16 in the FP8 recipe), plus an FP32 master copy when
+    the stored parameters are narrower than FP32 (otherwise the parameters are the master weights).
+
+Usage:
+  python -m dsv3.plan --config=configs/deepseek_v3.py            # a table
+  python -m dsv3.plan --config=configs/deepseek_v3.py --json     # one JSON object
+  python -m dsv3.plan --compare_kv                               # MLA vs GQA KV cache (report Table)
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import json
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from dsv3 import model
+from dsv3.config import ModelConfig, deepseek_v3_671b
+
+
+# ---------------------------------------------------------------------------------------------------
+# GQA baselines for the KV-cache comparison (published configs; only what the cache depends on).
+# ---------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class GQAConfig:
+  name: str
+  num_layers: int
+  num_kv_heads: int
+  head_dim: int
+
+  def kv_cache_bytes_per_token(self, bytes_per_element: int = 2) -> int:
+    """K and V of every KV head in every layer (BF16 by default)."""
+    return 2 * self.num_layers * self.num_kv_heads * self.head_dim * bytes_per_element
+
+
+QWEN2_5_72B = GQAConfig("Qwen2.5-72B", num_layers=80, num_kv_heads=8, head_dim=128)
+LLAMA3_1_405B = GQAConfig("LLaMA-3.1-405B", num_layers=126, num_kv_heads=8, head_dim=128)
+GQA_BASELINES = (QWEN2_5_72B, LLAMA3_1_405B)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The abstract model.
+# ---------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+  """One variable of the model, described per layer."""
+  path: str
+  group: str          # 'embed' | 'dense' | 'moe' | 'head' (final norm, lm_head) | 'mtp'
+  layers: int         # length of the stacked layer axis (1 when not stacked)
+  size: int           # elements per layer
+  dtype: str
+  routed: bool        # a routed-expert weight [E, ...]: sharded over mesh.expert, k of E active per token
+  matmul: bool        # multiplies activations (counts in FLOPs); embedding lookups and norm scales do not
+  trainable: bool     # 'params'; the 'routing' biases are state (no grad, no optimizer)
+
+  @property
+  def total(self) -> int:
+    return self.layers * self.size
+
+
+def _key_name(k) -> str:
+  return str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+
+
+# Top-level variable names -> planner groups; anything else (final norm, lm_head, ...) sits with the head.
+_GROUPS = {"embed_tokens": "embed", "dense_layers": "dense", "moe_layers": "moe"}
+
+
+def _group(top: str) -> str:
+  return "mtp" if top.startswith("mtp") else _GROUPS.get(top, "head")
+
+
+@functools.lru_cache(maxsize=16)
+def abstract_variables(cfg: ModelConfig):
+  """ShapeDtypeStructs of model.init's variables (nothing is allocated)."""
+  return jax.eval_shape(functools.partial(model.init, cfg), jax.random.key(0))
+
+
+@functools.lru_cache(maxsize=16)
+def leaves(cfg: ModelConfig) -> tuple:
+  out = []
+  for path, x in jax.tree_util.tree_flatten_with_path(abstract_variables(cfg))[0]:
+    names = [_key_name(k) for k in path]
+    collection, group = names[0], _group(names[1])
+    stacked = group in ("dense", "moe")
+    layers = x.shape[0] if stacked else 1
+    shape = x.shape[1:] if stacked else x.shape
+    out.append(Leaf(path="/".join(names), group=group, layers=layers, size=int(np.prod(shape, dtype=np.int64)),
+                    dtype=jnp.dtype(x.dtype).name, routed=names[-1].startswith("experts_"),
+                    matmul=group != "embed" and len(shape) >= 2, trainable=collection == "params"))
+  return tuple(out)
+
+
+def _active_fraction(cfg: ModelConfig) -> float:
+  return cfg.num_experts_per_tok / cfg.n_routed_experts if cfg.n_routed_experts else 0.0
+
+
+def _count(cfg, pred, activated=False) -> float:
+  frac = _active_fraction(cfg)
+  total = 0.0
+  for leaf in leaves(cfg):
+    if leaf.trainable and pred(leaf):
+      total += leaf.total * (frac if activated and leaf.routed else 1.0)
+  return total
+
+
+def param_counts(cfg: ModelConfig) -> dict:
+  """Parameter counts of the main model and the MTP modules (see the module docstring)."""
+  main = lambda l: l.group != "mtp"
+  mtp = lambda l: l.group == "mtp"
+  routing = sum(l.total for l in leaves(cfg) if not l.trainable)
+  return dict(
+      total_params=int(_count(cfg, main)),
+      activated_params=int(round(_count(cfg, main, activated=True))),
+      routed_expert_params=int(_count(cfg, lambda l: main(l) and l.routed)),
+      embedding_params=int(_count(cfg, lambda l: l.group == "embed")),
+      mtp_params=int(_count(cfg, mtp)),
+      mtp_activated_params=int(round(_count(cfg, mtp, activated=True))),
+      routing_state=int(routing))
+
+
+# ---------------------------------------------------------------------------------------------------
+# FLOPs.
+# ---------------------------------------------------------------------------------------------------
+def _attention_flops(cfg: ModelConfig, seq_len: int, layers: int) -> float:
+  # Forward 2*h*(d_qk + d_v) per visible key; causal: seq_len/2 keys on average; x3 for fwd + bwd.
+  return 3.0 * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq_len * layers
+
+
+def _head_params(cfg: ModelConfig) -> float:
+  # The head's GEMM; with tied embeddings its kernel is the embedding, which is no matmul leaf of its own.
+  if cfg.tie_word_embeddings:
+    return _count(cfg, lambda l: l.group == "embed")
+  return _count(cfg, lambda l: l.group == "head" and l.matmul)
+
+
+def flops_per_token(model_config: Any, seq_len: int, include_mtp: bool = False) -> float:
+  """Training FLOPs (forward + backward) per token of a seq_len sequence; MFU's numerator.
+
+  `model_config`: a ModelConfig, an HF config dict or a training ConfigDict.
+  """
+  cfg = ModelConfig.from_any(model_config)
+  matmul = _count(cfg, lambda l: l.group != "mtp" and l.matmul, activated=True)
+  if cfg.tie_word_embeddings:
+    matmul += _head_params(cfg)
+  flops = 6.0 * matmul + _attention_flops(cfg, seq_len, cfg.num_hidden_layers)
+  return flops + (mtp_flops_per_token(cfg, seq_len) if include_mtp else 0.0)
+
+
+def mtp_flops_per_token(model_config: Any, seq_len: int) -> float:
+  """Training FLOPs per token of the MTP modules, including their pass through the shared head."""
+  cfg = ModelConfig.from_any(model_config)
+  depths = cfg.num_nextn_predict_layers
+  matmul = _count(cfg, lambda l: l.group == "mtp" and l.matmul, activated=True) + depths * _head_params(cfg)
+  return 6.0 * matmul + _attention_flops(cfg, seq_len, depths)
+
+
+# ---------------------------------------------------------------------------------------------------
+# KV cache.
+# ---------------------------------------------------------------------------------------------------
+def kv_cache(cfg: ModelConfig) -> dict:
+  """Bytes per token of the BF16 latent cache, from model.init_cache's shapes (one sequence, one slot)."""
+  cache = jax.eval_shape(lambda: model.init_cache(cfg, 1, 1, jnp.bfloat16))
+  main = {k: v for k, v in cache.items() if k != "mtp"}
+  nbytes = lambda t: sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(t))
+  # Stacked caches are [layers, batch=1, len=1, width]; the widths are the latent and rope-key dims.
+  layers = sum(jax.tree.leaves(stack)[0].shape[0] for stack in main.values())
+  widths = sorted({x.shape[-1] for x in jax.tree.leaves(main)}, reverse=True)
+  return dict(kv_cache_bytes_per_token=nbytes(main), kv_cache_mtp_bytes_per_token=nbytes(cache.get("mtp", [])),
+              kv_cache_layers=int(layers), kv_cache_widths=[int(w) for w in widths])
+
+
+def kv_comparison(model_config: Any = None) -> list:
+  """DeepSeek-V3's MLA cache (from the real model) next to the GQA baselines, BF16 bytes per token."""
+  cfg = deepseek_v3_671b() if model_config is None else ModelConfig.from_any(model_config)
+  kv = kv_cache(cfg)
+  rows = [dict(model="DeepSeek-V3 (MLA)", layers=kv["kv_cache_layers"],
+               per_layer="latent " + " + ".join(map(str, kv["kv_cache_widths"])),
+               kv_cache_bytes_per_token=kv["kv_cache_bytes_per_token"])]
+  for g in GQA_BASELINES:
+    rows.append(dict(model=f"{g.name} (GQA)", layers=g.num_layers, per_layer=f"2 x {g.num_kv_heads} x {g.head_dim}",
+                     kv_cache_bytes_per_token=g.kv_cache_bytes_per_token()))
+  base = rows[0]["kv_cache_bytes_per_token"]
+  for r in rows:
+    r["ratio"] = r["kv_cache_bytes_per_token"] / base
+  return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# Memory per device.
+# ---------------------------------------------------------------------------------------------------
+def _stage_layers(num_layers: int, stages: int) -> list:
+  return [list(a) for a in np.array_split(np.arange(num_layers), stages)]
+
+
+def _rank_stages(schedule: str, P: int) -> tuple[int, list]:
+  """(number of model stages, the stages each pipeline rank holds) under `schedule`."""
+  if schedule not in ("none", "gpipe", "1f1b", "zb1p", "dualpipe", "dualpipev"):
+    raise ValueError(f"pipeline.schedule: unknown {schedule!r}; use 'none', '1f1b', 'zb1p', 'dualpipe' "
+                     f"or 'dualpipev'")
+  if schedule == "dualpipe":
+    if P > 1 and P % 2:
+      raise ValueError(f"mesh.pipeline: DualPipe needs an even number of ranks, got {P}")
+    return P, [sorted({r, P - 1 - r}) for r in range(P)]
+  if schedule == "dualpipev":
+    return 2 * P, [[r, 2 * P - 1 - r] for r in range(P)]
+  return P, [[r] for r in range(P)]
+
+
+def memory_plan(cfg: ModelConfig, data: int, expert: int, pipeline: int, schedule: str = "none",
+                moments_dtype: str = "float32") -> dict:
+  """Bytes per device of params / grads / optimizer states, by dtype, for the worst pipeline rank."""
+  for name, v in (("data", data), ("expert", expert), ("pipeline", pipeline)):
+    if not isinstance(v, int) or v < 1:
+      raise ValueError(f"mesh.{name}: must be a positive integer, got {v!r}")
+  if cfg.num_moe_layers and cfg.n_routed_experts % expert:
+    raise ValueError(f"mesh.expert: n_routed_experts={cfg.n_routed_experts} must be divisible by "
+                     f"mesh.expert={expert}")
+  num_stages, held = _rank_stages(schedule, pipeline)
+  stage_of = {}
+  for s, ls in enumerate(_stage_layers(cfg.num_hidden_layers, num_stages)):
+    stage_of.update({int(l): s for l in ls})
+  # elements[stage][(routed, dtype, trainable)]
+  elements = [collections.Counter() for _ in range(num_stages)]
+  for leaf in leaves(cfg):
+    key = (leaf.routed, leaf.dtype, leaf.trainable)
+    if leaf.group in ("dense", "moe"):
+      first = 0 if leaf.group == "dense" else cfg.num_dense_layers
+      for i in range(leaf.layers):
+        elements[stage_of[first + i]][key] += leaf.size
+    else:
+      elements[0 if leaf.group == "embed" else num_stages - 1][key] += leaf.total
+
+  def rank_bytes(stages):
+    params, grads, opt = collections.Counter(), collections.Counter(), collections.Counter()
+    for s in stages:
+      for (routed, dtype, trainable), n in elements[s].items():
+        local = -(-n // expert) if routed else n
+        params[dtype] += local * jnp.dtype(dtype).itemsize
+        if not trainable:
+          continue
+        grads["float32"] += local * 4
+        zero = data if routed else data * expert
+        shard = -(-local // zero)
+        opt[moments_dtype] += 2 * shard * jnp.dtype(moments_dtype).itemsize
+        if jnp.dtype(dtype).itemsize < 4:
+          opt["float32"] += shard * 4
+    return dict(params=dict(params), grads=dict(grads), optimizer=dict(opt),
+                total_bytes=sum(params.values()) + sum(grads.values()) + sum(opt.values()))
+
+  per_rank = [rank_bytes(st) for st in held]
+  worst = max(range(pipeline), key=lambda r: per_rank[r]["total_bytes"])
+  return dict(devices=data * expert * pipeline, pipeline_stages=num_stages, rank=worst,
+              rank_stages=held[worst],
+              rank_layers=[int(l) for s in held[worst] for l in _stage_layers(cfg.num_hidden_layers, num_stages)[s]],
+              optimizer_shards=dict(non_expert=data * expert, routed_expert=data),
+              per_rank_total_bytes=[r["total_bytes"] for r in per_rank], **per_rank[worst])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The plan.
+# ---------------------------------------------------------------------------------------------------
+def _get(config, name, default):
+  try:
+    value = config[name]
+  except (KeyError, AttributeError, TypeError):
+    return default
+  return default if value is None else value
+
+
+def plan(train_config) -> dict:
+  """Everything above for a training config (an ml_collections ConfigDict, or a bare ModelConfig)."""
+  cfg = ModelConfig.from_any(train_config)
+  tc = {} if isinstance(train_config, ModelConfig) else train_config
+  seq_len = int(_get(tc, "seq_len", 4096))
+  batch = int(_get(tc, "batch_size", 1))
+  mesh = _get(tc, "mesh", {})
+  schedule = str(_get(_get(tc, "pipeline", {}), "schedule", "none"))
+  data, expert, pipeline = (int(_get(mesh, k, 1)) for k in ("data", "expert", "pipeline"))
+  moments = str(_get(tc, "adam_moments_dtype", "bfloat16" if cfg.precision == "fp8" else "float32"))
+  out = dict(param_counts(cfg))
+  out.update(kv_cache(cfg))
+  main_flops = flops_per_token(cfg, seq_len)
+  mtp_flops = mtp_flops_per_token(cfg, seq_len)
+  out.update(flops_per_token=main_flops, mtp_flops_per_token=mtp_flops,
+             attention_flops_per_token=_attention_flops(cfg, seq_len, cfg.num_hidden_layers),
+             seq_len=seq_len, batch_size=batch, tokens_per_step=batch * seq_len,
+             flops_per_step=(main_flops + mtp_flops) * batch * seq_len, precision=cfg.precision,
+             param_dtype=cfg.param_dtype, adam_moments_dtype=moments,
+             mesh=dict(data=data, expert=expert, pipeline=pipeline), pipeline_schedule=schedule,
+             memory_per_device=memory_plan(cfg, data, expert, pipeline, schedule, moments),
+             kv_comparison=kv_comparison(cfg))
+  return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Printing.
+# ---------------------------------------------------------------------------------------------------
+def _n(x) -> str:
+  return f"{int(x):,} ({x / 1e9:.2f}B)"
+
+
+def _gib(x) -> str:
+  return f"{x / 2**30:.2f} GiB"
+
+
+def format_kv_table(rows) -> str:
+  lines = [f"{'model':<22}{'layers':>7}  {'cached per layer':<20}{'KV bytes/token (BF16)':>22}{'vs MLA':>9}"]
+  for r in rows:
+    lines.append(f"{r['model']:<22}{r['layers']:>7}  {r['per_layer']:<20}"
+                 f"{r['kv_cache_bytes_per_token']:>22,}{r['ratio']:>8.2f}x")
+  return "\n".join(lines)
+
+
+def _ranges(xs) -> str:
+  """[0, 1, 2, 3, 58, 59, 60] -> '0-3, 58-60'."""
+  out, start = [], None
+  for i, x in enumerate(xs):
+    if start is None:
+      start = x
+    if i + 1 == len(xs) or xs[i + 1] != x + 1:
+      out.append(f"{start}-{x}" if x != start else f"{x}")
+      start = None
+  return ", ".join(out) or "none"
+
+
+def format_plan(p: dict) -> str:
+  m = p["memory_per_device"]
+  mesh = p["mesh"]
+  by_dtype = lambda d: ", ".join(f"{k} {_gib(v)}" for k, v in sorted(d.items())) or "-"
+  rows = [
+      ("total params (main)", _n(p["total_params"])),
+      ("activated params / token", _n(p["activated_params"])),
+      ("routed expert params", _n(p["routed_expert_params"])),
+      ("MTP params", _n(p["mtp_params"])),
+      ("MTP activated / token", _n(p["mtp_activated_params"])),
+      ("routing state (biases)", f"{p['routing_state']:,}"),
+      ("KV cache bytes / token", f"{p['kv_cache_bytes_per_token']:,} (BF16 latent, {p['kv_cache_layers']} layers "
+                                 f"x {'+'.join(map(str, p['kv_cache_widths']))})"),
+      ("train FLOPs / token", f"{p['flops_per_token'] / 1e9:.1f} GFLOPs (seq_len {p['seq_len']}, causal; "
+                              f"attention {p['attention_flops_per_token'] / 1e9:.1f})"),
+      ("  + MTP FLOPs / token", f"{p['mtp_flops_per_token'] / 1e9:.1f} GFLOPs"),
+      ("tokens / step", f"{p['tokens_per_step']:,} ({p['batch_size']} x {p['seq_len']})"),
+      ("FLOPs / step", f"{p['flops_per_step']:.3e}"),
+      ("mesh", f"data {mesh['data']} x expert {mesh['expert']} x pipeline {mesh['pipeline']} = "
+               f"{m['devices']} devices, schedule {p['pipeline_schedule']}, precision {p['precision']}"),
+      ("worst pipeline rank", f"{m['rank']} (stages {m['rank_stages']}, layers {_ranges(m['rank_layers'])})"),
+      ("  params", by_dtype(m["params"])),
+      ("  grads", by_dtype(m["grads"])),
+      ("  optimizer (ZeRO-1)", f"{by_dtype(m['optimizer'])} (moments {p['adam_moments_dtype']}, shards "
+                               f"{m['optimizer_shards']['non_expert']} / experts {m['optimizer_shards']['routed_expert']})"),
+      ("  total", _gib(m["total_bytes"])),
+  ]
+  width = max(len(k) for k, _ in rows)
+  return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
+_JSON = flags.DEFINE_bool("json", False, "Print exactly one JSON object instead of the table.")
+_COMPARE_KV = flags.DEFINE_bool("compare_kv", False, "Print MLA's KV cache next to the GQA baselines "
+                                "(the model of --config, or DeepSeek-V3 671B without one).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  if _COMPARE_KV.value and not _JSON.value:
+    print(format_kv_table(kv_comparison(config)))
+    return
+  if config is None:
+    raise app.UsageError("--config is required, e.g. --config=configs/deepseek_v3.py")
+  result = plan(config)
+  print(json.dumps(result) if _JSON.value else format_plan(result))
+
+
+if __name__ == "__main__":
+  app.run(main)
