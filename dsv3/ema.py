@@ -21,8 +21,8 @@ How one `update(params, step)` works, and what each backend does:
      training step may donate the params while the copy is still pending (the runtime orders donation
      after pending reads).
    - transfer='copy' (chosen by 'auto' on backends without memory kinds): a jitted on-device copy of
-     the tree (again a new buffer, so donation is safe) followed by `copy_to_host_async()` on each leaf.
-     This costs one transient device copy of the params per step.
+     the tree (again a new buffer, so donation is safe) followed by `copy_to_host_async()` on each
+     distinct local shard. This costs one transient device copy of the params per step.
 2. Host arithmetic (on one background worker thread): it materialises the snapshot's local shards as
    numpy (waiting there, not on the training thread, for the copy to land) and updates the float32 EMA
    in place. numpy releases the GIL during the arithmetic, so the Python training loop keeps running.
@@ -77,23 +77,51 @@ class _Layout:
       self.fully_addressable = self.sharding.is_fully_addressable
 
   def local_pieces(self, arr) -> dict:
-    """Maps each key to a host (numpy) view of that piece of `arr` (a jax.Array or numpy array)."""
+    """Maps each key to a host (numpy) view of that piece of `arr`.
+
+    `arr`: a numpy array, a jax.Array, or a snapshot's {index key: single-device array} dict.
+    """
     if isinstance(arr, jax.Array) and (not arr.is_fully_addressable or arr.sharding == self.sharding):
-      # Read each distinct shard once, rather than assembling the full array first.
-      by_key = {_index_key(s.index, self.shape): s.data for s in arr.addressable_shards}
-      missing = [k for k in self.keys if k not in by_key]
-      if missing:
-        raise ValueError(f"array sharding {arr.sharding} does not hold the EMA's local shards "
-                         f"{missing}; pass it with the same sharding as the params")
-      return {k: np.asarray(by_key[k]) for k in self.keys}
+      arr = _distinct_shards(arr)  # read each distinct shard once, not the assembled array
+    if isinstance(arr, dict):
+      missing = [k for k in self.keys if k not in arr]
+      if not missing:
+        return {k: np.asarray(arr[k]) for k in self.keys}
+      # Sharded differently from the layout (e.g. params_like carried no sharding): rebuild the full
+      # array from the pieces, which works whenever they cover it (always in a single process).
+      arr = _join(arr, self.shape)
     full = np.asarray(arr)
     if full.shape != self.shape:
       raise ValueError(f"EMA leaf has shape {self.shape}, got {full.shape}")
     return {k: full[tuple(slice(a, b) for a, b in k)] for k in self.keys}
 
 
+def _join(pieces: dict, shape: tuple) -> np.ndarray:
+  """A new full array from {index key: piece}; raises if the pieces do not cover it.
+
+  The pieces are distinct blocks of a sharding's grid, so they cover the array iff their sizes add up.
+  """
+  size = sum(int(np.prod([b - a for a, b in k])) for k in pieces)
+  if not pieces or size != int(np.prod(shape)):
+    raise ValueError(f"the local shards {sorted(pieces)} do not cover an array of shape {shape}: give "
+                     f"params_like (or the loaded state) the same sharding as the params")
+  first = np.asarray(next(iter(pieces.values())))
+  full = np.empty(shape, first.dtype)
+  for k, v in pieces.items():
+    full[tuple(slice(a, b) for a, b in k)] = v
+  return full
+
+
+def _distinct_shards(arr: jax.Array) -> dict:
+  """{index key: single-device array} with one shard per distinct index (replicas read once)."""
+  out = {}
+  for shard in arr.addressable_shards:
+    out.setdefault(_index_key(shard.index, arr.shape), shard.data)
+  return out
+
+
 def _host_copy_fn(transfer: str):
-  """Returns f(list of jax.Array) -> list of new arrays whose host copy is on its way (async)."""
+  """Returns f(list of jax.Array) -> per leaf, {index key: shard} whose host copy is under way."""
   if transfer == "memory_kind":
     jitted = {}
 
@@ -101,16 +129,18 @@ def _host_copy_fn(transfer: str):
       shardings = tuple(x.sharding.with_memory_kind("pinned_host") for x in xs)
       if shardings not in jitted:  # one program per sharding layout; normally compiled once
         jitted[shardings] = jax.jit(lambda ys: ys, out_shardings=list(shardings))
-      return jitted[shardings](xs)
+      return [_distinct_shards(y) for y in jitted[shardings](xs)]
     return to_pinned_host
 
   copy = jax.jit(lambda ys: [jnp.copy(y) for y in ys])
 
   def copy_then_fetch(xs):
-    ys = copy(xs)
-    for y in ys:
-      y.copy_to_host_async()
-    return ys
+    pieces = [_distinct_shards(y) for y in copy(xs)]
+    # Start every shard's device->host transfer now; the worker's np.asarray then finds it done.
+    for piece in pieces:
+      for shard in piece.values():
+        shard.copy_to_host_async()
+    return pieces
   return copy_then_fetch
 
 
@@ -187,7 +217,7 @@ class HostEMA:
     one_minus = 1.0 - self.decay
     for ema, new in zip(self._ema, pieces):
       for k, e in ema.items():
-        if np.issubdtype(e.dtype, np.floating):
+        if jnp.issubdtype(e.dtype, jnp.floating):
           # ema -= (1 - d) * (ema - p)  ==  d * ema + (1 - d) * p, with a single temporary.
           tmp = np.subtract(e, new[k], dtype=e.dtype)
           tmp *= one_minus
@@ -196,7 +226,8 @@ class HostEMA:
           e[...] = new[k]  # integer leaves (counters) have no meaningful average: keep the latest
 
   def _store_dtype(self, v):
-    return self.dtype if np.issubdtype(v.dtype, np.floating) else v.dtype
+    # jnp.issubdtype, not np: numpy does not count ml_dtypes bfloat16 as floating.
+    return self.dtype if jnp.issubdtype(v.dtype, jnp.floating) else v.dtype
 
   def pending(self) -> int:
     """The number of updates whose host work has not finished yet."""
@@ -218,15 +249,13 @@ class HostEMA:
 
   def _assemble(self, layout: _Layout, shards: dict):
     if layout.fully_addressable:
-      full = np.empty(layout.shape, next(iter(shards.values())).dtype)
-      for k, v in shards.items():
-        full[tuple(slice(a, b) for a, b in k)] = v
-      return full
+      return _join(shards, layout.shape)  # a new array: later updates do not change what we return
     # Multi-process: a global array whose local shards are this process's EMA pieces, in host memory.
     sharding = layout.sharding
     if self.backend == "memory_kind":
       sharding = sharding.with_memory_kind("pinned_host")
-    arrays = [jax.device_put(shards[_index_key(idx, layout.shape)],
+    # Copies: device_put may alias numpy memory, which the worker goes on updating in place.
+    arrays = [jax.device_put(np.array(shards[_index_key(idx, layout.shape)]),
                              jax.sharding.SingleDeviceSharding(d, memory_kind=sharding.memory_kind))
               for d, idx in sharding.addressable_devices_indices_map(layout.shape).items()]
     return jax.make_array_from_single_device_arrays(layout.shape, sharding, arrays)
