@@ -1,0 +1,150 @@
+"""Grouped GEMM: XLA path, the Triton kernel's tile schedule (CPU) and the kernel itself (interpreter/GPU)."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsv3 import fp8, grouped_gemm
+
+M = 130
+G = 5
+# Ragged sizes: empty groups first / middle / last, everything in one group, sums below M (tail rows),
+# sizes that are exact multiples of the tile, and nothing at all.
+SIZES = [[37, 0, 70, 5, 0], [0, 0, 130, 0, 0], [32, 32, 32, 32, 2], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1],
+         [0, 64, 0, 0, 33]]
+
+
+def _data(seed=0, dtype=jnp.float32, k=200, n=72):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal((M, k)), dtype)
+  w = jnp.asarray(rng.standard_normal((G, k, n)) * k ** -0.5, dtype)
+  return x, w
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_xla_path_is_ragged_dot(dtype):
+  x, w = _data(dtype=dtype)
+  for sizes in SIZES[:3]:
+    gs = jnp.asarray(sizes, jnp.int32)
+    for impl in ("xla", "auto"):      # 'auto' is XLA on CPU
+      out = grouped_gemm.ragged_dot(x, w, gs, impl=impl)
+      assert out.dtype == dtype
+      np.testing.assert_array_equal(np.asarray(out, np.float32),
+                                    np.asarray(jax.lax.ragged_dot(x, w, gs), np.float32))
+
+
+def test_xla_fp8_path_is_fp8_ragged_dot_and_differentiable():
+  x, w = _data(1)
+  gs = jnp.asarray(SIZES[0], jnp.int32)
+  out = grouped_gemm.ragged_dot(x, w, gs, impl="xla", fp8=True)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(fp8.ragged_dot(x, w, gs)))
+  dw = jax.grad(lambda b: jnp.sum(grouped_gemm.ragged_dot(x, b, gs, impl="xla", fp8=True)))(w)
+  assert dw.shape == w.shape and np.all(np.isfinite(np.asarray(dw)))
+
+
+@pytest.mark.parametrize("block_m", [16, 32, 128])
+def test_tile_schedule_partitions_rows_by_group(block_m):
+  sched = jax.jit(grouped_gemm.tile_schedule, static_argnums=(1, 2))
+  for sizes in SIZES + [[0, 0, 0, 0, 200]]:
+    m = max(M, sum(sizes))
+    grp, start, end = (np.asarray(a) for a in sched(jnp.asarray(sizes, jnp.int32), m, block_m))
+    assert grp.shape == (grouped_gemm.num_tiles(m, G, block_m),)
+    ends = np.cumsum(sizes)
+    starts = ends - np.asarray(sizes)
+    owner = np.full(m, -1)
+    for t in range(len(grp)):
+      if start[t] == end[t]:
+        continue
+      assert 0 < end[t] - start[t] <= block_m
+      assert np.all(owner[start[t]:end[t]] == -1), "rows covered twice"
+      owner[start[t]:end[t]] = grp[t]
+      if grp[t] < G:     # a tile never leaves its expert's rows
+        assert starts[grp[t]] <= start[t] and end[t] <= ends[grp[t]]
+    expect = np.searchsorted(ends, np.arange(m), side="right")   # G for rows past the groups
+    np.testing.assert_array_equal(owner, expect)
+
+
+@pytest.mark.parametrize("block_m", [16, 32, 128])
+def test_kernel_emulation_matches_ragged_dot(block_m):
+  x, w = _data(2)
+  emu = jax.jit(grouped_gemm.emulate_kernel, static_argnames=("fp8", "block_m"))
+  for sizes in SIZES:
+    gs = jnp.asarray(sizes, jnp.int32)
+    out = np.asarray(emu(x, w, gs, block_m=block_m))
+    ref = np.asarray(jax.lax.ragged_dot(x, w, gs))
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+def test_kernel_emulation_fp8_matches_fp8_ragged_dot(pow2):
+  x, w = _data(3, k=300, n=136)       # partial K tile and partial 128-column weight block
+  emu = jax.jit(grouped_gemm.emulate_kernel,
+                static_argnames=("fp8", "pow2_scale", "block_m"))
+  ref_fn = jax.jit(lambda a, b, g: fp8.ragged_dot(a, b, g, pow2_scale=pow2))
+  for sizes in SIZES:
+    gs = jnp.asarray(sizes, jnp.int32)
+    out = np.asarray(emu(x, w, gs, fp8=True, pow2_scale=pow2, block_m=32))
+    ref = np.asarray(ref_fn(x, w, gs))
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(ref).max()))
+
+
+_INTERPRETER_SCRIPT = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    jax.config.update("jax_default_matmul_precision", "highest")
+    from dsv3 import fp8, grouped_gemm
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((130, 300)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((5, 300, 136)) * 0.06, jnp.float32)
+    for sizes in ([37, 0, 70, 5, 0], [0, 64, 0, 0, 33], [0, 0, 0, 0, 0]):
+      gs = jnp.asarray(sizes, jnp.int32)
+      out = grouped_gemm.run_triton_interpreted(x, w, gs, block_m=32, block_n=32)
+      np.testing.assert_allclose(out, np.asarray(jax.lax.ragged_dot(x, w, gs)), rtol=1e-5, atol=1e-5)
+      out = grouped_gemm.run_triton_interpreted(x, w, gs, fp8=True, block_m=16, block_n=64)
+      np.testing.assert_allclose(out, np.asarray(fp8.ragged_dot(x, w, gs)), rtol=1e-5, atol=1e-5)
+    print("interpreted kernel ok")
+""")
+
+
+def test_triton_kernel_body_in_triton_interpreter():
+  # TRITON_INTERPRET must be set before triton is imported anywhere, hence a fresh process.
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, TRITON_INTERPRET="1", JAX_PLATFORMS="cpu",
+             PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  proc = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT], env=env, cwd=root,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert "interpreted kernel ok" in proc.stdout
+
+
+def test_bad_impl_and_cpu_benchmark(capsys):
+  x, w = _data()
+  with pytest.raises(ValueError, match="impl"):
+    grouped_gemm.ragged_dot(x, w, jnp.asarray(SIZES[0], jnp.int32), impl="cuda")
+  from dsv3 import bench_grouped_gemm
+  bench_grouped_gemm.main(["--iters=1"])
+  out = capsys.readouterr().out
+  assert "TFLOP/s" in out and "cpu" in out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("use_fp8", [False, True])
+def test_triton_kernel_on_gpu(use_fp8):
+  rng = np.random.default_rng(4)
+  m, k, n, g = 1000, 512, 384, 8
+  x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((g, k, n)) * k ** -0.5, jnp.bfloat16)
+  gs = jnp.asarray([100, 0, 250, 3, 128, 0, 300, 119], jnp.int32)     # sum 900 < m
+  out = jax.jit(lambda a, b, s: grouped_gemm.ragged_dot(a, b, s, impl="triton", fp8=use_fp8))(x, w, gs)
+  assert out.dtype == jnp.bfloat16
+  ref = fp8.ragged_dot(x, w, gs) if use_fp8 else jax.lax.ragged_dot(x, w, gs)
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
+                             rtol=2e-2, atol=2e-2)
+  np.testing.assert_array_equal(np.asarray(out[900:], np.float32), 0.0)
+  dw = jax.grad(lambda b: jnp.sum(grouped_gemm.ragged_dot(x, b, gs, impl="triton", fp8=use_fp8)
+                                  .astype(jnp.float32)))(w)
+  assert dw.shape == w.shape and bool(jnp.all(dw[1] == 0))
