@@ -160,9 +160,8 @@ def load_checkpoint(path: str, dtype=None, config_overrides: Optional[dict] = No
   copy_values: dict = {}
 
   for file in _files(path):
-    fw_np = safe_open(file, framework="numpy")
-    with fw_np as f:
-      keys = list(f.keys())
+    header = _header(file)
+    keys = sorted(header[0])
     scales = {k[: -len("_scale_inv")] for k in keys if k.endswith("_scale_inv")}
     for key in keys:
       if key.endswith("_scale_inv"):
@@ -173,7 +172,7 @@ def load_checkpoint(path: str, dtype=None, config_overrides: Optional[dict] = No
                                 f"(num_hidden_layers={cfg.num_hidden_layers}, "
                                 f"num_nextn_predict_layers={cfg.num_nextn_predict_layers}); is config.json right?")
         continue
-      value = _read(file, key, key in scales)
+      value = _read(file, key, header, key in scales)
       if key in copies:
         copy_values[key] = value
         continue
@@ -203,22 +202,44 @@ def load_checkpoint(path: str, dtype=None, config_overrides: Optional[dict] = No
   for key, main in copies.items():           # the MTP's stored embedding/head must be the shared ones
     if key in copy_values:
       coll, ours, _, t = names[main] if main in names else ("params", ("embed_tokens", "embedding"), (), False)
-      shared = np.asarray(_get(variables[coll], ours), np.float32)
-      if not np.allclose(copy_values[key].astype(np.float32), shared.T if t else shared, atol=1e-6):
+      shared = np.asarray(_get(variables[coll], ours))
+      stored = copy_values[key].astype(shared.dtype).astype(np.float32)   # compare at the loaded precision
+      if not np.allclose(stored, (shared.T if t else shared).astype(np.float32), atol=1e-6):
         raise CheckpointError(f"{key}: differs from {main}; dsv3's MTP shares the main embedding and head")
   return cfg, variables
 
 
-def _read(file: str, key: str, fp8_scaled: bool) -> np.ndarray:
-  with safe_open(file, framework="numpy") as f:
-    dt = f.get_slice(key).get_dtype()
-    if not dt.startswith("F8"):
+def _header(file: str) -> tuple[dict, int]:
+  """The safetensors header (name -> dtype, shape, data_offsets) and where the data starts."""
+  with open(file, "rb") as f:
+    n = int.from_bytes(f.read(8), "little")
+    header = json.loads(f.read(n))
+  header.pop("__metadata__", None)
+  return header, 8 + n
+
+
+def _read(file: str, key: str, header: tuple, fp8_scaled: bool) -> np.ndarray:
+  entries, data_start = header
+  if not entries[key]["dtype"].startswith("F8"):
+    with safe_open(file, framework="numpy") as f:
       return f.get_tensor(key)
-  with safe_open(file, framework="flax") as f:  # numpy has no float8 dtype; go through JAX for these
-    w = np.asarray(f.get_tensor(key))
-    if not fp8_scaled:
-      return w.astype(np.float32)
-    return _dequantize_fp8(w, np.asarray(f.get_tensor(key + "_scale_inv")), key)
+  # numpy has no float8; safetensors' readers go through numpy, so read the bytes with ml_dtypes' dtype.
+  w = _read_raw(file, entries[key], data_start)
+  if not fp8_scaled:
+    return w.astype(np.float32)
+  return _dequantize_fp8(w, _read_raw(file, entries[key + "_scale_inv"], data_start), key)
+
+
+def _read_raw(file: str, entry: dict, data_start: int) -> np.ndarray:
+  import ml_dtypes
+  kinds = {"F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "F32": np.float32,
+           "BF16": ml_dtypes.bfloat16, "F16": np.float16}
+  if entry["dtype"] not in kinds:
+    raise CheckpointError(f"{file}: unsupported dtype {entry['dtype']}")
+  begin, end = entry["data_offsets"]
+  with open(file, "rb") as f:
+    f.seek(data_start + begin)
+    return np.frombuffer(f.read(end - begin), kinds[entry["dtype"]]).reshape(entry["shape"])
 
 
 def save_checkpoint(config, params, out_dir: str, max_shard_bytes: int = 4 << 30, dtype=None) -> None:
