@@ -311,3 +311,43 @@ def base_train_config(model: ModelConfig):
   c.pipeline = ml_collections.ConfigDict(dict(schedule="none", microbatches=1))
   c.data = data.default_data_config()
   return c
+
+
+def validate_train_config(c) -> None:
+  """Checks the training config before anything expensive; errors name the field and the fix."""
+  def need(cond, field, msg):
+    if not cond:
+      raise ConfigError(f"config.{field}: {msg}")
+  for f in ("num_train_steps", "batch_size", "seq_len", "log_every_steps", "checkpoint_every_steps",
+            "grad_accum_steps", "eval_every_steps"):
+    need(isinstance(c[f], int) and c[f] > 0, f, f"must be a positive integer, got {c[f]!r}")
+  need(c.learning_rate > 0, "learning_rate", f"must be > 0, got {c.learning_rate}")
+  need(0 <= c.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {c.min_lr_ratio}")
+  need(c.lr_schedule in ("deepseek", "cosine"), "lr_schedule",
+       f"must be 'deepseek' or 'cosine', got {c.lr_schedule!r}")
+  need(0 <= c.decay_start_frac <= c.decay_end_frac <= 1, "decay_start_frac",
+       "need 0 <= decay_start_frac <= decay_end_frac <= 1")
+  need(c.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+  need(c.precision in ("fp32", "bf16", "fp8"), "precision", f"must be 'fp32', 'bf16' or 'fp8', got {c.precision!r}")
+  need(c.adam_moments_dtype in ("float32", "bfloat16"), "adam_moments_dtype", "must be 'float32' or 'bfloat16'")
+  need(0 <= c.ema_decay < 1, "ema_decay", f"must be in [0, 1) (0 disables the EMA), got {c.ema_decay}")
+  need(c.balance.mode in ("aux_free", "aux_loss", "none"), "balance.mode",
+       f"must be 'aux_free', 'aux_loss' or 'none', got {c.balance.mode!r}")
+  need(c.balance.gamma >= 0 and c.balance.gamma_final >= 0, "balance.gamma", "must be >= 0")
+  need(c.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables clipping)")
+  for f in ("data", "expert", "pipeline"):
+    need(isinstance(c.mesh[f], int) and c.mesh[f] >= 1, f"mesh.{f}", f"must be an integer >= 1, got {c.mesh[f]!r}")
+  need(c.pipeline.schedule in ("none", "gpipe", "1f1b", "zb1p", "dualpipe", "dualpipev"), "pipeline.schedule",
+       f"must be one of none, gpipe, 1f1b, zb1p, dualpipe, dualpipev; got {c.pipeline.schedule!r}")
+  need(c.mesh.pipeline == 1 or c.pipeline.schedule != "none", "pipeline.schedule",
+       f"mesh.pipeline={c.mesh.pipeline} needs a schedule: set --config.pipeline.schedule=dualpipe (or 1f1b, ...)")
+  need(c.pipeline.microbatches >= 1, "pipeline.microbatches", "must be >= 1")
+  shards = c.mesh.data * c.mesh.expert
+  need(c.batch_size % (shards * c.grad_accum_steps) == 0, "batch_size",
+       f"{c.batch_size} must be divisible by mesh.data*mesh.expert*grad_accum_steps = "
+       f"{shards}*{c.grad_accum_steps}; change batch_size or the mesh")
+  if c.mesh.pipeline > 1:
+    need(c.batch_size % (c.pipeline.microbatches * shards) == 0, "pipeline.microbatches",
+         f"batch_size={c.batch_size} must split into {c.pipeline.microbatches} micro-batches divisible by "
+         f"mesh.data*mesh.expert={shards}")
+  ModelConfig.from_config_dict(c)

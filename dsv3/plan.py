@@ -393,24 +393,28 @@ def format_plan(p: dict) -> str:
   return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
-_JSON = flags.DEFINE_bool("json", False, "Print exactly one JSON object instead of the table.")
-_COMPARE_KV = flags.DEFINE_bool("compare_kv", False, "Print MLA's KV cache next to the GQA baselines "
-                                "(the model of --config, or DeepSeek-V3 671B without one).")
+def _define_flags():
+  """Flags live only in the CLI process, so that importing dsv3.plan (the trainer does) defines none."""
+  config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
+  flags.DEFINE_bool("json", False, "Print exactly one JSON object instead of the table.")
+  flags.DEFINE_bool("compare_kv", False, "Print MLA's KV cache next to the GQA baselines "
+                    "(the model of --config, or DeepSeek-V3 671B without one).")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = _CONFIG.value
-  if _COMPARE_KV.value and not _JSON.value:
+  F = flags.FLAGS
+  config = F.config
+  if F.compare_kv and not F.json:
     print(format_kv_table(kv_comparison(config)))
     return
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/deepseek_v3.py")
   result = plan(config)
-  print(json.dumps(result) if _JSON.value else format_plan(result))
+  print(json.dumps(result) if F.json else format_plan(result))
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
