@@ -241,15 +241,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
       done = step + 1
       if ema is not None:
         ema.update(state["params"], done)
-      if done % config.log_every_steps == 0 or done == total_steps or stop["signal"]:
+      will_save = done % config.checkpoint_every_steps == 0 or done == total_steps or bool(stop["signal"])
+      if done % config.log_every_steps == 0 or will_save:
+        # Fetching metrics syncs with the device; do it when logging and before any save, so that a
+        # non-finite step is never written over the last good checkpoint.
         metrics = jax.device_get(metrics)
         if not metrics.pop("finite"):
           raise TrainingError(f"step {done}: non-finite loss ({metrics['loss']}) or gradient norm "
                               f"({metrics['grad_norm']}); the last good checkpoint "
                               f"(step {checkpointer.latest_step()}) is left intact. Lower learning_rate "
                               f"or check the data.")
-        last = {k: float(v) for k, v in metrics.items()} | throughput.tick(done)
-        writer.write_scalars(done, last)
+        if done % config.log_every_steps == 0 or done == total_steps:
+          last = {k: float(v) for k, v in metrics.items()} | throughput.tick(done)
+          writer.write_scalars(done, last)
       if done % config.eval_every_steps == 0 or done == total_steps:
         with throughput.paused():
           evals = evaluate(state["params"], state["routing"])
