@@ -1,0 +1,351 @@
+"""Text generation against the latent KV cache: sampling, and self-speculative decoding with the MTP modules.
+
+`generate` prefills the prompt once, then runs the whole decode loop on device inside one jit
+(`jax.lax.while_loop`): one absorbed-MLA step per new token, greedy at temperature 0, otherwise temperature
+sampling restricted to the nucleus (the smallest set of tokens whose probability reaches `top_p`). With an
+`eos_id`, a row that has emitted it keeps emitting it, and the loop stops as soon as every row has.
+
+`speculative_generate` uses the model's own MTP modules as the draft model (the report, §2.2, notes they can
+be repurposed for speculative decoding). With L tokens known, the main model has cached positions
+< L-1 and its hidden state h_{L-2}. Depth 1 at position L-2 reads h_{L-2} and token L-1 and predicts token L
+(draft d_1); depth k reads depth k-1's output and d_{k-1} and predicts d_k. One main-model decode call over
+[t_{L-1}, d_1..d_D] then gives the greedy token at each of those D+1 positions; the longest prefix of drafts
+that equals them is accepted plus the main model's next token, so every step commits 1..D+1 tokens and the
+output is exactly what greedy `generate` writes. In a batch all rows share one cache index, so the step
+accepts the minimum prefix over rows: a row that agreed further just re-drafts those tokens next step, and
+every committed token is still the main model's greedy choice, so exactness holds for each row.
+
+Rollback needs no copying: cache entries written for rejected drafts sit past the committed length, where the
+causal mask (by position) hides them, and the next verify call overwrites them. The MTP caches hold each
+depth's past too (depth k at position i attends to its own outputs at positions <= i), and an entry is only
+right once every token it read is committed: depth k at position i reads tokens up to i+k. Drafting at
+length L writes positions up to L-2; if the step then accepts n drafts (new length L' = L+n+1), the entries
+that read a rejected draft sit at positions >= L'-D, and positions L-1 .. L'-2 were never computed. So each
+drafting pass recomputes, for every depth, the last D+1 positions (L'-2-D .. L'-2), which covers both.
+Exactness assumes dropless MoE routing (capacity_factor 0, DeepSeek-V3's setting): with token dropping, a
+token's output would depend on which other tokens share its call.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsv3 import model
+from dsv3.config import ModelConfig
+from dsv3.layers import rope_cos_sin
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sampling.
+# ---------------------------------------------------------------------------------------------------
+def sample_token(logits, key, temperature, top_p):
+  """logits [B, V] f32 -> [B] int32 from softmax(logits / temperature) restricted to the top-p nucleus."""
+  scaled = logits / jnp.maximum(temperature, 1e-6)
+  sorted_logits = jnp.sort(scaled, axis=-1)[:, ::-1]
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  # A token is in the nucleus when the mass strictly before it is below top_p, so the top one always is.
+  in_nucleus = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+  threshold = jnp.min(jnp.where(in_nucleus, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+  masked = jnp.where(scaled >= threshold, scaled, -jnp.inf)
+  return jax.random.categorical(key, masked, axis=-1).astype(jnp.int32)
+
+
+def _pick(logits, key, temperature, top_p, sample: bool):
+  if not sample:  # static: the greedy program never sorts the vocabulary
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return sample_token(logits, key, temperature, top_p)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plain decoding.
+# ---------------------------------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "cache_dtype", "sample"))
+def _generate(variables, prompt, rng, temperature, top_p, eos_id, *, cfg, max_new_tokens, cache_dtype, sample):
+  B, T = prompt.shape
+  N = max_new_tokens
+  cache = model.init_cache(cfg, B, T + N, jnp.dtype(cache_dtype))
+  cache["mtp"] = []                       # plain decoding never runs the MTP modules
+  logits, _, cache = model.decode(cfg, variables, prompt, cache, 0)
+  stops = eos_id >= 0
+  # Rows that finish early are padded with eos; without an eos the loop always runs to the end.
+  tokens = jnp.concatenate([prompt, jnp.full((B, N), jnp.maximum(eos_id, 0), jnp.int32)], axis=1)
+
+  def emit(tokens, done, logits, i):
+    tok = _pick(logits, jax.random.fold_in(rng, i), temperature, top_p, sample)
+    tok = jnp.where(done, eos_id, tok)
+    done = done | (stops & (tok == eos_id))
+    return jax.lax.dynamic_update_slice_in_dim(tokens, tok[:, None], T + i, axis=1), done
+
+  tokens, done = emit(tokens, jnp.zeros((B,), bool), logits[:, -1], 0)
+
+  def cond(state):
+    i, _, _, done = state
+    return (i < N) & ~jnp.all(done)
+
+  def body(state):
+    i, tokens, cache, done = state
+    last = jax.lax.dynamic_slice_in_dim(tokens, T + i - 1, 1, axis=1)
+    logits, _, cache = model.decode(cfg, variables, last, cache, T + i - 1)
+    tokens, done = emit(tokens, done, logits[:, 0], i)
+    return i + 1, tokens, cache, done
+
+  return jax.lax.while_loop(cond, body, (jnp.int32(1), tokens, cache, done))[1]
+
+
+def _prepare(config, params, prompt_ids, max_new_tokens):
+  cfg = ModelConfig.from_any(config)
+  prompt = np.asarray(prompt_ids)
+  if prompt.ndim not in (1, 2) or prompt.shape[-1] == 0 or not np.issubdtype(prompt.dtype, np.integer):
+    raise ValueError(f"prompt_ids: expected integer ids of shape [T] or [B, T] with T >= 1, got "
+                     f"{prompt.dtype} {prompt.shape}; prompts in a batch must have one length")
+  if prompt.min() < 0 or prompt.max() >= cfg.vocab_size:
+    raise ValueError(f"prompt_ids: ids must be in [0, vocab_size={cfg.vocab_size}), got "
+                     f"[{prompt.min()}, {prompt.max()}]")
+  if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+    raise ValueError(f"max_new_tokens: must be an integer >= 0, got {max_new_tokens!r}")
+  return cfg, model._variables(cfg, params), jnp.asarray(np.atleast_2d(prompt), jnp.int32), prompt.ndim
+
+
+def generate(config, params, prompt_ids, max_new_tokens: int = 16, temperature: float = 0.0,
+             top_p: float = 1.0, eos_id: Optional[int] = None, rng: Optional[jax.Array] = None,
+             cache_dtype=jnp.float32) -> jax.Array:
+  """Prompt ids [B, T] (or [T]) -> int32 [B, T + max_new_tokens] (or [T + max_new_tokens]).
+
+  temperature 0 is greedy; otherwise samples with `rng` (default key 0) from the top-p nucleus. With
+  `eos_id`, rows that emitted it are padded with it and the loop ends once all rows have. `cache_dtype`
+  float32 keeps decoding bit-close to `model.forward`; bfloat16 halves the latent cache.
+  """
+  cfg, variables, prompt, ndim = _prepare(config, params, prompt_ids, max_new_tokens)
+  if temperature < 0:
+    raise ValueError(f"temperature: must be >= 0 (0 = greedy), got {temperature}")
+  if not 0 < top_p <= 1:
+    raise ValueError(f"top_p: must be in (0, 1], got {top_p}")
+  if max_new_tokens == 0:
+    out = prompt
+  else:
+    rng = jax.random.key(0) if rng is None else rng
+    out = _generate(variables, prompt, rng, jnp.float32(temperature), jnp.float32(top_p),
+                    jnp.int32(-1 if eos_id is None else eos_id), cfg=cfg, max_new_tokens=int(max_new_tokens),
+                    cache_dtype=jnp.dtype(cache_dtype).name, sample=temperature > 0)
+  return out if ndim == 2 else out[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Self-speculative decoding.
+# ---------------------------------------------------------------------------------------------------
+def _mtp_depth(module, hidden, tokens, positions, cache, cache_index, *, depth):
+  """One MTP depth with its cache: returns (its output hidden, logits, cache). Run through Transformer.apply."""
+  cos, sin = rope_cos_sin(module.cfg, positions)
+  h, normed, _, cache = module.mtp[depth](hidden, module.embed(tokens), cache, cos, sin, cache_index)
+  return h, module.head(normed), cache
+
+
+def _draft(cfg, variables, hid, tokens, mtp_cache, start, width: int, last):
+  """Runs depths 1..D over positions [start, start+width) and writes the D drafts after position last+1.
+
+  hid [B, S, H] holds main-model hidden states by position, tokens [B, S] the committed tokens (and the
+  drafts, which later depths read). Depth k at position i reads token i+k and predicts token i+k+1, so the
+  draft of depth k (read at position `last`) lands at position last+k+1.
+  """
+  B = tokens.shape[0]
+  positions = jnp.broadcast_to(start + jnp.arange(width), (B, width))
+  h = jax.lax.dynamic_slice_in_dim(hid, start, width, axis=1)
+  new_cache = []
+  for depth, cache in enumerate(mtp_cache):
+    inputs = jax.lax.dynamic_slice_in_dim(tokens, start + depth + 1, width, axis=1)
+    h, logits, cache = model.Transformer(cfg).apply(
+        variables, h, inputs, positions, cache, start,
+        method=functools.partial(_mtp_depth, depth=depth))
+    new_cache.append(cache)
+    draft = jnp.argmax(jax.lax.dynamic_index_in_dim(logits, last - start, axis=1, keepdims=False), -1)
+    tokens = jax.lax.dynamic_update_slice_in_dim(tokens, draft[:, None].astype(jnp.int32),
+                                                 last + depth + 2, axis=1)
+  return tokens, new_cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "cache_dtype"))
+def _speculative(variables, prompt, eos_id, *, cfg, max_new_tokens, cache_dtype):
+  B, T = prompt.shape
+  N, D = max_new_tokens, cfg.num_nextn_predict_layers
+  W = D + 1                               # the drafting window (see the module docstring)
+  # Room for the verify call and for the window's token reads past the last commit (dynamic_slice would
+  # clamp, not fail, at the edge, so the buffers must never be too short).
+  S = T + N + 2 * D + 1
+  cache = model.init_cache(cfg, B, S, jnp.dtype(cache_dtype))
+  mtp_cache, cache["mtp"] = cache["mtp"], []
+  logits, hidden, cache = model.decode(cfg, variables, prompt, cache, 0)
+  tokens = jnp.zeros((B, S), jnp.int32).at[:, :T].set(prompt)
+  tokens = tokens.at[:, T].set(jnp.argmax(logits[:, -1], -1).astype(jnp.int32))
+  hid = jnp.zeros((B, S, hidden.shape[-1]), hidden.dtype).at[:, :T].set(hidden)
+  # MTP prefill over the whole prompt; it also yields the first drafts (read at position T-1).
+  tokens, mtp_cache = _draft(cfg, variables, hid, tokens, mtp_cache, 0, T, T - 1)
+  stops = eos_id >= 0
+  pos = jnp.arange(S)
+
+  def finished(tokens, length):
+    emitted = (pos >= T) & (pos < length)
+    return jnp.all(jnp.any(emitted & (tokens == eos_id), axis=1)) & stops
+
+  def cond(state):
+    length, tokens = state[0], state[1]
+    return (length < T + N) & ~finished(tokens, length)
+
+  def body(state):
+    length, tokens, hid, cache, mtp_cache, stats = state
+    # Verify [t_{L-1}, d_1..d_D] at positions L-1..L-1+D in one main-model call.
+    window = jax.lax.dynamic_slice_in_dim(tokens, length - 1, D + 1, axis=1)
+    logits, hidden, cache = model.decode(cfg, variables, window, cache, length - 1)
+    greedy = jnp.argmax(logits, -1).astype(jnp.int32)                      # [B, D+1]
+    agree = jnp.sum(jnp.cumprod(window[:, 1:] == greedy[:, :D], axis=1), axis=1)   # per row
+    n = jnp.min(agree)
+    # Commit greedy[:, :n+1] at L..L+n; the rest lands past the new length and is overwritten by drafts.
+    tokens = jax.lax.dynamic_update_slice_in_dim(tokens, greedy, length, axis=1)
+    hid = jax.lax.dynamic_update_slice_in_dim(hid, hidden.astype(hid.dtype), length - 1, axis=1)
+    length = length + n + 1
+    start = jnp.maximum(length - 1 - W, 0)
+    tokens, mtp_cache = _draft(cfg, variables, hid, tokens, mtp_cache, start, W, length - 2)
+    stats = stats + jnp.stack([1, jnp.sum(agree), B * n]).astype(jnp.int32)
+    return length, tokens, hid, cache, mtp_cache, stats
+
+  state = (jnp.int32(T + 1), tokens, hid, cache, mtp_cache, jnp.zeros((3,), jnp.int32))
+  length, tokens, _, _, mtp_cache, stats = jax.lax.while_loop(cond, body, state)
+  # Rows pad with eos after their first eos, as `generate` does; positions never committed are past it.
+  is_eos = (pos >= T) & (tokens == eos_id)
+  after_eos = (jnp.cumsum(is_eos, axis=1) - is_eos) > 0
+  tokens = jnp.where((stops & after_eos) | (pos >= length), jnp.maximum(eos_id, 0), tokens)
+  return tokens[:, :T + N], length, stats, mtp_cache     # the MTP caches only for tests of their invariant
+
+
+def speculative_generate(config, params, prompt_ids, max_new_tokens: int = 16, eos_id: Optional[int] = None,
+                         cache_dtype=jnp.float32):
+  """Greedy generation drafted by the MTP modules and verified by the main model: -> (ids, stats).
+
+  ids equal `generate(..., temperature=0.0, eos_id=eos_id)`. stats: `acceptance_rate` (drafts the main
+  model agreed with, per row, over drafts made: the report's MTP acceptance), `batch_acceptance_rate`
+  (drafts committed after taking the minimum over rows), `steps` (verify calls), `tokens_per_step`.
+  """
+  cfg, variables, prompt, ndim = _prepare(config, params, prompt_ids, max_new_tokens)
+  if cfg.num_nextn_predict_layers < 1:
+    raise ValueError("model.num_nextn_predict_layers: speculative decoding drafts with the MTP modules, but "
+                     "this model has none; use generate() instead")
+  if max_new_tokens == 0:
+    return (prompt if ndim == 2 else prompt[0]), {"acceptance_rate": 0.0, "batch_acceptance_rate": 0.0,
+                                                  "steps": 0, "tokens_per_step": 0.0}
+  ids, length, stats, _ = _speculative(variables, prompt, jnp.int32(-1 if eos_id is None else eos_id), cfg=cfg,
+                                       max_new_tokens=int(max_new_tokens),
+                                       cache_dtype=jnp.dtype(cache_dtype).name)
+  steps, agreed, committed = (int(x) for x in stats)
+  B, T, D = prompt.shape[0], prompt.shape[1], cfg.num_nextn_predict_layers
+  drafted = max(steps * D * B, 1)
+  new_tokens = min(int(length), T + max_new_tokens) - T - 1      # the first token comes from the prefill
+  return (ids if ndim == 2 else ids[0]), {
+      "acceptance_rate": agreed / drafted, "batch_acceptance_rate": committed / drafted, "steps": steps,
+      "tokens_per_step": new_tokens / max(steps, 1)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line: python -m dsv3.generate --checkpoint=DIR --tokenizer=tokenizer.json --prompt="..."
+# ---------------------------------------------------------------------------------------------------
+def _load(checkpoint: str, config):
+  """(ModelConfig, variables) from an HF-format dir, an orbax training dir, or random init (no checkpoint)."""
+  if not checkpoint:
+    if config is None:
+      raise ValueError("--checkpoint: give a checkpoint dir, or --config to run randomly initialised weights")
+    cfg = ModelConfig.from_any(config)
+    return cfg, jax.jit(model.init, static_argnums=0)(cfg, jax.random.key(0))
+  if not os.path.isdir(checkpoint):
+    raise ValueError(f"--checkpoint: {checkpoint!r} is not a directory")
+  if os.path.exists(os.path.join(checkpoint, "config.json")):
+    from dsv3 import hf
+    return hf.load_checkpoint(checkpoint)
+  if config is None:
+    raise ValueError(f"--config: {checkpoint!r} has no config.json, so it is read as an orbax training "
+                     f"checkpoint, which needs the training config file that made it")
+  from dsv3 import checkpoint as ckpt_lib
+  cfg = ModelConfig.from_any(config)
+  restored = ckpt_lib.Checkpointer(checkpoint, async_save=False).restore()
+  if restored is None:
+    raise ValueError(f"--checkpoint: no checkpoint step found in {checkpoint!r}")
+  for tree in (restored.state, *(restored.state.get(k) for k in ("params", "variables", "model")
+                                 if isinstance(restored.state, dict))):
+    if isinstance(tree, dict) and "params" in tree and (cfg.num_moe_layers == 0 or "routing" in tree):
+      return cfg, tree
+  raise ValueError(f"--checkpoint: step {restored.step} in {checkpoint!r} holds no {{'params', 'routing'}} "
+                   f"variables (top-level keys: {sorted(restored.state)})")
+
+
+def main(argv):
+  from absl import flags
+  del argv
+  F = flags.FLAGS
+  if F.prompt and not F.tokenizer:
+    raise ValueError("--prompt: text prompts need --tokenizer (a tokenizer.json); or pass --prompt_ids=1,2,3")
+  if F.prompt and F.prompt_ids:
+    raise ValueError("--prompt_ids: give either --prompt or --prompt_ids, not both")
+  tok = None
+  if F.tokenizer:
+    from dsv3 import tokenizer as tok_lib
+    tok = tok_lib.load(F.tokenizer)
+  if F.prompt:
+    ids = tok.encode(F.prompt, bos=True)
+  elif F.prompt_ids:
+    try:
+      ids = [int(x) for x in F.prompt_ids.split(",") if x.strip()]
+    except ValueError:
+      raise ValueError(f"--prompt_ids: expected comma-separated integers, got {F.prompt_ids!r}") from None
+  else:
+    raise ValueError("--prompt: give a text --prompt (with --tokenizer) or --prompt_ids=1,2,3")
+  cfg, variables = _load(F.checkpoint, F.config)
+  eos = F.eos_id if F.eos_id >= 0 else (tok.eos_id if tok is not None else cfg.eos_token_id)
+  kw = dict(max_new_tokens=F.max_new_tokens, eos_id=eos, cache_dtype=F.cache_dtype)
+  if F.speculative:
+    if F.temperature > 0:
+      raise ValueError("--temperature: --speculative decodes greedily (its output equals greedy decoding)")
+    out, stats = speculative_generate(cfg, variables, [ids], **kw)
+    print(f"acceptance rate {stats['acceptance_rate']:.3f}, {stats['tokens_per_step']:.2f} tokens per "
+          f"main-model step over {stats['steps']} steps")
+  else:
+    out = generate(cfg, variables, [ids], temperature=F.temperature, top_p=F.top_p,
+                   rng=jax.random.key(F.seed), **kw)
+  new = [int(x) for x in np.asarray(out[0, len(ids):])]
+  if eos is not None and eos in new:
+    new = new[:new.index(eos) + 1]
+  print(tok.decode(ids + new) if tok is not None else ",".join(str(i) for i in ids + new))
+
+
+def _define_flags():
+  from absl import flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "Training config file (ml_collections); not needed for "
+                                  "HF checkpoints, which carry config.json.", lock_config=False)
+  flags.DEFINE_string("checkpoint", "", "HF-format dir (config.json + safetensors) or orbax training dir; "
+                      "empty with --config: random weights.")
+  flags.DEFINE_string("tokenizer", "", "tokenizer.json (or a dir holding one) for --prompt and for decoding.")
+  flags.DEFINE_string("prompt", "", "Prompt text (needs --tokenizer).")
+  flags.DEFINE_string("prompt_ids", "", "Prompt as comma-separated token ids, e.g. 1,2,3.")
+  flags.DEFINE_integer("max_new_tokens", 32, "Tokens to generate.")
+  flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+  flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.DEFINE_integer("eos_id", -1, "Stop token; -1: the tokenizer's eos, else the model config's eos_token_id.")
+  flags.DEFINE_enum("cache_dtype", "bfloat16", ["bfloat16", "float32"], "Latent KV cache dtype.")
+  flags.DEFINE_bool("speculative", False, "Self-speculative decoding with the MTP modules (greedy).")
+
+
+def _main_with_errors(argv):
+  """Bad flags and files end the run with their one-line message, not a traceback."""
+  try:
+    main(argv)
+  except ValueError as e:  # every input check above raises ValueError naming its flag
+    raise SystemExit(f"dsv3.generate: {type(e).__name__}: {e}") from None
+
+
+if __name__ == "__main__":
+  from absl import app
+  _define_flags()
+  app.run(_main_with_errors)
