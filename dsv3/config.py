@@ -231,8 +231,9 @@ class ModelConfig:
       m["rope_scaling"] = tuple(sorted(dict(m["rope_scaling"]).items()))
     if "precision" in config and config["precision"] is not None:
       m["precision"] = config["precision"]
-      if config["precision"] == "bf16":
-        m.setdefault("dtype", "bfloat16")
+      if config["precision"] in ("bf16", "fp8"):
+        # Mixed precision: BF16 activations; FP8 GEMMs take BF16 in and out (the report's recipe).
+        m["dtype"] = "bfloat16"
     return cls(**m).validate()
 
 

@@ -37,7 +37,6 @@ import numpy as np
 
 from dsv3 import model
 from dsv3.config import ModelConfig
-from dsv3.layers import rope_cos_sin
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -138,13 +137,6 @@ def generate(config, params, prompt_ids, max_new_tokens: int = 16, temperature: 
 # ---------------------------------------------------------------------------------------------------
 # Self-speculative decoding.
 # ---------------------------------------------------------------------------------------------------
-def _mtp_depth(module, hidden, tokens, positions, cache, cache_index, *, depth):
-  """One MTP depth with its cache: returns (its output hidden, logits, cache). Run through Transformer.apply."""
-  cos, sin = rope_cos_sin(module.cfg, positions)
-  h, normed, _, cache = module.mtp[depth](hidden, module.embed(tokens), cache, cos, sin, cache_index)
-  return h, module.head(normed), cache
-
-
 def _draft(cfg, variables, hid, tokens, mtp_cache, start, width: int, last):
   """Runs depths 1..D over positions [start, start+width) and writes the D drafts after position last+1.
 
@@ -159,8 +151,7 @@ def _draft(cfg, variables, hid, tokens, mtp_cache, start, width: int, last):
   for depth, cache in enumerate(mtp_cache):
     inputs = jax.lax.dynamic_slice_in_dim(tokens, start + depth + 1, width, axis=1)
     h, logits, cache = model.Transformer(cfg).apply(
-        variables, h, inputs, positions, cache, start,
-        method=functools.partial(_mtp_depth, depth=depth))
+        variables, h, inputs, positions, cache, start, depth=depth, method=model.Transformer.mtp_depth)
     new_cache.append(cache)
     draft = jnp.argmax(jax.lax.dynamic_index_in_dim(logits, last - start, axis=1, keepdims=False), -1)
     tokens = jax.lax.dynamic_update_slice_in_dim(tokens, draft[:, None].astype(jnp.int32),

@@ -130,16 +130,14 @@ class Transformer(nn.Module):
       auxes.append(aux)
     return jnp.stack(logits), auxes
 
-  def mtp_step(self, hidden, next_tokens, positions, mtp_cache, cache_index):
-    """Speculative drafting: depth-1..D chain from main-model `hidden` at `positions` and the tokens that
-    follow them. Uses and updates each depth's latent cache. Returns (list of logits, new caches)."""
+  def mtp_depth(self, hidden, tokens, positions, cache, cache_index, *, depth: int):
+    """One MTP depth with its latent cache (speculative drafting): depth `depth` (0-based) at position i
+    takes hidden[i] (main model for depth 0, else the previous depth's output) and the token at i+depth+1.
+    Returns (its output hidden, logits, cache). Depths are chained by the caller, which supplies each
+    depth's tokens (committed ones or the previous depth's drafts)."""
     cos, sin = rope_cos_sin(self.cfg, positions)
-    h, logits, caches = hidden, [], []
-    for module, cache in zip(self.mtp, mtp_cache):
-      h, normed, _, cache = module(h, self.embed(next_tokens), cache, cos, sin, cache_index)
-      logits.append(self.head(normed))
-      caches.append(cache)
-    return logits, caches
+    h, normed, _, cache = self.mtp[depth](hidden, self.embed(tokens), cache, cos, sin, cache_index)
+    return h, self.head(normed), cache
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -147,9 +145,13 @@ class Transformer(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 def init(config, rng: jax.Array, batch: int = 1, seq_len: int = 4) -> dict:
   """Fresh variables {'params', 'routing'} (MTP included). Use jax.eval_shape(init, ...) for shapes only."""
-  cfg = ModelConfig.from_any(config)
-  tokens = jnp.zeros((batch, seq_len), jnp.int32)
-  return Transformer(cfg).init(rng, tokens, with_mtp=True)
+  return _init(ModelConfig.from_any(config), rng, batch, seq_len)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def _init(cfg, rng, batch, seq_len):
+  # Jitted: op-by-op initialisation of a scanned model is several times slower.
+  return Transformer(cfg).init(rng, jnp.zeros((batch, seq_len), jnp.int32), with_mtp=True)
 
 
 def _variables(cfg: ModelConfig, params) -> dict:
@@ -210,16 +212,3 @@ def decode(config, params, tokens, cache, cache_index):
   cfg = ModelConfig.from_any(config)
   return _decode(cfg, _variables(cfg, params), jnp.asarray(tokens, jnp.int32), cache,
                  jnp.asarray(cache_index, jnp.int32))
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _mtp_step(cfg, variables, hidden, next_tokens, positions, mtp_cache, cache_index):
-  return Transformer(cfg).apply(variables, hidden, next_tokens, positions, mtp_cache, cache_index,
-                                method=Transformer.mtp_step)
-
-
-def mtp_step(config, params, hidden, next_tokens, positions, mtp_cache, cache_index):
-  """Run the MTP chain with its caches (speculative drafting). Returns (list of [B,T,V] logits, caches)."""
-  cfg = ModelConfig.from_any(config)
-  return _mtp_step(cfg, _variables(cfg, params), hidden, jnp.asarray(next_tokens, jnp.int32),
-                   positions, mtp_cache, jnp.asarray(cache_index, jnp.int32))

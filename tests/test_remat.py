@@ -1,0 +1,62 @@
+"""Selective recomputation (report §3.2.3): under remat='paper' the backward pass keeps no RMSNorm output and
+no MLA up-projection output (q_b_proj, kv_b_proj) — they are recomputed — and gradients are unchanged.
+
+Dimensions are chosen so that each of those activations has a trailing size nothing else has:
+q_b out 4*(8+4)=48, kv_b out 4*(8+6)=56, kv latent (normed) 17, q_a 22 (its norm output is 22 too, so we
+count: one 22-wide residual per layer under 'paper' — q_a itself — and more without remat).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax._src.ad_checkpoint import saved_residuals  # public: jax.ad_checkpoint.print_saved_residuals
+
+from dsv3 import losses, model
+from dsv3.config import ModelConfig
+
+BASE = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=40, moe_intermediate_size=16, num_hidden_layers=3,
+                   first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=22, kv_lora_rank=17,
+                   qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, n_routed_experts=8, num_experts_per_tok=2,
+                   n_group=4, topk_group=2, num_nextn_predict_layers=0, rope_scaling=None)
+TOKENS = jax.random.randint(jax.random.key(1), (2, 7), 0, 97)
+VARS = model.init(BASE, jax.random.key(0))
+
+
+def loss_fn(cfg):
+  def f(params):
+    out = model.forward_train(cfg, {"params": params, "routing": VARS["routing"]}, TOKENS)
+    return losses.objective(cfg, out, TOKENS, 0.3, 1e-4)[0]
+  return f
+
+
+def layer_residuals(remat):
+  """Activation residuals saved inside the scanned layer stacks: shapes [L, B, T, ...]."""
+  res = saved_residuals(loss_fn(BASE.replace(remat=remat)), VARS["params"])
+  return [a.shape for a, desc in res if "from the argument" not in desc and len(a.shape) >= 4]
+
+
+# The up-projections reshaped per head: q [.., 4, 8+4], k_nope [.., 4, 8], v [.., 4, 6], kv_b out [.., 4, 14].
+PER_HEAD = {(4, 12), (4, 8), (4, 6), (4, 14)}
+
+
+@pytest.mark.parametrize("remat", ["paper", "full"])
+def test_recomputed_tensors_are_not_saved(remat):
+  shapes = layer_residuals(remat)
+  assert not [s for s in shapes if tuple(s[-2:]) in PER_HEAD], f"per-head q/k/v saved under remat={remat}"
+  widths = [s[-1] for s in shapes if len(s) == 4]
+  for w, what in ((48, "q_b_proj output"), (56, "kv_b_proj output"), (17, "kv_a_layernorm output")):
+    assert w not in widths, f"{what} is saved under remat={remat}"
+  assert widths.count(22) <= 2                        # q_a only (one per stack), not its norm output
+
+
+def test_without_remat_they_are_saved():
+  shapes = layer_residuals("none")
+  assert [s for s in shapes if tuple(s[-2:]) in PER_HEAD]
+  widths = [s[-1] for s in shapes if len(s) == 4]
+  assert 17 in widths and widths.count(22) > 2
+
+
+def test_gradients_equal_with_and_without_remat():
+  grads = {r: jax.grad(loss_fn(BASE.replace(remat=r)))(VARS["params"]) for r in ("none", "paper", "full")}
+  for r in ("paper", "full"):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads["none"], grads[r])
