@@ -72,7 +72,9 @@ def decay_mask(params):
 
 def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
   schedule = learning_rate_schedule(config)
-  moments = jnp.bfloat16 if config.adam_moments_dtype == "bfloat16" else jnp.float32
+  # The FP8 recipe stores both AdamW moments in BF16 (report §3.3.3); master weights stay FP32.
+  low = config.adam_moments_dtype == "bfloat16" or config.precision == "fp8"
+  moments = jnp.bfloat16 if low else jnp.float32
   tx = optax.chain(
       optax.clip_by_global_norm(float(config.grad_clip)) if config.grad_clip else optax.identity(),
       scale_by_adam(config.b1, config.b2, moments_dtype=moments),

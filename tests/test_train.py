@@ -185,3 +185,16 @@ def test_cli_requires_workdir(cache_dir):
   proc = subprocess.run([sys.executable, "-m", "dsv3.train", f"--config={ROOT}/configs/tiny.py"], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0 and "workdir" in proc.stderr
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, cache_dir):
+  """Mean of per-micro-batch gradients == full-batch gradient, so the loss curve is unchanged."""
+  runs = {}
+  for accum in (1, 2):
+    c = small_config(num_train_steps=3, batch_size=16, grad_accum_steps=accum, ema_decay=0.0,
+                     checkpoint_every_steps=100, eval_every_steps=100)
+    train.train_and_evaluate(c, str(tmp_path / f"a{accum}"))
+    runs[accum] = losses(tmp_path / f"a{accum}")
+  assert sorted(runs[2]) == [1, 2, 3]
+  for step in runs[1]:
+    assert abs(runs[1][step] - runs[2][step]) <= 1e-5 * abs(runs[1][step]), (runs[1], runs[2])
