@@ -1,0 +1,287 @@
+"""Pipeline stages: how the model is cut, and the compiled per-stage programs F, B, B* and W.
+
+A stage is a contiguous run of layers; stage 0 also holds the token embedding, the last stage the final
+norm, the output head, the MTP modules and the loss (the MTP modules read the embedding of the shifted
+tokens, so the last stage holds a copy of the embedding too; its gradient is added to stage 0's, which is
+what DualPipe gets for free by putting stage 0 and stage P-1 on the same rank).
+
+Inside a stage the work is a chain of *pieces* (embedding, each layer, head+loss). The forward program F
+runs `jax.vjp` piece by piece and returns the activation plus one VJP object per piece: the residuals the
+backward needs (a VJP is a pytree of arrays, so it can leave one jitted program and enter another). The
+backward then comes in three flavours, all compiled once per stage and sub-mesh:
+  B   full backward: input gradient and weight gradients (accumulated into the stage's gradient sum);
+  B*  input gradient only. It walks the pieces backwards computing only activation cotangents (XLA drops
+      the weight-gradient half of every piece as dead code) and keeps each piece's output cotangent;
+  W   the deferred weight gradients: each piece's VJP applied to its saved cotangent, keeping only the
+      parameter half. Pieces are independent here, so W neither reruns the forward nor the input chain.
+That per-piece split is the zero-bubble decomposition: B* puts the gradient on the wire after the cheap
+half of the backward, and W fills bubbles later. The layers are unrolled rather than scanned because the
+split needs one VJP per layer, and a pipeline stage holds only a few layers (61 layers over PP16 is 4).
+
+Every piece also returns a scalar share of the loss: the head the whole objective (CE + MTP + its balance
+term) and each MoE layer alpha times its sequence-wise balance statistic. Seeding all of them with 1/M
+in the backward makes the M micro-batch backwards sum to the gradient of the batch-mean loss.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, List, NamedTuple, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dsv3 import losses
+from dsv3.config import ModelConfig
+from dsv3.layers import compute_dtype, remat_policy, rope_cos_sin
+from dsv3.model import Block, Transformer
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+  """What one stage computes; hashable, so it is a static argument of the stage programs.
+
+  `layers` holds global layer indices; the programs only depend on `moe` (their kinds), so stages of the
+  same shape share one trace and compile once per sub-mesh.
+  """
+  index: int
+  num_stages: int
+  layers: Tuple[int, ...]
+  moe: Tuple[bool, ...]
+
+  @property
+  def first(self) -> bool:
+    return self.index == 0
+
+  @property
+  def last(self) -> bool:
+    return self.index == self.num_stages - 1
+
+  @property
+  def program_key(self):
+    return (self.first, self.last, self.moe)
+
+
+def split_layers(cfg: ModelConfig, num_stages: int) -> List[StageSpec]:
+  """Contiguous, as-even-as-possible layer ranges; earlier stages take the remainder, because the last
+  stage already carries the head, MTP and loss."""
+  num_layers = cfg.num_hidden_layers
+  base, extra = divmod(num_layers, num_stages)
+  specs, start = [], 0
+  for s in range(num_stages):
+    n = base + (s < extra)
+    layers = tuple(range(start, start + n))
+    specs.append(StageSpec(s, num_stages, layers, tuple(l >= cfg.first_k_dense_replace for l in layers)))
+    start += n
+  return specs
+
+
+def _stack_and_index(cfg: ModelConfig, layer: int):
+  """(name of the scanned stack in the params tree, index in it) for a global layer index."""
+  if layer < cfg.first_k_dense_replace:
+    return "dense_layers", layer
+  return "moe_layers", layer - cfg.first_k_dense_replace
+
+
+def _head_keys(cfg: ModelConfig, params) -> List[str]:
+  keys = ["norm"] + [k for k in ("lm_head", "embed_tokens") if k in params]
+  return keys + [f"mtp_{k}" for k in range(cfg.num_nextn_predict_layers)]
+
+
+def stage_variables(cfg: ModelConfig, params, routing, spec: StageSpec):
+  """(params, routing) of one stage, in the stage layout {'embed', 'layers': [...], 'head'}."""
+  p, r = {"layers": []}, {"layers": []}
+  for layer in spec.layers:
+    stack, i = _stack_and_index(cfg, layer)
+    p["layers"].append((stack, i))
+  by_stack = {}
+  for stack, i in p["layers"]:
+    by_stack.setdefault(stack, []).append(i)
+  taken = {stack: _take_layers((params[stack], routing.get(stack, {})), tuple(idx))
+           for stack, idx in by_stack.items()}
+  position = {stack: 0 for stack in by_stack}
+  for j, (stack, _) in enumerate(p["layers"]):
+    p["layers"][j], routing_slice = taken[stack][position[stack]]
+    r["layers"].append(routing_slice)
+    position[stack] += 1
+  if spec.first:
+    p["embed"] = {"embed_tokens": params["embed_tokens"]}
+  if spec.last:
+    p["head"] = {k: params[k] for k in _head_keys(cfg, params)}
+    r["head"] = {k: routing[k] for k in routing if k.startswith("mtp_")}
+  return p, r
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _take_layers(stacked, indices):
+  """Per-layer slices of stacked (params, routing) trees, in one dispatch rather than one per leaf."""
+  return [jax.tree.map(lambda a: a[i], stacked) for i in indices]
+
+
+def scatter_gradients(cfg: ModelConfig, spec: StageSpec, grads) -> List[Tuple[tuple, object]]:
+  """A stage's gradient tree as (path, value) contributions to the model's params tree; a layer's path
+  is (stack, index), the rest (key,). The executor sums contributions and stacks the layers."""
+  out = []
+  for layer, g in zip(spec.layers, grads["layers"]):
+    out.append((_stack_and_index(cfg, layer), g))
+  for part in ("embed", "head"):
+    for key, g in grads.get(part, {}).items():
+      out.append(((key,), g))
+  return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pieces. Each maps (piece params, input) -> (output, loss share) with aux (metrics, load); the embedding
+# takes tokens (no input gradient) and the head returns only its loss share.
+# ---------------------------------------------------------------------------------------------------
+def _embed(cfg: ModelConfig, p, tokens):
+  emb = nn.Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=jnp.dtype(cfg.param_dtype))
+  return emb.apply({"params": p["embed_tokens"]}, tokens).astype(compute_dtype(cfg))
+
+
+def _layer(cfg: ModelConfig, moe: bool, routing, cos, sin, alpha, p, x):
+  variables = {"params": p, "routing": routing} if moe else {"params": p}
+  y, (aux, _) = Block(cfg, moe).apply(variables, x, None, cos, sin, 0)
+  if not moe:
+    return (y, jnp.zeros((), jnp.float32)), {}
+  return (y, alpha * aux["balance_loss"]), {"balance": aux["balance_loss"], "load": aux["load"]}
+
+
+def _head(cfg: ModelConfig, routing, tokens, labels, cos, sin, coefs, p, x):
+  def run(m, x):
+    out = {"logits": m.head(m.norm(x)), "aux": {}}
+    if m.mtp:
+      out["mtp_logits"], out["mtp_aux"] = m.mtp_train(x, tokens, cos, sin)
+    return out
+  out = Transformer(cfg).apply({"params": p, "routing": routing}, x, method=run)
+  loss, metrics = losses.objective(cfg, out, labels, coefs[0], coefs[1])
+  aux = {"ce": metrics["ce"], "mtp_loss": metrics.get("mtp_loss"), "balance": metrics.get("balance_loss"),
+         "load": losses.load_tree(out)}
+  return loss, aux
+
+
+def _layer_fn(cfg: ModelConfig, moe: bool, routing, cos, sin, alpha):
+  fn = functools.partial(_layer, cfg, moe, routing, cos, sin, alpha)
+  if cfg.remat != "none":
+    # The same memory policy as the unpipelined model: the VJP keeps only what the policy saves.
+    fn = jax.checkpoint(fn, policy=remat_policy(cfg.remat), prevent_cse=False)
+  return fn
+
+
+# ---------------------------------------------------------------------------------------------------
+# The stage programs. `coefs` = [mtp_weight, alpha, 1/M] (f32 [3], an argument so that changing the loss
+# weights never recompiles).
+# ---------------------------------------------------------------------------------------------------
+def forward(cfg: ModelConfig, key, params, routing, x, tokens, coefs):
+  """F: returns (activation or None on the last stage, per-piece VJPs, aux).
+
+  aux = {'loss': this stage's share, 'balance': raw balance statistic summed over its MoE layers,
+  'loads': [E] per MoE layer, and on the last stage 'ce', 'mtp_loss', 'mtp_loads'}.
+  """
+  first, last, kinds = key
+  inputs = tokens[:, :-1] if tokens is not None else None
+  batch, seq = (inputs.shape if inputs is not None else x.shape[:2])
+  cos, sin = rope_cos_sin(cfg, jnp.broadcast_to(jnp.arange(seq), (batch, seq)))
+  vjps, share, balance, loads, aux = [], jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), [], {}
+  if first:
+    x, vjp = jax.vjp(lambda p: _embed(cfg, p, inputs), params["embed"])
+    vjps.append(vjp)
+  for moe, p, r in zip(kinds, params["layers"], routing["layers"]):
+    (x, part), vjp, layer_aux = jax.vjp(_layer_fn(cfg, moe, r, cos, sin, coefs[1]), p, x, has_aux=True)
+    vjps.append(vjp)
+    share = share + part
+    if moe:
+      balance = balance + layer_aux["balance"]
+      loads.append(layer_aux["load"])
+  if last:
+    head = functools.partial(_head, cfg, routing["head"], inputs, tokens[:, 1:], cos, sin, coefs)
+    part, vjp, head_aux = jax.vjp(head, params["head"], x, has_aux=True)
+    vjps.append(vjp)
+    share = share + part
+    if head_aux["balance"] is not None:
+      balance = balance + head_aux["balance"]
+    aux = {"ce": head_aux["ce"], "mtp_loss": head_aux["mtp_loss"], "mtp_loads": head_aux["load"]}
+    x = None
+  aux.update(loss=share, balance=balance, loads=loads)
+  return x, vjps, aux
+
+
+def _backward(key, vjps, g, coefs, want_params: bool):
+  """Walks the pieces backwards. Returns (input cotangent, per-piece param grads, per-piece cotangents).
+
+  Every piece's VJP yields both halves; whatever the caller does not return (the parameter half in B*)
+  is dead code that jit removes, so B* costs only the input-gradient chain.
+  """
+  first, last, _ = key
+  seed = coefs[2]
+  n = len(vjps)
+  grads, cts = [None] * n, [None] * n
+  for i in reversed(range(n)):
+    is_head, is_embed = last and i == n - 1, first and i == 0
+    ct = seed if is_head else (g if is_embed else (g, seed))
+    cts[i] = ct
+    if is_embed:
+      if want_params:
+        grads[i], = vjps[i](ct)
+      continue
+    grads[i], g = vjps[i](ct)
+  return g, grads, cts
+
+
+def _as_tree(key, grads):
+  first, last, kinds = key
+  tree = {"layers": grads[first:first + len(kinds)]}
+  if first:
+    tree["embed"] = grads[0]
+  if last:
+    tree["head"] = grads[-1]
+  return tree
+
+
+def _add(acc, tree):
+  return jax.tree.map(jnp.add, acc, tree)
+
+
+def backward(key, vjps, g, coefs, acc):
+  """B: full backward. Returns (input gradient or None on stage 0, acc + this micro-batch's grads)."""
+  dx, grads, _ = _backward(key, vjps, g, coefs, want_params=True)
+  return (None if key[0] else dx), _add(acc, _as_tree(key, grads))
+
+
+def backward_input(key, vjps, g, coefs):
+  """B*: input gradient only, plus the per-piece output cotangents that the deferred W needs."""
+  dx, _, cts = _backward(key, vjps, g, coefs, want_params=False)
+  return (None if key[0] else dx), cts
+
+
+def backward_weights(key, vjps, cts, acc):
+  """W: every piece's weight gradient from its saved cotangent; pieces are independent, nothing reruns."""
+  grads = [vjp(ct)[0] for vjp, ct in zip(vjps, cts)]
+  return _add(acc, _as_tree(key, grads))
+
+
+def zeros_like(tree):
+  """A gradient accumulator with the placement of `tree` (the stage's parameters on its sub-mesh)."""
+  return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype, device=a.sharding), tree)
+
+
+class Programs(NamedTuple):
+  """The jitted stage programs. jit caches one executable per (static key, shapes, sub-mesh), so every
+  stage of the same shape on the same sub-mesh shares them, across schedules and steps."""
+  forward: Callable
+  backward: Callable
+  backward_input: Callable
+  backward_weights: Callable
+
+
+@functools.lru_cache(maxsize=None)
+def programs(compiler_options: Optional[Tuple[Tuple[str, Any], ...]] = None) -> Programs:
+  """The stage programs compiled with `compiler_options` (XLA flags as (name, value) pairs, e.g. a lower
+  CPU optimisation level for tests); the gradient accumulator is donated, so it is updated in place."""
+  opts = dict(compiler_options) if compiler_options else None
+  return Programs(
+      forward=jax.jit(forward, static_argnums=(0, 1), compiler_options=opts),
+      backward=jax.jit(backward, static_argnums=0, donate_argnums=4, compiler_options=opts),
+      backward_input=jax.jit(backward_input, static_argnums=0, compiler_options=opts),
+      backward_weights=jax.jit(backward_weights, static_argnums=0, donate_argnums=3, compiler_options=opts))

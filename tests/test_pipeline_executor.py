@@ -1,0 +1,144 @@
+"""The pipeline executor must reproduce the unpipelined step exactly: loss, metrics, gradients and loads.
+
+Every schedule is run on 8 simulated CPU devices (P=4 ranks of 2 devices, and P=8 of 1) and compared with
+jax.value_and_grad of losses.objective over model.forward_train on the whole batch. The stage programs
+are cached by jit per stage shape and sub-mesh, so the P=4 schedules that share a batch split (gpipe,
+1f1b, zb1p and DualPipe's first direction) compile them once; XLA's CPU optimisation level is lowered to
+keep compilation short (the results are fp32 either way).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsv3 import losses, model
+from dsv3.config import ModelConfig
+from dsv3.pipeline import executor, stages
+
+BASE = dict(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, first_k_dense_replace=1,
+            num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+            v_head_dim=8, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
+            num_nextn_predict_layers=1, max_position_embeddings=64, rope_scaling=None, remat="none")
+CFG4 = ModelConfig(num_hidden_layers=4, **BASE).validate()
+CFG8 = ModelConfig(num_hidden_layers=8, **BASE).validate()
+BATCH, SEQ = 16, 8
+MTP_WEIGHT, ALPHA = 0.3, 1e-2          # alpha large enough that the balance term's gradient matters
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+TOL = 1e-5
+
+
+def _variables(cfg, seed=0):
+  """Random variables without compiling model.init: normal weights, ones for norms, small biases."""
+  shapes = jax.eval_shape(lambda: model.init(cfg, jax.random.key(0)))
+  rng = np.random.default_rng(seed)
+
+  def leaf(path, s):
+    name = jax.tree_util.keystr(path)
+    if name.endswith("['weight']"):
+      return jnp.asarray(1.0 + 0.1 * rng.standard_normal(s.shape), s.dtype)
+    return jnp.asarray(0.05 * rng.standard_normal(s.shape), s.dtype)
+  return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
+def _reference(cfg, variables, tokens):
+  def ref(params):
+    out = model.forward_train(cfg, {"params": params, "routing": variables["routing"]}, tokens[:, :-1])
+    loss, metrics = losses.objective(cfg, out, tokens[:, 1:], MTP_WEIGHT, ALPHA)
+    return loss, (metrics, losses.load_tree(out))
+  (loss, (metrics, loads)), grads = jax.jit(jax.value_and_grad(ref, has_aux=True))(variables["params"])
+  return loss, metrics, grads, loads
+
+
+def _setup(cfg):
+  variables = _variables(cfg)
+  tokens = jax.random.randint(jax.random.key(1), (BATCH, SEQ + 1), 0, cfg.vocab_size, jnp.int32)
+  return cfg, variables, tokens, _reference(cfg, variables, tokens)
+
+
+@pytest.fixture(scope="module")
+def model4():
+  return _setup(CFG4)
+
+
+@pytest.fixture(scope="module")
+def model8():
+  return _setup(CFG8)
+
+
+def _max_diff(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  return max(float(jnp.max(jnp.abs(jnp.asarray(x) - jnp.asarray(y)))) for x, y in
+             zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _check(setup, schedule, num_stages, microbatches):
+  cfg, variables, tokens, (loss0, metrics0, grads0, loads0) = setup
+  loss, metrics, grads, loads = executor.pipeline_value_and_grad(
+      cfg, variables, tokens, schedule=schedule, num_stages=num_stages, microbatches=microbatches,
+      mtp_weight=MTP_WEIGHT, alpha=ALPHA, compiler_options=FAST_COMPILE)
+  assert set(metrics) == set(metrics0)
+  diffs = {"loss": abs(float(loss - loss0)), "metrics": _max_diff(metrics, metrics0),
+           "grads": _max_diff(grads, grads0), "loads": _max_diff(loads, loads0)}
+  print(f"{schedule} P={num_stages} M={microbatches}: max |diff| {diffs}")
+  assert all(d <= TOL for d in diffs.values()), diffs
+  # The loads are integer counts summed over the whole batch: every token picks k experts per MoE layer.
+  for leaf in jax.tree.leaves(loads):
+    np.testing.assert_allclose(np.asarray(leaf).sum(-1), BATCH * SEQ * cfg.num_experts_per_tok)
+  return diffs
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "gpipe", "zb1p", "dualpipe"])
+def test_p4_matches_reference(model4, schedule):
+  _check(model4, schedule, 4, 8)
+
+
+def test_second_step_reuses_compiled_programs(model4):
+  _check(model4, "zb1p", 4, 8)
+  progs = executor.get_plan(CFG4, "zb1p", 4, 8, compiler_options=FAST_COMPILE).programs
+  sizes = [f._cache_size() for f in progs]
+  _check(model4, "zb1p", 4, 8)
+  assert [f._cache_size() for f in progs] == sizes
+
+
+@pytest.mark.slow
+def test_p4_dualpipev_matches_reference(model8):
+  _check(model8, "dualpipev", 4, 8)          # 8 stages in a V on 4 ranks: one layer each
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule,microbatches", [("dualpipe", 16), ("1f1b", 16)])
+def test_p8_matches_reference(model8, schedule, microbatches):
+  _check(model8, schedule, 8, microbatches)
+
+
+def test_uneven_layer_split():
+  cfg = ModelConfig(num_hidden_layers=6, **BASE)
+  specs = stages.split_layers(cfg, 4)
+  assert [s.layers for s in specs] == [(0, 1), (2, 3), (4,), (5,)]
+  assert specs[0].moe == (False, True) and specs[0].first and specs[-1].last
+
+
+@pytest.mark.parametrize("schedule,num_stages,microbatches,match", [
+    ("dualpipe", 4, 6, r"pipeline\.microbatches must be even and >= 2 \* mesh\.pipeline = 8"),
+    ("dualpipe", 4, 9, r"pipeline\.microbatches must be even"),
+    ("dualpipe", 3, 8, r"mesh\.pipeline must be even"),
+    ("dualpipev", 4, 7, r"pipeline\.microbatches must be >= 2 \* mesh\.pipeline = 8"),
+    ("1f1b", 4, 0, r"pipeline\.microbatches must be a positive integer"),
+    ("interleaved", 4, 8, r"pipeline\.schedule must be one of"),
+    ("1f1b", 3, 8, r"mesh\.pipeline = 3 must divide the number of devices"),
+])
+def test_bad_settings_raise(model4, schedule, num_stages, microbatches, match):
+  cfg, variables, tokens, _ = model4
+  with pytest.raises(ValueError, match=match):
+    executor.pipeline_value_and_grad(cfg, variables, tokens, schedule=schedule, num_stages=num_stages,
+                                     microbatches=microbatches, mtp_weight=MTP_WEIGHT, alpha=ALPHA)
+
+
+def test_batch_and_layer_errors(model4):
+  cfg, variables, tokens, _ = model4
+  with pytest.raises(ValueError, match=r"pipeline\.microbatches = 8 must divide the batch size 12"):
+    executor.pipeline_value_and_grad(cfg, variables, tokens[:12], schedule="1f1b", num_stages=4,
+                                     microbatches=8, mtp_weight=MTP_WEIGHT, alpha=ALPHA)
+  with pytest.raises(ValueError, match=r"num_hidden_layers = 4 cannot be cut into 8 pipeline stages"):
+    executor.pipeline_value_and_grad(cfg, variables, tokens, schedule="dualpipev", num_stages=4,
+                                     microbatches=8, mtp_weight=MTP_WEIGHT, alpha=ALPHA)
