@@ -11,8 +11,8 @@ orbax checkpoints (checkpoints/).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
-import json
 import os
 import signal
 import sys
@@ -236,7 +236,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       gamma = opt_lib.piecewise(step, total_steps, config.balance.gamma, config.balance.gamma_final,
                                 config.balance.gamma_switch_frac)
       batch = batch_to_global(next(datasets.train))
-      with jax.set_mesh(compute_mesh):
+      # The pipeline executor places each stage on its own sub-mesh, so it runs outside any mesh context.
+      with contextlib.nullcontext() if pipelined else jax.set_mesh(compute_mesh):
         state, metrics = step_fn(state, batch, jnp.float32(mtp_weight), jnp.float32(gamma))
       done = step + 1
       if ema is not None:

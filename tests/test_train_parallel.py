@@ -81,3 +81,15 @@ def test_two_processes_match_one_and_restore_in_one(tmp_path, cache, one_device)
   # The checkpoint the two processes wrote together restores in one process; training continues.
   more = train(tmp_path, cache, 8, *EP, "--config.num_train_steps=6")
   assert len(more) == 6 and np.allclose(more[:5], losses(tmp_path)[:5])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["dualpipe", "zb1p"])
+def test_cli_pipeline_matches_one_device(tmp_path, cache, schedule):
+  """--config.mesh.pipeline=4 (x data 2) with a pipeline schedule logs the 1-device losses."""
+  batch = ["--config.batch_size=16", "--config.num_train_steps=3", "--config.checkpoint_every_steps=3"]
+  ref = train(tmp_path / "one", cache, 1, *batch)
+  got = train(tmp_path / "pp", cache, 8, *batch, "--config.mesh.pipeline=4", "--config.mesh.data=2",
+              f"--config.pipeline.schedule={schedule}", "--config.pipeline.microbatches=8")
+  assert len(got) == 3
+  np.testing.assert_allclose(got, ref, rtol=2e-5)
