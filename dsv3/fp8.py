@@ -241,11 +241,25 @@ def _dot_bwd(pow2_scale, impl, res, dy):
 _dot.defvjp(_dot_fwd, _dot_bwd)
 
 
+def _match_varying(*xs):
+  """Inside shard_map, casts the operands to vary over the union of their manual mesh axes.
+
+  A custom_vjp's cotangents must have their primal's type: an expert weight that is invariant over
+  'data' would otherwise get a 'data'-varying gradient from data-sharded tokens. After the cast, JAX's
+  transpose of the cast inserts the psum over 'data' itself. Outside shard_map this is a no-op.
+  """
+  kinds = [jax.typeof(x).manual_axis_type.varying for x in xs]
+  union = frozenset().union(*kinds)
+  return tuple(x if k == union else jax.lax.pcast(x, tuple(sorted(union - k)), to="varying")
+               for x, k in zip(xs, kinds))
+
+
 def dot(x, w, pow2_scale=False, impl=None):
   """Linear layer y = x @ w (x [..., K], w [K, N]) with FP8 forward, input- and weight-gradient GEMMs.
 
   Output dtype is x.dtype; gradients have the dtypes of x and w.
   """
+  x, w = _match_varying(x, w)
   return _dot(x, w, pow2_scale, impl or _default_impl())
 
 
@@ -356,4 +370,5 @@ _ragged.defvjp(_ragged_fwd, _ragged_bwd)
 def ragged_dot(x, w, group_sizes, pow2_scale=False, impl=None):
   """FP8 grouped GEMM with jax.lax.ragged_dot semantics: x [M, K] (rows sorted by group), w [G, K, N],
   group_sizes [G] int32 (sum <= M; later rows give 0). Per-expert 128x128 weight blocks; FP8 backward."""
+  x, w = _match_varying(x, w)
   return _ragged(x, w, jnp.asarray(group_sizes, jnp.int32), pow2_scale, impl or _default_impl())

@@ -35,3 +35,21 @@ def test_fp8_loss_within_quarter_percent_of_bf16(tmp_path, monkeypatch):
   print(f"FP8 vs BF16 relative loss error: train {rel_train:.5f}, validation {rel_val:.5f}")
   assert rel_train < 0.0025 and rel_val < 0.0025
   assert fp8["loss"] != bf16["loss"]                 # the FP8 path really ran
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", [{"data": 2, "expert": 4}, {"pipeline": 4, "data": 2}], ids=["ep", "dualpipe"])
+def test_fp8_trains_on_every_mesh(tmp_path, monkeypatch, mesh):
+  """FP8 custom-VJP GEMMs inside shard_map (expert parallelism) and inside per-stage pipeline programs."""
+  monkeypatch.setenv("DSV3_CACHE", str(tmp_path / "cache"))
+  c = tiny.get_config()
+  c.precision = "fp8"
+  c.num_train_steps, c.batch_size, c.seq_len = 2, 16, 32
+  c.model.vocab_size = c.data.vocab_size = 512
+  c.data.max_files, c.eval_batches, c.ema_decay = 30, 1, 0.0
+  c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 1, 2, 1000
+  c.mesh.data, c.mesh.expert, c.mesh.pipeline = mesh.get("data", 1), mesh.get("expert", 1), mesh.get("pipeline", 1)
+  if c.mesh.pipeline > 1:
+    c.pipeline.schedule, c.pipeline.microbatches = "dualpipe", 8
+  out = train.train_and_evaluate(c, str(tmp_path / "w"))
+  assert 0 < out["loss"] < 20 and 0 < out["val_loss"] < 20
