@@ -60,7 +60,7 @@ class ModelConfig:
   precision: str = "fp32"                 # 'fp32' | 'bf16' | 'fp8' (fp8 = DeepSeek block-scaled GEMMs)
   remat: str = "paper"                    # 'none' | 'paper' (RMSNorm + MLA up-proj) | 'full'
   capacity_factor: float = 0.0            # 0: dropless (DeepSeek-V3). >0: drop tokens over capacity
-  grouped_gemm: str = "ragged_dot"        # 'ragged_dot' | 'triton' (GPU kernel)
+  grouped_gemm: str = "auto"              # 'auto' | 'ragged_dot' | 'tiled' (flat on CPU) | 'triton' (GPU)
 
   def __post_init__(self):
     # Canonical form: a sorted tuple of pairs (hashable, order-independent), whatever the caller passed.
@@ -125,8 +125,8 @@ class ModelConfig:
          f"must be one of 'fp32', 'bf16', 'fp8', got {self.precision!r}")
     need(self.remat in ("none", "paper", "full"), "remat",
          f"must be one of 'none', 'paper', 'full', got {self.remat!r}")
-    need(self.grouped_gemm in ("ragged_dot", "triton"), "grouped_gemm",
-         f"must be 'ragged_dot' or 'triton', got {self.grouped_gemm!r}")
+    need(self.grouped_gemm in ("auto", "ragged_dot", "tiled", "triton"), "grouped_gemm",
+         f"must be 'auto', 'ragged_dot', 'tiled' or 'triton', got {self.grouped_gemm!r}")
     need(self.capacity_factor >= 0, "capacity_factor", "must be >= 0 (0 = dropless)")
     rope = self.rope
     if rope:

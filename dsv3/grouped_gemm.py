@@ -25,6 +25,7 @@ lazily and 'auto' falls back to XLA elsewhere.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -219,6 +220,29 @@ def emulate_kernel(x, w, group_sizes, fp8=False, pow2_scale=False, block_m=128):
   rows = jnp.where(row_ok, rows, 0).reshape(-1)
   vals = jnp.where(row_ok[..., None], vals, 0.0).reshape(-1, n)
   return jnp.zeros((m, n), jnp.float32).at[rows].add(vals)
+
+
+def tiled_ragged_dot(x, w, group_sizes, block_m=None):
+  """ragged_dot as one batched matmul over expert-homogeneous row tiles (XLA-level, differentiable).
+
+  XLA:CPU lowers jax.lax.ragged_dot to a dense computation masked over all G groups (cost grows with the
+  expert count). Here the same tile schedule as the Triton kernel gathers each tile's rows and its
+  expert's weight, so the work is ~(M + G * block_m) * K * N whatever G is: the grouped GEMM stays flat.
+  Rows past sum(group_sizes) are 0, as in ragged_dot. Accumulates in f32; returns x.dtype.
+  """
+  m, k = x.shape
+  g, _, n = w.shape
+  if block_m is None:  # about one tile per expert on average, bounded for padding waste and batching
+    block_m = int(min(128, max(8, 2 ** round(math.log2(max(m // max(g, 1), 1))))))
+  grp, start, end = tile_schedule(group_sizes, m, block_m)
+  rows = start[:, None] + jnp.arange(block_m, dtype=jnp.int32)[None, :]          # [T, bm]
+  live = (rows < end[:, None]) & (grp < g)[:, None]
+  tiles = jnp.where(live[..., None], x[jnp.minimum(rows, m - 1)], 0).astype(x.dtype)
+  out = jnp.einsum("tbk,tkn->tbn", tiles, w[jnp.minimum(grp, g - 1)], preferred_element_type=jnp.float32)
+  out = jnp.where(live[..., None], out, 0.0)
+  y = jnp.zeros((m, n), jnp.float32).at[jnp.where(live, rows, m).reshape(-1)].add(
+      out.reshape(-1, n), mode="drop")
+  return y.astype(x.dtype)
 
 
 _TL_DTYPES = {np.dtype(np.float32): tl.float32, np.dtype(np.int32): tl.int32,

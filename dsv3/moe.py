@@ -54,9 +54,14 @@ def grouped_matmul(x, w, group_sizes, cfg: ModelConfig):
   if cfg.precision == "fp8":
     from dsv3 import fp8
     return fp8.ragged_dot(x.astype(dtype), w.astype(dtype), group_sizes).astype(dtype)
-  if cfg.grouped_gemm == "triton":
+  impl = cfg.grouped_gemm
+  if impl == "auto":  # XLA:CPU's ragged_dot is dense over all experts; the tiled form stays flat there
+    impl = "tiled" if jax.default_backend() == "cpu" else "ragged_dot"
+  if impl in ("triton", "tiled"):
     from dsv3 import grouped_gemm
-    return grouped_gemm.ragged_dot(x.astype(dtype), w.astype(dtype), group_sizes, impl="auto").astype(dtype)
+    if impl == "tiled":
+      return grouped_gemm.tiled_ragged_dot(x.astype(dtype), w.astype(dtype), group_sizes)
+    return grouped_gemm.ragged_dot(x.astype(dtype), w.astype(dtype), group_sizes, impl="triton").astype(dtype)
   y = jax.lax.ragged_dot(x.astype(dtype), w.astype(dtype), group_sizes, preferred_element_type=jnp.float32)
   return y.astype(dtype)
 

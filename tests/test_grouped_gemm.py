@@ -148,3 +148,20 @@ def test_triton_kernel_on_gpu(use_fp8):
   dw = jax.grad(lambda b: jnp.sum(grouped_gemm.ragged_dot(x, b, gs, impl="triton", fp8=use_fp8)
                                   .astype(jnp.float32)))(w)
   assert dw.shape == w.shape and bool(jnp.all(dw[1] == 0))
+
+
+def test_tiled_ragged_dot_equals_ragged_dot_with_gradients():
+  """The CPU default: expert-homogeneous row tiles, one batched matmul, same values and gradients."""
+  rng = np.random.default_rng(0)
+  for sizes, block in (([5, 0, 17, 3], None), ([0, 0, 40, 0], 8), ([1, 2, 3, 4], 16), ([10, 7, 0, 0], None)):
+    m, k, n = 48, 24, 20                               # sum(sizes) < m: the tail rows must come out 0
+    x = jnp.asarray(rng.normal(size=(m, k)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(len(sizes), k, n)), jnp.float32)
+    gs = jnp.asarray(sizes, jnp.int32)
+    f_ref = lambda x, w: jnp.sum(jnp.sin(jax.lax.ragged_dot(x, w, gs, precision=jax.lax.Precision.HIGHEST)))
+    f_til = lambda x, w: jnp.sum(jnp.sin(grouped_gemm.tiled_ragged_dot(x, w, gs, block_m=block)))
+    with jax.default_matmul_precision("highest"):
+      np.testing.assert_allclose(grouped_gemm.tiled_ragged_dot(x, w, gs, block_m=block),
+                                 jax.lax.ragged_dot(x, w, gs, precision=jax.lax.Precision.HIGHEST), atol=1e-4)
+      for a, b in zip(jax.grad(f_til, (0, 1))(x, w), jax.grad(f_ref, (0, 1))(x, w)):
+        np.testing.assert_allclose(a, b, atol=1e-4)
