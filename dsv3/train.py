@@ -190,6 +190,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     ema = ema_lib.HostEMA(config.ema_decay, state["params"])
 
   def save(step, force=False):
+    if not (force or checkpointer.should_save(step)):
+      return False        # decide first: building the tree waits for the EMA and copies it to host
     tree = {"train": state}
     if ema is not None:
       tree["ema"] = ema.value()
