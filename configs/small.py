@@ -1,4 +1,4 @@
-"""A small DeepSeek-V3 (~110M activated / ~500M total params) for one GPU; BF16 by default, FP8 optional.
+"""A small DeepSeek-V3 (0.94B total, 183M activated params per token) for one GPU; BF16, FP8 optional.
 
   python -m dsv3.train --config=configs/small.py --workdir=/tmp/dsv3_small
   python -m dsv3.train --config=configs/small.py --workdir=/tmp/dsv3_small_fp8 --config.precision=fp8

@@ -1,4 +1,4 @@
-"""A tiny DeepSeek-V3 (MLA + DeepSeekMoE + MTP, ~3M params) that trains on a laptop CPU in minutes.
+"""A tiny DeepSeek-V3 (MLA + DeepSeekMoE + MTP; 2.6M params + 0.5M MTP) that trains on a CPU in minutes.
 
   python -m dsv3.train --config=configs/tiny.py --workdir=/tmp/dsv3_tiny
 
