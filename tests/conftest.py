@@ -25,3 +25,16 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if "gpu" in item.keywords and not has_gpu:
       item.add_marker(skip_gpu)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Frees each module's compiled executables and cached buffers when it ends: the suite compiles
+  hundreds of programs in one process, and keeping them all grows memory until XLA aborts."""
+  yield
+  import gc
+  jax.clear_caches()
+  gc.collect()
