@@ -288,7 +288,15 @@ def save_checkpoint(config, params, out_dir: str, max_shard_bytes: int = 4 << 30
                  "weight_map": weight_map}, f, indent=1)
   with open(os.path.join(tmp, "config.json"), "w") as f:
     json.dump(hf_cfg, f, indent=1)
+  # Swap in the new checkpoint before deleting an old one, so no crash leaves neither on disk.
+  old = None
   if os.path.exists(out_dir):
-    import shutil
-    shutil.rmtree(out_dir)
+    old = out_dir.rstrip("/") + ".old"
+    if os.path.exists(old):
+      import shutil
+      shutil.rmtree(old)
+    os.replace(out_dir, old)
   os.replace(tmp, out_dir)
+  if old is not None:
+    import shutil
+    shutil.rmtree(old)

@@ -276,3 +276,14 @@ def test_misshaped_tensor_is_named(saved, tmp_path):
 def test_not_a_checkpoint_dir(tmp_path):
   with pytest.raises(hf.CheckpointError, match="config.json"):
     hf.load_checkpoint(str(tmp_path))
+
+
+def test_save_over_existing_checkpoint_replaces_it(saved, tmp_path):
+  cfg, variables, _ = saved
+  out = str(tmp_path / "ckpt")
+  hf.save_checkpoint(cfg, variables, out)
+  bumped = jax.tree.map(lambda a: a + 1.0, variables)
+  hf.save_checkpoint(cfg, bumped, out)
+  assert sorted(os.listdir(tmp_path)) == ["ckpt"]          # no .tmp / .old left behind
+  _, loaded = hf.load_checkpoint(out)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), bumped, loaded)
