@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv3.config import ModelConfig
-from dsv3.layers import MLP, RMSNorm, compute_dtype, remat_policy, rope_cos_sin
+from dsv3.layers import MLP, Linear, RMSNorm, compute_dtype, remat_policy, rope_cos_sin
 from dsv3.mla import MLA, init_layer_cache
 from dsv3.moe import MoE
 
@@ -63,7 +63,6 @@ class MTPModule(nn.Module):
     cfg, dtype = self.cfg, compute_dtype(self.cfg)
     e = RMSNorm(cfg.rms_norm_eps, dtype, name="enorm")(emb_next)
     h = RMSNorm(cfg.rms_norm_eps, dtype, name="hnorm")(h_prev)
-    from dsv3.layers import Linear
     x = Linear(2 * cfg.hidden_size, cfg.hidden_size, cfg, name="eh_proj")(jnp.concatenate([e, h], -1))
     # DeepSeek-V3's MTP block sits after all main layers, so it is an MoE block when the model has any.
     x, (aux, cache) = Block(cfg, cfg.num_moe_layers > 0, self.expert_parallel, name="block")(
