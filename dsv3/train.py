@@ -60,7 +60,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh)
   pipelined = config.mesh.pipeline > 1
-  datasets = data_lib.make_datasets(config)
+  # Pipelined, every process reads the whole global batch: its ranks' first and last stages need the
+  # rows of every micro-batch (the embedding takes the inputs, the loss the labels).
+  datasets = (data_lib.make_datasets(config, process_index=0, process_count=1) if pipelined
+              else data_lib.make_datasets(config))
   datasets.check_vocab(cfg.vocab_size)
   total_steps = int(config.num_train_steps)
 
@@ -68,7 +71,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # Model, optimizer and their shardings.
   # ------------------------------------------------------------------------------------------------
   tx, lr_schedule = opt_lib.make_optimizer(config)
-  compute_mesh = sharding.stage_meshes(mesh)[0] if pipelined else mesh
+  # Pipelined, the state lives on the whole mesh, replicated over 'pipeline': every rank's sub-mesh holds
+  # its stages' variables in place, and the update runs on every rank.
+  compute_mesh = mesh
   expert_parallel = None
   if config.mesh.expert > 1 and not pipelined:
     from dsv3.expert_parallel import ExpertParallel
@@ -141,14 +146,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
     update_jit = jax.jit(apply_update, donate_argnums=0, out_shardings=(state_shardings, None))
 
     def step_fn(state, batch, mtp_weight, gamma):
+      # batch: the global batch on the host; gradients and loads come back placed like the state.
       loss, metrics, grads, loads = executor.pipeline_value_and_grad(
           cfg, {"params": state["params"], "routing": state["routing"]}, batch,
           schedule=config.pipeline.schedule, num_stages=config.mesh.pipeline,
-          microbatches=config.pipeline.microbatches, mtp_weight=mtp_weight, alpha=alpha,
-          devices=sharding.stage_meshes(mesh))
-      place = lambda t, s: jax.device_put(t, s)
-      return update_jit(state, metrics, place(grads, state_shardings["params"]),
-                        place(loads, state_shardings["routing"]), gamma)
+          microbatches=config.pipeline.microbatches, mtp_weight=float(mtp_weight), alpha=alpha, devices=mesh)
+      return update_jit(state, metrics, grads, loads, gamma)
   else:
     step_fn = jax.jit(train_step, donate_argnums=0, in_shardings=(state_shardings, batch_sharding, None, None),
                       out_shardings=(state_shardings, None))
@@ -214,7 +217,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return out
 
   def batch_to_global(local_batch):
-    return jax.make_array_from_process_local_data(batch_sharding, np.asarray(local_batch, np.int32))
+    local_batch = np.asarray(local_batch, np.int32)
+    if pipelined:      # every process holds the whole global batch
+      return jax.make_array_from_callback(local_batch.shape, batch_sharding, lambda i: local_batch[i])
+    return jax.make_array_from_process_local_data(batch_sharding, local_batch)
 
   # ------------------------------------------------------------------------------------------------
   # The loop.
@@ -237,7 +243,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                      config.mtp_weight_switch_frac)
       gamma = opt_lib.piecewise(step, total_steps, config.balance.gamma, config.balance.gamma_final,
                                 config.balance.gamma_switch_frac)
-      batch = batch_to_global(next(datasets.train))
+      batch = next(datasets.train)
+      batch = np.asarray(batch, np.int32) if pipelined else batch_to_global(batch)
       # The pipeline executor places each stage on its own sub-mesh, so it runs outside any mesh context.
       with contextlib.nullcontext() if pipelined else jax.set_mesh(compute_mesh):
         state, metrics = step_fn(state, batch, jnp.float32(mtp_weight), jnp.float32(gamma))

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dsv3 import losses, model
 from dsv3.config import ModelConfig
@@ -71,11 +72,11 @@ def _max_diff(a, b):
              zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def _check(setup, schedule, num_stages, microbatches):
+def _check(setup, schedule, num_stages, microbatches, **kwargs):
   cfg, variables, tokens, (loss0, metrics0, grads0, loads0) = setup
   loss, metrics, grads, loads = executor.pipeline_value_and_grad(
       cfg, variables, tokens, schedule=schedule, num_stages=num_stages, microbatches=microbatches,
-      mtp_weight=MTP_WEIGHT, alpha=ALPHA, compiler_options=FAST_COMPILE)
+      mtp_weight=MTP_WEIGHT, alpha=ALPHA, compiler_options=FAST_COMPILE, **kwargs)
   assert set(metrics) == set(metrics0)
   diffs = {"loss": abs(float(loss - loss0)), "metrics": _max_diff(metrics, metrics0),
            "grads": _max_diff(grads, grads0), "loads": _max_diff(loads, loads0)}
@@ -84,7 +85,7 @@ def _check(setup, schedule, num_stages, microbatches):
   # The loads are integer counts summed over the whole batch: every token picks k experts per MoE layer.
   for leaf in jax.tree.leaves(loads):
     np.testing.assert_allclose(np.asarray(leaf).sum(-1), BATCH * SEQ * cfg.num_experts_per_tok)
-  return diffs
+  return loss, metrics, grads, loads
 
 
 @pytest.mark.parametrize("schedule", ["1f1b", "gpipe", "zb1p", "dualpipe"])
@@ -142,3 +143,25 @@ def test_batch_and_layer_errors(model4):
   with pytest.raises(ValueError, match=r"num_hidden_layers = 4 cannot be cut into 8 pipeline stages"):
     executor.pipeline_value_and_grad(cfg, variables, tokens, schedule="dualpipev", num_stages=4,
                                      microbatches=8, mtp_weight=MTP_WEIGHT, alpha=ALPHA)
+
+
+@pytest.mark.parametrize("schedule", ["dualpipe", "zb1p"])
+def test_collective_transfers_match_reference(model4, schedule):
+  """The two-rank ppermute programs that carry activations between processes, here within one."""
+  _check(model4, schedule, 4, 8, transfer="collective")
+
+
+def test_variables_on_the_pipeline_mesh_are_used_in_place(model4):
+  """The trainer's layout: variables on the ('pipeline', 'data', 'expert') mesh, replicated over
+  'pipeline'; gradients and loads come back placed exactly like them."""
+  cfg, variables, tokens, _ = model4
+  mesh = executor.pipeline_mesh(4)
+  placed = jax.device_put(variables, NamedSharding(mesh, P()))
+  _, _, grads, loads = _check((cfg, placed, tokens, model4[3]), "1f1b", 4, 8, devices=mesh)
+  assert all(g.sharding == NamedSharding(mesh, P()) for g in jax.tree.leaves((grads, loads)))
+  params = dict(placed["params"], embed_tokens=jax.device_put(variables["params"]["embed_tokens"],
+                                                              NamedSharding(mesh, P("pipeline"))))
+  sharded = dict(placed, params=params)
+  with pytest.raises(ValueError, match="replicated over the 'pipeline' axis"):
+    executor.pipeline_value_and_grad(cfg, sharded, tokens, schedule="1f1b", num_stages=4, microbatches=8,
+                                     mtp_weight=MTP_WEIGHT, alpha=ALPHA, devices=mesh)

@@ -2,7 +2,8 @@
 
 - the train CLI for 5 steps on 1 device vs --config.mesh.data=2 --config.mesh.expert=4 on 8 devices;
 - launch/local.sh: 2 processes x 4 CPU devices (gloo) vs 1 process x 8 devices, same mesh;
-- the 2-process checkpoint restores (and training continues) in 1 process.
+- the 2-process checkpoint restores (and training continues) in 1 process;
+- pipeline schedules (mesh.pipeline=4) in one process, and DualPipe with its ranks split over 2 processes.
 """
 import json
 import os
@@ -83,13 +84,38 @@ def test_two_processes_match_one_and_restore_in_one(tmp_path, cache, one_device)
   assert len(more) == 6 and np.allclose(more[:5], losses(tmp_path)[:5])
 
 
+PIPELINE_BATCH = ["--config.batch_size=16", "--config.num_train_steps=3", "--config.checkpoint_every_steps=3"]
+PIPELINE = ["--config.mesh.pipeline=4", "--config.mesh.data=2", "--config.pipeline.microbatches=8"]
+
+
+@pytest.fixture(scope="module")
+def one_device_pipeline_batch(tmp_path_factory, cache):
+  return train(tmp_path_factory.mktemp("one_b16"), cache, 1, *PIPELINE_BATCH)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["dualpipe", "zb1p"])
-def test_cli_pipeline_matches_one_device(tmp_path, cache, schedule):
+def test_cli_pipeline_matches_one_device(tmp_path, cache, one_device_pipeline_batch, schedule):
   """--config.mesh.pipeline=4 (x data 2) with a pipeline schedule logs the 1-device losses."""
-  batch = ["--config.batch_size=16", "--config.num_train_steps=3", "--config.checkpoint_every_steps=3"]
-  ref = train(tmp_path / "one", cache, 1, *batch)
-  got = train(tmp_path / "pp", cache, 8, *batch, "--config.mesh.pipeline=4", "--config.mesh.data=2",
-              f"--config.pipeline.schedule={schedule}", "--config.pipeline.microbatches=8")
+  got = train(tmp_path, cache, 8, *PIPELINE_BATCH, *PIPELINE, f"--config.pipeline.schedule={schedule}")
   assert len(got) == 3
-  np.testing.assert_allclose(got, ref, rtol=2e-5)
+  np.testing.assert_allclose(got, one_device_pipeline_batch, rtol=2e-5)
+
+
+@pytest.mark.slow
+def test_pipeline_stages_across_two_processes(tmp_path, cache, one_device_pipeline_batch):
+  """DualPipe with ranks 0-1 in one process and 2-3 in the other (activations and gradients cross
+  processes through the collective transfer programs) logs the 1-device losses; its checkpoint resumes
+  in a single process."""
+  e = env(cache)
+  e["DSV3_LOCAL_DEVICES"] = "4"
+  e["PYTHON"] = sys.executable
+  args = [f"--config={ROOT}/configs/tiny.py", f"--workdir={tmp_path}", *STEPS, *PIPELINE_BATCH, *PIPELINE,
+          "--config.pipeline.schedule=dualpipe"]
+  proc = subprocess.run(["bash", f"{ROOT}/launch/local.sh", "2", *args], cwd=ROOT, env=e, capture_output=True,
+                        text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+  np.testing.assert_allclose(losses(tmp_path), one_device_pipeline_batch, rtol=2e-5)
+  more = train(tmp_path, cache, 8, *PIPELINE_BATCH, *PIPELINE, "--config.pipeline.schedule=dualpipe",
+               "--config.num_train_steps=4")
+  assert len(more) == 4 and np.allclose(more[:3], losses(tmp_path)[:3])

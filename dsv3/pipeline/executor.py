@@ -28,16 +28,18 @@ params tree, and the per-expert loads summed over every micro-batch (the tree of
 from __future__ import annotations
 
 import collections
+import functools
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dsv3 import losses
+from dsv3 import sharding
 from dsv3.config import ModelConfig
+from dsv3.layers import compute_dtype
 from dsv3.pipeline import schedules, stages
 
 SCHEDULES = ("gpipe", "1f1b", "zb1p", "dualpipe", "dualpipev")
@@ -76,33 +78,123 @@ def make_schedule(schedule: str, num_ranks: int, microbatches: int) -> schedules
       num_ranks, microbatches)
 
 
-def stage_meshes(num_ranks: int, devices=None) -> List[Mesh]:
-  """One ('data', 'expert') sub-mesh per rank: given meshes pass through; a device list is cut into
-  `num_ranks` equal contiguous slices, each a data-parallel group (expert axis of size 1)."""
+def pipeline_mesh(num_ranks: int, devices=None) -> Mesh:
+  """The ('pipeline', 'data', 'expert') mesh the executor runs on; slice r is rank r's sub-mesh.
+
+  devices: None (all devices) or a device list, cut into `num_ranks` contiguous data-parallel groups;
+  a Mesh with a 'pipeline' axis (the trainer's); or one ('data', 'expert') Mesh per rank.
+  """
+  if isinstance(devices, Mesh):
+    if devices.shape.get("pipeline") != num_ranks:
+      raise ValueError(f"mesh.pipeline = {num_ranks} but the given mesh has axes {dict(devices.shape)}")
+    return devices
   if devices is not None and all(isinstance(d, Mesh) for d in devices):
     meshes = list(devices)
     if len(meshes) != num_ranks:
       raise ValueError(f"mesh.pipeline = {num_ranks} but {len(meshes)} stage meshes were given")
-    return meshes
+    if len({(m.devices.shape, m.axis_names) for m in meshes}) != 1:
+      raise ValueError(f"every pipeline rank's sub-mesh needs the same shape and axis names, got "
+                       f"{[dict(m.shape) for m in meshes]}")
+    return Mesh(np.stack([m.devices for m in meshes]), ("pipeline", *meshes[0].axis_names))
   devices = list(jax.devices() if devices is None else devices)
   if len(devices) % num_ranks:
     raise ValueError(f"mesh.pipeline = {num_ranks} must divide the number of devices ({len(devices)})")
-  per = len(devices) // num_ranks
-  return [Mesh(np.array(devices[r * per:(r + 1) * per]).reshape(per, 1), ("data", "expert"))
-          for r in range(num_ranks)]
+  return Mesh(np.array(devices).reshape(num_ranks, len(devices) // num_ranks, 1), ("pipeline", "data", "expert"))
 
 
-def _batch_sharding(mesh: Mesh, batch: int) -> NamedSharding:
-  # Shard the micro-batch over the data axis when it divides evenly; replicate otherwise.
-  data = mesh.shape.get("data", 1)
-  return NamedSharding(mesh, P("data") if batch % data == 0 else P())
+def stage_meshes(num_ranks: int, devices=None) -> List[Mesh]:
+  """One ('data', 'expert') sub-mesh per rank (see pipeline_mesh for `devices`)."""
+  return sharding.stage_meshes(pipeline_mesh(num_ranks, devices))
+
+
+def _token_spec(mesh: Mesh, batch: int) -> P:
+  """Micro-batch rows over the sub-mesh's token axes ('data' and 'expert') when they divide evenly."""
+  for axes in (("data", "expert"), ("data",)):
+    size = int(np.prod([mesh.shape.get(a, 1) for a in axes]))
+    if batch % size == 0:
+      return P(axes if size > 1 else None)
+  return P()
+
+
+class Transfers:
+  """Moves activations and gradients between ranks' sub-meshes; works across processes.
+
+  Within one process this is jax.device_put. When either sub-mesh has devices of another process (or
+  mode='collective'), it is a two-rank program: the source's shards and placeholder shards on the
+  destination form one array over a ('pair', 'data', 'expert') mesh, and a shard_map ppermute over
+  'pair' sends each source device's block to the destination device with the same ('data', 'expert')
+  coordinates (on GPUs, NCCL send/recv). Every process holding a device of either rank calls it, and
+  all processes walk the schedule in the same global order, so these collectives line up.
+  """
+
+  def __init__(self, meshes: List[Mesh], mode: str = "auto"):
+    if mode not in ("auto", "collective"):
+      raise ValueError(f"transfer must be 'auto' or 'collective', got {mode!r}")
+    self.meshes, self.mode = meshes, mode
+    me = jax.process_index()
+    self.devices = [set(m.devices.flat) for m in meshes]
+    owners = [{d.process_index for d in m.devices.flat} for m in meshes]
+    self.mine = [me in o for o in owners]             # this process takes part in rank r's programs
+    self.local = [o == {me} for o in owners]          # rank r lives entirely in this process
+    self._programs, self._placeholders = {}, {}
+
+  def __call__(self, x, src: int, dst: int, like: jax.ShapeDtypeStruct, spec: P):
+    """x on rank `src` (None where this process holds none of src) -> the array on `dst` (None where
+    this process holds none of dst)."""
+    if not (self.mine[src] or self.mine[dst]):
+      return None
+    target = NamedSharding(self.meshes[dst], spec)
+    if self.mine[src] and (x.shape, x.dtype) != (like.shape, like.dtype):
+      raise AssertionError(f"pipeline transfer {src}->{dst}: got {x.shape} {x.dtype}, expected {like}")
+    if src == dst or (self.mode == "auto" and self.local[src] and self.local[dst]):
+      return jax.device_put(x, target) if self.mine[dst] else None
+    lo, hi = sorted((src, dst))
+    pair_mesh, send = self._program(lo, hi, src == lo, spec)
+    first, rest = (tuple(spec) + (None,))[0], tuple(spec)[1:]
+    first = () if first is None else (first if isinstance(first, tuple) else (first,))
+    pair_spec = P(("pair", *first), *rest)
+    shards = []
+    if self.mine[src]:
+      x = jax.device_put(x, NamedSharding(self.meshes[src], spec))
+      shards += [s.data for s in x.addressable_shards]
+    if self.mine[dst]:
+      shards += [self._placeholder(d, target.shard_shape(like.shape), like.dtype)
+                 for d in target.addressable_devices]
+    both = jax.make_array_from_single_device_arrays((2 * like.shape[0], *like.shape[1:]),
+                                                    NamedSharding(pair_mesh, pair_spec), shards)
+    out = send(both)
+    if not self.mine[dst]:
+      return None
+    return jax.make_array_from_single_device_arrays(
+        like.shape, target, [s.data for s in out.addressable_shards if s.device in self.devices[dst]])
+
+  def _program(self, lo: int, hi: int, forward: bool, spec: P):
+    key = (lo, hi, forward, spec)
+    if key not in self._programs:
+      lo_mesh, hi_mesh = self.meshes[lo], self.meshes[hi]
+      pair_mesh = Mesh(np.stack([lo_mesh.devices, hi_mesh.devices]), ("pair", *lo_mesh.axis_names))
+      perm = [(0, 1)] if forward else [(1, 0)]
+      first = (tuple(spec) + (None,))[0]
+      first = () if first is None else (first if isinstance(first, tuple) else (first,))
+      pair_spec = P(("pair", *first), *tuple(spec)[1:])
+      body = lambda block: jax.lax.ppermute(block, "pair", perm)
+      self._programs[key] = pair_mesh, jax.jit(jax.shard_map(body, mesh=pair_mesh, in_specs=pair_spec,
+                                                             out_specs=pair_spec))
+    return self._programs[key]
+
+  def _placeholder(self, device, shape, dtype):
+    # Never written to (the input is not donated), so one buffer per device/shape serves every transfer.
+    key = (device, tuple(shape), jnp.dtype(dtype))
+    if key not in self._placeholders:
+      self._placeholders[key] = jax.device_put(np.zeros(shape, dtype), device)
+    return self._placeholders[key]
 
 
 class Plan:
-  """Everything about one (config, schedule, ranks, micro-batches, meshes) that does not depend on data."""
+  """Everything about one (config, schedule, ranks, micro-batches, devices) that does not depend on data."""
 
   def __init__(self, cfg: ModelConfig, schedule: str, num_ranks: int, microbatches: int, devices=None,
-               compiler_options=None):
+               compiler_options=None, transfer: str = "auto"):
     self.cfg = cfg
     self.programs = stages.programs(compiler_options)
     self.schedule = make_schedule(schedule, num_ranks, microbatches)
@@ -112,17 +204,52 @@ class Plan:
                        f"{self.num_stages} pipeline stages (mesh.pipeline = {num_ranks}, schedule "
                        f"{schedule!r}); every stage needs at least one layer")
     self.specs = stages.split_layers(cfg, self.num_stages)
-    self.meshes = stage_meshes(num_ranks, devices)
+    self.mesh = pipeline_mesh(num_ranks, devices)
+    self.meshes = sharding.stage_meshes(self.mesh)
+    self.transfers = Transfers(self.meshes, transfer)
+    self.local_ranks = [r for r in range(num_ranks) if self.transfers.mine[r]]
+    if not self.local_ranks:
+      raise ValueError(f"process {jax.process_index()} holds no device of the pipeline mesh; every process "
+                       f"must take part in at least one pipeline rank")
     self.microbatches = microbatches
     self.directions = 2 if schedule == "dualpipe" else 1
     self.per_direction = microbatches // self.directions
     # (direction, stage) -> rank; a stage copy is identified by its (direction, stage).
     self.owner = {ds: r for r, phases in enumerate(self.schedule.placement) for ds in phases}
     sim = schedules.simulate(self.schedule)
-    # Simulated start times give a global order in which every op comes after the ops it depends on.
+    # Simulated start times give a global order in which every op comes after the ops it depends on;
+    # every process walks the same order, which keeps cross-process transfers in step.
     self.order = sorted((start, r, i) for r, line in enumerate(sim.timelines)
                         for i, (start, _, _) in enumerate(line))
     self.prediction = sim
+    self._totals = {}
+
+  def leaf_spec(self, x) -> P:
+    """Where a variable lives within a sub-mesh: its own spec if it is on the pipeline mesh, else replicated."""
+    sharding_ = getattr(x, "sharding", None)
+    if isinstance(sharding_, NamedSharding) and sharding_.mesh == self.mesh:
+      if "pipeline" in jax.tree.leaves(tuple(sharding_.spec)):
+        raise ValueError(f"pipeline executor: variables must be replicated over the 'pipeline' axis, got "
+                         f"spec {sharding_.spec}")
+      return sharding_.spec
+    return P()
+
+  def on_rank(self, tree, r: int):
+    """`tree` on rank r's sub-mesh. Variables on the pipeline mesh are replicated over 'pipeline', so
+    rank r's shards already hold it: the result shares their buffers (no copy). Anything else must be
+    addressable here and is copied (replicated) onto the sub-mesh."""
+    mesh, devices = self.meshes[r], self.transfers.devices[r]
+
+    def leaf(x):
+      spec = self.leaf_spec(x)
+      if isinstance(getattr(x, "sharding", None), NamedSharding) and x.sharding.mesh == self.mesh:
+        return jax.make_array_from_single_device_arrays(
+            x.shape, NamedSharding(mesh, spec), [s.data for s in x.addressable_shards if s.device in devices])
+      if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        raise ValueError("pipeline executor: variables spanning processes must live on the pipeline mesh "
+                         "(the trainer's ('pipeline', 'data', 'expert') mesh), replicated over 'pipeline'")
+      return jax.device_put(x, NamedSharding(mesh, spec))
+    return jax.tree.map(leaf, tree)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -132,82 +259,90 @@ def _halves(op):
   return (op.forward, op.backward) if op.kind == "FB" else (op,)
 
 
+def _host_tokens(tokens) -> np.ndarray:
+  """The global batch as a host array: every process reads the rows its first and last stages need."""
+  if isinstance(tokens, jax.Array) and not (tokens.is_fully_addressable or tokens.is_fully_replicated):
+    raise ValueError("pipeline executor: pass the global batch as a host (numpy) array in every process, "
+                     "or as a replicated jax.Array; got an array split across processes")
+  return np.asarray(tokens, np.int32)
+
+
 def run(plan: Plan, variables, tokens, mtp_weight, alpha, timings: Optional[list] = None):
   """Executes one step. Returns (loss, metrics, grads, loads).
 
   timings: if a list, every op is waited for (block_until_ready) and (rank, op string, start, end) in
   seconds is appended: serialised, for measuring per-op costs, not for speed.
   """
-  cfg, sched = plan.cfg, plan.schedule
+  cfg, sched, move = plan.cfg, plan.schedule, plan.transfers
   params, routing = variables["params"], variables.get("routing", {})
-  tokens = jnp.asarray(tokens, jnp.int32)
-  batch = tokens.shape[0]
+  tokens = _host_tokens(tokens)
+  batch, width = tokens.shape
   if batch % plan.microbatches:
     raise ValueError(f"pipeline.microbatches = {plan.microbatches} must divide the batch size {batch}")
   mb = batch // plan.microbatches
+  hidden = jax.ShapeDtypeStruct((mb, width - 1, cfg.hidden_size), compute_dtype(cfg))
 
-  # Stage copies: parameters committed (replicated) to the owning rank's sub-mesh.
+  # Stage copies on the ranks this process takes part in.
   copies: Dict[tuple, dict] = {}
-  placed: Dict[tuple, tuple] = {}
-
-  def place(a, r, rep):
-    # Stages on one rank that use the same array (DualPipe's embedding for stage 0 and for the MTP of
-    # stage P-1) share one copy on the sub-mesh. The source is kept in the entry so its id stays unique.
-    hit = placed.get((r, id(a)))
-    if hit is None or hit[0] is not a:
-      hit = placed[r, id(a)] = (a, jax.device_put(a, rep))
-    return hit[1]
-
+  views = {r: plan.on_rank((params, routing), r) for r in plan.local_ranks}
   for (d, s), r in plan.owner.items():
+    if r not in views:
+      continue
     mesh = plan.meshes[r]
-    p, rt = stages.stage_variables(cfg, params, routing, plan.specs[s])
-    rep = NamedSharding(mesh, P())
-    p, rt = jax.tree.map(lambda a: place(a, r, rep), (p, rt))
-    coefs = jax.device_put(jnp.asarray([mtp_weight, alpha, 1.0 / plan.microbatches], jnp.float32), rep)
+    p, rt = stages.stage_variables(cfg, *views[r], plan.specs[s])
+    coefs = jax.device_put(np.asarray([mtp_weight, alpha, 1.0 / plan.microbatches], np.float32),
+                           NamedSharding(mesh, P()))
     copies[d, s] = dict(params=p, routing=rt, coefs=coefs, acc=stages.zeros_like(p),
-                        key=plan.specs[s].program_key, shard=_batch_sharding(mesh, mb), aux=[])
+                        key=plan.specs[s].program_key, spec=_token_spec(mesh, mb), aux=[])
+  spec = _token_spec(plan.meshes[0], mb)       # sub-meshes are alike: one layout for every transfer
 
   # Micro-batch tokens go to the first and last stage of their direction (the embedding and the loss).
   micro = {}
-  for d in range(plan.directions):
-    for m in range(plan.per_direction):
-      g = d * plan.per_direction + m
-      rows = tokens[g * mb:(g + 1) * mb]
-      for s in {0, plan.num_stages - 1}:
-        micro[d, s, m] = jax.device_put(rows, copies[d, s]["shard"])
+  for (d, s), c in copies.items():
+    if s in (0, plan.num_stages - 1):
+      for m in range(plan.per_direction):
+        g = d * plan.per_direction + m
+        rows = tokens[g * mb:(g + 1) * mb]
+        micro[d, s, m] = jax.make_array_from_callback(
+            rows.shape, NamedSharding(plan.meshes[plan.owner[d, s]], c["spec"]), lambda i, rows=rows: rows[i])
 
   acts, grads_in, saved = {}, {}, {}
   deferred = [collections.deque() for _ in sched]
 
   def forward(r, op):
     d, s = sched.placement[r][op.phase]
-    c, m = copies[d, s], op.microbatch
-    x = acts.pop((d, s, m)) if s > 0 else None
-    toks = micro.get((d, s, m))
-    y, vjps, aux = plan.programs.forward(cfg, c["key"], c["params"], c["routing"], x, toks, c["coefs"])
-    saved[d, s, m] = vjps
-    c["aux"].append(aux)
+    m, y = op.microbatch, None
+    if move.mine[r]:
+      c = copies[d, s]
+      x = acts.pop((d, s, m)) if s > 0 else None
+      y, vjps, aux = plan.programs.forward(cfg, c["key"], c["params"], c["routing"], x, micro.get((d, s, m)),
+                                           c["coefs"])
+      saved[d, s, m] = vjps
+      c["aux"].append(aux)
     if s + 1 < plan.num_stages:
-      acts[d, s + 1, m] = jax.device_put(y, copies[d, s + 1]["shard"])
-    return y, aux["loss"]
+      acts[d, s + 1, m] = move(y, r, plan.owner[d, s + 1], hidden, spec)
+    return y
 
   def backward(r, op):
     d, s = sched.placement[r][op.phase]
-    c, m = copies[d, s], op.microbatch
-    g = grads_in.pop((d, s, m)) if s + 1 < plan.num_stages else None
-    vjps = saved.pop((d, s, m))
-    if op.input_only:
-      dx, cts = plan.programs.backward_input(c["key"], vjps, g, c["coefs"])
-      deferred[r].append((c, vjps, cts))
-      out = cts
-    else:
-      dx, c["acc"] = plan.programs.backward(c["key"], vjps, g, c["coefs"], c["acc"])
-      out = c["acc"]
+    m, dx, out = op.microbatch, None, None
+    if move.mine[r]:
+      c = copies[d, s]
+      g = grads_in.pop((d, s, m)) if s + 1 < plan.num_stages else None
+      vjps = saved.pop((d, s, m))
+      if op.input_only:
+        dx, out = plan.programs.backward_input(c["key"], vjps, g, c["coefs"])
+        deferred[r].append((c, vjps, out))
+      else:
+        dx, c["acc"] = plan.programs.backward(c["key"], vjps, g, c["coefs"], c["acc"])
+        out = c["acc"]
     if s > 0:
-      grads_in[d, s - 1, m] = jax.device_put(dx, copies[d, s - 1]["shard"])
+      grads_in[d, s - 1, m] = move(dx, r, plan.owner[d, s - 1], hidden, spec)
     return dx, out
 
   def weights(r):
+    if not move.mine[r]:
+      return None
     c, vjps, cts = deferred[r].popleft()
     c["acc"] = plan.programs.backward_weights(c["key"], vjps, cts, c["acc"])
     return c["acc"]
@@ -223,140 +358,138 @@ def run(plan: Plan, variables, tokens, mtp_weight, alpha, timings: Optional[list
         results.append(backward(r, half))
       else:
         results.append(weights(r))
-    if timings is not None:
+    if timings is not None and move.mine[r]:
       jax.block_until_ready(results)
       timings.append((r, str(op), start, time.perf_counter()))
 
   return _assemble(plan, params, routing, copies)
 
 
-def _target(leaf):
-  """Where an output that mirrors `leaf` should live: the leaf's own sharding, or the default device."""
-  sharding = getattr(leaf, "sharding", None)
-  return sharding if sharding is not None else jax.devices()[0]
-
-
-def _slice_target(leaf):
-  """Placement for one layer slice of a stacked leaf (the leaf's sharding without the layer axis)."""
-  sharding = _target(leaf)
-  if isinstance(sharding, NamedSharding):
-    return NamedSharding(sharding.mesh, P(*tuple(sharding.spec)[1:]))
-  return sharding
-
-
-@jax.jit
-def _sum_microbatches(auxes):
-  """One stage copy's per-micro-batch aux (identical trees) summed, on its own sub-mesh."""
-  return jax.tree.map(lambda *xs: sum(xs[1:], xs[0]), *auxes)
-
-
-@jax.jit
-def _sum_and_stack(layer_parts, other_parts, load_parts, scalars, mtp_loads):
-  """Adds up every contribution, already moved next to its destination, in one program.
-
-  layer_parts: {stack: [per layer: [contributions]]}; other_parts: {key: [contributions]};
-  load_parts: [per MoE layer: [contributions]]; scalars: {name: [contributions]}; mtp_loads: [trees].
-  """
-  total = lambda xs: sum(xs[1:], xs[0])
-  tree_total = lambda xs: jax.tree.map(lambda *leaves: total(leaves), *xs)
-  grads = {k: tree_total(v) for k, v in other_parts.items()}
-  for stack, layers in layer_parts.items():
-    grads[stack] = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[tree_total(p) for p in layers])
-  loads = jnp.stack([total(p) for p in load_parts]) if load_parts else None
-  return grads, {k: total(v) for k, v in scalars.items()}, loads, (tree_total(mtp_loads) if mtp_loads else {})
+# ---------------------------------------------------------------------------------------------------
+# Gathering the results: per rank, then summed over the 'pipeline' axis.
+# ---------------------------------------------------------------------------------------------------
+def _rank_totals(cfg: ModelConfig, stage_specs, param_shapes, routing_shapes, accs, auxes):
+  """One rank's contributions as full trees: gradients shaped like the params (zero where the rank holds
+  nothing), loads shaped like the routing biases, and the loss terms, each summed over micro-batches and
+  over the rank's stage copies. Every leaf gets a leading axis of 1: the rank's row of a [P, ...] array."""
+  grads = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), param_shapes)
+  loads = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), routing_shapes)
+  scalars = {k: jnp.zeros((), jnp.float32) for k in ("loss", "balance", "ce", "mtp_loss")}
+  for spec, acc, aux in zip(stage_specs, accs, auxes):
+    for path, g in stages.scatter_gradients(cfg, spec, acc):
+      if len(path) == 2:
+        grads[path[0]] = jax.tree.map(lambda t, x: t.at[path[1]].add(x), grads[path[0]], g)
+      else:
+        grads[path[0]] = jax.tree.map(jnp.add, grads[path[0]], g)
+    total = lambda xs: sum(xs[1:], xs[0])
+    for name in scalars:
+      if aux[0].get(name) is not None:
+        scalars[name] = scalars[name] + total([a[name] for a in aux])
+    moe_layers = [l - cfg.first_k_dense_replace for l, moe in zip(spec.layers, spec.moe) if moe]
+    if moe_layers:
+      bias = loads["moe_layers"]["mlp"]["e_score_correction_bias"]
+      for j, l in enumerate(moe_layers):
+        bias = bias.at[l].add(total([a["loads"][j] for a in aux]))
+      loads["moe_layers"]["mlp"]["e_score_correction_bias"] = bias
+    for key in (aux[0].get("mtp_loads") or {}):
+      loads[key] = jax.tree.map(lambda t, *xs: t + total(xs), loads[key], *[a["mtp_loads"][key] for a in aux])
+  return jax.tree.map(lambda x: x[None], {"grads": grads, "loads": loads, "scalars": scalars})
 
 
 def _assemble(plan: Plan, params, routing, copies):
-  """Sums stage copies' gradients into the params tree, and micro-batch metrics and loads into totals.
-
-  Each copy's results are first reduced over micro-batches on its own sub-mesh, then moved (one
-  device_put per copy) to where the corresponding variables live, and added up there in one program:
-  a handful of dispatches per step instead of one per leaf.
-  """
+  """Sums every rank's contributions over the 'pipeline' axis (one program on the whole pipeline mesh,
+  which every process calls) into gradients placed like the params and loads placed like the routing
+  biases; the loss terms become batch means."""
   cfg = plan.cfg
-  stacks = [k for k in ("dense_layers", "moe_layers") if k in params]
-  layer_parts = {k: [[] for _ in range(jax.tree.leaves(params[k])[0].shape[0])] for k in stacks}
-  other_parts: Dict[str, list] = collections.defaultdict(list)
-  load_parts: Dict[int, list] = collections.defaultdict(list)
-  scalars: Dict[str, list] = collections.defaultdict(list)
-  mtp_loads = []
-  scalar_target = _target(jax.tree.leaves(params)[0])
-  if isinstance(scalar_target, NamedSharding):
-    scalar_target = NamedSharding(scalar_target.mesh, P())
-  bias = routing.get("moe_layers", {}).get("mlp", {}).get("e_score_correction_bias")
+  shapes = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+  specs = {"grads": jax.tree.map(plan.leaf_spec, params), "loads": jax.tree.map(plan.leaf_spec, routing),
+           "scalars": {k: P() for k in ("loss", "balance", "ce", "mtp_loss")}}
+  is_spec = lambda x: isinstance(x, P)
+  rows = {}
+  for r in plan.local_ranks:
+    mine = sorted(ds for ds, owner in plan.owner.items() if owner == r)
+    key = (r, tuple(mine), jax.tree.structure(params), tuple((x.shape, x.dtype) for x in jax.tree.leaves(params)))
+    if key not in plan._totals:
+      out = jax.tree.map(lambda sp: NamedSharding(plan.meshes[r], P(None, *sp)), specs, is_leaf=is_spec)
+      plan._totals[key] = jax.jit(functools.partial(
+          _rank_totals, cfg, tuple(plan.specs[s] for _, s in mine), shapes(params), shapes(routing)),
+          out_shardings=out)
+    rows[r] = plan._totals[key]([copies[ds]["acc"] for ds in mine], [copies[ds]["aux"] for ds in mine])
 
-  for (d, s), c in copies.items():
-    spec = plan.specs[s]
-    contributions = stages.scatter_gradients(cfg, spec, c["acc"])
-    targets = [jax.tree.map(_slice_target if len(path) == 2 else _target, params[path[0]])
-               for path, _ in contributions]
-    aux = _sum_microbatches(c["aux"])
-    moe_layers = [l for l, moe in zip(spec.layers, spec.moe) if moe]
-    aux_target = {"loss": scalar_target, "balance": scalar_target,
-                  "loads": [_slice_target(bias)] * len(moe_layers)}
-    if spec.last:
-      aux_target.update(ce=scalar_target, mtp_loads=jax.tree.map(_target, {k: routing[k] for k in aux["mtp_loads"]}))
-      if aux["mtp_loss"] is not None:
-        aux_target["mtp_loss"] = scalar_target
-    aux = {k: aux[k] for k in aux_target}
-    moved, aux = jax.device_put(([g for _, g in contributions], aux), (targets, aux_target))
-    for (path, _), g in zip(contributions, moved):
-      (layer_parts[path[0]][path[1]] if len(path) == 2 else other_parts[path[0]]).append(g)
-    for l, load in zip(moe_layers, aux["loads"]):
-      load_parts[l].append(load)
-    for name in ("loss", "balance", "ce", "mtp_loss"):
-      if aux.get(name) is not None:
-        scalars[name].append(aux[name])
-    if aux.get("mtp_loads"):
-      mtp_loads.append(aux["mtp_loads"])
-
-  grads, sums, layer_loads, mtp = _sum_and_stack(
-      layer_parts, dict(other_parts), [load_parts[l] for l in sorted(load_parts)], dict(scalars), mtp_loads)
-  grads = jax.device_put(grads, jax.tree.map(_target, {k: params[k] for k in grads}))
+  # This process's rows, as one [P, ...] array per leaf over the pipeline mesh.
+  num_ranks = plan.mesh.shape["pipeline"]
+  flat_specs = jax.tree.leaves(specs, is_leaf=is_spec)
+  flat_rows = {r: jax.tree.leaves(t) for r, t in rows.items()}
+  template, treedef = jax.tree.flatten(rows[plan.local_ranks[0]])
+  stacked = [jax.make_array_from_single_device_arrays(
+      (num_ranks, *leaf.shape[1:]), NamedSharding(plan.mesh, P("pipeline", *sp)),
+      [s.data for r in rows for s in flat_rows[r][i].addressable_shards])
+      for i, (leaf, sp) in enumerate(zip(template, flat_specs))]
+  targets = [NamedSharding(plan.mesh, sp) for sp in flat_specs]
+  summed = _sum_over_ranks(stacked, targets)
+  totals = jax.tree.unflatten(treedef, summed)
 
   # Each micro-batch's loss is spread over the stages (every stage's balance share, the last stage's CE
   # and MTP); the batch value is the mean over micro-batches of the per-micro-batch sums.
-  mean = {k: v / plan.microbatches for k, v in sums.items()}
+  mean = {k: v / plan.microbatches for k, v in totals["scalars"].items()}
   metrics = {"ce": mean["ce"]}
   if cfg.num_nextn_predict_layers:
     metrics["mtp_loss"] = mean["mtp_loss"]
   if cfg.num_moe_layers:
     metrics["balance_loss"] = mean["balance"]
   metrics["loss"] = mean["loss"]
-  loads = losses.load_tree({"aux": {"load": jax.device_put(layer_loads, _target(bias))}
-                            if layer_loads is not None else {}})
-  loads.update(mtp)
-  return mean["loss"], metrics, grads, loads
+  return mean["loss"], metrics, totals["grads"], totals["loads"]
+
+
+def _sum_over_ranks(stacked, targets):
+  key = tuple(targets)
+  if key not in _SUM_PROGRAMS:
+    _SUM_PROGRAMS[key] = jax.jit(lambda xs: [x.sum(0, dtype=x.dtype) for x in xs], out_shardings=targets)
+  return _SUM_PROGRAMS[key](stacked)
+
+
+_SUM_PROGRAMS: Dict[tuple, Callable] = {}
 
 
 _PLANS: Dict[tuple, Plan] = {}
 
 
 def get_plan(cfg: ModelConfig, schedule: str, num_stages: int, microbatches: int, devices=None,
-             compiler_options=None) -> Plan:
+             compiler_options=None, transfer: str = "auto") -> Plan:
   """Plans are cached per (config, schedule, ranks, micro-batches, devices); the compiled stage programs
   are cached by jit itself (per stage shape and sub-mesh), so they are shared across schedules."""
-  dev_key = None if devices is None else tuple(
-      (tuple(m.devices.flat), m.axis_names) if isinstance(m, Mesh) else m for m in devices)
+  if devices is None or isinstance(devices, Mesh):
+    dev_key = devices
+  else:
+    dev_key = tuple((tuple(m.devices.flat), m.axis_names) if isinstance(m, Mesh) else m for m in devices)
   options = tuple(sorted(compiler_options.items())) if compiler_options else None
-  key = (cfg, schedule, num_stages, microbatches, dev_key, options)
+  key = (cfg, schedule, num_stages, microbatches, dev_key, options, transfer)
   if key not in _PLANS:
-    _PLANS[key] = Plan(cfg, schedule, num_stages, microbatches, devices, options)
+    _PLANS[key] = Plan(cfg, schedule, num_stages, microbatches, devices, options, transfer)
   return _PLANS[key]
 
 
 def pipeline_value_and_grad(cfg: ModelConfig, variables, tokens, *, schedule: str, num_stages: int,
                             microbatches: int, mtp_weight, alpha, devices=None, timings=None,
-                            compiler_options=None):
+                            compiler_options=None, transfer: str = "auto"):
   """Pipelined equivalent of value_and_grad(objective(forward_train(...))) on one batch.
 
-  tokens: int32 [B, T+1] (inputs tokens[:, :-1], labels tokens[:, 1:]), cut into `microbatches` equal
-  micro-batches (DualPipe: the first half go down direction 0, the second half direction 1).
+  tokens: int32 [B, T+1] (inputs tokens[:, :-1], labels tokens[:, 1:]), the global batch as a host
+  array (in every process), cut into `microbatches` equal micro-batches (DualPipe: the first half go
+  down direction 0, the second half direction 1).
   num_stages: the pipeline degree (mesh.pipeline), i.e. the number of ranks; DualPipeV runs 2x that many
-  model stages on them. devices: None (all devices, split evenly), a device list, or one Mesh per rank.
+  model stages on them.
+  devices: None (all devices, split evenly), a device list, a Mesh with a 'pipeline' axis, or one Mesh
+  per rank. Variables that live on that pipeline mesh (replicated over 'pipeline', as the trainer keeps
+  them) are used in place; other variables must be addressable and are copied to every rank.
+  Multi-process: every process calls this with the same arguments; each runs the programs of the ranks
+  it holds devices of.
   timings: see `run`. compiler_options: XLA options for the stage programs (a dict), e.g.
-  {'xla_backend_optimization_level': 0} to compile faster on CPU.
-  Returns (loss, metrics, grads like variables['params'], loads like variables['routing']).
+  {'xla_backend_optimization_level': 0} to compile faster on CPU. transfer: 'auto' (device_put within a
+  process, a collective program across processes) or 'collective' (always the collective program).
+  Returns (loss, metrics, grads like variables['params'], loads like variables['routing']), on the
+  pipeline mesh: placed like the variables if they live there, else replicated.
   """
-  plan = get_plan(ModelConfig.from_any(cfg), schedule, num_stages, microbatches, devices, compiler_options)
+  plan = get_plan(ModelConfig.from_any(cfg), schedule, num_stages, microbatches, devices, compiler_options,
+                  transfer)
   return run(plan, variables, tokens, mtp_weight, alpha, timings)
