@@ -75,7 +75,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # its stages' variables in place, and the update runs on every rank.
   compute_mesh = mesh
   expert_parallel = None
-  if config.mesh.expert > 1 and not pipelined:
+  if config.mesh.expert > 1:         # pipelined, the executor splits experts inside each stage itself
     from dsv3.expert_parallel import ExpertParallel
     expert_parallel = ExpertParallel(mesh)
 
@@ -159,7 +159,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   @functools.partial(jax.jit, in_shardings=(state_shardings["params"], state_shardings["routing"], batch_sharding))
   def eval_step(params, routing, tokens):
     out = model_lib.forward_train(cfg, {"params": params, "routing": routing}, tokens[:, :-1],
-                                  None if pipelined else expert_parallel)
+                                  expert_parallel)
     return losses.cross_entropy(out["logits"], tokens[:, 1:]), losses.load_tree(out)
 
   # ------------------------------------------------------------------------------------------------

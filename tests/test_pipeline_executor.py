@@ -165,3 +165,19 @@ def test_variables_on_the_pipeline_mesh_are_used_in_place(model4):
   with pytest.raises(ValueError, match="replicated over the 'pipeline' axis"):
     executor.pipeline_value_and_grad(cfg, sharded, tokens, schedule="1f1b", num_stages=4, microbatches=8,
                                      mtp_weight=MTP_WEIGHT, alpha=ALPHA, devices=mesh)
+
+
+def test_expert_parallel_inside_stages(model4):
+  """P=4 ranks of ('data' 1, 'expert' 2): each stage's routed experts split over its 'expert' axis (the
+  dense all-to-all dispatch of dsv3.expert_parallel), variables placed as the trainer places them."""
+  from dsv3 import sharding
+  cfg, variables, tokens, reference = model4
+  mesh = sharding.make_mesh({"pipeline": 4, "data": 1, "expert": 2})
+  placed = {"params": jax.device_put(variables["params"], sharding.param_shardings(mesh, variables["params"])),
+            "routing": jax.device_put(variables["routing"], NamedSharding(mesh, P()))}
+  experts = placed["params"]["moe_layers"]["mlp"]["experts_gate_proj"]
+  assert experts.sharding.spec == P(None, "expert")
+  plan = executor.get_plan(cfg, "dualpipe", 4, 8, devices=mesh, compiler_options=FAST_COMPILE)
+  assert all(ep is not None and ep.num_shards == 2 for ep in plan.expert_parallel)
+  _, _, grads, _ = _check((cfg, placed, tokens, reference), "dualpipe", 4, 8, devices=mesh)
+  assert grads["moe_layers"]["mlp"]["experts_gate_proj"].sharding == experts.sharding

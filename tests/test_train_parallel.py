@@ -93,29 +93,35 @@ def one_device_pipeline_batch(tmp_path_factory, cache):
   return train(tmp_path_factory.mktemp("one_b16"), cache, 1, *PIPELINE_BATCH)
 
 
+PP2_DP2_EP2 = ["--config.mesh.pipeline=2", "--config.mesh.data=2", "--config.mesh.expert=2",
+               "--config.pipeline.microbatches=4"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("schedule", ["dualpipe", "zb1p"])
-def test_cli_pipeline_matches_one_device(tmp_path, cache, one_device_pipeline_batch, schedule):
-  """--config.mesh.pipeline=4 (x data 2) with a pipeline schedule logs the 1-device losses."""
-  got = train(tmp_path, cache, 8, *PIPELINE_BATCH, *PIPELINE, f"--config.pipeline.schedule={schedule}")
+@pytest.mark.parametrize("schedule,mesh", [("dualpipe", PIPELINE), ("zb1p", PIPELINE), ("dualpipe", PP2_DP2_EP2)],
+                         ids=["dualpipe-pp4dp2", "zb1p-pp4dp2", "dualpipe-pp2dp2ep2"])
+def test_cli_pipeline_matches_one_device(tmp_path, cache, one_device_pipeline_batch, schedule, mesh):
+  """Pipeline schedules on 8 devices (PP4 x DP2, and PP2 x DP2 x EP2 with experts split inside each
+  stage) log the 1-device losses."""
+  got = train(tmp_path, cache, 8, *PIPELINE_BATCH, *mesh, f"--config.pipeline.schedule={schedule}")
   assert len(got) == 3
   np.testing.assert_allclose(got, one_device_pipeline_batch, rtol=2e-5)
 
 
 @pytest.mark.slow
 def test_pipeline_stages_across_two_processes(tmp_path, cache, one_device_pipeline_batch):
-  """DualPipe with ranks 0-1 in one process and 2-3 in the other (activations and gradients cross
-  processes through the collective transfer programs) logs the 1-device losses; its checkpoint resumes
-  in a single process."""
+  """DualPipe PP4 x EP2 with ranks 0-1 in one process and 2-3 in the other (activations and gradients
+  cross processes through the collective transfer programs; each stage splits its experts over 2
+  devices) logs the 1-device losses; its checkpoint resumes in a single process."""
   e = env(cache)
   e["DSV3_LOCAL_DEVICES"] = "4"
   e["PYTHON"] = sys.executable
-  args = [f"--config={ROOT}/configs/tiny.py", f"--workdir={tmp_path}", *STEPS, *PIPELINE_BATCH, *PIPELINE,
+  mesh = ["--config.mesh.pipeline=4", "--config.mesh.expert=2", "--config.pipeline.microbatches=8",
           "--config.pipeline.schedule=dualpipe"]
+  args = [f"--config={ROOT}/configs/tiny.py", f"--workdir={tmp_path}", *STEPS, *PIPELINE_BATCH, *mesh]
   proc = subprocess.run(["bash", f"{ROOT}/launch/local.sh", "2", *args], cwd=ROOT, env=e, capture_output=True,
                         text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
   np.testing.assert_allclose(losses(tmp_path), one_device_pipeline_batch, rtol=2e-5)
-  more = train(tmp_path, cache, 8, *PIPELINE_BATCH, *PIPELINE, "--config.pipeline.schedule=dualpipe",
-               "--config.num_train_steps=4")
+  more = train(tmp_path, cache, 8, *PIPELINE_BATCH, *mesh, "--config.num_train_steps=4")
   assert len(more) == 4 and np.allclose(more[:3], losses(tmp_path)[:3])

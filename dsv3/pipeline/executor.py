@@ -1,10 +1,12 @@
 """The pipeline executor: explicit per-stage programs on sub-meshes, driven by a schedule from Python.
 
-Each pipeline rank is a sub-mesh of devices (axes ('data', 'expert')). The model is cut into stages
-(dsv3.pipeline.stages); every stage's forward F, full backward B, input-only backward B* and deferred
-weight-gradient W are jitted programs, compiled once per stage shape and sub-mesh because the stage's
-parameters are committed to that sub-mesh (replicated) and the micro-batch is sharded over its 'data'
-axis. Which rank holds which stage is the schedule's placement:
+The executor runs on a ('pipeline', 'data', 'expert') mesh; slice r of its 'pipeline' axis is rank r's
+sub-mesh. The model is cut into stages (dsv3.pipeline.stages); every stage's forward F, full backward B,
+input-only backward B* and deferred weight-gradient W are jitted programs, compiled once per stage shape
+and sub-mesh. Inside a stage, micro-batch rows are split over the sub-mesh's ('data', 'expert') axes and,
+when 'expert' > 1, the routed experts over 'expert' with the all-to-all dispatch of
+dsv3.expert_parallel: PP x DP x EP as in the report. Which rank holds which stage is the schedule's
+placement:
   gpipe / 1f1b / zb1p   P stages, stage r on rank r;
   dualpipe              P stages in two directions, each fed half of the batch: rank r holds stage r of
                         direction 0 and stage P-1-r of direction 1 (two copies of the same parameters,
@@ -17,13 +19,22 @@ express without serialising them; separate programs plus JAX's asynchronous disp
 run its own op stream while the host only enqueues work. The driver walks all ranks' op lists in the
 order of their simulated start times (schedules.simulate), which respects every cross-rank dependency,
 dispatches each op as soon as it is reached, and ships activations and gradients to the consumer's
-sub-mesh with jax.device_put right after they are produced, so transfers overlap compute. An F&B unit is
-its forward and backward dispatched back to back (two programs in flight on one sub-mesh).
+sub-mesh right after they are produced, so transfers overlap compute. An F&B unit is its forward and
+backward dispatched back to back (two programs in flight on one sub-mesh).
+
+Several processes (multi-host): every process runs this same driver over the same global order. It
+dispatches the programs of the ranks it holds devices of and skips the others; a transfer between ranks
+in different processes is a small collective program (a ppermute, see `Transfers`) that both sides call
+at the same point of the order. Variables live on the pipeline mesh replicated over 'pipeline' (the
+trainer's state), so each rank reads its stages' parameters from its own shards without a copy; at the
+end each rank adds its contributions into full-size gradient/load trees and one program on the whole
+mesh sums them over 'pipeline'. Keeping the whole state on every rank costs memory that a stage-sharded
+state would not: that is the price of one state tree that checkpoints, EMA and evaluation share.
 
 `pipeline_value_and_grad` returns exactly what jax.value_and_grad of losses.objective over
 model.forward_train returns for the whole batch (all three loss terms are means over equal
-micro-batches), the gradients summed over micro-batches and stage copies and re-assembled into the
-params tree, and the per-expert loads summed over every micro-batch (the tree of variables['routing']).
+micro-batches), the gradients summed over micro-batches and stage copies in the params tree, and the
+per-expert loads summed over every micro-batch (the tree of variables['routing']).
 """
 from __future__ import annotations
 
@@ -39,6 +50,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dsv3 import sharding
 from dsv3.config import ModelConfig
+from dsv3.expert_parallel import ExpertParallel
 from dsv3.layers import compute_dtype
 from dsv3.pipeline import schedules, stages
 
@@ -207,6 +219,8 @@ class Plan:
     self.mesh = pipeline_mesh(num_ranks, devices)
     self.meshes = sharding.stage_meshes(self.mesh)
     self.transfers = Transfers(self.meshes, transfer)
+    # Expert parallelism inside every stage: its routed experts over the sub-mesh's 'expert' axis.
+    self.expert_parallel = [ExpertParallel(m) if m.shape.get("expert", 1) > 1 else None for m in self.meshes]
     self.local_ranks = [r for r in range(num_ranks) if self.transfers.mine[r]]
     if not self.local_ranks:
       raise ValueError(f"process {jax.process_index()} holds no device of the pipeline mesh; every process "
@@ -293,7 +307,8 @@ def run(plan: Plan, variables, tokens, mtp_weight, alpha, timings: Optional[list
     coefs = jax.device_put(np.asarray([mtp_weight, alpha, 1.0 / plan.microbatches], np.float32),
                            NamedSharding(mesh, P()))
     copies[d, s] = dict(params=p, routing=rt, coefs=coefs, acc=stages.zeros_like(p),
-                        key=plan.specs[s].program_key, spec=_token_spec(mesh, mb), aux=[])
+                        key=plan.specs[s].program_key, spec=_token_spec(mesh, mb), aux=[],
+                        ep=plan.expert_parallel[r])
   spec = _token_spec(plan.meshes[0], mb)       # sub-meshes are alike: one layout for every transfer
 
   # Micro-batch tokens go to the first and last stage of their direction (the embedding and the loss).
@@ -316,7 +331,7 @@ def run(plan: Plan, variables, tokens, mtp_weight, alpha, timings: Optional[list
       c = copies[d, s]
       x = acts.pop((d, s, m)) if s > 0 else None
       y, vjps, aux = plan.programs.forward(cfg, c["key"], c["params"], c["routing"], x, micro.get((d, s, m)),
-                                           c["coefs"])
+                                           c["coefs"], c["ep"])
       saved[d, s, m] = vjps
       c["aux"].append(aux)
     if s + 1 < plan.num_stages:

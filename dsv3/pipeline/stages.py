@@ -140,29 +140,29 @@ def _embed(cfg: ModelConfig, p, tokens):
   return emb.apply({"params": p["embed_tokens"]}, tokens).astype(compute_dtype(cfg))
 
 
-def _layer(cfg: ModelConfig, moe: bool, routing, cos, sin, alpha, p, x):
+def _layer(cfg: ModelConfig, moe: bool, ep, routing, cos, sin, alpha, p, x):
   variables = {"params": p, "routing": routing} if moe else {"params": p}
-  y, (aux, _) = Block(cfg, moe).apply(variables, x, None, cos, sin, 0)
+  y, (aux, _) = Block(cfg, moe, ep).apply(variables, x, None, cos, sin, 0)
   if not moe:
     return (y, jnp.zeros((), jnp.float32)), {}
   return (y, alpha * aux["balance_loss"]), {"balance": aux["balance_loss"], "load": aux["load"]}
 
 
-def _head(cfg: ModelConfig, routing, tokens, labels, cos, sin, coefs, p, x):
+def _head(cfg: ModelConfig, ep, routing, tokens, labels, cos, sin, coefs, p, x):
   def run(m, x):
     out = {"logits": m.head(m.norm(x)), "aux": {}}
     if m.mtp:
       out["mtp_logits"], out["mtp_aux"] = m.mtp_train(x, tokens, cos, sin)
     return out
-  out = Transformer(cfg).apply({"params": p, "routing": routing}, x, method=run)
+  out = Transformer(cfg, ep).apply({"params": p, "routing": routing}, x, method=run)
   loss, metrics = losses.objective(cfg, out, labels, coefs[0], coefs[1])
   aux = {"ce": metrics["ce"], "mtp_loss": metrics.get("mtp_loss"), "balance": metrics.get("balance_loss"),
          "load": losses.load_tree(out)}
   return loss, aux
 
 
-def _layer_fn(cfg: ModelConfig, moe: bool, routing, cos, sin, alpha):
-  fn = functools.partial(_layer, cfg, moe, routing, cos, sin, alpha)
+def _layer_fn(cfg: ModelConfig, moe: bool, ep, routing, cos, sin, alpha):
+  fn = functools.partial(_layer, cfg, moe, ep, routing, cos, sin, alpha)
   if cfg.remat != "none":
     # The same memory policy as the unpipelined model: the VJP keeps only what the policy saves.
     fn = jax.checkpoint(fn, policy=remat_policy(cfg.remat), prevent_cse=False)
@@ -173,8 +173,11 @@ def _layer_fn(cfg: ModelConfig, moe: bool, routing, cos, sin, alpha):
 # The stage programs. `coefs` = [mtp_weight, alpha, 1/M] (f32 [3], an argument so that changing the loss
 # weights never recompiles).
 # ---------------------------------------------------------------------------------------------------
-def forward(cfg: ModelConfig, key, params, routing, x, tokens, coefs):
+def forward(cfg: ModelConfig, key, params, routing, x, tokens, coefs, expert_parallel=None):
   """F: returns (activation or None on the last stage, per-piece VJPs, aux).
+
+  expert_parallel: None, or a dsv3.expert_parallel.ExpertParallel over the stage's sub-mesh, so the
+  routed experts of the stage are split over its 'expert' axis (static; the VJPs carry it to B and W).
 
   aux = {'loss': this stage's share, 'balance': raw balance statistic summed over its MoE layers,
   'loads': [E] per MoE layer, and on the last stage 'ce', 'mtp_loss', 'mtp_loads'}.
@@ -188,14 +191,14 @@ def forward(cfg: ModelConfig, key, params, routing, x, tokens, coefs):
     x, vjp = jax.vjp(lambda p: _embed(cfg, p, inputs), params["embed"])
     vjps.append(vjp)
   for moe, p, r in zip(kinds, params["layers"], routing["layers"]):
-    (x, part), vjp, layer_aux = jax.vjp(_layer_fn(cfg, moe, r, cos, sin, coefs[1]), p, x, has_aux=True)
+    (x, part), vjp, layer_aux = jax.vjp(_layer_fn(cfg, moe, expert_parallel, r, cos, sin, coefs[1]), p, x, has_aux=True)
     vjps.append(vjp)
     share = share + part
     if moe:
       balance = balance + layer_aux["balance"]
       loads.append(layer_aux["load"])
   if last:
-    head = functools.partial(_head, cfg, routing["head"], inputs, tokens[:, 1:], cos, sin, coefs)
+    head = functools.partial(_head, cfg, expert_parallel, routing["head"], inputs, tokens[:, 1:], cos, sin, coefs)
     part, vjp, head_aux = jax.vjp(head, params["head"], x, has_aux=True)
     vjps.append(vjp)
     share = share + part
@@ -281,7 +284,7 @@ def programs(compiler_options: Optional[Tuple[Tuple[str, Any], ...]] = None) -> 
   CPU optimisation level for tests); the gradient accumulator is donated, so it is updated in place."""
   opts = dict(compiler_options) if compiler_options else None
   return Programs(
-      forward=jax.jit(forward, static_argnums=(0, 1), compiler_options=opts),
+      forward=jax.jit(forward, static_argnums=(0, 1, 7), compiler_options=opts),
       backward=jax.jit(backward, static_argnums=0, donate_argnums=4, compiler_options=opts),
       backward_input=jax.jit(backward_input, static_argnums=0, compiler_options=opts),
       backward_weights=jax.jit(backward_weights, static_argnums=0, donate_argnums=3, compiler_options=opts))
