@@ -1,7 +1,8 @@
 """The device mesh and where every array lives on it: DeepSeek-V3's PP × DP(ZeRO-1) × EP, no TP.
 
 One mesh with three named axes, outermost first:
-  'pipeline'  pipeline stages (consumed by dsv3.pipeline's executor; one sub-mesh per stage),
+  'pipeline'  pipeline stages (consumed by dsv3.pipeline's executor; one sub-mesh per stage); parameters
+              are replicated over it, optimizer state is split over it,
   'data'      data parallelism; optimizer state is ZeRO-1 sharded over it,
   'expert'    expert parallelism; routed experts are split over it on their E axis.
 Tokens are sharded over ('data', 'expert') together: an expert-parallel group is also a data-parallel
@@ -109,15 +110,16 @@ def spec_for(path: str, shape: tuple, mesh: Mesh) -> P:
   return P()
 
 
-def _add_data_axis(spec: P, shape: tuple, mesh: Mesh) -> P:
-  """Also shard over 'data' on the first free axis it divides (ZeRO); unchanged if none."""
-  dp = axis_size(mesh, "data")
-  if dp == 1:
+def _add_data_axis(spec: P, shape: tuple, mesh: Mesh, axes: tuple = ("data",)) -> P:
+  """Also shard over `axes` (together) on the first free axis their size divides (ZeRO); unchanged if none."""
+  axes = tuple(a for a in axes if axis_size(mesh, a) > 1)
+  n = int(np.prod([axis_size(mesh, a) for a in axes]))
+  if n == 1:
     return spec
   entries = list(spec) + [None] * (len(shape) - len(spec))
-  for i, n in enumerate(shape):
-    if entries[i] is None and n % dp == 0 and n >= dp:
-      entries[i] = "data"
+  for i, size in enumerate(shape):
+    if entries[i] is None and size % n == 0 and size >= n:
+      entries[i] = axes[0] if len(axes) == 1 else axes
       while entries and entries[-1] is None:     # canonical form: P('data') rather than P('data', None)
         entries.pop()
       return P(*entries)
@@ -140,14 +142,18 @@ def param_shardings(mesh: Mesh, abstract_variables, fsdp: bool = False):
 
 
 def zero1_shardings(mesh: Mesh, abstract_opt_state):
-  """ZeRO-1: each optimizer-state leaf over 'data' on its first axis divisible by the data size.
+  """ZeRO-1: each optimizer-state leaf over 'data' (and 'pipeline') on its first axis they divide.
 
-  Expert leaves (Adam moments of routed experts; their paths end in the parameter name) keep E over
-  'expert' and take 'data' on another axis. Scalars (step counts) and indivisible leaves are replicated.
+  Parameters are replicated over 'pipeline' (every rank reads its stages' weights in place), but a
+  stage's optimizer state is only needed by the update, so it is split over the pipeline ranks too, as
+  in DeepSeek-V3 where each stage keeps only its own. Expert leaves (Adam moments of routed experts;
+  their paths end in the parameter name) keep E over 'expert' and take the other axes elsewhere.
+  Scalars (step counts) and indivisible leaves are replicated.
   """
   def one(path, leaf):
     shape = tuple(getattr(leaf, "shape", ()))
-    return NamedSharding(mesh, _add_data_axis(spec_for(path_str(path), shape, mesh), shape, mesh))
+    spec = spec_for(path_str(path), shape, mesh)
+    return NamedSharding(mesh, _add_data_axis(spec, shape, mesh, axes=("pipeline", "data")))
   return jax.tree_util.tree_map_with_path(one, abstract_opt_state)
 
 

@@ -72,6 +72,10 @@ def test_zero1_shards_optimizer_state_over_data():
   assert sh[0].count.spec == P()                                            # scalar: replicated
   odd = sharding.zero1_shardings(mesh, {"x": jax.ShapeDtypeStruct((3, 5), jnp.float32)})
   assert odd["x"].spec == P()                                               # nothing divisible by 4
+  # Pipelined: the state is split over the pipeline ranks as well (each stage's state lives on one rank).
+  pp = sharding.zero1_shardings(sharding.make_mesh(dict(data=2, expert=2, pipeline=2)), opt_state)
+  assert pp[0].mu["lm_head"].spec == P(("pipeline", "data"))
+  assert pp[0].mu["moe_layers"]["mlp"]["experts_gate_proj"].spec == P(None, "expert", ("pipeline", "data"))
 
 
 def test_batch_sharding():
