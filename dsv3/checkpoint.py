@@ -17,8 +17,10 @@ kept.
 
 A finished checkpoint can still be damaged later (a disk error, a file deleted or truncated by hand).
 `restore()` then names the step directory that failed and, with `fallback=True`, warns and restores
-the previous step instead; the damaged directory is renamed `N.corrupt-<time>` — kept for inspection,
-invisible to orbax — so that the re-run of step N can save there again.
+the previous step instead. Once an older step has restored with the same target, the newer ones are
+known to be damaged (not merely unreadable with this target, as after a config change, which fails on
+every step and moves nothing), and each is renamed `N.corrupt-<time>` — kept for inspection, invisible to
+orbax — so that the re-run of step N can save there again.
 """
 from __future__ import annotations
 
@@ -114,7 +116,7 @@ class Checkpointer:
 
     `abstract_state`: a pytree of `jax.ShapeDtypeStruct` (with `sharding`) or arrays giving the shapes,
     dtypes and target shardings — the arrays are re-sliced for them, whatever topology wrote them.
-    Without it, arrays come back with the shardings they were saved with, which needs the same devices.
+    Without it, every array comes back whole on this process's first local device, whatever mesh wrote it.
     With step=None the latest step is tried first; if it cannot be read and `fallback` holds, a
     warning names its directory and the next older step is tried, and so on. An explicit `step` never
     falls back.
@@ -143,6 +145,10 @@ class Checkpointer:
         result, ok, err = None, False, e
       if _all_processes(ok):
         if failures:
+          # Only now are the newer steps known to be damaged rather than unreadable with this target
+          # (a changed config fails on every step, and must not cost the user their checkpoints).
+          for f, _ in failures:
+            self._quarantine(f)
           log.warning("Restored checkpoint step %d instead of the damaged newer step(s) %s.", s,
                       ", ".join(str(f) for f, _ in failures))
         return result
@@ -157,20 +163,34 @@ class Checkpointer:
       older = [x for x in steps if x < s]
       log.warning("Checkpoint %s cannot be restored (%s); %s", self.step_dir(s), _short(err),
                   f"falling back to step {older[0]}." if older else "no older checkpoint left.")
-      self._quarantine(s)
     first_step, first_err = failures[0]
     raise CheckpointCorruptError(
         f"no checkpoint in {self.directory} can be restored; the latest, {self.step_dir(first_step)}, "
         f"failed with {_short(first_err)}\nIf every step fails the same way the "
         f"abstract_state probably does not match the saved state (a changed config); else the "
-        f"directories are damaged (renamed *.corrupt-*).") from first_err
+        f"directories are damaged. Nothing was moved or deleted.") from first_err
 
   def _restore_one(self, step: int, abstract_state: Any) -> Restored:
-    state_args = ocp.args.StandardRestore(abstract_state) if abstract_state is not None \
-        else ocp.args.StandardRestore()
+    if abstract_state is None:
+      abstract_state = self._local_target(step)
+    state_args = ocp.args.StandardRestore(abstract_state)
     out = self._mgr.restore(step, args=ocp.args.Composite(state=state_args,
                                                           extras=ocp.args.JsonRestore()))
     return Restored(step, out["state"], dict(out["extras"] or {}))
+
+  def _local_target(self, step: int) -> Any:
+    """The saved state's shapes and dtypes, every array on this process's first device: a target that
+    restores whatever mesh wrote the checkpoint (orbax refuses to guess a layout for other devices)."""
+    with ocp.StandardCheckpointer() as reader:
+      metadata = reader.metadata(os.path.join(self.step_dir(step), "state"))
+    metadata = getattr(metadata, "item_metadata", metadata)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def leaf(m):
+      if hasattr(m, "shape") and hasattr(m, "dtype"):
+        return jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device)
+      return m
+    return jax.tree.map(leaf, metadata, is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
 
   def _quarantine(self, step: int) -> None:
     """Renames a damaged step directory out of orbax's sight, so that the step can be saved again."""

@@ -156,6 +156,26 @@ def test_corrupt_latest_raises_without_fallback(tmp_path):
       ck.restore(5, abstract_state=_abstract(state, mesh))
 
 
+def test_restore_without_target_and_mismatched_target_move_nothing(tmp_path):
+  """No target: every array comes back whole on one local device, whatever mesh wrote it. A target
+  that matches no step (a changed config) fails on every step and must not quarantine any of them."""
+  mesh = _mesh(8)
+  state = _state(mesh)
+  with ckpt_lib.Checkpointer(str(tmp_path)) as ck:
+    ck.save(1, state, EXTRAS)
+    ck.save(2, state, EXTRAS)
+  with ckpt_lib.Checkpointer(str(tmp_path)) as ck:
+    r = ck.restore()
+    assert r.step == 2
+    _assert_tree_equal(r.state, state)
+    assert all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(r.state))
+    wrong = _abstract(state, mesh)
+    wrong["params"]["w"] = jax.ShapeDtypeStruct((16, 8), jnp.float32, sharding=NamedSharding(mesh, P()))
+    with pytest.raises(ckpt_lib.CheckpointCorruptError, match="Nothing was moved or deleted"):
+      ck.restore(abstract_state=wrong)
+    assert ck.all_steps() == [1, 2] and not glob.glob(os.path.join(tmp_path, "*.corrupt-*"))
+
+
 def test_check_compatible():
   saved = {"model.hidden_size": 64, "model.num_layers": 2, "num_train_steps": 100,
            "mesh.data": 8, "workdir": "/a", "seq_len": 32, "shape": (1, 2)}
