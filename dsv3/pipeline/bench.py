@@ -49,12 +49,12 @@ def _variables(cfg: ModelConfig):
 
 
 def op_costs(timings):
-  """Mean seconds per op kind from (rank, op string, start, end) records."""
+  """Median seconds per op kind from (rank, op string, start, end) records (robust to stray pauses)."""
   by_kind = collections.defaultdict(list)
   for _, op, start, end in timings:
     kind = "FB" if "&" in op else ("W" if op == "W" else ("B*" if op.endswith("*") else op[0]))
     by_kind[kind].append(end - start)
-  return {k: statistics.mean(v) for k, v in by_kind.items()}
+  return {k: statistics.median(v) for k, v in by_kind.items()}
 
 
 def simulated(sched, costs):
@@ -75,13 +75,16 @@ def bench(schedule: str, ranks: int, microbatches: int, steps: int, cfg: ModelCo
     jax.block_until_ready(executor.pipeline_value_and_grad(cfg, variables, tokens, **kwargs))
     times.append(time.perf_counter() - start)
   timings = []
-  executor.pipeline_value_and_grad(cfg, variables, tokens, timings=timings, **kwargs)
-  costs = op_costs(timings)
+  for _ in range(steps):
+    timings.append([])
+    executor.pipeline_value_and_grad(cfg, variables, tokens, timings=timings[-1], **kwargs)
+  costs = op_costs([t for run in timings for t in run])
+  serial = statistics.median(sum(e - s for _, _, s, e in run) for run in timings)
   plan = executor.get_plan(cfg, schedule, ranks, microbatches)
   measured_sim = simulated(plan.schedule, costs)
   unit_sim = schedules.simulate(plan.schedule)
   idle = lambda res: [b / res.makespan for b in res.bubble_per_rank]
-  return dict(step=statistics.median(times), serial=sum(e - s for _, _, s, e in timings), costs=costs,
+  return dict(step=statistics.median(times), serial=serial, costs=costs,
               sim_step=measured_sim.makespan, idle_measured=idle(measured_sim), idle_unit=idle(unit_sim))
 
 
