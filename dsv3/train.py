@@ -60,6 +60,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh)
   pipelined = config.mesh.pipeline > 1
+  if pipelined:   # the schedule and the stage split, checked now rather than at the first step
+    from dsv3.pipeline import executor
+    executor.get_plan(cfg, config.pipeline.schedule, config.mesh.pipeline, config.pipeline.microbatches,
+                      devices=mesh)
   # Pipelined, every process reads the whole global batch: its ranks' first and last stages need the
   # rows of every micro-batch (the embedding takes the inputs, the loss the labels).
   datasets = (data_lib.make_datasets(config, process_index=0, process_count=1) if pipelined
@@ -142,7 +146,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return apply_update(state, metrics, grads, loads, gamma)
 
   if pipelined:
-    from dsv3.pipeline import executor
     update_jit = jax.jit(apply_update, donate_argnums=0, out_shardings=(state_shardings, None))
 
     def step_fn(state, batch, mtp_weight, gamma):
