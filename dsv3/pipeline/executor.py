@@ -161,10 +161,7 @@ class Transfers:
     if src == dst or (self.mode == "auto" and self.local[src] and self.local[dst]):
       return jax.device_put(x, target) if self.mine[dst] else None
     lo, hi = sorted((src, dst))
-    pair_mesh, send = self._program(lo, hi, src == lo, spec)
-    first, rest = (tuple(spec) + (None,))[0], tuple(spec)[1:]
-    first = () if first is None else (first if isinstance(first, tuple) else (first,))
-    pair_spec = P(("pair", *first), *rest)
+    pair_sharding, send = self._program(lo, hi, src == lo, spec)
     shards = []
     if self.mine[src]:
       x = jax.device_put(x, NamedSharding(self.meshes[src], spec))
@@ -173,7 +170,7 @@ class Transfers:
       shards += [self._placeholder(d, target.shard_shape(like.shape), like.dtype)
                  for d in target.addressable_devices]
     both = jax.make_array_from_single_device_arrays((2 * like.shape[0], *like.shape[1:]),
-                                                    NamedSharding(pair_mesh, pair_spec), shards)
+                                                    pair_sharding, shards)
     out = send(both)
     if not self.mine[dst]:
       return None
@@ -181,17 +178,21 @@ class Transfers:
         like.shape, target, [s.data for s in out.addressable_shards if s.device in self.devices[dst]])
 
   def _program(self, lo: int, hi: int, forward: bool, spec: P):
+    """(sharding of the two-rank array, the jitted send) for ranks lo < hi, sending lo->hi if `forward`.
+
+    The two-rank array stacks the ranks' blocks on the leading axis: rows [0, n) on lo, [n, 2n) on hi,
+    each split like `spec` within its rank, so its shards are exactly the ranks' own shards."""
     key = (lo, hi, forward, spec)
     if key not in self._programs:
       lo_mesh, hi_mesh = self.meshes[lo], self.meshes[hi]
       pair_mesh = Mesh(np.stack([lo_mesh.devices, hi_mesh.devices]), ("pair", *lo_mesh.axis_names))
-      perm = [(0, 1)] if forward else [(1, 0)]
       first = (tuple(spec) + (None,))[0]
       first = () if first is None else (first if isinstance(first, tuple) else (first,))
       pair_spec = P(("pair", *first), *tuple(spec)[1:])
+      perm = [(0, 1)] if forward else [(1, 0)]
       body = lambda block: jax.lax.ppermute(block, "pair", perm)
-      self._programs[key] = pair_mesh, jax.jit(jax.shard_map(body, mesh=pair_mesh, in_specs=pair_spec,
-                                                             out_specs=pair_spec))
+      send = jax.jit(jax.shard_map(body, mesh=pair_mesh, in_specs=pair_spec, out_specs=pair_spec))
+      self._programs[key] = NamedSharding(pair_mesh, pair_spec), send
     return self._programs[key]
 
   def _placeholder(self, device, shape, dtype):
