@@ -38,9 +38,10 @@ import orbax.checkpoint as ocp
 log = logging.getLogger(__name__)
 
 # Config fields that may change between a run and its resumption: schedule lengths, logging cadence,
-# paths, and the mesh (checkpoints are topology-free). Shell-style patterns over dotted names.
+# paths, the mesh (checkpoints are topology-free) and the pipeline schedule (a pipelined step computes the
+# unpipelined step's gradients). Shell-style patterns over dotted names.
 DEFAULT_IGNORE = ("num_train_steps", "log_every_steps", "checkpoint_every_steps", "eval_every_steps",
-                  "keep_checkpoints", "workdir", "*workdir*", "mesh.*")
+                  "keep_checkpoints", "workdir", "*workdir*", "mesh.*", "pipeline.*")
 
 
 class Restored(NamedTuple):

@@ -38,9 +38,11 @@ def test_fp8_loss_within_quarter_percent_of_bf16(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh", [{"data": 2, "expert": 4}, {"pipeline": 4, "data": 2}], ids=["ep", "dualpipe"])
+@pytest.mark.parametrize("mesh", [{"data": 2, "expert": 4}, {"pipeline": 2, "data": 2, "expert": 2}],
+                         ids=["ep", "dualpipe_ep"])
 def test_fp8_trains_on_every_mesh(tmp_path, monkeypatch, mesh):
-  """FP8 custom-VJP GEMMs inside shard_map (expert parallelism) and inside per-stage pipeline programs."""
+  """FP8 custom-VJP GEMMs inside shard_map (expert parallelism), and inside per-stage pipeline programs
+  whose experts are split over the stage's devices."""
   monkeypatch.setenv("DSV3_CACHE", str(tmp_path / "cache"))
   c = tiny.get_config()
   c.precision = "fp8"
@@ -50,6 +52,6 @@ def test_fp8_trains_on_every_mesh(tmp_path, monkeypatch, mesh):
   c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 1, 2, 1000
   c.mesh.data, c.mesh.expert, c.mesh.pipeline = mesh.get("data", 1), mesh.get("expert", 1), mesh.get("pipeline", 1)
   if c.mesh.pipeline > 1:
-    c.pipeline.schedule, c.pipeline.microbatches = "dualpipe", 8
+    c.pipeline.schedule, c.pipeline.microbatches = "dualpipe", 4
   out = train.train_and_evaluate(c, str(tmp_path / "w"))
   assert 0 < out["loss"] < 20 and 0 < out["val_loss"] < 20
