@@ -186,12 +186,9 @@ class Checkpointer:
       metadata = reader.metadata(os.path.join(self.step_dir(step), "state"))
     metadata = getattr(metadata, "item_metadata", metadata)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-
-    def leaf(m):
-      if hasattr(m, "shape") and hasattr(m, "dtype"):
-        return jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device)
-      return m
-    return jax.tree.map(leaf, metadata, is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+    is_array = lambda m: hasattr(m, "shape") and hasattr(m, "dtype")
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device)
+                        if is_array(m) else m, metadata, is_leaf=is_array)
 
   def _quarantine(self, step: int) -> None:
     """Renames a damaged step directory out of orbax's sight, so that the step can be saved again."""

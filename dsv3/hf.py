@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from typing import Optional
 
 import jax
@@ -293,10 +294,8 @@ def save_checkpoint(config, params, out_dir: str, max_shard_bytes: int = 4 << 30
   if os.path.exists(out_dir):
     old = out_dir.rstrip("/") + ".old"
     if os.path.exists(old):
-      import shutil
       shutil.rmtree(old)
     os.replace(out_dir, old)
   os.replace(tmp, out_dir)
   if old is not None:
-    import shutil
     shutil.rmtree(old)

@@ -75,9 +75,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # Model, optimizer and their shardings.
   # ------------------------------------------------------------------------------------------------
   tx, lr_schedule = opt_lib.make_optimizer(config)
-  # Pipelined, the state lives on the whole mesh, replicated over 'pipeline': every rank's sub-mesh holds
-  # its stages' variables in place, and the update runs on every rank.
-  compute_mesh = mesh
+  # Pipelined too, the state lives on the whole mesh (replicated over 'pipeline'): every rank's sub-mesh
+  # holds its stages' variables in place, and the update runs on every rank.
   expert_parallel = None
   if config.mesh.expert > 1:         # pipelined, the executor splits experts inside each stage itself
     from dsv3.expert_parallel import ExpertParallel
@@ -90,11 +89,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   abstract = jax.eval_shape(init_state, jax.random.key(config.seed))
   state_shardings = {
-      "step": sharding.replicated(compute_mesh),
-      "params": sharding.param_shardings(compute_mesh, abstract["params"]),
-      "routing": sharding.param_shardings(compute_mesh, abstract["routing"]),
-      "opt_state": sharding.zero1_shardings(compute_mesh, abstract["opt_state"])}
-  batch_sharding = sharding.batch_sharding(compute_mesh)
+      "step": sharding.replicated(mesh),
+      "params": sharding.param_shardings(mesh, abstract["params"]),
+      "routing": sharding.param_shardings(mesh, abstract["routing"]),
+      "opt_state": sharding.zero1_shardings(mesh, abstract["opt_state"])}
+  batch_sharding = sharding.batch_sharding(mesh)
 
   # ------------------------------------------------------------------------------------------------
   # The train step: pure (state, batch) -> (state, metrics), jitted with shardings and donation.
@@ -249,8 +248,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
       batch = next(datasets.train)
       batch = np.asarray(batch, np.int32) if pipelined else batch_to_global(batch)
       # The pipeline executor places each stage on its own sub-mesh, so it runs outside any mesh context.
-      with contextlib.nullcontext() if pipelined else jax.set_mesh(compute_mesh):
-        state, metrics = step_fn(state, batch, jnp.float32(mtp_weight), jnp.float32(gamma))
+      # Host scalars: jit takes them without recompiling, and the executor reads them without a sync.
+      with contextlib.nullcontext() if pipelined else jax.set_mesh(mesh):
+        state, metrics = step_fn(state, batch, np.float32(mtp_weight), np.float32(gamma))
       done = step + 1
       if ema is not None:
         ema.update(state["params"], done)

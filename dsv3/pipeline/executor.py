@@ -41,7 +41,7 @@ from __future__ import annotations
 import collections
 import functools
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import jax
 import jax.numpy as jnp
@@ -239,15 +239,18 @@ class Plan:
     self.prediction = sim
     self._totals = {}
 
+  def on_mesh(self, x) -> bool:
+    """Whether `x` is an array placed on this plan's pipeline mesh."""
+    return isinstance(getattr(x, "sharding", None), NamedSharding) and x.sharding.mesh == self.mesh
+
   def leaf_spec(self, x) -> P:
     """Where a variable lives within a sub-mesh: its own spec if it is on the pipeline mesh, else replicated."""
-    sharding_ = getattr(x, "sharding", None)
-    if isinstance(sharding_, NamedSharding) and sharding_.mesh == self.mesh:
-      if "pipeline" in jax.tree.leaves(tuple(sharding_.spec)):
-        raise ValueError(f"pipeline executor: variables must be replicated over the 'pipeline' axis, got "
-                         f"spec {sharding_.spec}")
-      return sharding_.spec
-    return P()
+    if not self.on_mesh(x):
+      return P()
+    if "pipeline" in jax.tree.leaves(tuple(x.sharding.spec)):
+      raise ValueError(f"pipeline executor: variables must be replicated over the 'pipeline' axis, got "
+                       f"spec {x.sharding.spec}")
+    return x.sharding.spec
 
   def on_rank(self, tree, r: int):
     """`tree` on rank r's sub-mesh. Variables on the pipeline mesh are replicated over 'pipeline', so
@@ -257,7 +260,7 @@ class Plan:
 
     def leaf(x):
       spec = self.leaf_spec(x)
-      if isinstance(getattr(x, "sharding", None), NamedSharding) and x.sharding.mesh == self.mesh:
+      if self.on_mesh(x):
         return jax.make_array_from_single_device_arrays(
             x.shape, NamedSharding(mesh, spec), [s.data for s in x.addressable_shards if s.device in devices])
       if isinstance(x, jax.Array) and not x.is_fully_addressable:
@@ -297,6 +300,8 @@ def run(plan: Plan, variables, tokens, mtp_weight, alpha, timings: Optional[list
   mb = batch // plan.microbatches
   hidden = jax.ShapeDtypeStruct((mb, width - 1, cfg.hidden_size), compute_dtype(cfg))
 
+  spec = _token_spec(plan.meshes[0], mb)       # sub-meshes are alike: one row layout for every rank
+
   # Stage copies on the ranks this process takes part in.
   copies: Dict[tuple, dict] = {}
   views = {r: plan.on_rank((params, routing), r) for r in plan.local_ranks}
@@ -308,19 +313,17 @@ def run(plan: Plan, variables, tokens, mtp_weight, alpha, timings: Optional[list
     coefs = jax.device_put(np.asarray([mtp_weight, alpha, 1.0 / plan.microbatches], np.float32),
                            NamedSharding(mesh, P()))
     copies[d, s] = dict(params=p, routing=rt, coefs=coefs, acc=stages.zeros_like(p),
-                        key=plan.specs[s].program_key, spec=_token_spec(mesh, mb), aux=[],
-                        ep=plan.expert_parallel[r])
-  spec = _token_spec(plan.meshes[0], mb)       # sub-meshes are alike: one layout for every transfer
+                        key=plan.specs[s].program_key, aux=[], ep=plan.expert_parallel[r])
 
   # Micro-batch tokens go to the first and last stage of their direction (the embedding and the loss).
   micro = {}
-  for (d, s), c in copies.items():
+  for d, s in copies:
     if s in (0, plan.num_stages - 1):
       for m in range(plan.per_direction):
         g = d * plan.per_direction + m
         rows = tokens[g * mb:(g + 1) * mb]
         micro[d, s, m] = jax.make_array_from_callback(
-            rows.shape, NamedSharding(plan.meshes[plan.owner[d, s]], c["spec"]), lambda i, rows=rows: rows[i])
+            rows.shape, NamedSharding(plan.meshes[plan.owner[d, s]], spec), lambda i, rows=rows: rows[i])
 
   acts, grads_in, saved = {}, {}, {}
   deferred = [collections.deque() for _ in sched]
@@ -391,13 +394,13 @@ def _rank_totals(cfg: ModelConfig, stage_specs, param_shapes, routing_shapes, ac
   grads = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), param_shapes)
   loads = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), routing_shapes)
   scalars = {k: jnp.zeros((), jnp.float32) for k in ("loss", "balance", "ce", "mtp_loss")}
+  total = lambda xs: sum(xs[1:], xs[0])
   for spec, acc, aux in zip(stage_specs, accs, auxes):
     for path, g in stages.scatter_gradients(cfg, spec, acc):
       if len(path) == 2:
         grads[path[0]] = jax.tree.map(lambda t, x: t.at[path[1]].add(x), grads[path[0]], g)
       else:
         grads[path[0]] = jax.tree.map(jnp.add, grads[path[0]], g)
-    total = lambda xs: sum(xs[1:], xs[0])
     for name in scalars:
       if aux[0].get(name) is not None:
         scalars[name] = scalars[name] + total([a[name] for a in aux])
@@ -442,7 +445,7 @@ def _assemble(plan: Plan, params, routing, copies):
       [s.data for r in rows for s in flat_rows[r][i].addressable_shards])
       for i, (leaf, sp) in enumerate(zip(template, flat_specs))]
   targets = [NamedSharding(plan.mesh, sp) for sp in flat_specs]
-  summed = _sum_over_ranks(stacked, targets)
+  summed = _sum_over_ranks(stacked, tuple(targets))
   totals = jax.tree.unflatten(treedef, summed)
 
   # Each micro-batch's loss is spread over the stages (every stage's balance share, the last stage's CE
@@ -457,14 +460,10 @@ def _assemble(plan: Plan, params, routing, copies):
   return mean["loss"], metrics, totals["grads"], totals["loads"]
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def _sum_over_ranks(stacked, targets):
-  key = tuple(targets)
-  if key not in _SUM_PROGRAMS:
-    _SUM_PROGRAMS[key] = jax.jit(lambda xs: [x.sum(0, dtype=x.dtype) for x in xs], out_shardings=targets)
-  return _SUM_PROGRAMS[key](stacked)
-
-
-_SUM_PROGRAMS: Dict[tuple, Callable] = {}
+  """[P, ...] rows summed over 'pipeline', each result placed at its target sharding."""
+  return [jax.lax.with_sharding_constraint(x.sum(0, dtype=x.dtype), t) for x, t in zip(stacked, targets)]
 
 
 _PLANS: Dict[tuple, Plan] = {}
