@@ -9,6 +9,7 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -26,8 +27,6 @@ def pytest_collection_modifyitems(config, items):
     if "gpu" in item.keywords and not has_gpu:
       item.add_marker(skip_gpu)
 
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
