@@ -542,15 +542,8 @@ import json
 from dsv3 import bench, train
 
 def run(precision):
-  c = bench.load_config('tiny')
+  c = bench.short_run_config('tiny', TRAIN_STEPS, **TRAIN)   # configs/tiny.py, shrunk to a short run
   c.precision = precision
-  c.num_train_steps, c.warmup_steps = TRAIN_STEPS, max(1, TRAIN_STEPS // 10)
-  c.batch_size, c.seq_len = TRAIN['batch_size'], TRAIN['seq_len']
-  c.model.vocab_size = c.data.vocab_size = TRAIN['vocab']
-  c.data.max_files, c.eval_batches = TRAIN['max_files'], TRAIN['eval_batches']
-  c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 1, TRAIN_STEPS, TRAIN_STEPS
-  c.ema_decay = 0.0
-  c.mesh.data = jax.device_count()
   workdir = tempfile.mkdtemp(prefix=f'dsv3_{precision}_')
   last = train.train_and_evaluate(c, workdir)
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
@@ -602,14 +595,7 @@ import jax.numpy as jnp
 import numpy as np
 from dsv3 import bench, train
 
-config = bench.load_config('tiny')
-config.num_train_steps, config.warmup_steps = STEPS, max(1, STEPS // 10)
-config.batch_size, config.seq_len = TRAIN['batch_size'], TRAIN['seq_len']
-config.model.vocab_size = config.data.vocab_size = TRAIN['vocab']
-config.data.max_files, config.eval_batches = TRAIN['max_files'], TRAIN['eval_batches']
-config.log_every_steps, config.eval_every_steps, config.checkpoint_every_steps = 10, STEPS, STEPS
-config.ema_decay = 0.0
-config.mesh.data = jax.device_count()
+config = bench.short_run_config('tiny', STEPS, log_every=10, **TRAIN)   # configs/tiny.py, shrunk
 last = train.train_and_evaluate(config, WORKDIR)
 print(f"after {STEPS} steps: train loss {last['loss']:.3f}, validation loss {last['val_loss']:.3f}")
 """),

@@ -58,6 +58,23 @@ def load_config(name: str):
   return module.get_config()
 
 
+def short_run_config(name: str, steps: int, batch_size: int, seq_len: int, vocab: int, max_files: int,
+                     eval_batches: int, log_every: int = 1):
+  """configs/<name>.py shrunk for a quick run (the colabs' recipe): `steps` steps with 10% warm-up, one
+  evaluation and one checkpoint at the end, no EMA, data parallel over every local device. max_files
+  caps the default corpus (0: all of it); vocab sets both the model's and the tokenizer's vocabulary."""
+  import jax
+  c = load_config(name)
+  c.num_train_steps, c.warmup_steps = steps, max(1, steps // 10)
+  c.batch_size, c.seq_len = batch_size, seq_len
+  c.model.vocab_size = c.data.vocab_size = vocab
+  c.data.max_files, c.eval_batches = max_files, eval_batches
+  c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = log_every, steps, steps
+  c.ema_decay = 0.0
+  c.mesh.data = jax.device_count()
+  return c
+
+
 def _timeit(fn, steps: int, warmup: int = 1) -> float:
   """Median seconds per call of `fn` (which must block until its result is ready), after `warmup` calls."""
   for _ in range(warmup):
