@@ -20,28 +20,48 @@ A finished checkpoint can still be damaged later (a disk error, a file deleted o
 the previous step instead. Once an older step has restored with the same target, the newer ones are
 known to be damaged (not merely unreadable with this target, as after a config change, which fails on
 every step and moves nothing), and each is renamed `N.corrupt-<time>` — kept for inspection, invisible to
-orbax — so that the re-run of step N can save there again.
+orbax — so that the re-run of step N can save there again. A damaged or missing `extras` item counts as damage
+too, for `read_extras()` as for `restore()`.
+
+Readers that must not touch a directory a trainer may be writing (dsv3.convert, dsv3.generate, a run's
+init_from) pass `read_only=True`: nothing is created, cleaned, renamed or saved.
+
+Storage errors fail fast: `Checkpointer()` checks that the directory is writable, and a save that runs out
+of space raises `CheckpointStorageError` naming the directory, the step, the free bytes and the last
+intact step.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import fnmatch
 import json
 import logging
 import os
+import shutil
+import socket
 import time
-from typing import Any, Iterable, Mapping, NamedTuple, Optional
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Optional
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dsv3 import workdir as workdir_lib
+
 log = logging.getLogger(__name__)
 
 # Config fields that may change between a run and its resumption: schedule lengths, logging cadence,
-# paths, the mesh (checkpoints are topology-free) and the pipeline schedule (a pipelined step computes the
-# unpipelined step's gradients). Shell-style patterns over dotted names.
+# paths, the mesh (checkpoints are topology-free), the pipeline schedule (a pipelined step computes the
+# unpipelined step's gradients), the optimizer's hyper-parameters and learning-rate schedule, loss
+# weights, evaluation, and the run guards. Shell-style patterns over dotted names; `check_compatible`
+# reports those that did change.
 DEFAULT_IGNORE = ("num_train_steps", "log_every_steps", "checkpoint_every_steps", "eval_every_steps",
-                  "keep_checkpoints", "workdir", "*workdir*", "mesh.*", "pipeline.*")
+                  "eval_batches", "data.eval_batches", "keep_checkpoints", "workdir", "*workdir*",
+                  "mesh.*", "pipeline.*",
+                  "learning_rate", "min_lr_ratio", "lr_schedule", "warmup_steps", "decay_start_frac",
+                  "decay_end_frac", "grad_clip", "weight_decay", "b1", "b2", "mtp_weight*", "balance.gamma*",
+                  "nan_guard.*", "profile.*")
 
 
 class Restored(NamedTuple):
@@ -60,18 +80,52 @@ class Checkpointer:
     save_every: `save` without force writes only when step % save_every == 0.
     async_save: write in the background (`wait()` joins); False blocks in `save`.
     fallback: default of `restore(fallback=...)`: fall back to an older step if the latest is damaged.
+    read_only: only read: the directory must exist, nothing in it is created, cleaned (a live save's
+      `N.orbax-checkpoint-tmp-*` survives), renamed or saved.
+
+  Raises ValueError for keep < 1, CheckpointStorageError when (not read_only) the directory cannot be
+  created or written, FileNotFoundError when (read_only) it does not exist.
   """
 
-  def __init__(self, directory: str, keep: int = 3, save_every: int = 1, async_save: bool = True,
-               fallback: bool = True):
+  def __init__(self, directory: str, keep: Optional[int] = 3, save_every: int = 1, async_save: bool = True,
+               fallback: bool = True, read_only: bool = False):
     self.directory = os.path.abspath(os.fspath(directory))
     self.save_every = max(1, int(save_every))
     self.fallback = fallback
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, save_interval_steps=self.save_every, create=True,
-        enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True)  # leftovers of a save killed half-way
-    self._mgr = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "extras"))
+    self.read_only = read_only
+    self._pending_step: Optional[int] = None
+    if keep is not None and int(keep) < 1:
+      raise ValueError(f"keep_checkpoints must be >= 1 (got {keep}): the latest checkpoint is what a run "
+                       f"resumes from; set keep_checkpoints >= 1")
+    if read_only:
+      if not os.path.isdir(self.directory):
+        raise FileNotFoundError(f"checkpoint directory {self.directory} does not exist (or is not a "
+                                f"directory)")
+      options = ocp.CheckpointManagerOptions(read_only=True, create=False, cleanup_tmp_directories=False,
+                                             enable_async_checkpointing=False)
+    else:
+      self._check_writable()
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=keep, save_interval_steps=self.save_every, create=True,
+          enable_async_checkpointing=async_save,
+          cleanup_tmp_directories=True)  # leftovers of a save killed half-way
+    with _quiet_library_logs():  # read_only: orbax warns that the directory is read only
+      self._mgr = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "extras"))
+
+  def _check_writable(self) -> None:
+    """Creates the directory and writes + removes a probe file, or raises CheckpointStorageError."""
+    probe = os.path.join(self.directory, f".dsv3-write-probe-{socket.gethostname()}-{os.getpid()}")
+    try:
+      if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+        raise NotADirectoryError(errno.ENOTDIR, "is a file, not a directory", self.directory)
+      os.makedirs(self.directory, exist_ok=True)
+      with open(probe, "w") as f:
+        f.write("probe")
+      os.remove(probe)
+    except OSError as e:
+      raise CheckpointStorageError(
+          f"checkpoint directory {self.directory} is not writable: {workdir_lib.os_error_cause(e)}. Fix: "
+          f"pass a --workdir on a writable disk, or make that directory writable.") from e
 
   def step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
@@ -90,8 +144,12 @@ class Checkpointer:
            force: bool = False) -> bool:
     """Saves `state` and `extras` as step `step` if it is on schedule (or `force`, e.g. on SIGTERM).
 
-    Returns whether a save started; a step that already has a checkpoint is not saved again.
+    Returns whether a save started; a step that already has a checkpoint is not saved again. Raises
+    CheckpointStorageError when the disk is full (or otherwise refuses the write), here or in `wait()`.
     """
+    if self.read_only:
+      raise PermissionError(f"checkpoint directory {self.directory} was opened with read_only=True; "
+                            f"open it with read_only=False to save")
     step = int(step)
     if step in self._mgr.all_steps() or not (force or step % self.save_every == 0):
       return False
@@ -102,14 +160,67 @@ class Checkpointer:
       except TypeError as e:
         raise TypeError(f"checkpoint extras[{k!r}] is not JSON-serialisable: {e}") from e
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), extras=ocp.args.JsonSave(extras))
-    return bool(self._mgr.save(step, args=args, force=force))
+    with self._storage_errors(step):
+      started = bool(self._mgr.save(step, args=args, force=force))
+    if started:
+      self._pending_step = step
+    return started
 
-  def read_extras(self, step: Optional[int] = None) -> dict:
-    """Only the JSON extras of `step` (default: latest), e.g. to check the config before restoring."""
-    step = self.latest_step() if step is None else step
-    if step is None:
+  @contextlib.contextmanager
+  def _storage_errors(self, step: Optional[int]) -> Iterator[None]:
+    """Re-raises a full disk (or a refused write) while saving `step` as CheckpointStorageError."""
+    try:
+      yield
+    except Exception as e:  # noqa: BLE001 - re-raised as is unless it is a storage error
+      cause = _storage_cause(e)
+      if cause is None:
+        raise
+      try:
+        free = f"{shutil.disk_usage(self.directory).free:,} bytes free"
+      except OSError:
+        free = "free space unknown"
+      intact = [s for s in self._mgr.all_steps() if s != step]
+      previous = (f"The previous checkpoint (step {max(intact)}, {self.step_dir(max(intact))}) is intact"
+                  if intact else "There is no earlier checkpoint")
+      raise CheckpointStorageError(
+          f"checkpoint step {step} could not be written to {self.directory}: {cause} ({free}). "
+          f"{previous}; the half-written step is removed at the next start. Fix: free space (or move "
+          f"--workdir to a larger disk) and run again to resume.") from e
+
+  def read_extras(self, step: Optional[int] = None, fallback: Optional[bool] = None) -> dict:
+    """Only the JSON extras of `step` (default: latest), e.g. to check the config before restoring.
+
+    With step=None and `fallback` (default: the Checkpointer's), a missing or damaged latest extras
+    falls back to the next older step, as `restore` does, with one warning naming the step read.
+    """
+    fallback = self.fallback if fallback is None else fallback
+    if step is not None:
+      step = int(step)
+      if step not in self._mgr.all_steps():
+        raise FileNotFoundError(f"no checkpoint {self.step_dir(step)}; the steps in "
+                                f"{self.directory} are {self.all_steps()}")
+      return self._read_extras_one(step)
+    steps = sorted(self._mgr.all_steps(), reverse=True)
+    if not steps:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    return dict(self._mgr.restore(step, args=ocp.args.Composite(extras=ocp.args.JsonRestore()))["extras"])
+    for i, s in enumerate(steps):
+      try:
+        extras = self._read_extras_one(s)
+      except CheckpointCorruptError as e:
+        if not fallback or i + 1 == len(steps):
+          raise
+        log.warning("%s; reading step %d instead.", e, steps[i + 1])
+        continue
+      return extras
+
+  def _read_extras_one(self, step: int) -> dict:
+    try:
+      with _quiet_library_logs():
+        out = self._mgr.restore(step, args=ocp.args.Composite(extras=ocp.args.JsonRestore()))
+      return _checked_extras(out["extras"])
+    except Exception as e:  # noqa: BLE001 - re-raised with the directory named
+      raise CheckpointCorruptError(
+          f"checkpoint {self.step_dir(step)} extras cannot be read: {_short(e)}") from e
 
   def restore(self, step: Optional[int] = None, abstract_state: Any = None,
               fallback: Optional[bool] = None) -> Optional[Restored]:
@@ -130,7 +241,8 @@ class Checkpointer:
         raise FileNotFoundError(f"no checkpoint {self.step_dir(step)}; the steps in "
                                 f"{self.directory} are {self.all_steps()}")
       try:
-        return self._restore_one(step, abstract_state)
+        with _quiet_library_logs():
+          return self._restore_one(step, abstract_state)
       except Exception as e:  # noqa: BLE001 - re-raised with the directory named
         raise CheckpointCorruptError(
             f"checkpoint {self.step_dir(step)} cannot be restored: {_short(e)}") from e
@@ -140,7 +252,8 @@ class Checkpointer:
     failures = []
     for s in steps:
       try:
-        result = self._restore_one(s, abstract_state)
+        with _quiet_library_logs():
+          result = self._restore_one(s, abstract_state)
         ok = True
       except Exception as e:  # noqa: BLE001 - any read error means "this step is unusable"
         result, ok, err = None, False, e
@@ -148,10 +261,10 @@ class Checkpointer:
         if failures:
           # Only now are the newer steps known to be damaged rather than unreadable with this target
           # (a changed config fails on every step, and must not cost the user their checkpoints).
-          for f, _ in failures:
-            self._quarantine(f)
-          log.warning("Restored checkpoint step %d instead of the damaged newer step(s) %s.", s,
-                      ", ".join(str(f) for f, _ in failures))
+          moved = [self._quarantine(f) for f, _ in failures]
+          log.warning("Restored checkpoint step %d instead of the damaged newer step(s) %s; %s.", s,
+                      ", ".join(str(f) for f, _ in failures),
+                      "moved aside to " + ", ".join(m for m in moved if m) if any(moved) else "left in place")
         return result
       if ok:  # another process failed to read its shards: treat the step as damaged everywhere
         err = RuntimeError("another process could not read its part of this checkpoint")
@@ -177,7 +290,7 @@ class Checkpointer:
     state_args = ocp.args.StandardRestore(abstract_state)
     out = self._mgr.restore(step, args=ocp.args.Composite(state=state_args,
                                                           extras=ocp.args.JsonRestore()))
-    return Restored(step, out["state"], dict(out["extras"] or {}))
+    return Restored(step, out["state"], _checked_extras(out["extras"]))
 
   def _local_target(self, step: int) -> Any:
     """The saved state's shapes and dtypes, every array on this process's first device: a target that
@@ -190,27 +303,35 @@ class Checkpointer:
     return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device)
                         if is_array(m) else m, metadata, is_leaf=is_array)
 
-  def _quarantine(self, step: int) -> None:
-    """Renames a damaged step directory out of orbax's sight, so that the step can be saved again."""
+  def _quarantine(self, step: int) -> Optional[str]:
+    """Renames a damaged step directory out of orbax's sight, so that the step can be saved again;
+    returns the new name (None when read_only, or not moved)."""
+    if self.read_only:
+      return None
+    dest = f"{self.step_dir(step)}.corrupt-{int(time.time())}"
     if jax.process_index() == 0:
-      dest = f"{self.step_dir(step)}.corrupt-{int(time.time())}"
       try:
         os.rename(self.step_dir(step), dest)
-        log.warning("Moved the damaged checkpoint %s to %s.", self.step_dir(step), dest)
       except OSError as e:
         log.warning("Could not move the damaged checkpoint %s aside: %s", self.step_dir(step), e)
+        dest = None
     if jax.process_count() > 1:
       ocp.multihost.sync_global_processes(f"dsv3_checkpoint_quarantine_{step}")
     self._mgr.reload()
+    return dest
 
   def wait(self) -> None:
-    """Blocks until the pending asynchronous save (if any) is on disk."""
-    self._mgr.wait_until_finished()
+    """Blocks until the pending asynchronous save (if any) is on disk; see `save` for the errors."""
+    step, self._pending_step = self._pending_step, None
+    with self._storage_errors(step):
+      self._mgr.wait_until_finished()
 
   def close(self) -> None:
     """Waits for pending saves and releases orbax's threads."""
-    self._mgr.wait_until_finished()
-    self._mgr.close()
+    try:
+      self.wait()
+    finally:
+      self._mgr.close()
 
   def __enter__(self):
     return self
@@ -221,6 +342,61 @@ class Checkpointer:
 
 class CheckpointCorruptError(RuntimeError):
   """A checkpoint step directory exists but cannot be restored; the message names it."""
+
+
+class CheckpointStorageError(RuntimeError):
+  """The checkpoint directory cannot be written (not writable, disk full); the message says why."""
+
+
+def _checked_extras(extras: Any) -> dict:
+  if not isinstance(extras, Mapping):
+    raise ValueError(f"the extras item is missing or not a JSON object (read {type(extras).__name__})")
+  return dict(extras)
+
+
+# Loggers that print kilobytes of tracebacks when a read fails; a failed restore is reported by us.
+_NOISY_LOGGERS = ("absl", "orbax", "orbax.checkpoint", "tensorstore", "asyncio", "jax._src.distributed")
+
+
+@contextlib.contextmanager
+def _quiet_library_logs() -> Iterator[None]:
+  """Silences the libraries' logging (below CRITICAL) for the block: we report the failure ourselves."""
+  loggers = [logging.getLogger(n) for n in _NOISY_LOGGERS]
+  levels = [lg.level for lg in loggers]
+  for lg in loggers:
+    lg.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    for lg, level in zip(loggers, levels):
+      lg.setLevel(level)
+
+
+_STORAGE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                   errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                   errno.EPERM: "permission denied"}
+_STORAGE_TEXTS = (("RESOURCE_EXHAUSTED", "no space left on device (RESOURCE_EXHAUSTED)"),
+                  ("No space left on device", "no space left on device"),
+                  ("Disk quota exceeded", "disk quota exceeded"),
+                  ("Read-only file system", "read-only file system"))
+
+
+def _storage_cause(err: BaseException) -> Optional[str]:
+  """'no space left on device' etc. if `err` (or an error it wraps) is one, else None."""
+  seen, todo = set(), [err]
+  while todo:
+    e = todo.pop()
+    if e is None or id(e) in seen:
+      continue
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS:
+      return _STORAGE_ERRNOS[e.errno]
+    text = str(e)
+    for needle, cause in _STORAGE_TEXTS:
+      if needle in text:
+        return cause
+    todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+  return None
 
 
 def _short(err: BaseException) -> str:
@@ -264,19 +440,23 @@ _MISSING = object()  # a field present in one config only
 
 
 def check_compatible(saved_config: Mapping[str, Any], new_config: Mapping[str, Any],
-                     ignore: Iterable[str] = DEFAULT_IGNORE) -> None:
-  """Raises ValueError naming every field (other than `ignore` patterns) that differs.
+                     ignore: Iterable[str] = DEFAULT_IGNORE) -> list:
+  """Raises ValueError naming every field (other than `ignore` patterns) that differs; else returns the
+  [(name, saved value, new value)] of the allowed fields that did change (None for a field that one
+  config lacks), for the resume log line (`format_changes`).
 
   Both configs may be flat ({'model.hidden_size': 64}) or nested; they are flattened first.
   """
   saved, new = flatten_config(saved_config), flatten_config(new_config)
   ignore = tuple(ignore)
-  diffs = []
+  diffs, changes = [], []
   for name in sorted(set(saved) | set(new)):
-    if any(fnmatch.fnmatchcase(name, pat) for pat in ignore):
-      continue
     a, b = saved.get(name, _MISSING), new.get(name, _MISSING)
-    if a != b:
+    if a == b:
+      continue
+    if any(fnmatch.fnmatchcase(name, pat) for pat in ignore):
+      changes.append((name, None if a is _MISSING else a, None if b is _MISSING else b))
+    else:
       diffs.append((name, a, b))
   if diffs:
     show = lambda v: "no value" if v is _MISSING else repr(v)
@@ -288,3 +468,9 @@ def check_compatible(saved_config: Mapping[str, Any], new_config: Mapping[str, A
         f"change on resume:\n{lines}\nFix: restore the saved value(s)"
         + (f" (e.g. {fixes})" if fixes else "")
         + ", or start a fresh run with a new --workdir.")
+  return changes
+
+
+def format_changes(changes: Iterable) -> str:
+  """'learning_rate 1e-06 -> 0.001, warmup_steps 20 -> 0' for `check_compatible`'s result."""
+  return ", ".join(f"{name} {old!r} -> {new!r}" for name, old, new in changes)
