@@ -8,6 +8,7 @@ name the offending field and say how to fix it.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from typing import Any, Mapping, Optional
 
@@ -226,7 +227,9 @@ class ModelConfig:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(m) - names)
     if unknown:
-      raise ConfigError(f"model.{unknown[0]}: unknown field; valid fields are {sorted(names)}")
+      valid = sorted(names - {"precision"})
+      hint = closest_key(unknown[0], valid, prefix="model.") or f"; valid fields are {valid}"
+      raise ConfigError(f"model.{unknown[0]}: unknown field{hint}")
     if m.get("rope_scaling") is not None and not isinstance(m["rope_scaling"], tuple):
       m["rope_scaling"] = tuple(sorted(dict(m["rope_scaling"]).items()))
     if "precision" in config and config["precision"] is not None:
@@ -307,6 +310,9 @@ def base_train_config(model: ModelConfig):
   c.checkpoint_every_steps = 200
   c.keep_checkpoints = 3
   c.init_from = ""                        # HF checkpoint dir or orbax dir; used when the workdir is empty
+  # Divergence guard: a step whose loss, gradient norm or update is non-finite, or whose update norm
+  # exceeds max_update_ratio x the parameter norm, stops the run before any later checkpoint (0: no ratio check).
+  c.nan_guard = ml_collections.ConfigDict(dict(max_update_ratio=1.0))
   # Parallelism.
   c.mesh = ml_collections.ConfigDict(dict(data=1, expert=1, pipeline=1))
   c.pipeline = ml_collections.ConfigDict(dict(schedule="none", microbatches=1))
@@ -314,35 +320,113 @@ def base_train_config(model: ModelConfig):
   return c
 
 
+def closest_key(key: str, keys, prefix: str = "") -> str:
+  """'; did you mean <prefix><k>?' for the k in `keys` closest to `key` (difflib), or '' when none is close."""
+  close = difflib.get_close_matches(key, list(keys), n=1)
+  return f"; did you mean {prefix}{close[0]}?" if close else ""
+
+
+def dotted_keys(c, prefix: str = "") -> list:
+  """Every field of a (nested) ConfigDict / mapping as a dotted path, blocks included: ['mesh', 'mesh.data']."""
+  out = []
+  for k in c.keys():
+    out.append(prefix + str(k))
+    v = c[k]
+    if hasattr(v, "keys") and callable(v.keys):
+      out += dotted_keys(v, f"{prefix}{k}.")
+  return out
+
+
 def validate_train_config(c) -> None:
-  """Checks the training config before anything expensive; errors name the field and the fix."""
+  """Checks the training config before anything expensive; errors name the field and the fix.
+
+  Covers unknown fields (naming the closest valid one), every value's type and range, seq_len against
+  model.max_position_embeddings, the mesh against the batch and the experts, the model block
+  (ModelConfig.validate) and the data block (data.validate_data_config).
+  """
   def need(cond, field, msg):
     if not cond:
       raise ConfigError(f"config.{field}: {msg}")
+
+  def is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+  def number(field, lo, hi=None, lo_open=False, hi_open=False, hint=""):
+    """A real number in [lo, hi] (open ends where asked); `hint` says what the value means."""
+    node = c
+    for part in field.split("."):
+      node = node[part]
+    v = node
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v:
+      raise ConfigError(f"config.{field}: must be a number, got {v!r}")
+    ok = (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))
+    rng = (f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}" if hi is not None
+           else f"{'>' if lo_open else '>='} {lo}")
+    need(ok, field, f"must be {'in ' if hi is not None else ''}{rng}{hint}, got {v!r}")
+
+  base = base_train_config(ModelConfig())
+  for block in ("", "balance", "mesh", "pipeline"):
+    given, known = (c, base) if not block else (c[block], base[block])
+    prefix = f"{block}." if block else ""
+    for k in sorted(given.keys()):
+      need(k in known, prefix + k,
+           f"unknown field{closest_key(k, known.keys(), prefix=f'config.{prefix}')}")
   for f in ("num_train_steps", "batch_size", "seq_len", "log_every_steps", "checkpoint_every_steps",
-            "grad_accum_steps", "eval_every_steps"):
-    need(isinstance(c[f], int) and c[f] > 0, f, f"must be a positive integer, got {c[f]!r}")
-  need(c.learning_rate > 0, "learning_rate", f"must be > 0, got {c.learning_rate}")
-  need(0 <= c.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {c.min_lr_ratio}")
+            "grad_accum_steps", "eval_every_steps", "keep_checkpoints"):
+    need(is_int(c[f]) and c[f] > 0, f, f"must be a positive integer, got {c[f]!r}"
+         + ("; keep at least 1 so the final checkpoint survives" if f == "keep_checkpoints" else ""))
+  need(is_int(c.seed), "seed", f"must be an integer, got {c.seed!r}")
+  need(is_int(c.eval_batches) and c.eval_batches >= 0, "eval_batches",
+       f"must be an integer >= 0 (0 = every validation batch), got {c.eval_batches!r}")
+  need(is_int(c.warmup_steps) and c.warmup_steps >= 0, "warmup_steps",
+       f"must be an integer >= 0, got {c.warmup_steps!r}")
+  max_pos = c.model.max_position_embeddings
+  need(c.seq_len <= max_pos, "seq_len",
+       f"{c.seq_len} exceeds config.model.max_position_embeddings={max_pos}; lower config.seq_len to "
+       f"<= {max_pos} or raise config.model.max_position_embeddings")
+  number("learning_rate", 0, lo_open=True)
+  number("min_lr_ratio", 0, 1)
   need(c.lr_schedule in ("deepseek", "cosine"), "lr_schedule",
        f"must be 'deepseek' or 'cosine', got {c.lr_schedule!r}")
-  need(0 <= c.decay_start_frac <= c.decay_end_frac <= 1, "decay_start_frac",
-       "need 0 <= decay_start_frac <= decay_end_frac <= 1")
-  need(c.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+  number("decay_start_frac", 0, 1)
+  number("decay_end_frac", 0, 1)
+  need(c.decay_start_frac <= c.decay_end_frac, "decay_start_frac",
+       f"need 0 <= decay_start_frac <= decay_end_frac <= 1, got {c.decay_start_frac} > {c.decay_end_frac}")
+  number("b1", 0, 1, hi_open=True, hint=" (Adam's first-moment decay, 0.9)")
+  number("b2", 0, 1, hi_open=True, hint=" (Adam's second-moment decay, 0.95)")
+  number("weight_decay", 0, hint=" (0 disables it)")
+  number("grad_clip", 0, hint=" (0 disables clipping)")
+  number("mtp_weight", 0, 1, hint=" (the MTP loss weight lambda, 0.3 in the report)")
+  number("mtp_weight_final", 0, 1, hint=" (the MTP loss weight lambda, 0.1 in the report)")
+  number("mtp_weight_switch_frac", 0, 1, hint=" (the share of training before mtp_weight_final)")
+  number("ema_decay", 0, 1, hi_open=True, hint=" (0 disables the EMA)")
   need(c.precision in ("fp32", "bf16", "fp8"), "precision", f"must be 'fp32', 'bf16' or 'fp8', got {c.precision!r}")
-  need(c.adam_moments_dtype in ("float32", "bfloat16"), "adam_moments_dtype", "must be 'float32' or 'bfloat16'")
-  need(0 <= c.ema_decay < 1, "ema_decay", f"must be in [0, 1) (0 disables the EMA), got {c.ema_decay}")
+  need(c.adam_moments_dtype in ("float32", "bfloat16"), "adam_moments_dtype",
+       f"must be 'float32' or 'bfloat16', got {c.adam_moments_dtype!r}")
+  need(isinstance(c.init_from, str), "init_from",
+       f"must be a path string (an HF or orbax checkpoint dir) or '' for none, got {c.init_from!r}")
   need(c.balance.mode in ("aux_free", "aux_loss", "none"), "balance.mode",
        f"must be 'aux_free', 'aux_loss' or 'none', got {c.balance.mode!r}")
-  need(c.balance.gamma >= 0 and c.balance.gamma_final >= 0, "balance.gamma", "must be >= 0")
-  need(c.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables clipping)")
+  number("balance.gamma", 0, hint=" (the bias update speed, 0.001)")
+  number("balance.gamma_final", 0, hint=" (0 in the report)")
+  number("balance.gamma_switch_frac", 0, 1, hint=" (the share of training before gamma_final)")
+  number("balance.sequence_alpha", 0, hint=" (0 disables the sequence-wise balance loss)")
+  number("balance.aux_loss_alpha", 0)
+  if "nan_guard" in c:
+    number("nan_guard.max_update_ratio", 0, hint=" (0 disables the update-size check)")
   for f in ("data", "expert", "pipeline"):
-    need(isinstance(c.mesh[f], int) and c.mesh[f] >= 1, f"mesh.{f}", f"must be an integer >= 1, got {c.mesh[f]!r}")
+    need(is_int(c.mesh[f]) and c.mesh[f] >= 1, f"mesh.{f}", f"must be an integer >= 1, got {c.mesh[f]!r}")
+  experts, moe_layers = c.model.n_routed_experts, c.model.num_hidden_layers - c.model.first_k_dense_replace
+  if moe_layers > 0 and c.mesh.expert > 1:
+    need(is_int(experts) and experts % c.mesh.expert == 0, "mesh.expert",
+         f"model.n_routed_experts={experts} must be divisible by mesh.expert={c.mesh.expert}; pick a divisor "
+         f"of {experts}")
   need(c.pipeline.schedule in ("none", "gpipe", "1f1b", "zb1p", "dualpipe", "dualpipev"), "pipeline.schedule",
        f"must be one of none, gpipe, 1f1b, zb1p, dualpipe, dualpipev; got {c.pipeline.schedule!r}")
   need(c.mesh.pipeline == 1 or c.pipeline.schedule != "none", "pipeline.schedule",
        f"mesh.pipeline={c.mesh.pipeline} needs a schedule: set --config.pipeline.schedule=dualpipe (or 1f1b, ...)")
-  need(c.pipeline.microbatches >= 1, "pipeline.microbatches", "must be >= 1")
+  need(is_int(c.pipeline.microbatches) and c.pipeline.microbatches >= 1, "pipeline.microbatches",
+       f"must be an integer >= 1, got {c.pipeline.microbatches!r}")
   shards = c.mesh.data * c.mesh.expert
   need(c.batch_size % (shards * c.grad_accum_steps) == 0, "batch_size",
        f"{c.batch_size} must be divisible by mesh.data*mesh.expert*grad_accum_steps = "
@@ -351,4 +435,6 @@ def validate_train_config(c) -> None:
     need(c.batch_size % (c.pipeline.microbatches * shards) == 0, "pipeline.microbatches",
          f"batch_size={c.batch_size} must split into {c.pipeline.microbatches} micro-batches divisible by "
          f"mesh.data*mesh.expert={shards}")
-  ModelConfig.from_config_dict(c)
+  cfg = ModelConfig.from_config_dict(c)
+  from dsv3 import data  # pylint: disable=g-import-not-at-top  (data imports this module)
+  data.validate_data_config(c.data, model_vocab_size=cfg.vocab_size)

@@ -62,7 +62,7 @@ import ml_collections
 import numpy as np
 
 from dsv3 import tokenizer as tokenizer_lib
-from dsv3.config import ConfigError
+from dsv3.config import ConfigError, closest_key
 
 VERSION = 1                      # bump when tokenization or packing changes: old cached streams are ignored
 FORMATS = ("auto", "text", "jsonl", "parquet", "bin", "npy")
@@ -105,8 +105,15 @@ class Corpus:
   fingerprint: str
 
 
+def _check_max_files(max_files) -> None:
+  if not isinstance(max_files, (int, np.integer)) or isinstance(max_files, bool) or max_files < 0:
+    raise DataError(f"data.max_files: must be an integer >= 0 (0 = every file), got {max_files!r}; set it to "
+                    f"the number of files to use, or 0")
+
+
 def stdlib_corpus(max_files: int = 0) -> Corpus:
   """The running Python's standard-library sources: real text present on every machine, no download."""
+  _check_max_files(max_files)
   root = pathlib.Path(sysconfig.get_paths()["stdlib"])
   files = []
   for d, dirs, names in os.walk(root):
@@ -126,6 +133,9 @@ def resolve_corpus(source: str, fmt: str = "auto", field: str = "text", max_file
   """Expands `source` (paths, globs, directories, comma-separated) and settles the format."""
   if fmt not in FORMATS:
     raise DataError(f"data.format: unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+  _check_max_files(max_files)
+  if not isinstance(source, str) or not source.strip():
+    raise DataError(f"data.source: must be 'stdlib' or paths / globs / directories, got {source!r}")
   if source == "stdlib":
     if fmt not in ("auto", "text"):
       raise DataError(f"data.format: the stdlib corpus is text, got {fmt!r}; use 'auto' or 'text'")
@@ -436,20 +446,57 @@ def _get(cfg, key, default):
   return cfg[key] if cfg is not None and key in cfg else default
 
 
+def validate_data_config(d, model_vocab_size: Optional[int] = None) -> None:
+  """Checks every field of a `data` block (see the module doc); DataError names the field and the fix."""
+  defaults = default_data_config()
+  for k in d:
+    if k not in defaults:
+      hint = closest_key(k, defaults.keys(), prefix="data.") or f"; valid fields are {sorted(defaults)}"
+      raise DataError(f"data.{k}: unknown field{hint}")
+  get = lambda k: d[k] if k in d else defaults[k]
+  is_int = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+  for k in ("source", "format", "field", "tokenizer", "dtype", "cache_dir"):
+    if not isinstance(get(k), str):
+      raise DataError(f"data.{k}: must be a string, got {get(k)!r}")
+  if get("format") not in FORMATS:
+    raise DataError(f"data.format: unknown format {get('format')!r}; use one of {', '.join(FORMATS)}")
+  if not get("field"):
+    raise DataError("data.field: must name the jsonl key / parquet column holding the text, e.g. 'text'")
+  if get("dtype") not in ("uint16", "uint32"):
+    raise DataError(f"data.dtype: must be 'uint16' or 'uint32' (the .bin token width), got {get('dtype')!r}")
+  fraction = get("validation_fraction")
+  if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 <= fraction < 1:
+    raise DataError(f"data.validation_fraction: must be in [0, 1) (0 = no validation split), got {fraction!r}")
+  _check_max_files(get("max_files"))
+  for k, meaning in (("eval_batches", "0 = every validation batch"), ("prefetch", "0 = no background thread")):
+    if not is_int(get(k)) or get(k) < 0:
+      raise DataError(f"data.{k}: must be an integer >= 0 ({meaning}), got {get(k)!r}")
+  vocab, trains_bpe = get("vocab_size"), get("tokenizer") in ("", "bpe", "data")
+  if trains_bpe and (not is_int(vocab) or vocab < tokenizer_lib.MIN_VOCAB):
+    raise DataError(f"data.vocab_size: {vocab!r} is too small for a byte-level BPE; it needs >= "
+                    f"{tokenizer_lib.MIN_VOCAB} (256 bytes + <|bos|> + <|eos|> + merges); tiny configs use "
+                    f"2048-8192")
+  if model_vocab_size is not None and trains_bpe and vocab > model_vocab_size:
+    raise DataError(f"data.vocab_size: the trained BPE emits ids up to {vocab - 1}, but model.vocab_size is "
+                    f"{model_vocab_size}; set data.vocab_size <= {model_vocab_size} or raise model.vocab_size")
+
+
 def make_datasets(config, process_index: Optional[int] = None, process_count: Optional[int] = None) -> Datasets:
   """Builds the train iterator, the validation batches and the tokenizer from `config` (see module doc)."""
   d = default_data_config()
   given = _get(config, "data", None) or {}
+  validate_data_config(given)
   for k in given:
-    if k not in d:
-      raise DataError(f"data.{k}: unknown field; valid fields are {sorted(d)}")
     d[k] = given[k]
   seq_len, batch_size, seed = (_get(config, "seq_len", None), _get(config, "batch_size", None),
-                               int(_get(config, "seed", 0)))
+                               _get(config, "seed", 0))
   if not isinstance(seq_len, int) or seq_len <= 0:
     raise DataError(f"seq_len: must be a positive integer, got {seq_len!r}")
   if not isinstance(batch_size, int) or batch_size <= 0:
     raise DataError(f"batch_size: must be a positive integer (the global batch), got {batch_size!r}")
+  if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+    raise DataError(f"seed: must be an integer, got {seed!r}")
+  seed = int(seed)
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top  (lets tests and tools use the pipeline without jax)
     process_index = jax.process_index() if process_index is None else process_index
@@ -460,11 +507,6 @@ def make_datasets(config, process_index: Optional[int] = None, process_count: Op
   if not 0 <= process_index < process_count:
     raise DataError(f"process_index {process_index} is outside [0, process_count={process_count})")
   fraction = float(d.validation_fraction)
-  if not 0 <= fraction < 1:
-    raise DataError(f"data.validation_fraction: must be in [0, 1), got {fraction}")
-  if d.dtype not in ("uint16", "uint32"):
-    raise DataError(f"data.dtype: must be 'uint16' or 'uint32' (the .bin token width), got {d.dtype!r}")
-
   corpus = resolve_corpus(d.source, d.format, d.field, int(d.max_files))
   if corpus.format in ("bin", "npy"):
     tok = load_tokenizer(d) if d.tokenizer not in ("", "bpe") else None
