@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv3 import model
+from dsv3 import cli, model
 from dsv3.config import ModelConfig
 
 
@@ -107,6 +107,11 @@ def _prepare(config, params, prompt_ids, max_new_tokens):
                      f"[{prompt.min()}, {prompt.max()}]")
   if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
     raise ValueError(f"max_new_tokens: must be an integer >= 0, got {max_new_tokens!r}")
+  T, limit = prompt.shape[-1], cfg.max_position_embeddings
+  if T + max_new_tokens > limit:
+    raise ValueError(f"max_new_tokens: the prompt length {T} + max_new_tokens {max_new_tokens} = "
+                     f"{T + max_new_tokens} exceeds the model's max_position_embeddings={limit}; set "
+                     f"max_new_tokens <= {max(limit - T, 0)} or shorten the prompt")
   return cfg, model._variables(cfg, params), jnp.asarray(np.atleast_2d(prompt), jnp.int32), prompt.ndim
 
 
@@ -242,6 +247,13 @@ def speculative_generate(config, params, prompt_ids, max_new_tokens: int = 16, e
 # ---------------------------------------------------------------------------------------------------
 # Command line: python -m dsv3.generate --checkpoint=DIR --tokenizer=tokenizer.json --prompt="..."
 # ---------------------------------------------------------------------------------------------------
+def _check_checkpoint_dir(checkpoint: str) -> None:
+  if not os.path.isdir(checkpoint):
+    what = "is a file, not a directory" if os.path.exists(checkpoint) else "does not exist"
+    raise ValueError(f"--checkpoint: {checkpoint!r} {what}; give an HF-format dir (config.json + safetensors) "
+                     f"or a training run's checkpoint dir (WORKDIR/checkpoints)")
+
+
 def _load(checkpoint: str, config):
   """(ModelConfig, variables) from an HF-format dir, an orbax training dir, or random init (no checkpoint)."""
   if not checkpoint:
@@ -249,8 +261,7 @@ def _load(checkpoint: str, config):
       raise ValueError("--checkpoint: give a checkpoint dir, or --config to run randomly initialised weights")
     cfg = ModelConfig.from_any(config)
     return cfg, jax.jit(model.init, static_argnums=0)(cfg, jax.random.key(0))
-  if not os.path.isdir(checkpoint):
-    raise ValueError(f"--checkpoint: {checkpoint!r} is not a directory")
+  _check_checkpoint_dir(checkpoint)
   if os.path.exists(os.path.join(checkpoint, "config.json")):
     from dsv3 import hf
     return hf.load_checkpoint(checkpoint)
@@ -259,7 +270,7 @@ def _load(checkpoint: str, config):
                      f"checkpoint, which needs the training config file that made it")
   from dsv3 import checkpoint as ckpt_lib
   cfg = ModelConfig.from_any(config)
-  restored = ckpt_lib.Checkpointer(checkpoint, async_save=False).restore()
+  restored = ckpt_lib.Checkpointer(checkpoint, async_save=False, read_only=True).restore()
   if restored is None:
     raise ValueError(f"--checkpoint: no checkpoint step found in {checkpoint!r}")
   for tree in (restored.state, *(restored.state.get(k) for k in ("params", "variables", "model")
@@ -274,12 +285,23 @@ def main(argv):
   from absl import flags
   del argv
   F = flags.FLAGS
+  if F.temperature < 0:
+    raise ValueError(f"--temperature: must be >= 0 (0 = greedy), got {F.temperature}")
+  if not 0 < F.top_p <= 1:
+    raise ValueError(f"--top_p: must be in (0, 1] (1 = no nucleus cut), got {F.top_p}")
+  if F.max_new_tokens < 0:
+    raise ValueError(f"--max_new_tokens: must be >= 0, got {F.max_new_tokens}")
+  if F.checkpoint:
+    _check_checkpoint_dir(F.checkpoint)
   if F.prompt and not F.tokenizer:
     raise ValueError("--prompt: text prompts need --tokenizer (a tokenizer.json); or pass --prompt_ids=1,2,3")
   if F.prompt and F.prompt_ids:
     raise ValueError("--prompt_ids: give either --prompt or --prompt_ids, not both")
   tok = None
   if F.tokenizer:
+    if not os.path.exists(os.path.expanduser(F.tokenizer)):
+      raise ValueError(f"--tokenizer: {F.tokenizer!r} does not exist; give a tokenizer.json (or a dir holding "
+                       f"one), e.g. the one next to an HF checkpoint, or use --prompt_ids=1,2,3")
     from dsv3 import tokenizer as tok_lib
     tok = tok_lib.load(F.tokenizer)
   if F.prompt:
@@ -337,6 +359,5 @@ def _main_with_errors(argv):
 
 
 if __name__ == "__main__":
-  from absl import app
   _define_flags()
-  app.run(_main_with_errors)
+  cli.run(_main_with_errors)

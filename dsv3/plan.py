@@ -52,8 +52,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from dsv3 import model
-from dsv3.config import ModelConfig, deepseek_v3_671b
+from dsv3 import cli, model
+from dsv3.config import ConfigError, ModelConfig, deepseek_v3_671b
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -234,11 +234,11 @@ def _stage_layers(num_layers: int, stages: int) -> list:
 def _rank_stages(schedule: str, P: int) -> tuple[int, list]:
   """(number of model stages, the stages each pipeline rank holds) under `schedule`."""
   if schedule not in ("none", "gpipe", "1f1b", "zb1p", "dualpipe", "dualpipev"):
-    raise ValueError(f"pipeline.schedule: unknown {schedule!r}; use 'none', '1f1b', 'zb1p', 'dualpipe' "
-                     f"or 'dualpipev'")
+    raise ConfigError(f"config.pipeline.schedule: unknown {schedule!r}; use 'none', '1f1b', 'zb1p', 'dualpipe' "
+                      f"or 'dualpipev'")
   if schedule == "dualpipe":
     if P > 1 and P % 2:
-      raise ValueError(f"mesh.pipeline: DualPipe needs an even number of ranks, got {P}")
+      raise ConfigError(f"config.mesh.pipeline: DualPipe needs an even number of ranks, got {P}")
     return P, [sorted({r, P - 1 - r}) for r in range(P)]
   if schedule == "dualpipev":
     return 2 * P, [[r, 2 * P - 1 - r] for r in range(P)]
@@ -249,11 +249,13 @@ def memory_plan(cfg: ModelConfig, data: int, expert: int, pipeline: int, schedul
                 moments_dtype: str = "float32") -> dict:
   """Bytes per device of params / grads / optimizer states, by dtype, for the worst pipeline rank."""
   for name, v in (("data", data), ("expert", expert), ("pipeline", pipeline)):
-    if not isinstance(v, int) or v < 1:
-      raise ValueError(f"mesh.{name}: must be a positive integer, got {v!r}")
+    if not _is_int(v) or v < 1:
+      raise ConfigError(f"config.mesh.{name}: must be a positive integer, got {v!r}")
   if cfg.num_moe_layers and cfg.n_routed_experts % expert:
-    raise ValueError(f"mesh.expert: n_routed_experts={cfg.n_routed_experts} must be divisible by "
-                     f"mesh.expert={expert}")
+    raise ConfigError(f"config.mesh.expert: n_routed_experts={cfg.n_routed_experts} must be divisible by "
+                      f"mesh.expert={expert}; pick a divisor of {cfg.n_routed_experts}")
+  if moments_dtype not in ("float32", "bfloat16"):
+    raise ConfigError(f"config.adam_moments_dtype: must be 'float32' or 'bfloat16', got {moments_dtype!r}")
   num_stages, held = _rank_stages(schedule, pipeline)
   stage_of = {}
   for s, ls in enumerate(_stage_layers(cfg.num_hidden_layers, num_stages)):
@@ -306,15 +308,37 @@ def _get(config, name, default):
   return default if value is None else value
 
 
+def _is_int(v) -> bool:
+  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _positive(tc, path: str, default):
+  """tc's `path` (dotted) or `default` when absent; ConfigError naming config.<path> unless an integer >= 1."""
+  node = tc
+  for part in path.split("."):
+    node = _get(node, part, None)
+  value = default if node is None else node
+  if not _is_int(value) or value < 1:
+    raise ConfigError(f"config.{path}: must be a positive integer, got {value!r}; set --config.{path}")
+  return int(value)
+
+
 def plan(train_config) -> dict:
-  """Everything above for a training config (an ml_collections ConfigDict, or a bare ModelConfig)."""
+  """Everything above for a training config (an ml_collections ConfigDict, or a bare ModelConfig).
+
+  Raises ConfigError naming the field when a value it reads (seq_len, batch_size, mesh.*, pipeline.*,
+  adam_moments_dtype) is out of range.
+  """
   cfg = ModelConfig.from_any(train_config)
   tc = {} if isinstance(train_config, ModelConfig) else train_config
-  seq_len = int(_get(tc, "seq_len", 4096))
-  batch = int(_get(tc, "batch_size", 1))
-  mesh = _get(tc, "mesh", {})
+  seq_len = _positive(tc, "seq_len", min(4096, cfg.max_position_embeddings))
+  batch = _positive(tc, "batch_size", 1)
+  data, expert, pipeline = (_positive(tc, f"mesh.{k}", 1) for k in ("data", "expert", "pipeline"))
+  _positive(tc, "pipeline.microbatches", 1)
   schedule = str(_get(_get(tc, "pipeline", {}), "schedule", "none"))
-  data, expert, pipeline = (int(_get(mesh, k, 1)) for k in ("data", "expert", "pipeline"))
+  if seq_len > cfg.max_position_embeddings:
+    raise ConfigError(f"config.seq_len: {seq_len} exceeds config.model.max_position_embeddings="
+                      f"{cfg.max_position_embeddings}; lower config.seq_len or raise max_position_embeddings")
   moments = str(_get(tc, "adam_moments_dtype", "bfloat16" if cfg.precision == "fp8" else "float32"))
   out = dict(param_counts(cfg))
   out.update(kv_cache(cfg))
@@ -417,4 +441,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  cli.run(main)

@@ -1,0 +1,143 @@
+"""`run(main)`: absl's `app.run(main)` for dsv3's command lines, with one-line errors for bad settings.
+
+absl parses `--config=FILE --config.a.b=v` while the flags are parsed, before `main` runs; an unknown field
+there (ml_collections looks it up with getattr on the locked ConfigDict) ends in an AttributeError and three
+chained tracebacks. `run` checks the command line first: the config file must load, every `--config.*`
+override must name a field of that file (else the closest field is suggested), and any other flag error
+(a wrong value type, a missing required flag) is reported as one line too. A `ConfigError` raised by
+`main` (the validators) is also printed as its one line. Each of these prints to stderr and exits with 2,
+the usage-error status, before anything is written to disk.
+
+  from dsv3 import cli
+  if __name__ == "__main__":
+    cli.run(main)                      # instead of absl.app.run(main)
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+from typing import Callable, Optional, Sequence
+
+from absl import app, flags
+from ml_collections.config_flags import config_flags  # the module: is_config_flag, ConfigFileFlagParser
+
+from dsv3.config import ConfigError, closest_key, dotted_keys
+
+USAGE_ERROR = 2
+
+
+class UsageError(Exception):
+  """A command-line setting is wrong; the message names it and the fix."""
+
+
+def _program(argv: Sequence[str]) -> str:
+  spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+  return spec.name if spec is not None and spec.name else os.path.basename(argv[0] if argv else "dsv3")
+
+
+def _flag_value(argv: Sequence[str], name: str) -> Optional[str]:
+  """The last value given as --name=V or --name V (absl's last-wins rule), else None."""
+  value = None
+  for i, arg in enumerate(argv):
+    m = re.match(rf"^--?{re.escape(name)}(=(.*))?$", arg)
+    if m:
+      value = m.group(2) if m.group(1) is not None else (argv[i + 1] if i + 1 < len(argv) else "")
+  return value
+
+
+def _overrides(argv: Sequence[str], name: str) -> list:
+  """(dotted field path, value or None) of every --name.a.b[=v] / --noname.a.b override, in order."""
+  out = []
+  for arg in argv:
+    m = re.match(rf"^--?(no)?{re.escape(name)}\.([^=]+)(?:=(.*))?$", arg)
+    if m:
+      out.append((m.group(2), None if m.group(1) or m.group(3) is None else m.group(3)))
+  return out
+
+
+def _parses_as(value: str, like) -> bool:
+  """Whether the command-line string `value` can set a field whose current value is `like`."""
+  try:
+    if isinstance(like, bool):
+      return value.lower() in ("true", "false", "1", "0")
+    if isinstance(like, int):
+      int(value)
+    elif isinstance(like, float):
+      float(value)
+  except ValueError:
+    return False
+  return True
+
+
+def _check_overrides(config, name: str, path: str, overrides: Sequence[tuple]) -> None:
+  """UsageError naming the first override that is no field of `config` (with the closest one) or whose
+  value does not parse as the field's type."""
+  keys = dotted_keys(config)
+  for field, value in overrides:
+    node, parts = config, field.split(".")
+    for depth, part in enumerate(parts):
+      if not (hasattr(node, "keys") and part in node.keys()):
+        where = ".".join(parts[:depth])
+        if depth and not hasattr(node, "keys"):
+          raise UsageError(f"{name}.{field}: {name}.{where} is a value, not a block of fields; override "
+                           f"--{name}.{where} itself")
+        hint = closest_key(field, keys, prefix=f"{name}.")
+        if not hint:
+          siblings = ", ".join(map(str, sorted(node.keys())))
+          hint = f"; {path} has no such field (the fields of {name}{'.' + where if where else ''}: {siblings})"
+        raise UsageError(f"{name}.{field}: unknown field{hint}")
+      node = node[part]
+    if value is not None and node is not None and not _parses_as(value, node):
+      kind = {"int": "an integer", "float": "a number", "bool": "true or false"}[type(node).__name__]
+      raise UsageError(f"{name}.{field}: {value!r} is not {kind} ({path} sets {node!r}); give {kind}, "
+                       f"e.g. --{name}.{field}={node!r}")
+def check_config_flags(argv: Sequence[str], flag_values=flags.FLAGS) -> None:
+  """Loads each ml_collections config-file flag given in argv and checks its overrides; UsageError if bad."""
+  argv = flag_values.read_flags_from_files(list(argv), force_gnu=False)
+  for name in list(flag_values):
+    flag = flag_values[name]
+    if name != flag.name or not config_flags.is_config_flag(flag):
+      continue
+    fields = _overrides(argv[1:], name)
+    path = _flag_value(argv[1:], name)
+    if path is None:
+      if fields:
+        raise UsageError(f"--{name}.{fields[0][0]}: overrides need a config file; add --{name}=configs/tiny.py "
+                         f"(or another file in configs/)")
+      continue
+    file = path.split(":", 1)[0]
+    if not isinstance(flag.parser, config_flags.ConfigFileFlagParser):
+      continue
+    if not os.path.isfile(file):
+      raise UsageError(f"--{name}: config file {file!r} does not exist; give a file such as configs/tiny.py")
+    config = flag.parser.parse(path)
+    if config is None:
+      raise UsageError(f"--{name}: get_config() in {file!r} returned None; return the ConfigDict")
+    _check_overrides(config, name, file, fields)
+
+
+def parse_flags(argv: Sequence[str]) -> list:
+  """absl's flags_parser: checks the config flags, parses, and exits 2 with one line on any flag error."""
+  try:
+    check_config_flags(argv)
+    # ml_collections re-raises a config file's TypeError / ValueError with its traceback in the message.
+    return flags.FLAGS(list(argv))
+  except (UsageError, flags.Error, TypeError, ValueError) as e:
+    lines = [l.strip() for l in str(e).strip().splitlines() if l.strip()] or [type(e).__name__]
+    message = lines[-1] if "Error whilst parsing config file" in lines[0] else lines[0]
+    if isinstance(e, flags.UnrecognizedFlagError):
+      message += "; run with --helpfull to list the flags"
+    print(f"{_program(argv)}: {message}", file=sys.stderr)
+    sys.exit(USAGE_ERROR)
+
+
+def run(main: Callable[[list], object], argv: Optional[Sequence[str]] = None) -> None:
+  """absl.app.run(main) with one-line, exit-status-2 errors for bad flags, config fields and ConfigErrors."""
+  def guarded(args):
+    try:
+      return main(args)
+    except ConfigError as e:
+      print(f"{_program(args)}: {e}", file=sys.stderr)
+      sys.exit(USAGE_ERROR)
+  app.run(guarded, argv=argv, flags_parser=parse_flags)
