@@ -1,29 +1,47 @@
 """Converts checkpoints between the HF DeepSeek-V3 format and dsv3's orbax format, both directions.
 
   python -m dsv3.convert --to=orbax --src=/path/to/hf_dir --dst=/tmp/dsv3_orbax
-  python -m dsv3.convert --to=hf --src=/tmp/workdir/checkpoints --dst=/tmp/hf_out [--step=N]
+  python -m dsv3.convert --to=hf --src=/tmp/workdir/checkpoints --dst=/tmp/hf_out [--step=N] [--overwrite]
 
 --src for --to=hf may be a training workdir's checkpoints/ (the latest or --step is used; the model
-config comes from the checkpoint's saved training config) or a dir written by --to=orbax.
+config comes from the checkpoint's saved training config) or a dir written by --to=orbax. The source is
+only read (a training checkpoint is opened read-only, so a running trainer's save is left alone).
+
+--dst must be new or empty; --overwrite also lets it replace a previous HF export (config.json +
+*.safetensors only). A training workdir, an orbax checkpoint, or a dir with any other file is always
+refused: the converter never deletes what it did not write.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 
 from absl import app, flags
 
+from dsv3 import workdir as workdir_lib
 
-def save_orbax_variables(config, variables, path: str) -> None:
-  """variables + config.json into an orbax dir (written atomically by orbax)."""
+
+def save_orbax_variables(config, variables, path: str, overwrite: bool = False) -> None:
+  """variables/ + config.json into `path`: new or empty, or with `overwrite` a previous HF export.
+
+  Written into a temporary sibling and swapped in; a workdir or orbax checkpoint at `path` is refused
+  (`workdir.WorkdirError`).
+  """
   import orbax.checkpoint as ocp
   from dsv3.config import ModelConfig
   cfg = ModelConfig.from_any(config)
-  path = os.path.abspath(path)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(path, "variables"), variables)
-  with open(os.path.join(path, "config.json"), "w") as f:
-    json.dump(cfg.to_hf_dict(), f, indent=1)
+  path = workdir_lib.check_destination(path, overwrite)
+  tmp = workdir_lib.staging_dir(path)
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(os.path.join(tmp, "variables"), variables)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(cfg.to_hf_dict(), f, indent=1)
+  except BaseException:
+    shutil.rmtree(tmp)  # the staging directory this call created, and only that
+    raise
+  workdir_lib.install(tmp, path)
 
 
 def load_orbax_variables(path: str, step=None):
@@ -35,9 +53,10 @@ def load_orbax_variables(path: str, step=None):
       return ckptr.restore(os.path.join(path, "variables"))
   from dsv3 import checkpoint as ckpt_lib
   ckpts = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
-  checkpointer = ckpt_lib.Checkpointer(ckpts, async_save=False)
-  restored = checkpointer.restore(step)
-  checkpointer.close()
+  if not os.path.isdir(ckpts):
+    raise FileNotFoundError(f"{path}: neither a dsv3 orbax export (variables/) nor a training checkpoints dir")
+  with ckpt_lib.Checkpointer(ckpts, read_only=True) as checkpointer:
+    restored = checkpointer.restore(step)
   if restored is None:
     raise FileNotFoundError(f"{path}: neither a dsv3 orbax export (variables/) nor a training checkpoints dir")
   train = restored.state["train"]
@@ -45,13 +64,17 @@ def load_orbax_variables(path: str, step=None):
 
 
 def config_of(path: str, step=None):
+  """The ModelConfig of an HF or --to=orbax dir (config.json) or of a training checkpoint's saved config."""
   from dsv3 import hf
   from dsv3.config import ModelConfig
   if os.path.exists(os.path.join(path, "config.json")):
     return hf.read_config(path)
   from dsv3 import checkpoint as ckpt_lib
   ckpts = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
-  flat = ckpt_lib.Checkpointer(ckpts, async_save=False).read_extras(step)["config"]
+  if not os.path.isdir(ckpts):
+    raise FileNotFoundError(f"{path}: no config.json and no training checkpoints dir")
+  with ckpt_lib.Checkpointer(ckpts, read_only=True) as checkpointer:
+    flat = checkpointer.read_extras(step)["config"]
   model = {k[len("model."):]: v for k, v in flat.items() if k.startswith("model.")}
   rope = {k[len("rope_scaling."):]: v for k, v in model.items() if k.startswith("rope_scaling.")}
   model = {k: v for k, v in model.items() if not k.startswith("rope_scaling")}
@@ -65,12 +88,16 @@ def main(argv):
   from dsv3 import hf
   if not os.path.exists(F.src):
     raise app.UsageError(f"--src {F.src!r} does not exist")
+  try:  # before the (long) load: a refused --dst should fail at once
+    workdir_lib.check_destination(F.dst, F.overwrite)
+  except workdir_lib.WorkdirError as e:
+    raise app.UsageError(str(e)) from e
   if F.to == "orbax":
     cfg, variables = hf.load_checkpoint(F.src)
-    save_orbax_variables(cfg, variables, F.dst)
+    save_orbax_variables(cfg, variables, F.dst, overwrite=F.overwrite)
   else:
     cfg = config_of(F.src, F.step)
-    hf.save_checkpoint(cfg, load_orbax_variables(F.src, F.step), F.dst)
+    hf.save_checkpoint(cfg, load_orbax_variables(F.src, F.step), F.dst, overwrite=F.overwrite)
   print(f"wrote {F.dst}")
 
 
@@ -79,5 +106,6 @@ if __name__ == "__main__":
   flags.DEFINE_string("src", None, "Source checkpoint dir.")
   flags.DEFINE_string("dst", None, "Destination dir.")
   flags.DEFINE_integer("step", None, "Training checkpoint step (default: latest).")
+  flags.DEFINE_bool("overwrite", False, "Replace a previous HF export at --dst (never anything else).")
   flags.mark_flags_as_required(["to", "src", "dst"])
   app.run(main)

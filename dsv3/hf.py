@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from typing import Optional
 
 import jax
@@ -26,6 +25,7 @@ import numpy as np
 from safetensors import safe_open
 
 from dsv3 import model as model_lib
+from dsv3 import workdir as workdir_lib
 from dsv3.config import ModelConfig
 
 
@@ -106,14 +106,18 @@ def _set(tree, path, value):
   tree[path[-1]] = value
 
 
-def _files(path: str) -> list[str]:
+def _files(path: str) -> tuple[list[str], dict]:
+  """The safetensors files of an HF dir, and the index's weight map (tensor -> file name; {} unsharded)."""
   if not os.path.isdir(path):
     raise CheckpointError(f"checkpoint path {path!r} is not a directory; pass an HF checkpoint dir "
                           f"(config.json + *.safetensors)")
   index = os.path.join(path, "model.safetensors.index.json")
+  weight_map = {}
   if os.path.exists(index):
-    with open(index) as f:
-      names = sorted(set(json.load(f)["weight_map"].values()))
+    weight_map = _load_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+      raise CheckpointError(f"{index} has no 'weight_map' object; re-download or re-export the checkpoint")
+    names = sorted(set(weight_map.values()))
   else:
     names = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
   if not names:
@@ -121,7 +125,16 @@ def _files(path: str) -> list[str]:
   for n in names:
     if not os.path.exists(os.path.join(path, n)):
       raise CheckpointError(f"{path}: shard {n} listed in the index is missing")
-  return [os.path.join(path, n) for n in names]
+  return [os.path.join(path, n) for n in names], weight_map
+
+
+def _load_json(file: str):
+  """json.load, with errors that name the file."""
+  try:
+    with open(file) as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{file} is not valid JSON ({e}); re-download or re-export the checkpoint") from e
 
 
 def _dequantize_fp8(w: np.ndarray, scale_inv: np.ndarray, name: str) -> np.ndarray:
@@ -139,8 +152,11 @@ def read_config(path: str) -> ModelConfig:
   cfg_path = os.path.join(path, "config.json")
   if not os.path.exists(cfg_path):
     raise CheckpointError(f"{path}: config.json not found; an HF checkpoint dir holds config.json + safetensors")
-  with open(cfg_path) as f:
-    return ModelConfig.from_hf_dict(json.load(f))
+  hf_dict = _load_json(cfg_path)
+  if not isinstance(hf_dict, dict):
+    raise CheckpointError(f"{cfg_path} holds a JSON {type(hf_dict).__name__}, not an object; re-download or "
+                          f"re-export the checkpoint")
+  return ModelConfig.from_hf_dict(hf_dict)
 
 
 def load_checkpoint(path: str, dtype=None, config_overrides: Optional[dict] = None):
@@ -160,7 +176,8 @@ def load_checkpoint(path: str, dtype=None, config_overrides: Optional[dict] = No
   filled: set = set()
   copy_values: dict = {}
 
-  for file in _files(path):
+  files, weight_map = _files(path)
+  for file in files:
     header = _header(file)
     keys = sorted(header[0])
     scales = {k[: -len("_scale_inv")] for k in keys if k.endswith("_scale_inv")}
@@ -173,7 +190,13 @@ def load_checkpoint(path: str, dtype=None, config_overrides: Optional[dict] = No
                                 f"(num_hidden_layers={cfg.num_hidden_layers}, "
                                 f"num_nextn_predict_layers={cfg.num_nextn_predict_layers}); is config.json right?")
         continue
-      value = _read(file, key, header, key in scales)
+      try:
+        value = _read(file, key, header, key in scales)
+      except CheckpointError:
+        raise
+      except Exception as e:  # noqa: BLE001 - safetensors/numpy errors on a damaged file
+        raise CheckpointError(f"{file}: tensor {key!r} cannot be read ({type(e).__name__}: {e}); the file is "
+                              f"damaged or truncated: re-download or re-export the checkpoint") from e
       if key in copies:
         copy_values[key] = value
         continue
@@ -194,8 +217,12 @@ def load_checkpoint(path: str, dtype=None, config_overrides: Optional[dict] = No
 
   missing = sorted(set(names) - filled)
   if missing:
-    raise CheckpointError(f"{path}: missing tensor {missing[0]!r}" +
-                          (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    where = (f"{os.path.join(path, weight_map[missing[0]])} (where model.safetensors.index.json puts it)"
+             if missing[0] in weight_map else ", ".join(files))
+    raise CheckpointError(f"missing tensor {missing[0]!r}" +
+                          (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "") +
+                          f": not in {where}; re-download or re-export the checkpoint, or check that "
+                          f"config.json matches it")
   variables: dict = {}
   for (coll, ours), buf in buffers.items():
     _set(variables.setdefault(coll, {}), ours, jnp.asarray(buf))
@@ -212,10 +239,28 @@ def load_checkpoint(path: str, dtype=None, config_overrides: Optional[dict] = No
 
 def _header(file: str) -> tuple[dict, int]:
   """The safetensors header (name -> dtype, shape, data_offsets) and where the data starts."""
+  def bad(why):
+    return CheckpointError(f"{file} is not a valid safetensors file ({why}); it is damaged or truncated: "
+                           f"re-download or re-export the checkpoint")
+  size = os.path.getsize(file)
   with open(file, "rb") as f:
     n = int.from_bytes(f.read(8), "little")
-    header = json.loads(f.read(n))
+    if size < 8 or 8 + n > size:
+      raise bad(f"header of {n} bytes, file of {size} bytes")
+    try:
+      header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise bad(f"header is not JSON: {e}") from e
+  if not isinstance(header, dict):
+    raise bad("header is not a JSON object")
   header.pop("__metadata__", None)
+  for key, entry in header.items():
+    try:
+      begin, end = entry["data_offsets"]
+    except (TypeError, KeyError, ValueError):
+      raise bad(f"tensor {key!r} has no data_offsets") from None
+    if not (isinstance(end, int) and isinstance(begin, int)) or 8 + n + end > size:
+      raise bad(f"tensor {key!r} extends past the end of the file")
   return header, 8 + n
 
 
@@ -243,17 +288,33 @@ def _read_raw(file: str, entry: dict, data_start: int) -> np.ndarray:
     return np.frombuffer(f.read(end - begin), kinds[entry["dtype"]]).reshape(entry["shape"])
 
 
-def save_checkpoint(config, params, out_dir: str, max_shard_bytes: int = 4 << 30, dtype=None) -> None:
+def save_checkpoint(config, params, out_dir: str, max_shard_bytes: int = 4 << 30, dtype=None,
+                    overwrite: bool = False) -> None:
   """Writes config.json + safetensors that transformers' AutoModelForCausalLM loads.
 
-  Written to a temporary directory first and renamed, so a crash never leaves a half checkpoint behind.
+  `out_dir` must be new or empty; with `overwrite`, it may also be a previous HF export, which is
+  replaced. A training workdir, an orbax checkpoint or any other file there is never touched (a
+  `workdir.WorkdirError` names it). Written to a temporary sibling directory first and swapped in, so a
+  crash never leaves a half checkpoint behind.
   """
-  from safetensors.numpy import save_file
+  out_dir = workdir_lib.check_destination(out_dir, overwrite, flag="out_dir (--dst)")
   cfg = ModelConfig.from_any(config)
   variables = model_lib._variables(cfg, params)
   names = tensor_map(cfg)
-  tmp = out_dir.rstrip("/") + ".tmp"
-  os.makedirs(tmp, exist_ok=True)
+  tmp = workdir_lib.staging_dir(out_dir)
+  try:
+    _write_hf(cfg, variables, names, tmp, max_shard_bytes, dtype)
+  except BaseException:
+    for name in os.listdir(tmp):  # only what _write_hf wrote into the directory it created
+      os.remove(os.path.join(tmp, name))
+    os.rmdir(tmp)
+    raise
+  workdir_lib.install(tmp, out_dir)
+
+
+def _write_hf(cfg, variables, names, tmp: str, max_shard_bytes: int, dtype) -> None:
+  """The files of `save_checkpoint`, written into the (new, empty) directory `tmp`."""
+  from safetensors.numpy import save_file
   hf_cfg = cfg.to_hf_dict()
   store = np.dtype(dtype) if dtype is not None else None
   shard, shard_bytes, shards = {}, 0, []
@@ -289,13 +350,3 @@ def save_checkpoint(config, params, out_dir: str, max_shard_bytes: int = 4 << 30
                  "weight_map": weight_map}, f, indent=1)
   with open(os.path.join(tmp, "config.json"), "w") as f:
     json.dump(hf_cfg, f, indent=1)
-  # Swap in the new checkpoint before deleting an old one, so no crash leaves neither on disk.
-  old = None
-  if os.path.exists(out_dir):
-    old = out_dir.rstrip("/") + ".old"
-    if os.path.exists(old):
-      shutil.rmtree(old)
-    os.replace(out_dir, old)
-  os.replace(tmp, out_dir)
-  if old is not None:
-    shutil.rmtree(old)

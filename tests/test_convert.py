@@ -1,4 +1,6 @@
-"""python -m dsv3.convert in both directions: HF -> orbax -> HF gives the same tensors and the same logits."""
+"""python -m dsv3.convert in both directions: HF -> orbax -> HF gives the same tensors and the same logits;
+a training checkpoint is only read."""
+import hashlib
 import os
 import subprocess
 import sys
@@ -6,7 +8,8 @@ import sys
 import jax
 import numpy as np
 
-from dsv3 import hf, model
+from dsv3 import checkpoint as ckpt_lib
+from dsv3 import convert, hf, model
 from dsv3.config import ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,10 +23,13 @@ def test_roundtrip_through_orbax(tmp_path):
   variables = model.init(cfg, jax.random.key(3))
   hf.save_checkpoint(cfg, variables, str(tmp_path / "hf"))
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-  for to, src, dst in (("orbax", "hf", "orbax"), ("hf", "orbax", "hf2")):
+  (tmp_path / "hf2").mkdir()  # an empty destination is fine
+  for to, src, dst, *extra in (("orbax", "hf", "orbax"), ("hf", "orbax", "hf2"), ("hf", "orbax", "hf2", "--overwrite")):
     proc = subprocess.run([sys.executable, "-m", "dsv3.convert", f"--to={to}", f"--src={tmp_path / src}",
-                           f"--dst={tmp_path / dst}"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           f"--dst={tmp_path / dst}", *extra], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+  assert sorted(os.listdir(tmp_path)) == ["hf", "hf2", "orbax"]  # the overwrite left no .tmp / .old behind
   cfg2, v2 = hf.load_checkpoint(str(tmp_path / "hf2"))
   assert cfg2 == cfg
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), variables, v2)
@@ -34,3 +40,22 @@ def test_missing_source_is_reported(tmp_path):
   proc = subprocess.run([sys.executable, "-m", "dsv3.convert", "--to=orbax", f"--src={tmp_path / 'nope'}",
                          f"--dst={tmp_path / 'out'}"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0 and "--src" in proc.stderr
+
+
+def test_reading_a_training_checkpoint_leaves_it_untouched(tmp_path):
+  """A trainer may be saving while we convert: its half-written step and damaged steps stay as they are."""
+  ckpts = tmp_path / "checkpoints"
+  state = {"train": {"params": {"w": np.arange(6, dtype=np.float32)}, "routing": {"b": np.zeros(2, np.float32)}}}
+  with ckpt_lib.Checkpointer(str(ckpts), async_save=False) as ck:
+    ck.save(1, state, {"step": 1})
+  live = ckpts / "2.orbax-checkpoint-tmp-1700000000"
+  (live / "state").mkdir(parents=True)
+  (live / "state" / "_METADATA").write_text("{")
+
+  def snapshot():
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+            for p in sorted(tmp_path.rglob("*"))}
+  before = snapshot()
+  variables = convert.load_orbax_variables(str(tmp_path))
+  np.testing.assert_array_equal(np.asarray(variables["params"]["w"]), state["train"]["params"]["w"])
+  assert snapshot() == before and live.is_dir()

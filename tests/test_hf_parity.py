@@ -283,7 +283,7 @@ def test_save_over_existing_checkpoint_replaces_it(saved, tmp_path):
   out = str(tmp_path / "ckpt")
   hf.save_checkpoint(cfg, variables, out)
   bumped = jax.tree.map(lambda a: a + 1.0, variables)
-  hf.save_checkpoint(cfg, bumped, out)
+  hf.save_checkpoint(cfg, bumped, out, overwrite=True)     # a previous export is replaced only when asked
   assert sorted(os.listdir(tmp_path)) == ["ckpt"]          # no .tmp / .old left behind
   _, loaded = hf.load_checkpoint(out)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), bumped, loaded)
