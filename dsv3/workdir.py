@@ -22,6 +22,7 @@ import fnmatch
 import logging
 import os
 import socket
+import tempfile
 import time
 from typing import Iterator, Optional
 
@@ -98,7 +99,7 @@ def acquire(path: str, process_index: Optional[int] = None, flag: str = "--workd
   """
   path = prepare(path, flag)
   if process_index is None:
-    import jax
+    import jax  # only here: dsv3.convert imports this module and stays light until it loads a checkpoint
     process_index = jax.process_index()
   lock_path = os.path.join(path, LOCK_NAME)
   if process_index != 0:
@@ -247,7 +248,6 @@ def _listing(names: list) -> str:
 
 def staging_dir(path: str) -> str:
   """A new, empty sibling directory of `path` to write an export into before `install`."""
-  import tempfile
   path = os.path.abspath(os.fspath(path))
   parent = os.path.dirname(path)
   try:

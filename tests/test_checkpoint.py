@@ -3,7 +3,6 @@ storage errors, config checks."""
 import errno
 import glob
 import hashlib
-import json
 import logging
 import os
 import shutil
