@@ -8,7 +8,8 @@
   resumed run is about to write again.
 - TensorBoard event files under `workdir/tb` (tensorboardX), with `purge_step` after a truncation so
   TensorBoard hides the stale tail too.
-- a tqdm progress bar on the console with loss, tokens/s, MFU and ETA.
+- the console: a tqdm progress bar with loss, tokens/s, MFU and ETA (`start` opens it, so that its rate
+  and ETA count from the first step), `console` lines above it (evaluations, resume), and `summary`.
 Only process 0 writes (`enabled` defaults to `jax.process_index() == 0`): every process computes the
 same globally reduced metrics, and several writers would interleave lines in the same files.
 
@@ -227,6 +228,31 @@ class MetricWriter:
       tb.add_scalar(k, v, int(step))
     self._show(int(step), values)
 
+  def start(self, step: int) -> None:
+    """Opens the progress bar at `step` (the first step this run trains), so tqdm's ETA counts from now."""
+    self._initial_step = int(step)
+    if self.enabled and self.progress and self._bar is None:
+      self._open_bar()
+
+  def console(self, line: str) -> None:
+    """Prints one line on the console (above the progress bar), process 0 only."""
+    if self.enabled:
+      self._print(line)
+
+  def summary(self, steps: int, first_step: int, last_step: int, tokens: int, seconds: float,
+              loss: Optional[float], val_loss: Optional[float], checkpoint: Optional[str]) -> None:
+    """Closes the bar and prints what the run did and where its outputs are (process 0 only)."""
+    if not self.enabled:
+      return
+    if self._bar is not None:
+      self._bar.close()
+      self._bar = None
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"
+    print(f"done: {steps} steps ({first_step} -> {last_step} of {self.total_steps}), {tokens:,} tokens in "
+          f"{seconds:.1f} s; final loss {fmt(loss)}, val_loss {fmt(val_loss)}", flush=True)
+    print(f"  checkpoint: {checkpoint or 'none written'}", flush=True)
+    print(f"  metrics:    {self.jsonl_path} (TensorBoard: {self.tb_dir})", flush=True)
+
   def write_text(self, step: int, name: str, text: str) -> None:
     """Records a text (e.g. a sample generation or the config) in TensorBoard and on the console."""
     if not self.enabled:
@@ -250,11 +276,16 @@ class MetricWriter:
             flush=True)
       return
     if self._bar is None:
-      import tqdm
-      self._bar = tqdm.tqdm(total=self.total_steps, initial=self._initial_step, unit="step",
-                            dynamic_ncols=True, file=sys.stderr)
-    self._bar.update(max(0, step - self._bar.n))
-    self._bar.set_postfix(fields, refresh=True)
+      self._open_bar()
+    if fields:          # e.g. an evaluation's scalars have none: keep the training ones on show
+      self._bar.set_postfix(fields, refresh=False)
+    self._bar.update(max(0, step - self._bar.n))     # one redraw per logged step
+
+  def _open_bar(self) -> None:
+    import tqdm
+    # total= gives tqdm's ETA ('elapsed<remaining'); the postfix adds loss, tokens/s and MFU.
+    self._bar = tqdm.tqdm(total=self.total_steps, initial=self._initial_step, unit="step",
+                          dynamic_ncols=True, file=sys.stderr)
 
   def _print(self, line: str) -> None:
     if self._bar is not None:

@@ -8,6 +8,14 @@ checkpoint left off (params, optimizer, routing biases, EMA, data iterator posit
 
 Writes to the workdir: metrics.jsonl (one JSON object per logged step), TensorBoard events (tb/),
 orbax checkpoints (checkpoints/).
+
+Divergence guard: each step checks on device that the loss, the gradient norm, the update and the new
+parameters are finite and that ||update|| / ||params|| <= config.nan_guard.max_update_ratio, and keeps the
+first bad step in the train state; the host reads it where it syncs anyway (logging, evaluation, before
+every save), so a checkpoint is written only once every step up to it is known good. A bad step raises
+TrainingError naming it, what was bad, the last (good) checkpoint and a learning rate to resume with.
+Signals: SIGTERM/SIGINT in any process -> all processes save the same step and exit 0.
+Console: a progress bar, one line per evaluation and a summary; library INFO logs need -v 1 / --verbosity.
 """
 from __future__ import annotations
 
@@ -31,6 +39,8 @@ class TrainingError(RuntimeError):
 
 def main(argv):
   del argv
+  if not flags.FLAGS["verbosity"].present:   # library INFO logs (absl, orbax, jax) only with -v / --verbosity
+    logging.set_verbosity(logging.WARNING)
   from dsv3 import distributed
   distributed.maybe_initialize()            # no-op unless launched as several processes
   if _CONFIG.value is None:
@@ -88,11 +98,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
             "routing": variables.get("routing", {}), "opt_state": tx.init(variables["params"])}
 
   abstract = jax.eval_shape(init_state, jax.random.key(config.seed))
-  state_shardings = {
+  # The checkpointed state; the step functions also carry state["guard"] (see apply_update), which is
+  # never saved: a checkpoint is only written once its step is known good, so it would always be clean.
+  saved_shardings = {
       "step": sharding.replicated(mesh),
       "params": sharding.param_shardings(mesh, abstract["params"]),
       "routing": sharding.param_shardings(mesh, abstract["routing"]),
       "opt_state": sharding.zero1_shardings(mesh, abstract["opt_state"])}
+  clean_guard = {"step": np.int32(-1), "loss": np.float32(0), "grad_norm": np.float32(0),
+                 "update_ratio": np.float32(0), "lr": np.float32(0)}
+  state_shardings = dict(saved_shardings, guard={k: sharding.replicated(mesh) for k in clean_guard})
+  max_update_ratio = float(config.nan_guard.max_update_ratio)
   batch_sharding = sharding.batch_sharding(mesh)
 
   # ------------------------------------------------------------------------------------------------
@@ -126,19 +142,38 @@ def train_and_evaluate(config, workdir: str) -> dict:
   def abstract_loads(routing):
     return jax.tree.map(lambda b: jnp.zeros(b.shape, jnp.float32), routing)
 
+  def global_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
   def apply_update(state, metrics, grads, loads, gamma):
+    """The optimizer update, the routing-bias update and the divergence guard, all on device.
+
+    state["guard"] is sticky: the first step whose loss, gradient norm, update or new parameters are
+    non-finite, or whose ||update|| / ||params|| exceeds nan_guard.max_update_ratio, is recorded there
+    (with its values) and kept; the host reads it only where it syncs anyway (logging, eval, saving).
+    """
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), state["params"], updates)
     routing = state["routing"]
     if config.balance.mode == "aux_free" and routing:
       routing = losses.update_bias(routing, loads, gamma)
-    grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
-    metrics = dict(metrics, grad_norm=grad_norm, lr=lr_schedule(state["step"]),
-                   finite=jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm))
+    grad_norm, update_norm = global_norm(grads), global_norm(updates)
+    update_ratio = update_norm / jnp.maximum(global_norm(state["params"]), 1e-30)
+    ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm) & jnp.isfinite(
+        global_norm(params))
+    if max_update_ratio > 0:
+      ok &= update_ratio <= max_update_ratio
+    step, lr = state["step"] + 1, lr_schedule(state["step"])
+    guard = state["guard"]
+    first_bad = (guard["step"] < 0) & ~ok
+    now = {"step": step, "loss": metrics["loss"].astype(jnp.float32), "grad_norm": grad_norm,
+           "update_ratio": update_ratio, "lr": lr}
+    guard = {k: jnp.where(first_bad, now[k], guard[k]).astype(guard[k].dtype) for k in guard}
+    metrics = dict(metrics, grad_norm=grad_norm, update_ratio=update_ratio, lr=lr)
     if "moe_layers" in loads:
       vio = losses.max_violation(loads["moe_layers"]["mlp"]["e_score_correction_bias"])
       metrics.update(maxvio_batch_mean=vio.mean(), maxvio_batch_max=vio.max())
-    return {"step": state["step"] + 1, "params": params, "routing": routing, "opt_state": opt_state}, metrics
+    return {"step": step, "params": params, "routing": routing, "opt_state": opt_state, "guard": guard}, metrics
 
   def train_step(state, batch, mtp_weight, gamma):
     metrics, grads, loads = grads_fn(state["params"], state["routing"], batch, mtp_weight)
@@ -171,11 +206,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                        save_every=config.checkpoint_every_steps)
   flat_config = ckpt_lib.flatten_config(config)
   abstract_with_shardings = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                         abstract, state_shardings)
+                                         abstract, saved_shardings)
   ema = None
   writer = metrics_lib.MetricWriter(workdir, total_steps)
   if checkpointer.latest_step() is not None:
-    ckpt_lib.check_compatible(checkpointer.read_extras()["config"], flat_config)
+    # None, or the (name, old, new) fields that may change on resume (e.g. learning_rate) and did.
+    changed = ckpt_lib.check_compatible(checkpointer.read_extras()["config"], flat_config)
     target = {"train": abstract_with_shardings}
     if config.ema_decay:
       target["ema"] = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, np.float32), abstract["params"])
@@ -186,18 +222,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
       ema = ema_lib.HostEMA(config.ema_decay, abstract["params"])
       ema.load_state_dict({"ema": restored.state["ema"], "step": restored.step, "decay": config.ema_decay})
     writer.truncate_after(restored.step)
-    logging.info("Resumed from %s at step %d", checkpointer.step_dir(restored.step), restored.step)
+    writer.console(f"Resumed from {checkpointer.step_dir(restored.step)} at step {restored.step}"
+                   + "".join(f"; {n}: {a!r} -> {b!r}" for n, a, b in changed or ()))
   else:
-    state = jax.jit(init_state, out_shardings=state_shardings)(jax.random.key(config.seed))
+    state = jax.jit(init_state, out_shardings=saved_shardings)(jax.random.key(config.seed))
     if config.init_from:
       state = _init_from(config.init_from, cfg, state, state_shardings)
   if config.ema_decay and ema is None:
     ema = ema_lib.HostEMA(config.ema_decay, state["params"])
+  state = dict(state, guard=jax.device_put(clean_guard, state_shardings["guard"]))
 
   def save(step, force=False):
     if not (force or checkpointer.should_save(step)):
       return False        # decide first: building the tree waits for the EMA and copies it to host
-    tree = {"train": state}
+    tree = {"train": {k: v for k, v in state.items() if k != "guard"}}
     if ema is not None:
       tree["ema"] = ema.value()
     extras = {"data": datasets.train.get_state(), "config": flat_config, "seed": int(config.seed)}
@@ -232,13 +270,25 @@ def train_and_evaluate(config, workdir: str) -> dict:
   def on_signal(signum, _):
     stop["signal"] = signum          # finish the step, save, exit 0
   previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+  multi_process = jax.process_count() > 1
+
+  def agreed_stop():
+    """Whether any process was signalled. Several processes must save the same step, so they agree
+    with one tiny all-gather, only at steps where the loop syncs with the device anyway."""
+    local = stop["signal"] is not None
+    if not multi_process:
+      return local
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.int32(local))))
 
   start_step = int(jax.device_get(state["step"]))
   tokens_per_step = config.batch_size * config.seq_len
   flops = plan.flops_per_token(cfg, config.seq_len, include_mtp=True)
   peak = metrics_lib.device_peak_flops(dtype={"fp8": "fp8", "bf16": "bf16"}.get(config.precision, "fp32"))
   throughput = metrics_lib.Throughput(total_steps, tokens_per_step, start_step, flops, peak, jax.device_count())
-  last = {}
+  last, done, started = {}, start_step, time.perf_counter()
+  finished = False
+  writer.start(start_step)
   try:
     for step in range(start_step, total_steps):
       mtp_weight = opt_lib.piecewise(step, total_steps, config.mtp_weight, config.mtp_weight_final,
@@ -254,41 +304,109 @@ def train_and_evaluate(config, workdir: str) -> dict:
       done = step + 1
       if ema is not None:
         ema.update(state["params"], done)
-      will_save = done % config.checkpoint_every_steps == 0 or done == total_steps or bool(stop["signal"])
-      if done % config.log_every_steps == 0 or will_save:
-        # Fetching metrics syncs with the device; do it when logging and before any save, so that a
-        # non-finite step is never written over the last good checkpoint.
-        metrics = jax.device_get(metrics)
-        if not metrics.pop("finite"):
-          raise TrainingError(f"step {done}: non-finite loss ({metrics['loss']}) or gradient norm "
-                              f"({metrics['grad_norm']}); the last good checkpoint "
-                              f"(step {checkpointer.latest_step()}) is left intact. Lower learning_rate "
-                              f"or check the data.")
-        if done % config.log_every_steps == 0 or done == total_steps:
-          last = {k: float(v) for k, v in metrics.items()} | throughput.tick(done)
-          writer.write_scalars(done, last)
-      if done % config.eval_every_steps == 0 or done == total_steps:
+      log_now = done % config.log_every_steps == 0 or done == total_steps
+      eval_now = done % config.eval_every_steps == 0 or done == total_steps
+      save_now = done % config.checkpoint_every_steps == 0 or done == total_steps
+      # One process alone stops at its next step; several agree where they sync anyway (agreed_stop).
+      if not (log_now or eval_now or save_now or (stop["signal"] and not multi_process)):
+        continue
+      # The one host sync: the metrics and the sticky guard, which covers every step so far. Nothing is
+      # evaluated or saved past a diverged step, so every checkpoint written is a good one.
+      metrics, guard = jax.device_get((metrics, state["guard"]))
+      if guard["step"] >= 0:
+        raise TrainingError(_diverged_message(guard, config, checkpointer))
+      stopping = agreed_stop()
+      if log_now:
+        row = {k: float(v) for k, v in metrics.items()} | throughput.tick(done)
+        writer.write_scalars(done, row)
+        last.update(row)
+      if eval_now:
         with throughput.paused():
           evals = evaluate(state["params"], state["routing"])
           if ema is not None:
             ema_params = jax.device_put(ema.value(), state_shardings["params"])
             evals["val_loss_ema"] = evaluate(ema_params, state["routing"])["val_loss"]
           writer.write_scalars(done, evals)
+          writer.console(_eval_line(done, evals))
           last.update(evals)
-      with throughput.paused():
-        saved = save(done, force=bool(stop["signal"]) or done == total_steps)
-      if stop["signal"]:
-        logging.info("Signal %d: saved step %d (%s), exiting", stop["signal"], done, saved)
+      if save_now or stopping:
+        with throughput.paused():
+          save(done, force=stopping or done == total_steps)
+      if stopping:
+        sig = stop["signal"]
+        writer.console(f"stopping on {'a signal in another process' if sig is None else signal.Signals(sig).name}"
+                       f": saved step {done}")
         break
+    finished = True
   finally:
     for s, h in previous.items():
       signal.signal(s, h)
     checkpointer.wait()
+    if finished:
+      latest = checkpointer.latest_step()
+      writer.summary(
+          steps=done - start_step, first_step=start_step, last_step=done, tokens=(done - start_step) * tokens_per_step,
+          seconds=time.perf_counter() - started, loss=last.get("loss"), val_loss=last.get("val_loss"),
+          checkpoint=checkpointer.step_dir(latest) if latest is not None else None)
     checkpointer.close()
     if ema is not None:
       ema.close()
     writer.close()
   return last
+
+
+def _eval_line(step: int, evals: dict) -> str:
+  """'step 100: val_loss 4.1200 ppl 61.56 val_loss_ema 4.1000 maxvio 0.310' (what the evaluation found)."""
+  parts = [f"step {step}: val_loss {evals['val_loss']:.4f} ppl {evals['val_perplexity']:.2f}"]
+  if "val_loss_ema" in evals:
+    parts.append(f"val_loss_ema {evals['val_loss_ema']:.4f}")
+  if "maxvio_global_mean" in evals:
+    parts.append(f"maxvio {evals['maxvio_global_mean']:.3f}")
+  return " ".join(parts)
+
+
+def _suggest_lr(lr: float, step_lr: float, ratio: float, max_ratio: float) -> float:
+  """A peak learning rate that should not diverge. Adam's update/param norm ratio grows with the step's
+  learning rate `step_lr` (the tiny config: ~0.02 at its peak 3e-3), so a known ratio gives the peak
+  learning rate at which the ratio would be 1% (at most lr / 10); an unknown one (inf/nan) falls back
+  to lr / 10, at most 3e-4 (the DeepSeek-V3 recipe's default)."""
+  import math
+  if math.isfinite(ratio) and max_ratio > 0 and ratio > max_ratio and step_lr > 0:
+    new = min(lr / 10, 0.01 * step_lr / ratio)
+  else:
+    new = min(lr / 10, 3e-4) if lr > 3e-4 else lr / 10
+  return float(f"{new:.1g}")
+
+
+def _diverged_message(guard, config, checkpointer) -> str:
+  """The TrainingError text: the first bad step, what was bad, the good checkpoint and the fix."""
+  import math
+  step, loss = int(guard["step"]), float(guard["loss"])
+  grad_norm, ratio = float(guard["grad_norm"]), float(guard["update_ratio"])
+  max_ratio = float(config.nan_guard.max_update_ratio)
+  bad = []
+  if not math.isfinite(loss):
+    bad.append(f"loss is {loss}")
+  if not math.isfinite(grad_norm):
+    bad.append(f"gradient norm is {grad_norm}")
+  if not math.isfinite(ratio):
+    bad.append(f"the update or the new parameters are non-finite (update/param norm ratio {ratio})")
+  elif max_ratio > 0 and ratio > max_ratio:
+    bad.append(f"update/param norm ratio {ratio:.3g} > config.nan_guard.max_update_ratio={max_ratio:g}")
+  values = f"loss {loss:.4g}, gradient norm {grad_norm:.4g}, update/param norm ratio {ratio:.3g}"
+  lr = float(config.learning_rate)
+  fix = f"--config.learning_rate={_suggest_lr(lr, float(guard['lr']), ratio, max_ratio):g}"
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    where = (f"The last good checkpoint is step {latest} ({checkpointer.step_dir(latest)}); every checkpoint "
+             f"is written only after its step is known good. Fix: rerun the same command with {fix} "
+             f"(learning_rate was {lr:g}); it resumes from step {latest}.")
+  else:
+    where = (f"No checkpoint was written before it, so nothing is kept. Fix: start fresh (an empty "
+             f"--workdir, or this one: it has no checkpoint) with {fix} (learning_rate was {lr:g}), or a longer "
+             f"--config.warmup_steps.")
+  return (f"step {step}: training diverged: {'; '.join(bad) or 'unknown'} ({values}). {where} "
+          f"To trip later or never on large updates, raise or zero --config.nan_guard.max_update_ratio.")
 
 
 def itertools_islice(it, n):

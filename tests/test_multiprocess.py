@@ -1,14 +1,18 @@
-"""Real multi-process expert parallelism on one machine: 2 processes × 4 CPU devices, gloo collectives.
+"""Real multi-process runs on one machine: 2 processes × 4 CPU devices, gloo collectives.
 
-Both processes run tests/mp_worker.py through dsv3.distributed.maybe_initialize (the DSV3_* variables
-that launch/local.sh sets), build the (data=2, expert=4) mesh over all 8 devices, and must print the
-same loss, gradient norm and logits checksum as one process holding all 8 devices.
+- Expert parallelism: both processes run tests/mp_worker.py through dsv3.distributed.maybe_initialize (the
+  DSV3_* variables that launch/local.sh sets), build the (data=2, expert=4) mesh over all 8 devices, and must
+  print the same loss, gradient norm and logits checksum as one process holding all 8 devices.
+- Preemption: SIGTERM to ONE process of a 2-process training run; both save the same step and exit 0, and
+  the run resumes from that checkpoint.
 """
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -66,3 +70,66 @@ def test_two_processes_match_one():
     assert m["num_processes"] == 2 and m["devices"] == 8 and m["local_devices"] == 4
     for key in ("loss", "grad_norm", "logits_checksum"):
       assert abs(m[key] - single[key]) <= 1e-5 * max(1.0, abs(single[key])), (key, m[key], single[key])
+
+
+TRAIN_FLAGS = ["--config.batch_size=8", "--config.seq_len=32", "--config.model.vocab_size=512",
+               "--config.data.vocab_size=512", "--config.data.max_files=30", "--config.mesh.data=8",
+               "--config.log_every_steps=2", "--config.eval_every_steps=1000", "--config.checkpoint_every_steps=1000",
+               "--config.ema_decay=0.0"]
+
+
+def _start_training(workdir, cache, steps):
+  """Two dsv3.train processes (4 CPU devices each) on one run; output goes to workdir/../out<i>.txt."""
+  port = _free_port()
+  procs = []
+  for i in range(2):
+    env = _env(DSV3_COORDINATOR=f"localhost:{port}", DSV3_NUM_PROCESSES=2, DSV3_PROCESS_ID=i,
+               DSV3_LOCAL_DEVICES=4, DSV3_CACHE=cache, JAX_DEFAULT_MATMUL_PRECISION="highest")
+    out = open(os.path.join(os.path.dirname(workdir), f"out{i}.txt"), "w")
+    procs.append(subprocess.Popen([sys.executable, "-m", "dsv3.train", f"--config={ROOT}/configs/tiny.py",
+                                   f"--workdir={workdir}", *TRAIN_FLAGS, f"--config.num_train_steps={steps}"],
+                                  cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT))
+  return procs
+
+
+def _wait(procs, workdir):
+  try:
+    for p in procs:
+      p.wait(timeout=TIMEOUT_S)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  outs = [open(os.path.join(os.path.dirname(workdir), f"out{i}.txt")).read() for i in range(2)]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, f"process exited {p.returncode}:\n{out[-4000:]}"
+  return outs
+
+
+def _logged_steps(workdir):
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  return [json.loads(l)["step"] for l in open(path) if l.strip().endswith("}") and '"loss"' in l]
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_saves_the_same_step_everywhere(tmp_path):
+  """Process 1 (not the one that logs) gets SIGTERM; the processes agree on the stop at their next
+  common sync point (a logging step: every 2nd), both save that step and exit 0; the run resumes there."""
+  workdir, cache = str(tmp_path / "run"), str(tmp_path / "cache")
+  procs = _start_training(workdir, cache, 500)
+  deadline = time.time() + TIMEOUT_S
+  while time.time() < deadline and len(_logged_steps(workdir)) < 2 and all(p.poll() is None for p in procs):
+    time.sleep(0.2)
+  procs[1].send_signal(signal.SIGTERM)
+  outs = _wait(procs, workdir)
+  steps = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
+  assert len(steps) == 1 and 4 <= steps[0] < 500 and steps[0] % 2 == 0, (steps, outs[0][-2000:])
+  saved = steps[0]
+  assert f"saved step {saved}" in outs[0], outs[0][-2000:]
+  assert max(_logged_steps(workdir)) == saved
+  outs = _wait(_start_training(workdir, cache, saved + 2), workdir)
+  assert f"Resumed from {workdir}/checkpoints/{saved} at step {saved}" in outs[0], outs[0][-2000:]
+  assert _logged_steps(workdir)[-2:] == [saved, saved + 2]
