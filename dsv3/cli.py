@@ -92,6 +92,8 @@ def _check_overrides(config, name: str, path: str, overrides: Sequence[tuple]) -
       kind = {"int": "an integer", "float": "a number", "bool": "true or false"}[type(node).__name__]
       raise UsageError(f"{name}.{field}: {value!r} is not {kind} ({path} sets {node!r}); give {kind}, "
                        f"e.g. --{name}.{field}={node!r}")
+
+
 def check_config_flags(argv: Sequence[str], flag_values=flags.FLAGS) -> None:
   """Loads each ml_collections config-file flag given in argv and checks its overrides; UsageError if bad."""
   argv = flag_values.read_flags_from_files(list(argv), force_gnu=False)
@@ -132,12 +134,21 @@ def parse_flags(argv: Sequence[str]) -> list:
     sys.exit(USAGE_ERROR)
 
 
-def run(main: Callable[[list], object], argv: Optional[Sequence[str]] = None) -> None:
-  """absl.app.run(main) with one-line, exit-status-2 errors for bad flags, config fields and ConfigErrors."""
+def run(main: Callable[[list], object], argv: Optional[Sequence[str]] = None,
+        user_errors: tuple = ()) -> None:
+  """absl.app.run(main) with one-line, exit-status-2 errors for bad flags, config fields and ConfigErrors.
+
+  `user_errors`: exception types whose message already says what went wrong and the fix (a locked
+  workdir, a diverged run, a full disk); they end the run with that message and exit status 1, without a
+  traceback.
+  """
   def guarded(args):
     try:
       return main(args)
     except ConfigError as e:
       print(f"{_program(args)}: {e}", file=sys.stderr)
       sys.exit(USAGE_ERROR)
+    except user_errors as e:
+      print(f"{_program(args)}: {type(e).__name__}: {e}", file=sys.stderr)
+      sys.exit(1)
   app.run(guarded, argv=argv, flags_parser=parse_flags)

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
+import math
 import os
 import signal
 import sys
@@ -28,6 +30,11 @@ import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from dsv3 import checkpoint as ckpt_lib
+from dsv3 import cli
+from dsv3 import workdir as workdir_lib
+from dsv3.config import validate_train_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go; resumed from if non-empty.")
@@ -51,23 +58,30 @@ def main(argv):
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-  """Runs training to config.num_train_steps; returns the last logged metrics."""
+  """Runs training to config.num_train_steps; returns the last logged metrics.
+
+  The config is checked before anything touches the disk; the workdir is then created and locked for the
+  run (a second run on it fails at once, naming this one's pid and host).
+  """
+  validate_train_config(config)
+  with workdir_lib.lock(workdir):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config, workdir: str) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
 
-  from dsv3 import checkpoint as ckpt_lib
   from dsv3 import data as data_lib
   from dsv3 import ema as ema_lib
   from dsv3 import losses, metrics as metrics_lib, model as model_lib, optimizer as opt_lib, plan, sharding
-  from dsv3.config import ModelConfig, validate_train_config
+  from dsv3.config import ModelConfig
 
   # ------------------------------------------------------------------------------------------------
   # Config, mesh, data.
   # ------------------------------------------------------------------------------------------------
-  validate_train_config(config)
   cfg = ModelConfig.from_config_dict(config)
-  os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh)
   pipelined = config.mesh.pipeline > 1
   if pipelined:   # the schedule and the stage split, checked now rather than at the first step
@@ -370,7 +384,6 @@ def _suggest_lr(lr: float, step_lr: float, ratio: float, max_ratio: float) -> fl
   learning rate `step_lr` (the tiny config: ~0.02 at its peak 3e-3), so a known ratio gives the peak
   learning rate at which the ratio would be 1% (at most lr / 10); an unknown one (inf/nan) falls back
   to lr / 10, at most 3e-4 (the DeepSeek-V3 recipe's default)."""
-  import math
   if math.isfinite(ratio) and max_ratio > 0 and ratio > max_ratio and step_lr > 0:
     new = min(lr / 10, 0.01 * step_lr / ratio)
   else:
@@ -380,7 +393,6 @@ def _suggest_lr(lr: float, step_lr: float, ratio: float, max_ratio: float) -> fl
 
 def _diverged_message(guard, config, checkpointer) -> str:
   """The TrainingError text: the first bad step, what was bad, the good checkpoint and the fix."""
-  import math
   step, loss = int(guard["step"]), float(guard["loss"])
   grad_norm, ratio = float(guard["grad_norm"]), float(guard["update_ratio"])
   max_ratio = float(config.nan_guard.max_update_ratio)
@@ -410,7 +422,6 @@ def _diverged_message(guard, config, checkpointer) -> str:
 
 
 def itertools_islice(it, n):
-  import itertools
   return itertools.islice(it, n) if n else it
 
 
@@ -438,4 +449,6 @@ def _init_from(path: str, cfg, state, shardings):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  # Errors whose message names the cause and the fix end the run with that line, not a traceback.
+  cli.run(main, user_errors=(TrainingError, workdir_lib.WorkdirError, ckpt_lib.CheckpointStorageError,
+                             ckpt_lib.CheckpointCorruptError))

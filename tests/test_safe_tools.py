@@ -72,6 +72,24 @@ def test_second_trainer_fails_naming_the_owner_then_takes_over_a_dead_ones_lock(
   assert not caplog.text
 
 
+def test_second_trainer_on_the_command_line_fails_at_once_and_touches_nothing(tmp_path):
+  wd = tmp_path / "run"
+  proc = _holder(wd)
+  try:
+    (wd / "metrics.jsonl").write_text('{"step": 1}\n')
+    before = _snapshot(wd)
+    out = subprocess.run([sys.executable, "-m", "dsv3.train", f"--config={ROOT}/configs/tiny.py", f"--workdir={wd}"],
+                         env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stderr
+    lines = [l for l in out.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert f"is in use by another run (pid {proc.pid} on host {socket.gethostname()}" in lines[0]
+    assert _snapshot(wd) == before
+  finally:
+    proc.kill()
+    proc.wait()
+
+
 def test_lock_in_the_same_process_is_exclusive_and_other_processes_do_not_lock(tmp_path):
   with workdir.lock(str(tmp_path), process_index=0):
     with pytest.raises(workdir.WorkdirLockedError, match=f"pid {os.getpid()}"):
