@@ -17,7 +17,10 @@ stays valid when batch_size or the process count change between runs.
 Config (`config.data`, see `default_data_config`), plus top-level `config.seq_len`, `config.batch_size`
 (global, divisible by the process count) and `config.seed`:
   source               'stdlib' (default: the running Python's standard-library *.py sources, without test
-                       and site-packages dirs), or a path / glob / directory, or a comma-separated list
+                       and site-packages dirs), or a path / glob / directory, or a comma-separated list, or a
+                       directory `python -m dsv3.data prepare` wrote (see dsv3.prepare): its streams are
+                       memory-mapped as they are, with its own tokenizer; format, field, dtype and vocab_size
+                       are then unused, and validation_fraction / max_files must match its manifest
   format               'auto' (by extension: .jsonl/.ndjson, .parquet/.pq, .bin, .npy, anything else text)
                        | 'text' (one document per file) | 'jsonl' | 'parquet' | 'bin' | 'npy'
   field                jsonl key / parquet column holding the document text ('text')
@@ -42,39 +45,30 @@ API:
   data.tokenizer                       # tokenizer.Tokenizer (None for .bin/.npy without data.tokenizer)
   train_iter, eval_batches, tokenizer = data   # also unpacks as a 3-tuple
 Every bad setting raises DataError (a ValueError) whose message names the config field and the fix.
+
+Offline preparation (tokenize once, in parallel, resumable; then start in seconds on any number of hosts):
+  python -m dsv3.data prepare --source=SRC --tokenizer=TOKENIZER.json --out=DIR --workers=N
 """
 from __future__ import annotations
 
 import dataclasses
-import glob
-import hashlib
-import itertools
-import json
 import logging
-import os
 import pathlib
-import sys
-import sysconfig
 from typing import Callable, Iterator, Optional
 
 import grain
 import ml_collections
 import numpy as np
 
+from dsv3 import prepare
 from dsv3 import tokenizer as tokenizer_lib
-from dsv3.config import ConfigError, closest_key
+from dsv3.config import closest_key
+# Corpus discovery and tokenization live in dsv3.corpus; their public names stay importable from here.
+from dsv3.corpus import (FORMATS, Corpus, DataError, encode_documents, is_validation, iter_documents,
+                         load_tokenizer, resolve_corpus, stdlib_corpus, tail_cut, tail_split)
+from dsv3.corpus import _check_max_files, _sha, _unit_hash
 
 VERSION = 1                      # bump when tokenization or packing changes: old cached streams are ignored
-FORMATS = ("auto", "text", "jsonl", "parquet", "bin", "npy")
-_EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet",
-               ".bin": "bin", ".npy": "npy"}
-_STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-_BPE_CHARS = 16_000_000          # caps BPE training text (a few seconds on one core)
-_ENCODE_CHARS = 4_000_000        # text tokenized per encode_batch call: bounds memory on big corpora
-
-
-class DataError(ConfigError):
-  """A data setting is wrong; the message names the config field and the fix."""
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -82,138 +76,6 @@ def default_data_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       source="stdlib", format="auto", field="text", tokenizer="", vocab_size=4096, validation_fraction=0.02,
       dtype="uint16", eval_batches=16, max_files=0, prefetch=2, cache_dir=""))
-
-
-def _unit_hash(key: str) -> float:
-  """A stable (machine- and run-independent) hash of `key` in [0, 1)."""
-  return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") / 2.0 ** 64
-
-
-def _sha(obj) -> str:
-  return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-
-
-# ------------------------------------------------------------------------------------------------
-# Corpus: which files, in which format, and a fingerprint that changes when any of them does.
-
-@dataclasses.dataclass
-class Corpus:
-  files: list                    # pathlib.Paths, sorted
-  names: list                    # stable document-name prefixes (relative paths) used for the split
-  format: str
-  field: str
-  fingerprint: str
-
-
-def _check_max_files(max_files) -> None:
-  if not isinstance(max_files, (int, np.integer)) or isinstance(max_files, bool) or max_files < 0:
-    raise DataError(f"data.max_files: must be an integer >= 0 (0 = every file), got {max_files!r}; set it to "
-                    f"the number of files to use, or 0")
-
-
-def stdlib_corpus(max_files: int = 0) -> Corpus:
-  """The running Python's standard-library sources: real text present on every machine, no download."""
-  _check_max_files(max_files)
-  root = pathlib.Path(sysconfig.get_paths()["stdlib"])
-  files = []
-  for d, dirs, names in os.walk(root):
-    # Pruning in place keeps os.walk out of site-packages, which can be far bigger than the stdlib.
-    dirs[:] = [x for x in dirs if x not in _STDLIB_SKIP and not x.startswith(".")]
-    files += [pathlib.Path(d, f) for f in names if f.endswith(".py")]
-  files.sort(key=lambda p: p.relative_to(root).as_posix())
-  if max_files:
-    files = files[:max_files]
-  names = [p.relative_to(root).as_posix() for p in files]
-  # Sizes, not mtimes: identical stdlibs on different machines share one cache entry.
-  fp = _sha(["stdlib", sys.version_info[:3], [(n, p.stat().st_size) for n, p in zip(names, files)]])
-  return Corpus(files, names, "text", "text", fp)
-
-
-def resolve_corpus(source: str, fmt: str = "auto", field: str = "text", max_files: int = 0) -> Corpus:
-  """Expands `source` (paths, globs, directories, comma-separated) and settles the format."""
-  if fmt not in FORMATS:
-    raise DataError(f"data.format: unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
-  _check_max_files(max_files)
-  if not isinstance(source, str) or not source.strip():
-    raise DataError(f"data.source: must be 'stdlib' or paths / globs / directories, got {source!r}")
-  if source == "stdlib":
-    if fmt not in ("auto", "text"):
-      raise DataError(f"data.format: the stdlib corpus is text, got {fmt!r}; use 'auto' or 'text'")
-    return stdlib_corpus(max_files)
-  files = []
-  for part in [s.strip() for s in str(source).split(",") if s.strip()]:
-    part = os.path.expanduser(part)
-    if glob.has_magic(part):
-      found = sorted(p for p in glob.glob(part, recursive=True) if os.path.isfile(p))
-      if not found:
-        raise DataError(f"data.source: no files match {part!r}; point it at existing "
-                        f"text/jsonl/parquet/bin/npy files")
-    elif os.path.isdir(part):
-      found = sorted(str(p) for p in pathlib.Path(part).rglob("*") if p.is_file()
-                     and not any(x.startswith(".") for x in p.relative_to(part).parts))
-      if not found:
-        raise DataError(f"data.source: directory {part!r} holds no files; point it at text/jsonl/parquet/"
-                        f"bin/npy files")
-    elif os.path.isfile(part):
-      found = [part]
-    else:
-      raise DataError(f"data.source: {part!r} does not exist; give existing files, a glob or a directory, "
-                      f"or 'stdlib' for the built-in corpus")
-    files += [f for f in found if f not in files]
-  if not files:
-    raise DataError(f"data.source: {source!r} names no files; give paths, globs or 'stdlib'")
-  if max_files:
-    files = files[:max_files]
-  paths = [pathlib.Path(f).resolve() for f in files]
-  if fmt == "auto":
-    kinds = sorted({_EXTENSIONS.get(p.suffix.lower(), "text") for p in paths})
-    if len(kinds) > 1:
-      raise DataError(f"data.format: data.source mixes formats {kinds}; narrow data.source to one kind of "
-                      f"file or set data.format explicitly")
-    fmt = kinds[0]
-  # Names relative to the files' common directory keep the split stable if the data moves.
-  common = os.path.commonpath([str(p.parent) for p in paths])
-  names = [os.path.relpath(p, common) for p in paths]
-  fp = _sha([fmt, field, [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]])
-  return Corpus(paths, names, fmt, field, fp)
-
-
-def iter_documents(corpus: Corpus) -> Iterator[tuple[str, str]]:
-  """Yields (stable name, text) for each non-empty document of a text/jsonl/parquet corpus."""
-  field = corpus.field
-  for path, name in zip(corpus.files, corpus.names):
-    if corpus.format == "text":
-      text = path.read_text(encoding="utf-8", errors="replace")
-      if text.strip():
-        yield name, text
-    elif corpus.format == "jsonl":
-      with open(path, encoding="utf-8", errors="replace") as f:
-        for i, line in enumerate(f):
-          if not line.strip():
-            continue
-          try:
-            obj = json.loads(line)
-          except ValueError as e:
-            raise DataError(f"data.source: {path}:{i + 1} is not valid JSON ({e}); jsonl files need one JSON "
-                            f"object per line (or set data.format='text')") from None
-          if not isinstance(obj, dict) or field not in obj:
-            keys = sorted(obj)[:10] if isinstance(obj, dict) else type(obj).__name__
-            raise DataError(f"data.field: {path}:{i + 1} has no field {field!r} (it has {keys}); set "
-                            f"data.field to the key that holds the document text")
-          if isinstance(obj[field], str) and obj[field].strip():
-            yield f"{name}:{i}", obj[field]
-    else:
-      import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top  (only parquet users pay for it)
-      pf = pq.ParquetFile(path)
-      if field not in pf.schema_arrow.names:
-        raise DataError(f"data.field: {path} has no column {field!r} (columns: {pf.schema_arrow.names}); set "
-                        f"data.field to the column that holds the document text")
-      row = 0
-      for batch in pf.iter_batches(columns=[field], batch_size=1024):
-        for text in batch.column(0).to_pylist():
-          if isinstance(text, str) and text.strip():
-            yield f"{name}:{row}", text
-          row += 1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -274,33 +136,42 @@ def _load_token_file(path: pathlib.Path, fmt: str, dtype: str) -> np.ndarray:
   return arr.reshape(-1)
 
 
+
 def _tokenize(docs, tok: tokenizer_lib.Tokenizer, fraction: float) -> tuple[np.ndarray, np.ndarray]:
-  """Documents -> (train, validation) streams of `<|bos|> doc <|eos|>`; a doc's split is its name's hash."""
-  dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
-  parts, buf, chars, ndocs = ([[], []], [[], []], [0, 0], [0, 0])
-
-  def flush(v):
-    if buf[v]:
-      ids = tok.encode_batch(buf[v], bos=True, eos=True)
-      parts[v].append(np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype))
-      buf[v], chars[v] = [], 0
-
-  for name, text in docs:
-    v = int(fraction > 0 and _unit_hash(name) < fraction)
-    buf[v].append(text)
-    chars[v] += len(text)
-    ndocs[v] += 1
-    if chars[v] > _ENCODE_CHARS:
-      flush(v)
-  flush(0)
-  flush(1)
-  train, val = (np.concatenate(p) if p else np.zeros([0], dtype) for p in parts)
-  if fraction > 0 and (ndocs[0] == 0 or ndocs[1] == 0):
+  """Documents -> (train, validation) streams; see corpus.encode_documents and corpus.tail_split."""
+  train, val, ndocs = encode_documents(docs, tok, fraction)
+  if tail_split(ndocs, fraction):
     # Too few documents for a split by name (e.g. one big file): hold out the stream's tail instead.
     both = np.concatenate([train, val])
-    cut = len(both) - max(1, int(len(both) * fraction))
+    cut = tail_cut(len(both), fraction)
     train, val = both[:cut], both[cut:]
   return train, val
+
+
+def _prepared_streams(d, manifest: dict) -> tuple[TokenStream, TokenStream, tokenizer_lib.Tokenizer, str]:
+  """(train, validation, tokenizer, fingerprint) of a prepared directory, checked against the data block."""
+  source, fraction = d.source, float(d.validation_fraction)
+  if d.format != "auto":
+    raise DataError(f"data.format: {source!r} is a prepared directory; leave data.format at 'auto'")
+  if fraction != manifest["validation_fraction"]:
+    raise DataError(f"data.validation_fraction: {source!r} was prepared with {manifest['validation_fraction']}, "
+                    f"the config sets {fraction}; set data.validation_fraction={manifest['validation_fraction']} "
+                    f"or prepare again with --validation_fraction={fraction}")
+  if d.max_files not in (0, manifest["max_files"]):
+    raise DataError(f"data.max_files: {source!r} was prepared with --max_files={manifest['max_files']}, the "
+                    f"config sets {d.max_files}; set data.max_files=0 (all of it) or prepare again")
+  train_parts, val_parts, tok = prepare.load(source, manifest)
+  if d.tokenizer not in ("", "bpe") and (d.tokenizer == "data" or
+                                         load_tokenizer(d).fingerprint != tok.fingerprint):
+    raise DataError(f"data.tokenizer: {source!r} was tokenized with {manifest['tokenizer']['path']!r} "
+                    f"(fingerprint {tok.fingerprint}), not {d.tokenizer!r}; set data.tokenizer='' to use the "
+                    f"prepared directory's own tokenizer, or prepare again with --tokenizer={d.tokenizer}")
+  train, val = TokenStream(train_parts), TokenStream(val_parts)
+  if manifest["split"] == "tail":
+    both = TokenStream(train_parts + val_parts)
+    train, val = both.split(tail_cut(len(both), fraction))
+  fingerprint = _sha([manifest["source_fingerprint"], tok.fingerprint, fraction])   # as from the raw source
+  return train, val, tok, fingerprint
 
 
 def _cached_streams(corpus: Corpus, tok, fraction: float, cache: str) -> tuple[np.ndarray, np.ndarray]:
@@ -312,40 +183,6 @@ def _cached_streams(corpus: Corpus, tok, fraction: float, cache: str) -> tuple[n
       tokenizer_lib.atomic_write(p, lambda f, a=arr: np.save(f, a))
   return tuple(np.load(p, mmap_mode="r") for p in paths)
 
-
-def _bpe_texts(corpus: Corpus, fraction: float) -> Callable[[], Iterator[str]]:
-  """Training documents in hash order (a deterministic, well-mixed subset) up to _BPE_CHARS characters."""
-  def texts():
-    chars = 0
-    order = sorted(range(len(corpus.files)), key=lambda i: _unit_hash(corpus.names[i]))
-    sub = dataclasses.replace(corpus, files=[corpus.files[i] for i in order],
-                              names=[corpus.names[i] for i in order])
-    for name, text in iter_documents(sub):
-      if fraction > 0 and _unit_hash(name) < fraction:
-        continue
-      yield text
-      chars += len(text)
-      if chars >= _BPE_CHARS:
-        return
-  return texts
-
-
-def load_tokenizer(data_cfg, corpus: Optional[Corpus] = None) -> tokenizer_lib.Tokenizer:
-  """The tokenizer `data_cfg.tokenizer` names; '' trains (once) on the stdlib corpus' training split."""
-  spec, cache = data_cfg.tokenizer, data_cfg.cache_dir
-  if spec in ("", "bpe"):
-    # Always the full stdlib with the default split, so every experiment shares one tokenizer per vocab size.
-    std = stdlib_corpus()
-    return tokenizer_lib.load_or_train("", data_cfg.vocab_size, _bpe_texts(std, 0.02),
-                                       _sha([std.fingerprint, _BPE_CHARS]), cache)
-  if spec == "data":
-    if corpus is None or corpus.format in ("bin", "npy"):
-      raise DataError("data.tokenizer: 'data' trains a BPE on data.source, which must then be text/jsonl/"
-                      "parquet; use '' or a tokenizer.json path")
-    fp = _sha([corpus.fingerprint, data_cfg.validation_fraction, _BPE_CHARS])
-    return tokenizer_lib.load_or_train("", data_cfg.vocab_size, _bpe_texts(corpus, data_cfg.validation_fraction),
-                                       fp, cache)
-  return tokenizer_lib.load(spec)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -424,12 +261,18 @@ class Datasets:
   num_eval_batches: int
   streams: tuple = dataclasses.field(repr=False, default=())
   _id_range: Optional[tuple] = dataclasses.field(repr=False, default=None)
+  prepared: Optional[tuple] = dataclasses.field(repr=False, default=None)   # (dir, manifest) if prepared
 
   def __iter__(self):
     return iter((self.train, self.eval_batches, self.tokenizer))
 
   def check_vocab(self, model_vocab_size: int) -> None:
-    """Raises DataError when a token id is negative or >= model_vocab_size (the embedding would be OOB)."""
+    """Raises DataError when a token id is negative or >= model_vocab_size (the embedding would be OOB).
+
+    A prepared directory is checked by its manifest's vocabulary size, without reading the tokens."""
+    if self.prepared is not None:
+      prepare.check_model_vocab(*self.prepared, model_vocab_size)
+      return
     if self._id_range is None:
       ranges = [s.id_range() for s in self.streams if len(s)]
       self._id_range = (min(r[0] for r in ranges), max(r[1] for r in ranges))
@@ -471,7 +314,11 @@ def validate_data_config(d, model_vocab_size: Optional[int] = None) -> None:
   for k, meaning in (("eval_batches", "0 = every validation batch"), ("prefetch", "0 = no background thread")):
     if not is_int(get(k)) or get(k) < 0:
       raise DataError(f"data.{k}: must be an integer >= 0 ({meaning}), got {get(k)!r}")
-  vocab, trains_bpe = get("vocab_size"), get("tokenizer") in ("", "bpe", "data")
+  manifest = prepare.find(get("source"))
+  if manifest is not None and model_vocab_size is not None:
+    prepare.check_model_vocab(get("source"), manifest, model_vocab_size)
+  # A prepared directory brings its own tokenizer: data.vocab_size does not apply to it.
+  vocab, trains_bpe = get("vocab_size"), get("tokenizer") in ("", "bpe", "data") and manifest is None
   if trains_bpe and (not is_int(vocab) or vocab < tokenizer_lib.MIN_VOCAB):
     raise DataError(f"data.vocab_size: {vocab!r} is too small for a byte-level BPE; it needs >= "
                     f"{tokenizer_lib.MIN_VOCAB} (256 bytes + <|bos|> + <|eos|> + merges); tiny configs use "
@@ -507,15 +354,13 @@ def make_datasets(config, process_index: Optional[int] = None, process_count: Op
   if not 0 <= process_index < process_count:
     raise DataError(f"process_index {process_index} is outside [0, process_count={process_count})")
   fraction = float(d.validation_fraction)
-  corpus = resolve_corpus(d.source, d.format, d.field, int(d.max_files))
-  if corpus.format in ("bin", "npy"):
-    tok = load_tokenizer(d) if d.tokenizer not in ("", "bpe") else None
-    full = TokenStream([_load_token_file(p, corpus.format, d.dtype) for p in corpus.files])
-    train, val = full.split(len(full) - int(len(full) * fraction))
+  manifest = prepare.find(d.source)
+  if manifest is not None:
+    train, val, tok, fingerprint = _prepared_streams(d, manifest)
+    corpus_desc = f"prepared, {manifest['files']} files"
   else:
-    tok = load_tokenizer(d, corpus)
-    train, val = (TokenStream([s]) for s in _cached_streams(corpus, tok, fraction, d.cache_dir))
-  fingerprint = _sha([corpus.fingerprint, tok.fingerprint if tok else "", fraction])
+    train, val, tok, fingerprint, corpus_desc = _raw_streams(d, fraction)
+
 
   length, per_process = seq_len + 1, batch_size // process_count
   if (len(train) - length + 1) // length < batch_size:
@@ -539,6 +384,25 @@ def make_datasets(config, process_index: Optional[int] = None, process_count: Op
   def eval_batches() -> Iterator[np.ndarray]:
     return iter(val_ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
 
-  logging.info("data: %s (%s, %d files): %d train / %d validation tokens, %d windows per epoch, tokenizer %s",
-               d.source, corpus.format, len(corpus.files), len(train), len(val), train_iter.windows_per_epoch, tok)
-  return Datasets(train_iter, eval_batches, tok, len(train), len(val), num_eval, streams=(train, val))
+  logging.info("data: %s (%s): %d train / %d validation tokens, %d windows per epoch, tokenizer %s",
+               d.source, corpus_desc, len(train), len(val), train_iter.windows_per_epoch, tok)
+  return Datasets(train_iter, eval_batches, tok, len(train), len(val), num_eval, streams=(train, val),
+                  prepared=None if manifest is None else (d.source, manifest))
+
+
+def _raw_streams(d, fraction: float) -> tuple:
+  """(train, validation, tokenizer, fingerprint, description) of a raw or pre-tokenized data.source."""
+  corpus = resolve_corpus(d.source, d.format, d.field, int(d.max_files))
+  if corpus.format in ("bin", "npy"):
+    tok = load_tokenizer(d) if d.tokenizer not in ("", "bpe") else None
+    full = TokenStream([_load_token_file(p, corpus.format, d.dtype) for p in corpus.files])
+    train, val = full.split(len(full) - int(len(full) * fraction))
+  else:
+    tok = load_tokenizer(d, corpus)
+    train, val = (TokenStream([s]) for s in _cached_streams(corpus, tok, fraction, d.cache_dir))
+  fingerprint = _sha([corpus.fingerprint, tok.fingerprint if tok else "", fraction])
+  return train, val, tok, fingerprint, f"{corpus.format}, {len(corpus.files)} files"
+
+
+if __name__ == "__main__":
+  prepare.run_cli()

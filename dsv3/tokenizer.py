@@ -93,10 +93,11 @@ class Tokenizer:
     """Writes tokenizer.json + tokenizer_config.json, the layout transformers' AutoTokenizer reads."""
     d = pathlib.Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    self.tok.save(str(d / "tokenizer.json"))
     cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": True, "add_eos_token": False,
            "bos_token": self.tok.id_to_token(self.bos_id), "eos_token": self.tok.id_to_token(self.eos_id)}
-    (d / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+    # Atomic: a reader (another host, a resumed dsv3.prepare) sees a complete file or none.
+    atomic_write(d / "tokenizer.json", lambda f: f.write(self.tok.to_str(pretty=True).encode()))
+    atomic_write(d / "tokenizer_config.json", lambda f: f.write(json.dumps(cfg, indent=2).encode()))
 
   def __repr__(self):
     return f"Tokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id}, path={self.path!r})"

@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from dsv3 import data, tokenizer
+from dsv3 import corpus, data, tokenizer
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
          "upsilon phi chi psi omega def return class import yield lambda while").split()
@@ -22,7 +22,7 @@ def _cache(tmp_path_factory):
   with pytest.MonkeyPatch.context() as mp:
     mp.setenv("DSV3_CACHE", str(tmp_path_factory.mktemp("dsv3_cache")))
     # Small BPE training text keeps the stdlib tokenizer at about a second.
-    mp.setattr(data, "_BPE_CHARS", 300_000)
+    mp.setattr(corpus, "_BPE_CHARS", 300_000)
     yield
 
 
