@@ -12,8 +12,11 @@ Saving is asynchronous by default: `save` returns once the arrays are copied off
 writing continues on background threads, so training resumes at once. Orbax writes each step into
 `N.orbax-checkpoint-tmp-*` and renames it to `N` only when every item is complete (or, on object stores,
 marks it with a commit file), so a run killed mid-save leaves a temporary directory that
-`latest_step()` never reports; leftovers are removed at the next start. Only the last `keep` steps are
-kept.
+`latest_step()` never reports; leftovers are removed at the next start. The last `keep` steps are kept;
+with `best_by` (e.g. 'val_loss'), also the `keep_best` steps whose saved metric is best (lowest for
+best_mode='min'), so the latest is never deleted. The metrics are stored in the step (orbax's `metrics` item)
+and read back on reopening; a step saved without the metric is kept by recency only. `best_step()` names the
+best one.
 
 A finished checkpoint can still be damaged later (a disk error, a file deleted or truncated by hand).
 `restore()` then names the step directory that failed and, with `fallback=True`, warns and restores
@@ -61,7 +64,7 @@ DEFAULT_IGNORE = ("num_train_steps", "log_every_steps", "checkpoint_every_steps"
                   "mesh.*", "pipeline.*",
                   "learning_rate", "min_lr_ratio", "lr_schedule", "warmup_steps", "decay_start_frac",
                   "decay_end_frac", "grad_clip", "weight_decay", "b1", "b2", "mtp_weight*", "balance.gamma*",
-                  "nan_guard.*", "profile.*")
+                  "nan_guard.*", "profile.*", "keep_best_by", "keep_best")
 
 
 class Restored(NamedTuple):
@@ -82,27 +85,50 @@ class Checkpointer:
     fallback: default of `restore(fallback=...)`: fall back to an older step if the latest is damaged.
     read_only: only read: the directory must exist, nothing in it is created, cleaned (a live save's
       `N.orbax-checkpoint-tmp-*` survives), renamed or saved.
+    best_by: a metric name (e.g. 'val_loss') or '' for none: also keep the `keep_best` steps whose
+      `save(..., metrics=)` value of it is best, next to the latest `keep`.
+    keep_best: how many best steps to keep (>= 1 with `best_by`).
+    best_mode: 'min' (lower is better, as for losses) or 'max'.
 
-  Raises ValueError for keep < 1, CheckpointStorageError when (not read_only) the directory cannot be
+  Raises ValueError for keep < 1 or keep_best < 1 with best_by, CheckpointStorageError when (not read_only) the directory cannot be
   created or written, FileNotFoundError when (read_only) it does not exist.
   """
 
   def __init__(self, directory: str, keep: Optional[int] = 3, save_every: int = 1, async_save: bool = True,
-               fallback: bool = True, read_only: bool = False):
+               fallback: bool = True, read_only: bool = False, best_by: str = "", keep_best: int = 0,
+               best_mode: str = "min"):
     self.directory = os.path.abspath(os.fspath(directory))
     self.save_every = max(1, int(save_every))
     self.fallback = fallback
     self.read_only = read_only
+    self.best_by, self.best_mode = best_by, best_mode
     self._pending_step: Optional[int] = None
     if keep is not None and int(keep) < 1:
       raise ValueError(f"keep_checkpoints must be >= 1 (got {keep}): the latest checkpoint is what a run "
                        f"resumes from; set keep_checkpoints >= 1")
+    if best_mode not in ("min", "max"):
+      raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
+    if best_by and int(keep_best) < 1:
+      raise ValueError(f"keep_best must be >= 1 with keep_best_by={best_by!r} (got {keep_best}); set "
+                       f"keep_best >= 1 or keep_best_by=''")
     if read_only:
       if not os.path.isdir(self.directory):
         raise FileNotFoundError(f"checkpoint directory {self.directory} does not exist (or is not a "
                                 f"directory)")
       options = ocp.CheckpointManagerOptions(read_only=True, create=False, cleanup_tmp_directories=False,
-                                             enable_async_checkpointing=False)
+                                             enable_async_checkpointing=False, save_interval_steps=0)
+    elif best_by:
+      self._check_writable()
+      # The latest `keep` (so the newest step, which a resume needs, always stays) or the best `keep_best`;
+      # best_fn makes orbax write the metrics, the policy alone decides what is deleted.
+      metric = lambda m: m[best_by]
+      policy = ocp.checkpoint_managers.AnyPreservationPolicy([
+          ocp.checkpoint_managers.LatestN(n=keep),
+          ocp.checkpoint_managers.BestN(get_metric_fn=metric, reverse=best_mode == "min", n=int(keep_best),
+                                        keep_checkpoints_without_metrics=False)])
+      options = ocp.CheckpointManagerOptions(
+          save_interval_steps=self.save_every, create=True, enable_async_checkpointing=async_save,
+          cleanup_tmp_directories=True, best_fn=metric, best_mode=best_mode, preservation_policy=policy)
     else:
       self._check_writable()
       options = ocp.CheckpointManagerOptions(
@@ -140,12 +166,33 @@ class Checkpointer:
   def should_save(self, step: int) -> bool:
     return step % self.save_every == 0 and step not in self._mgr.all_steps()
 
+  def metrics(self, step: int) -> Optional[dict]:
+    """The metrics saved with `step` (e.g. {'val_loss': 3.2}), or None if it was saved without."""
+    with _quiet_library_logs():
+      out = self._mgr.metrics(int(step))
+    return dict(out) if isinstance(out, Mapping) else None
+
+  def best_step(self, metric: Optional[str] = None, mode: Optional[str] = None) -> Optional[int]:
+    """The step whose saved `metric` (default: best_by) is best by `mode` (default: best_mode; ties: the
+    newest), or None when no step carries it."""
+    metric, mode = metric or self.best_by, mode or self.best_mode
+    if not metric:
+      raise ValueError("best_step needs a metric: pass metric='val_loss' or open the Checkpointer with best_by")
+    scored = []
+    for s in self.all_steps():
+      value = (self.metrics(s) or {}).get(metric)
+      if isinstance(value, (int, float)) and np.isfinite(value):
+        scored.append(((value if mode == "min" else -value), -s))
+    return -min(scored)[1] if scored else None
+
   def save(self, step: int, state: Any, extras: Optional[Mapping[str, Any]] = None,
-           force: bool = False) -> bool:
+           force: bool = False, metrics: Optional[Mapping[str, float]] = None) -> bool:
     """Saves `state` and `extras` as step `step` if it is on schedule (or `force`, e.g. on SIGTERM).
 
-    Returns whether a save started; a step that already has a checkpoint is not saved again. Raises
-    CheckpointStorageError when the disk is full (or otherwise refuses the write), here or in `wait()`.
+    `metrics` (e.g. {'val_loss': 3.2}) rank the step when the Checkpointer keeps the best by one of them;
+    without a finite value for best_by the step is kept by recency only. Returns whether a save started; a
+    step that already has a checkpoint is not saved again. Raises CheckpointStorageError when the disk is
+    full (or otherwise refuses the write), here or in `wait()`.
     """
     if self.read_only:
       raise PermissionError(f"checkpoint directory {self.directory} was opened with read_only=True; "
@@ -160,8 +207,14 @@ class Checkpointer:
       except TypeError as e:
         raise TypeError(f"checkpoint extras[{k!r}] is not JSON-serialisable: {e}") from e
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), extras=ocp.args.JsonSave(extras))
-    with self._storage_errors(step):
-      started = bool(self._mgr.save(step, args=args, force=force))
+    ranked = None
+    if self.best_by and metrics is not None and self.best_by in metrics:
+      value = _to_metric(self.best_by, metrics[self.best_by])
+      ranked = {k: _to_metric(k, v) for k, v in metrics.items()} if np.isfinite(value) else None
+    # Quiet: orbax warns about a save without metrics, which is how an unranked step is saved.
+    quiet = _quiet_library_logs() if self.best_by and ranked is None else contextlib.nullcontext()
+    with self._storage_errors(step), quiet:
+      started = bool(self._mgr.save(step, args=args, force=force, metrics=ranked))
     if started:
       self._pending_step = step
     return started
@@ -346,6 +399,13 @@ class CheckpointCorruptError(RuntimeError):
 
 class CheckpointStorageError(RuntimeError):
   """The checkpoint directory cannot be written (not writable, disk full); the message says why."""
+
+
+def _to_metric(name: str, value: Any) -> float:
+  try:
+    return float(np.asarray(value).reshape(()))
+  except (TypeError, ValueError) as e:
+    raise TypeError(f"checkpoint metrics[{name!r}] must be a number, got {value!r}") from e
 
 
 def _checked_extras(extras: Any) -> dict:

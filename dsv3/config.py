@@ -268,6 +268,10 @@ def model_config_dict(cfg: ModelConfig):
   return ml_collections.ConfigDict(d, type_safe=False)
 
 
+# Metrics that config.keep_best_by may rank checkpoints by (lower is better).
+KEEP_BEST_BY = ("val_loss",)
+
+
 def base_train_config(model: ModelConfig):
   """Every field the trainer reads, with DeepSeek-V3's recipe as the default."""
   import ml_collections
@@ -309,10 +313,19 @@ def base_train_config(model: ModelConfig):
   c.eval_batches = 4
   c.checkpoint_every_steps = 200
   c.keep_checkpoints = 3
+  # Best checkpoints: with keep_best_by='val_loss', the keep_best checkpoints with the lowest val_loss are kept
+  # besides the latest keep_checkpoints ('' keeps by recency only). A checkpoint carries the val_loss of the
+  # evaluation at its own step, so eval_every_steps must divide checkpoint_every_steps (the last step always
+  # evaluates); one saved without an evaluation (on SIGTERM) is kept by recency only.
+  c.keep_best_by = ""                     # '' | 'val_loss'
+  c.keep_best = 1
   c.init_from = ""                        # HF checkpoint dir or orbax dir; used when the workdir is empty
   # Divergence guard: a step whose loss, gradient norm or update is non-finite, or whose update norm
   # exceeds max_update_ratio x the parameter norm, stops the run before any later checkpoint (0: no ratio check).
   c.nan_guard = ml_collections.ConfigDict(dict(max_update_ratio=1.0))
+  # Profiling: a jax.profiler trace of steps start_step .. start_step+num_steps-1 (numbered as in
+  # metrics.jsonl: step 1 is the first) in workdir/profile (TensorBoard's profile plugin, Perfetto). 0: off.
+  c.profile = ml_collections.ConfigDict(dict(start_step=10, num_steps=0))
   # Parallelism.
   c.mesh = ml_collections.ConfigDict(dict(data=1, expert=1, pipeline=1))
   c.pipeline = ml_collections.ConfigDict(dict(schedule="none", microbatches=1))
@@ -414,6 +427,29 @@ def validate_train_config(c) -> None:
   number("balance.aux_loss_alpha", 0)
   if "nan_guard" in c:
     number("nan_guard.max_update_ratio", 0, hint=" (0 disables the update-size check)")
+  if "keep_best_by" in c:
+    need(c.keep_best_by in ("",) + KEEP_BEST_BY, "keep_best_by",
+         f"must be '' (keep by recency only) or one of {', '.join(KEEP_BEST_BY)}, got {c.keep_best_by!r}")
+    need(is_int(c.keep_best) and c.keep_best >= (1 if c.keep_best_by else 0), "keep_best",
+         f"must be an integer >= {1 if c.keep_best_by else 0}"
+         + (f" with keep_best_by={c.keep_best_by!r} (how many best checkpoints to keep)" if c.keep_best_by else "")
+         + f", got {c.keep_best!r}")
+    need(not c.keep_best_by or c.checkpoint_every_steps % c.eval_every_steps == 0, "eval_every_steps",
+         f"{c.eval_every_steps} must divide checkpoint_every_steps={c.checkpoint_every_steps} with "
+         f"keep_best_by={c.keep_best_by!r}: a checkpoint is ranked by the evaluation at its own step; set "
+         f"--config.eval_every_steps to a divisor of {c.checkpoint_every_steps}")
+  if "profile" in c:
+    for k in sorted(c.profile.keys()):
+      need(k in base.profile, f"profile.{k}",
+           f"unknown field{closest_key(k, base.profile.keys(), prefix='config.profile.')}")
+    need(is_int(c.profile.start_step) and c.profile.start_step >= 1, "profile.start_step",
+         f"must be an integer >= 1 (the first traced step; step 1 includes compilation), got "
+         f"{c.profile.start_step!r}")
+    need(is_int(c.profile.num_steps) and c.profile.num_steps >= 0, "profile.num_steps",
+         f"must be an integer >= 0 (0: no trace), got {c.profile.num_steps!r}")
+    need(c.profile.num_steps == 0 or c.profile.start_step <= c.num_train_steps, "profile.start_step",
+         f"{c.profile.start_step} is after the last step (num_train_steps={c.num_train_steps}), so nothing would be "
+         f"traced; lower it or set --config.profile.num_steps=0")
   for f in ("data", "expert", "pipeline"):
     need(is_int(c.mesh[f]) and c.mesh[f] >= 1, f"mesh.{f}", f"must be an integer >= 1, got {c.mesh[f]!r}")
   experts, moe_layers = c.model.n_routed_experts, c.model.num_hidden_layers - c.model.first_k_dense_replace

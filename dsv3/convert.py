@@ -1,10 +1,11 @@
 """Converts checkpoints between the HF DeepSeek-V3 format and dsv3's orbax format, both directions.
 
   python -m dsv3.convert --to=orbax --src=/path/to/hf_dir --dst=/tmp/dsv3_orbax
-  python -m dsv3.convert --to=hf --src=/tmp/workdir/checkpoints --dst=/tmp/hf_out [--step=N] [--overwrite]
+  python -m dsv3.convert --to=hf --src=/tmp/workdir/checkpoints --dst=/tmp/hf_out [--step=N | --best] [--overwrite]
 
---src for --to=hf may be a training workdir's checkpoints/ (the latest or --step is used; the model
-config comes from the checkpoint's saved training config) or a dir written by --to=orbax. The source is
+--src for --to=hf may be a training workdir (or its checkpoints/: the latest, --step, or with --best the one
+with the lowest saved val_loss, as a run with --config.keep_best_by=val_loss records; the model config comes
+from the checkpoint's saved training config) or a dir written by --to=orbax. The source is
 only read (a training checkpoint is opened read-only, so a running trainer's save is left alone).
 
 --dst must be new or empty; --overwrite also lets it replace a previous HF export (config.json +
@@ -82,6 +83,28 @@ def config_of(path: str, step=None):
   return ModelConfig.from_config_dict({"model": model, "precision": flat.get("precision")})
 
 
+def best_step(path: str) -> int:
+  """The step of the training checkpoint under `path` (a workdir or its checkpoints/) with the best saved
+  metric: the run's keep_best_by (lower is better), 'val_loss' if it had none. Raises ValueError naming the
+  directory when `path` holds no training checkpoints or none carries the metric."""
+  from dsv3 import checkpoint as ckpt_lib
+  path = os.path.abspath(path)
+  ckpts = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+  if os.path.isdir(os.path.join(path, "variables")) or not os.path.isdir(ckpts):
+    raise ValueError(f"--best: {path} is not a training workdir or checkpoints dir (only those record "
+                     f"val_loss); drop --best")
+  with ckpt_lib.Checkpointer(ckpts, read_only=True) as checkpointer:
+    if checkpointer.latest_step() is None:
+      raise ValueError(f"--best: no checkpoint in {ckpts}")
+    metric = checkpointer.read_extras()["config"].get("keep_best_by") or "val_loss"
+    step = checkpointer.best_step(metric, "min")
+  if step is None:
+    raise ValueError(f"--best: no checkpoint in {ckpts} carries a {metric} (steps {checkpointer.all_steps()}); "
+                     f"a run records it with --config.keep_best_by=val_loss at its evaluation steps. Fix: pass "
+                     f"--step=N (or neither flag, for the latest) instead")
+  return step
+
+
 def main(argv):
   del argv
   F = flags.FLAGS
@@ -92,13 +115,21 @@ def main(argv):
     workdir_lib.check_destination(F.dst, F.overwrite)
   except workdir_lib.WorkdirError as e:
     raise app.UsageError(str(e)) from e
+  step = F.step
+  if F.best:
+    if F.to != "hf" or step is not None:
+      raise app.UsageError("--best picks the training checkpoint to export: use it with --to=hf and without --step")
+    try:
+      step = best_step(F.src)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from e
   if F.to == "orbax":
     cfg, variables = hf.load_checkpoint(F.src)
     save_orbax_variables(cfg, variables, F.dst, overwrite=F.overwrite)
   else:
-    cfg = config_of(F.src, F.step)
-    hf.save_checkpoint(cfg, load_orbax_variables(F.src, F.step), F.dst, overwrite=F.overwrite)
-  print(f"wrote {F.dst}")
+    cfg = config_of(F.src, step)
+    hf.save_checkpoint(cfg, load_orbax_variables(F.src, step), F.dst, overwrite=F.overwrite)
+  print(f"wrote {F.dst}" + (f" (step {step}, the best)" if F.best else ""))
 
 
 if __name__ == "__main__":
@@ -106,6 +137,8 @@ if __name__ == "__main__":
   flags.DEFINE_string("src", None, "Source checkpoint dir.")
   flags.DEFINE_string("dst", None, "Destination dir.")
   flags.DEFINE_integer("step", None, "Training checkpoint step (default: latest).")
+  flags.DEFINE_bool("best", False, "Export the training checkpoint with the lowest saved val_loss (see "
+                    "--config.keep_best_by), not the latest.")
   flags.DEFINE_bool("overwrite", False, "Replace a previous HF export at --dst (never anything else).")
   flags.mark_flags_as_required(["to", "src", "dst"])
   app.run(main)

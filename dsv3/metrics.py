@@ -13,6 +13,10 @@
 Only process 0 writes (`enabled` defaults to `jax.process_index() == 0`): every process computes the
 same globally reduced metrics, and several writers would interleave lines in the same files.
 
+`memory_stats()` gives the peak memory the trainer adds to each logged row: `device_peak_bytes` (the
+backend's 'peak_bytes_in_use', GPU/TPU, max over this process's devices) or, where the backend has none
+(CPU), `host_peak_rss_bytes` (the process's peak resident set size).
+
 MFU (model FLOPs utilisation) = achieved model FLOP/s / peak FLOP/s of the hardware. The peak comes
 from a table of dense (non-sparse) tensor-core figures for known accelerators; on CPU, which has no
 published figure, it is measured once per process with a float32 matmul, so MFU stays meaningful in
@@ -24,6 +28,7 @@ import contextlib
 import json
 import logging
 import os
+import resource
 import sys
 import time
 from typing import Any, Mapping, Optional
@@ -97,6 +102,24 @@ def device_peak_flops(device=None, dtype: str = "bf16") -> float:
 def mfu(tokens_per_s: float, flops_per_token: float, peak: float, num_devices: int = 1) -> float:
   """Model FLOPs utilisation: tokens/s x model FLOPs per token / (peak FLOP/s per device x devices)."""
   return float(tokens_per_s) * float(flops_per_token) / (float(peak) * num_devices)
+
+
+def memory_stats(devices=None) -> dict:
+  """Peak memory so far, for the metrics rows: {'device_peak_bytes': max over `devices` (default: this
+  process's) of memory_stats()['peak_bytes_in_use']} where the backend reports it (GPU, TPU); else (CPU)
+  {'host_peak_rss_bytes': this process's peak resident set size}."""
+  peaks = []
+  for d in devices if devices is not None else jax.local_devices():
+    try:
+      stats = d.memory_stats()
+    except Exception:  # noqa: BLE001 - a backend without the query: fall back to the host figure
+      stats = None
+    if stats and "peak_bytes_in_use" in stats:
+      peaks.append(int(stats["peak_bytes_in_use"]))
+  if peaks:
+    return {"device_peak_bytes": float(max(peaks))}
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # KiB on Linux, bytes on macOS
+  return {"host_peak_rss_bytes": float(rss if sys.platform == "darwin" else rss * 1024)}
 
 
 class Throughput:
@@ -240,7 +263,8 @@ class MetricWriter:
       self._print(line)
 
   def summary(self, steps: int, first_step: int, last_step: int, tokens: int, seconds: float,
-              loss: Optional[float], val_loss: Optional[float], checkpoint: Optional[str]) -> None:
+              loss: Optional[float], val_loss: Optional[float], checkpoint: Optional[str],
+              best: Optional[str] = None) -> None:
     """Closes the bar and prints what the run did and where its outputs are (process 0 only)."""
     if not self.enabled:
       return
@@ -251,6 +275,8 @@ class MetricWriter:
     print(f"done: {steps} steps ({first_step} -> {last_step} of {self.total_steps}), {tokens:,} tokens in "
           f"{seconds:.1f} s; final loss {fmt(loss)}, val_loss {fmt(val_loss)}", flush=True)
     print(f"  checkpoint: {checkpoint or 'none written'}", flush=True)
+    if best:
+      print(f"  best:       {best}", flush=True)
     print(f"  metrics:    {self.jsonl_path} (TensorBoard: {self.tb_dir})", flush=True)
 
   def write_text(self, step: int, name: str, text: str) -> None:

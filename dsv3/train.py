@@ -6,8 +6,16 @@ Resume order: a checkpoint in --workdir  >  --config.init_from (HF dir or orbax 
 Running the same command again after a crash, a kill -9 or a SIGTERM continues exactly where the last
 checkpoint left off (params, optimizer, routing biases, EMA, data iterator position).
 
-Writes to the workdir: metrics.jsonl (one JSON object per logged step), TensorBoard events (tb/),
-orbax checkpoints (checkpoints/).
+Writes to the workdir: metrics.jsonl (one JSON object per logged step, with the peak memory:
+device_peak_bytes, or host_peak_rss_bytes where the backend reports none, as on CPU), TensorBoard events
+(tb/), orbax checkpoints (checkpoints/), and with config.profile.num_steps > 0 a jax.profiler trace of steps
+profile.start_step .. start_step+num_steps-1 (profile/plugins/profile/<time>/<host>.xplane.pb: TensorBoard's
+profile plugin or Perfetto). Every step runs under a StepTraceAnnotation("train", step_num=N).
+
+Checkpoints: the latest keep_checkpoints, and with keep_best_by='val_loss' also the keep_best with the
+lowest val_loss; a checkpoint is ranked by the evaluation at its own step (config validation makes
+eval_every_steps divide checkpoint_every_steps; the last step always evaluates), one saved without (on a
+signal) by recency only. `python -m dsv3.convert --to=hf --best` exports the best.
 
 Divergence guard: each step checks on device that the loss, the gradient norm, the update and the new
 parameters are finite and that ||update|| / ||params|| <= config.nan_guard.max_update_ratio, and keeps the
@@ -217,7 +225,8 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   # Restore: workdir checkpoint > init_from > scratch.
   # ------------------------------------------------------------------------------------------------
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
-                                       save_every=config.checkpoint_every_steps)
+                                       save_every=config.checkpoint_every_steps, best_by=config.keep_best_by,
+                                       keep_best=config.keep_best)
   flat_config = ckpt_lib.flatten_config(config)
   abstract_with_shardings = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                          abstract, saved_shardings)
@@ -246,14 +255,14 @@ def _train_and_evaluate(config, workdir: str) -> dict:
     ema = ema_lib.HostEMA(config.ema_decay, state["params"])
   state = dict(state, guard=jax.device_put(clean_guard, state_shardings["guard"]))
 
-  def save(step, force=False):
+  def save(step, force=False, metrics=None):
     if not (force or checkpointer.should_save(step)):
       return False        # decide first: building the tree waits for the EMA and copies it to host
     tree = {"train": {k: v for k, v in state.items() if k != "guard"}}
     if ema is not None:
       tree["ema"] = ema.value()
     extras = {"data": datasets.train.get_state(), "config": flat_config, "seed": int(config.seed)}
-    return checkpointer.save(step, tree, extras, force=force)
+    return checkpointer.save(step, tree, extras, force=force, metrics=metrics)
 
   # ------------------------------------------------------------------------------------------------
   # Evaluation: validation loss and perplexity (raw and EMA params), MaxVio_global.
@@ -302,22 +311,36 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   throughput = metrics_lib.Throughput(total_steps, tokens_per_step, start_step, flops, peak, jax.device_count())
   last, done, started = {}, start_step, time.perf_counter()
   finished = False
+  # The profiled steps [first, end), numbered as in metrics.jsonl; a resumed run traces what is left of them.
+  profile_first = int(config.profile.start_step)
+  profile_end = profile_first + int(config.profile.num_steps)
+  profile_dir, tracing = os.path.join(workdir, "profile"), False
   writer.start(start_step)
   try:
     for step in range(start_step, total_steps):
-      mtp_weight = opt_lib.piecewise(step, total_steps, config.mtp_weight, config.mtp_weight_final,
-                                     config.mtp_weight_switch_frac)
-      gamma = opt_lib.piecewise(step, total_steps, config.balance.gamma, config.balance.gamma_final,
-                                config.balance.gamma_switch_frac)
-      batch = next(datasets.train)
-      batch = np.asarray(batch, np.int32) if pipelined else batch_to_global(batch)
-      # The pipeline executor places each stage on its own sub-mesh, so it runs outside any mesh context.
-      # Host scalars: jit takes them without recompiling, and the executor reads them without a sync.
-      with contextlib.nullcontext() if pipelined else jax.set_mesh(mesh):
-        state, metrics = step_fn(state, batch, np.float32(mtp_weight), np.float32(gamma))
-      done = step + 1
-      if ema is not None:
-        ema.update(state["params"], done)
+      if not tracing and profile_first <= step + 1 < profile_end:
+        jax.profiler.start_trace(profile_dir)
+        tracing = True
+      with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):   # cheap: a host-side marker
+        mtp_weight = opt_lib.piecewise(step, total_steps, config.mtp_weight, config.mtp_weight_final,
+                                       config.mtp_weight_switch_frac)
+        gamma = opt_lib.piecewise(step, total_steps, config.balance.gamma, config.balance.gamma_final,
+                                  config.balance.gamma_switch_frac)
+        batch = next(datasets.train)
+        batch = np.asarray(batch, np.int32) if pipelined else batch_to_global(batch)
+        # The pipeline executor places each stage on its own sub-mesh, so it runs outside any mesh context.
+        # Host scalars: jit takes them without recompiling, and the executor reads them without a sync.
+        with contextlib.nullcontext() if pipelined else jax.set_mesh(mesh):
+          state, metrics = step_fn(state, batch, np.float32(mtp_weight), np.float32(gamma))
+        done = step + 1
+        if ema is not None:
+          ema.update(state["params"], done)
+      if tracing and done in (profile_end - 1, total_steps):
+        with throughput.paused():
+          jax.block_until_ready(state)    # the traced steps' device work ends inside the trace
+          jax.profiler.stop_trace()
+        tracing = False
+        writer.console(f"profile of steps {max(profile_first, start_step + 1)}..{done} written to {profile_dir}")
       log_now = done % config.log_every_steps == 0 or done == total_steps
       eval_now = done % config.eval_every_steps == 0 or done == total_steps
       save_now = done % config.checkpoint_every_steps == 0 or done == total_steps
@@ -331,7 +354,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
         raise TrainingError(_diverged_message(guard, config, checkpointer))
       stopping = agreed_stop()
       if log_now:
-        row = {k: float(v) for k, v in metrics.items()} | throughput.tick(done)
+        row = {k: float(v) for k, v in metrics.items()} | throughput.tick(done) | metrics_lib.memory_stats()
         writer.write_scalars(done, row)
         last.update(row)
       if eval_now:
@@ -345,7 +368,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
           last.update(evals)
       if save_now or stopping:
         with throughput.paused():
-          save(done, force=stopping or done == total_steps)
+          save(done, force=stopping or done == total_steps, metrics=evals if eval_now else None)
       if stopping:
         sig = stop["signal"]
         writer.console(f"stopping on {'a signal in another process' if sig is None else signal.Signals(sig).name}"
@@ -353,15 +376,20 @@ def _train_and_evaluate(config, workdir: str) -> dict:
         break
     finished = True
   finally:
+    if tracing:               # a run that stopped (or failed) inside the profiled steps keeps what it traced
+      jax.profiler.stop_trace()
     for s, h in previous.items():
       signal.signal(s, h)
     checkpointer.wait()
     if finished:
       latest = checkpointer.latest_step()
+      best = checkpointer.best_step() if config.keep_best_by else None
       writer.summary(
           steps=done - start_step, first_step=start_step, last_step=done, tokens=(done - start_step) * tokens_per_step,
           seconds=time.perf_counter() - started, loss=last.get("loss"), val_loss=last.get("val_loss"),
-          checkpoint=checkpointer.step_dir(latest) if latest is not None else None)
+          checkpoint=checkpointer.step_dir(latest) if latest is not None else None,
+          best=None if best is None else
+          f"{checkpointer.step_dir(best)} ({config.keep_best_by} {checkpointer.metrics(best)[config.keep_best_by]:.4f})")
     checkpointer.close()
     if ema is not None:
       ema.close()
