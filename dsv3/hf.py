@@ -8,9 +8,12 @@ of one kind are stacked [L, ...] (nn.scan). The MTP module k is stored as layer 
 embed_tokens / shared_head.head are copies of the main ones and are written on save, checked on load.
 
 FP8 checkpoints (DeepSeek's official weights) store float8_e4m3fn weights plus `weight_scale_inv`, one
-float32 per 128x128 block (edge blocks partial); those are dequantised on load (w * scale per block).
+float32 per 128x128 block (edge blocks partial); those are dequantised on load (w * scale per block), and
+`save_checkpoint(..., dtype="fp8")` writes that format (the decoder blocks' Linear weights and eh_proj).
 
-Loading streams tensor by tensor into preallocated host arrays, so a large checkpoint is never held twice.
+Loading streams tensor by tensor: one leaf at a time onto the device, or with `shardings` straight into
+each process's own shards (dsv3.hf_sharded), so a large checkpoint is never held twice. Saving writes one
+tensor at a time.
 """
 from __future__ import annotations
 
@@ -22,15 +25,15 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
 
+from dsv3 import hf_sharded
 from dsv3 import model as model_lib
+from dsv3 import safetensors_io as sio
 from dsv3 import workdir as workdir_lib
 from dsv3.config import ModelConfig
 
 
-class CheckpointError(ValueError):
-  """The checkpoint is missing a tensor, has a wrong shape, or is not in the expected format."""
+CheckpointError = sio.CheckpointError  # missing tensor, wrong shape, damaged file, unexpected format
 
 
 # Per-layer tensor names: (HF suffix, our path inside a Block, transpose?).
@@ -137,17 +140,6 @@ def _load_json(file: str):
     raise CheckpointError(f"{file} is not valid JSON ({e}); re-download or re-export the checkpoint") from e
 
 
-def _dequantize_fp8(w: np.ndarray, scale_inv: np.ndarray, name: str) -> np.ndarray:
-  """w [out, in] float8 with scale_inv [ceil(out/128), ceil(in/128)] -> float32."""
-  out_dim, in_dim = w.shape
-  expected = (-(-out_dim // 128), -(-in_dim // 128))
-  if scale_inv.shape != expected:
-    raise CheckpointError(f"{name}_scale_inv: shape {scale_inv.shape}, expected {expected} for 128x128 blocks "
-                          f"of a {w.shape} weight")
-  scale = np.repeat(np.repeat(scale_inv.astype(np.float32), 128, 0), 128, 1)[:out_dim, :in_dim]
-  return w.astype(np.float32) * scale
-
-
 def read_config(path: str) -> ModelConfig:
   cfg_path = os.path.join(path, "config.json")
   if not os.path.exists(cfg_path):
@@ -159,63 +151,49 @@ def read_config(path: str) -> ModelConfig:
   return ModelConfig.from_hf_dict(hf_dict)
 
 
-def load_checkpoint(path: str, dtype=None, config_overrides: Optional[dict] = None):
+def load_checkpoint(path: str, dtype=None, config_overrides: Optional[dict] = None, *, shardings=None):
   """HF DeepSeek-V3-format dir -> (ModelConfig, variables {'params', 'routing'}).
 
   dtype=None keeps each tensor's stored float dtype (fp8 blocks dequantised to float32); else casts all.
+  shardings: None loads every leaf whole onto the default device. Else a tree of jax.sharding.Sharding
+  shaped like the variables (or a function of their abstract tree, e.g. `lambda a:
+  sharding.param_shardings(mesh, a)`): each process reads only the slices of its own devices' shards.
   """
   cfg = read_config(path)
   if config_overrides:
     cfg = cfg.replace(**config_overrides).validate()
   if dtype is not None:
     cfg = cfg.replace(param_dtype="bfloat16" if jnp.dtype(dtype) == jnp.bfloat16 else "float32")
-  shapes = jax.eval_shape(lambda: model_lib.init(cfg, jax.random.key(0)))
-  names = tensor_map(cfg)
-  copies = _mtp_copies(cfg)
-  buffers: dict = {}                            # (collection, path) -> np array, allocated on first use
-  filled: set = set()
-  copy_values: dict = {}
-
   files, weight_map = _files(path)
-  for file in files:
-    header = _header(file)
-    keys = sorted(header[0])
-    scales = {k[: -len("_scale_inv")] for k in keys if k.endswith("_scale_inv")}
-    for key in keys:
-      if key.endswith("_scale_inv"):
-        continue
-      if key not in names and key not in copies:
-        if re.match(r"model\.layers\.\d+\.", key) or key.startswith(("model.", "lm_head")):
-          raise CheckpointError(f"{file}: unexpected tensor {key!r} for this config "
-                                f"(num_hidden_layers={cfg.num_hidden_layers}, "
-                                f"num_nextn_predict_layers={cfg.num_nextn_predict_layers}); is config.json right?")
-        continue
-      try:
-        value = _read(file, key, header, key in scales)
-      except CheckpointError:
-        raise
-      except Exception as e:  # noqa: BLE001 - safetensors/numpy errors on a damaged file
-        raise CheckpointError(f"{file}: tensor {key!r} cannot be read ({type(e).__name__}: {e}); the file is "
-                              f"damaged or truncated: re-download or re-export the checkpoint") from e
-      if key in copies:
-        copy_values[key] = value
-        continue
-      coll, ours, idx, transpose = names[key]
-      if transpose:
-        value = value.T
-      target = _get(shapes[coll], ours)
-      expected = target.shape[len(idx):]
-      if tuple(value.shape) != tuple(expected):
-        raise CheckpointError(f"{key}: shape {tuple(value.T.shape if transpose else value.shape)} does not match "
-                              f"the config (expected {tuple(expected[::-1]) if transpose else tuple(expected)})")
-      buf_key = (coll, ours)
-      if buf_key not in buffers:
-        store = np.dtype(dtype) if dtype is not None else value.dtype
-        buffers[buf_key] = np.zeros(target.shape, store)
-      buffers[buf_key][idx] = value.astype(buffers[buf_key].dtype)
-      filled.add(key)
+  reader = sio.Reader(files)
+  leaves = _plan(cfg, reader, files, weight_map, path, dtype)
+  read = lambda name, index=None: _read(reader, name, index)
+  _check_copies(cfg, reader, read, dtype)
+  if shardings is not None:
+    return cfg, hf_sharded.load(leaves, read, shardings)
+  variables: dict = {}
+  for (coll, ours), leaf in leaves.items():
+    buf = np.empty(leaf.shape, leaf.dtype)
+    for idx, (name, transpose) in leaf.parts.items():
+      value = read(name)
+      buf[idx] = value.T if transpose else value            # cast to the leaf's dtype on assignment
+    _set(variables.setdefault(coll, {}), ours, jnp.asarray(buf))
+    del buf
+  return cfg, variables
 
-  missing = sorted(set(names) - filled)
+
+def _plan(cfg, reader, files, weight_map, path, dtype) -> dict:
+  """Every variable leaf and the HF tensors it is made of, checked against the headers (nothing read yet)."""
+  shapes = jax.eval_shape(lambda: model_lib.init(cfg, jax.random.key(0)))
+  names, copies = tensor_map(cfg), _mtp_copies(cfg)
+  for key in reader.names():
+    if key.endswith("_scale_inv") or key in names or key in copies:
+      continue
+    if re.match(r"model\.layers\.\d+\.", key) or key.startswith(("model.", "lm_head")):
+      raise CheckpointError(f"{reader.file(key)}: unexpected tensor {key!r} for this config "
+                            f"(num_hidden_layers={cfg.num_hidden_layers}, "
+                            f"num_nextn_predict_layers={cfg.num_nextn_predict_layers}); is config.json right?")
+  missing = sorted(k for k in list(names) + list(copies) if k not in reader)
   if missing:
     where = (f"{os.path.join(path, weight_map[missing[0]])} (where model.safetensors.index.json puts it)"
              if missing[0] in weight_map else ", ".join(files))
@@ -223,87 +201,71 @@ def load_checkpoint(path: str, dtype=None, config_overrides: Optional[dict] = No
                           (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "") +
                           f": not in {where}; re-download or re-export the checkpoint, or check that "
                           f"config.json matches it")
-  variables: dict = {}
-  for (coll, ours), buf in buffers.items():
-    _set(variables.setdefault(coll, {}), ours, jnp.asarray(buf))
-  buffers.clear()
-  for key, main in copies.items():           # the MTP's stored embedding/head must be the shared ones
-    if key in copy_values:
-      coll, ours, _, t = names[main] if main in names else ("params", ("embed_tokens", "embedding"), (), False)
-      shared = np.asarray(_get(variables[coll], ours))
-      stored = copy_values[key].astype(shared.dtype).astype(np.float32)   # compare at the loaded precision
-      if not np.allclose(stored, (shared.T if t else shared).astype(np.float32), atol=1e-6):
+  leaves: dict = {}
+  for key, (coll, ours, idx, transpose) in names.items():
+    target = _get(shapes[coll], ours)
+    expected = tuple(target.shape[len(idx):])
+    stored = reader.shape(key)
+    if (stored[::-1] if transpose else stored) != expected:
+      raise CheckpointError(f"{reader.file(key)}: {key}: shape {stored} does not match the config (expected "
+                            f"{expected[::-1] if transpose else expected}); is config.json right?")
+    if (coll, ours) not in leaves:
+      store = np.dtype(dtype) if dtype is not None else reader.dtype(key)
+      leaves[(coll, ours)] = hf_sharded.Leaf(tuple(target.shape), store, {})
+    leaves[(coll, ours)].parts[idx] = (key, transpose)
+  return leaves
+
+
+def _read(reader, name: str, index=None) -> np.ndarray:
+  try:
+    return reader.read(name, index)
+  except CheckpointError:
+    raise
+  except Exception as e:  # noqa: BLE001 - numpy/OS errors on a damaged file
+    raise CheckpointError(f"{reader.file(name)}: tensor {name!r} cannot be read ({type(e).__name__}: {e}); the "
+                          f"file is damaged or truncated: re-download or re-export the checkpoint") from e
+
+
+def _check_copies(cfg, reader, read, dtype, chunk_bytes: int = 64 << 20) -> None:
+  """The MTP's stored embedding/head must equal the shared ones (compared at the loaded precision, by rows)."""
+  for key, main in _mtp_copies(cfg).items():
+    if reader.shape(key) != reader.shape(main):
+      raise CheckpointError(f"{reader.file(key)}: {key} has shape {reader.shape(key)}, {main} "
+                            f"{reader.shape(main)}; dsv3's MTP shares the main embedding and head")
+    rows = reader.shape(key)[0]
+    step = max(1, chunk_bytes // max(1, 4 * int(np.prod(reader.shape(key)[1:]))))
+    for r in range(0, rows, step):
+      a, b = (read(k, (slice(r, r + step),)) for k in (key, main))
+      if dtype is not None:
+        a, b = a.astype(dtype), b.astype(dtype)
+      if not np.allclose(a.astype(np.float32), b.astype(np.float32), atol=1e-6):
         raise CheckpointError(f"{key}: differs from {main}; dsv3's MTP shares the main embedding and head")
-  return cfg, variables
-
-
-def _header(file: str) -> tuple[dict, int]:
-  """The safetensors header (name -> dtype, shape, data_offsets) and where the data starts."""
-  def bad(why):
-    return CheckpointError(f"{file} is not a valid safetensors file ({why}); it is damaged or truncated: "
-                           f"re-download or re-export the checkpoint")
-  size = os.path.getsize(file)
-  with open(file, "rb") as f:
-    n = int.from_bytes(f.read(8), "little")
-    if size < 8 or 8 + n > size:
-      raise bad(f"header of {n} bytes, file of {size} bytes")
-    try:
-      header = json.loads(f.read(n))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise bad(f"header is not JSON: {e}") from e
-  if not isinstance(header, dict):
-    raise bad("header is not a JSON object")
-  header.pop("__metadata__", None)
-  for key, entry in header.items():
-    try:
-      begin, end = entry["data_offsets"]
-    except (TypeError, KeyError, ValueError):
-      raise bad(f"tensor {key!r} has no data_offsets") from None
-    if not (isinstance(end, int) and isinstance(begin, int)) or 8 + n + end > size:
-      raise bad(f"tensor {key!r} extends past the end of the file")
-  return header, 8 + n
-
-
-def _read(file: str, key: str, header: tuple, fp8_scaled: bool) -> np.ndarray:
-  entries, data_start = header
-  if not entries[key]["dtype"].startswith("F8"):
-    with safe_open(file, framework="numpy") as f:
-      return f.get_tensor(key)
-  # numpy has no float8; safetensors' readers go through numpy, so read the bytes with ml_dtypes' dtype.
-  w = _read_raw(file, entries[key], data_start)
-  if not fp8_scaled:
-    return w.astype(np.float32)
-  return _dequantize_fp8(w, _read_raw(file, entries[key + "_scale_inv"], data_start), key)
-
-
-def _read_raw(file: str, entry: dict, data_start: int) -> np.ndarray:
-  import ml_dtypes
-  kinds = {"F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "F32": np.float32,
-           "BF16": ml_dtypes.bfloat16, "F16": np.float16}
-  if entry["dtype"] not in kinds:
-    raise CheckpointError(f"{file}: unsupported dtype {entry['dtype']}")
-  begin, end = entry["data_offsets"]
-  with open(file, "rb") as f:
-    f.seek(data_start + begin)
-    return np.frombuffer(f.read(end - begin), kinds[entry["dtype"]]).reshape(entry["shape"])
 
 
 def save_checkpoint(config, params, out_dir: str, max_shard_bytes: int = 4 << 30, dtype=None,
                     overwrite: bool = False) -> None:
   """Writes config.json + safetensors that transformers' AutoModelForCausalLM loads.
 
+  dtype: None keeps each leaf's dtype; a float dtype casts all; "fp8" writes DeepSeek's serving format
+  (float8_e4m3fn Linear weights of the decoder blocks and eh_proj, a float32 `weight_scale_inv` per
+  128x128 block, `quantization_config` in config.json; embedding, head, norms, router keep their dtype).
   `out_dir` must be new or empty; with `overwrite`, it may also be a previous HF export, which is
   replaced. A training workdir, an orbax checkpoint or any other file there is never touched (a
   `workdir.WorkdirError` names it). Written to a temporary sibling directory first and swapped in, so a
-  crash never leaves a half checkpoint behind.
+  crash never leaves a half checkpoint behind. Tensors are produced and written one at a time.
   """
+  fp8 = isinstance(dtype, str) and dtype.lower() == "fp8"
+  if not fp8 and dtype is not None:
+    try:
+      dtype = np.dtype(dtype)
+    except TypeError as e:
+      raise ValueError(f"save_checkpoint: dtype={dtype!r} is neither a numpy/jax float dtype nor 'fp8'") from e
   out_dir = workdir_lib.check_destination(out_dir, overwrite, flag="out_dir (--dst)")
   cfg = ModelConfig.from_any(config)
   variables = model_lib._variables(cfg, params)
-  names = tensor_map(cfg)
   tmp = workdir_lib.staging_dir(out_dir)
   try:
-    _write_hf(cfg, variables, names, tmp, max_shard_bytes, dtype)
+    _write_hf(cfg, variables, tmp, max_shard_bytes, "fp8" if fp8 else dtype)
   except BaseException:
     for name in os.listdir(tmp):  # only what _write_hf wrote into the directory it created
       os.remove(os.path.join(tmp, name))
@@ -312,41 +274,65 @@ def save_checkpoint(config, params, out_dir: str, max_shard_bytes: int = 4 << 30
   workdir_lib.install(tmp, out_dir)
 
 
-def _write_hf(cfg, variables, names, tmp: str, max_shard_bytes: int, dtype) -> None:
+def fp8_quantized(name: str) -> bool:
+  """Whether DeepSeek's FP8 release stores HF tensor `name` as e4m3 + weight_scale_inv: the decoder blocks'
+  Linear weights (attention, dense MLP, shared and routed experts) and the MTP's eh_proj; not the router."""
+  return (name.startswith("model.layers.") and name.endswith(".weight")
+          and re.search(r"_proj(_with_mqa)?\.weight$", name) is not None)
+
+
+FP8_QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                           "weight_block_size": [128, 128]}
+
+
+def _write_hf(cfg, variables, tmp: str, max_shard_bytes: int, dtype) -> None:
   """The files of `save_checkpoint`, written into the (new, empty) directory `tmp`."""
-  from safetensors.numpy import save_file
-  hf_cfg = cfg.to_hf_dict()
-  store = np.dtype(dtype) if dtype is not None else None
-  shard, shard_bytes, shards = {}, 0, []
-
-  def emit(name, arr):
-    nonlocal shard, shard_bytes
-    arr = np.ascontiguousarray(arr if store is None else arr.astype(store))
-    if shard and shard_bytes + arr.nbytes > max_shard_bytes:
-      shards.append(shard)
-      shard, shard_bytes = {}, 0
-    shard[name] = arr
-    shard_bytes += arr.nbytes
-
-  for name, (coll, ours, idx, transpose) in names.items():
-    value = np.asarray(_get(variables[coll], ours)[idx] if idx else _get(variables[coll], ours))
-    emit(name, value.T if transpose else value)
+  names = tensor_map(cfg)
+  sources = dict(names)
   for key, main in _mtp_copies(cfg).items():
-    coll, ours, _, t = names.get(main, ("params", ("embed_tokens", "embedding"), (), False))
-    value = np.asarray(_get(variables[coll], ours))
-    emit(key, value.T if t else value)
-  shards.append(shard)
-  hf_cfg["torch_dtype"] = str(next(iter(shards[0].values())).dtype)
-  if len(shards) == 1:
-    save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-  else:
-    weight_map = {}
-    for i, s in enumerate(shards):
-      fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-      save_file(s, os.path.join(tmp, fname), metadata={"format": "pt"})
-      weight_map.update({k: fname for k in s})
+    sources[key] = names[main]
+
+  def value(name):
+    coll, ours, idx, transpose = sources[name]
+    leaf = _get(variables[coll], ours)
+    v = np.asarray(leaf[idx] if idx else leaf)
+    return v.T if transpose else v
+
+  plan = []   # (name, dtype, shape, produce)
+  for name, (coll, ours, idx, transpose) in sources.items():
+    leaf = _get(variables[coll], ours)
+    shape = tuple(leaf.shape[len(idx):])
+    shape = shape[::-1] if transpose else shape
+    if dtype == "fp8" and fp8_quantized(name):
+      quant = {}            # one quantisation serves the weight and its scale, which are written back to back
+      def q(name=name, quant=quant):
+        quant["w"], quant["s"] = sio.quantize_fp8(value(name))
+        return quant.pop("w")
+      plan.append((name, np.dtype(sio.DTYPES["F8_E4M3"]), shape, q))
+      plan.append((name + "_scale_inv", np.dtype(np.float32), (-(-shape[0] // 128), -(-shape[1] // 128)),
+                   lambda quant=quant: quant.pop("s")))
+    else:
+      store = np.dtype(leaf.dtype) if dtype in (None, "fp8") else dtype
+      plan.append((name, store, shape, lambda name=name, store=store: value(name).astype(store)))
+  shards, size = [[]], 0
+  for entry in plan:
+    n = int(np.prod(entry[2])) * entry[1].itemsize
+    pair = entry[0].endswith("_scale_inv")    # keep a scale in its weight's file
+    if shards[-1] and size + n > max_shard_bytes and not pair:
+      shards.append([])
+      size = 0
+    shards[-1].append(entry)
+    size += n
+  files = (["model.safetensors"] if len(shards) == 1 else
+           [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+  total = sum(sio.write_file(os.path.join(tmp, f), s, metadata={"format": "pt"}) for f, s in zip(files, shards))
+  if len(shards) > 1:
     with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-      json.dump({"metadata": {"total_size": sum(a.nbytes for s in shards for a in s.values())},
-                 "weight_map": weight_map}, f, indent=1)
+      json.dump({"metadata": {"total_size": total},
+                 "weight_map": {e[0]: fn for fn, s in zip(files, shards) for e in s}}, f, indent=1)
+  hf_cfg = cfg.to_hf_dict()
+  hf_cfg["torch_dtype"] = str(plan[0][1])         # the embedding's: never quantised
+  if dtype == "fp8":
+    hf_cfg["quantization_config"] = dict(FP8_QUANTIZATION_CONFIG)
   with open(os.path.join(tmp, "config.json"), "w") as f:
     json.dump(hf_cfg, f, indent=1)
