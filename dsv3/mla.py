@@ -5,7 +5,8 @@ rotary key k_rope shared by all heads ("decoupled RoPE"). Queries optionally go 
 low-rank path (q_a_proj -> norm -> q_b_proj) when q_lora_rank is set.
 
 Two mathematically equal ways to attend:
-- expanded (training): up-project c_kv with kv_b_proj into per-head k_nope and v, then ordinary attention;
+- expanded (training): up-project c_kv with kv_b_proj into per-head k_nope and v, then ordinary causal
+  attention (dsv3/attention.py: dense, blockwise flash-style or cuDNN, by cfg.attention);
 - absorbed (decoding): fold kv_b_proj's key half W_UK into the query and its value half W_UV into the
   output, so attention runs directly against the cached latents. The cache then holds only
   kv_lora_rank + qk_rope_head_dim numbers per token per layer (70,272 bytes/token for the 671B model in BF16).
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from dsv3.attention import attention
 from dsv3.config import ModelConfig
 from dsv3.layers import MLA_UP, Linear, RMSNorm, apply_rope, compute_dtype
 
@@ -63,14 +65,10 @@ class MLA(nn.Module):
 
     if cache is None:
       kv = checkpoint_name(kv_b(kv_latent), MLA_UP).reshape(B, T, nh, dn + dv)
-      k_nope, v = kv[..., :dn], kv[..., dn:]
-      scores = (jnp.einsum("bthd,bshd->bhts", q_nope, k_nope, preferred_element_type=jnp.float32)
-                + jnp.einsum("bthr,bsr->bhts", q_rope, k_rope, preferred_element_type=jnp.float32))
-      causal = jnp.tril(jnp.ones((T, T), bool))
-      probs = _softmax(scores * scale, causal[None, None])
-      probs = checkpoint_name(probs.astype(dtype), "attn_probs")
-      out = jnp.einsum("bhts,bshd->bthd", probs, v, preferred_element_type=jnp.float32)
-      out = checkpoint_name(out.astype(dtype).reshape(B, T, nh * dv), "attn_out")
+      # Ordinary attention with the shared rotary key broadcast to every head: d_qk = dn + dr, d_v = dv.
+      q = jnp.concatenate([q_nope, q_rope], -1).astype(dtype)
+      k = jnp.concatenate([kv[..., :dn], jnp.broadcast_to(k_rope[:, :, None], (B, T, nh, dr))], -1).astype(dtype)
+      out = attention(q, k, kv[..., dn:].astype(dtype), scale, cfg.attention, cfg.attention_block)
       return checkpoint_name(o_proj(out), "attn_o"), None
 
     # Absorbed decoding against the latent cache.
