@@ -61,7 +61,10 @@ class ModelConfig:
   precision: str = "fp32"                 # 'fp32' | 'bf16' | 'fp8' (fp8 = DeepSeek block-scaled GEMMs)
   remat: str = "paper"                    # 'none' | 'paper' (RMSNorm + MLA up-proj) | 'full'
   capacity_factor: float = 0.0            # 0: dropless (DeepSeek-V3). >0: drop tokens over capacity
+  ep_buffer_factor: float = 2.0           # expert-parallel buffers = factor x balanced rows; 0: worst case
   grouped_gemm: str = "auto"              # 'auto' | 'ragged_dot' | 'tiled' (flat on CPU) | 'triton' (GPU)
+  attention: str = "auto"                 # 'auto' | 'dense' | 'blockwise' | 'cudnn' (dsv3/attention.py)
+  attention_block: int = 512              # blockwise attention's query/key tile
 
   def __post_init__(self):
     # Canonical form: a sorted tuple of pairs (hashable, order-independent), whatever the caller passed.
@@ -128,7 +131,12 @@ class ModelConfig:
          f"must be one of 'none', 'paper', 'full', got {self.remat!r}")
     need(self.grouped_gemm in ("auto", "ragged_dot", "tiled", "triton"), "grouped_gemm",
          f"must be 'auto', 'ragged_dot', 'tiled' or 'triton', got {self.grouped_gemm!r}")
+    need(self.attention in ("auto", "dense", "blockwise", "cudnn"), "attention",
+         f"must be 'auto', 'dense', 'blockwise' or 'cudnn', got {self.attention!r}")
+    need(isinstance(self.attention_block, int) and self.attention_block > 0, "attention_block",
+         f"must be a positive integer, got {self.attention_block!r}")
     need(self.capacity_factor >= 0, "capacity_factor", "must be >= 0 (0 = dropless)")
+    need(self.ep_buffer_factor >= 0, "ep_buffer_factor", "must be >= 0 (0 = worst-case, dropless buffers)")
     rope = self.rope
     if rope:
       need(rope.get("type", rope.get("rope_type")) == "yarn", "rope_scaling",
