@@ -136,7 +136,8 @@ def parse_flags(argv: Sequence[str]) -> list:
 
 def run(main: Callable[[list], object], argv: Optional[Sequence[str]] = None,
         user_errors: tuple = ()) -> None:
-  """absl.app.run(main) with one-line, exit-status-2 errors for bad flags, config fields and ConfigErrors.
+  """absl.app.run(main) with one-line, exit-status-2 errors for bad flags, config fields, ConfigErrors and
+  the UsageErrors `main` raises.
 
   `user_errors`: exception types whose message already says what went wrong and the fix (a locked
   workdir, a diverged run, a full disk); they end the run with that message and exit status 1, without a
@@ -145,7 +146,7 @@ def run(main: Callable[[list], object], argv: Optional[Sequence[str]] = None,
   def guarded(args):
     try:
       return main(args)
-    except ConfigError as e:
+    except (ConfigError, UsageError) as e:
       print(f"{_program(args)}: {e}", file=sys.stderr)
       sys.exit(USAGE_ERROR)
     except user_errors as e:

@@ -1,7 +1,7 @@
 """Converts checkpoints between the HF DeepSeek-V3 format and dsv3's orbax format, both directions.
 
   python -m dsv3.convert --to=orbax --src=/path/to/hf_dir --dst=/tmp/dsv3_orbax
-  python -m dsv3.convert --to=hf --src=/tmp/workdir/checkpoints --dst=/tmp/hf_out [--step=N | --best] [--overwrite]
+  python -m dsv3.convert --to=hf --src=/tmp/workdir --dst=/tmp/hf_out [--step=N | --best] [--fp8] [--overwrite]
 
 --src for --to=hf may be a training workdir (or its checkpoints/: the latest, --step, or with --best the one
 with the lowest saved val_loss, as a run with --config.keep_best_by=val_loss records; the model config comes
@@ -18,8 +18,9 @@ import json
 import os
 import shutil
 
-from absl import app, flags
+from absl import flags
 
+from dsv3 import cli
 from dsv3 import workdir as workdir_lib
 
 
@@ -110,25 +111,28 @@ def main(argv):
   F = flags.FLAGS
   from dsv3 import hf
   if not os.path.exists(F.src):
-    raise app.UsageError(f"--src {F.src!r} does not exist")
+    raise cli.UsageError(f"--src {F.src!r} does not exist")
+  if F.fp8 and F.to != "hf":
+    raise cli.UsageError("--fp8 applies to --to=hf only (the orbax format keeps the training dtype)")
   try:  # before the (long) load: a refused --dst should fail at once
     workdir_lib.check_destination(F.dst, F.overwrite)
   except workdir_lib.WorkdirError as e:
-    raise app.UsageError(str(e)) from e
+    raise cli.UsageError(str(e)) from e
   step = F.step
   if F.best:
     if F.to != "hf" or step is not None:
-      raise app.UsageError("--best picks the training checkpoint to export: use it with --to=hf and without --step")
+      raise cli.UsageError("--best picks the training checkpoint to export: use it with --to=hf and without --step")
     try:
       step = best_step(F.src)
     except ValueError as e:
-      raise app.UsageError(str(e)) from e
+      raise cli.UsageError(str(e)) from e
   if F.to == "orbax":
     cfg, variables = hf.load_checkpoint(F.src)
     save_orbax_variables(cfg, variables, F.dst, overwrite=F.overwrite)
   else:
     cfg = config_of(F.src, step)
-    hf.save_checkpoint(cfg, load_orbax_variables(F.src, step), F.dst, overwrite=F.overwrite)
+    hf.save_checkpoint(cfg, load_orbax_variables(F.src, step), F.dst, overwrite=F.overwrite,
+                       dtype="fp8" if F.fp8 else None)
   print(f"wrote {F.dst}" + (f" (step {step}, the best)" if F.best else ""))
 
 
@@ -140,5 +144,8 @@ if __name__ == "__main__":
   flags.DEFINE_bool("best", False, "Export the training checkpoint with the lowest saved val_loss (see "
                     "--config.keep_best_by), not the latest.")
   flags.DEFINE_bool("overwrite", False, "Replace a previous HF export at --dst (never anything else).")
+  flags.DEFINE_bool("fp8", False, "With --to=hf: DeepSeek's FP8 serving format (e4m3 weights + 128x128 "
+                    "weight_scale_inv; embedding, head, norms and gate stay unquantised).")
   flags.mark_flags_as_required(["to", "src", "dst"])
-  app.run(main)
+  # A damaged source or an unwritable destination ends with its one-line message, not a traceback.
+  cli.run(main, user_errors=(workdir_lib.WorkdirError, FileNotFoundError))

@@ -3,6 +3,7 @@
 Validators are called directly (fast); the command lines run as subprocesses only where the CLI is the point:
 one line on stderr, exit status 2 for flag and config errors, and the workdir / cwd left as it was.
 """
+import hashlib
 import os
 import re
 import subprocess
@@ -18,6 +19,7 @@ import tiny  # noqa: E402
 
 from dsv3 import data, generate, plan  # noqa: E402
 from dsv3.config import ConfigError, ModelConfig, validate_train_config  # noqa: E402
+from disk import snapshot  # noqa: E402
 
 TINY_MODEL = ModelConfig.from_config_dict(tiny.get_config())
 
@@ -33,17 +35,6 @@ def _config(**kw):
         node = node[p]
       node[leaf] = value
   return c
-
-
-def _snapshot(path):
-  """{relative path: bytes} of every file under path: what 'nothing changed on disk' compares."""
-  out = {}
-  for d, _, files in os.walk(path):
-    for f in files:
-      full = os.path.join(d, f)
-      with open(full, "rb") as fh:
-        out[os.path.relpath(full, path)] = fh.read()
-  return out
 
 
 @pytest.fixture
@@ -125,7 +116,7 @@ def test_data_max_files_negative(tmp_path):
 def test_make_datasets_rejects_before_touching_disk(workdir, field, value, pattern):
   cache = workdir / "cache"
   cache.mkdir()
-  before = _snapshot(workdir)
+  before = snapshot(workdir)
   d = data.default_data_config()
   with d.unlocked():
     d[field] = value
@@ -133,7 +124,7 @@ def test_make_datasets_rejects_before_touching_disk(workdir, field, value, patte
   cfg = ml_collections.ConfigDict(dict(seq_len=16, batch_size=2, seed=0, data=d))
   with pytest.raises(data.DataError, match=pattern):
     data.make_datasets(cfg, process_index=0, process_count=1)
-  assert _snapshot(workdir) == before
+  assert snapshot(workdir) == before
 
 
 def test_make_datasets_seed_must_be_integer():
@@ -197,24 +188,24 @@ def _run(module, *args, cwd):
     (["--config.batch_size=0"], r"^dsv3\.plan: config\.batch_size: must be a positive integer, got 0"),
 ])
 def test_plan_cli_one_line(workdir, args, pattern):
-  before = _snapshot(workdir)
+  before = snapshot(workdir)
   rc, lines = _run("dsv3.plan", f"--config={ROOT}/configs/tiny.py", *args, cwd=workdir)
   assert rc == 2 and len(lines) == 1, lines
   assert re.search(pattern, lines[0]), lines
-  assert _snapshot(workdir) == before
+  assert snapshot(workdir) == before
 
 
 def test_plan_cli_missing_config_file(workdir):
   rc, lines = _run("dsv3.plan", "--config=configs/nope.py", cwd=workdir)
   assert rc == 2 and lines == ["dsv3.plan: --config: config file 'configs/nope.py' does not exist; give a file "
                                "such as configs/tiny.py"]
-  assert _snapshot(workdir) == {"sentinel.txt": b"keep me"}
+  assert snapshot(workdir) == {"sentinel.txt": hashlib.sha256(b"keep me").hexdigest()}
 
 
 def test_train_cli_unknown_field_writes_nothing(workdir):
   rc, lines = _run("dsv3.train", f"--config={ROOT}/configs/tiny.py", f"--workdir={workdir}",
                    "--config.learnng_rate=1", cwd=workdir)
-  assert _snapshot(workdir) == {"sentinel.txt": b"keep me"}
+  assert snapshot(workdir) == {"sentinel.txt": hashlib.sha256(b"keep me").hexdigest()}
   assert rc == 2 and lines == ["dsv3.train: config.learnng_rate: unknown field; did you mean "
                                "config.learning_rate?"], lines
 
@@ -229,8 +220,8 @@ def test_train_cli_unknown_field_writes_nothing(workdir):
                                r"the model's max_position_embeddings=512; set max_new_tokens <= 509"),
 ])
 def test_generate_cli_one_line(workdir, args, pattern):
-  before = _snapshot(workdir)
+  before = snapshot(workdir)
   rc, lines = _run("dsv3.generate", f"--config={ROOT}/configs/tiny.py", "--prompt_ids=1,2,3", *args, cwd=workdir)
   assert rc != 0 and len(lines) == 1, lines
   assert re.search(r"^dsv3\.generate: ValueError: " + pattern, lines[0]), lines
-  assert _snapshot(workdir) == before
+  assert snapshot(workdir) == before

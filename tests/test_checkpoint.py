@@ -2,7 +2,6 @@
 storage errors, config checks."""
 import errno
 import glob
-import hashlib
 import logging
 import os
 import shutil
@@ -14,6 +13,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dsv3 import checkpoint as ckpt_lib
+from disk import snapshot
 
 
 def _mesh(n):
@@ -232,17 +232,6 @@ def test_schedule_and_optimizer_fields_may_change_on_resume():
 
 # --------------------------------------------------------------------------------------------------
 # Bad inputs: every case checks the message and that nothing on disk was lost.
-def _snapshot(root):
-  """{relative path: sha256} of every file under root: what 'nothing was lost' compares."""
-  out = {}
-  for dirpath, _, files in os.walk(root):
-    for f in files:
-      p = os.path.join(dirpath, f)
-      with open(p, "rb") as fh:
-        out[os.path.relpath(p, root)] = hashlib.sha256(fh.read()).hexdigest()
-  return out
-
-
 SMALL = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones(3, np.int32)}
 
 
@@ -256,7 +245,7 @@ def _small_checkpoints(directory, steps=(1, 2)):
 def test_read_extras_falls_back_past_damaged_extras(tmp_path, caplog, how):
   _small_checkpoints(tmp_path)
   _damage(os.path.join(tmp_path, "2"), how)
-  before = _snapshot(tmp_path)
+  before = snapshot(tmp_path)
   with ckpt_lib.Checkpointer(str(tmp_path)) as ck:
     with caplog.at_level(logging.WARNING):
       assert ck.read_extras()["step"] == 1
@@ -265,7 +254,7 @@ def test_read_extras_falls_back_past_damaged_extras(tmp_path, caplog, how):
       ck.read_extras(2)  # an explicit step never falls back
     with pytest.raises(ckpt_lib.CheckpointCorruptError, match="extras cannot be read"):
       ck.read_extras(fallback=False)
-  assert _snapshot(tmp_path) == before  # reading moves nothing
+  assert snapshot(tmp_path) == before  # reading moves nothing
 
 
 @pytest.mark.parametrize("how", ["delete", "garble"])
@@ -309,14 +298,14 @@ def test_read_only_leaves_a_live_save_and_damage_alone(tmp_path):
   (live / "state").mkdir(parents=True)
   (live / "state" / "_METADATA").write_text("{")
   _damage(os.path.join(tmp_path, "2"), "truncate_extras")
-  before = _snapshot(tmp_path)
+  before = snapshot(tmp_path)
   with ckpt_lib.Checkpointer(str(tmp_path), read_only=True) as ck:
     assert ck.read_extras()["step"] == 1
     r = ck.restore()
     assert r.step == 1 and ck.read_extras(1)["step"] == 1
     with pytest.raises(PermissionError, match="read_only=True"):
       ck.save(4, SMALL, EXTRAS, force=True)
-  assert _snapshot(tmp_path) == before  # the live save's directory and the damaged step 2 are untouched
+  assert snapshot(tmp_path) == before  # the live save's directory and the damaged step 2 are untouched
   assert live.is_dir() and (tmp_path / "2").is_dir()
   with pytest.raises(FileNotFoundError, match="nope"):
     ckpt_lib.Checkpointer(str(tmp_path / "nope"), read_only=True)
@@ -345,7 +334,7 @@ def test_checkpoint_dir_under_a_file_or_a_file_fails_at_once(tmp_path):
                                        (OSError(errno.EROFS, "Read-only file system"), "read-only file system")])
 def test_unwritable_checkpoint_dir_fails_at_once(tmp_path, monkeypatch, err, cause):
   _small_checkpoints(tmp_path)
-  before = _snapshot(tmp_path)
+  before = snapshot(tmp_path)
 
   def refuse(path, *a, **k):
     raise err
@@ -353,13 +342,13 @@ def test_unwritable_checkpoint_dir_fails_at_once(tmp_path, monkeypatch, err, cau
   with pytest.raises(ckpt_lib.CheckpointStorageError, match=f"{tmp_path} is not writable: {cause}"):
     ckpt_lib.Checkpointer(str(tmp_path))
   monkeypatch.undo()
-  assert _snapshot(tmp_path) == before
+  assert snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize("where", ["save", "wait"])
 def test_disk_full_names_directory_step_free_space_and_intact_step(tmp_path, where):
   _small_checkpoints(tmp_path)
-  before = _snapshot(tmp_path)
+  before = snapshot(tmp_path)
   with ckpt_lib.Checkpointer(str(tmp_path)) as ck:
     real = getattr(ck._mgr, "save" if where == "save" else "wait_until_finished")
     calls = []
@@ -383,4 +372,4 @@ def test_disk_full_names_directory_step_free_space_and_intact_step(tmp_path, whe
   msg = str(e.value)
   assert f"step 3 could not be written to {tmp_path}: no space left on device" in msg
   assert "bytes free" in msg and f"previous checkpoint (step 2, {tmp_path}/2) is intact" in msg
-  assert _snapshot(tmp_path) == before
+  assert snapshot(tmp_path) == before

@@ -1,6 +1,6 @@
 """python -m dsv3.convert in both directions: HF -> orbax -> HF gives the same tensors and the same logits;
 a training checkpoint is only read."""
-import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +11,7 @@ import numpy as np
 from dsv3 import checkpoint as ckpt_lib
 from dsv3 import convert, hf, model
 from dsv3.config import ModelConfig
+from disk import snapshot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,6 +34,16 @@ def test_roundtrip_through_orbax(tmp_path):
   cfg2, v2 = hf.load_checkpoint(str(tmp_path / "hf2"))
   assert cfg2 == cfg
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), variables, v2)
+  # --fp8: DeepSeek's serving format, read back dequantised (E4M3 keeps ~2 significant digits).
+  proc = subprocess.run([sys.executable, "-m", "dsv3.convert", "--to=hf", f"--src={tmp_path / 'orbax'}",
+                         f"--dst={tmp_path / 'fp8'}", "--fp8"], env=env, cwd=ROOT, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(tmp_path / "fp8" / "config.json") as f:
+    assert json.load(f)["quantization_config"]["weight_block_size"] == [128, 128]
+  _, v8 = hf.load_checkpoint(str(tmp_path / "fp8"))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0.07, atol=1e-3),
+               variables, v8)
 
 
 def test_missing_source_is_reported(tmp_path):
@@ -52,10 +63,7 @@ def test_reading_a_training_checkpoint_leaves_it_untouched(tmp_path):
   (live / "state").mkdir(parents=True)
   (live / "state" / "_METADATA").write_text("{")
 
-  def snapshot():
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
-            for p in sorted(tmp_path.rglob("*"))}
-  before = snapshot()
+  before = snapshot(tmp_path)
   variables = convert.load_orbax_variables(str(tmp_path))
   np.testing.assert_array_equal(np.asarray(variables["params"]["w"]), state["train"]["params"]["w"])
-  assert snapshot() == before and live.is_dir()
+  assert snapshot(tmp_path) == before and live.is_dir()

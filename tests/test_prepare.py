@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from dsv3 import corpus, data, prepare, tokenizer
+from disk import snapshot
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -37,16 +38,6 @@ def _config(source, seed=3, seq_len=64, **data_kw):
   d = data.default_data_config()
   d.update({"source": str(source), **data_kw})
   return ml_collections.ConfigDict(dict(seq_len=seq_len, batch_size=4, seed=seed, data=d))
-
-
-def _snapshot(path):
-  """{relative path: bytes} of every file under `path` (None when it does not exist)."""
-  p = pathlib.Path(path)
-  if not p.exists():
-    return None
-  if p.is_file():
-    return p.read_bytes()
-  return {f.relative_to(p).as_posix(): f.read_bytes() for f in sorted(p.rglob("*")) if f.is_file()}
 
 
 def _cli(*args, **kw):
@@ -132,7 +123,7 @@ def test_kill_resume_is_byte_identical_and_up_to_date(tmp_path, tok_path):
   with pytest.raises(ValueError, match=r"data.source: .* is an unfinished preparation"):
     data.make_datasets(_config(out), 0, 1)
   prepare.prepare("", tok_path, str(out), workers=2, progress=False, chunk_files=3, max_files=90)
-  assert _snapshot(out) == _snapshot(ref)                               # byte for byte, nothing left over
+  assert snapshot(out) == snapshot(ref)                               # byte for byte, nothing left over
   assert {n: (out / "chunks" / n).stat().st_mtime_ns for n in done} == done   # finished chunks kept
   # A finished --out is reused as it is.
   before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
@@ -145,10 +136,10 @@ def test_kill_resume_is_byte_identical_and_up_to_date(tmp_path, tok_path):
 # Bad inputs: one line naming the flag / field and the fix; no directory changes.
 
 def _fails(match, out, **kw):
-  before = _snapshot(out) if out else None
+  before = snapshot(out) if out else None
   with pytest.raises(ValueError, match=match):
     prepare.prepare(**{"progress": False, "max_files": 4, "out": str(out), **kw})
-  assert (_snapshot(out) if out else None) == before
+  assert (snapshot(out) if out else None) == before
 
 
 def test_bad_inputs(tmp_path, tok_path, prepared):
@@ -177,18 +168,18 @@ def test_bad_inputs(tmp_path, tok_path, prepared):
 def test_bad_inputs_cli_one_line(tmp_path, tok_path):
   (tmp_path / "theirs").mkdir()
   (tmp_path / "theirs" / "notes.txt").write_text("mine")
-  before = _snapshot(tmp_path)
+  before = snapshot(tmp_path)
   for args, match in [((f"--source={tmp_path}/nope", f"--out={tmp_path}/o"), "--source: "),
                       ((f"--tokenizer={tok_path}", f"--out={tmp_path}/theirs", "--max_files=2"), "--out: ")]:
     r = _cli(*args)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"dsv3.data: {match}"), r.stderr
-  assert _snapshot(tmp_path) == before
+  assert snapshot(tmp_path) == before
 
 
 def test_trainer_checks_the_manifest(prepared, tok_path, tmp_path):
   out, _ = prepared
-  before = _snapshot(out)
+  before = snapshot(out)
   cfg = _config(out, validation_fraction=0.2)
   data.validate_data_config(cfg.data, model_vocab_size=512)
   for model_vocab in (300, 511):
@@ -202,4 +193,4 @@ def test_trainer_checks_the_manifest(prepared, tok_path, tmp_path):
                     (dict(validation_fraction=0.2, tokenizer="data"), r"data.tokenizer: .* set data.tokenizer=''")]:
     with pytest.raises(ValueError, match=match):
       data.make_datasets(_config(out, **kw), 0, 1)
-  assert _snapshot(out) == before
+  assert snapshot(out) == before

@@ -1,6 +1,5 @@
 """Nothing a user does loses data: the workdir lock, export destinations (hf.save_checkpoint, dsv3.convert)
 and HF loading errors. Every bad input checks the message and that no file on disk changed."""
-import hashlib
 import json
 import logging
 import os
@@ -15,24 +14,12 @@ import pytest
 import safetensors.numpy
 
 from dsv3 import checkpoint as ckpt_lib
-from dsv3 import convert, hf, model, workdir
+from dsv3 import convert, hf, model, safetensors_io, workdir
 from dsv3.config import ModelConfig
+from disk import snapshot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-
-
-def _snapshot(root):
-  """{relative path: sha256} of every file under root (directories too, as None)."""
-  out = {}
-  for dirpath, dirs, files in os.walk(root):
-    for d in dirs:
-      out[os.path.relpath(os.path.join(dirpath, d), root)] = None
-    for f in files:
-      p = os.path.join(dirpath, f)
-      with open(p, "rb") as fh:
-        out[os.path.relpath(p, root)] = hashlib.sha256(fh.read()).hexdigest()
-  return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -52,12 +39,12 @@ def test_second_trainer_fails_naming_the_owner_then_takes_over_a_dead_ones_lock(
   proc = _holder(wd)
   try:
     (wd / "metrics.jsonl").write_text('{"step": 1}\n')
-    before = _snapshot(wd)
+    before = snapshot(wd)
     with pytest.raises(workdir.WorkdirLockedError,
                        match=rf"--workdir {wd} is in use by another run \(pid {proc.pid} on host "
                              rf"{socket.gethostname()}"):
       workdir.acquire(str(wd), process_index=0)
-    assert _snapshot(wd) == before
+    assert snapshot(wd) == before
   finally:
     proc.kill()  # dies holding the lock: the kernel releases it, the file still names the dead pid
     proc.wait()
@@ -77,14 +64,14 @@ def test_second_trainer_on_the_command_line_fails_at_once_and_touches_nothing(tm
   proc = _holder(wd)
   try:
     (wd / "metrics.jsonl").write_text('{"step": 1}\n')
-    before = _snapshot(wd)
+    before = snapshot(wd)
     out = subprocess.run([sys.executable, "-m", "dsv3.train", f"--config={ROOT}/configs/tiny.py", f"--workdir={wd}"],
                          env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 1, out.stderr
     lines = [l for l in out.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
     assert f"is in use by another run (pid {proc.pid} on host {socket.gethostname()}" in lines[0]
-    assert _snapshot(wd) == before
+    assert snapshot(wd) == before
   finally:
     proc.kill()
     proc.wait()
@@ -164,13 +151,13 @@ def _protected(tmp_path, kind):
 def test_export_never_writes_into_a_workdir_or_orbax_checkpoint(tmp_path, export, kind):
   variables, _ = export
   d = _protected(tmp_path, kind)
-  before = _snapshot(tmp_path)
+  before = snapshot(tmp_path)
   what = "training workdir" if kind in ("workdir", "lock_only") else "orbax checkpoint"
   with pytest.raises(workdir.WorkdirError, match=f"{d} holds a(n)? (dsv3 )?{what}.*even with --overwrite"):
     hf.save_checkpoint(CFG, variables, str(d), overwrite=True)
   with pytest.raises(workdir.WorkdirError, match=f"{d} holds a(n)? (dsv3 )?{what}"):
     convert.save_orbax_variables(CFG, variables, str(d), overwrite=True)
-  assert _snapshot(tmp_path) == before  # nothing written, moved or deleted; no staging dir left
+  assert snapshot(tmp_path) == before  # nothing written, moved or deleted; no staging dir left
 
 
 def test_export_into_a_non_empty_dir_needs_overwrite_and_only_replaces_an_export(tmp_path, export):
@@ -185,7 +172,7 @@ def test_export_into_a_non_empty_dir_needs_overwrite_and_only_replaces_an_export
   (mixed / "README.md").write_text("model card")
   a_file = tmp_path / "file.bin"
   a_file.write_bytes(b"data")
-  before = _snapshot(tmp_path)
+  before = snapshot(tmp_path)
   for d in (other, previous, mixed):
     with pytest.raises(workdir.WorkdirError, match=f"{d} is not empty .*pass --overwrite"):
       hf.save_checkpoint(CFG, variables, str(d))
@@ -194,7 +181,7 @@ def test_export_into_a_non_empty_dir_needs_overwrite_and_only_replaces_an_export
       hf.save_checkpoint(CFG, variables, str(d), overwrite=True)
   with pytest.raises(workdir.WorkdirError, match=f"{a_file} is an existing file"):
     hf.save_checkpoint(CFG, variables, str(a_file), overwrite=True)
-  assert _snapshot(tmp_path) == before
+  assert snapshot(tmp_path) == before
   bumped = jax.tree.map(lambda a: a + 1.0, variables)
   hf.save_checkpoint(CFG, bumped, str(previous), overwrite=True)  # a previous export is replaced
   _, loaded = hf.load_checkpoint(str(previous))
@@ -208,14 +195,14 @@ def test_export_into_an_empty_dir_and_a_failed_export_leaves_the_old_one(tmp_pat
   empty.mkdir()
   hf.save_checkpoint(CFG, variables, str(empty))
   assert sorted(os.listdir(empty)) == ["config.json", "model.safetensors"]
-  before = _snapshot(tmp_path)
+  before = snapshot(tmp_path)
 
   def disk_full(*a, **k):
     raise OSError(28, "No space left on device")
-  monkeypatch.setattr(safetensors.numpy, "save_file", disk_full)
+  monkeypatch.setattr(safetensors_io, "write_file", disk_full)
   with pytest.raises(OSError, match="No space left"):
     hf.save_checkpoint(CFG, variables, str(empty), overwrite=True)
-  assert _snapshot(tmp_path) == before and os.listdir(tmp_path) == ["empty"]  # staging dir removed
+  assert snapshot(tmp_path) == before and os.listdir(tmp_path) == ["empty"]  # staging dir removed
 
 
 def _convert(*args):
@@ -229,12 +216,12 @@ def test_convert_refuses_a_workdir_even_with_overwrite_and_a_non_empty_dst_witho
   other = tmp_path / "other"
   other.mkdir()
   (other / "notes.txt").write_text("mine")
-  before = _snapshot(tmp_path)
+  before = snapshot(tmp_path)
   proc = _convert("--to=hf", f"--src={wd}", f"--dst={wd}", "--overwrite")
   assert proc.returncode != 0 and f"--dst {wd} holds a dsv3 training workdir" in proc.stderr, proc.stderr[-2000:]
   proc = _convert("--to=orbax", f"--src={src}", f"--dst={other}")
   assert proc.returncode != 0 and "pass --overwrite" in proc.stderr and "choose an empty --dst" in proc.stderr
-  assert _snapshot(tmp_path) == before
+  assert snapshot(tmp_path) == before
 
 
 # --------------------------------------------------------------------------------------------------
@@ -250,10 +237,10 @@ def _copy(export, tmp_path):
 def test_bad_config_json_names_the_file(tmp_path, export, content, match):
   d = _copy(export, tmp_path)
   (d / "config.json").write_text(content)
-  before = _snapshot(tmp_path)
+  before = snapshot(tmp_path)
   with pytest.raises(hf.CheckpointError, match=f"{d}/config.json {match}"):
     hf.load_checkpoint(str(d))
-  assert _snapshot(tmp_path) == before
+  assert snapshot(tmp_path) == before
 
 
 def test_missing_config_json(tmp_path, export):
@@ -276,10 +263,10 @@ def test_damaged_safetensors_names_the_file(tmp_path, export, how):
     f.write_bytes(data[: 8 + n // 2])
   else:
     f.write_bytes(data[:8] + b"\xff" * n + data[8 + n:])
-  before = _snapshot(tmp_path)
+  before = snapshot(tmp_path)
   with pytest.raises(hf.CheckpointError, match=f"{f} is not a valid safetensors file .*re-download or re-export"):
     hf.load_checkpoint(str(d))
-  assert _snapshot(tmp_path) == before
+  assert snapshot(tmp_path) == before
 
 
 def test_missing_tensor_names_the_tensor_and_the_file(tmp_path, export):
