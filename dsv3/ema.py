@@ -13,39 +13,54 @@ The EMA is the standard one, without bias correction, initialised to the paramet
 How one `update(params, step)` works, and what each backend does:
 
 1. Snapshot (on the calling thread; only *dispatches* work, never waits for the step to finish):
+   Only one replica of each distinct local shard is copied: each leaf is first viewed (no copy) on
+   `checkpoint_sharding` of its sharding, and the copy is a jitted program per device set, which the
+   runtime orders before a later donation of the params.
    - transfer='memory_kind' (chosen by 'auto' when every device holding the params exposes a
-     `pinned_host` memory — GPU and TPU, and also XLA:CPU in current JAX): one jitted `device_put` of the
-     whole parameter tree to the same shardings with `memory_kind='pinned_host'`. On GPU/TPU this is an
-     asynchronous DMA from accelerator to page-locked host RAM, enqueued after the step that produced the
-     params; on CPU it is a plain host memcpy. Either way the result is a *new* buffer, so the next
-     training step may donate the params while the copy is still pending (the runtime orders donation
-     after pending reads).
+     `pinned_host` memory — GPU and TPU, and also XLA:CPU in current JAX): a jitted identity to the
+     same (one-replica) shardings with `memory_kind='pinned_host'`. On GPU/TPU this is an asynchronous
+     DMA from accelerator to page-locked host RAM, enqueued after the step that produced the params; on
+     CPU it is a plain host memcpy. Either way the result is a *new* buffer, so the next training step
+     may donate the params while the copy is still pending (the runtime orders donation after pending
+     reads).
    - transfer='copy' (chosen by 'auto' on backends without memory kinds): a jitted on-device copy of
-     the tree (again a new buffer, so donation is safe) followed by `copy_to_host_async()` on each
-     distinct local shard. This costs one transient device copy of the params per step.
+     the one-replica tree (again a new buffer, so donation is safe) followed by `copy_to_host_async()`
+     on each shard. This costs one transient device copy of the distinct shards per step.
 2. Host arithmetic (on one background worker thread): it materialises the snapshot's local shards as
    numpy (waiting there, not on the training thread, for the copy to land) and updates the float32 EMA
    in place. numpy releases the GIL during the arithmetic, so the Python training loop keeps running.
 
-Sharded params: each process keeps only the shards of each parameter that its own devices hold (one
-copy per distinct shard: replicas across local devices are stored once). A 671B model's EMA is thus
-spread over the hosts like the params are, instead of a full replicated copy per host. `value()`
-returns full numpy arrays when the params are fully addressable (single process); in a multi-process
-run it returns global `jax.Array`s built from the local shards, with the params' shardings placed in
-`pinned_host` memory when available — what orbax needs to checkpoint them.
+Sharded params: each process keeps only the shards of each parameter that its own devices hold, one
+host copy per distinct shard (replicas over 'data'/'pipeline' on local devices are neither copied nor
+stored twice). A 671B model's EMA is thus spread over the hosts like the params are, instead of a full
+replicated copy per host.
+
+Reading it back, never gathered to one host:
+- `value()`: global `jax.Array`s with the params' shardings in device memory, built from the local
+  pieces — what evaluation with the EMA params takes as is.
+- `state_dict()['ema']` (for checkpoints): global `jax.Array`s in host memory (`pinned_host` where the
+  devices have it) on `checkpoint_sharding(params sharding)`: the params' mesh with one device per
+  process for each distinct shard, so each process provides each of its distinct shards once and orbax
+  writes every process's shards from that process. `checkpoint_target()` is the matching restore
+  target; `load_state_dict` keeps the distinct local pieces of what is restored.
+Leaves given without a sharding (numpy params, or abstract ones without `sharding`) come back as numpy.
 
 Back-pressure: at most `max_pending` updates are in flight. If the host falls behind the device, the
-next `update()` waits for the oldest pending one; this bounds host memory to `max_pending` snapshots.
+next `update()` waits for the oldest pending one; this bounds host memory to `max_pending` snapshots
+(each the process's distinct shards). It waits rather than skips: a skipped step would change the EMA
+(ema_n is defined over every step), so a resumed run could not match an uninterrupted one.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import collections
+import concurrent.futures
+import functools
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
 HOST_MEMORY_KINDS = ("pinned_host", "unpinned_host")
 
@@ -62,6 +77,38 @@ def _index_key(index, shape) -> tuple:
   return tuple(s.indices(n)[:2] for s, n in zip(index, shape))
 
 
+@functools.cache   # called per leaf at every update
+def checkpoint_sharding(sharding, process_of=lambda d: d.process_index):
+  """`sharding` with one device per process for each distinct shard (a NamedSharding on a sub-mesh).
+
+  Along each mesh axis that the spec does not use (a replica axis), the positions kept are the first
+  of each distinct pattern of processes across the other axes: an axis inside one process is cut to
+  its first position; an axis over 2 processes x 4 devices keeps positions 0 and 4. Every process keeps
+  a device for each distinct shard it held, and shard indices are unchanged. Other shardings are
+  returned as they are. `process_of(device)`: its process (a parameter for tests).
+  """
+  if not isinstance(sharding, NamedSharding):
+    return sharding
+  used = set()
+  for part in sharding.spec:
+    if part is not None and part is not jax.sharding.PartitionSpec.UNCONSTRAINED:
+      used.update(part if isinstance(part, tuple) else (part,))
+  mesh = sharding.mesh
+  devices = mesh.devices
+  for axis, name in enumerate(mesh.axis_names):
+    if name in used or devices.shape[axis] == 1:
+      continue
+    procs = np.vectorize(process_of, otypes=[int])(devices)
+    first = {}
+    for j in range(devices.shape[axis]):
+      first.setdefault(procs.take([j], axis=axis).tobytes(), j)
+    devices = devices.take(sorted(first.values()), axis=axis)
+  if devices.shape == mesh.devices.shape:
+    return sharding
+  sub = Mesh(devices, mesh.axis_names, axis_types=mesh.axis_types)
+  return NamedSharding(sub, sharding.spec, memory_kind=sharding.memory_kind)
+
+
 class _Layout:
   """Which distinct shards of one leaf this process holds: keys of (start, stop) per dimension."""
 
@@ -70,19 +117,17 @@ class _Layout:
     self.sharding = getattr(leaf, "sharding", None)
     if self.sharding is None:
       self.keys = [tuple((0, n) for n in self.shape)]
-      self.fully_addressable = True
     else:
       idx = self.sharding.addressable_devices_indices_map(self.shape)
       self.keys = sorted({_index_key(i, self.shape) for i in idx.values()})
-      self.fully_addressable = self.sharding.is_fully_addressable
 
   def local_pieces(self, arr) -> dict:
     """Maps each key to a host (numpy) view of that piece of `arr`.
 
-    `arr`: a numpy array, a jax.Array, or a snapshot's {index key: single-device array} dict.
+    `arr`: a numpy array, a jax.Array (each distinct shard read once), or a {index key: piece} dict.
     """
-    if isinstance(arr, jax.Array) and (not arr.is_fully_addressable or arr.sharding == self.sharding):
-      arr = _distinct_shards(arr)  # read each distinct shard once, not the assembled array
+    if isinstance(arr, jax.Array):
+      arr = _distinct_shards(arr)
     if isinstance(arr, dict):
       missing = [k for k in self.keys if k not in arr]
       if not missing:
@@ -120,28 +165,49 @@ def _distinct_shards(arr: jax.Array) -> dict:
   return out
 
 
+def _one_replica(arr: jax.Array) -> jax.Array:
+  """`arr` on `checkpoint_sharding(arr.sharding)`: the same buffers (nothing copied), one device per
+  distinct local shard."""
+  sharding = checkpoint_sharding(arr.sharding)
+  if sharding == arr.sharding:
+    return arr
+  by_device = {s.device: s.data for s in arr.addressable_shards}
+  return jax.make_array_from_single_device_arrays(arr.shape, sharding,
+                                                  [by_device[d] for d in sharding.addressable_devices])
+
+
 def _host_copy_fn(transfer: str):
-  """Returns f(list of jax.Array) -> per leaf, {index key: shard} whose host copy is under way."""
-  if transfer == "memory_kind":
-    jitted = {}
+  """Returns f(list of jax.Array) -> list of jax.Array (one replica of each distinct shard) whose host
+  copy is under way.
 
-    def to_pinned_host(xs):
-      shardings = tuple(x.sharding.with_memory_kind("pinned_host") for x in xs)
-      if shardings not in jitted:  # one program per sharding layout; normally compiled once
-        jitted[shardings] = jax.jit(lambda ys: ys, out_shardings=list(shardings))
-      return [_distinct_shards(y) for y in jitted[shardings](xs)]
-    return to_pinned_host
+  The copies are jitted programs (one per device set), so the runtime orders a later donation of the
+  params after them; each program reads one replica per distinct shard (`_one_replica`).
+  """
+  jitted = {}
 
-  copy = jax.jit(lambda ys: [jnp.copy(y) for y in ys])
-
-  def copy_then_fetch(xs):
-    pieces = [_distinct_shards(y) for y in copy(xs)]
-    # Start every shard's device->host transfer now; the worker's np.asarray then finds it done.
-    for piece in pieces:
-      for shard in piece.values():
-        shard.copy_to_host_async()
-    return pieces
-  return copy_then_fetch
+  def copy(xs):
+    xs = [_one_replica(x) for x in xs]
+    groups = collections.defaultdict(list)   # jit takes one device assignment per call
+    for i, x in enumerate(xs):
+      groups[tuple(x.sharding._device_assignment)].append(i)
+    out = [None] * len(xs)
+    for idx in groups.values():
+      ys = [xs[i] for i in idx]
+      key = tuple(y.sharding for y in ys)
+      if key not in jitted:   # one program per layout; normally compiled once
+        if transfer == "memory_kind":
+          jitted[key] = jax.jit(lambda zs: zs, out_shardings=[s.with_memory_kind("pinned_host") for s in key])
+        else:
+          jitted[key] = jax.jit(lambda zs: [jnp.copy(z) for z in zs], out_shardings=list(key))
+      for i, y in zip(idx, jitted[key](ys)):
+        out[i] = y
+    if transfer != "memory_kind":
+      # Start every shard's device->host transfer now; the worker's np.asarray then finds it done.
+      for y in out:
+        for shard in y.addressable_shards:
+          shard.data.copy_to_host_async()
+    return out
+  return copy
 
 
 class HostEMA:
@@ -169,11 +235,14 @@ class HostEMA:
     self.max_pending = max(1, int(max_pending))
     leaves, self._treedef = jax.tree.flatten(params_like)
     self._layouts = [_Layout(x) for x in leaves]
+    self._dtypes = [np.dtype(x.dtype) for x in leaves]
     devices = {d for x in leaves if getattr(x, "sharding", None) is not None
                for d in x.sharding.device_set} or set(jax.local_devices()[:1])
+    pinned = _supports_pinned_host(devices)
     if transfer == "auto":
-      transfer = "memory_kind" if _supports_pinned_host(devices) else "copy"
+      transfer = "memory_kind" if pinned else "copy"
     self.backend = transfer  # 'memory_kind' | 'copy': the transfer actually used
+    self.host_memory_kind = "pinned_host" if pinned else None  # where state_dict()'s arrays live
     self._to_host = _host_copy_fn(transfer)
     self._ema: Optional[list] = None  # per leaf: {index key: numpy array of this process's shard}
     self.step: Optional[int] = None  # the step of the last params folded into the EMA
@@ -211,7 +280,7 @@ class HostEMA:
     """Runs on the worker: waits for the host copy, then updates the local shards in place."""
     pieces = [layout.local_pieces(x) for layout, x in zip(self._layouts, snap)]
     if init:
-      self._ema = [{k: np.array(v, dtype=self._store_dtype(v)) for k, v in p.items()}
+      self._ema = [{k: np.array(v, dtype=self._store_dtype(v.dtype)) for k, v in p.items()}
                    for p in pieces]
       return
     one_minus = 1.0 - self.decay
@@ -225,9 +294,9 @@ class HostEMA:
         else:
           e[...] = new[k]  # integer leaves (counters) have no meaningful average: keep the latest
 
-  def _store_dtype(self, v):
+  def _store_dtype(self, dtype):
     # jnp.issubdtype, not np: numpy does not count ml_dtypes bfloat16 as floating.
-    return self.dtype if jnp.issubdtype(v.dtype, jnp.floating) else v.dtype
+    return self.dtype if jnp.issubdtype(dtype, jnp.floating) else dtype
 
   def pending(self) -> int:
     """The number of updates whose host work has not finished yet."""
@@ -238,34 +307,60 @@ class HostEMA:
     while self._pending:
       self._pending.popleft().result()
 
+  def host_nbytes(self) -> int:
+    """Bytes of EMA state this process holds (its distinct shards); waits for pending updates."""
+    self.wait()
+    return sum(v.nbytes for leaf in self._ema or () for v in leaf.values())
+
   # --------------------------------------------------------------------------------------------
   def value(self) -> Any:
-    """The EMA pytree in host memory (waits for pending updates first); see the module docstring."""
+    """The EMA pytree (waits for pending updates): per leaf a global jax.Array with the params'
+    sharding in device memory (numpy for leaves given without a sharding), ready for evaluation."""
+    return self._build(lambda layout: layout.sharding)
+
+  def checkpoint_target(self) -> Any:
+    """The restore target for `state_dict()['ema']`: ShapeDtypeStructs on the checkpoint shardings."""
+    return jax.tree.unflatten(self._treedef, [
+        jax.ShapeDtypeStruct(layout.shape, self._store_dtype(dtype),
+                             sharding=None if layout.sharding is None else self._checkpoint_sharding(layout))
+        for layout, dtype in zip(self._layouts, self._dtypes)])
+
+  def _checkpoint_sharding(self, layout: _Layout):
+    sharding = checkpoint_sharding(layout.sharding)
+    return sharding.with_memory_kind(self.host_memory_kind) if self.host_memory_kind else sharding
+
+  def _build(self, sharding_of) -> Any:
     self.wait()
     if self._ema is None:
       raise ValueError("the EMA is empty: call update(params, 0) (or pass concrete params) first")
-    return jax.tree.unflatten(self._treedef, [
-        self._assemble(layout, shards) for layout, shards in zip(self._layouts, self._ema)])
-
-  def _assemble(self, layout: _Layout, shards: dict):
-    if layout.fully_addressable:
-      return _join(shards, layout.shape)  # a new array: later updates do not change what we return
-    # Multi-process: a global array whose local shards are this process's EMA pieces, in host memory.
-    sharding = layout.sharding
-    if self.backend == "memory_kind":
-      sharding = sharding.with_memory_kind("pinned_host")
-    # Copies: device_put may alias numpy memory, which the worker goes on updating in place.
-    arrays = [jax.device_put(np.array(shards[_index_key(idx, layout.shape)]),
-                             jax.sharding.SingleDeviceSharding(d, memory_kind=sharding.memory_kind))
-              for d, idx in sharding.addressable_devices_indices_map(layout.shape).items()]
-    return jax.make_array_from_single_device_arrays(layout.shape, sharding, arrays)
+    out, puts = [], []   # puts: (leaf, device sharding, piece) for one batched device_put
+    for i, (layout, shards) in enumerate(zip(self._layouts, self._ema)):
+      if layout.sharding is None:
+        out.append(_join(shards, layout.shape))  # a new array: later updates do not change it
+        continue
+      sharding = sharding_of(layout)
+      out.append(sharding)
+      for d, idx in sharding.addressable_devices_indices_map(layout.shape).items():
+        # A copy (device_put may alias numpy memory, which the worker goes on updating in place).
+        puts.append((i, SingleDeviceSharding(d, memory_kind=sharding.memory_kind),
+                     np.array(shards[_index_key(idx, layout.shape)])))
+    arrays = jax.device_put([p for _, _, p in puts], [s for _, s, _ in puts])
+    per_leaf = collections.defaultdict(list)
+    for (i, _, _), a in zip(puts, arrays):
+      per_leaf[i].append(a)
+    for i, layout in enumerate(self._layouts):
+      if layout.sharding is not None:
+        out[i] = jax.make_array_from_single_device_arrays(layout.shape, out[i], per_leaf[i])
+    return jax.tree.unflatten(self._treedef, out)
 
   def state_dict(self) -> dict:
-    """{'ema': value(), 'step': last step folded in, 'decay': decay}, for a checkpoint."""
-    return {"ema": self.value(), "step": self.step, "decay": self.decay}
+    """{'ema', 'step': last step folded in, 'decay'} for a checkpoint; 'ema' is host-resident global
+    arrays on the checkpoint shardings (see the module docstring; `checkpoint_target()` restores it)."""
+    return {"ema": self._build(self._checkpoint_sharding), "step": self.step, "decay": self.decay}
 
   def load_state_dict(self, state: dict) -> None:
-    """Restores `state_dict()`'s output ('ema' leaves numpy or jax arrays, e.g. from orbax).
+    """Restores `state_dict()`'s output ('ema' leaves numpy or jax arrays, e.g. from orbax, on any
+    sharding whose local shards cover this process's pieces), keeping the distinct local pieces.
 
     The decay stays the one given to the constructor: a new decay on resume applies from then on.
     """
@@ -273,7 +368,7 @@ class HostEMA:
     leaves, treedef = jax.tree.flatten(state["ema"])
     if treedef != self._treedef:
       raise ValueError(f"EMA state structure {treedef} differs from the params' {self._treedef}")
-    self._ema = [{k: np.array(v, dtype=self._store_dtype(v)) for k, v in layout.local_pieces(x).items()}
+    self._ema = [{k: np.array(v, dtype=self._store_dtype(v.dtype)) for k, v in layout.local_pieces(x).items()}
                  for layout, x in zip(self._layouts, leaves)]
     self.step = None if state.get("step") is None else int(state["step"])
 

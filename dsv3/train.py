@@ -236,13 +236,13 @@ def _train_and_evaluate(config, workdir: str) -> dict:
     # None, or the (name, old, new) fields that may change on resume (e.g. learning_rate) and did.
     changed = ckpt_lib.check_compatible(checkpointer.read_extras()["config"], flat_config)
     target = {"train": abstract_with_shardings}
-    if config.ema_decay:
-      target["ema"] = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, np.float32), abstract["params"])
+    if config.ema_decay:   # sharded like the params, in host memory: each process restores its own shards
+      ema = ema_lib.HostEMA(config.ema_decay, abstract_with_shardings["params"])
+      target["ema"] = ema.checkpoint_target()
     restored = checkpointer.restore(abstract_state=target)
     state = restored.state["train"]
     datasets.train.set_state(restored.extras["data"])
     if config.ema_decay:
-      ema = ema_lib.HostEMA(config.ema_decay, abstract["params"])
       ema.load_state_dict({"ema": restored.state["ema"], "step": restored.step, "decay": config.ema_decay})
     writer.truncate_after(restored.step)
     writer.console(f"Resumed from {checkpointer.step_dir(restored.step)} at step {restored.step}"
@@ -260,7 +260,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
       return False        # decide first: building the tree waits for the EMA and copies it to host
     tree = {"train": {k: v for k, v in state.items() if k != "guard"}}
     if ema is not None:
-      tree["ema"] = ema.value()
+      tree["ema"] = ema.state_dict()["ema"]   # global host arrays: orbax writes each process's shards
     extras = {"data": datasets.train.get_state(), "config": flat_config, "seed": int(config.seed)}
     return checkpointer.save(step, tree, extras, force=force, metrics=metrics)
 
@@ -361,8 +361,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
         with throughput.paused():
           evals = evaluate(state["params"], state["routing"])
           if ema is not None:
-            ema_params = jax.device_put(ema.value(), state_shardings["params"])
-            evals["val_loss_ema"] = evaluate(ema_params, state["routing"])["val_loss"]
+            evals["val_loss_ema"] = evaluate(ema.value(), state["routing"])["val_loss"]   # params' shardings
           writer.write_scalars(done, evals)
           writer.console(_eval_line(done, evals))
           last.update(evals)

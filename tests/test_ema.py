@@ -1,13 +1,21 @@
-"""HostEMA: host residency, the closed form over several updates, asynchrony, sharding, state."""
+"""HostEMA: host residency, the closed form over several updates, asynchrony, sharding (replicas held
+once, global arrays out and in), state through orbax."""
+import os
+import shutil
+import sys
 import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from dsv3 import ema as ema_lib
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
+import tiny  # noqa: E402
 
 DECAY = 0.9
 
@@ -45,8 +53,9 @@ def test_closed_form_and_host_residency(transfer):
   for step, p in enumerate(ps[1:], start=1):
     ema.update(p, step)
   value = ema.value()
-  assert all(_is_host(x) for x in jax.tree.leaves(value))
+  assert all(x.sharding == p.sharding for x, p in zip(jax.tree.leaves(value), jax.tree.leaves(ps[0])))
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(value))  # bf16 leaves stored in f32
+  assert all(_is_host(x) for x in jax.tree.leaves(ema.state_dict()["ema"]))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                value, _closed_form(ps, DECAY))
   assert ema.step == 4
@@ -149,28 +158,95 @@ def test_worker_error_surfaces_in_wait():
   ema.close()
 
 
-@pytest.mark.parametrize("memory_kind", [None, "pinned_host"])
-def test_state_through_checkpointer(tmp_path, memory_kind):
-  """The EMA goes into an orbax checkpoint and back, optionally restored straight into host memory."""
+def _ep_mesh():
+  return jax.make_mesh((2, 4), ("data", "expert"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+
+
+def _ep_params(seed, mesh):
+  """Expert weights split 4 ways over 'expert' (2 replicas over 'data'), a replicated dense weight, and
+  one split over both axes."""
+  rng = np.random.default_rng(seed)
+  specs = {"experts": ((8, 16, 32), P("expert")), "dense": ((64, 32), P()), "both": ((16, 32), P("data", "expert"))}
+  return {k: jax.device_put(rng.normal(size=shape).astype(np.float32), NamedSharding(mesh, spec))
+          for k, (shape, spec) in specs.items()}
+
+
+def test_replicas_are_held_once():
+  """mesh data=2 x expert=4: the host EMA and each step's host copy hold every distinct shard once."""
+  mesh = _ep_mesh()
+  ps = [_ep_params(i, mesh) for i in range(3)]
+  ema = ema_lib.HostEMA(DECAY, ps[0])
+  for step, p in enumerate(ps[1:], start=1):
+    ema.update(p, step)
+  ema.wait()
+  held = jax.tree.unflatten(ema._treedef, [len(leaf) for leaf in ema._ema])
+  assert held == {"experts": 4, "dense": 1, "both": 8}
+  naive = sum(s.data.nbytes for x in jax.tree.leaves(ps[0]) for s in x.addressable_shards)
+  distinct = sum(x.nbytes for x in jax.tree.leaves(ps[0]))   # one process holds every shard here
+  assert ema.host_nbytes() == distinct
+  print(f"host EMA bytes: {ema.host_nbytes()} (naive per-device copy: {naive}, {naive / distinct:.2f}x)")
+  snap = ema._to_host(jax.tree.leaves(ps[0]))   # the per-step host copy: one replica per distinct shard
+  assert [len(x.sharding.device_set) for x in snap] == [8, 1, 4]   # flatten order: both, dense, experts
+  value = ema.value()   # global arrays with the params' shardings, in device memory
+  for got, p, want in zip(jax.tree.leaves(value), jax.tree.leaves(ps[0]), jax.tree.leaves(_closed_form(ps, DECAY))):
+    assert got.sharding == p.sharding
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  saved = ema.state_dict()["ema"]   # for orbax: one device per distinct shard, in host memory
+  assert {k: len(v.sharding.device_set) for k, v in saved.items()} == {"experts": 4, "dense": 1, "both": 8}
+  assert all(_is_host(x) for x in jax.tree.leaves(saved))
+  jax.tree.map(np.testing.assert_array_equal, saved, value)
+  ema.close()
+
+
+def test_checkpoint_sharding_keeps_one_device_per_process():
+  """Replica axes shrink to one device per process and distinct shard; used axes and indices stay."""
+  mesh = _ep_mesh()
+  devs = mesh.devices   # (data=2, expert=4)
+  one = lambda d: 0
+  cut = ema_lib.checkpoint_sharding(NamedSharding(mesh, P("expert")), one)
+  assert cut.mesh.devices.tolist() == devs[:1].tolist()
+  assert ema_lib.checkpoint_sharding(NamedSharding(mesh, P()), one).mesh.devices.tolist() == devs[:1, :1].tolist()
+  full = NamedSharding(mesh, P("data", "expert"))
+  assert ema_lib.checkpoint_sharding(full, one) == full
+  # Two processes split along 'data' (rows): both rows stay for a leaf replicated over 'data'.
+  by_row = lambda d: int(d in devs[1])
+  assert ema_lib.checkpoint_sharding(NamedSharding(mesh, P("expert")), by_row).mesh.devices.tolist() == devs.tolist()
+  # Two processes split along 'expert' (columns 0-1 vs 2-3): a replicated leaf keeps one device in each.
+  by_col = lambda d: int(d in devs[:, 2:])
+  kept = ema_lib.checkpoint_sharding(NamedSharding(mesh, P()), by_col).mesh.devices
+  assert kept.tolist() == [[devs[0, 0], devs[0, 2]]]
+  shape = (8, 4)
+  for spec in (P("expert"), P(None, "data"), P()):
+    s = NamedSharding(mesh, spec)
+    sub = ema_lib.checkpoint_sharding(s, by_col)
+    want = s.devices_indices_map(shape)
+    assert all(want[d] == i for d, i in sub.devices_indices_map(shape).items())
+
+
+@pytest.mark.parametrize("target", ["checkpoint", "params"])
+def test_state_through_checkpointer(tmp_path, target):
+  """The EMA goes into an orbax checkpoint and back, restored on its checkpoint target (host memory, one
+  replica) or on the params' shardings; either way the EMA continues bitwise like the original."""
   from dsv3 import checkpoint as ckpt_lib
-  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
-  sharding = NamedSharding(mesh, P("data"))
-  p0 = {"w": jax.device_put(jnp.arange(32.0).reshape(8, 4), sharding)}
-  ema = ema_lib.HostEMA(DECAY, p0)
-  ema.update(jax.tree.map(lambda x: x + 1, p0), 1)
+  mesh = _ep_mesh()
+  ps = [_ep_params(i, mesh) for i in range(3)]
+  ema = ema_lib.HostEMA(DECAY, ps[0])
+  ema.update(ps[1], 1)
   state = ema.state_dict()
+  like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), ps[0])
+  other = ema_lib.HostEMA(DECAY, like)
   with ckpt_lib.Checkpointer(str(tmp_path)) as ck:
     ck.save(1, {"ema": state["ema"]}, {"ema_step": state["step"]})
     ck.wait()
-    target = sharding if memory_kind is None else sharding.with_memory_kind(memory_kind)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, np.float32, sharding=target), p0)
+    abstract = other.checkpoint_target() if target == "checkpoint" else like
     restored = ck.restore(abstract_state={"ema": abstract})
-  assert restored.state["ema"]["w"].sharding.memory_kind == (memory_kind or "device")
-  other = ema_lib.HostEMA(DECAY, jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), p0))
+  jax.tree.map(lambda r, a: (r.sharding == a.sharding) or pytest.fail(f"{r.sharding} != {a.sharding}"),
+               restored.state["ema"], abstract)
   other.load_state_dict({"ema": restored.state["ema"], "step": restored.extras["ema_step"]})
-  assert other.step == 1
-  np.testing.assert_array_equal(other.value()["w"], ema.value()["w"])
+  assert other.step == 1 and other.host_nbytes() == ema.host_nbytes()
+  ema.update(ps[2], 2)
+  other.update(ps[2], 2)
+  jax.tree.map(np.testing.assert_array_equal, other.value(), ema.value())
   ema.close()
   other.close()
 
@@ -200,3 +276,40 @@ def test_value_is_a_snapshot():
   ema.wait()
   jax.tree.map(np.testing.assert_array_equal, before, kept)
   ema.close()
+
+
+def _train_config(**kw):
+  """configs/tiny.py shrunk like tests/test_train.py, with the EMA on, on mesh data=2 x expert=4."""
+  c = tiny.get_config()
+  c.update(num_train_steps=4, batch_size=8, seq_len=32, log_every_steps=1, eval_every_steps=2, eval_batches=1,
+           checkpoint_every_steps=2, warmup_steps=2, ema_decay=0.9)
+  c.model.vocab_size = c.data.vocab_size = 512
+  c.data.max_files = 30
+  c.mesh.data, c.mesh.expert = 2, 4
+  c.update(kw)
+  return c
+
+
+@pytest.mark.slow
+def test_trainer_resume_keeps_the_ema(tmp_path, monkeypatch):
+  """8 devices, data=2 x expert=4: a run resumed from its step-2 checkpoint ends (step 4) with the same EMA,
+  bitwise, as the uninterrupted run; the EMA checkpoint is sharded like the params, one replica each."""
+  from dsv3 import checkpoint as ckpt_lib
+  from dsv3 import train
+  monkeypatch.setenv("DSV3_CACHE", str(tmp_path / "cache"))
+  full, resumed = tmp_path / "full", tmp_path / "resumed"
+  evals = train.train_and_evaluate(_train_config(), str(full))
+  assert "val_loss_ema" in evals
+  shutil.copytree(full, resumed)
+  shutil.rmtree(resumed / "checkpoints" / "4")     # as if stopped after the step-2 checkpoint
+  train.train_and_evaluate(_train_config(), str(resumed))
+
+  def ema_at_4(workdir):
+    with ckpt_lib.Checkpointer(str(workdir / "checkpoints"), read_only=True) as ck:
+      return ck.restore(4).state["ema"]
+  want, got = ema_at_4(full), ema_at_4(resumed)
+  assert jax.tree.leaves(want)
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+  with ckpt_lib.Checkpointer(str(full / "checkpoints"), read_only=True) as ck:
+    params = ck.restore(4).state["train"]["params"]
+  assert any(not np.array_equal(e, p) for e, p in zip(jax.tree.leaves(want), jax.tree.leaves(params)))

@@ -75,7 +75,7 @@ def test_two_processes_match_one():
 TRAIN_FLAGS = ["--config.batch_size=8", "--config.seq_len=32", "--config.model.vocab_size=512",
                "--config.data.vocab_size=512", "--config.data.max_files=30", "--config.mesh.data=8",
                "--config.log_every_steps=2", "--config.eval_every_steps=1000", "--config.checkpoint_every_steps=1000",
-               "--config.ema_decay=0.0"]
+               "--config.ema_decay=0.9"]
 
 
 def _start_training(workdir, cache, steps):
