@@ -46,6 +46,9 @@ from dsv3.config import validate_train_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go; resumed from if non-empty.")
+_COMPILE_ONLY = flags.DEFINE_enum("compile_only", None, ["cpu", "h100", "h800", "h200"],
+                                  "Compile one step's programs for this target, write WORKDIR/compiled "
+                                  "(memory.json, HLO), print per-device memory and exit: dsv3/compile_only.py.")
 
 
 class TrainingError(RuntimeError):
@@ -56,12 +59,16 @@ def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:   # library INFO logs (absl, orbax, jax) only with -v / --verbosity
     logging.set_verbosity(logging.WARNING)
-  from dsv3 import distributed
-  distributed.maybe_initialize()            # no-op unless launched as several processes
   if _CONFIG.value is None:
     raise app.UsageError("--config is required, e.g. --config=configs/tiny.py")
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required: the directory for checkpoints and metrics")
+  if _COMPILE_ONLY.value:                   # before any backend starts: GPU targets set JAX_PLATFORMS
+    from dsv3 import compile_only
+    compile_only.run(_CONFIG.value, _WORKDIR.value, _COMPILE_ONLY.value)
+    return
+  from dsv3 import distributed
+  distributed.maybe_initialize()            # no-op unless launched as several processes
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -1,0 +1,337 @@
+"""Compile-only dry run: every program of one training step, compiled for a target, never allocated.
+
+  python -m dsv3.train --config=configs/small.py --workdir=DIR --compile_only=h100 --config.mesh.expert=8
+
+TARGET 'cpu' compiles for this process's (simulated) CPU devices; 'h100', 'h800' and 'h200' compile for a
+GPU cluster that need not be there (GPU_AOT.md): a deviceless topology of 8 GPUs per host (1x1xN below 8)
+from `jax.experimental.topologies`, described by XLA's GpuTargetConfigProto for the chip (dsv3/gpu_specs/).
+An H800 compiles as an H100 and is reported against its 80 GB. GPU targets need the optional toolchain of
+requirements-aot.txt (Python 3.12, JAX 0.12, the CUDA plugin).
+
+The state is abstract (jax.eval_shape of the trainer's init, with the trainer's shardings), the batch an
+abstract int32 [batch_size, seq_len + 1]: no parameter, checkpoint or data is touched. For each program
+and mesh position it records `compiled.memory_analysis()` per device (argument, output, temp, alias,
+peak: the larger of the compiler's peak and argument + output + temp - alias; both are kept), writes
+DIR/compiled/memory.json and each program's scheduled HLO as DIR/compiled/<program>.hlo.txt, and prints
+a table. `estimated_peak_bytes_per_device` is dsv3.plan's analytic figure for the same layout
+(parameters, FP32 gradients and ZeRO-1 optimizer states; activations are not modelled).
+
+Pipelined configs (mesh.pipeline > 1) compile, as a stand-in for the executor's per-stage F/B/W programs,
+the whole unpipelined step on rank 0's ('data', 'expert') sub-mesh, reported for every rank (each runs the
+same program on its own devices); memory.json says so ("stand_in").
+
+GPU choices are made from the target's devices, not jax.default_backend() (which stays 'cpu' here):
+grouped_gemm 'auto' becomes 'ragged_dot' (the Triton kernel needs a GPU to lower), expert-parallel
+dispatch takes the mesh's platform (ragged all-to-all), attention 'auto' is lax.platform_dependent.
+XLA:GPU sorts are compiled with --xla_gpu_enable_cub_radix_sort=false: CUB's scratch size needs a device,
+so MoE dispatch sorts compile as XLA's own sort, not the CUB sort a GPU run executes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Optional
+
+from dsv3 import cli
+
+TARGETS = ("cpu", "h100", "h800", "h200")
+_SPEC_FILES = {"h100": "h100_sxm.txtpb", "h800": "h100_sxm.txtpb", "h200": "h200.txtpb"}
+GPU_COMPILER_OPTIONS = {"xla_gpu_enable_cub_radix_sort": False}
+GPUS_PER_HOST = 8
+INSTALL_HINT = ("PYENV_VERSION=3.12.1 python -m venv .venv-aot && .venv-aot/bin/pip install -r requirements-aot.txt "
+                "&& .venv-aot/bin/pip install --no-deps jax-cuda12-plugin==0.12.0.1, then run with "
+                ".venv-aot/bin/python")
+
+
+class CompileOnlyError(cli.UsageError):
+  """The dry run cannot run as asked (unknown target, missing toolchain); the message says the fix."""
+
+
+def prepare_environment(target: str, num_devices: int) -> None:
+  """What JAX reads when its backends start (so, before): JAX_PLATFORMS=cpu for a GPU target (GPU_AOT.md),
+  and for 'cpu' as many simulated devices as the mesh needs unless XLA_FLAGS already sets a count."""
+  if target in _SPEC_FILES:
+    import jax
+    if not jax.config.jax_platforms:          # JAX read the environment at import: set its config instead
+      os.environ["JAX_PLATFORMS"] = "cpu"
+      jax.config.update("jax_platforms", "cpu")
+  elif "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + f" --xla_force_host_platform_device_count={num_devices}").strip()
+
+
+def run(config, workdir: str, target: str) -> dict:
+  """The --compile_only=TARGET entry point: checks the config, locks the workdir, compiles, reports."""
+  from dsv3 import workdir as workdir_lib
+  from dsv3.config import validate_train_config
+  if target not in TARGETS:
+    raise CompileOnlyError(f"--compile_only: unknown target {target!r}; use one of {', '.join(TARGETS)}")
+  prepare_environment(target, int(config.mesh.data) * int(config.mesh.expert) * int(config.mesh.pipeline))
+  check_toolchain(target)                   # before the workdir is made or locked
+  validate_train_config(config)
+  with workdir_lib.lock(workdir):
+    return compile_step(config, workdir, target)
+
+
+def check_toolchain(target: str) -> None:
+  """Raises CompileOnlyError (one line) unless `target` can be compiled by this Python's JAX."""
+  if target not in TARGETS:
+    raise CompileOnlyError(f"--compile_only: unknown target {target!r}; use one of {', '.join(TARGETS)}")
+  if target == "cpu":
+    return
+  import jax
+  version = tuple(int(x) for x in re.findall(r"\d+", jax.__version__)[:2])
+  try:
+    import jax_plugins.xla_cuda12  # noqa: F401  (optional: only in the compile-only GPU toolchain)
+    has_plugin = True
+  except ImportError:
+    has_plugin = False
+  if version < (0, 12) or not has_plugin:
+    raise CompileOnlyError(
+        f"--compile_only={target} needs the compile-only GPU toolchain (Python 3.12, jax>=0.12 and its CUDA "
+        f"plugin; this is jax {jax.__version__}{'' if has_plugin else ' without jax-cuda12-plugin'}): {INSTALL_HINT}")
+
+
+def gpu_spec(target: str) -> str:
+  """The GpuTargetConfigProto text for `target`'s chip: dsv3/gpu_specs/, the texts XLA ships
+  (xla/backends/gpu/target_config/specs/) as embedded in jax-cuda12-plugin 0.12.0.1's library."""
+  path = os.path.join(os.path.dirname(__file__), "gpu_specs", _SPEC_FILES[target])
+  with open(path) as f:
+    return f.read()
+
+
+def capacity_bytes(target: str) -> Optional[int]:
+  """Device memory of `target`'s chip (the spec's device_memory_size); None for 'cpu'."""
+  if target not in _SPEC_FILES:
+    return None
+  found = re.search(r"device_memory_size:\s*(\d+)", gpu_spec(target))
+  return int(found.group(1)) if found else None
+
+
+def target_devices(target: str, count: int):
+  """`count` devices of `target`: this process's CPU devices, or a deviceless GPU topology's."""
+  import jax
+  if target == "cpu":
+    devices = jax.devices()
+    if len(devices) != count:
+      raise CompileOnlyError(
+          f"--compile_only=cpu: the mesh needs {count} devices but this process has {len(devices)}; run with "
+          f"XLA_FLAGS=--xla_force_host_platform_device_count={count}")
+    return devices
+  from jax.experimental import topologies
+  hosts, per_host = (count // GPUS_PER_HOST, GPUS_PER_HOST) if count >= GPUS_PER_HOST else (1, count)
+  if hosts * per_host != count:
+    raise CompileOnlyError(f"--compile_only={target}: {count} devices is not a whole number of "
+                           f"{GPUS_PER_HOST}-GPU hosts; make mesh.data x mesh.expert x mesh.pipeline a multiple of 8")
+  topo = topologies.get_topology_desc(platform="cuda", target_config=gpu_spec(target),
+                                      topology=f"1x{hosts}x{per_host}")
+  return list(topo.devices)
+
+
+def _memory(compiled) -> dict:
+  """Per-device bytes of one compiled program (memory_analysis); peak: see the module doc."""
+  m = compiled.memory_analysis()
+  get = lambda name: int(getattr(m, name, 0) or 0)
+  out = dict(argument_bytes=get("argument_size_in_bytes"), output_bytes=get("output_size_in_bytes"),
+             temp_bytes=get("temp_size_in_bytes"), alias_bytes=get("alias_size_in_bytes"),
+             generated_code_bytes=get("generated_code_size_in_bytes"))
+  # XLA:GPU's peak comes from buffer assignment's heap simulation; XLA:CPU's can be below the arguments plus
+  # the temp buffer that are live together, so the larger of the two is reported, and both are kept.
+  out["compiler_peak_bytes"] = get("peak_memory_in_bytes")
+  out["sum_bytes"] = out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"] - out["alias_bytes"]
+  out["peak_bytes"] = max(out["compiler_peak_bytes"], out["sum_bytes"])
+  return out
+
+
+def _step_programs(config, cfg, mesh):
+  """[(name, jitted fn, abstract args)] of the trainer's unpipelined train and eval steps on `mesh`."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from dsv3 import losses, model as model_lib, optimizer as opt_lib, sharding
+
+  tx, lr_schedule = opt_lib.make_optimizer(config)
+  expert_parallel = None
+  if sharding.axis_size(mesh, "expert") > 1:
+    from dsv3.expert_parallel import ExpertParallel
+    expert_parallel = ExpertParallel(mesh)
+
+  def init_state(rng):
+    variables = model_lib.init(cfg, rng)
+    return {"step": jnp.zeros((), jnp.int32), "params": variables["params"],
+            "routing": variables.get("routing", {}), "opt_state": tx.init(variables["params"])}
+
+  abstract = jax.eval_shape(lambda: init_state(jax.random.key(config.seed)))   # no array on the target
+  rep = sharding.replicated(mesh)
+  shardings = {"step": rep, "params": sharding.param_shardings(mesh, abstract["params"]),
+               "routing": sharding.param_shardings(mesh, abstract["routing"]),
+               "opt_state": sharding.zero1_shardings(mesh, abstract["opt_state"])}
+  guard = {"step": np.int32(-1), "loss": np.float32(0), "grad_norm": np.float32(0),
+           "update_ratio": np.float32(0), "lr": np.float32(0)}
+  abstract["guard"] = jax.eval_shape(lambda: guard)
+  shardings["guard"] = {k: rep for k in guard}
+  tokens_sharding = NamedSharding(mesh, P(tuple(a for a in sharding.TOKEN_AXES if a in mesh.axis_names)))
+  spec = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+  state = jax.tree.map(spec, abstract, shardings)
+  batch = jax.ShapeDtypeStruct((config.batch_size, config.seq_len + 1), jnp.int32, sharding=tokens_sharding)
+  scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
+  alpha, accum = losses.balance_alpha(config.balance), int(config.grad_accum_steps)
+  max_ratio = float(config.nan_guard.max_update_ratio)
+  norm = lambda t: jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(t)))
+
+  def loss_fn(params, routing, tokens, mtp_weight):
+    out = model_lib.forward_train(cfg, {"params": params, "routing": routing}, tokens[:, :-1], expert_parallel)
+    loss, metrics = losses.objective(cfg, out, tokens[:, 1:], mtp_weight, alpha)
+    return loss, (metrics, losses.load_tree(out))
+
+  def train_step(state, batch, mtp_weight, gamma):
+    """dsv3.train's step: (accumulated) value_and_grad, AdamW, routing-bias update, divergence guard."""
+    grad = jax.value_and_grad(loss_fn, has_aux=True)
+    params, routing = state["params"], state["routing"]
+    if accum == 1:
+      (_, (metrics, loads)), grads = grad(params, routing, batch, mtp_weight)
+    else:
+      micro = batch.reshape(accum, -1, batch.shape[-1])
+
+      def body(carry, mb):
+        (_, (m, l)), g = grad(params, routing, mb, mtp_weight)
+        return jax.tree.map(jnp.add, carry, (m, g, l)), None
+      loads0 = jax.tree.map(lambda b: jnp.zeros(b.shape, jnp.float32), routing)
+      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+          lambda: (grad(params, routing, micro[0], mtp_weight)[0][1][0], params, loads0)))
+      (metrics, grads, loads), _ = jax.lax.scan(body, zeros, micro)
+      metrics = {k: v if k.startswith("ep_dropped") else v / accum for k, v in metrics.items()}
+      grads = jax.tree.map(lambda g: g / accum, grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates)
+    if config.balance.mode == "aux_free" and routing:
+      routing = losses.update_bias(routing, loads, gamma)
+    grad_norm, update_norm = norm(grads), norm(updates)
+    ratio = update_norm / jnp.maximum(norm(params), 1e-30)
+    ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm) & jnp.isfinite(
+        norm(new_params))
+    if max_ratio > 0:
+      ok &= ratio <= max_ratio
+    step, lr = state["step"] + 1, lr_schedule(state["step"])
+    bad = (state["guard"]["step"] < 0) & ~ok
+    now = {"step": step, "loss": metrics["loss"].astype(jnp.float32), "grad_norm": grad_norm,
+           "update_ratio": ratio, "lr": lr}
+    new_guard = {k: jnp.where(bad, now[k], g).astype(g.dtype) for k, g in state["guard"].items()}
+    metrics = dict(metrics, grad_norm=grad_norm, update_ratio=ratio, lr=lr)
+    return {"step": step, "params": new_params, "routing": routing, "opt_state": opt_state,
+            "guard": new_guard}, metrics
+
+  def eval_step(params, routing, tokens):
+    out = model_lib.forward_train(cfg, {"params": params, "routing": routing}, tokens[:, :-1], expert_parallel)
+    return losses.cross_entropy(out["logits"], tokens[:, 1:]), losses.load_tree(out)
+
+  train = jax.jit(train_step, donate_argnums=0, in_shardings=(shardings, tokens_sharding, rep, rep),
+                  out_shardings=(shardings, None))
+  evaluate = jax.jit(eval_step, in_shardings=(shardings["params"], shardings["routing"], tokens_sharding))
+  return [("train_step", train, (state, batch, scalar, scalar)),
+          ("eval_step", evaluate, (state["params"], state["routing"], batch))]
+
+
+def _positions(config, devices):
+  """[(position name, mesh)]: the whole mesh, or one ('data', 'expert') sub-mesh per pipeline rank."""
+  from dsv3 import sharding
+  mesh = sharding.make_mesh(config.mesh, devices=devices)
+  if int(config.mesh.pipeline) <= 1:
+    return mesh, [(f"all {len(devices)} devices (SPMD)", mesh)]
+  return mesh, [(f"rank{r}", sub) for r, sub in enumerate(sharding.stage_meshes(mesh))]
+
+
+def _estimate(config) -> dict:
+  from dsv3 import plan
+  return plan.plan(config)["memory_per_device"]
+
+
+def compile_step(config, workdir: str, target: str, echo=print) -> dict:
+  """Compiles every program of one training step of `config` for `target`; returns memory.json's dict.
+
+  Writes DIR/compiled/memory.json and DIR/compiled/<program>.hlo.txt; prints the table through `echo`.
+  Raises CompileOnlyError for an unknown target or a missing GPU toolchain.
+  """
+  check_toolchain(target)
+  import jax
+  from dsv3.config import ModelConfig
+
+  gpu = target != "cpu"
+  config = config.copy_and_resolve_references()
+  notes = []
+  if gpu:
+    notes.append("XLA flag --xla_gpu_enable_cub_radix_sort=false: sorts compile as XLA's sort (CUB's scratch size "
+                 "needs a device), so the MoE dispatch sorts differ from what a GPU run executes")
+    if config.model.grouped_gemm == "auto":
+      config.model.grouped_gemm = "ragged_dot"
+      notes.append("model.grouped_gemm 'auto' -> 'ragged_dot' (the Triton kernel needs a GPU to lower)")
+  cfg = ModelConfig.from_config_dict(config)
+  devices = target_devices(target, int(config.mesh.data) * int(config.mesh.expert) * int(config.mesh.pipeline))
+  mesh, positions = _positions(config, devices)
+  stand_in = None
+  if len(positions) > 1:
+    stand_in = (f"mesh.pipeline={config.mesh.pipeline}: each rank's figures are the whole unpipelined step "
+                f"compiled on that rank's ('data', 'expert') sub-mesh, standing in for the executor's per-stage "
+                f"F/B/W programs ({config.pipeline.schedule}); they overstate a stage's parameters and activations. "
+                f"Compiled for rank0; the other ranks run the same program on their own devices (same_as)")
+    notes.append(stand_in)
+  out_dir = os.path.join(workdir, "compiled")
+  os.makedirs(out_dir, exist_ok=True)
+  options = GPU_COMPILER_OPTIONS if gpu else None
+  rows = []
+  for i, (position, sub) in enumerate(positions):
+    prefix = "" if stand_in is None else f"{position}_"
+    if i and stand_in is not None:   # the same program on another rank's devices: identical figures
+      rows += [dict(r, program=prefix + r["program"].split("_", 1)[1], position=position,
+                    devices=[d.id for d in sub.devices.flat], same_as=r["position"])
+               for r in rows if r["position"] == positions[0][0]]
+      continue
+    with jax.set_mesh(sub):
+      for name, fn, args in _step_programs(config, cfg, sub):
+        compiled = fn.lower(*args).compile(compiler_options=options)
+        program = prefix + name
+        with open(os.path.join(out_dir, f"{program}.hlo.txt"), "w") as f:
+          f.write(compiled.as_text())
+        rows.append(dict(program=program, position=position, devices=[d.id for d in sub.devices.flat],
+                         hlo=f"{program}.hlo.txt", **_memory(compiled)))
+  worst = max(rows, key=lambda r: r["peak_bytes"])
+  estimate = _estimate(config)
+  result = dict(
+      target=target, device_kind=str(getattr(devices[0], "device_kind", devices[0].platform)),
+      platform=devices[0].platform, devices=len(devices), mesh=dict(mesh.shape),
+      capacity_bytes_per_device=capacity_bytes(target), programs=rows,
+      max_peak_bytes_per_device=worst["peak_bytes"], max_peak_program=worst["program"],
+      max_peak_position=worst["position"], estimated_peak_bytes_per_device=estimate["total_bytes"],
+      estimate=dict(source="dsv3.plan.memory_plan: parameters + FP32 gradients + ZeRO-1 optimizer states of the "
+                           "worst pipeline rank; activations not modelled", **estimate),
+      peak_over_estimate=worst["peak_bytes"] / max(estimate["total_bytes"], 1),
+      compiler_options={k: v for k, v in (options or {}).items()}, stand_in=stand_in, notes=notes)
+  with open(os.path.join(out_dir, "memory.json"), "w") as f:
+    json.dump(result, f, indent=1, default=str)
+  echo(format_table(result))
+  return result
+
+
+def _gb(n: Optional[int]) -> str:
+  return "-" if n is None else f"{n / 1e9:.3f}"
+
+
+def format_table(result: dict) -> str:
+  """The per-device memory table (GB = 1e9 bytes) with the worst position, the estimate and the notes."""
+  head = (f"compile-only {result['target']} ({result['device_kind']}, {result['devices']} devices, mesh "
+          f"{result['mesh']}): memory per device, GB")
+  cols = ("program", "position", "argument", "output", "temp", "alias", "peak")
+  lines = [head, f"{cols[0]:<24} {cols[1]:<26}" + "".join(f"{c:>10}" for c in cols[2:])]
+  for r in result["programs"]:
+    lines.append(f"{r['program']:<24} {r['position']:<26}" + "".join(
+        f"{_gb(r[k + '_bytes']):>10}" for k in cols[2:]))
+  cap = result["capacity_bytes_per_device"]
+  lines.append(f"max peak {_gb(result['max_peak_bytes_per_device'])} GB ({result['max_peak_program']}, "
+               f"{result['max_peak_position']})" + (f" of {_gb(cap)} GB" if cap else "")
+               + f"; dsv3.plan estimate {_gb(result['estimated_peak_bytes_per_device'])} GB (no activations), "
+               f"ratio {result['peak_over_estimate']:.2f}")
+  lines += [f"note: {n}" for n in result["notes"]]
+  return "\n".join(lines)

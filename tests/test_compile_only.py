@@ -1,0 +1,99 @@
+"""The compile-only dry run (dsv3/compile_only.py, `python -m dsv3.train ... --compile_only=TARGET`).
+
+CPU: in-process on the 8 simulated devices of conftest.py. H100: only where the optional compile-only GPU
+toolchain (requirements-aot.txt: Python 3.12, jax 0.12, jax-cuda12-plugin) is installed; skipped otherwise.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from configs import tiny
+from dsv3 import compile_only
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _gpu_toolchain() -> bool:
+  try:
+    compile_only.check_toolchain("h100")
+    return True
+  except compile_only.CompileOnlyError:
+    return False
+
+
+def _config(data=2, expert=4, pipeline=1):
+  c = tiny.get_config()
+  c.batch_size, c.seq_len = 8, 32      # small shapes: the programs are the same, compiles are faster
+  c.mesh.data, c.mesh.expert, c.mesh.pipeline = data, expert, pipeline
+  if pipeline > 1:
+    c.pipeline.schedule, c.pipeline.microbatches = "1f1b", 2
+  return c
+
+
+def _check_result(result, workdir, target, programs):
+  out = os.path.join(workdir, "compiled")
+  with open(os.path.join(out, "memory.json")) as f:
+    saved = json.load(f)
+  assert saved["target"] == target and saved["devices"] == 8
+  assert saved["max_peak_bytes_per_device"] == max(r["peak_bytes"] for r in saved["programs"]) > 0
+  assert saved["estimated_peak_bytes_per_device"] > 0
+  assert saved["peak_over_estimate"] == pytest.approx(
+      saved["max_peak_bytes_per_device"] / saved["estimated_peak_bytes_per_device"])
+  assert [r["program"] for r in saved["programs"]] == programs
+  for r in saved["programs"]:
+    assert r["argument_bytes"] > 0 and r["temp_bytes"] > 0 and r["peak_bytes"] >= r["argument_bytes"]
+    assert os.path.getsize(os.path.join(out, r["hlo"])) > 0
+  # Nothing of a training run: no checkpoint, no metrics.
+  assert "checkpoints" not in os.listdir(workdir) and "tb" not in os.listdir(workdir)
+  assert not os.path.exists(os.path.join(workdir, "metrics.jsonl"))
+  assert saved == json.loads(json.dumps(result, default=str))
+  return saved
+
+
+def test_cpu_ep(tmp_path, capsys):
+  result = compile_only.run(_config(), str(tmp_path), "cpu")
+  saved = _check_result(result, str(tmp_path), "cpu", ["train_step", "eval_step"])
+  assert saved["mesh"] == {"pipeline": 1, "data": 2, "expert": 4} and saved["stand_in"] is None
+  table = capsys.readouterr().out
+  assert "train_step" in table and "eval_step" in table and "max peak" in table
+  hlo = open(tmp_path / "compiled" / "train_step.hlo.txt").read()
+  assert "all-to-all" in hlo                     # the EP dispatch (the dense CPU path)
+
+
+def test_cpu_pipeline_stand_in(tmp_path):
+  result = compile_only.run(_config(data=2, expert=2, pipeline=2), str(tmp_path), "cpu")
+  saved = _check_result(result, str(tmp_path), "cpu",
+                        ["rank0_train_step", "rank0_eval_step", "rank1_train_step", "rank1_eval_step"])
+  assert "stand" in saved["stand_in"] and saved["programs"][0]["devices"] != saved["programs"][2]["devices"]
+  assert saved["programs"][2]["same_as"] == "rank0"
+  assert all(len(r["devices"]) == 4 for r in saved["programs"])
+
+
+@pytest.mark.skipif(_gpu_toolchain(), reason="the GPU toolchain is installed here")
+def test_gpu_target_without_toolchain_is_one_line(tmp_path):
+  workdir = tmp_path / "never_made"
+  proc = subprocess.run(
+      [sys.executable, "-m", "dsv3.train", "--config=configs/tiny.py", f"--workdir={workdir}",
+       "--compile_only=h100"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and "requirements-aot.txt" in lines[0], proc.stderr
+  assert not workdir.exists()
+
+
+@pytest.mark.skipif(not _gpu_toolchain(), reason="needs the compile-only GPU toolchain (requirements-aot.txt)")
+def test_h100_ep8(tmp_path):
+  result = compile_only.run(_config(data=1, expert=8), str(tmp_path), "h100")
+  saved = _check_result(result, str(tmp_path), "h100", ["train_step", "eval_step"])
+  assert saved["platform"] == "gpu" and "H100" in saved["device_kind"]
+  assert saved["capacity_bytes_per_device"] > 80e9
+  assert saved["compiler_options"] == {"xla_gpu_enable_cub_radix_sort": False}
+  assert any("ragged_dot" in n for n in saved["notes"])
+  hlo = open(tmp_path / "compiled" / "train_step.hlo.txt").read()
+  assert re.search(r"all-to-all-start", hlo)       # EP dispatch, scheduled asynchronously
+  assert jax.default_backend() == "cpu"            # nothing ran on (or needed) a GPU
