@@ -87,7 +87,7 @@ def ep_table(devices: int = 8):
     layer = ExpertParallel(mesh)
 
     def loss(x, w, ws):
-      y, _ = layer.routed_experts(cfg, x, idx, w, *ws)
+      y = layer.routed_experts(cfg, x, idx, w, *ws)[0]
       return jnp.mean(jnp.square(y))
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
     jax.block_until_ready(step(x, w, ws))                          # compile

@@ -63,6 +63,27 @@ def objective(cfg: ModelConfig, outputs: dict, labels: jax.Array, mtp_weight, al
   return total, metrics
 
 
+def dropped_metrics(cfg: ModelConfig, outputs: dict) -> dict:
+  """From model.forward_train outputs, the MoE assignments dropped this (micro-)batch: ep_dropped (all
+  layers), ep_dropped_layer{i} (model layer i), ep_dropped_mtp{d}; with expert parallelism also
+  ep_load_ratio, the worst buffer load over its balanced value (max over layers: nothing drops while it
+  stays <= cfg.ep_buffer_factor). {} without MoE."""
+  main = outputs["aux"]
+  mtp = [a for a in outputs.get("mtp_aux", []) if a]
+  out = {}
+  if main:
+    out.update({f"ep_dropped_layer{cfg.num_dense_layers + j}": v.astype(jnp.float32)
+                for j, v in enumerate(main["dropped"])})
+  out.update({f"ep_dropped_mtp{d}": a["dropped"].astype(jnp.float32) for d, a in enumerate(mtp)})
+  if not out:
+    return {}
+  out["ep_dropped"] = sum(out.values())
+  auxes = ([main] if main else []) + mtp
+  if "ep_load_ratio" in auxes[0]:
+    out["ep_load_ratio"] = jnp.max(jnp.stack([jnp.max(a["ep_load_ratio"]) for a in auxes]))
+  return out
+
+
 def balance_terms(outputs: dict):
   """Sum over MoE layers (main and MTP) of the sequence-wise balance statistic, or None without MoE."""
   terms = []

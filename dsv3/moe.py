@@ -9,7 +9,8 @@ Routing, per token:
 
 Dropless dispatch: the (token, expert) assignments are sorted by expert so that each expert's tokens
 are contiguous, then one grouped GEMM (`jax.lax.ragged_dot`) runs every expert at once — no one-hot
-over experts, no Python loop over experts, no token dropped.
+over experts, no Python loop over experts, no token dropped (unless cfg.capacity_factor > 0, or with
+expert parallelism a load past cfg.ep_buffer_factor × balanced: both counted in aux['dropped']).
 
 The correction bias lives in the 'routing' variable collection: it is state, not a parameter (no
 gradient, no optimizer, no weight decay); the trainer updates it from the per-expert load this layer
@@ -120,7 +121,9 @@ def sequence_balance_loss(cfg: ModelConfig, scores, topk_idx, batch: int):
 
 
 class MoE(nn.Module):
-  """Shared experts + routed experts. Returns (y, aux) with aux = {load [E], balance_loss, dropped}."""
+  """Shared experts + routed experts. Returns (y, aux) with aux = {load [E], balance_loss, dropped: the
+  (token, expert) assignments not computed, and with expert parallelism ep_load_ratio: the worst
+  buffer load over its balanced value (dsv3.expert_parallel)}."""
   cfg: ModelConfig
   # Set by dsv3.expert_parallel to run dispatch/combine inside shard_map; None = all experts local.
   expert_parallel: Optional[object] = None
@@ -140,14 +143,16 @@ class MoE(nn.Module):
 
     flat = x.reshape(B * T, H)
     topk_idx, topk_weight, scores = route(cfg, flat, router_kernel, bias)
+    extra = {}
     if self.expert_parallel is None:
       routed, dropped = routed_experts_local(cfg, flat, topk_idx, topk_weight, w_gate, w_up, w_down)
     else:
-      routed, dropped = self.expert_parallel.routed_experts(cfg, flat, topk_idx, topk_weight, w_gate, w_up, w_down)
+      routed, dropped, extra["ep_load_ratio"] = self.expert_parallel.routed_experts(
+          cfg, flat, topk_idx, topk_weight, w_gate, w_up, w_down)
     y = routed.reshape(B, T, H)
     if cfg.n_shared_experts > 0:
       y = y + MLP(I * cfg.n_shared_experts, cfg, name="shared_experts")(x)
     aux = {"load": jnp.bincount(topk_idx.reshape(-1), length=E).astype(jnp.float32),
            "balance_loss": sequence_balance_loss(cfg, scores, topk_idx, B),
-           "dropped": dropped}
+           "dropped": dropped, **extra}
     return checkpoint_name(y, "moe_out"), aux

@@ -149,7 +149,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   def loss_fn(params, routing, tokens, mtp_weight):
     out = model_lib.forward_train(cfg, {"params": params, "routing": routing}, tokens[:, :-1], expert_parallel)
     loss, metrics = losses.objective(cfg, out, tokens[:, 1:], mtp_weight, alpha)
-    return loss, (metrics, losses.load_tree(out))
+    return loss, (metrics | losses.dropped_metrics(cfg, out), losses.load_tree(out))
 
   def grads_fn(params, routing, batch, mtp_weight):
     """Mean loss/grads over `accum` micro-batches (gradient accumulation); loads are summed."""
@@ -166,7 +166,8 @@ def _train_and_evaluate(config, workdir: str) -> dict:
                                                                  params, abstract_loads(routing))))
     (metrics, grads, loads), _ = jax.lax.scan(body, zeros, micro)
     scale = lambda t: jax.tree.map(lambda x: x / accum, t)
-    return scale(metrics), scale(grads), loads
+    # Dropped MoE assignments are the step's total, not a micro-batch mean.
+    return {k: v if k.startswith("ep_dropped") else v / accum for k, v in metrics.items()}, scale(grads), loads
 
   def abstract_loads(routing):
     return jax.tree.map(lambda b: jnp.zeros(b.shape, jnp.float32), routing)
@@ -317,6 +318,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   peak = metrics_lib.device_peak_flops(dtype={"fp8": "fp8", "bf16": "bf16"}.get(config.precision, "fp32"))
   throughput = metrics_lib.Throughput(total_steps, tokens_per_step, start_step, flops, peak, jax.device_count())
   last, done, started = {}, start_step, time.perf_counter()
+  run_dropped = None        # MoE assignments dropped since start (a device scalar: no sync per step)
   finished = False
   # The profiled steps [first, end), numbered as in metrics.jsonl; a resumed run traces what is left of them.
   profile_first = int(config.profile.start_step)
@@ -340,6 +342,8 @@ def _train_and_evaluate(config, workdir: str) -> dict:
         with contextlib.nullcontext() if pipelined else jax.set_mesh(mesh):
           state, metrics = step_fn(state, batch, np.float32(mtp_weight), np.float32(gamma))
         done = step + 1
+        if "ep_dropped" in metrics:
+          run_dropped = metrics["ep_dropped"] + (0 if run_dropped is None else run_dropped)
         if ema is not None:
           ema.update(state["params"], done)
       if tracing and done in (profile_end - 1, total_steps):
@@ -356,12 +360,18 @@ def _train_and_evaluate(config, workdir: str) -> dict:
         continue
       # The one host sync: the metrics and the sticky guard, which covers every step so far. Nothing is
       # evaluated or saved past a diverged step, so every checkpoint written is a good one.
-      metrics, guard = jax.device_get((metrics, state["guard"]))
+      metrics, guard, dropped_so_far = jax.device_get((metrics, state["guard"], run_dropped))
       if guard["step"] >= 0:
         raise TrainingError(_diverged_message(guard, config, checkpointer))
       stopping = agreed_stop()
       if log_now:
         row = {k: float(v) for k, v in metrics.items()} | throughput.tick(done) | metrics_lib.memory_stats()
+        if dropped_so_far is not None:
+          row["ep_dropped_run"] = float(dropped_so_far)
+          if dropped_so_far > 0 and not last.get("ep_dropped_run"):
+            logging.warning("step %d: %d MoE (token, expert) assignments dropped so far in this run: an "
+                            "expert-parallel buffer overflowed (ep_dropped* in metrics.jsonl); raise "
+                            "model.ep_buffer_factor (0 = worst-case buffers, never drops)", done, dropped_so_far)
         writer.write_scalars(done, row)
         last.update(row)
       if eval_now:

@@ -2,10 +2,11 @@
 
 The core check: for every (data, expert) split of 8 devices, the training forward (logits, MTP logits),
 a loss, its gradients wrt every parameter and the per-expert load match the model run without
-expert parallelism, in fp32. Then the dispatch itself at the `routed_experts` level: the dense (CPU)
+expert parallelism, in fp32, with the default bounded buffers (nothing drops) and with worst-case ones
+(ep_buffer_factor=0). Then the dispatch itself at the `routed_experts` level: the dense (CPU)
 transport under skewed routing (every token to one expert: the worst-case buffers), the ragged
 transport's offset bookkeeping (with `ragged_all_to_all` emulated, since XLA:CPU has none), the
-capacity factor, and the clear errors.
+capacity factor, and the clear errors. Overflowing bounded buffers: tests/test_ep_buffers.py.
 """
 import functools
 import zlib
@@ -56,12 +57,14 @@ def _loss(cfg, ep, params, routing, tokens):
   loss = ce(out["logits"][:, :-1], tokens[:, 1:]) + 0.3 * ce(out["mtp_logits"][0][:, :-2], tokens[:, 2:])
   balance = jnp.sum(out["aux"]["balance_loss"]) + sum(jnp.sum(a["balance_loss"]) for a in out["mtp_aux"])
   load = jnp.concatenate([out["aux"]["load"], *[a["load"][None] for a in out["mtp_aux"]]])
-  return loss + 1e-4 * balance, (out["logits"], out["mtp_logits"], load)
+  dropped = jnp.sum(out["aux"]["dropped"]) + sum(a["dropped"] for a in out["mtp_aux"])
+  return loss + 1e-4 * balance, (out["logits"], out["mtp_logits"], load, dropped)
 
 
 @functools.lru_cache(maxsize=None)
-def _run(mesh_shape):
-  """(loss, logits, mtp_logits, load, grads) on one device (None) or on a (data, expert) mesh."""
+def _run(mesh_shape, factor=CFG.ep_buffer_factor):
+  """(loss, logits, mtp_logits, load, grads, dropped) on one device (None) or on a (data, expert) mesh."""
+  cfg = CFG.replace(ep_buffer_factor=factor)
   variables = _variables(CFG)
   tokens = jax.random.randint(jax.random.key(2), (B, T), 0, CFG.vocab_size, jnp.int32)
   ep = None
@@ -70,9 +73,10 @@ def _run(mesh_shape):
     ep = ExpertParallel(mesh)
     variables = jax.device_put(variables, sharding.param_shardings(mesh, variables))
     tokens = jax.device_put(tokens, sharding.batch_sharding(mesh))
-  fn = jax.value_and_grad(functools.partial(_loss, CFG, ep), has_aux=True)
-  (loss, (logits, mtp_logits, load)), grads = _jit_run(fn, variables["params"], variables["routing"], tokens)
-  return jax.device_get((loss, logits, mtp_logits, load, grads))
+  fn = jax.value_and_grad(functools.partial(_loss, cfg, ep), has_aux=True)
+  (loss, (logits, mtp_logits, load, dropped)), grads = _jit_run(fn, variables["params"], variables["routing"],
+                                                                tokens)
+  return jax.device_get((loss, logits, mtp_logits, load, grads, dropped))
 
 
 def _maxdiff(a, b):
@@ -80,9 +84,11 @@ def _maxdiff(a, b):
              zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-@pytest.mark.parametrize("mesh_shape", MESHES, ids=[f"data{d}_expert{e}" for d, e in MESHES])
-def test_model_matches_one_device(mesh_shape):
-  ref, got = _run(None), _run(mesh_shape)
+@pytest.mark.parametrize("mesh_shape,factor", [(m, CFG.ep_buffer_factor) for m in MESHES] + [((2, 4), 0.0)],
+                         ids=[f"data{d}_expert{e}" for d, e in MESHES] + ["data2_expert4_worst_case"])
+def test_model_matches_one_device(mesh_shape, factor):
+  ref, got = _run(None), _run(mesh_shape, factor)
+  assert int(got[5]) == 0, "nothing may drop for the one-device equivalence"
   diffs = dict(loss=_maxdiff(ref[0], got[0]), logits=_maxdiff(ref[1], got[1]), mtp_logits=_maxdiff(ref[2], got[2]),
                load=_maxdiff(ref[3], got[3]), grads=_maxdiff(ref[4], got[4]))
   print(mesh_shape, diffs)
@@ -113,7 +119,7 @@ def _inputs(skewed):
 
 def _value_and_grads(fn, cfg, x, idx, w, ws):
   def f(x, w, ws):
-    y, dropped = fn(cfg, x, idx, w, *ws)
+    y, dropped = fn(cfg, x, idx, w, *ws)[:2]
     return jnp.mean(jnp.sin(y) * jnp.arange(H)), (y, dropped)
   (_, (y, dropped)), grads = _jit_run(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True), x, w, ws)
   return y, int(dropped), grads
@@ -138,21 +144,24 @@ def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outp
 @pytest.mark.parametrize("impl,mesh_shape,skewed", [("dense", (1, 8), True), ("dense", (2, 4), False),
                                                     ("ragged", (2, 4), True), ("ragged", (1, 8), False)])
 def test_dispatch_matches_local(monkeypatch, impl, mesh_shape, skewed):
+  """Skewed routing needs the worst-case buffers (ep_buffer_factor=0); random routing fits the default."""
   if impl == "ragged":
     monkeypatch.setattr(jax.lax, "ragged_all_to_all", _emulated_ragged_all_to_all)
+  cfg = KCFG.replace(ep_buffer_factor=0.0) if skewed else KCFG
   x, idx, w, ws = _inputs(skewed)
-  y0, d0, g0 = _value_and_grads(moe.routed_experts_local, KCFG, x, idx, w, ws)
+  y0, d0, g0 = _value_and_grads(moe.routed_experts_local, cfg, x, idx, w, ws)
   mesh = sharding.make_mesh(dict(data=mesh_shape[0], expert=mesh_shape[1], pipeline=1))
   ep = ExpertParallel(mesh, impl=impl)
   assert ep.transport() == impl
-  y, d, g = _value_and_grads(ep.routed_experts, KCFG, x, idx, w, ws)
+  y, d, g = _value_and_grads(ep.routed_experts, cfg, x, idx, w, ws)
   assert d == d0 == 0
   assert _maxdiff(y, y0) <= TOL and _maxdiff(g, g0) <= TOL, (_maxdiff(y, y0), _maxdiff(g, g0))
 
 
 def test_capacity_factor_drops_like_local():
-  """data=1: one group holds every token, so capacity and token-order dropping equal the local path."""
-  cfg = KCFG.replace(capacity_factor=1.0)
+  """data=1, worst-case buffers: one group holds every token, so capacity and token-order dropping equal
+  the local path."""
+  cfg = KCFG.replace(capacity_factor=1.0, ep_buffer_factor=0.0)
   x, idx, w, ws = _inputs(skewed=True)
   y0, d0, _ = _value_and_grads(moe.routed_experts_local, cfg, x, idx, w, ws)
   ep = ExpertParallel(sharding.make_mesh(dict(data=1, expert=8, pipeline=1)), impl="dense")
