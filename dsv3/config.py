@@ -61,7 +61,7 @@ class ModelConfig:
   precision: str = "fp32"                 # 'fp32' | 'bf16' | 'fp8' (fp8 = DeepSeek block-scaled GEMMs)
   remat: str = "paper"                    # 'none' | 'paper' (RMSNorm + MLA up-proj) | 'full'
   capacity_factor: float = 0.0            # 0: dropless (DeepSeek-V3). >0: drop tokens over capacity
-  ep_buffer_factor: float = 2.0           # expert-parallel buffers = factor x balanced rows; 0: worst case
+  ep_buffer_factor: float = 3.5           # expert-parallel buffers = factor x balanced rows; 0: worst case
   grouped_gemm: str = "auto"              # 'auto' | 'ragged_dot' | 'tiled' (flat on CPU) | 'triton' (GPU)
   attention: str = "auto"                 # 'auto' | 'dense' | 'blockwise' | 'cudnn' (dsv3/attention.py)
   attention_block: int = 512              # blockwise attention's query/key tile

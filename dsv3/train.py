@@ -33,7 +33,6 @@ import itertools
 import math
 import os
 import signal
-import sys
 import time
 
 from absl import app, flags, logging
@@ -477,12 +476,15 @@ def _init_from(path: str, cfg, state, shardings):
     raise FileNotFoundError(f"config.init_from: {path!r} does not exist; point it at an HF checkpoint dir "
                             f"(config.json + safetensors) or a dsv3 orbax checkpoint dir, or set it to ''")
   if os.path.exists(os.path.join(path, "config.json")):
-    loaded_cfg, variables = hf.load_checkpoint(path)
+    loaded_cfg = hf.read_config(path)              # checked before reading any tensor
     diffs = [f for f in hf.ModelConfig._HF_FIELDS if getattr(loaded_cfg, f) != getattr(cfg, f)]
     if diffs:
       raise ValueError(f"config.init_from: the checkpoint's {diffs[0]}={getattr(loaded_cfg, diffs[0])!r} differs "
                        f"from config.model.{diffs[0]}={getattr(cfg, diffs[0])!r} (differing: {diffs}); "
                        f"make config.model match the checkpoint")
+    # Each process reads only its own slices, straight into the state's shardings.
+    _, variables = hf.load_checkpoint(path, shardings={"params": shardings["params"],
+                                                       "routing": shardings["routing"]})
   else:
     from dsv3 import convert
     variables = convert.load_orbax_variables(path)

@@ -198,3 +198,33 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, cache_dir):
   assert sorted(runs[2]) == [1, 2, 3]
   for step in runs[1]:
     assert abs(runs[1][step] - runs[2][step]) <= 1e-5 * abs(runs[1][step]), (runs[1], runs[2])
+
+
+def test_init_from_hf_reads_each_shard_into_the_state_shardings(tmp_path, cache_dir):
+  """init_from an HF export: the variables arrive with the state's shardings (experts split over 'expert',
+  read slice by slice) and equal the exported ones; a run from it trains."""
+  import jax
+  import numpy as np
+  from dsv3 import hf, model, sharding
+  from dsv3.config import ModelConfig
+  c = small_config(**{"mesh.data": 2, "mesh.expert": 4}, num_train_steps=1, ema_decay=0.0, eval_every_steps=100)
+  cfg = ModelConfig.from_config_dict(c)
+  exported = model.init(cfg, jax.random.key(7))
+  hf.save_checkpoint(cfg, exported, str(tmp_path / "hf"))
+  mesh = sharding.make_mesh(c.mesh)
+  shardings = {k: sharding.param_shardings(mesh, v) for k, v in exported.items()}
+  state = jax.tree.map(np.zeros_like, exported)
+  loaded = train._init_from(str(tmp_path / "hf"), cfg, state, shardings)
+  for key in ("params", "routing"):
+    jax.tree.map(lambda a, b, s: (np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                                  (a.sharding.is_equivalent_to(s, a.ndim) or pytest.fail(f"{a.sharding} != {s}"))),
+                 loaded[key], exported[key], shardings[key])
+  train.train_and_evaluate(dict_config(c, init_from=str(tmp_path / "hf")), str(tmp_path / "w"))
+  assert losses(tmp_path / "w").keys() == {1}
+
+
+def dict_config(c, **kw):
+  c = c.copy_and_resolve_references()
+  for k, v in kw.items():
+    c[k] = v
+  return c
