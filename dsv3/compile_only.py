@@ -16,9 +16,10 @@ DIR/compiled/memory.json and each program's scheduled HLO as DIR/compiled/<progr
 a table. `estimated_peak_bytes_per_device` is dsv3.plan's analytic figure for the same layout
 (parameters, FP32 gradients and ZeRO-1 optimizer states; activations are not modelled).
 
-Pipelined configs (mesh.pipeline > 1) compile, as a stand-in for the executor's per-stage F/B/W programs,
-the whole unpipelined step on rank 0's ('data', 'expert') sub-mesh, reported for every rank (each runs the
-same program on its own devices); memory.json says so ("stand_in").
+Unpipelined, one step is the train step (plus the eval step). Pipelined (mesh.pipeline > 1), it is the
+executor's per-stage programs on each rank's ('data', 'expert') sub-mesh (F, and B or B* and W, as the
+schedule has them; named rank<r>_<F|B|Bstar|W>_stage<s>), then the update and the eval step on the whole
+mesh. There is no fused F&B program: the executor dispatches an F&B unit as its F and B back to back.
 
 GPU choices are made from the target's devices, not jax.default_backend() (which stays 'cpu' here):
 grouped_gemm 'auto' becomes 'ragged_dot' (the Triton kernel needs a GPU to lower), expert-parallel
@@ -144,8 +145,10 @@ def _memory(compiled) -> dict:
   return out
 
 
-def _step_programs(config, cfg, mesh):
-  """[(name, jitted fn, abstract args)] of the trainer's unpipelined train and eval steps on `mesh`."""
+def _step_programs(config, cfg, mesh, pipelined=False):
+  """([(name, jitted fn, abstract args)], abstract state) of the trainer's steps on `mesh`: the train step
+  and the eval step; pipelined, the update (optimizer, routing biases, guard) that follows the executor's
+  gradients instead of the train step (the per-stage programs are _stage_programs')."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -187,8 +190,8 @@ def _step_programs(config, cfg, mesh):
     loss, metrics = losses.objective(cfg, out, tokens[:, 1:], mtp_weight, alpha)
     return loss, (metrics, losses.load_tree(out))
 
-  def train_step(state, batch, mtp_weight, gamma):
-    """dsv3.train's step: (accumulated) value_and_grad, AdamW, routing-bias update, divergence guard."""
+  def grads_fn(state, batch, mtp_weight):
+    """(Accumulated) value_and_grad, as dsv3.train's."""
     grad = jax.value_and_grad(loss_fn, has_aux=True)
     params, routing = state["params"], state["routing"]
     if accum == 1:
@@ -205,6 +208,11 @@ def _step_programs(config, cfg, mesh):
       (metrics, grads, loads), _ = jax.lax.scan(body, zeros, micro)
       metrics = {k: v if k.startswith("ep_dropped") else v / accum for k, v in metrics.items()}
       grads = jax.tree.map(lambda g: g / accum, grads)
+    return metrics, grads, loads
+
+  def apply_update(state, metrics, grads, loads, gamma):
+    """dsv3.train's update: AdamW, routing-bias update, divergence guard."""
+    params, routing = state["params"], state["routing"]
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates)
     if config.balance.mode == "aux_free" and routing:
@@ -228,20 +236,79 @@ def _step_programs(config, cfg, mesh):
     out = model_lib.forward_train(cfg, {"params": params, "routing": routing}, tokens[:, :-1], expert_parallel)
     return losses.cross_entropy(out["logits"], tokens[:, 1:]), losses.load_tree(out)
 
+  def train_step(state, batch, mtp_weight, gamma):
+    return apply_update(state, *grads_fn(state, batch, mtp_weight), gamma)
+
+  evaluate = jax.jit(eval_step, in_shardings=(shardings["params"], shardings["routing"], tokens_sharding))
+  eval_args = (state["params"], state["routing"], batch)
+  if pipelined:   # the executor's gradients and loads come back placed like the params and routing biases
+    metrics = {k: scalar for k in ("ce", "mtp_loss", "balance_loss", "loss")}
+    grads = jax.tree.map(lambda a: spec(a, a.sharding), state["params"])
+    loads = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=a.sharding), state["routing"])
+    update = jax.jit(apply_update, donate_argnums=0, out_shardings=(shardings, None))
+    return [("update", update, (state, metrics, grads, loads, scalar)), ("eval_step", evaluate, eval_args)], state
   train = jax.jit(train_step, donate_argnums=0, in_shardings=(shardings, tokens_sharding, rep, rep),
                   out_shardings=(shardings, None))
-  evaluate = jax.jit(eval_step, in_shardings=(shardings["params"], shardings["routing"], tokens_sharding))
-  return [("train_step", train, (state, batch, scalar, scalar)),
-          ("eval_step", evaluate, (state["params"], state["routing"], batch))]
+  return [("train_step", train, (state, batch, scalar, scalar)), ("eval_step", evaluate, eval_args)], state
 
 
-def _positions(config, devices):
-  """[(position name, mesh)]: the whole mesh, or one ('data', 'expert') sub-mesh per pipeline rank."""
+def _stage_programs(config, cfg, mesh, state, options):
+  """[(name, position, sub-mesh, compiled)] of the pipeline executor's per-stage programs, one step.
+
+  For each rank, for each stage copy it holds: F, and B, or B* and W where its op list has input-only
+  backwards, lowered through dsv3.pipeline.stages.programs() as executor.run calls them, on the rank's
+  sub-mesh (abstract stage variables, one micro-batch of activations/tokens); B, B* and W take F's
+  residuals (the VJPs) as the compiled F lays them out. Stages of the same shape on one rank compile once.
+  """
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
   from dsv3 import sharding
-  mesh = sharding.make_mesh(config.mesh, devices=devices)
-  if int(config.mesh.pipeline) <= 1:
-    return mesh, [(f"all {len(devices)} devices (SPMD)", mesh)]
-  return mesh, [(f"rank{r}", sub) for r, sub in enumerate(sharding.stage_meshes(mesh))]
+  from dsv3.layers import compute_dtype
+  from dsv3.pipeline import executor, stages
+
+  plan = executor.get_plan(cfg, config.pipeline.schedule, int(config.mesh.pipeline),
+                           int(config.pipeline.microbatches), devices=mesh)
+  mb = int(config.batch_size) // plan.microbatches
+  spec = executor._token_spec(plan.meshes[0], mb)
+  sds = lambda shape, dtype, s: jax.ShapeDtypeStruct(shape, dtype, sharding=s)
+  out = []
+  for r, sub in enumerate(plan.meshes):
+    rows = NamedSharding(sub, spec)
+    hidden = sds((mb, config.seq_len, cfg.hidden_size), compute_dtype(cfg), rows)
+    coefs = sds((3,), jnp.float32, NamedSharding(sub, P()))
+    held = {}          # program key -> (first stage of that shape on this rank, the backward kinds it runs)
+    for phase, (_, s) in enumerate(plan.schedule.placement[r]):
+      kinds = {op.input_only for unit in plan.schedule[r] for op in executor._halves(unit)
+               if op.kind == "B" and op.phase == phase}
+      held.setdefault(plan.specs[s].program_key, (s, set()))[1].update(kinds)
+    for s, kinds in held.values():
+      st = plan.specs[s]
+      p, rt = jax.eval_shape(lambda v: stages.stage_variables(cfg, v["params"], v["routing"], st),
+                             {"params": state["params"], "routing": state["routing"]})
+      place = lambda tree: jax.tree.map(lambda a, sh: sds(a.shape, a.dtype, sh), tree,
+                                        sharding.param_shardings(sub, tree))
+      p, rt = place(p), place(rt)
+      tokens = sds((mb, config.seq_len + 1), jnp.int32, rows) if st.first or st.last else None
+      x = None if st.first else hidden
+      g = None if st.last else hidden
+      name = lambda kind: f"rank{r}_{kind}_stage{s}"
+      with jax.set_mesh(sub):
+        f = plan.programs.forward.lower(cfg, st.program_key, p, rt, x, tokens, coefs,
+                                        plan.expert_parallel[r]).compile(compiler_options=options)
+        out.append((name("F"), f"rank{r}", sub, f))
+        vjps = f.out_info[1]
+        if False in kinds:
+          b = plan.programs.backward.lower(st.program_key, vjps, g, coefs, p).compile(compiler_options=options)
+          out.append((name("B"), f"rank{r}", sub, b))
+        if True in kinds:
+          bi = plan.programs.backward_input.lower(st.program_key, vjps, g, coefs).compile(compiler_options=options)
+          out.append((name("Bstar"), f"rank{r}", sub, bi))
+          w = plan.programs.backward_weights.lower(st.program_key, vjps, bi.out_info[1], p).compile(
+              compiler_options=options)
+          out.append((name("W"), f"rank{r}", sub, w))
+  return out
 
 
 def _estimate(config) -> dict:
@@ -270,33 +337,31 @@ def compile_step(config, workdir: str, target: str, echo=print) -> dict:
       notes.append("model.grouped_gemm 'auto' -> 'ragged_dot' (the Triton kernel needs a GPU to lower)")
   cfg = ModelConfig.from_config_dict(config)
   devices = target_devices(target, int(config.mesh.data) * int(config.mesh.expert) * int(config.mesh.pipeline))
-  mesh, positions = _positions(config, devices)
-  stand_in = None
-  if len(positions) > 1:
-    stand_in = (f"mesh.pipeline={config.mesh.pipeline}: each rank's figures are the whole unpipelined step "
-                f"compiled on that rank's ('data', 'expert') sub-mesh, standing in for the executor's per-stage "
-                f"F/B/W programs ({config.pipeline.schedule}); they overstate a stage's parameters and activations. "
-                f"Compiled for rank0; the other ranks run the same program on their own devices (same_as)")
-    notes.append(stand_in)
+  from dsv3 import sharding
+  mesh = sharding.make_mesh(config.mesh, devices=devices)
+  pipelined = int(config.mesh.pipeline) > 1
+  options = GPU_COMPILER_OPTIONS if gpu else None
+  whole = f"all {len(devices)} devices" + ("" if pipelined else " (SPMD)")
+  programs = []
+  with jax.set_mesh(mesh):
+    steps, state = _step_programs(config, cfg, mesh, pipelined)
+    for name, fn, args in steps:
+      programs.append((name, whole, mesh, fn.lower(*args).compile(compiler_options=options)))
+  if pipelined:
+    programs[:0] = _stage_programs(config, cfg, mesh, state, options)
+    notes.append(f"pipeline ({config.pipeline.schedule}, {config.pipeline.microbatches} micro-batches): the "
+                 f"executor's per-stage programs, one micro-batch each; a rank also holds the whole state "
+                 f"(replicated over 'pipeline'), its stages' parameter slices and accumulators and the residuals "
+                 f"of its in-flight micro-batches at once, which the per-program figures do not add up; the small "
+                 f"rank-total/sum-over-ranks programs and the transfers are not compiled")
   out_dir = os.path.join(workdir, "compiled")
   os.makedirs(out_dir, exist_ok=True)
-  options = GPU_COMPILER_OPTIONS if gpu else None
   rows = []
-  for i, (position, sub) in enumerate(positions):
-    prefix = "" if stand_in is None else f"{position}_"
-    if i and stand_in is not None:   # the same program on another rank's devices: identical figures
-      rows += [dict(r, program=prefix + r["program"].split("_", 1)[1], position=position,
-                    devices=[d.id for d in sub.devices.flat], same_as=r["position"])
-               for r in rows if r["position"] == positions[0][0]]
-      continue
-    with jax.set_mesh(sub):
-      for name, fn, args in _step_programs(config, cfg, sub):
-        compiled = fn.lower(*args).compile(compiler_options=options)
-        program = prefix + name
-        with open(os.path.join(out_dir, f"{program}.hlo.txt"), "w") as f:
-          f.write(compiled.as_text())
-        rows.append(dict(program=program, position=position, devices=[d.id for d in sub.devices.flat],
-                         hlo=f"{program}.hlo.txt", **_memory(compiled)))
+  for name, position, sub, compiled in programs:
+    with open(os.path.join(out_dir, f"{name}.hlo.txt"), "w") as f:
+      f.write(compiled.as_text())
+    rows.append(dict(program=name, position=position, devices=[d.id for d in sub.devices.flat],
+                     hlo=f"{name}.hlo.txt", **_memory(compiled)))
   worst = max(rows, key=lambda r: r["peak_bytes"])
   estimate = _estimate(config)
   result = dict(
@@ -308,7 +373,7 @@ def compile_step(config, workdir: str, target: str, echo=print) -> dict:
       estimate=dict(source="dsv3.plan.memory_plan: parameters + FP32 gradients + ZeRO-1 optimizer states of the "
                            "worst pipeline rank; activations not modelled", **estimate),
       peak_over_estimate=worst["peak_bytes"] / max(estimate["total_bytes"], 1),
-      compiler_options={k: v for k, v in (options or {}).items()}, stand_in=stand_in, notes=notes)
+      compiler_options=dict(options or {}), stand_in=None, notes=notes)
   with open(os.path.join(out_dir, "memory.json"), "w") as f:
     json.dump(result, f, indent=1, default=str)
   echo(format_table(result))

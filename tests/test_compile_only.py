@@ -26,12 +26,12 @@ def _gpu_toolchain() -> bool:
     return False
 
 
-def _config(data=2, expert=4, pipeline=1):
+def _config(data=2, expert=4, pipeline=1, schedule="zb1p"):
   c = tiny.get_config()
-  c.batch_size, c.seq_len = 8, 32      # small shapes: the programs are the same, compiles are faster
+  c.batch_size, c.seq_len = 16, 32     # small shapes: the programs are the same, compiles are faster
   c.mesh.data, c.mesh.expert, c.mesh.pipeline = data, expert, pipeline
   if pipeline > 1:
-    c.pipeline.schedule, c.pipeline.microbatches = "1f1b", 2
+    c.pipeline.schedule, c.pipeline.microbatches = schedule, 4
   return c
 
 
@@ -65,13 +65,14 @@ def test_cpu_ep(tmp_path, capsys):
   assert "all-to-all" in hlo                     # the EP dispatch (the dense CPU path)
 
 
-def test_cpu_pipeline_stand_in(tmp_path):
+def test_cpu_pipeline_stage_programs(tmp_path):
   result = compile_only.run(_config(data=2, expert=2, pipeline=2), str(tmp_path), "cpu")
-  saved = _check_result(result, str(tmp_path), "cpu",
-                        ["rank0_train_step", "rank0_eval_step", "rank1_train_step", "rank1_eval_step"])
-  assert "stand" in saved["stand_in"] and saved["programs"][0]["devices"] != saved["programs"][2]["devices"]
-  assert saved["programs"][2]["same_as"] == "rank0"
-  assert all(len(r["devices"]) == 4 for r in saved["programs"])
+  stage = [f"rank{r}_{k}_stage{r}" for r in (0, 1) for k in ("F", "Bstar", "W")]   # ZB1P: B* then W
+  saved = _check_result(result, str(tmp_path), "cpu", stage + ["update", "eval_step"])
+  assert saved["stand_in"] is None and saved["mesh"] == {"pipeline": 2, "data": 2, "expert": 2}
+  rank0, rank1 = ({d for r in saved["programs"] if r["position"] == f"rank{k}" for d in r["devices"]} for k in (0, 1))
+  assert len(rank0) == len(rank1) == 4 and not rank0 & rank1
+  assert "all-to-all" in open(tmp_path / "compiled" / "rank1_F_stage1.hlo.txt").read()   # EP inside the stage
 
 
 @pytest.mark.skipif(_gpu_toolchain(), reason="the GPU toolchain is installed here")
@@ -97,3 +98,10 @@ def test_h100_ep8(tmp_path):
   hlo = open(tmp_path / "compiled" / "train_step.hlo.txt").read()
   assert re.search(r"all-to-all-start", hlo)       # EP dispatch, scheduled asynchronously
   assert jax.default_backend() == "cpu"            # nothing ran on (or needed) a GPU
+
+
+@pytest.mark.skipif(not _gpu_toolchain(), reason="needs the compile-only GPU toolchain (requirements-aot.txt)")
+def test_h100_pipeline(tmp_path):
+  result = compile_only.run(_config(data=1, expert=4, pipeline=2, schedule="1f1b"), str(tmp_path), "h100")
+  stage = [f"rank{r}_{k}_stage{r}" for r in (0, 1) for k in ("F", "B")]
+  _check_result(result, str(tmp_path), "h100", stage + ["update", "eval_step"])
