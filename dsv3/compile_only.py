@@ -34,7 +34,17 @@ import os
 import re
 from typing import Optional
 
-from dsv3 import cli
+import jax
+import jax.numpy as jnp
+from jax.experimental import topologies
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from dsv3 import cli, plan, sharding
+from dsv3 import steps as steps_lib
+from dsv3 import workdir as workdir_lib
+from dsv3.config import ModelConfig, validate_train_config
+from dsv3.layers import compute_dtype
+from dsv3.pipeline import executor, stages
 
 TARGETS = ("cpu", "h100", "h800", "h200")
 _SPEC_FILES = {"h100": "h100_sxm.txtpb", "h800": "h100_sxm.txtpb", "h200": "h200.txtpb"}
@@ -53,7 +63,6 @@ def prepare_environment(target: str, num_devices: int) -> None:
   """What JAX reads when its backends start (so, before): JAX_PLATFORMS=cpu for a GPU target (GPU_AOT.md),
   and for 'cpu' as many simulated devices as the mesh needs unless XLA_FLAGS already sets a count."""
   if target in _SPEC_FILES:
-    import jax
     if not jax.config.jax_platforms:          # JAX read the environment at import: set its config instead
       os.environ["JAX_PLATFORMS"] = "cpu"
       jax.config.update("jax_platforms", "cpu")
@@ -64,8 +73,6 @@ def prepare_environment(target: str, num_devices: int) -> None:
 
 def run(config, workdir: str, target: str) -> dict:
   """The --compile_only=TARGET entry point: checks the config, locks the workdir, compiles, reports."""
-  from dsv3 import workdir as workdir_lib
-  from dsv3.config import validate_train_config
   if target not in TARGETS:
     raise CompileOnlyError(f"--compile_only: unknown target {target!r}; use one of {', '.join(TARGETS)}")
   prepare_environment(target, int(config.mesh.data) * int(config.mesh.expert) * int(config.mesh.pipeline))
@@ -81,7 +88,6 @@ def check_toolchain(target: str) -> None:
     raise CompileOnlyError(f"--compile_only: unknown target {target!r}; use one of {', '.join(TARGETS)}")
   if target == "cpu":
     return
-  import jax
   version = tuple(int(x) for x in re.findall(r"\d+", jax.__version__)[:2])
   try:
     import jax_plugins.xla_cuda12  # noqa: F401  (optional: only in the compile-only GPU toolchain)
@@ -112,7 +118,6 @@ def capacity_bytes(target: str) -> Optional[int]:
 
 def target_devices(target: str, count: int):
   """`count` devices of `target`: this process's CPU devices, or a deviceless GPU topology's."""
-  import jax
   if target == "cpu":
     devices = jax.devices()
     if len(devices) != count:
@@ -120,7 +125,6 @@ def target_devices(target: str, count: int):
           f"--compile_only=cpu: the mesh needs {count} devices but this process has {len(devices)}; run with "
           f"XLA_FLAGS=--xla_force_host_platform_device_count={count}")
     return devices
-  from jax.experimental import topologies
   hosts, per_host = (count // GPUS_PER_HOST, GPUS_PER_HOST) if count >= GPUS_PER_HOST else (1, count)
   if hosts * per_host != count:
     raise CompileOnlyError(f"--compile_only={target}: {count} devices is not a whole number of "
@@ -146,109 +150,27 @@ def _memory(compiled) -> dict:
 
 
 def _step_programs(config, cfg, mesh, pipelined=False):
-  """([(name, jitted fn, abstract args)], abstract state) of the trainer's steps on `mesh`: the train step
-  and the eval step; pipelined, the update (optimizer, routing biases, guard) that follows the executor's
-  gradients instead of the train step (the per-stage programs are _stage_programs')."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  from jax.sharding import NamedSharding, PartitionSpec as P
-
-  from dsv3 import losses, model as model_lib, optimizer as opt_lib, sharding
-
-  tx, lr_schedule = opt_lib.make_optimizer(config)
-  expert_parallel = None
-  if sharding.axis_size(mesh, "expert") > 1:
-    from dsv3.expert_parallel import ExpertParallel
-    expert_parallel = ExpertParallel(mesh)
-
-  def init_state(rng):
-    variables = model_lib.init(cfg, rng)
-    return {"step": jnp.zeros((), jnp.int32), "params": variables["params"],
-            "routing": variables.get("routing", {}), "opt_state": tx.init(variables["params"])}
-
-  abstract = jax.eval_shape(lambda: init_state(jax.random.key(config.seed)))   # no array on the target
+  """([(name, jitted fn, abstract args)], abstract state) of the trainer's steps (dsv3.steps) on `mesh`: the
+  train step and the eval step; pipelined, the update (optimizer, routing biases, guard) that follows the
+  executor's gradients instead of the train step (the per-stage programs are _stage_programs')."""
+  steps = steps_lib.make(config, cfg, mesh)
   rep = sharding.replicated(mesh)
-  shardings = {"step": rep, "params": sharding.param_shardings(mesh, abstract["params"]),
-               "routing": sharding.param_shardings(mesh, abstract["routing"]),
-               "opt_state": sharding.zero1_shardings(mesh, abstract["opt_state"])}
-  guard = {"step": np.int32(-1), "loss": np.float32(0), "grad_norm": np.float32(0),
-           "update_ratio": np.float32(0), "lr": np.float32(0)}
-  abstract["guard"] = jax.eval_shape(lambda: guard)
-  shardings["guard"] = {k: rep for k in guard}
-  tokens_sharding = NamedSharding(mesh, P(tuple(a for a in sharding.TOKEN_AXES if a in mesh.axis_names)))
   spec = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
-  state = jax.tree.map(spec, abstract, shardings)
-  batch = jax.ShapeDtypeStruct((config.batch_size, config.seq_len + 1), jnp.int32, sharding=tokens_sharding)
+  abstract = dict(steps.abstract, guard=jax.eval_shape(lambda: steps_lib.CLEAN_GUARD))
+  state = jax.tree.map(spec, abstract, steps.state_shardings)
+  batch = jax.ShapeDtypeStruct((config.batch_size, config.seq_len + 1), jnp.int32, sharding=steps.batch_sharding)
   scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
-  alpha, accum = losses.balance_alpha(config.balance), int(config.grad_accum_steps)
-  max_ratio = float(config.nan_guard.max_update_ratio)
-  norm = lambda t: jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(t)))
-
-  def loss_fn(params, routing, tokens, mtp_weight):
-    out = model_lib.forward_train(cfg, {"params": params, "routing": routing}, tokens[:, :-1], expert_parallel)
-    loss, metrics = losses.objective(cfg, out, tokens[:, 1:], mtp_weight, alpha)
-    return loss, (metrics, losses.load_tree(out))
-
-  def grads_fn(state, batch, mtp_weight):
-    """(Accumulated) value_and_grad, as dsv3.train's."""
-    grad = jax.value_and_grad(loss_fn, has_aux=True)
-    params, routing = state["params"], state["routing"]
-    if accum == 1:
-      (_, (metrics, loads)), grads = grad(params, routing, batch, mtp_weight)
-    else:
-      micro = batch.reshape(accum, -1, batch.shape[-1])
-
-      def body(carry, mb):
-        (_, (m, l)), g = grad(params, routing, mb, mtp_weight)
-        return jax.tree.map(jnp.add, carry, (m, g, l)), None
-      loads0 = jax.tree.map(lambda b: jnp.zeros(b.shape, jnp.float32), routing)
-      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-          lambda: (grad(params, routing, micro[0], mtp_weight)[0][1][0], params, loads0)))
-      (metrics, grads, loads), _ = jax.lax.scan(body, zeros, micro)
-      metrics = {k: v if k.startswith("ep_dropped") else v / accum for k, v in metrics.items()}
-      grads = jax.tree.map(lambda g: g / accum, grads)
-    return metrics, grads, loads
-
-  def apply_update(state, metrics, grads, loads, gamma):
-    """dsv3.train's update: AdamW, routing-bias update, divergence guard."""
-    params, routing = state["params"], state["routing"]
-    updates, opt_state = tx.update(grads, state["opt_state"], params)
-    new_params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates)
-    if config.balance.mode == "aux_free" and routing:
-      routing = losses.update_bias(routing, loads, gamma)
-    grad_norm, update_norm = norm(grads), norm(updates)
-    ratio = update_norm / jnp.maximum(norm(params), 1e-30)
-    ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm) & jnp.isfinite(
-        norm(new_params))
-    if max_ratio > 0:
-      ok &= ratio <= max_ratio
-    step, lr = state["step"] + 1, lr_schedule(state["step"])
-    bad = (state["guard"]["step"] < 0) & ~ok
-    now = {"step": step, "loss": metrics["loss"].astype(jnp.float32), "grad_norm": grad_norm,
-           "update_ratio": ratio, "lr": lr}
-    new_guard = {k: jnp.where(bad, now[k], g).astype(g.dtype) for k, g in state["guard"].items()}
-    metrics = dict(metrics, grad_norm=grad_norm, update_ratio=ratio, lr=lr)
-    return {"step": step, "params": new_params, "routing": routing, "opt_state": opt_state,
-            "guard": new_guard}, metrics
-
-  def eval_step(params, routing, tokens):
-    out = model_lib.forward_train(cfg, {"params": params, "routing": routing}, tokens[:, :-1], expert_parallel)
-    return losses.cross_entropy(out["logits"], tokens[:, 1:]), losses.load_tree(out)
-
-  def train_step(state, batch, mtp_weight, gamma):
-    return apply_update(state, *grads_fn(state, batch, mtp_weight), gamma)
-
-  evaluate = jax.jit(eval_step, in_shardings=(shardings["params"], shardings["routing"], tokens_sharding))
+  evaluate = jax.jit(steps.eval, in_shardings=(steps.state_shardings["params"], steps.state_shardings["routing"],
+                                               steps.batch_sharding))
   eval_args = (state["params"], state["routing"], batch)
   if pipelined:   # the executor's gradients and loads come back placed like the params and routing biases
     metrics = {k: scalar for k in ("ce", "mtp_loss", "balance_loss", "loss")}
     grads = jax.tree.map(lambda a: spec(a, a.sharding), state["params"])
     loads = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=a.sharding), state["routing"])
-    update = jax.jit(apply_update, donate_argnums=0, out_shardings=(shardings, None))
+    update = jax.jit(steps.update, donate_argnums=0, out_shardings=(steps.state_shardings, None))
     return [("update", update, (state, metrics, grads, loads, scalar)), ("eval_step", evaluate, eval_args)], state
-  train = jax.jit(train_step, donate_argnums=0, in_shardings=(shardings, tokens_sharding, rep, rep),
-                  out_shardings=(shardings, None))
+  train = jax.jit(steps.train, donate_argnums=0, in_shardings=(steps.state_shardings, steps.batch_sharding, rep, rep),
+                  out_shardings=(steps.state_shardings, None))
   return [("train_step", train, (state, batch, scalar, scalar)), ("eval_step", evaluate, eval_args)], state
 
 
@@ -260,13 +182,7 @@ def _stage_programs(config, cfg, mesh, state, options):
   sub-mesh (abstract stage variables, one micro-batch of activations/tokens); B, B* and W take F's
   residuals (the VJPs) as the compiled F lays them out. Stages of the same shape on one rank compile once.
   """
-  import jax
-  import jax.numpy as jnp
-  from jax.sharding import NamedSharding, PartitionSpec as P
 
-  from dsv3 import sharding
-  from dsv3.layers import compute_dtype
-  from dsv3.pipeline import executor, stages
 
   plan = executor.get_plan(cfg, config.pipeline.schedule, int(config.mesh.pipeline),
                            int(config.pipeline.microbatches), devices=mesh)
@@ -312,7 +228,6 @@ def _stage_programs(config, cfg, mesh, state, options):
 
 
 def _estimate(config) -> dict:
-  from dsv3 import plan
   return plan.plan(config)["memory_per_device"]
 
 
@@ -323,8 +238,6 @@ def compile_step(config, workdir: str, target: str, echo=print) -> dict:
   Raises CompileOnlyError for an unknown target or a missing GPU toolchain.
   """
   check_toolchain(target)
-  import jax
-  from dsv3.config import ModelConfig
 
   gpu = target != "cpu"
   config = config.copy_and_resolve_references()
@@ -337,7 +250,6 @@ def compile_step(config, workdir: str, target: str, echo=print) -> dict:
       notes.append("model.grouped_gemm 'auto' -> 'ragged_dot' (the Triton kernel needs a GPU to lower)")
   cfg = ModelConfig.from_config_dict(config)
   devices = target_devices(target, int(config.mesh.data) * int(config.mesh.expert) * int(config.mesh.pipeline))
-  from dsv3 import sharding
   mesh = sharding.make_mesh(config.mesh, devices=devices)
   pipelined = int(config.mesh.pipeline) > 1
   options = GPU_COMPILER_OPTIONS if gpu else None

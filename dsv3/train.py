@@ -28,7 +28,6 @@ Console: a progress bar, one line per evaluation and a summary; library INFO log
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import math
 import os
@@ -38,10 +37,20 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
 from dsv3 import checkpoint as ckpt_lib
-from dsv3 import cli
+from dsv3 import cli, compile_only, convert, distributed, hf
+from dsv3 import data as data_lib
+from dsv3 import ema as ema_lib
+from dsv3 import losses, metrics as metrics_lib, optimizer as opt_lib, plan, sharding
+from dsv3 import steps as steps_lib
 from dsv3 import workdir as workdir_lib
-from dsv3.config import validate_train_config
+from dsv3.config import ModelConfig, validate_train_config
+from dsv3.pipeline import executor
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go; resumed from if non-empty.")
@@ -63,10 +72,8 @@ def main(argv):
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required: the directory for checkpoints and metrics")
   if _COMPILE_ONLY.value:                   # before any backend starts: GPU targets set JAX_PLATFORMS
-    from dsv3 import compile_only
     compile_only.run(_CONFIG.value, _WORKDIR.value, _COMPILE_ONLY.value)
     return
-  from dsv3 import distributed
   distributed.maybe_initialize()            # no-op unless launched as several processes
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
@@ -83,15 +90,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 
 def _train_and_evaluate(config, workdir: str) -> dict:
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-
-  from dsv3 import data as data_lib
-  from dsv3 import ema as ema_lib
-  from dsv3 import losses, metrics as metrics_lib, model as model_lib, optimizer as opt_lib, plan, sharding
-  from dsv3.config import ModelConfig
-
   # ------------------------------------------------------------------------------------------------
   # Config, mesh, data.
   # ------------------------------------------------------------------------------------------------
@@ -99,7 +97,6 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   mesh = sharding.make_mesh(config.mesh)
   pipelined = config.mesh.pipeline > 1
   if pipelined:   # the schedule and the stage split, checked now rather than at the first step
-    from dsv3.pipeline import executor
     executor.get_plan(cfg, config.pipeline.schedule, config.mesh.pipeline, config.pipeline.microbatches,
                       devices=mesh)
   # Pipelined, every process reads the whole global batch: its ranks' first and last stages need the
@@ -110,123 +107,30 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   total_steps = int(config.num_train_steps)
 
   # ------------------------------------------------------------------------------------------------
-  # Model, optimizer and their shardings.
+  # The steps (dsv3.steps): pure (state, batch) -> (state, metrics), jitted with shardings and donation.
   # ------------------------------------------------------------------------------------------------
-  tx, lr_schedule = opt_lib.make_optimizer(config)
   # Pipelined too, the state lives on the whole mesh (replicated over 'pipeline'): every rank's sub-mesh
-  # holds its stages' variables in place, and the update runs on every rank.
-  expert_parallel = None
-  if config.mesh.expert > 1:         # pipelined, the executor splits experts inside each stage itself
-    from dsv3.expert_parallel import ExpertParallel
-    expert_parallel = ExpertParallel(mesh)
-
-  def init_state(rng):
-    variables = model_lib.init(cfg, rng)
-    return {"step": jnp.zeros((), jnp.int32), "params": variables["params"],
-            "routing": variables.get("routing", {}), "opt_state": tx.init(variables["params"])}
-
-  abstract = jax.eval_shape(init_state, jax.random.key(config.seed))
-  # The checkpointed state; the step functions also carry state["guard"] (see apply_update), which is
-  # never saved: a checkpoint is only written once its step is known good, so it would always be clean.
-  saved_shardings = {
-      "step": sharding.replicated(mesh),
-      "params": sharding.param_shardings(mesh, abstract["params"]),
-      "routing": sharding.param_shardings(mesh, abstract["routing"]),
-      "opt_state": sharding.zero1_shardings(mesh, abstract["opt_state"])}
-  clean_guard = {"step": np.int32(-1), "loss": np.float32(0), "grad_norm": np.float32(0),
-                 "update_ratio": np.float32(0), "lr": np.float32(0)}
-  state_shardings = dict(saved_shardings, guard={k: sharding.replicated(mesh) for k in clean_guard})
-  max_update_ratio = float(config.nan_guard.max_update_ratio)
-  batch_sharding = sharding.batch_sharding(mesh)
-
-  # ------------------------------------------------------------------------------------------------
-  # The train step: pure (state, batch) -> (state, metrics), jitted with shardings and donation.
-  # ------------------------------------------------------------------------------------------------
-  alpha = losses.balance_alpha(config.balance)
-  accum = int(config.grad_accum_steps)
-
-  def loss_fn(params, routing, tokens, mtp_weight):
-    out = model_lib.forward_train(cfg, {"params": params, "routing": routing}, tokens[:, :-1], expert_parallel)
-    loss, metrics = losses.objective(cfg, out, tokens[:, 1:], mtp_weight, alpha)
-    return loss, (metrics | losses.dropped_metrics(cfg, out), losses.load_tree(out))
-
-  def grads_fn(params, routing, batch, mtp_weight):
-    """Mean loss/grads over `accum` micro-batches (gradient accumulation); loads are summed."""
-    grad = jax.value_and_grad(loss_fn, has_aux=True)
-    if accum == 1:
-      (_, (metrics, loads)), grads = grad(params, routing, batch, mtp_weight)
-      return metrics, grads, loads
-    micro = batch.reshape(accum, -1, batch.shape[-1])
-
-    def body(carry, mb):
-      (_, (m, l)), g = grad(params, routing, mb, mtp_weight)
-      return jax.tree.map(jnp.add, carry, (m, g, l)), None
-    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: (grad(params, routing, micro[0], mtp_weight)[0][1][0],
-                                                                 params, abstract_loads(routing))))
-    (metrics, grads, loads), _ = jax.lax.scan(body, zeros, micro)
-    scale = lambda t: jax.tree.map(lambda x: x / accum, t)
-    # Dropped MoE assignments are the step's total, not a micro-batch mean.
-    return {k: v if k.startswith("ep_dropped") else v / accum for k, v in metrics.items()}, scale(grads), loads
-
-  def abstract_loads(routing):
-    return jax.tree.map(lambda b: jnp.zeros(b.shape, jnp.float32), routing)
-
-  def global_norm(tree):
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
-
-  def apply_update(state, metrics, grads, loads, gamma):
-    """The optimizer update, the routing-bias update and the divergence guard, all on device.
-
-    state["guard"] is sticky: the first step whose loss, gradient norm, update or new parameters are
-    non-finite, or whose ||update|| / ||params|| exceeds nan_guard.max_update_ratio, is recorded there
-    (with its values) and kept; the host reads it only where it syncs anyway (logging, eval, saving).
-    """
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), state["params"], updates)
-    routing = state["routing"]
-    if config.balance.mode == "aux_free" and routing:
-      routing = losses.update_bias(routing, loads, gamma)
-    grad_norm, update_norm = global_norm(grads), global_norm(updates)
-    update_ratio = update_norm / jnp.maximum(global_norm(state["params"]), 1e-30)
-    ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm) & jnp.isfinite(
-        global_norm(params))
-    if max_update_ratio > 0:
-      ok &= update_ratio <= max_update_ratio
-    step, lr = state["step"] + 1, lr_schedule(state["step"])
-    guard = state["guard"]
-    first_bad = (guard["step"] < 0) & ~ok
-    now = {"step": step, "loss": metrics["loss"].astype(jnp.float32), "grad_norm": grad_norm,
-           "update_ratio": update_ratio, "lr": lr}
-    guard = {k: jnp.where(first_bad, now[k], guard[k]).astype(guard[k].dtype) for k in guard}
-    metrics = dict(metrics, grad_norm=grad_norm, update_ratio=update_ratio, lr=lr)
-    if "moe_layers" in loads:
-      vio = losses.max_violation(loads["moe_layers"]["mlp"]["e_score_correction_bias"])
-      metrics.update(maxvio_batch_mean=vio.mean(), maxvio_batch_max=vio.max())
-    return {"step": step, "params": params, "routing": routing, "opt_state": opt_state, "guard": guard}, metrics
-
-  def train_step(state, batch, mtp_weight, gamma):
-    metrics, grads, loads = grads_fn(state["params"], state["routing"], batch, mtp_weight)
-    return apply_update(state, metrics, grads, loads, gamma)
-
+  # holds its stages' variables in place, and the update runs on every rank. The checkpointed state leaves
+  # out state["guard"]: a checkpoint is only written once its step is known good, so it would be clean.
+  steps = steps_lib.make(config, cfg, mesh)
+  abstract, saved_shardings, state_shardings = steps.abstract, steps.saved_shardings, steps.state_shardings
+  batch_sharding = steps.batch_sharding
   if pipelined:
-    update_jit = jax.jit(apply_update, donate_argnums=0, out_shardings=(state_shardings, None))
+    update_jit = jax.jit(steps.update, donate_argnums=0, out_shardings=(state_shardings, None))
 
     def step_fn(state, batch, mtp_weight, gamma):
       # batch: the global batch on the host; gradients and loads come back placed like the state.
       loss, metrics, grads, loads = executor.pipeline_value_and_grad(
           cfg, {"params": state["params"], "routing": state["routing"]}, batch,
           schedule=config.pipeline.schedule, num_stages=config.mesh.pipeline,
-          microbatches=config.pipeline.microbatches, mtp_weight=float(mtp_weight), alpha=alpha, devices=mesh)
+          microbatches=config.pipeline.microbatches, mtp_weight=float(mtp_weight), alpha=steps.alpha,
+          devices=mesh)
       return update_jit(state, metrics, grads, loads, gamma)
   else:
-    step_fn = jax.jit(train_step, donate_argnums=0, in_shardings=(state_shardings, batch_sharding, None, None),
+    step_fn = jax.jit(steps.train, donate_argnums=0, in_shardings=(state_shardings, batch_sharding, None, None),
                       out_shardings=(state_shardings, None))
-
-  @functools.partial(jax.jit, in_shardings=(state_shardings["params"], state_shardings["routing"], batch_sharding))
-  def eval_step(params, routing, tokens):
-    out = model_lib.forward_train(cfg, {"params": params, "routing": routing}, tokens[:, :-1],
-                                  expert_parallel)
-    return losses.cross_entropy(out["logits"], tokens[:, 1:]), losses.load_tree(out)
+  eval_step = jax.jit(steps.eval, in_shardings=(state_shardings["params"], state_shardings["routing"],
+                                                batch_sharding))
 
   # ------------------------------------------------------------------------------------------------
   # Restore: workdir checkpoint > init_from > scratch.
@@ -255,12 +159,12 @@ def _train_and_evaluate(config, workdir: str) -> dict:
     writer.console(f"Resumed from {checkpointer.step_dir(restored.step)} at step {restored.step}"
                    + "".join(f"; {n}: {a!r} -> {b!r}" for n, a, b in changed or ()))
   else:
-    state = jax.jit(init_state, out_shardings=saved_shardings)(jax.random.key(config.seed))
+    state = jax.jit(steps.init, out_shardings=saved_shardings)(jax.random.key(config.seed))
     if config.init_from:
       state = _init_from(config.init_from, cfg, state, state_shardings)
   if config.ema_decay and ema is None:
     ema = ema_lib.HostEMA(config.ema_decay, state["params"])
-  state = dict(state, guard=jax.device_put(clean_guard, state_shardings["guard"]))
+  state = dict(state, guard=jax.device_put(steps_lib.CLEAN_GUARD, state_shardings["guard"]))
 
   def save(step, force=False, metrics=None):
     if not (force or checkpointer.should_save(step)):
@@ -308,7 +212,6 @@ def _train_and_evaluate(config, workdir: str) -> dict:
     local = stop["signal"] is not None
     if not multi_process:
       return local
-    from jax.experimental import multihost_utils
     return bool(np.any(multihost_utils.process_allgather(np.int32(local))))
 
   start_step = int(jax.device_get(state["step"]))
@@ -470,8 +373,6 @@ def itertools_islice(it, n):
 
 def _init_from(path: str, cfg, state, shardings):
   """Params (and routing biases) from an HF checkpoint dir or an orbax dsv3 checkpoint."""
-  import jax
-  from dsv3 import hf
   if not os.path.exists(path):
     raise FileNotFoundError(f"config.init_from: {path!r} does not exist; point it at an HF checkpoint dir "
                             f"(config.json + safetensors) or a dsv3 orbax checkpoint dir, or set it to ''")
@@ -486,7 +387,6 @@ def _init_from(path: str, cfg, state, shardings):
     _, variables = hf.load_checkpoint(path, shardings={"params": shardings["params"],
                                                        "routing": shardings["routing"]})
   else:
-    from dsv3 import convert
     variables = convert.load_orbax_variables(path)
   cast = lambda new, old: jax.tree.map(lambda n, o: n.astype(o.dtype), new, old)
   return dict(state, params=jax.device_put(cast(variables["params"], state["params"]), shardings["params"]),

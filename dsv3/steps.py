@@ -1,0 +1,130 @@
+"""The train and eval steps of one config: pure functions of (state, batch) and their shardings.
+
+  steps = steps_lib.make(config, cfg, mesh)
+  state = jax.jit(steps.init, out_shardings=steps.saved_shardings)(rng) | {"guard": ...}
+  train = jax.jit(steps.train, donate_argnums=0, in_shardings=..., out_shardings=...)
+
+The trainer, the compile-only dry run and the benchmarks all build their programs from here, so there is one
+train step. The state is {step, params, routing, opt_state} (what checkpoints hold) plus `guard`, the
+divergence record that `update` keeps on device (see `update`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsv3 import losses, model as model_lib, optimizer as opt_lib, sharding
+from dsv3.config import ModelConfig
+from dsv3.expert_parallel import ExpertParallel
+
+# The divergence record before any bad step (guard["step"] < 0: none yet).
+CLEAN_GUARD = {"step": np.int32(-1), "loss": np.float32(0), "grad_norm": np.float32(0),
+               "update_ratio": np.float32(0), "lr": np.float32(0)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+  """What `make` returns; the functions are pure and un-jitted."""
+  init: Callable                 # rng -> checkpointed state
+  train: Callable                # (state, batch, mtp_weight, gamma) -> (state, metrics)
+  update: Callable               # (state, metrics, grads, loads, gamma) -> (state, metrics)
+  eval: Callable                 # (params, routing, tokens) -> (cross entropy, loads)
+  abstract: Any                  # jax.eval_shape(init): the checkpointed state's shapes
+  saved_shardings: dict          # of the checkpointed state
+  state_shardings: dict          # saved_shardings + the guard's
+  batch_sharding: Any
+  alpha: float                   # the sequence-wise balance loss weight the objective uses
+
+
+def global_norm(tree) -> jax.Array:
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def make(config, cfg: ModelConfig, mesh) -> Steps:
+  """The steps of training config `config` (model `cfg`) on `mesh`; experts split over its 'expert' axis."""
+  tx, lr_schedule = opt_lib.make_optimizer(config)
+  expert_parallel = ExpertParallel(mesh) if sharding.axis_size(mesh, "expert") > 1 else None
+  alpha = losses.balance_alpha(config.balance)
+  accum = int(config.grad_accum_steps)
+  max_update_ratio = float(config.nan_guard.max_update_ratio)
+  aux_free = config.balance.mode == "aux_free"
+
+  def init(rng):
+    variables = model_lib.init(cfg, rng)
+    return {"step": jnp.zeros((), jnp.int32), "params": variables["params"],
+            "routing": variables.get("routing", {}), "opt_state": tx.init(variables["params"])}
+
+  def loss_fn(params, routing, tokens, mtp_weight):
+    out = model_lib.forward_train(cfg, {"params": params, "routing": routing}, tokens[:, :-1], expert_parallel)
+    loss, metrics = losses.objective(cfg, out, tokens[:, 1:], mtp_weight, alpha)
+    return loss, (metrics | losses.dropped_metrics(cfg, out), losses.load_tree(out))
+
+  def grads(params, routing, batch, mtp_weight):
+    """Mean loss/grads over `accum` micro-batches (gradient accumulation); loads are summed."""
+    grad = jax.value_and_grad(loss_fn, has_aux=True)
+    if accum == 1:
+      (_, (metrics, loads)), g = grad(params, routing, batch, mtp_weight)
+      return metrics, g, loads
+    micro = batch.reshape(accum, -1, batch.shape[-1])
+
+    def body(carry, mb):
+      (_, (m, l)), g = grad(params, routing, mb, mtp_weight)
+      return jax.tree.map(jnp.add, carry, (m, g, l)), None
+    loads0 = jax.tree.map(lambda b: jnp.zeros(b.shape, jnp.float32), routing)
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+        lambda: (grad(params, routing, micro[0], mtp_weight)[0][1][0], params, loads0)))
+    (metrics, g, loads), _ = jax.lax.scan(body, zeros, micro)
+    # Dropped MoE assignments are the step's total, not a micro-batch mean.
+    metrics = {k: v if k.startswith("ep_dropped") else v / accum for k, v in metrics.items()}
+    return metrics, jax.tree.map(lambda x: x / accum, g), loads
+
+  def update(state, metrics, grads, loads, gamma):
+    """The optimizer update, the routing-bias update and the divergence guard, all on device.
+
+    state["guard"] is sticky: the first step whose loss, gradient norm, update or new parameters are
+    non-finite, or whose ||update|| / ||params|| exceeds nan_guard.max_update_ratio, is recorded there
+    (with its values) and kept; the host reads it only where it syncs anyway (logging, eval, saving).
+    """
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), state["params"], updates)
+    routing = state["routing"]
+    if aux_free and routing:
+      routing = losses.update_bias(routing, loads, gamma)
+    grad_norm, update_norm = global_norm(grads), global_norm(updates)
+    update_ratio = update_norm / jnp.maximum(global_norm(state["params"]), 1e-30)
+    ok = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
+          & jnp.isfinite(global_norm(params)))
+    if max_update_ratio > 0:
+      ok &= update_ratio <= max_update_ratio
+    step, lr = state["step"] + 1, lr_schedule(state["step"])
+    guard = state["guard"]
+    first_bad = (guard["step"] < 0) & ~ok
+    now = {"step": step, "loss": metrics["loss"].astype(jnp.float32), "grad_norm": grad_norm,
+           "update_ratio": update_ratio, "lr": lr}
+    guard = {k: jnp.where(first_bad, now[k], guard[k]).astype(guard[k].dtype) for k in guard}
+    metrics = dict(metrics, grad_norm=grad_norm, update_ratio=update_ratio, lr=lr)
+    if "moe_layers" in loads:
+      vio = losses.max_violation(loads["moe_layers"]["mlp"]["e_score_correction_bias"])
+      metrics.update(maxvio_batch_mean=vio.mean(), maxvio_batch_max=vio.max())
+    return {"step": step, "params": params, "routing": routing, "opt_state": opt_state, "guard": guard}, metrics
+
+  def train(state, batch, mtp_weight, gamma):
+    metrics, g, loads = grads(state["params"], state["routing"], batch, mtp_weight)
+    return update(state, metrics, g, loads, gamma)
+
+  def evaluate(params, routing, tokens):
+    out = model_lib.forward_train(cfg, {"params": params, "routing": routing}, tokens[:, :-1], expert_parallel)
+    return losses.cross_entropy(out["logits"], tokens[:, 1:]), losses.load_tree(out)
+
+  abstract = jax.eval_shape(lambda: init(jax.random.key(config.seed)))   # no array anywhere
+  saved = {"step": sharding.replicated(mesh),
+           "params": sharding.param_shardings(mesh, abstract["params"]),
+           "routing": sharding.param_shardings(mesh, abstract["routing"]),
+           "opt_state": sharding.zero1_shardings(mesh, abstract["opt_state"])}
+  state_shardings = dict(saved, guard={k: sharding.replicated(mesh) for k in CLEAN_GUARD})
+  return Steps(init=init, train=train, update=update, eval=evaluate, abstract=abstract, saved_shardings=saved,
+               state_shardings=state_shardings, batch_sharding=sharding.batch_sharding(mesh), alpha=alpha)
