@@ -107,13 +107,24 @@ def one_device_pipeline_batch(tmp_path_factory, cache):
   return workdir, train(workdir, cache, 1, *PIPELINE_BATCH)
 
 
-def assert_same_variables(workdir, ref_dir, atol=1e-5):
-  """Parameters and routing biases after the run (two real AdamW updates: the first step's lr is 0)."""
+def assert_same_variables(workdir, ref_dir, atol=1e-5, max_outliers=1e-4):
+  """Parameters and routing biases after the run (two real AdamW updates: the first step's lr is 0).
+
+  Adam normalises each element's update, so an element whose gradient is at fp32 round-off level may move
+  by up to the step's learning rate either way (here at most 3e-4 per run); a few such elements per leaf
+  (at most `max_outliers` of it) may differ by up to 1e-3, every other element by `atol`. A missing or
+  doubled gradient moves whole rows and fails both bounds.
+  """
   from dsv3 import convert
   import jax
   got, ref = convert.load_orbax_variables(str(workdir)), convert.load_orbax_variables(str(ref_dir))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
-                                                       atol=atol), got, ref)
+
+  def check(path, a, b):
+    diff = np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))
+    name = jax.tree_util.keystr(path)
+    assert diff.max() <= 1e-3, (name, float(diff.max()))
+    assert np.mean(diff > atol) <= max_outliers, (name, int(np.sum(diff > atol)), diff.size)
+  jax.tree_util.tree_map_with_path(check, got, ref)
 
 
 PP2_DP2_EP2 = ["--config.mesh.pipeline=2", "--config.mesh.data=2", "--config.mesh.expert=2",
