@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fnmatch
+import gc
 import json
 import logging
 import os
@@ -318,6 +319,7 @@ class Checkpointer:
           log.warning("Restored checkpoint step %d instead of the damaged newer step(s) %s; %s.", s,
                       ", ".join(str(f) for f, _ in failures),
                       "moved aside to " + ", ".join(m for m in moved if m) if any(moved) else "left in place")
+          _release_failed_reads([e for _, e in failures])
         return result
       if ok:  # another process failed to read its shards: treat the step as damaged everywhere
         err = RuntimeError("another process could not read its part of this checkpoint")
@@ -430,6 +432,18 @@ def _quiet_library_logs() -> Iterator[None]:
   finally:
     for lg, level in zip(loggers, levels):
       lg.setLevel(level)
+
+
+def _release_failed_reads(errors: Iterable[BaseException]) -> None:
+  """A failed restore leaves orbax's sibling reads as futures whose errors nobody retrieves; asyncio logs
+  each one ("Future exception was never retrieved") whenever they are garbage-collected. We have reported
+  the failure already, so drop the tracebacks that keep them alive and collect them now, quietly."""
+  for err in errors:
+    while err is not None:
+      err.__traceback__ = None
+      err = err.__cause__ or err.__context__
+  with _quiet_library_logs():
+    gc.collect()
 
 
 _STORAGE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",

@@ -1,6 +1,7 @@
 """Checkpointer: round trip, keep-K, topology change, atomicity, corruption fallback, read-only readers,
 storage errors, config checks."""
 import errno
+import gc
 import glob
 import logging
 import os
@@ -279,6 +280,8 @@ def test_fallback_prints_one_line_per_skipped_step(tmp_path, caplog, capfd):
   _small_checkpoints(tmp_path, steps=(1, 2, 3))
   _damage(os.path.join(tmp_path, "3"), "truncate_extras")
   _damage(os.path.join(tmp_path, "2"), "delete_manifest")
+  gc.collect()  # another test's leftovers must not log inside this one
+  caplog.clear()
   capfd.readouterr()
   with caplog.at_level(logging.DEBUG):
     with ckpt_lib.Checkpointer(str(tmp_path)) as ck:
