@@ -75,6 +75,7 @@ class ExpertParallel:
   impl: str = "auto"
   data_axis: str = "data"
   expert_axis: str = "expert"
+  manual: bool = False    # called inside a shard_map over the token axes already (dsv3.steps' local gradients)
 
   def __post_init__(self):
     if self.impl not in ("auto", "ragged", "dense"):
@@ -103,6 +104,10 @@ class ExpertParallel:
   def routed_experts(self, cfg: ModelConfig, x, topk_idx, topk_weight, w_gate, w_up, w_down):
     """(y [N, H], dropped assignment count, load ratio): routed_experts_local's pair plus the worst
     per-block / per-shard load over its balanced value (scalars summed / maxed over all devices)."""
+    if self.manual:   # x is this device's rows, the weights its local experts
+      rows = buffer_rows(cfg, x.shape[0], self.num_shards, self.transport())
+      return _shard_body(cfg, self.transport(), self.expert_axis, self.token_axes, self.num_shards, rows,
+                         x, topk_idx, topk_weight, w_gate, w_up, w_down)
     N = x.shape[0]
     E = w_gate.shape[0]
     if N % self.num_token_shards:

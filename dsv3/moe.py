@@ -137,9 +137,12 @@ class MoE(nn.Module):
     pdt = jnp.dtype(cfg.param_dtype)
     router_kernel = self.param("gate", init, (H, E), jnp.float32)   # gating stays FP32
     bias = self.variable("routing", "e_score_correction_bias", lambda: jnp.zeros((E,), jnp.float32)).value
-    w_gate = self.param("experts_gate_proj", init, (E, H, I), pdt)
-    w_up = self.param("experts_up_proj", init, (E, H, I), pdt)
-    w_down = self.param("experts_down_proj", init, (E, I, H), pdt)
+    # Inside a shard_map over the mesh (dsv3.steps' local gradients) the module holds this device's experts.
+    ep = self.expert_parallel
+    E_here = E // ep.num_shards if ep is not None and ep.manual else E
+    w_gate = self.param("experts_gate_proj", init, (E_here, H, I), pdt)
+    w_up = self.param("experts_up_proj", init, (E_here, H, I), pdt)
+    w_down = self.param("experts_down_proj", init, (E_here, I, H), pdt)
 
     flat = x.reshape(B * T, H)
     topk_idx, topk_weight, scores = route(cfg, flat, router_kernel, bias)

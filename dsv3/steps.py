@@ -11,11 +11,13 @@ divergence record that `update` keeps on device (see `update`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from dsv3 import losses, model as model_lib, optimizer as opt_lib, sharding
 from dsv3.config import ModelConfig
@@ -31,6 +33,7 @@ class Steps:
   """What `make` returns; the functions are pure and un-jitted."""
   init: Callable                 # rng -> checkpointed state
   train: Callable                # (state, batch, mtp_weight, gamma) -> (state, metrics)
+  grads: Callable                # (params, routing, batch, mtp_weight) -> (metrics, grads, loads): train's first half
   update: Callable               # (state, metrics, grads, loads, gamma) -> (state, metrics)
   eval: Callable                 # (params, routing, tokens) -> (cross entropy, loads)
   abstract: Any                  # jax.eval_shape(init): the checkpointed state's shapes
@@ -58,29 +61,68 @@ def make(config, cfg: ModelConfig, mesh) -> Steps:
     return {"step": jnp.zeros((), jnp.int32), "params": variables["params"],
             "routing": variables.get("routing", {}), "opt_state": tx.init(variables["params"])}
 
-  def loss_fn(params, routing, tokens, mtp_weight):
-    out = model_lib.forward_train(cfg, {"params": params, "routing": routing}, tokens[:, :-1], expert_parallel)
+  def loss_fn(params, routing, tokens, mtp_weight, ep=expert_parallel):
+    out = model_lib.forward_train(cfg, {"params": params, "routing": routing}, tokens[:, :-1], ep)
     loss, metrics = losses.objective(cfg, out, tokens[:, 1:], mtp_weight, alpha)
     return loss, (metrics | losses.dropped_metrics(cfg, out), losses.load_tree(out))
 
   def grads(params, routing, batch, mtp_weight):
     """Mean loss/grads over `accum` micro-batches (gradient accumulation); loads are summed."""
-    grad = jax.value_and_grad(loss_fn, has_aux=True)
     if accum == 1:
-      (_, (metrics, loads)), g = grad(params, routing, batch, mtp_weight)
+      (_, (metrics, loads)), g = jax.value_and_grad(loss_fn, has_aux=True)(params, routing, batch, mtp_weight)
       return metrics, g, loads
-    micro = batch.reshape(accum, -1, batch.shape[-1])
+    return accumulated_grads(params, routing, batch.reshape(accum, -1, batch.shape[-1]), mtp_weight)
 
-    def body(carry, mb):
-      (_, (m, l)), g = grad(params, routing, mb, mtp_weight)
-      return jax.tree.map(jnp.add, carry, (m, g, l)), None
-    loads0 = jax.tree.map(lambda b: jnp.zeros(b.shape, jnp.float32), routing)
-    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-        lambda: (grad(params, routing, micro[0], mtp_weight)[0][1][0], params, loads0)))
-    (metrics, g, loads), _ = jax.lax.scan(body, zeros, micro)
-    # Dropped MoE assignments are the step's total, not a micro-batch mean.
-    metrics = {k: v if k.startswith("ep_dropped") else v / accum for k, v in metrics.items()}
-    return metrics, jax.tree.map(lambda x: x / accum, g), loads
+  token_axes = tuple(a for a in sharding.TOKEN_AXES if sharding.axis_size(mesh, a) > 1)
+  local_ep = dataclasses.replace(expert_parallel, manual=True) if expert_parallel else None
+
+  def accumulated_grads(params, routing, micro, mtp_weight):
+    """Gradient accumulation with ONE reduction per step. Inside shard_map over the token axes every
+    device differentiates its own rows of each micro-batch and adds the partial gradients up locally
+    (check_vma=False: no psum per micro-batch); after the loop each leaf is reduce-scattered once into its
+    ZeRO-1 shards (the optimizer state's layout). micro: [accum, rows, T+1]."""
+    if sharding.axis_size(mesh, "pipeline") > 1:
+      raise ValueError("steps.grads: the pipelined step reduces its gradients in dsv3.pipeline")
+    param_specs = sharding.param_specs(mesh, params)
+    grad_specs = jax.tree.map(lambda s: s.spec, sharding.zero1_shardings(mesh, params))
+    devices = int(np.prod([sharding.axis_size(mesh, a) for a in token_axes]))
+    grad = jax.value_and_grad(functools.partial(loss_fn, ep=local_ep), has_aux=True)
+
+    def reduce(g, param_spec, grad_spec):
+      """psum over the token axes the parameter is not split over, scattering over 'data' where ZeRO-1 does."""
+      axes = [a for a in token_axes if a not in jax.tree.leaves(tuple(param_spec))]
+      padded = lambda spec: tuple(spec) + (None,) * (g.ndim - len(spec))
+      gained = [i for i, (p, z) in enumerate(zip(padded(param_spec), padded(grad_spec))) if p != z]
+      if gained and "data" in axes:
+        g = jax.lax.psum_scatter(g, "data", scatter_dimension=gained[0], tiled=True)
+        axes.remove("data")
+      return (jax.lax.psum(g, tuple(axes)) if axes else g) / (devices * accum)
+
+    def body(params, routing, micro, mtp_weight):
+      def one(carry, mb):
+        (_, (m, l)), g = grad(params, routing, mb, mtp_weight)
+        return jax.tree.map(jnp.add, carry, (m, g, l)), None
+      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: (grad(params, routing, micro[0], mtp_weight)[0][1][0],
+                                                                   params, jax.tree.map(lambda b: b.astype(jnp.float32), routing))))
+      (metrics, g, loads), _ = jax.lax.scan(one, zeros, micro)
+      g = jax.tree.map(reduce, g, param_specs, grad_specs)
+      loads = jax.tree.map(lambda l: jax.lax.psum(l, token_axes) if token_axes else l, loads)
+      # Dropped MoE assignments are the step's total (expert-parallel dispatch has summed them over the
+      # devices already); the load ratio is the worst device's; the rest are means.
+      for k, v in metrics.items():
+        if k.startswith("ep_dropped"):
+          metrics[k] = v if local_ep or not token_axes else jax.lax.psum(v, token_axes)
+        elif k == "ep_load_ratio":
+          metrics[k] = (jax.lax.pmax(v, token_axes) if token_axes else v) / accum
+        else:
+          metrics[k] = (jax.lax.pmean(v, token_axes) if token_axes else v) / accum
+      return metrics, g, loads
+
+    replicated = lambda tree: jax.tree.map(lambda _: P(), tree)
+    fn = jax.shard_map(body, mesh=mesh, check_vma=False,
+                       in_specs=(param_specs, replicated(routing), P(None, token_axes or None), P()),
+                       out_specs=(P(), grad_specs, replicated(routing)))
+    return fn(params, routing, micro, mtp_weight)
 
   def update(state, metrics, grads, loads, gamma):
     """The optimizer update, the routing-bias update and the divergence guard, all on device.
@@ -126,5 +168,5 @@ def make(config, cfg: ModelConfig, mesh) -> Steps:
            "routing": sharding.param_shardings(mesh, abstract["routing"]),
            "opt_state": sharding.zero1_shardings(mesh, abstract["opt_state"])}
   state_shardings = dict(saved, guard={k: sharding.replicated(mesh) for k in CLEAN_GUARD})
-  return Steps(init=init, train=train, update=update, eval=evaluate, abstract=abstract, saved_shardings=saved,
+  return Steps(init=init, train=train, grads=grads, update=update, eval=evaluate, abstract=abstract, saved_shardings=saved,
                state_shardings=state_shardings, batch_sharding=sharding.batch_sharding(mesh), alpha=alpha)
