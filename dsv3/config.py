@@ -479,6 +479,16 @@ def validate_train_config(c) -> None:
     need(c.batch_size % (c.pipeline.microbatches * shards) == 0, "pipeline.microbatches",
          f"batch_size={c.batch_size} must split into {c.pipeline.microbatches} micro-batches divisible by "
          f"mesh.data*mesh.expert={shards}")
+    # The schedule's own rules (DualPipe's even micro-batch count, ...) live with the schedules.
+    from dsv3.pipeline import executor  # pylint: disable=g-import-not-at-top  (it imports this module)
+    try:
+      executor.make_schedule(c.pipeline.schedule, c.mesh.pipeline, c.pipeline.microbatches)
+    except ValueError as e:
+      raise ConfigError(f"config.{e}") from None
+    stages = executor.num_stages_for(c.pipeline.schedule, c.mesh.pipeline)
+    need(c.model.num_hidden_layers >= stages, "mesh.pipeline",
+         f"model.num_hidden_layers={c.model.num_hidden_layers} cannot be cut into {stages} pipeline stages "
+         f"(schedule {c.pipeline.schedule!r}); every stage needs a layer: lower mesh.pipeline")
   cfg = ModelConfig.from_config_dict(c)
   from dsv3 import data  # pylint: disable=g-import-not-at-top  (data imports this module)
   data.validate_data_config(c.data, model_vocab_size=cfg.vocab_size)
