@@ -44,6 +44,7 @@ import collections
 import dataclasses
 import functools
 import json
+import math
 from typing import Any
 
 import jax
@@ -54,6 +55,7 @@ from ml_collections import config_flags
 
 from dsv3 import cli, model
 from dsv3.config import ConfigError, ModelConfig, deepseek_v3_671b
+from dsv3.layers import KEEP
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -298,8 +300,180 @@ def memory_plan(cfg: ModelConfig, data: int, expert: int, pipeline: int, schedul
 
 
 # ---------------------------------------------------------------------------------------------------
+# Activations and temporaries of one training step, per device.
+# ---------------------------------------------------------------------------------------------------
+def _pipeline_inflight(schedule: str, P: int, microbatches: int) -> int:
+  """Most micro-batches whose forward residuals one rank holds at once (dsv3.pipeline's simulator)."""
+  if P <= 1 or schedule == "none":
+    return 1
+  from dsv3.pipeline import executor, schedules   # pipeline code only where a pipeline is planned
+  try:
+    sched = executor.make_schedule(schedule, P, microbatches)
+  except ValueError:       # a layout the executor refuses: 1F1B's bound, one per downstream rank
+    return min(P, microbatches)
+  return int(max(schedules.simulate(sched).peak_activations))
+
+
+def activation_plan(cfg: ModelConfig, rows: int, seq_len: int, data: int = 1, expert: int = 1,
+                    layers: int = None, mtp: bool = True, head: bool = True, platform: str = "gpu",
+                    inflight: int = 1) -> dict:
+  """Bytes per device of the activations and temporaries of one forward + backward of one micro-batch.
+
+  rows: sequences per device per micro-batch (batch / (data * expert) / grad_accum, or / microbatches
+  pipelined); layers: the main-model layers run (default all); mtp / head: whether the MTP modules and the
+  vocabulary head run here; platform: 'cpu' or 'gpu', the choices the code makes from it (CPU: the tiled
+  grouped GEMM and dense attention up to attention.DENSE_MAX_LEN tokens; GPU: ragged_dot, and blockwise
+  attention above DENSE_MAX_LEN unless cuDNN is installed); inflight: micro-batches whose saved residuals
+  the rank holds at once (pipeline schedules; 1 otherwise).
+
+  Model: peak = saved residuals of every layer (what model.remat keeps, stacked by nn.scan) x inflight
+  + the larger of one layer's backward working set (its forward recomputed, the activations the remat
+  policy drops) and the vocabulary head's (logits and their gradient, per head). Elements are counted per
+  token from the code's tensors (dsv3/mla.py, attention.py, moe.py, expert_parallel.py, model.py).
+  """
+  from dsv3 import attention as attn_lib, expert_parallel as ep_lib, grouped_gemm  # model code, lazily
+  c = 2 if cfg.dtype == "bfloat16" else 4                         # compute dtype bytes
+  T, n = seq_len, rows * seq_len                                 # tokens per device per micro-batch
+  H, nh, V = cfg.hidden_size, cfg.num_attention_heads, cfg.vocab_size
+  dn, dr, dv, C = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+  rq = cfg.q_lora_rank or 0
+  policy = cfg.remat
+  keep = lambda name: policy == "none" or (policy == "paper" and name in _KEEP)
+
+  # --- attention (per token, bytes) ----------------------------------------------------------------
+  impl = cfg.attention
+  if impl == "auto":
+    impl = "dense" if T <= attn_lib.DENSE_MAX_LEN else "blockwise"     # cuDNN needs its libraries: see docs
+  dense_attn = impl == "dense"
+  qk = nh * (dn + dr)
+  mla = {                                                        # name -> (elements per token, bytes each)
+      "rmsnorm": (H + rq + C, c),                                # the three RMSNorm outputs (input, q_a, kv_a)
+      "q_a": (rq, c),                                            # q_a_proj output
+      "kv_a": (C + dr, c),                                       # kv_a_proj_with_mqa output
+      "mla_up": (qk + nh * (dn + dv), c),                        # q_b_proj and kv_b_proj outputs
+      "qkv": (2 * qk + nh * dv, c),                              # attention inputs q, k (rope + broadcast), v
+      # dense: the [heads, T] probabilities per token; blockwise: the logsumexp per head (float32)
+      "attn_probs": (nh * T, c) if dense_attn else (nh, 4),
+      "attn_out": (nh * dv, c),                                  # attention output (o_proj input)
+      "attn_o": (H, c),                                          # o_proj output
+  }
+  # The dense path's float32 scores and masked scores exist while the layer runs (forward or recompute).
+  attn_work = 2 * nh * T * 4 if dense_attn else 2 * nh * min(T, cfg.attention_block) * 4
+  residual = (2 * H * c) + attn_work                             # the residual stream and the second norm
+
+  def ffn(inter):                                                # SwiGLU: gate, up, silu(gate) * up, out
+    return {"mlp_gate": (inter, c), "mlp_up": (inter, c), "mlp_act": (inter, c), "mlp_out": (H, c)}
+
+  def per_token(terms, saved):
+    return sum(e * b for name, (e, b) in terms.items() if not saved or keep(name))
+
+  # --- routed experts (bytes per device per MoE layer) ----------------------------------------------
+  k, E, I = cfg.num_experts_per_tok, cfg.n_routed_experts, cfg.moe_intermediate_size
+  routed_saved = routed_all = 0
+  dispatch = {}
+  if cfg.num_moe_layers:
+    if expert > 1:
+      b = ep_lib.buffer_rows(cfg, n, expert, "dense" if platform == "cpu" else "ragged")
+      m, e_local = b["expand"], E // expert                      # grouped-GEMM rows on this device
+      # dispatch: the send and receive buffers of hidden rows, the combined rows coming back (f32)
+      dispatch = dict(send_rows=b["send"], recv_rows=b["recv"], expand_rows=m)
+      transport = (b["send"] + b["recv"]) * H * c + (b["recv"] + n) * H * 4
+    else:
+      # Without expert parallelism the routed experts sort the whole micro-batch's assignments (a sort the
+      # SPMD partitioner cannot split over 'data'), so every device runs all data * n tokens' rows.
+      m, e_local = data * n * k, E
+      dispatch = dict(expand_rows=m)
+      transport = data * n * H * 4                               # the scatter-added float32 output
+    gemm = {"expert_x": (m * H, c),                              # rows gathered into expert order
+            "expert_gate": (m * I, c), "expert_up": (m * I, c),  # grouped-GEMM outputs (named for remat)
+            "expert_act": (m * I, c),                            # silu(gate) * up, the down GEMM's input
+            "expert_out": (m * H, c)}                            # down GEMM output
+    if platform == "cpu" and cfg.grouped_gemm in ("auto", "tiled") and cfg.precision != "fp8":
+      bm = int(min(128, max(8, 2 ** round(math.log2(max(m // max(e_local, 1), 1))))))
+      tiles = grouped_gemm.num_tiles(m, e_local, bm)
+      # tiled_ragged_dot: row tiles of its inputs and each tile's gathered expert weight, per GEMM
+      gemm["tiles"] = (tiles * bm * (H + I) + 3 * tiles * H * I, c)
+    elif platform != "cpu" and cfg.grouped_gemm in ("auto", "ragged_dot") and cfg.precision != "fp8":
+      # XLA:GPU expands ragged_dot into a dense dot per expert over all rows: an f32 [experts, rows, out]
+      # intermediate per GEMM (GPU_AOT.md); the largest is live at a time.
+      gemm["ragged_dense"] = (e_local * m * max(H, I), 4)
+    routed_all = sum(e * b for e, b in gemm.values()) + transport
+    routed_saved = sum(e * b for name, (e, b) in gemm.items() if keep(name)) if policy != "full" else 0
+  router = {"router_logits": (E, 4), "scores": (E, 4),          # float32 router logits and sigmoid scores
+            "moe_out": (H, c)}                                   # the MoE output (routed + shared)
+  shared = ffn(cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else {}
+
+  def layer(moe: bool, saved: bool) -> float:
+    """Bytes of one layer's activations: all of them (saved=False) or those the remat policy keeps."""
+    terms = dict(mla, **(dict(router, **{"shared_" + a: b for a, b in shared.items()}) if moe
+                         else ffn(cfg.intermediate_size)))
+    if saved:
+      tok = H * c + (0 if policy == "full" else per_token(
+          {a: b for a, b in terms.items() if not a.startswith("shared_")}, True)
+          + sum(e * b for a, (e, b) in shared.items() if keep(a)))
+      return n * tok + (routed_saved if moe else 0)
+    tok = per_token(terms, False) + residual
+    return n * tok + (routed_all if moe else 0)
+
+  dense_layers, moe_layers = cfg.num_dense_layers, cfg.num_moe_layers
+  if layers is not None:                                         # a pipeline rank's share, dense layers first
+    dense_layers, moe_layers = min(layers, dense_layers), max(0, layers - dense_layers)
+  depths = cfg.num_nextn_predict_layers if mtp else 0
+  moe_mtp = cfg.num_moe_layers > 0
+  saved_layers = (dense_layers * layer(False, True) + moe_layers * layer(True, True)
+                  + depths * layer(moe_mtp, True))               # residuals kept for backward, every layer
+  layer_working = max([layer(False, False)] * bool(dense_layers) + [layer(True, False)] * bool(moe_layers)
+                      + [layer(moe_mtp, False)] * bool(depths) + [0])
+  heads = (1 + depths) if head else 0
+  logits = heads * n * V * 4                                     # float32 logits of every head, kept for the loss
+  head_working = (n * V * 4 + n * H * c) if head else 0          # one head's logits gradient and its input
+  saved = saved_layers * inflight + logits
+  working = max(layer_working, head_working)
+  return dict(tokens_per_microbatch=n, remat=policy, attention=impl, inflight_microbatches=inflight,
+              saved_residual_bytes=int(saved_layers), logits_bytes=int(logits),
+              layer_working_bytes=int(layer_working), head_working_bytes=int(head_working),
+              moe_rows=dispatch, activation_bytes=int(saved + working))
+
+
+_KEEP = frozenset(KEEP) | {"moe_out"}    # what remat='paper' saves (dsv3.layers.KEEP)
+
+
+# ---------------------------------------------------------------------------------------------------
 # The plan.
 # ---------------------------------------------------------------------------------------------------
+def step_memory(cfg: ModelConfig, batch: int, seq_len: int, data: int, expert: int, pipeline: int = 1,
+                schedule: str = "none", microbatches: int = 1, grad_accum: int = 1,
+                moments_dtype: str = "float32", platform: str = "gpu") -> dict:
+  """Peak bytes per device of one training step as the trainer lays it out: memory_plan's state
+  (parameters, gradients, ZeRO-1 optimizer) plus activation_plan's activations and temporaries.
+
+  Pipelined, every rank holds the whole parameter tree and its optimizer shards (the trainer does not
+  split state by stage), the gradients of its stages, and the residuals of its in-flight micro-batches.
+  Returns memory_plan's keys (for the stage-split layout it models) plus: state_bytes (the trainer's
+  parameters + optimizer), grad_bytes, grad_accum_bytes (the accumulator of grad_accum > 1), the
+  activation_plan terms under 'activations', and total_with_activations_bytes (the estimated peak).
+  """
+  out = memory_plan(cfg, data, expert, pipeline, schedule, moments_dtype)
+  whole = out if pipeline == 1 else memory_plan(cfg, data, expert, 1, "none", moments_dtype)
+  state = sum(whole["params"].values()) + sum(whole["optimizer"].values())
+  grads = sum(out["grads"].values())                             # the rank's stages' gradients (FP32)
+  accum = grads if grad_accum > 1 else 0                         # the micro-batch sum next to one micro-batch's
+  if pipeline > 1:
+    rows = batch // microbatches // (data * expert)
+    layers = len(out["rank_layers"])
+    stages = out["rank_stages"]
+    last = _rank_stages(schedule, pipeline)[0] - 1
+    act = activation_plan(cfg, rows, seq_len, data, expert, layers=layers, mtp=last in stages,
+                          head=last in stages, platform=platform,
+                          inflight=_pipeline_inflight(schedule, pipeline, microbatches))
+  else:
+    rows = batch // (data * expert) // grad_accum
+    act = activation_plan(cfg, rows, seq_len, data, expert, platform=platform)
+  total = state + grads + accum + act["activation_bytes"]
+  return dict(out, state_bytes=int(state), grad_bytes=int(grads), grad_accum_bytes=int(accum), activations=act,
+              activation_bytes=act["activation_bytes"], total_with_activations_bytes=int(total))
+
+
 def _get(config, name, default):
   try:
     value = config[name]
@@ -323,7 +497,7 @@ def _positive(tc, path: str, default):
   return int(value)
 
 
-def plan(train_config) -> dict:
+def plan(train_config, platform: str = "gpu") -> dict:
   """Everything above for a training config (an ml_collections ConfigDict, or a bare ModelConfig).
 
   Raises ConfigError naming the field when a value it reads (seq_len, batch_size, mesh.*, pipeline.*,
@@ -334,7 +508,8 @@ def plan(train_config) -> dict:
   seq_len = _positive(tc, "seq_len", min(4096, cfg.max_position_embeddings))
   batch = _positive(tc, "batch_size", 1)
   data, expert, pipeline = (_positive(tc, f"mesh.{k}", 1) for k in ("data", "expert", "pipeline"))
-  _positive(tc, "pipeline.microbatches", 1)
+  microbatches = _positive(tc, "pipeline.microbatches", 1)
+  accum = _positive(tc, "grad_accum_steps", 1)
   schedule = str(_get(_get(tc, "pipeline", {}), "schedule", "none"))
   if seq_len > cfg.max_position_embeddings:
     raise ConfigError(f"config.seq_len: {seq_len} exceeds config.model.max_position_embeddings="
@@ -350,7 +525,8 @@ def plan(train_config) -> dict:
              flops_per_step=(main_flops + mtp_flops) * batch * seq_len, precision=cfg.precision,
              param_dtype=cfg.param_dtype, adam_moments_dtype=moments,
              mesh=dict(data=data, expert=expert, pipeline=pipeline), pipeline_schedule=schedule,
-             memory_per_device=memory_plan(cfg, data, expert, pipeline, schedule, moments),
+             memory_per_device=step_memory(cfg, batch, seq_len, data, expert, pipeline, schedule, microbatches, accum,
+                                           moments, platform),
              kv_comparison=kv_comparison(cfg))
   return out
 
