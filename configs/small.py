@@ -26,6 +26,7 @@ def get_config(arg=None):
   c.adam_moments_dtype = "bfloat16"
   c.log_every_steps = 20
   c.eval_every_steps = 1000
+  c.eval_batches = 0          # the whole held-out split, at most data.eval_batches=16 batches (0.5M tokens)
   c.checkpoint_every_steps = 1000
   c.data.vocab_size = 32768
   return c

@@ -14,6 +14,11 @@ processes' shards are disjoint and together are exactly the global batch. Everyt
 the example index, so the iterator state is one integer (`examples` consumed) and resume is exact; it even
 stays valid when batch_size or the process count change between runs.
 
+Evaluation reads a fixed sample of the validation stream (`eval_sample_starts`): the stream is cut into
+non-overlapping windows from offset 0 and a grain index shuffle with the fixed EVAL_SEED (not config.seed)
+picks eval_batches x batch_size of them from across the whole held-out split, so every evaluation of every
+run scores the same windows; process p again takes rows p, p + P, ... of each global batch.
+
 Config (`config.data`, see `default_data_config`), plus top-level `config.seq_len`, `config.batch_size`
 (global, divisible by the process count) and `config.seed`:
   source               'stdlib' (default: the running Python's standard-library *.py sources, without test
@@ -27,10 +32,11 @@ Config (`config.data`, see `default_data_config`), plus top-level `config.seq_le
   tokenizer            '' : byte-level BPE trained on the stdlib corpus (cached) | 'data': BPE trained on
                        data.source's training split | path to a tokenizer.json or a directory holding one
   vocab_size           size of the trained BPE (4096); unused with a tokenizer.json
-  validation_fraction  share of documents (by a stable hash of their name) held out (0.02); pre-tokenized
-                       files hold out the stream's tail. 0 = no validation
+  validation_fraction  share of documents (by a stable hash of their name) held out (0.1: ~278K tokens of
+                       the stdlib); pre-tokenized files hold out the stream's tail. 0 = no validation
   dtype                token dtype of raw .bin files: 'uint16' | 'uint32'
-  eval_batches         global validation batches per evaluation (16; 0 = all that fit)
+  eval_batches         global validation batches per evaluation (16; 0 = all that fit); the top-level
+                       config.eval_batches, when not 0, caps it too (the trainer's setting)
   max_files            use only the first N files of the sorted source (0 = all); for quick runs and tests
   prefetch             batches a background grain thread prepares ahead (2; 0 = none)
   cache_dir            '' = $DSV3_CACHE or ~/.cache/dsv3
@@ -40,7 +46,8 @@ API:
   batch = next(data.train)             # int32 [batch_size // process_count, seq_len + 1]
   state = data.train.get_state()       # JSON-serialisable dict; put it in every checkpoint
   data.train.set_state(state)          # continue exactly where that checkpoint's run was
-  for batch in data.eval_batches(): ...   # the same finite batches on every call
+  for batch in data.eval_batches(): ...   # the same finite batches on every call (num_eval_batches of them)
+  data.eval_starts                     # validation-stream offsets of those batches' windows
   data.check_vocab(model_vocab_size)   # DataError if a token id does not fit the model's vocabulary
   data.tokenizer                       # tokenizer.Tokenizer (None for .bin/.npy without data.tokenizer)
   train_iter, eval_batches, tokenizer = data   # also unpacks as a 3-tuple
@@ -64,17 +71,21 @@ from dsv3 import prepare
 from dsv3 import tokenizer as tokenizer_lib
 from dsv3.config import closest_key
 # Corpus discovery and tokenization live in dsv3.corpus; their public names stay importable from here.
-from dsv3.corpus import (FORMATS, Corpus, DataError, encode_documents, is_validation, iter_documents,
-                         load_tokenizer, resolve_corpus, stdlib_corpus, tail_cut, tail_split)
+from dsv3.corpus import (FORMATS, VALIDATION_FRACTION, Corpus, DataError, encode_documents, is_validation,
+                         iter_documents, load_tokenizer, resolve_corpus, stdlib_corpus, tail_cut, tail_split)
 from dsv3.corpus import _check_max_files, _sha, _unit_hash
 
 VERSION = 1                      # bump when tokenization or packing changes: old cached streams are ignored
+# The validation sample's shuffle seed: fixed, not config.seed, so runs with different seeds are scored on
+# the same windows.
+EVAL_SEED = 0x5EED_E7A1
 
 
 def default_data_config() -> ml_collections.ConfigDict:
   """The `data` block the config files embed; field meanings are in the module docstring."""
   return ml_collections.ConfigDict(dict(
-      source="stdlib", format="auto", field="text", tokenizer="", vocab_size=4096, validation_fraction=0.02,
+      source="stdlib", format="auto", field="text", tokenizer="", vocab_size=4096,
+      validation_fraction=VALIDATION_FRACTION,
       dtype="uint16", eval_batches=16, max_files=0, prefetch=2, cache_dir=""))
 
 
@@ -262,6 +273,8 @@ class Datasets:
   streams: tuple = dataclasses.field(repr=False, default=())
   _id_range: Optional[tuple] = dataclasses.field(repr=False, default=None)
   prepared: Optional[tuple] = dataclasses.field(repr=False, default=None)   # (dir, manifest) if prepared
+  # Validation-stream offsets of the sample's windows, global batch after global batch (eval_sample_starts).
+  eval_starts: np.ndarray = dataclasses.field(repr=False, default_factory=lambda: np.zeros([0], np.int64))
 
   def __iter__(self):
     return iter((self.train, self.eval_batches, self.tokenizer))
@@ -337,6 +350,9 @@ def make_datasets(config, process_index: Optional[int] = None, process_count: Op
     d[k] = given[k]
   seq_len, batch_size, seed = (_get(config, "seq_len", None), _get(config, "batch_size", None),
                                _get(config, "seed", 0))
+  top_eval = _get(config, "eval_batches", 0)
+  if not isinstance(top_eval, (int, np.integer)) or isinstance(top_eval, bool) or top_eval < 0:
+    raise DataError(f"eval_batches: must be an integer >= 0 (0 = every validation batch), got {top_eval!r}")
   if not isinstance(seq_len, int) or seq_len <= 0:
     raise DataError(f"seq_len: must be a positive integer, got {seq_len!r}")
   if not isinstance(batch_size, int) or batch_size <= 0:
@@ -371,23 +387,41 @@ def make_datasets(config, process_index: Optional[int] = None, process_count: Op
                              fingerprint)
 
   num_eval = (len(val) // length) // batch_size
-  if d.eval_batches:
-    num_eval = min(num_eval, int(d.eval_batches))
+  for cap in (d.eval_batches, top_eval):   # each 0 = no limit
+    if cap:
+      num_eval = min(num_eval, int(cap))
   if fraction > 0 and num_eval == 0:
     raise DataError(f"data.validation_fraction: the validation split has {len(val)} tokens, fewer than one "
                     f"global batch of {batch_size} x {length}; raise data.validation_fraction (or set it to 0 "
                     f"for no validation), or lower batch_size / seq_len")
-  val_ds = (grain.MapDataset.range(num_eval * batch_size)
-            .map(lambda j: val.read(j * length, (j + 1) * length))[process_index::process_count]
-            .batch(per_process, drop_remainder=True))
+  starts = eval_sample_starts(len(val), seq_len, num_eval * batch_size)
+  val_ds = (grain.MapDataset.source(starts).map(lambda a: val.read(int(a), int(a) + length))
+            [process_index::process_count].batch(per_process, drop_remainder=True))
 
   def eval_batches() -> Iterator[np.ndarray]:
     return iter(val_ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
 
-  logging.info("data: %s (%s): %d train / %d validation tokens, %d windows per epoch, tokenizer %s",
-               d.source, corpus_desc, len(train), len(val), train_iter.windows_per_epoch, tok)
+  logging.info("data: %s (%s): %d train / %d validation tokens, %d windows per epoch, tokenizer %s; "
+               "validation sample: %d batches = %d windows (%d tokens) from across the split",
+               d.source, corpus_desc, len(train), len(val), train_iter.windows_per_epoch, tok, num_eval,
+               len(starts), len(starts) * length)
   return Datasets(train_iter, eval_batches, tok, len(train), len(val), num_eval, streams=(train, val),
-                  prepared=None if manifest is None else (d.source, manifest))
+                  prepared=None if manifest is None else (d.source, manifest), eval_starts=starts)
+
+
+def eval_sample_starts(val_tokens: int, seq_len: int, count: int) -> np.ndarray:
+  """Stream offsets (int64 [count], in evaluation order) of the validation sample's windows.
+
+  The validation stream is cut into its len // (seq_len + 1) non-overlapping windows from offset 0, and
+  the first `count` of them in a grain index shuffle with the fixed EVAL_SEED are the sample: spread over
+  the whole held-out split rather than its first documents, the same on every call, in every process and
+  for every config.seed (runs stay comparable), and any prefix of it is itself a uniform sample.
+  """
+  n = val_tokens // (seq_len + 1)
+  if not 0 <= count <= n:
+    raise ValueError(f"eval_sample_starts: count={count} is outside [0, {n} windows]")
+  order = grain.MapDataset.range(n).shuffle(seed=EVAL_SEED)
+  return np.array([order[i] for i in range(count)], np.int64) * (seq_len + 1)
 
 
 def _raw_streams(d, fraction: float) -> tuple:

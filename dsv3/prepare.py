@@ -154,8 +154,9 @@ def _remove_temporaries(out: pathlib.Path) -> None:
 # Preparation.
 
 def prepare(source: str = "", tokenizer: str = "", out: str = "", workers: int = 1, chunk_files: int = 32,
-            vocab_size: int = 4096, validation_fraction: float = 0.02, fmt: str = "auto", field: str = "text",
-            max_files: int = 0, cache_dir: str = "", progress: bool = True) -> dict:
+            vocab_size: int = 4096, validation_fraction: float = corpus_lib.VALIDATION_FRACTION,
+            fmt: str = "auto", field: str = "text", max_files: int = 0, cache_dir: str = "",
+            progress: bool = True) -> dict:
   """Tokenizes `source` into `out` (see the module doc) and returns the manifest; resumes a partial `out`.
 
   Bad settings raise DataError naming the flag (--source, --tokenizer, --out, ...) and the fix."""
@@ -317,7 +318,8 @@ def _define_flags() -> None:
   flags.DEFINE_integer("workers", os.cpu_count() or 1, "Tokenizing processes.")
   flags.DEFINE_integer("chunk_files", 32, "Files per chunk (the unit of parallel work and of resume).")
   flags.DEFINE_integer("vocab_size", 4096, "Vocabulary size of the default BPE (with --tokenizer='').")
-  flags.DEFINE_float("validation_fraction", 0.02, "Share of documents held out by the hash of their name; "
+  flags.DEFINE_float("validation_fraction", corpus_lib.VALIDATION_FRACTION,
+                     "Share of documents held out by the hash of their name; "
                      "train with the same data.validation_fraction.")
   flags.DEFINE_string("format", "auto", "As data.format: auto | text | jsonl | parquet.")
   flags.DEFINE_string("field", "text", "jsonl key / parquet column holding the text.")

@@ -93,10 +93,13 @@ def test_prepared_batches_equal_raw_batches(prepared, tok_path):
 
 def test_tail_split_and_one_worker(tmp_path, tok_path):
   # 6 documents at 2%: none is held out by name, so the stream's tail is, as from raw text.
-  m = prepare.prepare("", tok_path, str(tmp_path / "p"), workers=1, chunk_files=2, max_files=6, progress=False)
+  m = prepare.prepare("", tok_path, str(tmp_path / "p"), workers=1, chunk_files=2, max_files=6, progress=False,
+                      validation_fraction=0.02)
   assert m["split"] == "tail" and m["tokens"]["validation"] > 0
-  raw = data.make_datasets(_config("stdlib", seq_len=16, tokenizer=tok_path, max_files=6, eval_batches=0), 0, 1)
-  prep = data.make_datasets(_config(tmp_path / "p", seq_len=16, max_files=6, eval_batches=0), 0, 1)
+  raw = data.make_datasets(_config("stdlib", seq_len=16, tokenizer=tok_path, max_files=6, eval_batches=0,
+                                   validation_fraction=0.02), 0, 1)
+  prep = data.make_datasets(_config(tmp_path / "p", seq_len=16, max_files=6, eval_batches=0,
+                                    validation_fraction=0.02), 0, 1)
   assert (prep.train_tokens, prep.val_tokens) == (raw.train_tokens, raw.val_tokens)
   for _ in range(5):
     np.testing.assert_array_equal(next(prep.train), next(raw.train))
