@@ -206,13 +206,15 @@ def _stage_programs(config, cfg, mesh, state, options):
       place = lambda tree: jax.tree.map(lambda a, sh: sds(a.shape, a.dtype, sh), tree,
                                         sharding.param_shardings(sub, tree))
       p, rt = place(p), place(rt)
+      devices = stages.Devices.of(sub, mb)
+      p = jax.eval_shape(devices.copies, p)        # the per-device parameter copies executor.run makes
       tokens = sds((mb, config.seq_len + 1), jnp.int32, rows) if st.first or st.last else None
       x = None if st.first else hidden
       g = None if st.last else hidden
       name = lambda kind: f"rank{r}_{kind}_stage{s}"
       with jax.set_mesh(sub):
         f = plan.programs.forward.lower(cfg, st.program_key, p, rt, x, tokens, coefs,
-                                        plan.expert_parallel[r]).compile(compiler_options=options)
+                                        devices).compile(compiler_options=options)
         out.append((name("F"), f"rank{r}", sub, f))
         vjps = f.out_info[1]
         if False in kinds:

@@ -12,6 +12,8 @@ import sys
 import jax
 import pytest
 
+import hlo
+
 from configs import tiny
 from dsv3 import compile_only
 
@@ -73,6 +75,12 @@ def test_cpu_pipeline_stage_programs(tmp_path):
   rank0, rank1 = ({d for r in saved["programs"] if r["position"] == f"rank{k}" for d in r["devices"]} for k in (0, 1))
   assert len(rank0) == len(rank1) == 4 and not rank0 & rank1
   assert "all-to-all" in open(tmp_path / "compiled" / "rank1_F_stage1.hlo.txt").read()   # EP inside the stage
+  # One gradient reduction per step: no stage program reduces anything parameter-sized over its devices
+  # (each device keeps its gradients in its own parameter copy until the end of the step).
+  for r in saved["programs"]:
+    if r["program"].startswith("rank"):
+      found = hlo.reductions(open(tmp_path / "compiled" / r["hlo"]).read())
+      assert not found, (r["program"], found)
 
 
 @pytest.mark.skipif(_gpu_toolchain(), reason="the GPU toolchain is installed here")

@@ -26,9 +26,11 @@ Several processes (multi-host): every process runs this same driver over the sam
 dispatches the programs of the ranks it holds devices of and skips the others; a transfer between ranks
 in different processes is a small collective program (a ppermute, see `Transfers`) that both sides call
 at the same point of the order. Variables live on the pipeline mesh replicated over 'pipeline' (the
-trainer's state), so each rank reads its stages' parameters from its own shards without a copy; at the
-end each rank adds its contributions into full-size gradient/load trees and one program on the whole
-mesh sums them over 'pipeline'. Keeping the whole state on every rank costs memory that a stage-sharded
+trainer's state), so each rank reads its stages' parameters from its own shards; at the start of a step
+it makes per-device copies of its stages' parameters (stages.Devices), so every backward adds each
+device's gradients into its own copy with no communication. At the end each rank sums the copies and
+adds its contributions into full-size gradient/load trees (the step's one reduction over the rank's
+devices), and one program on the whole mesh sums them over 'pipeline'. Keeping the whole state on every rank costs memory that a stage-sharded
 state would not: that is the price of one state tree that checkpoints, EMA and evaluation share.
 
 `pipeline_value_and_grad` returns exactly what jax.value_and_grad of losses.objective over
@@ -302,18 +304,21 @@ def run(plan: Plan, variables, tokens, mtp_weight, alpha, timings: Optional[list
 
   spec = _token_spec(plan.meshes[0], mb)       # sub-meshes are alike: one row layout for every rank
 
-  # Stage copies on the ranks this process takes part in.
+  # Stage copies on the ranks this process takes part in; their parameters as per-device copies where the
+  # micro-batch rows split over the sub-mesh, so gradients are reduced once per step (stages.Devices).
   copies: Dict[tuple, dict] = {}
   views = {r: plan.on_rank((params, routing), r) for r in plan.local_ranks}
+  devices = {r: stages.Devices.of(plan.meshes[r], mb) for r in plan.local_ranks}
   for (d, s), r in plan.owner.items():
     if r not in views:
       continue
     mesh = plan.meshes[r]
     p, rt = stages.stage_variables(cfg, *views[r], plan.specs[s])
+    p = devices[r].copies(p)
     coefs = jax.device_put(np.asarray([mtp_weight, alpha, 1.0 / plan.microbatches], np.float32),
                            NamedSharding(mesh, P()))
     copies[d, s] = dict(params=p, routing=rt, coefs=coefs, acc=stages.zeros_like(p),
-                        key=plan.specs[s].program_key, aux=[], ep=plan.expert_parallel[r])
+                        key=plan.specs[s].program_key, aux=[], devices=devices[r])
 
   # Micro-batch tokens go to the first and last stage of their direction (the embedding and the loss).
   micro = {}
@@ -335,7 +340,7 @@ def run(plan: Plan, variables, tokens, mtp_weight, alpha, timings: Optional[list
       c = copies[d, s]
       x = acts.pop((d, s, m)) if s > 0 else None
       y, vjps, aux = plan.programs.forward(cfg, c["key"], c["params"], c["routing"], x, micro.get((d, s, m)),
-                                           c["coefs"], c["ep"])
+                                           c["coefs"], c["devices"])
       saved[d, s, m] = vjps
       c["aux"].append(aux)
     if s + 1 < plan.num_stages:
@@ -387,10 +392,12 @@ def run(plan: Plan, variables, tokens, mtp_weight, alpha, timings: Optional[list
 # ---------------------------------------------------------------------------------------------------
 # Gathering the results: per rank, then summed over the 'pipeline' axis.
 # ---------------------------------------------------------------------------------------------------
-def _rank_totals(cfg: ModelConfig, stage_specs, param_shapes, routing_shapes, accs, auxes):
+def _rank_totals(cfg: ModelConfig, stage_specs, param_shapes, routing_shapes, devices, accs, auxes):
   """One rank's contributions as full trees: gradients shaped like the params (zero where the rank holds
   nothing), loads shaped like the routing biases, and the loss terms, each summed over micro-batches and
-  over the rank's stage copies. Every leaf gets a leading axis of 1: the rank's row of a [P, ...] array."""
+  over the rank's stage copies. Every leaf gets a leading axis of 1: the rank's row of a [P, ...] array.
+  The accumulators' per-device copies are summed here: the step's one gradient reduction on the rank."""
+  accs = [devices.sum_copies(acc) for acc in accs]
   grads = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), param_shapes)
   loads = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), routing_shapes)
   scalars = {k: jnp.zeros((), jnp.float32) for k in ("loss", "balance", "ce", "mtp_loss")}
@@ -427,11 +434,13 @@ def _assemble(plan: Plan, params, routing, copies):
   rows = {}
   for r in plan.local_ranks:
     mine = sorted(ds for ds, owner in plan.owner.items() if owner == r)
-    key = (r, tuple(mine), jax.tree.structure(params), tuple((x.shape, x.dtype) for x in jax.tree.leaves(params)))
+    devices = copies[mine[0]]["devices"]
+    key = (r, tuple(mine), devices, jax.tree.structure(params),
+           tuple((x.shape, x.dtype) for x in jax.tree.leaves(params)))
     if key not in plan._totals:
       out = jax.tree.map(lambda sp: NamedSharding(plan.meshes[r], P(None, *sp)), specs, is_leaf=is_spec)
       plan._totals[key] = jax.jit(functools.partial(
-          _rank_totals, cfg, tuple(plan.specs[s] for _, s in mine), shapes(params), shapes(routing)),
+          _rank_totals, cfg, tuple(plan.specs[s] for _, s in mine), shapes(params), shapes(routing), devices),
           out_shardings=out)
     rows[r] = plan._totals[key]([copies[ds]["acc"] for ds in mine], [copies[ds]["aux"] for ds in mine])
 

@@ -18,6 +18,14 @@ That per-piece split is the zero-bubble decomposition: B* puts the gradient on t
 half of the backward, and W fills bubbles later. The layers are unrolled rather than scanned because the
 split needs one VJP per layer, and a pipeline stage holds only a few layers (61 layers over PP16 is 4).
 
+Gradients are reduced once per step, not once per backward. When a micro-batch's rows split over every
+device of the sub-mesh (the trainer's layouts always do), each piece runs per device (shard_map over the
+sub-mesh, check_vma=False) on the device's own rows and its own copy of the stage's parameters: every
+leaf carries a leading axis over the devices it is replicated on (`Devices.copies`). The VJP of such a piece
+gives each device's gradient in its copy, unreduced; B and W add them up in the accumulator, and the
+executor sums the copies once, at the end of the step. Otherwise (rows that do not split, e.g. one row on
+two devices) the pieces run in the global view and XLA reduces every backward's gradients.
+
 Every piece also returns a scalar share of the loss: the head the whole objective (CE + MTP + its balance
 term) and each MoE layer alpha times its sequence-wise balance statistic. Seeding all of them with 1/M
 in the backward makes the M micro-batch backwards sum to the gradient of the batch-mean loss.
@@ -31,9 +39,12 @@ from typing import Any, Callable, List, NamedTuple, Optional, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dsv3 import losses
+from dsv3 import losses, sharding
 from dsv3.config import ModelConfig
+from dsv3.expert_parallel import ExpertParallel
 from dsv3.layers import compute_dtype, remat_policy, rope_cos_sin
 from dsv3.model import Block, Transformer
 
@@ -132,6 +143,81 @@ def scatter_gradients(cfg: ModelConfig, spec: StageSpec, grads) -> List[Tuple[tu
 
 
 # ---------------------------------------------------------------------------------------------------
+# Where a stage runs: per device with parameter copies (one reduction per step), or in the global view.
+# ---------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Devices:
+  """A stage's sub-mesh and how its pieces run there (static: hashable).
+
+  axes: the sub-mesh's axes when a micro-batch's rows split over all of its devices; then every piece runs
+  per device on parameter copies. () runs the pieces in the global view.
+  expert_parallel: the routed experts over the sub-mesh's 'expert' axis (None: all local).
+  """
+  mesh: Mesh
+  axes: Tuple[str, ...]
+  expert_parallel: Optional[ExpertParallel]
+
+  @classmethod
+  def of(cls, mesh: Mesh, rows: int) -> "Devices":
+    ep = ExpertParallel(mesh) if mesh.shape.get("expert", 1) > 1 else None
+    if mesh.size == 1 or rows % mesh.size:
+      return cls(mesh, (), ep)
+    # Every axis, size-1 ones included: an axis no spec mentions would get a (no-op) psum in the backward.
+    return cls(mesh, tuple(mesh.axis_names), dataclasses.replace(ep, manual=True) if ep else None)
+
+  def _specs(self, tree, copied: bool):
+    """Each leaf's spec on the sub-mesh; `copied` leaves carry the leading copy axis (shapes[1:] are the leaf's)."""
+    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:] if copied else a.shape, a.dtype), tree)
+    def one(spec):
+      used = set(jax.tree.leaves(tuple(spec)))
+      copy = tuple(a for a in self.axes if a not in used)
+      return P(copy or None, *spec)
+    return jax.tree.map(one, sharding.param_specs(self.mesh, shapes), is_leaf=lambda x: isinstance(x, P))
+
+  def copies(self, tree):
+    """The stage's parameters as per-device copies: each leaf broadcast over a leading axis that spans the
+    devices it is replicated on (its own split, e.g. experts over 'expert', is kept). Unchanged if axes=()."""
+    if not self.axes:
+      return tree
+    leaves, treedef = jax.tree.flatten(tree)
+    specs = jax.tree.leaves(self._specs(tree, copied=False), is_leaf=lambda x: isinstance(x, P))
+    return treedef.unflatten(_broadcast_copies(tuple(leaves), tuple(NamedSharding(self.mesh, sp) for sp in specs)))
+
+  def sum_copies(self, tree):
+    """Gradients in the copies' layout summed over the copies: the step's one reduction."""
+    return jax.tree.map(lambda g: g.sum(0), tree) if self.axes else tree
+
+  def run(self, fn, params, rows, shared=()):
+    """fn(params, *rows, *shared) -> (out, stats) on every device (or once, in the global view).
+
+    rows: arrays split over the micro-batch rows (leading axis); shared: replicated. `out` is split like the
+    rows (None allowed); `stats` is a dict of per-device scalars/arrays, combined here in the global view:
+    'load' (token counts) summed over the devices, the rest (means over the device's rows) averaged.
+    """
+    if not self.axes:
+      return fn(params, *rows, *shared)
+    row_spec = P(self.axes)
+
+    def body(p, rows, shared):
+      out, stats = fn(jax.tree.map(lambda a: a[0], p), *rows, *shared)
+      return out, jax.tree.map(lambda v: jnp.asarray(v)[None], stats)
+    per_device = jax.shard_map(body, mesh=self.mesh, check_vma=False,
+                               in_specs=(self._specs(params, copied=True), row_spec, P()),
+                               out_specs=(row_spec, row_spec))
+    out, stats = per_device(params, tuple(rows), tuple(shared))
+    return out, {k: jax.tree.map(lambda v: v.sum(0) if k == "load" else v.mean(0), v) for k, v in stats.items()}
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _broadcast_copies(leaves, shardings):
+  out = []
+  for a, sh in zip(leaves, shardings):
+    copies = int(np.prod([sh.mesh.shape[ax] for ax in jax.tree.leaves(sh.spec[0])] or [1]))
+    out.append(jax.lax.with_sharding_constraint(jnp.broadcast_to(a[None], (copies, *a.shape)), sh))
+  return out
+
+
+# ---------------------------------------------------------------------------------------------------
 # Pieces. Each maps (piece params, input) -> (output, loss share) with aux (metrics, load); the embedding
 # takes tokens (no input gradient) and the head returns only its loss share.
 # ---------------------------------------------------------------------------------------------------
@@ -169,15 +255,47 @@ def _layer_fn(cfg: ModelConfig, moe: bool, ep, routing, cos, sin, alpha):
   return fn
 
 
+def _embed_piece(cfg: ModelConfig, devices: Devices, inputs):
+  """p -> the embedded micro-batch."""
+  fn = lambda p, inputs: (_embed(cfg, p, inputs), {})
+  return lambda p: devices.run(fn, p, (inputs,))[0]
+
+
+def _layer_piece(cfg: ModelConfig, moe: bool, devices: Devices, routing, cos, sin, alpha):
+  """(p, x) -> ((y, loss share), {'balance', 'load'} for an MoE layer)."""
+  def fn(p, x, cos, sin, routing, alpha):
+    (y, part), aux = _layer_fn(cfg, moe, devices.expert_parallel, routing, cos, sin, alpha)(p, x)
+    return y, dict(aux, part=part)
+
+  def piece(p, x):
+    y, stats = devices.run(fn, p, (x, cos, sin), (routing, alpha))
+    part = stats.pop("part")
+    return (y, part), stats
+  return piece
+
+
+def _head_piece(cfg: ModelConfig, devices: Devices, routing, inputs, labels, cos, sin, coefs):
+  """(p, x) -> (loss share, {'ce', 'mtp_loss', 'balance', 'load'})."""
+  def fn(p, x, inputs, labels, cos, sin, routing, coefs):
+    loss, aux = _head(cfg, devices.expert_parallel, routing, inputs, labels, cos, sin, coefs, p, x)
+    return None, dict({k: v for k, v in aux.items() if v is not None}, part=loss)
+
+  def piece(p, x):
+    _, stats = devices.run(fn, p, (x, inputs, labels, cos, sin), (routing, coefs))
+    return stats.pop("part"), stats
+  return piece
+
+
 # ---------------------------------------------------------------------------------------------------
 # The stage programs. `coefs` = [mtp_weight, alpha, 1/M] (f32 [3], an argument so that changing the loss
 # weights never recompiles).
 # ---------------------------------------------------------------------------------------------------
-def forward(cfg: ModelConfig, key, params, routing, x, tokens, coefs, expert_parallel=None):
+def forward(cfg: ModelConfig, key, params, routing, x, tokens, coefs, devices: Devices):
   """F: returns (activation or None on the last stage, per-piece VJPs, aux).
 
-  expert_parallel: None, or a dsv3.expert_parallel.ExpertParallel over the stage's sub-mesh, so the
-  routed experts of the stage are split over its 'expert' axis (static; the VJPs carry it to B and W).
+  devices: where the stage runs (static): its sub-mesh, per device or in the global view, and its routed
+  experts split over the sub-mesh's 'expert' axis or not; the VJPs carry it to B and W. `params` are
+  `devices.copies(...)` of the stage's variables.
 
   aux = {'loss': this stage's share, 'balance': raw balance statistic summed over its MoE layers,
   'loads': [E] per MoE layer, and on the last stage 'ce', 'mtp_loss', 'mtp_loads'}.
@@ -188,23 +306,23 @@ def forward(cfg: ModelConfig, key, params, routing, x, tokens, coefs, expert_par
   cos, sin = rope_cos_sin(cfg, jnp.broadcast_to(jnp.arange(seq), (batch, seq)))
   vjps, share, balance, loads, aux = [], jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), [], {}
   if first:
-    x, vjp = jax.vjp(lambda p: _embed(cfg, p, inputs), params["embed"])
+    x, vjp = jax.vjp(_embed_piece(cfg, devices, inputs), params["embed"])
     vjps.append(vjp)
   for moe, p, r in zip(kinds, params["layers"], routing["layers"]):
-    (x, part), vjp, layer_aux = jax.vjp(_layer_fn(cfg, moe, expert_parallel, r, cos, sin, coefs[1]), p, x, has_aux=True)
+    (x, part), vjp, layer_aux = jax.vjp(_layer_piece(cfg, moe, devices, r, cos, sin, coefs[1]), p, x, has_aux=True)
     vjps.append(vjp)
     share = share + part
     if moe:
       balance = balance + layer_aux["balance"]
       loads.append(layer_aux["load"])
   if last:
-    head = functools.partial(_head, cfg, expert_parallel, routing["head"], inputs, tokens[:, 1:], cos, sin, coefs)
+    head = _head_piece(cfg, devices, routing["head"], inputs, tokens[:, 1:], cos, sin, coefs)
     part, vjp, head_aux = jax.vjp(head, params["head"], x, has_aux=True)
     vjps.append(vjp)
     share = share + part
-    if head_aux["balance"] is not None:
+    if head_aux.get("balance") is not None:
       balance = balance + head_aux["balance"]
-    aux = {"ce": head_aux["ce"], "mtp_loss": head_aux["mtp_loss"], "mtp_loads": head_aux["load"]}
+    aux = {"ce": head_aux["ce"], "mtp_loss": head_aux.get("mtp_loss"), "mtp_loads": head_aux["load"]}
     x = None
   aux.update(loss=share, balance=balance, loads=loads)
   return x, vjps, aux
