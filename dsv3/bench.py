@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import os
 import statistics
 import tempfile
@@ -42,22 +41,14 @@ import optax
 from dsv3 import losses, metrics, model, moe, plan
 from dsv3 import optimizer as opt_lib
 from dsv3.config import ModelConfig
+from dsv3.studies.common import load_config
 
 SECTIONS = ("train", "hf", "moe", "seq", "compile", "memory")
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ---------------------------------------------------------------------------------------------------
 # Shared pieces.
 # ---------------------------------------------------------------------------------------------------
-def load_config(name: str):
-  """configs/<name>.py's training config (configs/ need not be on sys.path)."""
-  spec = importlib.util.spec_from_file_location(f"dsv3_bench_{name}", os.path.join(_ROOT, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def short_run_config(name: str, steps: int, batch_size: int, seq_len: int, vocab: int, max_files: int,
                      eval_batches: int, log_every: int = 1):
   """configs/<name>.py shrunk for a quick run (the colabs' recipe): `steps` steps with 10% warm-up, one
