@@ -188,84 +188,38 @@ every step `b_i += gamma * sign(mean_load - load_i)`, with the load counted over
 The bias is state, not a parameter: no gradient flows through it, so balancing does not fight the language
 modelling loss. The baseline is an auxiliary balance loss (alpha = 0.001).
 
-Here the same tiny MoE (configs/tiny.py: 3 MoE layers, 16 experts, 4 active) is trained three ways, with the
-same data, seed and schedule, through the real trainer (`dsv3.balance_study.run_study` ->
-`dsv3.train.train_and_evaluate`), and compared on validation loss and **MaxVio_global** = (max load − mean
-load) / mean load over the whole validation set, averaged over MoE layers.
+The study (`python -m dsv3.studies.balance`, `dsv3/studies/balance.py`) trains the same tiny MoE
+(configs/tiny.py: 3 MoE layers, 16 experts, 4 active) with no balancing, the auxiliary loss, and the bias at
+gamma = 1e-4, 1e-3 (the paper's) and 1e-2, with the same data, seed and schedule, through the real trainer,
+and compares **MaxVio** = (max load − mean load) / mean load: _global over the whole validation sample,
+_batch over each training batch, averaged over MoE layers.
 
 **Reference** (Wang et al. 2024, 1B MoE): MaxVio_global 0.72 with the auxiliary loss vs 0.04 loss-free, at
 equal or better perplexity.
 """),
-    code(SETUP + """
+    md("""
+## Run it
+
+The cell below runs the study here, shortened (300 steps, three runs; in CI mode 30 steps on a smaller
+vocabulary and 30 files). The full study is `python -m dsv3.studies.balance --steps=1000` (five runs; it
+writes balance.md, balance.json and balance.png).
+"""),
+    code(SETUP),
+    code("""
 import tempfile
+from IPython.display import Markdown, display
+from dsv3.studies import balance
+
 STEPS = 30 if FAST else 300
-# Fast mode: a shorter sequence, a 512-token vocabulary and 30 files of data; otherwise configs/tiny.py as is.
 OVERRIDES = ({'batch_size': 8, 'seq_len': 64, 'model.vocab_size': 512, 'data.max_files': 30, 'eval_batches': 2}
              if FAST else {})
-WORKDIR = tempfile.mkdtemp(prefix='dsv3_balance_')
-"""),
-    md("""
-## The runs
-
-`gamma = 0.001` is the paper's default and what the table reports. A tiny run is short: the bias moves at most
-`gamma` per step, so in a few hundred steps it travels at most a few tenths, which is not much against sigmoid
-scores. We therefore also run **a faster gamma (0.01), clearly labelled**, to show where the method goes.
+MODES = ('aux_loss', 'aux_free', 'aux_free@0.01')
+results = balance.run(STEPS, tempfile.mkdtemp(prefix='dsv3_balance_'), MODES, OVERRIDES)
+display(Markdown(balance.table(results)))
+print(balance.verdict(results))
 """),
     code("""
-from dsv3 import balance_study
-
-MODES = ('none', 'aux_loss', 'aux_free', 'aux_free@0.01')
-results = balance_study.run_study(STEPS, WORKDIR, MODES, **OVERRIDES)
-"""),
-    md("## The table"),
-    code("""
-print(f'{STEPS} steps per run')
-print(balance_study.format_table(results))
-print()
-print(balance_study.verdict(results))
-"""),
-    md("## Curves: validation loss and MaxVio_global during training"),
-    code("""
-import matplotlib.pyplot as plt
-
-fig, axes = plt.subplots(1, 3, figsize=(16, 4))
-for spec, r in results.items():
-  label = balance_study.describe(spec, r)
-  style = '--' if '@' in spec else '-'
-  steps = [c['step'] for c in r['curve']]
-  axes[0].plot(steps, [c['val_loss'] for c in r['curve']], style, marker='o', ms=3, label=label)
-  axes[1].plot(steps, [c['maxvio_global'] for c in r['curve']], style, marker='o', ms=3, label=label)
-  tc = r['train_curve']
-  axes[2].plot([c['step'] for c in tc], [c['maxvio_batch'] for c in tc], style, label=label)
-axes[0].set(xlabel='step', ylabel='validation loss', title='validation loss')
-axes[1].set(xlabel='step', ylabel='MaxVio_global (mean over layers)', title='MaxVio_global (validation set)')
-axes[2].set(xlabel='step', ylabel='MaxVio_batch (mean over layers)', title='MaxVio per training batch')
-for ax in axes:
-  ax.legend(fontsize=8)
-for ref, name in ((0.72, 'paper: aux loss'), (0.04, 'paper: loss-free')):
-  axes[1].axhline(ref, color='grey', lw=0.8, ls=':')
-  axes[1].text(axes[1].get_xlim()[0], ref, ' ' + name, fontsize=7, va='bottom', color='grey')
-plt.tight_layout()
-plt.show()
-"""),
-    md("""
-## What this run shows, against the reference
-
-The cell above prints, for each loss-free run, its MaxVio_global next to the auxiliary loss's and whether the
-direction matches the paper (lower MaxVio at equal or better validation loss). What to expect at this scale:
-
-* **Direction.** Both balancing methods lower MaxVio relative to no balancing; the loss-free bias ends lower
-  than the auxiliary loss once the bias has had time to move, and its validation loss is not worse (the
-  balance does not come from a gradient that competes with the language-modelling loss).
-* **Magnitude.** The paper's 18× gap (0.72 → 0.04) is for a 1B model trained on 100B+ tokens; a few hundred
-  CPU steps with `gamma = 0.001` move each bias by at most `0.001 × steps`, so the paper-default row improves
-  on no balancing but stays far from 0.04. The labelled faster-gamma run balances the *training* batches
-  within a few dozen steps (third plot); its validation MaxVio_global falls less, because the validation
-  batches are consecutive windows of a few held-out files, a narrower mix than the shuffled training batches.
-* In fast (CI) mode, 30 steps are too few for gamma = 0.001 to move the bias at all, so that row can even
-  come out behind the auxiliary loss; the verdict line says so.
-* **Measured with `python -m dsv3.balance_study --steps 200`** (configs/tiny.py, batch 16 × 128, 4 runs) —
-  see colabs/README.md for the table from our run.
+display(balance.figure(results))   # validation loss, MaxVio_global, MaxVio per training batch
 """),
 ]
 

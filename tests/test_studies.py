@@ -68,9 +68,9 @@ def _outputs(out, name, results, text, fig):
 
 @pytest.mark.slow
 def test_balance_study_runs_and_reports(tmp_path, monkeypatch):
-  results = balance.run(6, str(tmp_path), ("none", "aux_loss", "aux_free@0.01"), SHORT)
+  results = balance.run(6, str(tmp_path), ("aux_loss", "aux_free@0.01"), SHORT)
   runs = results["runs"]
-  assert set(runs) == {"none", "aux_loss", "aux_free@0.01"}
+  assert set(runs) == {"aux_loss", "aux_free@0.01"}
   for r in runs.values():
     assert len(r["evals"]) >= 2 and r["maxvio_global"] >= 0 and np.isfinite(r["val_loss"])
   assert runs["aux_free@0.01"]["gamma"] == 0.01 and runs["aux_loss"]["alpha"] == 0.001

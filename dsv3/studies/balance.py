@@ -123,10 +123,9 @@ def verdict(results: dict) -> str:
 
 
 def figure(results: dict):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, 3, figsize=(17, 4.4))
+  from matplotlib.figure import Figure      # no pyplot: any backend, notebook or headless
+  fig = Figure(figsize=(17, 4.4))
+  axes = fig.subplots(1, 3)
   for spec, r in results["runs"].items():
     label, style = describe(spec, r), {"none": ":", "aux_loss": "--"}.get(r["mode"], "-")
     es = [e["step"] for e in r["evals"]]

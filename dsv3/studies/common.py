@@ -75,6 +75,10 @@ def read_metrics(workdir: str) -> list:
     return [json.loads(line) for line in f if line.strip()]
 
 
+class StudyStopped(RuntimeError):
+  """A study's training run ended before its last step (SIGTERM/SIGINT); rerunning resumes it."""
+
+
 def run_dir(out: str, config) -> str:
   """out/runs/<hash of the whole config>: a changed setting never resumes another setting's run, and two
   studies that train the same config share one run."""
@@ -94,6 +98,9 @@ def train_run(config, out: str) -> dict:
     with open(os.path.join(workdir, "study_config.json"), "w") as f:
       f.write(config.to_json(sort_keys=True, indent=1))
     train.train_and_evaluate(config, workdir)
+    if not _finished(workdir, config.num_train_steps):    # stopped early (a signal): nothing to report yet
+      raise StudyStopped(f"the run in {workdir} stopped before step {config.num_train_steps}; run the same "
+                         f"command again to resume it")
   rows = read_metrics(workdir)
   evals, logged = [r for r in rows if "val_loss" in r], [r for r in rows if "loss" in r]
   return {"last": {**logged[-1], **evals[-1]}, "evals": evals, "train": logged, "workdir": workdir}
@@ -143,4 +150,4 @@ def main(name: str, define_flags: Callable[[], None], study: Callable) -> None:
     paths = write_outputs(flags.FLAGS.out, name, text, results, fig)
     print(text)
     print(f"wrote {paths['md']}, {paths['json']}, {paths['png']}")
-  cli.run(run)
+  cli.run(run, user_errors=(StudyStopped,))

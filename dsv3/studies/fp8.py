@@ -62,10 +62,9 @@ def table(results: dict) -> str:
 
 
 def figure(results: dict):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+  from matplotlib.figure import Figure      # no pyplot: any backend, notebook or headless
+  fig = Figure(figsize=(12, 4.2))
+  axes = fig.subplots(1, 2)
   for precision, r in results["runs"].items():
     axes[0].plot(r["steps"], common.smooth(r["loss"], results["window"]), label=f"{precision}: training CE")
     axes[0].plot(r["eval_steps"], r["val_loss"], "o--", ms=3, label=f"{precision}: validation CE")

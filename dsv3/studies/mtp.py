@@ -78,10 +78,9 @@ def table(results: dict) -> str:
 
 
 def figure(results: dict):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+  from matplotlib.figure import Figure      # no pyplot: any backend, notebook or headless
+  fig = Figure(figsize=(12, 4.2))
+  axes = fig.subplots(1, 2)
   for name, r in results["runs"].items():
     axes[0].plot([e["step"] for e in r["evals"]], [e["val_loss"] for e in r["evals"]], marker="o", ms=3, label=name)
     ts = [t["step"] for t in r["train"]]
