@@ -16,6 +16,8 @@ from __future__ import annotations
 from typing import Iterable
 
 import numpy as np
+from absl import app, flags
+from matplotlib.figure import Figure   # no pyplot: any backend, notebook or headless
 
 from dsv3.studies import common
 
@@ -123,7 +125,6 @@ def verdict(results: dict) -> str:
 
 
 def figure(results: dict):
-  from matplotlib.figure import Figure      # no pyplot: any backend, notebook or headless
   fig = Figure(figsize=(17, 4.4))
   axes = fig.subplots(1, 3)
   for spec, r in results["runs"].items():
@@ -150,7 +151,6 @@ def figure(results: dict):
 
 
 def _study(f, overrides):
-  from absl import app
   modes = [m for m in f.modes if m]
   try:
     for m in modes:
@@ -162,7 +162,6 @@ def _study(f, overrides):
 
 
 def _define_flags():
-  from absl import flags
   flags.DEFINE_list("modes", list(MODES), "Runs: none, aux_loss, aux_free, each optionally MODE@STRENGTH.")
 
 

@@ -10,7 +10,9 @@ from typing import Callable, Iterable, Mapping
 
 import jax
 import numpy as np
-from absl import app
+from absl import app, flags, logging
+
+from dsv3 import cli, train
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -91,7 +93,6 @@ def train_run(config, out: str) -> dict:
   study resumes where its run stopped: the trainer resumes from its workdir). Returns {'last': the final
   evaluation with the last logged training metrics, 'evals': one row per evaluation, 'train': one row per
   logged step, 'workdir'}."""
-  from dsv3 import train      # the trainer, as a user runs it
   workdir = run_dir(out, config)
   if not _finished(workdir, config.num_train_steps):
     os.makedirs(workdir, exist_ok=True)
@@ -135,8 +136,6 @@ def main(name: str, define_flags: Callable[[], None], study: Callable) -> None:
   """A study's command line: --steps, --out and --set plus the study's own flags (`define_flags`), then
   `study(flags, overrides) -> (results, text, figure)`, whose outputs go to --out/<name>.{md,json,png}.
   Library INFO logs stay off unless -v / --verbosity is given, as in the trainer."""
-  from absl import flags, logging
-  from dsv3 import cli
   flags.DEFINE_integer("steps", 1000, "Training steps per run.")
   flags.DEFINE_string("out", "/tmp/dsv3_studies", f"Where the runs (out/runs/) and {name}.{{md,json,png}} go.")
   flags.DEFINE_multi_string("set", [], "Config override for every run, KEY=VALUE (e.g. data.max_files=30).")

@@ -13,6 +13,8 @@ at every evaluation.
 from __future__ import annotations
 
 import numpy as np
+from absl import flags
+from matplotlib.figure import Figure   # no pyplot: any backend, notebook or headless
 
 from dsv3.studies import common
 
@@ -62,7 +64,6 @@ def table(results: dict) -> str:
 
 
 def figure(results: dict):
-  from matplotlib.figure import Figure      # no pyplot: any backend, notebook or headless
   fig = Figure(figsize=(12, 4.2))
   axes = fig.subplots(1, 2)
   for precision, r in results["runs"].items():
@@ -88,7 +89,6 @@ def _study(f, overrides):
 
 
 def _define_flags():
-  from absl import flags
   flags.DEFINE_integer("log_every", 5, "Log the training loss every this many steps.")
   flags.DEFINE_integer("window", 4, "Trailing logs averaged before comparing training losses.")
 

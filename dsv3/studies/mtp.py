@@ -13,6 +13,11 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+from absl import flags
+from matplotlib.figure import Figure   # no pyplot: any backend, notebook or headless
+
+from dsv3 import convert, generate
+from dsv3 import data as data_lib
 
 from dsv3.studies import common
 
@@ -22,8 +27,6 @@ REFERENCE_ACCEPTANCE = (0.85, 0.90)     # report §5.4.3: the second token's acc
 def acceptance(workdir: str, config, prompts: int, prompt_len: int, new_tokens: int) -> dict:
   """Self-speculative decoding with the trained MTP module on validation prompts: mean acceptance rate and
   tokens per verify step over `prompts` prompts of `prompt_len` tokens."""
-  from dsv3 import convert, generate
-  from dsv3 import data as data_lib
   cfg = convert.config_of(workdir)
   variables = convert.load_orbax_variables(workdir)
   batches = data_lib.make_datasets(config).eval_batches()
@@ -78,7 +81,6 @@ def table(results: dict) -> str:
 
 
 def figure(results: dict):
-  from matplotlib.figure import Figure      # no pyplot: any backend, notebook or headless
   fig = Figure(figsize=(12, 4.2))
   axes = fig.subplots(1, 2)
   for name, r in results["runs"].items():
@@ -103,7 +105,6 @@ def _study(f, overrides):
 
 
 def _define_flags():
-  from absl import flags
   flags.DEFINE_integer("prompts", 32, "Validation prompts for the acceptance measurement.")
   flags.DEFINE_integer("prompt_len", 64, "Tokens per prompt.")
   flags.DEFINE_integer("new_tokens", 32, "Tokens generated per prompt.")
