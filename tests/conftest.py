@@ -15,7 +15,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 
 def pytest_configure(config):
-  config.addinivalue_line("markers", "slow: long-running test (still run in CI)")
+  config.addinivalue_line("markers", "slow: long end-to-end run, left out by default (pytest.ini); run with -m slow")
   config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped on CPU-only machines")
 
 
