@@ -198,16 +198,28 @@ _batch over each training batch, averaged over MoE layers.
 equal or better perplexity.
 """),
     md("""
+## The full study
+
+`python -m dsv3.studies.balance --steps=1000 --out=colabs/studies` wrote the table and plots below (five runs
+of 1,000 steps; the machine and date are in colabs/studies/README.md). The cell reads them from the
+repository; it trains nothing.
+"""),
+    code(SETUP + """
+from pathlib import Path
+from IPython.display import Image, Markdown, display
+STUDIES = Path('studies')   # colabs/studies: the committed outputs of the three study commands
+display(Markdown((STUDIES / 'balance.md').read_text()))
+display(Image(filename=str(STUDIES / 'balance.png')))
+"""),
+    md("""
 ## Run it
 
 The cell below runs the study here, shortened (300 steps, three runs; in CI mode 30 steps on a smaller
 vocabulary and 30 files). The full study is `python -m dsv3.studies.balance --steps=1000` (five runs; it
 writes balance.md, balance.json and balance.png).
 """),
-    code(SETUP),
     code("""
 import tempfile
-from IPython.display import Markdown, display
 from dsv3.studies import balance
 
 STEPS = 30 if FAST else 300

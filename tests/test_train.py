@@ -187,6 +187,7 @@ def test_cli_requires_workdir(cache_dir):
   assert proc.returncode != 0 and "workdir" in proc.stderr
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_one_big_batch(tmp_path, cache_dir):
   """Mean of per-micro-batch gradients == full-batch gradient, so the loss curve is unchanged."""
   runs = {}

@@ -18,6 +18,7 @@ def checkpoint_steps(workdir):
   return sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
 
 
+@pytest.mark.slow
 def test_diverging_learning_rate_stops_and_resumes_lower(tmp_path, cache_dir):
   """lr=1e6: step 1 is good (the warmup's lr is 0), step 2's update is ~1e7 x the parameters."""
   c = small_config(learning_rate=1e6, num_train_steps=4, checkpoint_every_steps=1, eval_every_steps=100)
