@@ -79,6 +79,31 @@ def test_entry_cli_two_steps(tmp_path, cache_dir):
   assert "2" in os.listdir(tmp_path / "checkpoints")
 
 
+def test_slurm_script_passes_the_readme_flags_to_the_trainer(tmp_path, cache_dir):
+  """launch/slurm.sbatch run as the README shows it, with a stand-in srun that runs its command once (one
+  task, so no jax.distributed): the flags after the script name reach dsv3.train, which trains."""
+  readme = open(os.path.join(ROOT, "README.md")).read()
+  line = next(l for l in readme.splitlines() if "sbatch" in l and "launch/slurm.sbatch" in l)
+  example = line[line.index("launch/slurm.sbatch"):].split("`")[0].split()[1:]
+  assert example and all(a.startswith("--") and "=" in a for a in example), f"README's SLURM example: {line}"
+  assert {a.split("=")[0] for a in example} >= {"--config", "--workdir"}, line
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "srun").write_text('#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n')
+  os.chmod(bin_dir / "srun", 0o755)
+  # The README's flags with this machine's config, workdir and mesh in place of the cluster's.
+  local = {"--config": f"--config={ROOT}/configs/tiny.py", "--workdir": f"--workdir={tmp_path / 'run'}"}
+  args = [local.get(a.split("=")[0], a) for a in example if not a.startswith("--config.mesh.")]
+  env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=sys.executable, REPO=ROOT,
+             DSV3_CACHE=cache_dir, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env.pop("SLURM_NTASKS", None)
+  proc = subprocess.run(["bash", os.path.join(ROOT, "launch", "slurm.sbatch"), *args, *OVERRIDES,
+                         "--config.mesh.data=8", "--config.num_train_steps=2"],
+                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+  assert "2" in os.listdir(tmp_path / "run" / "checkpoints")
+
+
 @pytest.mark.slow
 def test_kill9_then_resume_equals_uninterrupted(tmp_path, cache_dir):
   ref_dir, dir_ = tmp_path / "ref", tmp_path / "killed"
