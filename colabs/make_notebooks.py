@@ -200,8 +200,8 @@ equal or better perplexity.
     md("""
 ## The full study
 
-`python -m dsv3.studies.balance --steps=1000 --out=colabs/studies` wrote the table and plots below (five runs
-of 1,000 steps; the machine and date are in colabs/studies/README.md). The cell reads them from the
+`python -m dsv3.studies.balance --steps=1000` wrote the table and plots below (five runs of 1,000 steps,
+copied into colabs/studies/; the machine and date are in colabs/studies/README.md). The cell reads them from the
 repository; it trains nothing.
 """),
     code(SETUP + """
