@@ -20,7 +20,8 @@ Sections (--what, comma-separated):
            routing weights. The grouped path's cost should stay nearly flat; the baseline grows with E.
   seq      tokens/s of the tiny training step for sequence lengths 128 .. 4096 (--fast: .. 1024) at a fixed
            number of tokens per step (2048, or --tokens).
-  compile  lowering and compile time of the tiny training step with 2, 4, 8, 16 layers (nn.scan keeps it flat).
+  compile  lowering and compile time of the tiny training step with 2, 4, 8, 16 layers, scanned (nn.scan keeps it
+           flat) and unrolled (model.scan_layers=False).
   memory   peak bytes per device of the compiled training step (compiled.memory_analysis(): arguments +
            outputs - donated aliases + temporaries) next to the planner's params + grads + optimizer estimate.
 """
@@ -318,17 +319,20 @@ def bench_compile(args):
   base = ModelConfig.from_config_dict(config)
   rows = []
   for depth in (2, 4, 8) if args.fast else (2, 4, 8, 16):
-    cfg = base.replace(num_hidden_layers=depth)
-    step, abstract = _abstract_step(config, cfg, 16, 128)
-    t0 = time.perf_counter()
-    lowered = step.lower(*abstract)
-    t1 = time.perf_counter()
-    lowered.compile()
-    t2 = time.perf_counter()
-    rows.append([depth, f"{plan.param_counts(cfg)['total_params']:,}", f"{t1 - t0:.2f}", f"{t2 - t1:.2f}"])
-  print(f"== compile time of the tiny training step vs depth ({_device_line()}; layers scanned, "
-        f"first layer dense)")
-  print(_fmt_table(["layers", "params (main)", "lower s", "compile s"], rows))
+    row = [depth, f"{plan.param_counts(base.replace(num_hidden_layers=depth))['total_params']:,}"]
+    for scan in (True, False):
+      cfg = base.replace(num_hidden_layers=depth, scan_layers=scan)
+      step, abstract = _abstract_step(config, cfg, 16, 128)
+      t0 = time.perf_counter()
+      lowered = step.lower(*abstract)
+      t1 = time.perf_counter()
+      lowered.compile()
+      row += [f"{t1 - t0:.2f}", f"{time.perf_counter() - t1:.2f}"]
+    rows.append(row)
+  print(f"== compile time of the tiny training step vs depth ({_device_line()}; first layer dense): the "
+        f"layer stacks scanned (model.scan_layers=True) and unrolled (False)")
+  print(_fmt_table(["layers", "params (main)", "scan: lower s", "compile s", "unrolled: lower s", "compile s"],
+                   rows))
 
 
 def bench_memory(args):

@@ -65,6 +65,8 @@ class ModelConfig:
   grouped_gemm: str = "auto"              # 'auto' | 'ragged_dot' | 'tiled' (flat on CPU) | 'triton' (GPU)
   attention: str = "auto"                 # 'auto' | 'dense' | 'blockwise' | 'cudnn' (dsv3/attention.py)
   attention_block: int = 512              # blockwise attention's query/key tile
+  scan_layers: bool = True                # False: each layer stack runs unrolled (same params; no scan
+                                          # carry/residual stacking, so faster on CPU; compile grows with depth)
 
   def __post_init__(self):
     # Canonical form: a sorted tuple of pairs (hashable, order-independent), whatever the caller passed.
@@ -133,6 +135,7 @@ class ModelConfig:
          f"must be 'auto', 'ragged_dot', 'tiled' or 'triton', got {self.grouped_gemm!r}")
     need(self.attention in ("auto", "dense", "blockwise", "cudnn"), "attention",
          f"must be 'auto', 'dense', 'blockwise' or 'cudnn', got {self.attention!r}")
+    need(isinstance(self.scan_layers, bool), "scan_layers", f"must be True or False, got {self.scan_layers!r}")
     need(isinstance(self.attention_block, int) and self.attention_block > 0, "attention_block",
          f"must be a positive integer, got {self.attention_block!r}")
     need(self.capacity_factor >= 0, "capacity_factor", "must be >= 0 (0 = dropless)")

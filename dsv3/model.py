@@ -44,12 +44,14 @@ class Block(nn.Module):
 
 
 def layer_stack(cfg: ModelConfig, moe: bool, length: int, expert_parallel=None, name=None):
-  """`length` Blocks under one nn.scan, optionally rematerialised with the configured policy."""
+  """`length` Blocks under one nn.scan (params stacked [length, ...]), optionally rematerialised with the
+  configured policy. cfg.scan_layers=False unrolls the scan: the same params, straight-line code."""
   block = Block
   if cfg.remat != "none":
     block = nn.remat(Block, policy=remat_policy(cfg.remat), prevent_cse=False)
   scanned = nn.scan(block, variable_axes={"params": 0, "routing": 0}, split_rngs={"params": True},
-                    in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=length)
+                    in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=length,
+                    unroll=1 if cfg.scan_layers else True)
   return scanned(cfg, moe, expert_parallel, name=name)
 
 

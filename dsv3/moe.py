@@ -49,15 +49,20 @@ def route(cfg: ModelConfig, x: jax.Array, router_kernel: jax.Array, bias: jax.Ar
   return topk_idx.astype(jnp.int32), topk_weight * cfg.routed_scaling_factor, scores
 
 
+def grouped_gemm_impl(cfg: ModelConfig) -> str:
+  """cfg.grouped_gemm with 'auto' resolved: XLA:CPU's ragged_dot is dense over all experts, so CPU tiles."""
+  if cfg.grouped_gemm == "auto":
+    return "tiled" if jax.default_backend() == "cpu" else "ragged_dot"
+  return cfg.grouped_gemm
+
+
 def grouped_matmul(x, w, group_sizes, cfg: ModelConfig):
   """Grouped GEMM: rows of x [M, K] sorted by group, w [G, K, N]; rows past sum(group_sizes) give 0."""
   dtype = compute_dtype(cfg)
   if cfg.precision == "fp8":
     from dsv3 import fp8
     return fp8.ragged_dot(x.astype(dtype), w.astype(dtype), group_sizes).astype(dtype)
-  impl = cfg.grouped_gemm
-  if impl == "auto":  # XLA:CPU's ragged_dot is dense over all experts; the tiled form stays flat there
-    impl = "tiled" if jax.default_backend() == "cpu" else "ragged_dot"
+  impl = grouped_gemm_impl(cfg)
   if impl in ("triton", "tiled"):
     from dsv3 import grouped_gemm
     if impl == "tiled":
@@ -67,11 +72,14 @@ def grouped_matmul(x, w, group_sizes, cfg: ModelConfig):
   return y.astype(dtype)
 
 
+_EXPERT_NAMES = ("expert_gate", "expert_up", "expert_out")   # what the 'paper' remat policy saves
+
+
 def expert_ffn(xs, group_sizes, w_gate, w_up, w_down, cfg: ModelConfig):
   """SwiGLU of every expert over its contiguous block of sorted rows, as three grouped GEMMs."""
-  gate = checkpoint_name(grouped_matmul(xs, w_gate, group_sizes, cfg), "expert_gate")
-  up = checkpoint_name(grouped_matmul(xs, w_up, group_sizes, cfg), "expert_up")
-  return checkpoint_name(grouped_matmul(nn.silu(gate) * up, w_down, group_sizes, cfg), "expert_out")
+  gate = checkpoint_name(grouped_matmul(xs, w_gate, group_sizes, cfg), _EXPERT_NAMES[0])
+  up = checkpoint_name(grouped_matmul(xs, w_up, group_sizes, cfg), _EXPERT_NAMES[1])
+  return checkpoint_name(grouped_matmul(nn.silu(gate) * up, w_down, group_sizes, cfg), _EXPERT_NAMES[2])
 
 
 def capacity_mask(sorted_expert, group_sizes, num_rows, capacity):
@@ -100,6 +108,13 @@ def routed_experts_local(cfg: ModelConfig, x, topk_idx, topk_weight, w_gate, w_u
     keep = capacity_mask(sorted_expert, group_sizes, N * k, capacity)
     weight = jnp.where(keep, weight, 0.0)
     dropped = jnp.sum(~keep).astype(jnp.int32)
+  if cfg.precision != "fp8" and grouped_gemm_impl(cfg) == "tiled":
+    # Tokens gathered straight into expert tiles and combined from them: one gather, one scatter-add.
+    from dsv3 import grouped_gemm
+    dtype = compute_dtype(cfg)
+    y = grouped_gemm.tiled_expert_ffn(x.astype(dtype), token_of, weight, group_sizes, w_gate.astype(dtype),
+                                      w_up.astype(dtype), w_down.astype(dtype), names=_EXPERT_NAMES)
+    return y.astype(x.dtype), dropped
   out = expert_ffn(x[token_of], group_sizes, w_gate, w_up, w_down, cfg)
   out = out.astype(jnp.float32) * weight[:, None]
   y = jnp.zeros((N, x.shape[-1]), jnp.float32).at[token_of].add(out)

@@ -1,0 +1,46 @@
+"""model.scan_layers: the unrolled layer stacks are the scanned ones, in params, values and gradients."""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsv3 import losses, model
+from dsv3.config import ConfigError, ModelConfig
+
+CFG = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                  num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=2, q_lora_rank=16,
+                  kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=8,
+                  n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
+                  num_nextn_predict_layers=1, max_position_embeddings=64, rope_scaling=None, remat="paper")
+
+
+def _loss_and_grads(cfg, variables, tokens):
+  def loss(params):
+    out = model.forward_train(cfg, {**variables, "params": params}, tokens[:, :-1])
+    return losses.objective(cfg, out, tokens[:, 1:], 0.3, 1e-3)[0]
+  return jax.jit(jax.value_and_grad(loss))(variables["params"])
+
+
+def test_unrolled_layers_equal_scanned():
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 17)), jnp.int32)
+  variables = model.init(CFG, jax.random.key(0))
+  unrolled = CFG.replace(scan_layers=False)
+  same_tree = jax.tree.map(lambda a, b: a.shape == b.shape, variables, model.init(unrolled, jax.random.key(0)))
+  assert all(jax.tree.leaves(same_tree))
+  (l0, g0), (l1, g1) = _loss_and_grads(CFG, variables, tokens), _loss_and_grads(unrolled, variables, tokens)
+  np.testing.assert_allclose(l1, l0, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  # Unrolled: no loop over layers in the compiled program (the loops left are integer binary searches).
+  def float_loops(cfg):
+    hlo = jax.jit(lambda p: model.forward_train(cfg, {**variables, "params": p}, tokens[:, :-1])["logits"]
+                  ).lower(variables["params"]).compile().as_text()
+    return [l for l in hlo.splitlines() if re.search(r" while\(", l) and "f32[" in l.split(" while(")[0]]
+  assert float_loops(CFG) and not float_loops(unrolled)
+
+
+def test_scan_layers_must_be_a_bool():
+  with pytest.raises(ConfigError, match=r"model.scan_layers: must be True or False, got 'no'"):
+    CFG.replace(scan_layers="no").validate()
