@@ -10,10 +10,15 @@ Sections (--what, comma-separated):
            trainer's AdamW) for configs/tiny.py (and configs/small.py with --small) on the current backend.
            MFU = tokens/s x dsv3.plan.flops_per_token(include_mtp) / peak; the peak is the GPU's datasheet
            figure or, on CPU, a measured float32 matmul (dsv3.metrics.device_peak_flops).
-  hf       the same config and weights in HF transformers (PyTorch, CPU): dsv3.hf.save_checkpoint, then
+  hf       the same configs and weights in HF transformers (PyTorch, CPU): dsv3.hf.save_checkpoint, then
            AutoModelForCausalLM.from_pretrained. Both run forward + backward + AdamW (lr 1e-4, betas 0.9/0.95,
            weight decay 0.1 on every parameter) of the main model's next-token loss at the same batch, sequence
-           length and float32, torch at its default thread count; prints tokens/s for both and the ratio.
+           length and float32, torch at its default thread count, for the tiny config and a 16M-parameter MoE
+           (hf_comparison_configs; --hf_configs picks): per-phase ms (forward, backward, optimizer), tokens/s,
+           the ratio, and one MoE block's forward + backward on both sides.
+  profile  where the step's time goes (dsv3.step_profile): the hf configs' dsv3 step traced with jax.profiler,
+           exclusive op time by op class (GEMM, gather, scatter, layout copy, ...) and by phase and model part,
+           with the GEMMs' achieved GFLOP/s.
   moe      one MoE layer (forward + backward) at fixed active parameters (hidden 128, 4 active experts of
            intermediate 64) with 8, 16, 64, 256 routed experts: the dropless grouped GEMM (jax.lax.ragged_dot)
            against a dense one-hot dispatch baseline that runs every expert on every token and masks by the
@@ -44,7 +49,7 @@ from dsv3 import optimizer as opt_lib
 from dsv3.config import ModelConfig
 from dsv3.studies.common import load_config
 
-SECTIONS = ("train", "hf", "moe", "seq", "compile", "memory")
+SECTIONS = ("train", "hf", "profile", "moe", "seq", "compile", "memory")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -172,63 +177,158 @@ def bench_train(args):
                     "peak GFLOP/s", "MFU"], rows))
 
 
+def hf_comparison_configs():
+  """{name: (ModelConfig, batch, seq_len)} that `--what=hf` runs: the tiny config, and a 16M-parameter MoE
+  (hidden 256, 4 layers with 1 dense, 16 experts top-4 in 4 groups, vocab 8192) at 8 x 256. No MTP: HF has none."""
+  tiny = ModelConfig.from_config_dict(load_config("tiny")).replace(num_nextn_predict_layers=0)
+  m16 = tiny.replace(vocab_size=8192, hidden_size=256, intermediate_size=1024, moe_intermediate_size=256,
+                     q_lora_rank=128, kv_lora_rank=64, max_position_embeddings=256)
+  return {"tiny": (tiny, 8, 128), "16m": (m16, 8, 256)}
+
+
+def _jax_phases(cfg: ModelConfig, variables, tokens, steps: int) -> dict:
+  """Seconds per step of dsv3's forward (loss), forward + backward, and the whole step with AdamW (torch's
+  hyper-parameters); backward and optimizer are the differences."""
+  tx = optax.adamw(1e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1)
+  params = jax.tree.map(jnp.array, _main_params(variables["params"]))
+  routing = variables["routing"]
+
+  def loss_fn(params):
+    logits = model.Transformer(cfg).apply({"params": params, "routing": routing}, tokens[:, :-1])["logits"]
+    return losses.cross_entropy(logits, tokens[:, 1:])
+  fwd, fwd_bwd = jax.jit(loss_fn), jax.jit(jax.value_and_grad(loss_fn))
+  step = make_train_step(cfg, tx, mtp=False)
+  state = {"p": params, "o": tx.init(params)}
+
+  def run_step():
+    state["p"], state["o"], loss = step(state["p"], routing, state["o"], tokens)
+    loss.block_until_ready()
+  t_fwd = _timeit(lambda: fwd(params).block_until_ready(), steps, warmup=2)
+  t_fb = _timeit(lambda: jax.block_until_ready(fwd_bwd(params)), steps, warmup=2)
+  t_step = _timeit(run_step, steps, warmup=2)
+  return {"forward": t_fwd, "backward": t_fb - t_fwd, "optimizer": t_step - t_fb, "step": t_step}
+
+
+def _torch_phases(ref, t_tokens, steps: int) -> dict:
+  """The same split for HF on PyTorch (eager on CPU, so each phase is timed where it runs)."""
+  import torch
+  opt = torch.optim.AdamW(ref.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+  times = {"forward": [], "backward": [], "optimizer": [], "step": []}
+  for i in range(steps + 2):
+    t0 = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    logits = ref(input_ids=t_tokens[:, :-1]).logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), t_tokens[:, 1:].reshape(-1))
+    t1 = time.perf_counter()
+    loss.backward()
+    t2 = time.perf_counter()
+    opt.step()
+    t3 = time.perf_counter()
+    if i >= 2:                                   # two warm-up steps, as for JAX
+      for k, v in zip(times, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
+        times[k].append(v)
+  return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _moe_block_times(cfg: ModelConfig, variables, hf_block, batch: int, seq: int, steps: int):
+  """(dsv3, HF) seconds of one MoE block's forward + backward (router, routed and shared experts; input and
+  weight gradients) on the same weights and input."""
+  import torch
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(batch, seq, cfg.hidden_size)).astype(np.float32)
+  ct = rng.normal(size=x.shape).astype(np.float32)
+  layer = lambda tree: jax.tree.map(lambda a: a[0], tree["moe_layers"]["mlp"])
+  block_vars = {"params": layer(variables["params"]), "routing": layer(variables["routing"])}
+
+  def loss(params, x):
+    y, _ = moe.MoE(cfg).apply({"params": params, "routing": block_vars["routing"]}, x)
+    return jnp.sum(y * ct)
+  vg = jax.jit(jax.grad(loss, argnums=(0, 1)))
+  jx = jnp.asarray(x)
+  t_jax = _timeit(lambda: jax.block_until_ready(vg(block_vars["params"], jx)), steps * 4, warmup=2)
+  tx, tct = torch.from_numpy(x).requires_grad_(True), torch.from_numpy(ct)
+
+  def run_torch():
+    hf_block.zero_grad(set_to_none=True)
+    tx.grad = None
+    (hf_block(tx) * tct).sum().backward()
+  return t_jax, _timeit(run_torch, steps * 4, warmup=2)
+
+
 def bench_hf(args):
   import torch
   import transformers
   from dsv3 import hf
-  config = load_config("tiny")
-  cfg = ModelConfig.from_config_dict(config)
-  batch, seq = args.batch or 8, args.seq or 128
-  variables = model.init(cfg, jax.random.key(0))
-  tokens = _tokens(cfg, batch, seq)
-
-  # dsv3: the main model's loss (HF has no MTP loss), optax AdamW with torch's hyper-parameters.
-  tx = optax.adamw(1e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1)
-  params = jax.tree.map(jnp.array, _main_params(variables["params"]))
-  state = {"p": params, "o": tx.init(params)}
-  step = make_train_step(cfg, tx, mtp=False)
-
-  def run_jax():
-    state["p"], state["o"], loss = step(state["p"], variables["routing"], state["o"], tokens)
-    loss.block_until_ready()
-  jax_s = _timeit(run_jax, args.steps, warmup=2)
-
-  transformers.logging.set_verbosity_error()     # the MTP tensors HF does not use are reported as unexpected
-  t_tokens = torch.from_numpy(np.array(tokens)).long()
-  n = batch * seq
-  rows = [["dsv3 (JAX, jit)", "-", f"{jax_s * 1e3:.0f}", f"{n / jax_s:,.0f}"]]
-  best_torch = float("inf")
-  with tempfile.TemporaryDirectory() as tmp:
-    hf.save_checkpoint(cfg, variables, os.path.join(tmp, "ckpt"))
-    # HF's default experts implementation first, then its per-expert loop: the comparison uses HF's faster one.
-    for impl in (None, "eager"):
-      kwargs = {} if impl is None else {"experts_implementation": impl}
-      try:
-        ref = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(tmp, "ckpt"), dtype=torch.float32,
-                                                                **kwargs)
-      except (TypeError, ValueError) as e:            # older transformers: no experts_implementation switch
-        print(f"(HF experts_implementation={impl!r} unavailable: {e})")
-        continue
-      ref.train()
-      opt = torch.optim.AdamW(ref.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-
-      def run_torch():
-        opt.zero_grad(set_to_none=True)
-        logits = ref(input_ids=t_tokens[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                                 t_tokens[:, 1:].reshape(-1))
-        loss.backward()
-        opt.step()
-      torch_s = _timeit(run_torch, args.steps, warmup=2)
-      best_torch = min(best_torch, torch_s)
-      used = getattr(ref.config, "_experts_implementation", None) or impl or "default"
-      rows.append(["HF transformers (PyTorch eager)", used, f"{torch_s * 1e3:.0f}", f"{n / torch_s:,.0f}"])
-
+  transformers.logging.set_verbosity_error()
+  names = [n.strip() for n in (args.hf_configs or "tiny,16m").split(",") if n.strip()]
+  configs = hf_comparison_configs()
+  unknown = sorted(set(names) - set(configs))
+  if unknown:
+    raise SystemExit(f"--hf_configs: unknown {unknown}; choose from {','.join(configs)}")
   print(f"== dsv3 vs HF transformers {transformers.__version__} (torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads): tiny, fp32, batch {batch}x{seq}, forward + backward + AdamW, "
-        f"main-model loss")
-  print(_fmt_table(["implementation", "HF experts impl", "step ms", "tokens/s"], rows))
-  print(f"dsv3 / HF tokens/s ratio (against HF's faster experts implementation): {best_torch / jax_s:.2f}x")
+        f"{torch.get_num_threads()} threads; {_device_line()}): fp32, forward + backward + AdamW of the "
+        f"next-token loss, the same weights, median of {args.steps} steps")
+  summary = []
+  for name in names:
+    cfg, batch, seq = configs[name]
+    batch, seq = args.batch or batch, args.seq or seq
+    cfg = cfg.replace(max_position_embeddings=max(cfg.max_position_embeddings, seq))
+    variables = model.init(cfg, jax.random.key(0))
+    tokens = _tokens(cfg, batch, seq)
+    n = batch * seq
+    mine = _jax_phases(cfg, variables, tokens, args.steps)
+    t_tokens = torch.from_numpy(np.array(tokens)).long()
+    theirs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+      hf.save_checkpoint(cfg, variables, os.path.join(tmp, "ckpt"))
+      # HF's default experts implementation and its per-expert loop: the comparison uses HF's faster one.
+      for impl in (None, "eager"):
+        kwargs = {} if impl is None else {"experts_implementation": impl}
+        try:
+          ref = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(tmp, "ckpt"), dtype=torch.float32,
+                                                                  **kwargs)
+        except (TypeError, ValueError) as e:          # older transformers: no experts_implementation switch
+          print(f"(HF experts_implementation={impl!r} unavailable: {e})")
+          continue
+        ref.train()
+        used = getattr(ref.config, "_experts_implementation", None) or impl or "default"
+        theirs[used] = (_torch_phases(ref, t_tokens, args.steps), ref)
+    best = min(theirs, key=lambda k: theirs[k][0]["step"])
+    hf_block = theirs[best][1].model.layers[cfg.first_k_dense_replace].mlp
+    moe_jax, moe_torch = _moe_block_times(cfg, variables, hf_block, batch, seq, args.steps)
+    rows = [["dsv3 (JAX, jit)", "-"] + [f"{mine[k] * 1e3:.1f}" for k in ("forward", "backward", "optimizer", "step")]
+            + [f"{n / mine['step']:,.0f}"]]
+    for used, (t, _) in theirs.items():
+      rows.append([f"HF (PyTorch eager)", used] + [f"{t[k] * 1e3:.1f}" for k in ("forward", "backward", "optimizer",
+                                                                              "step")] + [f"{n / t['step']:,.0f}"])
+    params = plan.param_counts(cfg)["total_params"]
+    print(f"\n-- {name}: {params / 1e6:.1f}M params, batch {batch}x{seq}")
+    print(_fmt_table(["implementation", "HF experts", "fwd ms", "bwd ms", "opt ms", "step ms", "tokens/s"], rows))
+    ratio = theirs[best][0]["step"] / mine["step"]
+    print(f"dsv3 / HF tokens/s: {ratio:.2f}x (HF's faster experts implementation, {best}); one MoE block "
+          f"forward + backward: dsv3 {moe_jax * 1e3:.2f} ms, HF {moe_torch * 1e3:.2f} ms, {moe_torch / moe_jax:.2f}x")
+    summary.append((name, ratio, moe_torch / moe_jax))
+  return summary
+
+
+def bench_profile(args):
+  """dsv3's step on the hf comparison configs, profiled per op class, per phase and model part."""
+  from dsv3 import step_profile
+  configs = hf_comparison_configs()
+  for name in [n.strip() for n in (args.hf_configs or "tiny,16m").split(",") if n.strip()]:
+    cfg, batch, seq = configs[name]
+    variables = model.init(cfg, jax.random.key(0))
+    tokens = _tokens(cfg, args.batch or batch, args.seq or seq)
+    tx = optax.adamw(1e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1)
+    params = _main_params(variables["params"])
+    step = jax.jit(make_train_step(cfg, tx, mtp=False).__wrapped__)     # not donating: profiled repeatedly
+    prof = step_profile.profile(step, params, variables["routing"], tx.init(params), tokens, calls=args.steps)
+    print(f"== profile of the dsv3 step (fwd + bwd + AdamW, main-model loss), {name}, batch "
+          f"{tokens.shape[0]}x{tokens.shape[1] - 1} ({_device_line()}): {prof.step_ms:.1f} ms per step, "
+          f"{prof.op_ms:.1f} ms in traced ops")
+    for key in ("kind", "phase/part"):
+      print(_fmt_table([key, "ms", "share", "GFLOP/s"], prof.table(key)))
+      print()
 
 
 def dense_dispatch(x, topk_idx, topk_weight, w_gate, w_up, w_down):
@@ -365,9 +465,10 @@ def main(argv=None):
   parser.add_argument("--small", action="store_true", help="also configs/small.py (train, memory)")
   parser.add_argument("--fast", action="store_true", help="smaller sizes for smoke runs")
   parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default 5, --fast 2)")
-  parser.add_argument("--batch", type=int, default=None, help="train/hf batch (default 16 / 8)")
-  parser.add_argument("--seq", type=int, default=None, help="train/hf sequence length (default 128)")
+  parser.add_argument("--batch", type=int, default=None, help="train/hf batch (default 16 / each hf config's own)")
+  parser.add_argument("--seq", type=int, default=None, help="train/hf sequence length (default 128 / each hf config's)")
   parser.add_argument("--tokens", type=int, default=None, help="moe: tokens per layer call; seq: tokens per step")
+  parser.add_argument("--hf_configs", default=None, help="hf: comma-separated subset of tiny,16m (default both)")
   args = parser.parse_args(argv)
   args.steps = args.steps or (2 if args.fast else 5)
   what = [w.strip() for w in args.what.split(",") if w.strip()]

