@@ -327,8 +327,10 @@ def bench_profile(args):
           f"{tokens.shape[0]}x{tokens.shape[1] - 1} ({_device_line()}): {prof.step_ms:.1f} ms per step, "
           f"{prof.op_ms:.1f} ms in traced ops")
     for key in ("kind", "phase/part"):
-      print(_fmt_table([key, "ms", "share", "GFLOP/s"], prof.table(key)))
+      print(_fmt_table([key, "ms", "share", "in GEMMs", "GEMM GFLOP/s"], prof.table(key)))
       print()
+    print(_fmt_table(["slowest ops", "kind", "where", "ms", "GFLOP/s"], prof.top_ops(args.top)))
+    print()
 
 
 def dense_dispatch(x, topk_idx, topk_weight, w_gate, w_up, w_down):
@@ -468,6 +470,7 @@ def main(argv=None):
   parser.add_argument("--batch", type=int, default=None, help="train/hf batch (default 16 / each hf config's own)")
   parser.add_argument("--seq", type=int, default=None, help="train/hf sequence length (default 128 / each hf config's)")
   parser.add_argument("--tokens", type=int, default=None, help="moe: tokens per layer call; seq: tokens per step")
+  parser.add_argument("--top", type=int, default=15, help="profile: how many of the slowest ops to list")
   parser.add_argument("--hf_configs", default=None, help="hf: comma-separated subset of tiny,16m (default both)")
   args = parser.parse_args(argv)
   args.steps = args.steps or (2 if args.fast else 5)

@@ -45,17 +45,24 @@ class Profile:
   step_ms: float       # wall time per call, measured outside the trace
 
   def table(self, key: str, top: Optional[int] = None) -> List[list]:
-    """[[group, ms, share of op time, GFLOP/s or ''], ...] grouped by `key` ('kind', 'part', 'phase' or
-    'phase/part'), largest first."""
-    ms, flops = collections.Counter(), collections.Counter()
+    """[[group, ms, share of op time, GEMM share of the group, GEMM GFLOP/s], ...] grouped by `key`
+    ('kind', 'part', 'phase' or 'phase/part'), largest first."""
+    ms, gemm_ms, flops = collections.Counter(), collections.Counter(), collections.Counter()
     for op in self.ops:
       group = f"{op.phase}: {op.part}" if key == "phase/part" else getattr(op, key)
       ms[group] += op.ms
-      flops[group] += op.flops
+      if op.flops:
+        gemm_ms[group] += op.ms
+        flops[group] += op.flops
     total = sum(ms.values())
-    rows = [[g, f"{t:.1f}", f"{t / total:.1%}", f"{flops[g] / t / 1e6:.0f}" if flops[g] else ""]
-            for g, t in ms.most_common(top)]
-    return rows
+    return [[g, f"{t:.1f}", f"{t / total:.1%}", f"{gemm_ms[g] / t:.0%}" if flops[g] else "",
+             f"{flops[g] / gemm_ms[g] / 1e6:.0f}" if flops[g] else ""] for g, t in ms.most_common(top)]
+
+  def top_ops(self, n: int = 15) -> List[list]:
+    """The n slowest ops: [[name, kind, phase: part, ms, GFLOP/s or '']]."""
+    ops = sorted(self.ops, key=lambda op: -op.ms)[:n]
+    return [[op.name, op.kind, f"{op.phase}: {op.part}", f"{op.ms:.2f}",
+             f"{op.flops / op.ms / 1e6:.0f}" if op.flops else ""] for op in ops]
 
   @property
   def op_ms(self) -> float:
