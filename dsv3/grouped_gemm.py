@@ -9,7 +9,7 @@ weight matrix: out[rows of g] = x[rows of g] @ w[g]. `jax.lax.ragged_dot` is the
   ceil(size_g / BLOCK_M) tiles starting at its row offset, the last one partial. Rows past the groups form
   one more pseudo-group (id G) whose tiles store zeros, so the output needs no separate zero-fill. The
   number of tiles depends on the data, so the grid is the static upper bound cdiv(M, BLOCK_M) + G + 1 and
-  surplus tiles are empty (start == end). The schedule is built by `tile_schedule` in plain jnp so that
+  surplus tiles are empty (start == end). The schedule is `dsv3.tiled_gemm.tile_schedule`, plain jnp, so that
   the CPU tests check exactly the offsets the kernel reads.
 * K loop in 128-element steps. For FP8 each step's tensor-core product is taken out in FP32, multiplied by
   the 1x128 activation scales of its rows and the 128x128 block scales of its expert's weight columns, and
@@ -25,7 +25,6 @@ lazily and 'auto' falls back to XLA elsewhere.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -34,48 +33,9 @@ import triton
 import triton.language as tl
 
 from dsv3 import fp8 as fp8_lib
+from dsv3.tiled_gemm import cdiv as _cdiv, num_tiles, tile_schedule
 
 BLOCK_K = 128   # = the FP8 scaling tile: one scale pair per K step
-
-
-def _cdiv(a, b):
-  return -(-a // b)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Tile schedule (shared by the kernel launch, the jnp emulation and the tests).
-
-
-def num_tiles(m, g, block_m):
-  """Static upper bound on the schedule length: sum_g ceil(s_g / B) <= cdiv(M, B) + G (one partial tile
-  per group at most) over the G groups plus the tail pseudo-group."""
-  return _cdiv(m, block_m) + g + 1
-
-
-def tile_schedule(group_sizes, m, block_m):
-  """Per-tile (group, row_start, row_end) int32 arrays of length `num_tiles(m, G, block_m)`.
-
-  Tile i covers rows [row_start, row_end) of expert `group` (== G for rows past sum(group_sizes), which
-  the kernel zero-fills). Unused tiles have row_start == row_end.
-  """
-  group_sizes = jnp.asarray(group_sizes, jnp.int32)
-  g = group_sizes.shape[0]
-  # The tail rows are one extra group so every output row is written exactly once.
-  sizes = jnp.concatenate([group_sizes, jnp.maximum(m - jnp.sum(group_sizes), 0)[None]])
-  ends = jnp.cumsum(sizes)
-  starts = ends - sizes
-  tiles = (sizes + block_m - 1) // block_m
-  tile_ends = jnp.cumsum(tiles)
-  t = jnp.arange(num_tiles(m, g, block_m), dtype=jnp.int32)
-  # The group of tile t is the first whose cumulative tile count exceeds t; empty groups own no tile.
-  grp = jnp.minimum(jnp.searchsorted(tile_ends, t, side="right"), g).astype(jnp.int32)
-  local = t - (tile_ends[grp] - tiles[grp])
-  row_start = starts[grp] + local * block_m
-  row_end = jnp.minimum(row_start + block_m, ends[grp])
-  used = t < tile_ends[-1]
-  row_start = jnp.where(used, row_start, 0).astype(jnp.int32)
-  row_end = jnp.where(used, row_end, 0).astype(jnp.int32)
-  return grp, row_start, row_end
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -222,29 +182,6 @@ def emulate_kernel(x, w, group_sizes, fp8=False, pow2_scale=False, block_m=128):
   return jnp.zeros((m, n), jnp.float32).at[rows].add(vals)
 
 
-def tiled_ragged_dot(x, w, group_sizes, block_m=None):
-  """ragged_dot as one batched matmul over expert-homogeneous row tiles (XLA-level, differentiable).
-
-  XLA:CPU lowers jax.lax.ragged_dot to a dense computation masked over all G groups (cost grows with the
-  expert count). Here the same tile schedule as the Triton kernel gathers each tile's rows and its
-  expert's weight, so the work is ~(M + G * block_m) * K * N whatever G is: the grouped GEMM stays flat.
-  Rows past sum(group_sizes) are 0, as in ragged_dot. Accumulates in f32; returns x.dtype.
-  """
-  m, k = x.shape
-  g, _, n = w.shape
-  if block_m is None:  # about one tile per expert on average, bounded for padding waste and batching
-    block_m = int(min(128, max(8, 2 ** round(math.log2(max(m // max(g, 1), 1))))))
-  grp, start, end = tile_schedule(group_sizes, m, block_m)
-  rows = start[:, None] + jnp.arange(block_m, dtype=jnp.int32)[None, :]          # [T, bm]
-  live = (rows < end[:, None]) & (grp < g)[:, None]
-  tiles = jnp.where(live[..., None], x[jnp.minimum(rows, m - 1)], 0).astype(x.dtype)
-  out = jnp.einsum("tbk,tkn->tbn", tiles, w[jnp.minimum(grp, g - 1)], preferred_element_type=jnp.float32)
-  out = jnp.where(live[..., None], out, 0.0)
-  y = jnp.zeros((m, n), jnp.float32).at[jnp.where(live, rows, m).reshape(-1)].add(
-      out.reshape(-1, n), mode="drop")
-  return y.astype(x.dtype)
-
-
 _TL_DTYPES = {np.dtype(np.float32): tl.float32, np.dtype(np.int32): tl.int32,
               np.dtype(jnp.bfloat16): tl.bfloat16, np.dtype(jnp.float8_e4m3fn): tl.float8e4nv}
 
@@ -316,33 +253,3 @@ def ragged_dot(x, w, group_sizes, impl="auto", fp8=False, pow2_scale=False):
     return _triton_trainable(x, w, group_sizes, bool(fp8), bool(pow2_scale))
   raise ValueError(f"impl must be 'auto', 'xla' or 'triton', got {impl!r}")
 
-
-def tiled_expert_ffn(x, token_of, weight, group_sizes, w_gate, w_up, w_down, block_m=None, names=None):
-  """The routed experts' SwiGLU in tile space, combined: y [N, H] = sum over sorted assignment rows r of
-  weight[r] * down(silu(gate(x[token_of[r]])) * up(...)) on row r's expert (rows sorted by expert).
-
-  One gather of token rows straight into expert-homogeneous tiles (tile_schedule), the three GEMMs as
-  batched matmuls on the tiles, and one weighted scatter-add back to the tokens: none of the per-GEMM
-  gathers/scatters of three tiled_ragged_dot calls, the same arithmetic. names: optional
-  (gate, up, out) checkpoint_name tags for the remat policy. Accumulates in f32; returns f32 [N, H].
-  """
-  m, = token_of.shape
-  g, _, inter = w_gate.shape
-  if block_m is None:
-    block_m = int(min(128, max(8, 2 ** round(math.log2(max(m // max(g, 1), 1))))))
-  tag = (lambda x, i: x) if names is None else (lambda x, i: jax.ad_checkpoint.checkpoint_name(x, names[i]))
-  grp, start, end = tile_schedule(group_sizes, m, block_m)
-  rows = start[:, None] + jnp.arange(block_m, dtype=jnp.int32)[None, :]          # [T, bm]
-  live = (rows < end[:, None]) & (grp < g)[:, None]
-  rows = jnp.minimum(rows, m - 1)
-  tok = token_of[rows]
-  tiles = jnp.where(live[..., None], x[tok], 0).astype(x.dtype)                  # [T, bm, H]
-  expert = jnp.minimum(grp, g - 1)
-  mm = lambda a, w: jnp.einsum("tbk,tkn->tbn", a, w[expert], preferred_element_type=jnp.float32)
-  gate = tag(mm(tiles, w_gate).astype(x.dtype), 0)
-  up = tag(mm(tiles, w_up).astype(x.dtype), 1)
-  out = tag(mm((jax.nn.silu(gate) * up).astype(x.dtype), w_down).astype(x.dtype), 2)
-  scale = jnp.where(live, weight[rows], 0.0).astype(jnp.float32)
-  n = x.shape[0]
-  return jnp.zeros((n, x.shape[-1]), jnp.float32).at[jnp.where(live, tok, n).reshape(-1)].add(
-      (out.astype(jnp.float32) * scale[..., None]).reshape(-1, x.shape[-1]), mode="drop")

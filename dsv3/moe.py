@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from dsv3 import tiled_gemm
 from dsv3.config import ModelConfig
 from dsv3.layers import MLP, compute_dtype
 
@@ -63,10 +64,10 @@ def grouped_matmul(x, w, group_sizes, cfg: ModelConfig):
     from dsv3 import fp8
     return fp8.ragged_dot(x.astype(dtype), w.astype(dtype), group_sizes).astype(dtype)
   impl = grouped_gemm_impl(cfg)
-  if impl in ("triton", "tiled"):
-    from dsv3 import grouped_gemm
-    if impl == "tiled":
-      return grouped_gemm.tiled_ragged_dot(x.astype(dtype), w.astype(dtype), group_sizes)
+  if impl == "tiled":
+    return tiled_gemm.tiled_ragged_dot(x.astype(dtype), w.astype(dtype), group_sizes)
+  if impl == "triton":
+    from dsv3 import grouped_gemm   # the Triton kernel: GPU only
     return grouped_gemm.ragged_dot(x.astype(dtype), w.astype(dtype), group_sizes, impl="triton").astype(dtype)
   y = jax.lax.ragged_dot(x.astype(dtype), w.astype(dtype), group_sizes, preferred_element_type=jnp.float32)
   return y.astype(dtype)
@@ -110,9 +111,8 @@ def routed_experts_local(cfg: ModelConfig, x, topk_idx, topk_weight, w_gate, w_u
     dropped = jnp.sum(~keep).astype(jnp.int32)
   if cfg.precision != "fp8" and grouped_gemm_impl(cfg) == "tiled":
     # Tokens gathered straight into expert tiles and combined from them: one gather, one scatter-add.
-    from dsv3 import grouped_gemm
     dtype = compute_dtype(cfg)
-    y = grouped_gemm.tiled_expert_ffn(x.astype(dtype), token_of, weight, group_sizes, w_gate.astype(dtype),
+    y = tiled_gemm.tiled_expert_ffn(x.astype(dtype), token_of, weight, group_sizes, w_gate.astype(dtype),
                                       w_up.astype(dtype), w_down.astype(dtype), names=_EXPERT_NAMES)
     return y.astype(x.dtype), dropped
   out = expert_ffn(x[token_of], group_sizes, w_gate, w_up, w_down, cfg)

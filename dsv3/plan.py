@@ -44,7 +44,6 @@ import collections
 import dataclasses
 import functools
 import json
-import math
 from typing import Any
 
 import jax
@@ -331,7 +330,7 @@ def activation_plan(cfg: ModelConfig, rows: int, seq_len: int, data: int = 1, ex
   policy drops) and the vocabulary head's (logits and their gradient, per head). Elements are counted per
   token from the code's tensors (dsv3/mla.py, attention.py, moe.py, expert_parallel.py, model.py).
   """
-  from dsv3 import attention as attn_lib, expert_parallel as ep_lib, grouped_gemm  # model code, lazily
+  from dsv3 import attention as attn_lib, expert_parallel as ep_lib, tiled_gemm  # model code, lazily
   c = 2 if cfg.dtype == "bfloat16" else 4                         # compute dtype bytes
   T, n = seq_len, rows * seq_len                                 # tokens per device per micro-batch
   H, nh, V = cfg.hidden_size, cfg.num_attention_heads, cfg.vocab_size
@@ -389,9 +388,9 @@ def activation_plan(cfg: ModelConfig, rows: int, seq_len: int, data: int = 1, ex
             "expert_act": (m * I, c),                            # silu(gate) * up, the down GEMM's input
             "expert_out": (m * H, c)}                            # down GEMM output
     if platform == "cpu" and cfg.grouped_gemm in ("auto", "tiled") and cfg.precision != "fp8":
-      bm = int(min(128, max(8, 2 ** round(math.log2(max(m // max(e_local, 1), 1))))))
-      tiles = grouped_gemm.num_tiles(m, e_local, bm)
-      # tiled_ragged_dot: row tiles of its inputs and each tile's gathered expert weight, per GEMM
+      bm = tiled_gemm.default_block_m(m, e_local)
+      tiles = tiled_gemm.num_tiles(m, e_local, bm)
+      # dsv3.tiled_gemm: row tiles of the GEMM inputs and each tile's gathered expert weight, per GEMM
       gemm["tiles"] = (tiles * bm * (H + I) + 3 * tiles * H * I, c)
     elif platform != "cpu" and cfg.grouped_gemm in ("auto", "ragged_dot") and cfg.precision != "fp8":
       # XLA:GPU expands ragged_dot into a dense dot per expert over all rows: an f32 [experts, rows, out]

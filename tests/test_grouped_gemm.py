@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv3 import fp8, grouped_gemm
+from dsv3 import fp8, grouped_gemm, tiled_gemm
 
 M = 130
 G = 5
@@ -49,11 +49,11 @@ def test_xla_fp8_path_is_fp8_ragged_dot_and_differentiable():
 
 @pytest.mark.parametrize("block_m", [16, 32, 128])
 def test_tile_schedule_partitions_rows_by_group(block_m):
-  sched = jax.jit(grouped_gemm.tile_schedule, static_argnums=(1, 2))
+  sched = jax.jit(tiled_gemm.tile_schedule, static_argnums=(1, 2))
   for sizes in SIZES + [[0, 0, 0, 0, 200]]:
     m = max(M, sum(sizes))
     grp, start, end = (np.asarray(a) for a in sched(jnp.asarray(sizes, jnp.int32), m, block_m))
-    assert grp.shape == (grouped_gemm.num_tiles(m, G, block_m),)
+    assert grp.shape == (tiled_gemm.num_tiles(m, G, block_m),)
     ends = np.cumsum(sizes)
     starts = ends - np.asarray(sizes)
     owner = np.full(m, -1)
@@ -96,7 +96,7 @@ def test_kernel_emulation_fp8_matches_fp8_ragged_dot(pow2):
 _INTERPRETER_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     jax.config.update("jax_default_matmul_precision", "highest")
-    from dsv3 import fp8, grouped_gemm
+    from dsv3 import fp8, grouped_gemm, tiled_gemm
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((130, 300)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((5, 300, 136)) * 0.06, jnp.float32)
@@ -159,9 +159,9 @@ def test_tiled_ragged_dot_equals_ragged_dot_with_gradients():
     w = jnp.asarray(rng.normal(size=(len(sizes), k, n)), jnp.float32)
     gs = jnp.asarray(sizes, jnp.int32)
     f_ref = lambda x, w: jnp.sum(jnp.sin(jax.lax.ragged_dot(x, w, gs, precision=jax.lax.Precision.HIGHEST)))
-    f_til = lambda x, w: jnp.sum(jnp.sin(grouped_gemm.tiled_ragged_dot(x, w, gs, block_m=block)))
+    f_til = lambda x, w: jnp.sum(jnp.sin(tiled_gemm.tiled_ragged_dot(x, w, gs, block_m=block)))
     with jax.default_matmul_precision("highest"):
-      np.testing.assert_allclose(grouped_gemm.tiled_ragged_dot(x, w, gs, block_m=block),
+      np.testing.assert_allclose(tiled_gemm.tiled_ragged_dot(x, w, gs, block_m=block),
                                  jax.lax.ragged_dot(x, w, gs, precision=jax.lax.Precision.HIGHEST), atol=1e-4)
       for a, b in zip(jax.grad(f_til, (0, 1))(x, w), jax.grad(f_ref, (0, 1))(x, w)):
         np.testing.assert_allclose(a, b, atol=1e-4)
@@ -190,7 +190,7 @@ def test_tiled_expert_ffn_equals_grouped_gemms_and_combine():
   with jax.default_matmul_precision("highest"):
     want, want_g = reference(x, ws), jax.grad(loss(reference), (0, 1))(x, ws)
     for block in (None, 4, 16, 64):
-      fused = lambda x, ws: grouped_gemm.tiled_expert_ffn(x, token_of, weight, gs, *ws, block_m=block)
+      fused = lambda x, ws: tiled_gemm.tiled_expert_ffn(x, token_of, weight, gs, *ws, block_m=block)
       np.testing.assert_allclose(fused(x, ws), want, atol=1e-5)
       for a, b in zip(jax.tree.leaves(jax.grad(loss(fused), (0, 1))(x, ws)), jax.tree.leaves(want_g)):
         np.testing.assert_allclose(a, b, atol=1e-4)
