@@ -10,13 +10,13 @@ Sections (--what, comma-separated):
            trainer's AdamW) for configs/tiny.py (and configs/small.py with --small) on the current backend.
            MFU = tokens/s x dsv3.plan.flops_per_token(include_mtp) / peak; the peak is the GPU's datasheet
            figure or, on CPU, a measured float32 matmul (dsv3.metrics.device_peak_flops).
-  hf       the same configs and weights in HF transformers (PyTorch, CPU): dsv3.hf.save_checkpoint, then
+  hf       (dsv3/bench_hf.py) the same configs and weights in HF transformers (PyTorch, CPU): dsv3.hf.save_checkpoint, then
            AutoModelForCausalLM.from_pretrained. Both run forward + backward + AdamW (lr 1e-4, betas 0.9/0.95,
            weight decay 0.1 on every parameter) of the main model's next-token loss at the same batch, sequence
            length and float32, torch at its default thread count, for the tiny config and a 16M-parameter MoE
            (hf_comparison_configs; --hf_configs picks): per-phase ms (forward, backward, optimizer), tokens/s,
            the ratio, and one MoE block's forward + backward on both sides.
-  profile  where the step's time goes (dsv3.step_profile): the hf configs' dsv3 step traced with jax.profiler,
+  profile  (dsv3/bench_hf.py) where the step's time goes (dsv3.step_profile): the hf configs' dsv3 step traced with jax.profiler,
            exclusive op time by op class (GEMM, gather, scatter, layout copy, ...) and by phase and model part,
            with the GEMMs' achieved GFLOP/s.
   moe      one MoE layer (forward + backward) at fixed active parameters (hidden 128, 4 active experts of
@@ -34,17 +34,14 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
-import statistics
-import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from dsv3 import losses, metrics, model, moe, plan
+from dsv3 import bench_common as common
+from dsv3 import bench_hf, metrics, model, moe, plan
 from dsv3 import optimizer as opt_lib
 from dsv3.config import ModelConfig
 from dsv3.studies.common import load_config
@@ -60,7 +57,6 @@ def short_run_config(name: str, steps: int, batch_size: int, seq_len: int, vocab
   """configs/<name>.py shrunk for a quick run (the colabs' recipe): `steps` steps with 10% warm-up, one
   evaluation and one checkpoint at the end, no EMA, data parallel over every local device. max_files
   caps the default corpus (0: all of it); vocab sets both the model's and the tokenizer's vocabulary."""
-  import jax
   c = load_config(name)
   c.num_train_steps, c.warmup_steps = steps, max(1, steps // 10)
   c.batch_size, c.seq_len = batch_size, seq_len
@@ -72,62 +68,6 @@ def short_run_config(name: str, steps: int, batch_size: int, seq_len: int, vocab
   return c
 
 
-def _timeit(fn, steps: int, warmup: int = 1) -> float:
-  """Median seconds per call of `fn` (which must block until its result is ready), after `warmup` calls."""
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
-
-
-def _tokens(cfg: ModelConfig, batch: int, seq_len: int, seed: int = 0):
-  rng = np.random.default_rng(seed)
-  return jnp.asarray(rng.integers(2, cfg.vocab_size, (batch, seq_len + 1)), jnp.int32)
-
-
-def make_train_step(cfg: ModelConfig, tx, mtp: bool = True):
-  """The trainer's step without the loop: loss (MTP + balance when `mtp`), grads, optimizer update.
-
-  Returns (jitted step(params, routing, opt_state, tokens) -> (params, opt_state, loss), main_params_only).
-  With mtp=False only the main model's next-token loss is trained (what HF's model computes), and the
-  caller must pass params without the MTP modules.
-  """
-  def loss_fn(params, routing, tokens):
-    variables = {"params": params, "routing": routing}
-    if mtp:
-      out = model.forward_train(cfg, variables, tokens[:, :-1])
-      return losses.objective(cfg, out, tokens[:, 1:], 0.3, 1e-4)[0]
-    logits = model.Transformer(cfg).apply(variables, tokens[:, :-1])["logits"]
-    return losses.cross_entropy(logits, tokens[:, 1:])
-
-  def step(params, routing, opt_state, tokens):
-    loss, grads = jax.value_and_grad(loss_fn)(params, routing, tokens)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  return jax.jit(step, donate_argnums=(0, 2))
-
-
-def _main_params(params):
-  return {k: v for k, v in params.items() if not k.startswith("mtp")}
-
-
-def _fmt_table(header, rows) -> str:
-  cols = [[str(h)] + [str(r[i]) for r in rows] for i, h in enumerate(header)]
-  widths = [max(len(x) for x in c) for c in cols]
-  line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-  return "\n".join([line(header), line(["-" * w for w in widths])] + [line([str(x) for x in r]) for r in rows])
-
-
-def _device_line() -> str:
-  d = jax.devices()[0]
-  return f"backend {jax.default_backend()}, {jax.device_count()} x {d.device_kind}, {os.cpu_count()} CPU cores"
-
-
 def train_throughput(config, batch: int, seq_len: int, steps: int) -> dict:
   """tokens/s and MFU of the full training step of `config` at (batch, seq_len)."""
   cfg = ModelConfig.from_config_dict(config).replace(max_position_embeddings=max(seq_len, 1))
@@ -135,8 +75,8 @@ def train_throughput(config, batch: int, seq_len: int, steps: int) -> dict:
   variables = model.init(cfg, jax.random.key(0))
   params, routing = variables["params"], variables["routing"]
   opt_state = tx.init(params)
-  step = make_train_step(cfg, tx)
-  tokens = _tokens(cfg, batch, seq_len)
+  step = common.make_train_step(cfg, tx)
+  tokens = common.tokens(cfg, batch, seq_len)
   state = {"p": params, "o": opt_state}
 
   def run():
@@ -146,7 +86,7 @@ def train_throughput(config, batch: int, seq_len: int, steps: int) -> dict:
   t0 = time.perf_counter()
   run()                                    # compile + first step
   first = time.perf_counter() - t0
-  sec = _timeit(run, steps, warmup=0)
+  sec = common.timeit(run, steps, warmup=0)
   tok_s = batch * seq_len / sec
   flops = plan.flops_per_token(cfg, seq_len, include_mtp=True)
   peak = metrics.device_peak_flops(dtype={"fp8": "fp8", "bf16": "bf16"}.get(config.precision, "fp32"))
@@ -172,168 +112,9 @@ def bench_train(args):
                  f"{r['mfu']:.1%}"])
   peak_note = ("peak = measured float32 1024x1024 matmul" if jax.default_backend() == "cpu"
                else "peak = datasheet dense figure")
-  print(f"== train step: tokens/s and MFU ({_device_line()}; {peak_note})")
-  print(_fmt_table(["config", "precision", "batch", "compile+1st s", "step ms", "tokens/s", "MFLOPs/token",
+  print(f"== train step: tokens/s and MFU ({common.device_line()}; {peak_note})")
+  print(common.fmt_table(["config", "precision", "batch", "compile+1st s", "step ms", "tokens/s", "MFLOPs/token",
                     "peak GFLOP/s", "MFU"], rows))
-
-
-def hf_comparison_configs():
-  """{name: (ModelConfig, batch, seq_len)} that `--what=hf` runs: the tiny config, and a 16M-parameter MoE
-  (hidden 256, 4 layers with 1 dense, 16 experts top-4 in 4 groups, vocab 8192) at 8 x 256. No MTP: HF has none."""
-  tiny = ModelConfig.from_config_dict(load_config("tiny")).replace(num_nextn_predict_layers=0)
-  m16 = tiny.replace(vocab_size=8192, hidden_size=256, intermediate_size=1024, moe_intermediate_size=256,
-                     q_lora_rank=128, kv_lora_rank=64, max_position_embeddings=256)
-  return {"tiny": (tiny, 8, 128), "16m": (m16, 8, 256)}
-
-
-def _jax_phases(cfg: ModelConfig, variables, tokens, steps: int) -> dict:
-  """Seconds per step of dsv3's forward (loss), backward (forward + backward minus forward), the AdamW update
-  alone (torch's hyper-parameters) and the whole step, each a separately compiled program."""
-  tx = optax.adamw(1e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1)
-  params = jax.tree.map(jnp.array, _main_params(variables["params"]))
-  routing = variables["routing"]
-
-  def loss_fn(params):
-    logits = model.Transformer(cfg).apply({"params": params, "routing": routing}, tokens[:, :-1])["logits"]
-    return losses.cross_entropy(logits, tokens[:, 1:])
-  fwd, fwd_bwd = jax.jit(loss_fn), jax.jit(jax.value_and_grad(loss_fn))
-  step = make_train_step(cfg, tx, mtp=False)
-  state = {"p": params, "o": tx.init(params)}
-
-  def run_step():
-    state["p"], state["o"], loss = step(state["p"], routing, state["o"], tokens)
-    loss.block_until_ready()
-  grads = fwd_bwd(params)[1]
-  update = jax.jit(lambda p, o, g: optax.apply_updates(p, tx.update(g, o, p)[0]))
-  t_fwd = _timeit(lambda: fwd(params).block_until_ready(), steps, warmup=2)
-  t_fb = _timeit(lambda: jax.block_until_ready(fwd_bwd(params)), steps, warmup=2)
-  t_opt = _timeit(lambda: jax.block_until_ready(update(params, state["o"], grads)), steps, warmup=2)
-  t_step = _timeit(run_step, steps, warmup=2)
-  return {"forward": t_fwd, "backward": t_fb - t_fwd, "optimizer": t_opt, "step": t_step}
-
-
-def _torch_phases(ref, t_tokens, steps: int) -> dict:
-  """The same split for HF on PyTorch (eager on CPU, so each phase is timed where it runs)."""
-  import torch
-  opt = torch.optim.AdamW(ref.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-  times = {"forward": [], "backward": [], "optimizer": [], "step": []}
-  for i in range(steps + 2):
-    t0 = time.perf_counter()
-    opt.zero_grad(set_to_none=True)
-    logits = ref(input_ids=t_tokens[:, :-1]).logits
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), t_tokens[:, 1:].reshape(-1))
-    t1 = time.perf_counter()
-    loss.backward()
-    t2 = time.perf_counter()
-    opt.step()
-    t3 = time.perf_counter()
-    if i >= 2:                                   # two warm-up steps, as for JAX
-      for k, v in zip(times, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
-        times[k].append(v)
-  return {k: statistics.median(v) for k, v in times.items()}
-
-
-def _moe_block_times(cfg: ModelConfig, variables, hf_block, batch: int, seq: int, steps: int):
-  """(dsv3, HF) seconds of one MoE block's forward + backward (router, routed and shared experts; input and
-  weight gradients) on the same weights and input."""
-  import torch
-  rng = np.random.default_rng(1)
-  x = rng.normal(size=(batch, seq, cfg.hidden_size)).astype(np.float32)
-  ct = rng.normal(size=x.shape).astype(np.float32)
-  layer = lambda tree: jax.tree.map(lambda a: a[0], tree["moe_layers"]["mlp"])
-  block_vars = {"params": layer(variables["params"]), "routing": layer(variables["routing"])}
-
-  def loss(params, x):
-    y, _ = moe.MoE(cfg).apply({"params": params, "routing": block_vars["routing"]}, x)
-    return jnp.sum(y * ct)
-  vg = jax.jit(jax.grad(loss, argnums=(0, 1)))
-  jx = jnp.asarray(x)
-  t_jax = _timeit(lambda: jax.block_until_ready(vg(block_vars["params"], jx)), steps * 4, warmup=2)
-  tx, tct = torch.from_numpy(x).requires_grad_(True), torch.from_numpy(ct)
-
-  def run_torch():
-    hf_block.zero_grad(set_to_none=True)
-    tx.grad = None
-    (hf_block(tx) * tct).sum().backward()
-  return t_jax, _timeit(run_torch, steps * 4, warmup=2)
-
-
-def bench_hf(args):
-  import torch
-  import transformers
-  from dsv3 import hf
-  transformers.logging.set_verbosity_error()
-  names = [n.strip() for n in (args.hf_configs or "tiny,16m").split(",") if n.strip()]
-  configs = hf_comparison_configs()
-  unknown = sorted(set(names) - set(configs))
-  if unknown:
-    raise SystemExit(f"--hf_configs: unknown {unknown}; choose from {','.join(configs)}")
-  print(f"== dsv3 vs HF transformers {transformers.__version__} (torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads; {_device_line()}): fp32, forward + backward + AdamW of the "
-        f"next-token loss, the same weights, median of {args.steps} steps")
-  summary = []
-  for name in names:
-    cfg, batch, seq = configs[name]
-    batch, seq = args.batch or batch, args.seq or seq
-    cfg = cfg.replace(max_position_embeddings=max(cfg.max_position_embeddings, seq))
-    variables = model.init(cfg, jax.random.key(0))
-    tokens = _tokens(cfg, batch, seq)
-    n = batch * seq
-    mine = _jax_phases(cfg, variables, tokens, args.steps)
-    t_tokens = torch.from_numpy(np.array(tokens)).long()
-    theirs = {}
-    with tempfile.TemporaryDirectory() as tmp:
-      hf.save_checkpoint(cfg, variables, os.path.join(tmp, "ckpt"))
-      # HF's default experts implementation and its per-expert loop: the comparison uses HF's faster one.
-      for impl in (None, "eager"):
-        kwargs = {} if impl is None else {"experts_implementation": impl}
-        try:
-          ref = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(tmp, "ckpt"), dtype=torch.float32,
-                                                                  **kwargs)
-        except (TypeError, ValueError) as e:          # older transformers: no experts_implementation switch
-          print(f"(HF experts_implementation={impl!r} unavailable: {e})")
-          continue
-        ref.train()
-        used = getattr(ref.config, "_experts_implementation", None) or impl or "default"
-        theirs[used] = (_torch_phases(ref, t_tokens, args.steps), ref)
-    best = min(theirs, key=lambda k: theirs[k][0]["step"])
-    hf_block = theirs[best][1].model.layers[cfg.first_k_dense_replace].mlp
-    moe_jax, moe_torch = _moe_block_times(cfg, variables, hf_block, batch, seq, args.steps)
-    rows = [["dsv3 (JAX, jit)", "-"] + [f"{mine[k] * 1e3:.1f}" for k in ("forward", "backward", "optimizer", "step")]
-            + [f"{n / mine['step']:,.0f}"]]
-    for used, (t, _) in theirs.items():
-      rows.append([f"HF (PyTorch eager)", used] + [f"{t[k] * 1e3:.1f}" for k in ("forward", "backward", "optimizer",
-                                                                              "step")] + [f"{n / t['step']:,.0f}"])
-    params = plan.param_counts(cfg)["total_params"]
-    print(f"\n-- {name}: {params / 1e6:.1f}M params, batch {batch}x{seq}")
-    print(_fmt_table(["implementation", "HF experts", "fwd ms", "bwd ms", "opt ms", "step ms", "tokens/s"], rows))
-    ratio = theirs[best][0]["step"] / mine["step"]
-    print(f"dsv3 / HF tokens/s: {ratio:.2f}x (HF's faster experts implementation, {best}); one MoE block "
-          f"forward + backward: dsv3 {moe_jax * 1e3:.2f} ms, HF {moe_torch * 1e3:.2f} ms, {moe_torch / moe_jax:.2f}x")
-    summary.append((name, ratio, moe_torch / moe_jax))
-  return summary
-
-
-def bench_profile(args):
-  """dsv3's step on the hf comparison configs, profiled per op class, per phase and model part."""
-  from dsv3 import step_profile
-  configs = hf_comparison_configs()
-  for name in [n.strip() for n in (args.hf_configs or "tiny,16m").split(",") if n.strip()]:
-    cfg, batch, seq = configs[name]
-    variables = model.init(cfg, jax.random.key(0))
-    tokens = _tokens(cfg, args.batch or batch, args.seq or seq)
-    tx = optax.adamw(1e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1)
-    params = _main_params(variables["params"])
-    step = jax.jit(make_train_step(cfg, tx, mtp=False).__wrapped__)     # not donating: profiled repeatedly
-    prof = step_profile.profile(step, params, variables["routing"], tx.init(params), tokens, calls=args.steps)
-    print(f"== profile of the dsv3 step (fwd + bwd + AdamW, main-model loss), {name}, batch "
-          f"{tokens.shape[0]}x{tokens.shape[1] - 1} ({_device_line()}): {prof.step_ms:.1f} ms per step, "
-          f"{prof.op_ms:.1f} ms in traced ops")
-    for key in ("kind", "phase/part"):
-      print(_fmt_table([key, "ms", "share", "in GEMMs", "GEMM GFLOP/s"], prof.table(key)))
-      print()
-    print(_fmt_table(["slowest ops", "kind", "where", "ms", "GFLOP/s"], prof.top_ops(args.top)))
-    print()
 
 
 def dense_dispatch(x, topk_idx, topk_weight, w_gate, w_up, w_down):
@@ -381,15 +162,15 @@ def bench_moe(args):
       def run():
         out["v"] = fn(x, *w)
         jax.block_until_ready(out["v"])
-      result[dispatch] = (_timeit(run, args.steps, warmup=1), out["v"][0][1])
+      result[dispatch] = (common.timeit(run, args.steps, warmup=1), out["v"][0][1])
     check.append(float(jnp.max(jnp.abs(result["grouped"][1] - result["dense"][1]))))
     g, d = result["grouped"][0], result["dense"][0]
     rows.append([E, k, f"{3 * H * I * k:,}", f"{3 * H * I * E:,}", f"{g * 1e3:.1f}", f"{n_tokens / g:,.0f}",
                  f"{d * 1e3:.1f}", f"{n_tokens / d:,.0f}", f"{d / g:.1f}x"])
   g0 = float(rows[0][5].replace(",", ""))
-  print(f"== MoE layer cost vs number of experts ({_device_line()}): {n_tokens} tokens, hidden {H}, "
+  print(f"== MoE layer cost vs number of experts ({common.device_line()}): {n_tokens} tokens, hidden {H}, "
         f"{k} active experts of intermediate {I}, forward + backward")
-  print(_fmt_table(["experts", "active", "active expert params", "total expert params", "grouped ms",
+  print(common.fmt_table(["experts", "active", "active expert params", "total expert params", "grouped ms",
                     "grouped tok/s", "dense one-hot ms", "dense tok/s", "dense/grouped"], rows))
   last = float(rows[-1][5].replace(",", ""))
   print(f"grouped GEMM tokens/s at {experts[-1]} experts = {last / g0:.2f} x that at {experts[0]}; "
@@ -405,9 +186,9 @@ def bench_seq(args):
     r = train_throughput(config, max(1, per_step // T), T, min(args.steps, 3))
     rows.append([T, r["batch"], f"{r['step_s'] * 1e3:.0f}", f"{r['tokens_per_s']:,.0f}",
                  f"{r['flops_per_token'] / 1e6:.1f}", f"{r['mfu']:.1%}"])
-  print(f"== tiny training step vs sequence length ({_device_line()}), {per_step} tokens per step "
+  print(f"== tiny training step vs sequence length ({common.device_line()}), {per_step} tokens per step "
         f"(one sequence when seq_len > {per_step})")
-  print(_fmt_table(["seq_len", "batch", "step ms", "tokens/s", "MFLOPs/token", "MFU"], rows))
+  print(common.fmt_table(["seq_len", "batch", "step ms", "tokens/s", "MFLOPs/token", "MFU"], rows))
 
 
 def _abstract_step(config, cfg, batch, seq_len):
@@ -416,7 +197,7 @@ def _abstract_step(config, cfg, batch, seq_len):
   variables = jax.eval_shape(functools.partial(model.init, cfg), jax.random.key(0))
   opt_state = jax.eval_shape(tx.init, variables["params"])
   tokens = jax.ShapeDtypeStruct((batch, seq_len + 1), jnp.int32)
-  return make_train_step(cfg, tx), (variables["params"], variables["routing"], opt_state, tokens)
+  return common.make_train_step(cfg, tx), (variables["params"], variables["routing"], opt_state, tokens)
 
 
 def bench_compile(args):
@@ -434,9 +215,9 @@ def bench_compile(args):
       lowered.compile()
       row += [f"{t1 - t0:.2f}", f"{time.perf_counter() - t1:.2f}"]
     rows.append(row)
-  print(f"== compile time of the tiny training step vs depth ({_device_line()}; first layer dense): the "
+  print(f"== compile time of the tiny training step vs depth ({common.device_line()}; first layer dense): the "
         f"layer stacks scanned (model.scan_layers=True) and unrolled (False)")
-  print(_fmt_table(["layers", "params (main)", "scan: lower s", "compile s", "unrolled: lower s", "compile s"],
+  print(common.fmt_table(["layers", "params (main)", "scan: lower s", "compile s", "unrolled: lower s", "compile s"],
                    rows))
 
 
@@ -458,9 +239,9 @@ def bench_memory(args):
                  mib(mem.alias_size_in_bytes), mib(mem.temp_size_in_bytes), mib(peak),
                  mib(sum(p["params"].values())), mib(sum(p["grads"].values())), mib(sum(p["optimizer"].values())),
                  mib(planned), f"{peak / planned:.2f}"])
-  print(f"== memory per device, MiB ({_device_line()}): compiled.memory_analysis() of the training step "
+  print(f"== memory per device, MiB ({common.device_line()}): compiled.memory_analysis() of the training step "
         f"(donated state) vs the planner (params + grads + optimizer; activations are in 'temp')")
-  print(_fmt_table(["config", "batch", "args", "outputs", "aliased", "temp", "peak", "plan params", "plan grads",
+  print(common.fmt_table(["config", "batch", "args", "outputs", "aliased", "temp", "peak", "plan params", "plan grads",
                     "plan opt", "plan total", "peak/plan"], rows))
 
 
@@ -483,7 +264,7 @@ def main(argv=None):
     parser.error(f"--what: unknown section(s) {unknown}; choose from {','.join(SECTIONS)}")
   for w in what:
     t0 = time.perf_counter()
-    globals()[f"bench_{w}"](args)
+    (getattr(bench_hf, w) if w in ("hf", "profile") else globals()[f"bench_{w}"])(args)
     print(f"({w}: {time.perf_counter() - t0:.0f} s)\n", flush=True)
 
 

@@ -178,7 +178,8 @@ def profile(fn, *args, calls: int = 5, warmup: int = 2) -> Profile:
     files = glob.glob(f"{tmp}/**/*.trace.json.gz", recursive=True)
     if not files:
       raise RuntimeError(f"jax.profiler wrote no perfetto trace under {tmp}")
-    trace = json.load(gzip.open(files[0]))
+    with gzip.open(files[0]) as f:
+      trace = json.load(f)
   events = [e for e in (trace["traceEvents"] if isinstance(trace, dict) else trace)
             if e.get("ph") == "X" and e.get("name") in index]
   ops = []
