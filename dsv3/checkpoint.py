@@ -347,6 +347,13 @@ class Checkpointer:
                                                           extras=ocp.args.JsonRestore()))
     return Restored(step, out["state"], _checked_extras(out["extras"]))
 
+  def saved_abstract(self, step: Optional[int] = None) -> Any:
+    """The saved state's tree of shapes and dtypes (latest step by default), each on this process's first
+    device: how to tell which layout wrote it."""
+    step = self.latest_step() if step is None else int(step)
+    with _quiet_library_logs():
+      return self._local_target(step)
+
   def _local_target(self, step: int) -> Any:
     """The saved state's shapes and dtypes, every array on this process's first device: a target that
     restores whatever mesh wrote the checkpoint (orbax refuses to guess a layout for other devices)."""

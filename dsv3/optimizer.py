@@ -61,6 +61,18 @@ def scale_by_adam(b1: float, b2: float, eps: float = 1e-8, moments_dtype=jnp.flo
   return optax.GradientTransformation(init, update)
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+  """optax.clip_by_global_norm, with the norm optionally given: `tx.update(..., global_norm=n)`. A pipeline
+  rank updates only its stages' parameters, but clips by the norm over the whole model."""
+  def update(updates, state, params=None, *, global_norm=None, **extra_args):
+    del params, extra_args
+    g_norm = optax.tree.norm(updates) if global_norm is None else global_norm
+    trigger = jnp.squeeze(g_norm < max_norm)
+    clip = lambda t: jax.lax.select(trigger, t, (t / g_norm.astype(t.dtype)) * max_norm)
+    return jax.tree.map(clip, updates), state
+  return optax.GradientTransformationExtraArgs(optax.init_empty_state, update)
+
+
 def decay_mask(params):
   """True where weight decay applies: matrices and expert tensors, not norm scales (even when stacked
   over layers into a 2-D array) nor any other 1-D parameter."""
@@ -76,7 +88,7 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule
   low = config.adam_moments_dtype == "bfloat16" or config.precision == "fp8"
   moments = jnp.bfloat16 if low else jnp.float32
   tx = optax.chain(
-      optax.clip_by_global_norm(float(config.grad_clip)) if config.grad_clip else optax.identity(),
+      clip_by_global_norm(float(config.grad_clip)) if config.grad_clip else optax.identity(),
       scale_by_adam(config.b1, config.b2, moments_dtype=moments),
       optax.add_decayed_weights(float(config.weight_decay), mask=decay_mask),
       optax.scale_by_learning_rate(schedule))

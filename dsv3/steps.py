@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from dsv3 import losses, model as model_lib, optimizer as opt_lib, sharding
+from dsv3 import layout, losses, model as model_lib, optimizer as opt_lib, sharding
 from dsv3.config import ModelConfig
 from dsv3.expert_parallel import ExpertParallel
 
@@ -35,6 +35,8 @@ class Steps:
   train: Callable                # (state, batch, mtp_weight, gamma) -> (state, metrics)
   grads: Callable                # (params, routing, batch, mtp_weight) -> (metrics, grads, loads): train's first half
   update: Callable               # (state, metrics, grads, loads, gamma) -> (state, metrics)
+  apply_update: Callable         # (state, grads, loads, gamma, grad_norm, units) -> (state, sums): update's first half
+  check: Callable                # (guard, step, metrics, grad_norm, sums) -> (guard, metrics): its second half
   eval: Callable                 # (params, routing, tokens) -> (cross entropy, loads)
   abstract: Any                  # jax.eval_shape(init): the checkpointed state's shapes
   saved_shardings: dict          # of the checkpointed state
@@ -43,8 +45,23 @@ class Steps:
   alpha: float                   # the sequence-wise balance loss weight the objective uses
 
 
+def sq_norm(tree) -> jax.Array:
+  """The sum of squares of every element of `tree`, in float32."""
+  return sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)), jnp.zeros((), jnp.float32))
+
+
 def global_norm(tree) -> jax.Array:
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+  return jnp.sqrt(sq_norm(tree))
+
+
+def saved_shardings(mesh, abstract) -> dict:
+  """Where the checkpointed state {step, params, routing, opt_state} (or some of its keys) lives on `mesh`
+  (a pipeline rank's sub-mesh too): routed experts over 'expert', the rest replicated, the optimizer state
+  ZeRO-1."""
+  rules = {"step": lambda _: sharding.replicated(mesh), "params": functools.partial(sharding.param_shardings, mesh),
+           "routing": functools.partial(sharding.param_shardings, mesh),
+           "opt_state": functools.partial(sharding.zero1_shardings, mesh)}
+  return {k: rules[k](v) for k, v in abstract.items()}
 
 
 def make(config, cfg: ModelConfig, mesh) -> Steps:
@@ -124,35 +141,53 @@ def make(config, cfg: ModelConfig, mesh) -> Steps:
                        out_specs=(P(), grad_specs, replicated(routing)))
     return fn(params, routing, micro, mtp_weight)
 
-  def update(state, metrics, grads, loads, gamma):
-    """The optimizer update, the routing-bias update and the divergence guard, all on device.
-
-    state["guard"] is sticky: the first step whose loss, gradient norm, update or new parameters are
-    non-finite, or whose ||update|| / ||params|| exceeds nan_guard.max_update_ratio, is recorded there
-    (with its values) and kept; the host reads it only where it syncs anyway (logging, eval, saving).
-    """
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  def apply_update(state, grads, loads, gamma, grad_norm, units=None):
+    """The optimizer and routing-bias updates of the model or of a part of it, clipped by `grad_norm` (the
+    whole model's). Returns (state, sums): squared norms of the update and of the params before and after,
+    and the MaxVio sum and max over MoE layers, over the given `units` (dsv3.layout.select; None: all), so
+    that a pipeline rank can count each unit it shares with another rank once."""
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"], global_norm=grad_norm)
     params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), state["params"], updates)
     routing = state["routing"]
     if aux_free and routing:
       routing = losses.update_bias(routing, loads, gamma)
-    grad_norm, update_norm = global_norm(grads), global_norm(updates)
-    update_ratio = update_norm / jnp.maximum(global_norm(state["params"]), 1e-30)
+    part = (lambda t: t) if units is None else (lambda t: layout.select(t, units))
+    sums = {"update": sq_norm(part(updates)), "params": sq_norm(part(state["params"])),
+            "new_params": sq_norm(part(params))}
+    vio = [losses.max_violation(l) for l in layout.moe_loads(part(loads))]
+    if vio:
+      vio = jnp.concatenate([jnp.atleast_1d(v) for v in vio])
+      sums.update(vio_sum=vio.sum(), vio_max=vio.max())
+    return {"step": state["step"] + 1, "params": params, "routing": routing, "opt_state": opt_state}, sums
+
+  def check(guard, step, metrics, grad_norm, sums):
+    """The divergence guard and the step's metrics from the whole model's norms (`sums` added up).
+
+    guard is sticky: the first step whose loss, gradient norm, update or new parameters are non-finite,
+    or whose ||update|| / ||params|| exceeds nan_guard.max_update_ratio, is recorded there (with its
+    values) and kept; the host reads it only where it syncs anyway (logging, eval, saving)."""
+    update_norm = jnp.sqrt(sums["update"])
+    update_ratio = update_norm / jnp.maximum(jnp.sqrt(sums["params"]), 1e-30)
     ok = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
-          & jnp.isfinite(global_norm(params)))
+          & jnp.isfinite(jnp.sqrt(sums["new_params"])))
     if max_update_ratio > 0:
       ok &= update_ratio <= max_update_ratio
-    step, lr = state["step"] + 1, lr_schedule(state["step"])
-    guard = state["guard"]
+    lr = lr_schedule(step - 1)
     first_bad = (guard["step"] < 0) & ~ok
     now = {"step": step, "loss": metrics["loss"].astype(jnp.float32), "grad_norm": grad_norm,
            "update_ratio": update_ratio, "lr": lr}
     guard = {k: jnp.where(first_bad, now[k], guard[k]).astype(guard[k].dtype) for k in guard}
     metrics = dict(metrics, grad_norm=grad_norm, update_ratio=update_ratio, lr=lr)
-    if "moe_layers" in loads:
-      vio = losses.max_violation(loads["moe_layers"]["mlp"]["e_score_correction_bias"])
-      metrics.update(maxvio_batch_mean=vio.mean(), maxvio_batch_max=vio.max())
-    return {"step": step, "params": params, "routing": routing, "opt_state": opt_state, "guard": guard}, metrics
+    if "vio_sum" in sums:
+      metrics.update(maxvio_batch_mean=sums["vio_sum"] / cfg.num_moe_layers, maxvio_batch_max=sums["vio_max"])
+    return guard, metrics
+
+  def update(state, metrics, grads, loads, gamma):
+    """The optimizer update, the routing-bias update and the divergence guard, all on device."""
+    grad_norm = global_norm(grads)
+    new, sums = apply_update(state, grads, loads, gamma, grad_norm)
+    guard, metrics = check(state["guard"], new["step"], metrics, grad_norm, sums)
+    return dict(new, guard=guard), metrics
 
   def train(state, batch, mtp_weight, gamma):
     metrics, g, loads = grads(state["params"], state["routing"], batch, mtp_weight)
@@ -163,10 +198,8 @@ def make(config, cfg: ModelConfig, mesh) -> Steps:
     return losses.cross_entropy(out["logits"], tokens[:, 1:]), losses.load_tree(out)
 
   abstract = jax.eval_shape(lambda: init(jax.random.key(config.seed)))   # no array anywhere
-  saved = {"step": sharding.replicated(mesh),
-           "params": sharding.param_shardings(mesh, abstract["params"]),
-           "routing": sharding.param_shardings(mesh, abstract["routing"]),
-           "opt_state": sharding.zero1_shardings(mesh, abstract["opt_state"])}
+  saved = saved_shardings(mesh, abstract)
   state_shardings = dict(saved, guard={k: sharding.replicated(mesh) for k in CLEAN_GUARD})
-  return Steps(init=init, train=train, grads=grads, update=update, eval=evaluate, abstract=abstract, saved_shardings=saved,
+  return Steps(init=init, train=train, grads=grads, update=update, apply_update=apply_update, check=check,
+               eval=evaluate, abstract=abstract, saved_shardings=saved,
                state_shardings=state_shardings, batch_sharding=sharding.batch_sharding(mesh), alpha=alpha)

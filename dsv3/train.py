@@ -38,7 +38,6 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -46,11 +45,11 @@ from dsv3 import checkpoint as ckpt_lib
 from dsv3 import cli, compile_only, convert, distributed, hf
 from dsv3 import data as data_lib
 from dsv3 import ema as ema_lib
-from dsv3 import losses, metrics as metrics_lib, optimizer as opt_lib, plan, sharding
+from dsv3 import layout, losses, metrics as metrics_lib, optimizer as opt_lib, plan, sharding
 from dsv3 import steps as steps_lib
 from dsv3 import workdir as workdir_lib
 from dsv3.config import ModelConfig, validate_train_config
-from dsv3.pipeline import executor
+from dsv3.pipeline import executor, pipelined as pipelined_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go; resumed from if non-empty.")
@@ -109,23 +108,18 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   # ------------------------------------------------------------------------------------------------
   # The steps (dsv3.steps): pure (state, batch) -> (state, metrics), jitted with shardings and donation.
   # ------------------------------------------------------------------------------------------------
-  # Pipelined too, the state lives on the whole mesh (replicated over 'pipeline'): every rank's sub-mesh
-  # holds its stages' variables in place, and the update runs on every rank. The checkpointed state leaves
+  # Pipelined, the state is per rank (dsv3.pipeline.pipelined): state["ranks"][r] holds rank r's units on
+  # its sub-mesh, and checkpoints and the EMA see each unit once (ps.view). The checkpointed state leaves
   # out state["guard"]: a checkpoint is only written once its step is known good, so it would be clean.
-  steps = steps_lib.make(config, cfg, mesh)
-  abstract, saved_shardings, state_shardings = steps.abstract, steps.saved_shardings, steps.state_shardings
+  ps = pipelined_lib.PipelinedSteps(config, cfg, mesh) if pipelined else None
+  steps = ps.steps if pipelined else steps_lib.make(config, cfg, mesh)
+  saved_shardings, state_shardings = steps.saved_shardings, steps.state_shardings
   batch_sharding = steps.batch_sharding
   if pipelined:
-    update_jit = jax.jit(steps.update, donate_argnums=0, out_shardings=(state_shardings, None))
-
     def step_fn(state, batch, mtp_weight, gamma):
-      # batch: the global batch on the host; gradients and loads come back placed like the state.
-      loss, metrics, grads, loads = executor.pipeline_value_and_grad(
-          cfg, {"params": state["params"], "routing": state["routing"]}, batch,
-          schedule=config.pipeline.schedule, num_stages=config.mesh.pipeline,
-          microbatches=config.pipeline.microbatches, mtp_weight=float(mtp_weight), alpha=steps.alpha,
-          devices=mesh)
-      return update_jit(state, metrics, grads, loads, gamma)
+      # batch: the global batch on the host; every rank updates its own units.
+      ranks, guard, metrics = ps.train(state["ranks"], state["guard"], batch, mtp_weight, gamma)
+      return {"ranks": ranks, "guard": guard}, metrics
   else:
     step_fn = jax.jit(steps.train, donate_argnums=0, in_shardings=(state_shardings, batch_sharding, None, None),
                       out_shardings=(state_shardings, None))
@@ -139,37 +133,43 @@ def _train_and_evaluate(config, workdir: str) -> dict:
                                        save_every=config.checkpoint_every_steps, best_by=config.keep_best_by,
                                        keep_best=config.keep_best)
   flat_config = ckpt_lib.flatten_config(config)
-  abstract_with_shardings = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                         abstract, saved_shardings)
-  ema = None
+  params_like = (jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              ps.abstract["params"], ps.view_shardings["params"]) if pipelined else
+                 jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              steps.abstract["params"], saved_shardings["params"]))
+  # Sharded like the params, in host memory: each process keeps its own shards.
+  ema = ema_lib.HostEMA(config.ema_decay, params_like) if config.ema_decay else None
   writer = metrics_lib.MetricWriter(workdir, total_steps)
   if checkpointer.latest_step() is not None:
     # None, or the (name, old, new) fields that may change on resume (e.g. learning_rate) and did.
     changed = ckpt_lib.check_compatible(checkpointer.read_extras()["config"], flat_config)
-    target = {"train": abstract_with_shardings}
-    if config.ema_decay:   # sharded like the params, in host memory: each process restores its own shards
-      ema = ema_lib.HostEMA(config.ema_decay, abstract_with_shardings["params"])
-      target["ema"] = ema.checkpoint_target()
-    restored = checkpointer.restore(abstract_state=target)
-    state = restored.state["train"]
+    state, restored = pipelined_lib.restore(checkpointer, cfg, steps, mesh, ps, ema)
+    state = {"ranks": state} if pipelined else state
     datasets.train.set_state(restored.extras["data"])
-    if config.ema_decay:
-      ema.load_state_dict({"ema": restored.state["ema"], "step": restored.step, "decay": config.ema_decay})
     writer.truncate_after(restored.step)
     writer.console(f"Resumed from {checkpointer.step_dir(restored.step)} at step {restored.step}"
                    + "".join(f"; {n}: {a!r} -> {b!r}" for n, a, b in changed or ()))
   else:
-    state = jax.jit(steps.init, out_shardings=saved_shardings)(jax.random.key(config.seed))
+    rng = jax.random.key(config.seed)
+    state = {"ranks": ps.init(rng)} if pipelined else jax.jit(steps.init, out_shardings=saved_shardings)(rng)
     if config.init_from:
-      state = _init_from(config.init_from, cfg, state, state_shardings)
-  if config.ema_decay and ema is None:
-    ema = ema_lib.HostEMA(config.ema_decay, state["params"])
+      variables = _init_from(config.init_from, cfg, steps.abstract, state_shardings)
+      if pipelined:
+        state = {"ranks": ps.with_stacked_variables(state["ranks"], variables)}
+      else:
+        state = dict(state, **variables)
+    if ema is not None:
+      ema.update(ps.params_view(state["ranks"]) if pipelined else state["params"], 0)
   state = dict(state, guard=jax.device_put(steps_lib.CLEAN_GUARD, state_shardings["guard"]))
+
+  def checkpointed(state):
+    """The state as checkpoints hold it: stacked, or pipelined each unit once (per-layer)."""
+    return ps.view(state["ranks"]) if pipelined else {k: v for k, v in state.items() if k != "guard"}
 
   def save(step, force=False, metrics=None):
     if not (force or checkpointer.should_save(step)):
       return False        # decide first: building the tree waits for the EMA and copies it to host
-    tree = {"train": {k: v for k, v in state.items() if k != "guard"}}
+    tree = {"train": checkpointed(state)}
     if ema is not None:
       tree["ema"] = ema.state_dict()["ema"]   # global host arrays: orbax writes each process's shards
     extras = {"data": datasets.train.get_state(), "config": flat_config, "seed": int(config.seed)}
@@ -178,15 +178,22 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   # ------------------------------------------------------------------------------------------------
   # Evaluation: validation loss and perplexity (raw and EMA params), MaxVio_global.
   # ------------------------------------------------------------------------------------------------
-  def evaluate(params, routing):
+  def evaluate(state, params=None):
+    """Validation loss and MaxVio_global of the state's params, or of `params` (the EMA's, same layout)."""
     total, n, loads = 0.0, 0, None
+    if pipelined:
+      ranks = state["ranks"] if params is None else ps.with_params(state["ranks"], params)
     for batch in itertools_islice(datasets.eval_batches(), config.eval_batches):
-      loss, l = eval_step(params, routing, batch_to_global(batch))
+      if pipelined:
+        loss, l = ps.evaluate(ranks, np.asarray(batch, np.int32))
+      else:
+        loss, l = eval_step(state["params"] if params is None else params, state["routing"], batch_to_global(batch))
+        l = np.asarray(layout.moe_loads(l)[0]) if cfg.num_moe_layers else None
       total, n = total + float(loss), n + 1
-      loads = l if loads is None else jax.tree.map(jnp.add, loads, l)
+      loads = l if loads is None else loads + l
     out = {"val_loss": total / max(n, 1), "val_perplexity": float(np.exp(total / max(n, 1)))}
-    if loads and "moe_layers" in loads:
-      vio = np.asarray(losses.max_violation(loads["moe_layers"]["mlp"]["e_score_correction_bias"]))
+    if cfg.num_moe_layers and loads is not None:
+      vio = np.asarray(losses.max_violation(loads))
       out.update(maxvio_global_mean=float(vio.mean()), maxvio_global_max=float(vio.max()))
     return out
 
@@ -214,7 +221,8 @@ def _train_and_evaluate(config, workdir: str) -> dict:
       return local
     return bool(np.any(multihost_utils.process_allgather(np.int32(local))))
 
-  start_step = int(jax.device_get(state["step"]))
+  start_step = int(jax.device_get(next(s for s in state["ranks"] if s is not None)["step"] if pipelined
+                                  else state["step"]))
   tokens_per_step = config.batch_size * config.seq_len
   flops = plan.flops_per_token(cfg, config.seq_len, include_mtp=True)
   peak = metrics_lib.device_peak_flops(dtype={"fp8": "fp8", "bf16": "bf16"}.get(config.precision, "fp32"))
@@ -247,7 +255,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
         if "ep_dropped" in metrics:
           run_dropped = metrics["ep_dropped"] + (0 if run_dropped is None else run_dropped)
         if ema is not None:
-          ema.update(state["params"], done)
+          ema.update(ps.params_view(state["ranks"]) if pipelined else state["params"], done)
       if tracing and done in (profile_end - 1, total_steps):
         with throughput.paused():
           jax.block_until_ready(state)    # the traced steps' device work ends inside the trace
@@ -278,9 +286,9 @@ def _train_and_evaluate(config, workdir: str) -> dict:
         last.update(row)
       if eval_now:
         with throughput.paused():
-          evals = evaluate(state["params"], state["routing"])
+          evals = evaluate(state)
           if ema is not None:
-            evals["val_loss_ema"] = evaluate(ema.value(), state["routing"])["val_loss"]   # params' shardings
+            evals["val_loss_ema"] = evaluate(state, ema.value())["val_loss"]   # the params' layout
           writer.write_scalars(done, evals)
           writer.console(_eval_line(done, evals))
           last.update(evals)
@@ -371,8 +379,9 @@ def itertools_islice(it, n):
   return itertools.islice(it, n) if n else it
 
 
-def _init_from(path: str, cfg, state, shardings):
-  """Params (and routing biases) from an HF checkpoint dir or an orbax dsv3 checkpoint."""
+def _init_from(path: str, cfg, abstract, shardings):
+  """{'params', 'routing'} (stacked, placed on `shardings`) from an HF checkpoint dir or an orbax dsv3
+  checkpoint (either layout)."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"config.init_from: {path!r} does not exist; point it at an HF checkpoint dir "
                             f"(config.json + safetensors) or a dsv3 orbax checkpoint dir, or set it to ''")
@@ -389,8 +398,7 @@ def _init_from(path: str, cfg, state, shardings):
   else:
     variables = convert.load_orbax_variables(path)
   cast = lambda new, old: jax.tree.map(lambda n, o: n.astype(o.dtype), new, old)
-  return dict(state, params=jax.device_put(cast(variables["params"], state["params"]), shardings["params"]),
-              routing=jax.device_put(cast(variables.get("routing", {}), state["routing"]), shardings["routing"]))
+  return {k: jax.device_put(cast(variables.get(k, {}), abstract[k]), shardings[k]) for k in ("params", "routing")}
 
 
 if __name__ == "__main__":

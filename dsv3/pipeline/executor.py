@@ -50,11 +50,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dsv3 import sharding
+from dsv3 import layout, sharding, steps as steps_lib
 from dsv3.config import ModelConfig
 from dsv3.expert_parallel import ExpertParallel
 from dsv3.layers import compute_dtype
-from dsv3.pipeline import schedules, stages
+from dsv3.pipeline import rank_state, schedules, stages
 
 SCHEDULES = ("gpipe", "1f1b", "zb1p", "dualpipe", "dualpipev")
 
@@ -239,37 +239,9 @@ class Plan:
     self.order = sorted((start, r, i) for r, line in enumerate(sim.timelines)
                         for i, (start, _, _) in enumerate(line))
     self.prediction = sim
-    self._totals = {}
-
-  def on_mesh(self, x) -> bool:
-    """Whether `x` is an array placed on this plan's pipeline mesh."""
-    return isinstance(getattr(x, "sharding", None), NamedSharding) and x.sharding.mesh == self.mesh
-
-  def leaf_spec(self, x) -> P:
-    """Where a variable lives within a sub-mesh: its own spec if it is on the pipeline mesh, else replicated."""
-    if not self.on_mesh(x):
-      return P()
-    if "pipeline" in jax.tree.leaves(tuple(x.sharding.spec)):
-      raise ValueError(f"pipeline executor: variables must be replicated over the 'pipeline' axis, got "
-                       f"spec {x.sharding.spec}")
-    return x.sharding.spec
-
-  def on_rank(self, tree, r: int):
-    """`tree` on rank r's sub-mesh. Variables on the pipeline mesh are replicated over 'pipeline', so
-    rank r's shards already hold it: the result shares their buffers (no copy). Anything else must be
-    addressable here and is copied (replicated) onto the sub-mesh."""
-    mesh, devices = self.meshes[r], self.transfers.devices[r]
-
-    def leaf(x):
-      spec = self.leaf_spec(x)
-      if self.on_mesh(x):
-        return jax.make_array_from_single_device_arrays(
-            x.shape, NamedSharding(mesh, spec), [s.data for s in x.addressable_shards if s.device in devices])
-      if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        raise ValueError("pipeline executor: variables spanning processes must live on the pipeline mesh "
-                         "(the trainer's ('pipeline', 'data', 'expert') mesh), replicated over 'pipeline'")
-      return jax.device_put(x, NamedSharding(mesh, spec))
-    return jax.tree.map(leaf, tree)
+    self.layout = rank_state.RankLayout(self.mesh, [[self.specs[s] for _, s in phases]
+                                                    for phases in self.schedule.placement])
+    self._programs = {}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -287,14 +259,18 @@ def _host_tokens(tokens) -> np.ndarray:
   return np.asarray(tokens, np.int32)
 
 
-def run(plan: Plan, variables, tokens, mtp_weight, alpha, timings: Optional[list] = None):
-  """Executes one step. Returns (loss, metrics, grads, loads).
+def run(plan: Plan, rank_variables, tokens, mtp_weight, alpha, timings: Optional[list] = None):
+  """Executes one step on per-rank variables: rank_variables[r] = {'params', 'routing'} of rank r's units
+  on its sub-mesh (rank_state; None where this process holds none of rank r).
+
+  Returns (loss, metrics, grads, loads, grad_norm): grads[r] and loads[r] shaped like rank r's params and
+  routing (None for ranks of other processes), each unit's summed over its holders and placed like its
+  optimizer state (ZeRO-1); loss, metrics and the whole model's gradient norm over the pipeline mesh.
 
   timings: if a list, every op is waited for (block_until_ready) and (rank, op string, start, end) in
   seconds is appended: serialised, for measuring per-op costs, not for speed.
   """
   cfg, sched, move = plan.cfg, plan.schedule, plan.transfers
-  params, routing = variables["params"], variables.get("routing", {})
   tokens = _host_tokens(tokens)
   batch, width = tokens.shape
   if batch % plan.microbatches:
@@ -307,13 +283,13 @@ def run(plan: Plan, variables, tokens, mtp_weight, alpha, timings: Optional[list
   # Stage copies on the ranks this process takes part in; their parameters as per-device copies where the
   # micro-batch rows split over the sub-mesh, so gradients are reduced once per step (stages.Devices).
   copies: Dict[tuple, dict] = {}
-  views = {r: plan.on_rank((params, routing), r) for r in plan.local_ranks}
   devices = {r: stages.Devices.of(plan.meshes[r], mb) for r in plan.local_ranks}
   for (d, s), r in plan.owner.items():
-    if r not in views:
+    if r not in devices:
       continue
     mesh = plan.meshes[r]
-    p, rt = stages.stage_variables(cfg, *views[r], plan.specs[s])
+    p, rt = stages.stage_variables(rank_variables[r]["params"], rank_variables[r].get("routing", {}),
+                                   plan.specs[s])
     p = devices[r].copies(p)
     coefs = jax.device_put(np.asarray([mtp_weight, alpha, 1.0 / plan.microbatches], np.float32),
                            NamedSharding(mesh, P()))
@@ -386,93 +362,215 @@ def run(plan: Plan, variables, tokens, mtp_weight, alpha, timings: Optional[list
       jax.block_until_ready(results)
       timings.append((r, str(op), start, time.perf_counter()))
 
-  return _assemble(plan, params, routing, copies)
+  return _assemble(plan, rank_variables, copies)
 
 
 # ---------------------------------------------------------------------------------------------------
-# Gathering the results: per rank, then summed over the 'pipeline' axis.
+# Gathering the results: per rank, then each shared unit among its holders, then the scalars.
 # ---------------------------------------------------------------------------------------------------
-def _rank_totals(cfg: ModelConfig, stage_specs, param_shapes, routing_shapes, devices, accs, auxes):
-  """One rank's contributions as full trees: gradients shaped like the params (zero where the rank holds
-  nothing), loads shaped like the routing biases, and the loss terms, each summed over micro-batches and
-  over the rank's stage copies. Every leaf gets a leading axis of 1: the rank's row of a [P, ...] array.
-  The accumulators' per-device copies are summed here: the step's one gradient reduction on the rank."""
-  accs = [devices.sum_copies(acc) for acc in accs]
-  grads = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), param_shapes)
-  loads = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), routing_shapes)
-  scalars = {k: jnp.zeros((), jnp.float32) for k in ("loss", "balance", "ce", "mtp_loss")}
+SCALARS = ("loss", "balance", "ce", "mtp_loss", "grad_sq")    # a rank's row of whole-model sums
+
+
+def _by_unit(units: dict) -> dict:
+  """{unit id: subtree} -> the per-layer tree (dsv3.layout)."""
+  out = {}
+  for unit, tree in units.items():
+    if unit.startswith(layout.LAYERS + "/"):
+      out.setdefault(layout.LAYERS, {})[unit.split("/")[1]] = tree
+    else:
+      out[unit] = tree
+  return out
+
+
+def _rank_sums(stage_specs, devices, shared, shardings, accs, auxes):
+  """One rank's gradients and loads by unit, summed over its micro-batches and stage copies.
+
+  Units only this rank holds come back reduced (the per-device copies summed into their ZeRO-1 shards,
+  the step's one reduction for them); `shared` units (also held by other ranks) keep a leading axis of
+  per-device rows for the holders' reduction. Also returns the rank's row of SCALARS."""
+  grads, loads = {}, {}
+  add = lambda d, k, v: d.__setitem__(k, v if k not in d else jax.tree.map(jnp.add, d[k], v))
   total = lambda xs: sum(xs[1:], xs[0])
+  row = dict.fromkeys(SCALARS, jnp.zeros((), jnp.float32))
   for spec, acc, aux in zip(stage_specs, accs, auxes):
-    for path, g in stages.scatter_gradients(cfg, spec, acc):
-      if len(path) == 2:
-        grads[path[0]] = jax.tree.map(lambda t, x: t.at[path[1]].add(x), grads[path[0]], g)
-      else:
-        grads[path[0]] = jax.tree.map(jnp.add, grads[path[0]], g)
-    for name in scalars:
+    for unit, g in stages.stage_units(spec, acc):
+      add(grads, unit, g)
+    for name in ("loss", "balance", "ce", "mtp_loss"):
       if aux[0].get(name) is not None:
-        scalars[name] = scalars[name] + total([a[name] for a in aux])
-    moe_layers = [l - cfg.first_k_dense_replace for l, moe in zip(spec.layers, spec.moe) if moe]
-    if moe_layers:
-      bias = loads["moe_layers"]["mlp"]["e_score_correction_bias"]
-      for j, l in enumerate(moe_layers):
-        bias = bias.at[l].add(total([a["loads"][j] for a in aux]))
-      loads["moe_layers"]["mlp"]["e_score_correction_bias"] = bias
+        row[name] = row[name] + total([a[name] for a in aux])
+    moe = [l for l, is_moe in zip(spec.layers, spec.moe) if is_moe]
+    for j, l in enumerate(moe):
+      add(loads, layout.unit_of(layout.LAYERS, layout.layer_key(l)),
+          {"mlp": {"e_score_correction_bias": total([a["loads"][j] for a in aux])}})
     for key in (aux[0].get("mtp_loads") or {}):
-      loads[key] = jax.tree.map(lambda t, *xs: t + total(xs), loads[key], *[a["mtp_loads"][key] for a in aux])
-  return jax.tree.map(lambda x: x[None], {"grads": grads, "loads": loads, "scalars": scalars})
+      add(loads, key, jax.tree.map(lambda *xs: total(xs), *[a["mtp_loads"][key] for a in aux]))
+  own = {u: jax.tree.map(jax.lax.with_sharding_constraint, devices.sum_copies(g), shardings[u])
+         for u, g in grads.items() if u not in shared}
+  rows = lambda g: g if devices.axes else g[None]
+  shared_grads = {u: jax.tree.map(rows, g) for u, g in grads.items() if u in shared}
+  row["grad_sq"] = steps_lib.sq_norm(own)
+  return (own, shared_grads, {u: l for u, l in loads.items() if u not in shared},
+          {u: jax.tree.map(lambda x: x[None], l) for u, l in loads.items() if u in shared},
+          jnp.stack([row[k] for k in SCALARS])[None])
 
 
-def _assemble(plan: Plan, params, routing, copies):
-  """Sums every rank's contributions over the 'pipeline' axis (one program on the whole pipeline mesh,
-  which every process calls) into gradients placed like the params and loads placed like the routing
-  biases; the loss terms become batch means."""
-  cfg = plan.cfg
-  shapes = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
-  specs = {"grads": jax.tree.map(plan.leaf_spec, params), "loads": jax.tree.map(plan.leaf_spec, routing),
-           "scalars": {k: P() for k in ("loss", "balance", "ce", "mtp_loss")}}
-  is_spec = lambda x: isinstance(x, P)
-  rows = {}
+def _rows_sharding(x, mesh) -> NamedSharding:
+  """Where a shared unit's per-device rows live on its rank: one row per device."""
+  spec = tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec))
+  return NamedSharding(mesh, P(*spec))
+
+
+def _group_sum(grad_shardings, load_shardings, sq_sharding, grads, loads):
+  """Shared units' rows from all their holders ([holders * rows, ...]) summed: the gradients into their
+  ZeRO-1 shards, replicated over the holders; and the holders' squared norm, counted on the first."""
+  grads = jax.tree.map(lambda x, s: jax.lax.with_sharding_constraint(x.sum(0), s), grads, grad_shardings)
+  loads = jax.tree.map(lambda x, s: jax.lax.with_sharding_constraint(x.sum(0), s), loads, load_shardings)
+  holders = sq_sharding.mesh.shape["pipeline"]
+  sq = jnp.zeros((holders,), jnp.float32).at[0].set(steps_lib.sq_norm(grads))
+  return grads, loads, jax.lax.with_sharding_constraint(sq, sq_sharding)
+
+
+def _assemble(plan: Plan, rank_variables, copies):
+  """Per-rank gradients and loads (each unit reduced once, among its holders) and the whole-model scalars."""
+  cfg, lay = plan.cfg, plan.layout
+  zero1 = lambda r, tree: sharding.zero1_shardings(
+      plan.meshes[r], jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree))
+  own, shared, own_loads, shared_loads, rows = {}, {}, {}, {}, {}
   for r in plan.local_ranks:
     mine = sorted(ds for ds, owner in plan.owner.items() if owner == r)
+    params = rank_variables[r]["params"]
+    units = {u: t for u, t in _units_of(params).items()}
+    shared_units = tuple(sorted(u for u in units if len(lay.holders(u)) > 1))
+    shardings = {u: zero1(r, t) for u, t in units.items()}
     devices = copies[mine[0]]["devices"]
-    key = (r, tuple(mine), devices, jax.tree.structure(params),
+    key = ("sums", r, tuple(mine), devices, jax.tree.structure(params),
            tuple((x.shape, x.dtype) for x in jax.tree.leaves(params)))
-    if key not in plan._totals:
-      out = jax.tree.map(lambda sp: NamedSharding(plan.meshes[r], P(None, *sp)), specs, is_leaf=is_spec)
-      plan._totals[key] = jax.jit(functools.partial(
-          _rank_totals, cfg, tuple(plan.specs[s] for _, s in mine), shapes(params), shapes(routing), devices),
-          out_shardings=out)
-    rows[r] = plan._totals[key]([copies[ds]["acc"] for ds in mine], [copies[ds]["aux"] for ds in mine])
+    if key not in plan._programs:
+      plan._programs[key] = jax.jit(functools.partial(
+          _rank_sums, tuple(plan.specs[s] for _, s in mine), devices, shared_units, shardings))
+    own[r], shared[r], own_loads[r], shared_loads[r], rows[r] = plan._programs[key](
+        [copies[ds]["acc"] for ds in mine], [copies[ds]["aux"] for ds in mine])
 
-  # This process's rows, as one [P, ...] array per leaf over the pipeline mesh.
-  num_ranks = plan.mesh.shape["pipeline"]
-  flat_specs = jax.tree.leaves(specs, is_leaf=is_spec)
-  flat_rows = {r: jax.tree.leaves(t) for r, t in rows.items()}
-  template, treedef = jax.tree.flatten(rows[plan.local_ranks[0]])
-  stacked = [jax.make_array_from_single_device_arrays(
-      (num_ranks, *leaf.shape[1:]), NamedSharding(plan.mesh, P("pipeline", *sp)),
-      [s.data for r in rows for s in flat_rows[r][i].addressable_shards])
-      for i, (leaf, sp) in enumerate(zip(template, flat_specs))]
-  targets = [NamedSharding(plan.mesh, sp) for sp in flat_specs]
-  summed = _sum_over_ranks(stacked, tuple(targets))
-  totals = jax.tree.unflatten(treedef, summed)
+  # Shared units: one program per group of holders sums their rows (every process holding one of them runs it).
+  grads = {r: dict(own[r]) for r in plan.local_ranks}
+  loads = {r: dict(own_loads[r]) for r in plan.local_ranks}
+  pieces = {r: [] for r in plan.local_ranks}
+  groups = {}
+  for r in plan.local_ranks:
+    for u in shared[r]:
+      groups.setdefault(lay.holders(u), set()).add(u)
+    for u in shared_loads[r]:
+      groups.setdefault(lay.holders(u), set()).add(u)
+  for holders, units in sorted(groups.items()):
+    mesh, local = lay.group_mesh(holders), [r for r in holders if r in grads]
+    first = local[0]
 
+    def stacked(per_rank, u):
+      def leaf(*xs):
+        x = xs[0]
+        lead = tuple(x.sharding.spec)[0] if len(x.sharding.spec) else None
+        lead = () if lead is None else (lead if isinstance(lead, tuple) else (lead,))
+        spec = P(("pipeline", *lead), *tuple(x.sharding.spec)[1:])
+        return jax.make_array_from_single_device_arrays(
+            (len(holders) * x.shape[0], *x.shape[1:]), NamedSharding(mesh, spec),
+            [s.data for y in xs for s in y.addressable_shards])
+      return jax.tree.map(leaf, *[per_rank[r][u] for r in local])
+    g_units = sorted(u for u in units if u in shared[first])
+    l_units = sorted(u for u in units if u in shared_loads[first])
+    g_in = {u: stacked(shared, u) for u in g_units}
+    l_in = {u: stacked(shared_loads, u) for u in l_units}
+    to_group = lambda s: NamedSharding(mesh, s.spec)
+    key = ("group", holders, tuple(g_units), tuple(l_units),
+           tuple((x.shape, x.dtype) for x in jax.tree.leaves((g_in, l_in))))
+    if key not in plan._programs:
+      param = lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
+      g_out = {u: jax.tree.map(to_group, zero1(first, jax.tree.map(param, g_in[u]))) for u in g_units}
+      l_out = {u: jax.tree.map(lambda _: NamedSharding(mesh, P()), l_in[u]) for u in l_units}
+      plan._programs[key] = jax.jit(functools.partial(_group_sum, g_out, l_out, NamedSharding(mesh, P("pipeline"))))
+    g_sum, l_sum, sq = plan._programs[key](g_in, l_in)
+    for r in local:
+      grads[r].update({u: jax.tree.map(lambda x: lay.on_rank(x, r), g) for u, g in g_sum.items()})
+      loads[r].update({u: jax.tree.map(lambda x: lay.on_rank(x, r), l) for u, l in l_sum.items()})
+      pieces[r].append(lay.on_rank(sq, r))
+
+  for r in plan.local_ranks:
+    if pieces[r]:
+      rows[r] = _add_grad_sq(rows[r], pieces[r])
+  totals = _sum_over_ranks(lay.gather_rows(rows), NamedSharding(plan.mesh, P()))
   # Each micro-batch's loss is spread over the stages (every stage's balance share, the last stage's CE
   # and MTP); the batch value is the mean over micro-batches of the per-micro-batch sums.
-  mean = {k: v / plan.microbatches for k, v in totals["scalars"].items()}
+  mean = {k: totals[i] / plan.microbatches for i, k in enumerate(SCALARS)}
   metrics = {"ce": mean["ce"]}
   if cfg.num_nextn_predict_layers:
     metrics["mtp_loss"] = mean["mtp_loss"]
   if cfg.num_moe_layers:
     metrics["balance_loss"] = mean["balance"]
   metrics["loss"] = mean["loss"]
-  return mean["loss"], metrics, totals["grads"], totals["loads"]
+  out = lambda per_rank: [_by_unit(per_rank[r]) if r in per_rank else None for r in range(len(plan.meshes))]
+  return mean["loss"], metrics, out(grads), out(loads), jnp.sqrt(totals[SCALARS.index("grad_sq")])
+
+
+def _units_of(tree: dict) -> dict:
+  """A per-layer tree as {unit id: subtree}."""
+  return {layout.unit_of(k, l): (v[l] if k == layout.LAYERS else v)
+          for k, v in tree.items() for l in (v if k == layout.LAYERS else [None])}
+
+
+@jax.jit
+def _add_grad_sq(row, pieces):
+  return row.at[0, SCALARS.index("grad_sq")].add(sum(p[0] for p in pieces))
 
 
 @functools.partial(jax.jit, static_argnums=1)
-def _sum_over_ranks(stacked, targets):
-  """[P, ...] rows summed over 'pipeline', each result placed at its target sharding."""
-  return [jax.lax.with_sharding_constraint(x.sum(0, dtype=x.dtype), t) for x, t in zip(stacked, targets)]
+def _sum_over_ranks(rows, target):
+  """[P, k] rows summed over 'pipeline', replicated over the pipeline mesh."""
+  return jax.lax.with_sharding_constraint(rows.sum(0), target)
+
+
+def evaluate(plan: Plan, rank_variables, tokens):
+  """Forward only, the whole batch as one micro-batch through direction 0's stages in order.
+
+  Returns (cross entropy, loads) as host values: loads [num_moe_layers, E] per MoE layer (the main
+  layers' routing loads, for MaxVio), summed over the batch."""
+  cfg, move = plan.cfg, plan.transfers
+  tokens = _host_tokens(tokens)
+  batch, width = tokens.shape
+  hidden = jax.ShapeDtypeStruct((batch, width - 1, cfg.hidden_size), compute_dtype(cfg))
+  spec = _token_spec(plan.meshes[0], batch)
+  moe = [l for l in range(cfg.num_hidden_layers) if l >= cfg.first_k_dense_replace]
+  width_row = 1 + len(moe) * cfg.n_routed_experts
+  rows, x = {}, None
+  for s in range(plan.num_stages):
+    r, spec_s = plan.owner[0, s], plan.specs[s]
+    y = None
+    if move.mine[r]:
+      mesh = plan.meshes[r]
+      devices = stages.Devices(mesh, (), plan.expert_parallel[r])
+      p, rt = stages.stage_variables(rank_variables[r]["params"], rank_variables[r].get("routing", {}), spec_s)
+      data = (jax.make_array_from_callback(tokens.shape, NamedSharding(mesh, spec), lambda i: tokens[i])
+              if spec_s.first or spec_s.last else None)
+      coefs = jax.device_put(np.asarray([0.0, 0.0, 1.0], np.float32), NamedSharding(mesh, P()))
+      y, aux = plan.programs.evaluate(cfg, spec_s.program_key, p, rt, x, data, coefs, devices)
+      rows[r] = _eval_row(rows.get(r), aux, tuple(moe.index(l) for l, m in zip(spec_s.layers, spec_s.moe) if m),
+                          width_row, cfg.n_routed_experts)
+    if s + 1 < plan.num_stages:
+      x = move(y, r, plan.owner[0, s + 1], hidden, spec)
+  for r in plan.local_ranks:      # ranks running no stage of direction 0 (DualPipe's) add nothing
+    if r not in rows:
+      rows[r] = jax.device_put(np.zeros((1, width_row), np.float32), NamedSharding(plan.meshes[r], P()))
+  total = np.asarray(_sum_over_ranks(plan.layout.gather_rows(rows), NamedSharding(plan.mesh, P())))
+  return float(total[0]), total[1:].reshape(len(moe), cfg.n_routed_experts)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _eval_row(row, aux, positions, width, experts):
+  """A rank's [1, 1 + moe layers * E] row: the cross entropy (last stage) and its MoE layers' loads."""
+  row = jnp.zeros((1, width), jnp.float32) if row is None else row
+  if aux.get("ce") is not None:
+    row = row.at[0, 0].add(aux["ce"])
+  for j, pos in enumerate(positions):
+    row = row.at[0, 1 + pos * experts:1 + (pos + 1) * experts].add(aux["loads"][j])
+  return row
 
 
 _PLANS: Dict[tuple, Plan] = {}
@@ -496,24 +594,32 @@ def get_plan(cfg: ModelConfig, schedule: str, num_stages: int, microbatches: int
 def pipeline_value_and_grad(cfg: ModelConfig, variables, tokens, *, schedule: str, num_stages: int,
                             microbatches: int, mtp_weight, alpha, devices=None, timings=None,
                             compiler_options=None, transfer: str = "auto"):
-  """Pipelined equivalent of value_and_grad(objective(forward_train(...))) on one batch.
+  """Pipelined equivalent of value_and_grad(objective(forward_train(...))) on one batch, on the model's
+  stacked variables: the reference entry point (tests, notebooks). The trainer keeps per-rank state
+  (dsv3.pipeline.pipelined) and calls `run` on it.
 
   tokens: int32 [B, T+1] (inputs tokens[:, :-1], labels tokens[:, 1:]), the global batch as a host
-  array (in every process), cut into `microbatches` equal micro-batches (DualPipe: the first half go
-  down direction 0, the second half direction 1).
+  array, cut into `microbatches` equal micro-batches (DualPipe: the first half go down direction 0, the
+  second half direction 1).
   num_stages: the pipeline degree (mesh.pipeline), i.e. the number of ranks; DualPipeV runs 2x that many
   model stages on them.
   devices: None (all devices, split evenly), a device list, a Mesh with a 'pipeline' axis, or one Mesh
-  per rank. Variables that live on that pipeline mesh (replicated over 'pipeline', as the trainer keeps
-  them) are used in place; other variables must be addressable and are copied to every rank.
-  Multi-process: every process calls this with the same arguments; each runs the programs of the ranks
-  it holds devices of.
+  per rank. Each rank receives a copy of its stages' variables (they must be addressable here: one process).
   timings: see `run`. compiler_options: XLA options for the stage programs (a dict), e.g.
   {'xla_backend_optimization_level': 0} to compile faster on CPU. transfer: 'auto' (device_put within a
   process, a collective program across processes) or 'collective' (always the collective program).
-  Returns (loss, metrics, grads like variables['params'], loads like variables['routing']), on the
-  pipeline mesh: placed like the variables if they live there, else replicated.
+  Returns (loss, metrics, grads like variables['params'], loads like variables['routing']) as host arrays.
   """
   plan = get_plan(ModelConfig.from_any(cfg), schedule, num_stages, microbatches, devices, compiler_options,
                   transfer)
-  return run(plan, variables, tokens, mtp_weight, alpha, timings)
+  per_layer = {k: layout.unstack(plan.cfg, jax.tree.map(np.asarray, variables.get(k, {})))
+               for k in ("params", "routing")}
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), per_layer)
+  ranks = []
+  for r, mesh in enumerate(plan.meshes):
+    part = plan.layout.restrict(per_layer, r)
+    ranks.append({k: jax.device_put(part[k], sharding.param_shardings(mesh, part[k])) for k in part})
+  loss, metrics, grads, loads, _ = run(plan, ranks, tokens, mtp_weight, alpha, timings)
+  whole = lambda per_rank, like: layout.stack(plan.cfg, jax.tree.map(np.asarray, plan.layout.view(per_rank, like)))
+  return (loss, metrics, whole(grads, abstract["params"]),
+          whole(loads, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32), abstract["routing"])))

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dsv3 import losses, sharding
+from dsv3 import layout, losses, sharding
 from dsv3.config import ModelConfig
 from dsv3.expert_parallel import ExpertParallel
 from dsv3.layers import compute_dtype, remat_policy, rope_cos_sin
@@ -88,57 +88,25 @@ def split_layers(cfg: ModelConfig, num_stages: int) -> List[StageSpec]:
   return specs
 
 
-def _stack_and_index(cfg: ModelConfig, layer: int):
-  """(name of the scanned stack in the params tree, index in it) for a global layer index."""
-  if layer < cfg.first_k_dense_replace:
-    return "dense_layers", layer
-  return "moe_layers", layer - cfg.first_k_dense_replace
-
-
-def _head_keys(cfg: ModelConfig, params) -> List[str]:
-  keys = ["norm"] + [k for k in ("lm_head", "embed_tokens") if k in params]
-  return keys + [f"mtp_{k}" for k in range(cfg.num_nextn_predict_layers)]
-
-
-def stage_variables(cfg: ModelConfig, params, routing, spec: StageSpec):
-  """(params, routing) of one stage, in the stage layout {'embed', 'layers': [...], 'head'}."""
-  p, r = {"layers": []}, {"layers": []}
-  for layer in spec.layers:
-    stack, i = _stack_and_index(cfg, layer)
-    p["layers"].append((stack, i))
-  by_stack = {}
-  for stack, i in p["layers"]:
-    by_stack.setdefault(stack, []).append(i)
-  taken = {stack: _take_layers((params[stack], routing.get(stack, {})), tuple(idx))
-           for stack, idx in by_stack.items()}
-  position = {stack: 0 for stack in by_stack}
-  for j, (stack, _) in enumerate(p["layers"]):
-    p["layers"][j], routing_slice = taken[stack][position[stack]]
-    r["layers"].append(routing_slice)
-    position[stack] += 1
+def stage_variables(params, routing, spec: StageSpec):
+  """(params, routing) of one stage in the stage layout {'embed', 'layers': [...], 'head'}, from a rank's
+  variables in the per-layer form (dsv3.layout; every unit the stage needs, rank_state.needs)."""
+  key = lambda l: layout.layer_key(l)
+  p = {"layers": [params[layout.LAYERS][key(l)] for l in spec.layers]}
+  r = {"layers": [routing.get(layout.LAYERS, {}).get(key(l), {}) for l in spec.layers]}
   if spec.first:
     p["embed"] = {"embed_tokens": params["embed_tokens"]}
   if spec.last:
-    p["head"] = {k: params[k] for k in _head_keys(cfg, params)}
-    r["head"] = {k: routing[k] for k in routing if k.startswith("mtp_")}
+    p["head"] = {k: v for k, v in params.items() if k != layout.LAYERS}
+    r["head"] = {k: v for k, v in routing.items() if k != layout.LAYERS}
   return p, r
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _take_layers(stacked, indices):
-  """Per-layer slices of stacked (params, routing) trees, in one dispatch rather than one per leaf."""
-  return [jax.tree.map(lambda a: a[i], stacked) for i in indices]
-
-
-def scatter_gradients(cfg: ModelConfig, spec: StageSpec, grads) -> List[Tuple[tuple, object]]:
-  """A stage's gradient tree as (path, value) contributions to the model's params tree; a layer's path
-  is (stack, index), the rest (key,). The executor sums contributions and stacks the layers."""
-  out = []
-  for layer, g in zip(spec.layers, grads["layers"]):
-    out.append((_stack_and_index(cfg, layer), g))
+def stage_units(spec: StageSpec, tree) -> List[Tuple[str, object]]:
+  """A stage-layout tree (its gradients) as (unit id, subtree) pairs of the per-layer form (dsv3.layout)."""
+  out = [(layout.unit_of(layout.LAYERS, layout.layer_key(l)), g) for l, g in zip(spec.layers, tree["layers"])]
   for part in ("embed", "head"):
-    for key, g in grads.get(part, {}).items():
-      out.append(((key,), g))
+    out += list(tree.get(part, {}).items())
   return out
 
 
@@ -328,6 +296,12 @@ def forward(cfg: ModelConfig, key, params, routing, x, tokens, coefs, devices: D
   return x, vjps, aux
 
 
+def evaluate(cfg: ModelConfig, key, params, routing, x, tokens, coefs, devices: Devices):
+  """F without the residuals (evaluation): (activation or None on the last stage, aux)."""
+  y, _, aux = forward(cfg, key, params, routing, x, tokens, coefs, devices)
+  return y, aux
+
+
 def _backward(key, vjps, g, coefs, want_params: bool):
   """Walks the pieces backwards. Returns (input cotangent, per-piece param grads, per-piece cotangents).
 
@@ -394,6 +368,7 @@ class Programs(NamedTuple):
   backward: Callable
   backward_input: Callable
   backward_weights: Callable
+  evaluate: Callable
 
 
 @functools.lru_cache(maxsize=None)
@@ -405,4 +380,5 @@ def programs(compiler_options: Optional[Tuple[Tuple[str, Any], ...]] = None) -> 
       forward=jax.jit(forward, static_argnums=(0, 1, 7), compiler_options=opts),
       backward=jax.jit(backward, static_argnums=0, donate_argnums=4, compiler_options=opts),
       backward_input=jax.jit(backward_input, static_argnums=0, compiler_options=opts),
-      backward_weights=jax.jit(backward_weights, static_argnums=0, donate_argnums=3, compiler_options=opts))
+      backward_weights=jax.jit(backward_weights, static_argnums=0, donate_argnums=3, compiler_options=opts),
+      evaluate=jax.jit(evaluate, static_argnums=(0, 1, 7), compiler_options=opts))

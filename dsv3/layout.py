@@ -1,0 +1,120 @@
+"""The variables tree's layout: layer stacks, layer -> (stack, index), routing paths, and the per-layer form.
+
+Two forms of the same variables ('params', 'routing', and the optimizer moments that mirror the params):
+  stacked    the model's own tree: layers scanned into 'dense_layers' [first_k_dense_replace, ...] and
+             'moe_layers' [num_moe_layers, ...]; unpipelined runs, exports, HF conversion.
+  per-layer  every layer its own entry, layers/<global index, 3 digits>; everything else unchanged. A
+             pipelined run keeps its state in this form (dsv3.pipeline.rank_state): a rank holds the
+             layers it runs, and the form does not depend on the pipeline degree or schedule.
+"""
+from __future__ import annotations
+
+from typing import Callable, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+STACKS = ("dense_layers", "moe_layers")   # the scanned layer stacks, in layer order
+LAYERS = "layers"                          # the per-layer form's key
+BIAS = ("mlp", "e_score_correction_bias")  # the routing bias (and its load) inside an MoE block
+
+
+def stack_and_index(cfg, layer: int) -> Tuple[str, int]:
+  """(stack name, index in it) of global layer `layer`."""
+  if layer < cfg.first_k_dense_replace:
+    return "dense_layers", layer
+  return "moe_layers", layer - cfg.first_k_dense_replace
+
+
+def layer_of(cfg, stack: str, index: int) -> int:
+  """The global layer index of `stack`[index]."""
+  return index if stack == "dense_layers" else index + cfg.first_k_dense_replace
+
+
+def layer_key(layer: int) -> str:
+  return f"{layer:03d}"
+
+
+def moe_bias_path(cfg, layer: int) -> tuple:
+  """The per-layer path of an MoE layer's routing bias (and of its per-expert load)."""
+  return (LAYERS, layer_key(layer)) + BIAS
+
+
+def unstack(cfg, tree: dict) -> dict:
+  """Stacked -> per-layer (arrays or numpy; inside jit it traces to slices)."""
+  out = {k: v for k, v in tree.items() if k not in STACKS}
+  layers = {}
+  for stack in STACKS:
+    if stack in tree:
+      n = jax.tree.leaves(tree[stack])[0].shape[0]
+      for i in range(n):
+        layers[layer_key(layer_of(cfg, stack, i))] = jax.tree.map(lambda a: a[i], tree[stack])
+  if layers:
+    out[LAYERS] = layers
+  return out
+
+
+def stack(cfg, tree: dict) -> dict:
+  """Per-layer -> stacked (jnp.stack for jax arrays, np.stack for numpy)."""
+  out = {k: v for k, v in tree.items() if k != LAYERS}
+  by_stack = {}
+  for key in sorted(tree.get(LAYERS, {})):
+    name, _ = stack_and_index(cfg, int(key))
+    by_stack.setdefault(name, []).append(tree[LAYERS][key])
+  for name, layers in by_stack.items():
+    join = lambda *xs: (np.stack if isinstance(xs[0], np.ndarray) else jnp.stack)(xs)
+    out[name] = jax.tree.map(join, *layers)
+  return out
+
+
+def unit_of(key: str, layer: str = None) -> str:
+  """A unit's id: 'layers/007' for a layer of the per-layer form, else the top-level key ('embed_tokens')."""
+  return f"{LAYERS}/{layer}" if key == LAYERS else key
+
+
+def units(tree: dict) -> list:
+  """The unit ids of a per-layer variables tree."""
+  return [unit_of(k, l) for k, v in tree.items() for l in (v if k == LAYERS else [None])]
+
+
+def select(tree: dict, keep) -> dict:
+  """The part of a per-layer variables tree made of the units in `keep` (a collection of unit ids)."""
+  out = {}
+  for k, v in tree.items():
+    if k == LAYERS:
+      kept = {l: x for l, x in v.items() if unit_of(k, l) in keep}
+      if kept:
+        out[k] = kept
+    elif k in keep:
+      out[k] = v
+  return out
+
+
+def moe_loads(loads: dict) -> list:
+  """The main MoE layers' per-expert loads in a loads (routing-shaped) tree of either form: [layers, E]
+  when stacked, one [E] per layer when per-layer (MTP modules excluded)."""
+  if "moe_layers" in loads:
+    return [_get(loads["moe_layers"], BIAS)]
+  return [_get(v, BIAS) for _, v in sorted(loads.get(LAYERS, {}).items())]
+
+
+def _get(tree, path):
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def is_per_layer(params: dict) -> bool:
+  return LAYERS in params
+
+
+def map_state(fn: Callable[[dict], dict], state: dict) -> dict:
+  """`fn` applied to the variables trees of a train state: 'params', 'routing', and every node of
+  'opt_state' shaped like the params (Adam's moments); other leaves (step counts) are kept."""
+  params_def = jax.tree.structure(state["params"])
+  is_vars = lambda x: isinstance(x, dict) and jax.tree.structure(x) == params_def
+  out = dict(state, params=fn(state["params"]), routing=fn(state.get("routing", {})))
+  if "opt_state" in state:
+    out["opt_state"] = jax.tree.map(lambda x: fn(x) if is_vars(x) else x, state["opt_state"], is_leaf=is_vars)
+  return out
