@@ -551,21 +551,26 @@ def evaluate(plan: Plan, rank_variables, tokens):
               if spec_s.first or spec_s.last else None)
       coefs = jax.device_put(np.asarray([0.0, 0.0, 1.0], np.float32), NamedSharding(mesh, P()))
       y, aux = plan.programs.evaluate(cfg, spec_s.program_key, p, rt, x, data, coefs, devices)
-      rows[r] = _eval_row(rows.get(r), aux, tuple(moe.index(l) for l, m in zip(spec_s.layers, spec_s.moe) if m),
+      row = rows[r] if r in rows else _zeros_row(width_row, mesh)
+      rows[r] = _eval_row(row, aux, tuple(moe.index(l) for l, m in zip(spec_s.layers, spec_s.moe) if m),
                           width_row, cfg.n_routed_experts)
     if s + 1 < plan.num_stages:
       x = move(y, r, plan.owner[0, s + 1], hidden, spec)
   for r in plan.local_ranks:      # ranks running no stage of direction 0 (DualPipe's) add nothing
     if r not in rows:
-      rows[r] = jax.device_put(np.zeros((1, width_row), np.float32), NamedSharding(plan.meshes[r], P()))
+      rows[r] = _zeros_row(width_row, plan.meshes[r])
   total = np.asarray(_sum_over_ranks(plan.layout.gather_rows(rows), NamedSharding(plan.mesh, P())))
   return float(total[0]), total[1:].reshape(len(moe), cfg.n_routed_experts)
 
 
+def _zeros_row(width: int, mesh: Mesh) -> jax.Array:
+  """A rank's empty [1, width] row, placed on its sub-mesh (rows of all ranks meet in gather_rows)."""
+  return jax.device_put(np.zeros((1, width), np.float32), NamedSharding(mesh, P()))
+
+
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))
 def _eval_row(row, aux, positions, width, experts):
-  """A rank's [1, 1 + moe layers * E] row: the cross entropy (last stage) and its MoE layers' loads."""
-  row = jnp.zeros((1, width), jnp.float32) if row is None else row
+  """A rank's [1, 1 + moe layers * E] row plus the cross entropy (last stage) and its MoE layers' loads."""
   if aux.get("ce") is not None:
     row = row.at[0, 0].add(aux["ce"])
   for j, pos in enumerate(positions):
