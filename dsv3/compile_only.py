@@ -16,10 +16,11 @@ DIR/compiled/memory.json and each program's scheduled HLO as DIR/compiled/<progr
 a table. `estimated_peak_bytes_per_device` is dsv3.plan's analytic figure for the same layout
 (dsv3.plan.step_memory: parameters, FP32 gradients, ZeRO-1 optimizer states and activations).
 
-Unpipelined, one step is the train step (plus the eval step). Pipelined (mesh.pipeline > 1), it is the
-executor's per-stage programs on each rank's ('data', 'expert') sub-mesh (F, and B or B* and W, as the
-schedule has them; named rank<r>_<F|B|Bstar|W>_stage<s>), then the update and the eval step on the whole
-mesh. There is no fused F&B program: the executor dispatches an F&B unit as its F and B back to back.
+Unpipelined, one step is the train step (plus the eval step). Pipelined (mesh.pipeline > 1), it is each
+rank's programs on its ('data', 'expert') sub-mesh and its own state (its stages' units): per stage F, and
+B or B* and W as the schedule has them (rank<r>_<F|B|Bstar|W>_stage<s>), the gradient sums, the update and
+the evaluation stages; then the guard's check on the whole mesh. There is no fused F&B program: the
+executor dispatches an F&B unit as its F and B back to back.
 
 GPU choices are made from the target's devices, not jax.default_backend() (which stays 'cpu' here):
 grouped_gemm 'auto' becomes 'ragged_dot' (the Triton kernel needs a GPU to lower), expert-parallel
@@ -44,7 +45,7 @@ from dsv3 import steps as steps_lib
 from dsv3 import workdir as workdir_lib
 from dsv3.config import ModelConfig, validate_train_config
 from dsv3.layers import compute_dtype
-from dsv3.pipeline import executor, stages
+from dsv3.pipeline import executor, pipelined, stages
 
 TARGETS = ("cpu", "h100", "h800", "h200")
 _SPEC_FILES = {"h100": "h100_sxm.txtpb", "h800": "h100_sxm.txtpb", "h200": "h200.txtpb"}
@@ -149,83 +150,114 @@ def _memory(compiled) -> dict:
   return out
 
 
-def _step_programs(config, cfg, mesh, pipelined=False):
-  """([(name, jitted fn, abstract args)], abstract state) of the trainer's steps (dsv3.steps) on `mesh`: the
-  train step and the eval step; pipelined, the update (optimizer, routing biases, guard) that follows the
-  executor's gradients instead of the train step (the per-stage programs are _stage_programs')."""
+def _step_programs(config, cfg, mesh):
+  """[(name, jitted fn, abstract args)] of the unpipelined trainer's steps (dsv3.steps) on `mesh`: the train
+  step and the eval step."""
   steps = steps_lib.make(config, cfg, mesh)
   rep = sharding.replicated(mesh)
-  spec = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
   abstract = dict(steps.abstract, guard=jax.eval_shape(lambda: steps_lib.CLEAN_GUARD))
-  state = jax.tree.map(spec, abstract, steps.state_shardings)
+  state = _placed(abstract, steps.state_shardings)
   batch = jax.ShapeDtypeStruct((config.batch_size, config.seq_len + 1), jnp.int32, sharding=steps.batch_sharding)
   scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
   evaluate = jax.jit(steps.eval, in_shardings=(steps.state_shardings["params"], steps.state_shardings["routing"],
                                                steps.batch_sharding))
-  eval_args = (state["params"], state["routing"], batch)
-  if pipelined:   # the executor's gradients and loads come back placed like the params and routing biases
-    metrics = {k: scalar for k in ("ce", "mtp_loss", "balance_loss", "loss")}
-    grads = jax.tree.map(lambda a: spec(a, a.sharding), state["params"])
-    loads = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=a.sharding), state["routing"])
-    update = jax.jit(steps.update, donate_argnums=0, out_shardings=(steps.state_shardings, None))
-    return [("update", update, (state, metrics, grads, loads, scalar)), ("eval_step", evaluate, eval_args)], state
   train = jax.jit(steps.train, donate_argnums=0, in_shardings=(steps.state_shardings, steps.batch_sharding, rep, rep),
                   out_shardings=(steps.state_shardings, None))
-  return [("train_step", train, (state, batch, scalar, scalar)), ("eval_step", evaluate, eval_args)], state
+  return [("train_step", train, (state, batch, scalar, scalar)),
+          ("eval_step", evaluate, (state["params"], state["routing"], batch))]
 
 
-def _stage_programs(config, cfg, mesh, state, options):
-  """[(name, position, sub-mesh, compiled)] of the pipeline executor's per-stage programs, one step.
+def _placed(abstract, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
-  For each rank, for each stage copy it holds: F, and B, or B* and W where its op list has input-only
-  backwards, lowered through dsv3.pipeline.stages.programs() as executor.run calls them, on the rank's
-  sub-mesh (abstract stage variables, one micro-batch of activations/tokens); B, B* and W take F's
-  residuals (the VJPs) as the compiled F lays them out. Stages of the same shape on one rank compile once.
+
+def _pipelined_programs(config, cfg, mesh, options):
+  """[(name, position, sub-mesh, compiled)] of one pipelined step (dsv3.pipeline.pipelined), per rank on its
+  ('data', 'expert') sub-mesh with its own state (rank_state: its stages' units only):
+
+  - F, and B, or B* and W where its op list has input-only backwards, of each stage copy (stages of the
+    same shape on one rank compile once), as executor.run calls them: one micro-batch of activations and
+    tokens; B, B* and W take F's residuals as the compiled F lays them out;
+  - `sums`: its micro-batch gradients (per-device copies) reduced once into their ZeRO-1 shards;
+  - `update`: the optimizer and routing-bias update of its units;
+  - `eval` of each stage it runs in evaluation (direction 0), the eval batch as one micro-batch;
+  then `check`, the divergence guard, on the whole mesh.
   """
-
-
-  plan = executor.get_plan(cfg, config.pipeline.schedule, int(config.mesh.pipeline),
-                           int(config.pipeline.microbatches), devices=mesh)
+  ps = pipelined.PipelinedSteps(config, cfg, mesh)
+  plan = ps.plan
   mb = int(config.batch_size) // plan.microbatches
-  spec = executor._token_spec(plan.meshes[0], mb)
   sds = lambda shape, dtype, s: jax.ShapeDtypeStruct(shape, dtype, sharding=s)
   out = []
   for r, sub in enumerate(plan.meshes):
-    rows = NamedSharding(sub, spec)
-    hidden = sds((mb, config.seq_len, cfg.hidden_size), compute_dtype(cfg), rows)
-    coefs = sds((3,), jnp.float32, NamedSharding(sub, P()))
-    held = {}          # program key -> (first stage of that shape on this rank, the backward kinds it runs)
+    state = _placed(ps.rank_abstract[r], ps.rank_shardings[r])
+    rep = NamedSharding(sub, P())
+    scalar = sds((), jnp.float32, rep)
+    coefs = sds((3,), jnp.float32, rep)
+    devices = stages.Devices.of(sub, mb)
+    name = lambda kind, s: f"rank{r}_{kind}_stage{s}"
+    compiled = {}      # program key -> (F, its aux) for the rank's gradient sums
     for phase, (_, s) in enumerate(plan.schedule.placement[r]):
+      st = plan.specs[s]
       kinds = {op.input_only for unit in plan.schedule[r] for op in executor._halves(unit)
                if op.kind == "B" and op.phase == phase}
-      held.setdefault(plan.specs[s].program_key, (s, set()))[1].update(kinds)
-    for s, kinds in held.values():
-      st = plan.specs[s]
-      p, rt = jax.eval_shape(lambda v: stages.stage_variables(cfg, v["params"], v["routing"], st),
-                             {"params": state["params"], "routing": state["routing"]})
-      place = lambda tree: jax.tree.map(lambda a, sh: sds(a.shape, a.dtype, sh), tree,
-                                        sharding.param_shardings(sub, tree))
-      p, rt = place(p), place(rt)
-      devices = stages.Devices.of(sub, mb)
-      p = jax.eval_shape(devices.copies, p)        # the per-device parameter copies executor.run makes
+      if st.program_key in compiled:
+        continue
+      p, rt = stages.stage_variables(state["params"], state["routing"], st)
+      p = devices.abstract_copies(p)        # the per-device parameter copies executor.run makes
+      rows = NamedSharding(sub, executor._token_spec(sub, mb))
+      hidden = sds((mb, config.seq_len, cfg.hidden_size), compute_dtype(cfg), rows)
       tokens = sds((mb, config.seq_len + 1), jnp.int32, rows) if st.first or st.last else None
-      x = None if st.first else hidden
-      g = None if st.last else hidden
-      name = lambda kind: f"rank{r}_{kind}_stage{s}"
+      x, g = None if st.first else hidden, None if st.last else hidden
       with jax.set_mesh(sub):
         f = plan.programs.forward.lower(cfg, st.program_key, p, rt, x, tokens, coefs,
                                         devices).compile(compiler_options=options)
-        out.append((name("F"), f"rank{r}", sub, f))
+        out.append((name("F", s), f"rank{r}", sub, f))
+        compiled[st.program_key] = (p, f.out_info[2])
         vjps = f.out_info[1]
         if False in kinds:
           b = plan.programs.backward.lower(st.program_key, vjps, g, coefs, p).compile(compiler_options=options)
-          out.append((name("B"), f"rank{r}", sub, b))
+          out.append((name("B", s), f"rank{r}", sub, b))
         if True in kinds:
           bi = plan.programs.backward_input.lower(st.program_key, vjps, g, coefs).compile(compiler_options=options)
-          out.append((name("Bstar"), f"rank{r}", sub, bi))
+          out.append((name("Bstar", s), f"rank{r}", sub, bi))
           w = plan.programs.backward_weights.lower(st.program_key, vjps, bi.out_info[1], p).compile(
               compiler_options=options)
-          out.append((name("W"), f"rank{r}", sub, w))
+          out.append((name("W", s), f"rank{r}", sub, w))
+    mine = executor.stage_copies(plan, r)
+    per_copy = lambda ds: sum(1 for unit in plan.schedule[r] for op in executor._halves(unit)
+                              if op.kind == "F" and plan.schedule.placement[r][op.phase] == ds)
+    accs = [compiled[plan.specs[s].program_key][0] for _, s in mine]
+    auxes = [[compiled[plan.specs[s].program_key][1]] * per_copy((d, s)) for d, s in mine]
+    with jax.set_mesh(sub):
+      sums = executor.rank_sums_program(plan, r, state["params"], devices).lower(accs, auxes)
+      out.append((f"rank{r}_sums", f"rank{r}", sub, sums.compile(compiler_options=options)))
+      grads = _placed(state["params"], sharding.zero1_shardings(sub, ps.rank_abstract[r]["params"]))
+      loads = jax.tree.map(lambda a: sds(a.shape, jnp.float32, rep), state["routing"])
+      update = ps.update_program(r).lower(state, grads, loads, scalar, scalar)
+      out.append((f"rank{r}_update", f"rank{r}", sub, update.compile(compiler_options=options)))
+      batch = sds((config.batch_size, config.seq_len + 1), jnp.int32,
+                  NamedSharding(sub, executor._token_spec(sub, config.batch_size)))
+      whole = stages.Devices(sub, (), plan.expert_parallel[r])
+      for s in range(plan.num_stages):
+        if plan.owner[0, s] != r:
+          continue
+        st = plan.specs[s]
+        p, rt = stages.stage_variables(state["params"], state["routing"], st)
+        x = None if st.first else sds((config.batch_size, config.seq_len, cfg.hidden_size), compute_dtype(cfg),
+                                      batch.sharding)
+        e = plan.programs.evaluate.lower(cfg, st.program_key, p, rt, x, batch if st.first or st.last else None,
+                                         coefs, whole)
+        out.append((name("eval", s), f"rank{r}", sub, e.compile(compiler_options=options)))
+  rep = sharding.replicated(mesh)
+  scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
+  guard = _placed(jax.eval_shape(lambda: steps_lib.CLEAN_GUARD), ps.guard_sharding)
+  step = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
+  metrics = {k: scalar for k in ("ce", "mtp_loss", "balance_loss", "loss")}
+  rows = jax.ShapeDtypeStruct((plan.layout.num_ranks, len(pipelined.SUMS)), jnp.float32,
+                              sharding=NamedSharding(mesh, P("pipeline")))
+  with jax.set_mesh(mesh):
+    check = ps.check_program.lower(guard, step, metrics, scalar, rows).compile(compiler_options=options)
+  out.append(("check", f"all {mesh.size} devices", mesh, check))
   return out
 
 
@@ -254,21 +286,21 @@ def compile_step(config, workdir: str, target: str, echo=print) -> dict:
   cfg = ModelConfig.from_config_dict(config)
   devices = target_devices(target, int(config.mesh.data) * int(config.mesh.expert) * int(config.mesh.pipeline))
   mesh = sharding.make_mesh(config.mesh, devices=devices)
-  pipelined = int(config.mesh.pipeline) > 1
+  is_pipelined = int(config.mesh.pipeline) > 1
   options = GPU_COMPILER_OPTIONS if gpu else None
-  whole = f"all {len(devices)} devices" + ("" if pipelined else " (SPMD)")
-  programs = []
-  with jax.set_mesh(mesh):
-    steps, state = _step_programs(config, cfg, mesh, pipelined)
-    for name, fn, args in steps:
-      programs.append((name, whole, mesh, fn.lower(*args).compile(compiler_options=options)))
-  if pipelined:
-    programs[:0] = _stage_programs(config, cfg, mesh, state, options)
-    notes.append(f"pipeline ({config.pipeline.schedule}, {config.pipeline.microbatches} micro-batches): the "
-                 f"executor's per-stage programs, one micro-batch each; a rank also holds the whole state "
-                 f"(replicated over 'pipeline'), its stages' parameter slices and accumulators and the residuals "
-                 f"of its in-flight micro-batches at once, which the per-program figures do not add up; the small "
-                 f"rank-total/sum-over-ranks programs and the transfers are not compiled")
+  if is_pipelined:
+    programs = _pipelined_programs(config, cfg, mesh, options)
+    notes.append(f"pipeline ({config.pipeline.schedule}, {config.pipeline.microbatches} micro-batches): each "
+                 f"rank's programs on its own state (its stages' units); a rank holds its state, accumulators "
+                 f"and the residuals of its in-flight micro-batches at once, which the per-program figures do "
+                 f"not add up; the holders' sums of units shared between ranks, the sum of the scalar rows "
+                 f"over 'pipeline' and the transfers are not compiled")
+  else:
+    programs = []
+    with jax.set_mesh(mesh):
+      for name, fn, args in _step_programs(config, cfg, mesh):
+        programs.append((name, f"all {len(devices)} devices (SPMD)", mesh,
+                         fn.lower(*args).compile(compiler_options=options)))
   out_dir = os.path.join(workdir, "compiled")
   os.makedirs(out_dir, exist_ok=True)
   rows = []

@@ -144,9 +144,8 @@ def param_shardings(mesh: Mesh, abstract_variables, fsdp: bool = False):
 def zero1_shardings(mesh: Mesh, abstract_opt_state):
   """ZeRO-1: each optimizer-state leaf over 'data' (and 'pipeline') on its first axis they divide.
 
-  Parameters are replicated over 'pipeline' (every rank reads its stages' weights in place), but a
-  stage's optimizer state is only needed by the update, so it is split over the pipeline ranks too, as
-  in DeepSeek-V3 where each stage keeps only its own. Expert leaves (Adam moments of routed experts;
+  A pipelined run applies it to each rank's own state on the rank's sub-mesh (dsv3.pipeline.rank_state),
+  so there it splits over the rank's 'data' devices. Expert leaves (Adam moments of routed experts;
   their paths end in the parameter name) keep E over 'expert' and take the other axes elsewhere.
   Scalars (step counts) and indivisible leaves are replicated.
   """

@@ -437,18 +437,9 @@ def _assemble(plan: Plan, rank_variables, copies):
       plan.meshes[r], jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree))
   own, shared, own_loads, shared_loads, rows = {}, {}, {}, {}, {}
   for r in plan.local_ranks:
-    mine = sorted(ds for ds, owner in plan.owner.items() if owner == r)
-    params = rank_variables[r]["params"]
-    units = {u: t for u, t in _units_of(params).items()}
-    shared_units = tuple(sorted(u for u in units if len(lay.holders(u)) > 1))
-    shardings = {u: zero1(r, t) for u, t in units.items()}
-    devices = copies[mine[0]]["devices"]
-    key = ("sums", r, tuple(mine), devices, jax.tree.structure(params),
-           tuple((x.shape, x.dtype) for x in jax.tree.leaves(params)))
-    if key not in plan._programs:
-      plan._programs[key] = jax.jit(functools.partial(
-          _rank_sums, tuple(plan.specs[s] for _, s in mine), devices, shared_units, shardings))
-    own[r], shared[r], own_loads[r], shared_loads[r], rows[r] = plan._programs[key](
+    mine = stage_copies(plan, r)
+    program = rank_sums_program(plan, r, rank_variables[r]["params"], copies[mine[0]]["devices"])
+    own[r], shared[r], own_loads[r], shared_loads[r], rows[r] = program(
         [copies[ds]["acc"] for ds in mine], [copies[ds]["aux"] for ds in mine])
 
   # Shared units: one program per group of holders sums their rows (every process holding one of them runs it).
@@ -508,6 +499,27 @@ def _assemble(plan: Plan, rank_variables, copies):
   metrics["loss"] = mean["loss"]
   out = lambda per_rank: [_by_unit(per_rank[r]) if r in per_rank else None for r in range(len(plan.meshes))]
   return mean["loss"], metrics, out(grads), out(loads), jnp.sqrt(totals[SCALARS.index("grad_sq")])
+
+
+def stage_copies(plan: Plan, r: int) -> list:
+  """The (direction, stage) copies rank r runs, in the order its gradient sums take them."""
+  return sorted(ds for ds, owner in plan.owner.items() if owner == r)
+
+
+def rank_sums_program(plan: Plan, r: int, params, devices: stages.Devices):
+  """Rank r's jitted _rank_sums for its (abstract or real) per-layer `params`: (accumulators, auxes) of its
+  stage copies -> (own grads, shared rows, own loads, shared load rows, SCALARS row)."""
+  mine = stage_copies(plan, r)
+  key = ("sums", r, tuple(mine), devices, jax.tree.structure(params),
+         tuple((x.shape, x.dtype) for x in jax.tree.leaves(params)))
+  if key not in plan._programs:
+    units = _units_of(params)
+    shared = tuple(sorted(u for u in units if len(plan.layout.holders(u)) > 1))
+    shardings = {u: sharding.zero1_shardings(
+        plan.meshes[r], jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)) for u, t in units.items()}
+    plan._programs[key] = jax.jit(functools.partial(
+        _rank_sums, tuple(plan.specs[s] for _, s in mine), devices, shared, shardings))
+  return plan._programs[key]
 
 
 def _units_of(tree: dict) -> dict:

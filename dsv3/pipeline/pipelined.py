@@ -36,12 +36,13 @@ class PipelinedSteps:
     self.stacked_abstract = self.steps.abstract
     self.abstract = jax.eval_shape(lambda s: layout.map_state(self.unstack, s), self.steps.abstract)
     self.view_shardings = lay.view_shardings(self.abstract)
-    self.ranks = [r for r in range(lay.num_ranks) if lay.local[r]]
-    self.rank_abstract = {r: lay.restrict(self.abstract, r) for r in self.ranks}
-    self.rank_shardings = {r: lay.rank_shardings(self.rank_abstract[r], r) for r in self.ranks}
+    self.ranks = [r for r in range(lay.num_ranks) if lay.local[r]]     # the ranks this process runs
+    self.rank_abstract = {r: lay.restrict(self.abstract, r) for r in range(lay.num_ranks)}
+    self.rank_shardings = {r: lay.rank_shardings(self.rank_abstract[r], r) for r in range(lay.num_ranks)}
     self._updates = {}
     self.guard_sharding = {k: NamedSharding(mesh, P()) for k in steps_lib.CLEAN_GUARD}
-    self._check = jax.jit(self._check_fn, donate_argnums=0, out_shardings=(self.guard_sharding, None))
+    # (guard, step, metrics, grad_norm, [P, len(SUMS)] rows) -> (guard, metrics), on the whole mesh.
+    self.check_program = jax.jit(self._check_fn, donate_argnums=0, out_shardings=(self.guard_sharding, None))
 
   def unstack(self, tree):
     return layout.unstack(self.cfg, tree)
@@ -104,7 +105,8 @@ class PipelinedSteps:
     new, sums = self.steps.apply_update(state, grads, loads, gamma, grad_norm, units)
     return new, jnp.stack([sums.get(k, jnp.zeros((), jnp.float32)) for k in SUMS])[None]
 
-  def _update(self, r):
+  def update_program(self, r: int):
+    """Rank r's jitted update: (rank state, grads, loads, gamma, grad_norm) -> (rank state, its SUMS row)."""
     if r not in self._updates:
       units = frozenset(self.layout.primary(self.rank_abstract[r]["params"], r)
                         | self.layout.primary(self.rank_abstract[r]["routing"], r))
@@ -126,10 +128,10 @@ class PipelinedSteps:
     new, rows = [None] * len(ranks), {}
     for r in self.ranks:
       gamma_r = jax.device_put(np.float32(gamma), NamedSharding(self.layout.meshes[r], P()))
-      new[r], rows[r] = self._update(r)(ranks[r], grads[r], loads[r], gamma_r, self.layout.on_rank(grad_norm, r))
+      new[r], rows[r] = self.update_program(r)(ranks[r], grads[r], loads[r], gamma_r, self.layout.on_rank(grad_norm, r))
     step = jax.make_array_from_single_device_arrays(
         (), NamedSharding(self.mesh, P()), [s.data for r in self.ranks for s in new[r]["step"].addressable_shards])
-    guard, metrics = self._check(guard, step, metrics, grad_norm, self.layout.gather_rows(rows))
+    guard, metrics = self.check_program(guard, step, metrics, grad_norm, self.layout.gather_rows(rows))
     return new, guard, metrics
 
   def evaluate(self, ranks, tokens):

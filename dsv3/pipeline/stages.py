@@ -148,8 +148,19 @@ class Devices:
     if not self.axes:
       return tree
     leaves, treedef = jax.tree.flatten(tree)
+    return treedef.unflatten(_broadcast_copies(tuple(leaves), self._copy_shardings(tree)))
+
+  def abstract_copies(self, tree):
+    """`copies` of a tree of ShapeDtypeStructs, with their shardings (what a dry run lowers with)."""
+    if not self.axes:
+      return tree
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef.unflatten([jax.ShapeDtypeStruct((_num_copies(sh), *a.shape), a.dtype, sharding=sh)
+                              for a, sh in zip(leaves, self._copy_shardings(tree))])
+
+  def _copy_shardings(self, tree) -> tuple:
     specs = jax.tree.leaves(self._specs(tree, copied=False), is_leaf=lambda x: isinstance(x, P))
-    return treedef.unflatten(_broadcast_copies(tuple(leaves), tuple(NamedSharding(self.mesh, sp) for sp in specs)))
+    return tuple(NamedSharding(self.mesh, sp) for sp in specs)
 
   def sum_copies(self, tree):
     """Gradients in the copies' layout summed over the copies: the step's one reduction."""
@@ -178,11 +189,13 @@ class Devices:
 
 @functools.partial(jax.jit, static_argnums=1)
 def _broadcast_copies(leaves, shardings):
-  out = []
-  for a, sh in zip(leaves, shardings):
-    copies = int(np.prod([sh.mesh.shape[ax] for ax in jax.tree.leaves(sh.spec[0])] or [1]))
-    out.append(jax.lax.with_sharding_constraint(jnp.broadcast_to(a[None], (copies, *a.shape)), sh))
-  return out
+  return [jax.lax.with_sharding_constraint(jnp.broadcast_to(a[None], (_num_copies(sh), *a.shape)), sh)
+          for a, sh in zip(leaves, shardings)]
+
+
+def _num_copies(copy_sharding: NamedSharding) -> int:
+  """The length of a copied leaf's leading axis: the devices along the axes its spec[0] names."""
+  return int(np.prod([copy_sharding.mesh.shape[ax] for ax in jax.tree.leaves(copy_sharding.spec[0])] or [1]))
 
 
 # ---------------------------------------------------------------------------------------------------
