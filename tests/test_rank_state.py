@@ -1,0 +1,133 @@
+"""Stage-sharded pipeline state (dsv3/pipeline/rank_state.py, dsv3/pipeline/pipelined.py): which rank holds
+which unit per schedule, each rank's state is its stages' units and no more, the per-unit view is the
+unpipelined state, and a checkpoint restores across layouts (pipelined <-> unpipelined, another degree)."""
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from dsv3 import checkpoint as ckpt_lib
+from dsv3 import ema as ema_lib
+from dsv3 import layout, model as model_lib, sharding
+from dsv3 import steps as steps_lib
+from dsv3.config import ModelConfig
+from dsv3.pipeline import executor, pipelined
+
+
+def _config(pipeline, schedule, data=1, expert=1, layers=8):
+  c = tiny.get_config()
+  c.model.num_hidden_layers = layers
+  c.mesh.pipeline, c.mesh.data, c.mesh.expert = pipeline, data, expert
+  c.pipeline.schedule, c.pipeline.microbatches = schedule, 8
+  return c
+
+
+def _layout(schedule, ranks, layers=8):
+  cfg = ModelConfig.from_config_dict(_config(ranks, schedule, layers=layers))
+  plan = executor.get_plan(cfg, schedule, ranks, 8, devices=jax.devices()[:ranks])
+  return cfg, plan.layout
+
+
+def _layer_unit(l):
+  return layout.unit_of(layout.LAYERS, layout.layer_key(l))
+
+
+def test_holders_per_schedule():
+  # 1F1B on 4 ranks, 8 layers: two layers per rank; the embedding on the first and the last rank (the
+  # MTP module embeds too); the head, the final norm and the MTP module on the last.
+  _, lay = _layout("1f1b", 4)
+  assert [lay.holders(_layer_unit(l)) for l in range(8)] == [(0,), (0,), (1,), (1,), (2,), (2,), (3,), (3,)]
+  assert lay.holders("embed_tokens") == (0, 3)
+  assert lay.holders("lm_head") == lay.holders("norm") == lay.holders("mtp_0") == (3,)
+  # DualPipe: stage s runs on ranks s and P-1-s (its mirror), so every unit has exactly those two holders.
+  _, lay = _layout("dualpipe", 4)
+  assert [lay.holders(_layer_unit(l)) for l in range(8)] == [(0, 3), (0, 3), (1, 2), (1, 2), (1, 2), (1, 2),
+                                                             (0, 3), (0, 3)]
+  assert lay.holders("embed_tokens") == lay.holders("lm_head") == (0, 3)
+  # DualPipeV: 2P stages in a V, the first and the last on rank 0: every unit on one rank.
+  _, lay = _layout("dualpipev", 4)
+  assert [lay.holders(_layer_unit(l)) for l in range(8)] == [(0,), (1,), (2,), (3,), (3,), (2,), (1,), (0,)]
+  assert lay.holders("embed_tokens") == lay.holders("lm_head") == (0,)
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "dualpipe", "dualpipev"])
+def test_each_rank_holds_its_stages_units_only(schedule):
+  """Summed over ranks, the per-rank parameters are each unit times its holders: nothing else is held."""
+  cfg, lay = _layout(schedule, 4)
+  params = jax.eval_shape(lambda: layout.unstack(cfg, model_lib.init(cfg, jax.random.key(0))["params"]))
+  size = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+  units = {u: size(layout.select(params, {u})) for u in layout.units(params)}
+  per_rank = [size(lay.restrict(params, r)) for r in range(4)]
+  assert sum(per_rank) == sum(n * len(lay.holders(u)) for u, n in units.items())
+  whole = size(params)
+  for r, n in enumerate(per_rank):
+    assert n == sum(units[u] for u in units if r in lay.holders(u)) < whole
+  if schedule == "dualpipe":    # the paper's 2x: the ranks hold every unit twice
+    assert sum(per_rank) == 2 * whole
+
+
+@pytest.fixture(scope="module")
+def dualpipe_pp2():
+  config = _config(2, "dualpipe", data=2, expert=2, layers=4)
+  cfg = ModelConfig.from_config_dict(config)
+  mesh = sharding.make_mesh(config.mesh, devices=jax.devices())
+  ps = pipelined.PipelinedSteps(config, cfg, mesh)
+  return config, cfg, mesh, ps, ps.init(jax.random.key(3))
+
+
+def test_view_is_the_unpipelined_state_and_splits_back(dualpipe_pp2):
+  config, cfg, mesh, ps, ranks = dualpipe_pp2
+  for r in ps.ranks:      # each rank's state on its own sub-mesh, laid out as rank_shardings says
+    devices = set(ps.layout.meshes[r].devices.flat)
+    jax.tree.map(lambda x, s: (x.sharding == s and set(x.sharding.device_set) <= devices) or pytest.fail(str(s)),
+                 ranks[r], ps.rank_shardings[r])
+  view = ps.view(ranks)
+  unpipelined = jax.jit(ps.steps.init)(jax.random.key(3))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               layout.map_state(lambda t: layout.stack(cfg, jax.tree.map(np.asarray, t)), view), unpipelined)
+  back = ps.split(view)
+  for r in ps.ranks:
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), back[r], ranks[r])
+
+
+def test_checkpoint_restores_across_layouts(tmp_path, dualpipe_pp2):
+  """A DualPipe PP2 checkpoint (per-layer, each unit once) with its EMA restores as 1F1B on 4 ranks and as
+  the unpipelined stacked state; the unpipelined checkpoint restores back into DualPipe PP2."""
+  config, cfg, mesh, ps, ranks = dualpipe_pp2
+  params_like = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                             ps.abstract["params"], ps.view_shardings["params"])
+  ema = ema_lib.HostEMA(0.5, params_like)
+  ema.update(ps.params_view(ranks), 0)
+  view = ps.view(ranks)
+  with ckpt_lib.Checkpointer(str(tmp_path / "pp2"), async_save=False) as ck:
+    ck.save(3, {"train": view, "ema": ema.state_dict()["ema"]}, {"note": "pp2"})
+  host = lambda t: jax.tree.map(np.asarray, t)
+  stacked = layout.map_state(lambda t: layout.stack(cfg, host(t)), view)
+  equal = lambda a, b: jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+  meshes = {k: sharding.make_mesh(c.mesh, devices=jax.devices()) for k, c in
+            {"pp4": _config(4, "1f1b", data=2, layers=4), "one": _config(1, "1f1b", data=4, expert=2, layers=4)}.items()}
+  pp4 = pipelined.PipelinedSteps(_config(4, "1f1b", data=2, layers=4), cfg, meshes["pp4"])
+  ema4 = ema_lib.HostEMA(0.5, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                           pp4.abstract["params"], pp4.view_shardings["params"]))
+  with ckpt_lib.Checkpointer(str(tmp_path / "pp2"), read_only=True) as ck:
+    got, restored = pipelined.restore(ck, cfg, pp4.steps, meshes["pp4"], pp4, ema4)
+  assert restored.step == 3
+  equal(pp4.view(got), view)
+  equal(ema4.state_dict()["ema"], ema.state_dict()["ema"])
+
+  one = steps_lib.make(_config(1, "1f1b", data=4, expert=2, layers=4), cfg, meshes["one"])
+  ema1 = ema_lib.HostEMA(0.5, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                           one.abstract["params"], one.saved_shardings["params"]))
+  with ckpt_lib.Checkpointer(str(tmp_path / "pp2"), read_only=True) as ck:
+    state, _ = pipelined.restore(ck, cfg, one, meshes["one"], None, ema1)
+  equal(state, stacked)
+  equal(ema1.state_dict()["ema"], layout.stack(cfg, host(ema.state_dict()["ema"])))
+  jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim) or pytest.fail(str(s)), state,
+               one.saved_shardings)
+
+  with ckpt_lib.Checkpointer(str(tmp_path / "one"), async_save=False) as ck:
+    ck.save(3, {"train": state}, {"note": "one"})
+  with ckpt_lib.Checkpointer(str(tmp_path / "one"), read_only=True) as ck:
+    back, _ = pipelined.restore(ck, cfg, ps.steps, mesh, ps)
+  equal(ps.view(back), view)
