@@ -446,15 +446,14 @@ def step_memory(cfg: ModelConfig, batch: int, seq_len: int, data: int, expert: i
   """Peak bytes per device of one training step as the trainer lays it out: memory_plan's state
   (parameters, gradients, ZeRO-1 optimizer) plus activation_plan's activations and temporaries.
 
-  Pipelined, every rank holds the whole parameter tree and its optimizer shards (the trainer does not
-  split state by stage), the gradients of its stages, and the residuals of its in-flight micro-batches.
-  Returns memory_plan's keys (for the stage-split layout it models) plus: state_bytes (the trainer's
-  parameters + optimizer), grad_bytes, grad_accum_bytes (the accumulator of grad_accum > 1), the
+  Pipelined, the worst rank holds its stages' parameters, optimizer shards and gradients (the trainer's
+  stage-sharded state, dsv3.pipeline.rank_state) and the residuals of its in-flight micro-batches.
+  Returns memory_plan's keys plus: state_bytes (parameters + optimizer), grad_bytes, grad_accum_bytes (the
+  accumulator of grad_accum > 1), the
   activation_plan terms under 'activations', and total_with_activations_bytes (the estimated peak).
   """
   out = memory_plan(cfg, data, expert, pipeline, schedule, moments_dtype)
-  whole = out if pipeline == 1 else memory_plan(cfg, data, expert, 1, "none", moments_dtype)
-  state = sum(whole["params"].values()) + sum(whole["optimizer"].values())
+  state = sum(out["params"].values()) + sum(out["optimizer"].values())
   grads = sum(out["grads"].values())                             # the rank's stages' gradients (FP32)
   accum = grads if grad_accum > 1 else 0                         # the micro-batch sum next to one micro-batch's
   if pipeline > 1:

@@ -25,13 +25,13 @@ backward dispatched back to back (two programs in flight on one sub-mesh).
 Several processes (multi-host): every process runs this same driver over the same global order. It
 dispatches the programs of the ranks it holds devices of and skips the others; a transfer between ranks
 in different processes is a small collective program (a ppermute, see `Transfers`) that both sides call
-at the same point of the order. Variables live on the pipeline mesh replicated over 'pipeline' (the
-trainer's state), so each rank reads its stages' parameters from its own shards; at the start of a step
-it makes per-device copies of its stages' parameters (stages.Devices), so every backward adds each
-device's gradients into its own copy with no communication. At the end each rank sums the copies and
-adds its contributions into full-size gradient/load trees (the step's one reduction over the rank's
-devices), and one program on the whole mesh sums them over 'pipeline'. Keeping the whole state on every rank costs memory that a stage-sharded
-state would not: that is the price of one state tree that checkpoints, EMA and evaluation share.
+at the same point of the order.
+
+Variables are per rank (dsv3.pipeline.rank_state): rank r's tree holds the units of its stages only. At
+the start of a step a rank makes per-device copies of its stages' parameters (stages.Devices), so every
+backward adds each device's gradients into its own copy with no communication. At the end each rank sums
+the copies into ZeRO-1 shards (the step's one reduction over its devices); a unit held by several ranks is
+summed among its holders only; the scalars (losses, the squared gradient norm) are summed over 'pipeline'.
 
 `pipeline_value_and_grad` returns exactly what jax.value_and_grad of losses.objective over
 model.forward_train returns for the whole batch (all three loss terms are means over equal
