@@ -18,9 +18,11 @@ import json
 import os
 import shutil
 
+import jax
+import numpy as np
 from absl import flags
 
-from dsv3 import cli
+from dsv3 import cli, layout
 from dsv3 import workdir as workdir_lib
 
 
@@ -47,7 +49,8 @@ def save_orbax_variables(config, variables, path: str, overwrite: bool = False) 
 
 
 def load_orbax_variables(path: str, step=None):
-  """Variables from a --to=orbax dir, or from a training checkpoints/ dir (latest or `step`)."""
+  """Variables from a --to=orbax dir, or from a training checkpoints/ dir (latest or `step`), in the
+  model's stacked layout whatever the run's (a pipelined run saves each layer apart, dsv3.layout)."""
   import orbax.checkpoint as ocp
   path = os.path.abspath(path)
   if os.path.isdir(os.path.join(path, "variables")):
@@ -62,7 +65,11 @@ def load_orbax_variables(path: str, step=None):
   if restored is None:
     raise FileNotFoundError(f"{path}: neither a dsv3 orbax export (variables/) nor a training checkpoints dir")
   train = restored.state["train"]
-  return {"params": train["params"], "routing": train["routing"]}
+  variables = {"params": train["params"], "routing": train["routing"]}
+  if layout.is_per_layer(variables["params"]):     # a pipelined run's checkpoint: each layer on its own
+    cfg = config_of(path, restored.step)
+    variables = {k: layout.stack(cfg, jax.tree.map(np.asarray, v)) for k, v in variables.items()}
+  return variables
 
 
 def config_of(path: str, step=None):
