@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dsv3 import losses, model
+from dsv3 import layout, losses, model, sharding
 from dsv3.config import ModelConfig
 from dsv3.pipeline import executor, stages
 
@@ -172,3 +172,22 @@ def test_expert_parallel_inside_stages(model4):
   plan = executor.get_plan(cfg, "dualpipe", 4, 8, devices=mesh, compiler_options=FAST_COMPILE)
   assert all(ep is not None and ep.num_shards == 2 for ep in plan.expert_parallel)
   _check((cfg, placed, tokens, reference), "dualpipe", 4, 8, devices=mesh)
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "dualpipe"])
+def test_evaluate_in_microbatches_matches_the_whole_batch(model4, schedule):
+  """executor.evaluate runs the batch in training-sized micro-batches (as much activation memory as a
+  step): the mean cross entropy and the summed loads are the whole batch's."""
+  cfg, variables, tokens, _ = model4
+  plan = executor.get_plan(cfg, schedule, 2, 4, compiler_options=FAST_COMPILE)
+  per_layer = {k: layout.unstack(cfg, jax.tree.map(np.asarray, variables[k])) for k in ("params", "routing")}
+  ranks = []
+  for r, mesh in enumerate(plan.meshes):
+    part = plan.layout.restrict(per_layer, r)
+    ranks.append({k: jax.device_put(part[k], sharding.param_shardings(mesh, part[k])) for k in part})
+  ce, loads = executor.evaluate(plan, ranks, np.asarray(tokens))
+  out = model.forward_train(cfg, variables, tokens[:, :-1])
+  _, metrics = losses.objective(cfg, out, tokens[:, 1:], 0.0, 0.0)
+  assert abs(ce - float(metrics["ce"])) < 1e-5
+  want = np.asarray(layout.moe_loads(losses.load_tree(out))[0])           # stacked: [moe layers, E]
+  np.testing.assert_array_equal(loads, want)

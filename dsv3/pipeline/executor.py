@@ -540,39 +540,45 @@ def _sum_over_ranks(rows, target):
 
 
 def evaluate(plan: Plan, rank_variables, tokens):
-  """Forward only, the whole batch as one micro-batch through direction 0's stages in order.
+  """Forward only through direction 0's stages in order, in micro-batches of the training step's size (so
+  evaluation holds no more activations than training; the whole batch at once where it does not split).
 
   Returns (cross entropy, loads) as host values: loads [num_moe_layers, E] per MoE layer (the main
   layers' routing loads, for MaxVio), summed over the batch."""
   cfg, move = plan.cfg, plan.transfers
   tokens = _host_tokens(tokens)
   batch, width = tokens.shape
-  hidden = jax.ShapeDtypeStruct((batch, width - 1, cfg.hidden_size), compute_dtype(cfg))
-  spec = _token_spec(plan.meshes[0], batch)
+  chunks = plan.microbatches if batch % plan.microbatches == 0 else 1
+  mb = batch // chunks
+  hidden = jax.ShapeDtypeStruct((mb, width - 1, cfg.hidden_size), compute_dtype(cfg))
+  spec = _token_spec(plan.meshes[0], mb)
   moe = [l for l in range(cfg.num_hidden_layers) if l >= cfg.first_k_dense_replace]
   width_row = 1 + len(moe) * cfg.n_routed_experts
-  rows, x = {}, None
-  for s in range(plan.num_stages):
-    r, spec_s = plan.owner[0, s], plan.specs[s]
-    y = None
-    if move.mine[r]:
-      mesh = plan.meshes[r]
-      devices = stages.Devices(mesh, (), plan.expert_parallel[r])
-      p, rt = stages.stage_variables(rank_variables[r]["params"], rank_variables[r].get("routing", {}), spec_s)
-      data = (jax.make_array_from_callback(tokens.shape, NamedSharding(mesh, spec), lambda i: tokens[i])
-              if spec_s.first or spec_s.last else None)
-      coefs = jax.device_put(np.asarray([0.0, 0.0, 1.0], np.float32), NamedSharding(mesh, P()))
-      y, aux = plan.programs.evaluate(cfg, spec_s.program_key, p, rt, x, data, coefs, devices)
-      row = rows[r] if r in rows else _zeros_row(width_row, mesh)
-      rows[r] = _eval_row(row, aux, tuple(moe.index(l) for l, m in zip(spec_s.layers, spec_s.moe) if m),
-                          width_row, cfg.n_routed_experts)
-    if s + 1 < plan.num_stages:
-      x = move(y, r, plan.owner[0, s + 1], hidden, spec)
+  rows = {}
+  for c in range(chunks):
+    chunk, x = tokens[c * mb:(c + 1) * mb], None
+    for s in range(plan.num_stages):
+      r, spec_s = plan.owner[0, s], plan.specs[s]
+      y = None
+      if move.mine[r]:
+        mesh = plan.meshes[r]
+        devices = stages.Devices(mesh, (), plan.expert_parallel[r])
+        p, rt = stages.stage_variables(rank_variables[r]["params"], rank_variables[r].get("routing", {}), spec_s)
+        data = (jax.make_array_from_callback(chunk.shape, NamedSharding(mesh, spec), lambda i, t=chunk: t[i])
+                if spec_s.first or spec_s.last else None)
+        coefs = jax.device_put(np.asarray([0.0, 0.0, 1.0], np.float32), NamedSharding(mesh, P()))
+        y, aux = plan.programs.evaluate(cfg, spec_s.program_key, p, rt, x, data, coefs, devices)
+        row = rows[r] if r in rows else _zeros_row(width_row, mesh)
+        rows[r] = _eval_row(row, aux, tuple(moe.index(l) for l, m in zip(spec_s.layers, spec_s.moe) if m),
+                            width_row, cfg.n_routed_experts)
+      if s + 1 < plan.num_stages:
+        x = move(y, r, plan.owner[0, s + 1], hidden, spec)
   for r in plan.local_ranks:      # ranks running no stage of direction 0 (DualPipe's) add nothing
     if r not in rows:
       rows[r] = _zeros_row(width_row, plan.meshes[r])
   total = np.asarray(_sum_over_ranks(plan.layout.gather_rows(rows), NamedSharding(plan.mesh, P())))
-  return float(total[0]), total[1:].reshape(len(moe), cfg.n_routed_experts)
+  # Equal chunks: the batch's mean cross entropy is the mean of theirs.
+  return float(total[0]) / chunks, total[1:].reshape(len(moe), cfg.n_routed_experts)
 
 
 def _zeros_row(width: int, mesh: Mesh) -> jax.Array:
