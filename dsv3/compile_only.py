@@ -16,11 +16,19 @@ DIR/compiled/memory.json and each program's scheduled HLO as DIR/compiled/<progr
 a table. `estimated_peak_bytes_per_device` is dsv3.plan's analytic figure for the same layout
 (dsv3.plan.step_memory: parameters, FP32 gradients, ZeRO-1 optimizer states and activations).
 
-Unpipelined, one step is the train step (plus the eval step). Pipelined (mesh.pipeline > 1), it is each
-rank's programs on its ('data', 'expert') sub-mesh and its own state (its stages' units): per stage F, and
-B or B* and W as the schedule has them (rank<r>_<F|B|Bstar|W>_stage<s>), the gradient sums, the update and
-the evaluation stages; then the guard's check on the whole mesh. There is no fused F&B program: the
-executor dispatches an F&B unit as its F and B back to back.
+Unpipelined, one step is the train step (plus the eval step), and a device's peak is the train step's.
+Pipelined (mesh.pipeline > 1), it is each rank's programs on its ('data', 'expert') sub-mesh and its own
+state (its stages' units): per stage F, and B or B* and W as the schedule has them
+(rank<r>_<F|B|Bstar|W>_stage<s>), the gradient sums, the update and the evaluation stages, compiled once per
+distinct rank (ranks with the same stages' shapes share them); then the guard's check on the whole mesh.
+A rank's peak is not one program's: across its programs it holds its state, its per-device parameter copies
+and gradient accumulators, and the residuals of its in-flight micro-batches (the schedule's simulated
+count), so `_rank_peak` adds those to each phase's compiled temporaries, and `max_peak_bytes_per_device` is
+the worst rank's. There is no fused F&B program: the executor dispatches an F&B unit as its F and B back
+to back.
+
+A mesh larger than MAX_COMPILE_DEVICES compiles as a stand-in with the same per-device shapes (`stand_in`),
+named in the output.
 
 GPU choices are made from the target's devices, not jax.default_backend() (which stays 'cpu' here):
 grouped_gemm 'auto' becomes 'ragged_dot' (the Triton kernel needs a GPU to lower), expert-parallel
@@ -33,10 +41,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from absl import logging
 from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -51,6 +62,7 @@ TARGETS = ("cpu", "h100", "h800", "h200")
 _SPEC_FILES = {"h100": "h100_sxm.txtpb", "h800": "h100_sxm.txtpb", "h200": "h200.txtpb"}
 GPU_COMPILER_OPTIONS = {"xla_gpu_enable_cub_radix_sort": False}
 GPUS_PER_HOST = 8
+MAX_COMPILE_DEVICES = 256     # a larger mesh compiles as its stand-in (`stand_in`)
 INSTALL_HINT = ("PYENV_VERSION=3.12.1 python -m venv .venv-aot && .venv-aot/bin/pip install -r requirements-aot.txt "
                 "&& .venv-aot/bin/pip install --no-deps jax-cuda12-plugin==0.12.0.1, then run with "
                 ".venv-aot/bin/python")
@@ -171,29 +183,76 @@ def _placed(abstract, shardings):
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
-def _pipelined_programs(config, cfg, mesh, options):
-  """[(name, position, sub-mesh, compiled)] of one pipelined step (dsv3.pipeline.pipelined), per rank on its
-  ('data', 'expert') sub-mesh with its own state (rank_state: its stages' units only):
+def _compile(out: list, name: str, position: str, mesh, lowered, options):
+  """Compiles `lowered`, appends (name, position, mesh, compiled) to `out`, logs its time and peak."""
+  start = time.perf_counter()
+  compiled = lowered.compile(compiler_options=options)
+  out.append((name, position, mesh, compiled))
+  logging.info("compiled %s in %.0f s: peak %s GB per device", name, time.perf_counter() - start,
+               _gb(_memory(compiled)["peak_bytes"]))
+  return compiled
 
+
+def _rank_signature(ps, r: int) -> tuple:
+  """What rank r's programs depend on: its stages' program keys, backward kinds, evaluated stages and state
+  shapes. Ranks with equal signatures compile to the same programs (on their own devices)."""
+  plan = ps.plan
+  keys = tuple(plan.specs[s].program_key for _, s in plan.schedule.placement[r])
+  kinds = tuple(sorted({(op.phase, op.input_only) for unit in plan.schedule[r] for op in executor._halves(unit)
+                        if op.kind == "B"}))
+  evals = tuple(plan.specs[s].program_key for s in range(plan.num_stages) if plan.owner[0, s] == r)
+  shapes = tuple(sorted((a.shape, str(a.dtype)) for a in jax.tree.leaves(ps.rank_abstract[r])))
+  return keys, kinds, evals, shapes
+
+
+def _bytes_per_device(tree) -> int:
+  """Bytes one device holds of a tree of ShapeDtypeStructs with shardings (every device holds as much)."""
+  return sum(int(np.prod(a.sharding.shard_shape(a.shape))) * jnp.dtype(a.dtype).itemsize
+             for a in jax.tree.leaves(tree))
+
+
+def _pipelined_programs(config, cfg, mesh, options):
+  """(programs, ranks) of one pipelined step (dsv3.pipeline.pipelined).
+
+  programs: [(name, position, sub-mesh, compiled)], per rank on its ('data', 'expert') sub-mesh with its
+  own state (rank_state: its stages' units only):
   - F, and B, or B* and W where its op list has input-only backwards, of each stage copy (stages of the
     same shape on one rank compile once), as executor.run calls them: one micro-batch of activations and
     tokens; B, B* and W take F's residuals as the compiled F lays them out;
   - `sums`: its micro-batch gradients (per-device copies) reduced once into their ZeRO-1 shards;
   - `update`: the optimizer and routing-bias update of its units;
-  - `eval` of each stage it runs in evaluation (direction 0), the eval batch as one micro-batch;
-  then `check`, the divergence guard, on the whole mesh.
+  - `eval` of each stage it runs in evaluation (direction 0), on one micro-batch of the eval batch;
+  then `check`, the divergence guard, on the whole mesh. A rank whose signature (_rank_signature) equals an
+  earlier rank's is not compiled again: it runs the same programs.
+
+  ranks: per rank, what it holds at once during the step (module doc, `_rank_peak`): its state, its stage
+  copies' per-device parameter copies and gradient accumulators, and its in-flight micro-batches' residuals.
   """
   ps = pipelined.PipelinedSteps(config, cfg, mesh)
   plan = ps.plan
   mb = int(config.batch_size) // plan.microbatches
   sds = lambda shape, dtype, s: jax.ShapeDtypeStruct(shape, dtype, sharding=s)
-  out = []
+  out, ranks, seen = [], [], {}
   for r, sub in enumerate(plan.meshes):
     state = _placed(ps.rank_abstract[r], ps.rank_shardings[r])
+    devices = stages.Devices.of(sub, mb)
+    mine = executor.stage_copies(plan, r)
+    copies = [devices.abstract_copies(stages.stage_variables(state["params"], state["routing"], plan.specs[s])[0])
+              for _, s in mine]
+    info = dict(rank=r, stages=[int(s) for _, s in mine], inflight_microbatches=int(plan.prediction.peak_activations[r]),
+                state_bytes=_bytes_per_device(state),
+                copies_bytes=2 * sum(_bytes_per_device(c) for c in copies))   # the copies and their accumulators
+    signature = _rank_signature(ps, r)
+    if signature in seen:
+      info["as_rank"] = seen[signature]
+      ranks.append(info)
+      continue
+    seen[signature] = r
+    info["as_rank"] = r
+    ranks.append(info)
     rep = NamedSharding(sub, P())
     scalar = sds((), jnp.float32, rep)
     coefs = sds((3,), jnp.float32, rep)
-    devices = stages.Devices.of(sub, mb)
     name = lambda kind, s: f"rank{r}_{kind}_stage{s}"
     compiled = {}      # program key -> (F, its aux) for the rank's gradient sums
     for phase, (_, s) in enumerate(plan.schedule.placement[r]):
@@ -209,45 +268,40 @@ def _pipelined_programs(config, cfg, mesh, options):
       tokens = sds((mb, config.seq_len + 1), jnp.int32, rows) if st.first or st.last else None
       x, g = None if st.first else hidden, None if st.last else hidden
       with jax.set_mesh(sub):
-        f = plan.programs.forward.lower(cfg, st.program_key, p, rt, x, tokens, coefs,
-                                        devices).compile(compiler_options=options)
-        out.append((name("F", s), f"rank{r}", sub, f))
+        f = _compile(out, name("F", s), f"rank{r}", sub, plan.programs.forward.lower(
+            cfg, st.program_key, p, rt, x, tokens, coefs, devices), options)
         compiled[st.program_key] = (p, f.out_info[2])
         vjps = f.out_info[1]
         if False in kinds:
-          b = plan.programs.backward.lower(st.program_key, vjps, g, coefs, p).compile(compiler_options=options)
-          out.append((name("B", s), f"rank{r}", sub, b))
+          _compile(out, name("B", s), f"rank{r}", sub,
+                   plan.programs.backward.lower(st.program_key, vjps, g, coefs, p), options)
         if True in kinds:
-          bi = plan.programs.backward_input.lower(st.program_key, vjps, g, coefs).compile(compiler_options=options)
-          out.append((name("Bstar", s), f"rank{r}", sub, bi))
-          w = plan.programs.backward_weights.lower(st.program_key, vjps, bi.out_info[1], p).compile(
-              compiler_options=options)
-          out.append((name("W", s), f"rank{r}", sub, w))
-    mine = executor.stage_copies(plan, r)
+          bi = _compile(out, name("Bstar", s), f"rank{r}", sub,
+                        plan.programs.backward_input.lower(st.program_key, vjps, g, coefs), options)
+          _compile(out, name("W", s), f"rank{r}", sub,
+                   plan.programs.backward_weights.lower(st.program_key, vjps, bi.out_info[1], p), options)
     per_copy = lambda ds: sum(1 for unit in plan.schedule[r] for op in executor._halves(unit)
                               if op.kind == "F" and plan.schedule.placement[r][op.phase] == ds)
     accs = [compiled[plan.specs[s].program_key][0] for _, s in mine]
     auxes = [[compiled[plan.specs[s].program_key][1]] * per_copy((d, s)) for d, s in mine]
     with jax.set_mesh(sub):
-      sums = executor.rank_sums_program(plan, r, state["params"], devices).lower(accs, auxes)
-      out.append((f"rank{r}_sums", f"rank{r}", sub, sums.compile(compiler_options=options)))
+      _compile(out, f"rank{r}_sums", f"rank{r}", sub,
+               executor.rank_sums_program(plan, r, state["params"], devices).lower(accs, auxes), options)
       grads = _placed(state["params"], sharding.zero1_shardings(sub, ps.rank_abstract[r]["params"]))
       loads = jax.tree.map(lambda a: sds(a.shape, jnp.float32, rep), state["routing"])
-      update = ps.update_program(r).lower(state, grads, loads, scalar, scalar)
-      out.append((f"rank{r}_update", f"rank{r}", sub, update.compile(compiler_options=options)))
-      batch = sds((config.batch_size, config.seq_len + 1), jnp.int32,
-                  NamedSharding(sub, executor._token_spec(sub, config.batch_size)))
+      _compile(out, f"rank{r}_update", f"rank{r}", sub,
+               ps.update_program(r).lower(state, grads, loads, scalar, scalar), options)
+      # Evaluation runs the eval batch in micro-batches of the training step's size (executor.evaluate).
+      batch = sds((mb, config.seq_len + 1), jnp.int32, NamedSharding(sub, executor._token_spec(sub, mb)))
       whole = stages.Devices(sub, (), plan.expert_parallel[r])
       for s in range(plan.num_stages):
         if plan.owner[0, s] != r:
           continue
         st = plan.specs[s]
         p, rt = stages.stage_variables(state["params"], state["routing"], st)
-        x = None if st.first else sds((config.batch_size, config.seq_len, cfg.hidden_size), compute_dtype(cfg),
-                                      batch.sharding)
-        e = plan.programs.evaluate.lower(cfg, st.program_key, p, rt, x, batch if st.first or st.last else None,
-                                         coefs, whole)
-        out.append((name("eval", s), f"rank{r}", sub, e.compile(compiler_options=options)))
+        x = None if st.first else sds((mb, config.seq_len, cfg.hidden_size), compute_dtype(cfg), batch.sharding)
+        _compile(out, name("eval", s), f"rank{r}", sub, plan.programs.evaluate.lower(
+            cfg, st.program_key, p, rt, x, batch if st.first or st.last else None, coefs, whole), options)
   rep = sharding.replicated(mesh)
   scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
   guard = _placed(jax.eval_shape(lambda: steps_lib.CLEAN_GUARD), ps.guard_sharding)
@@ -256,9 +310,73 @@ def _pipelined_programs(config, cfg, mesh, options):
   rows = jax.ShapeDtypeStruct((plan.layout.num_ranks, len(pipelined.SUMS)), jnp.float32,
                               sharding=NamedSharding(mesh, P("pipeline")))
   with jax.set_mesh(mesh):
-    check = ps.check_program.lower(guard, step, metrics, scalar, rows).compile(compiler_options=options)
-  out.append(("check", f"all {mesh.size} devices", mesh, check))
-  return out
+    _compile(out, "check", f"all {mesh.size} devices", mesh,
+             ps.check_program.lower(guard, step, metrics, scalar, rows), options)
+  return out, ranks
+
+
+def _rank_peak(info: dict, rows: list) -> dict:
+  """Rank info's peak bytes per device over one step, from its representative's compiled programs (rows):
+
+    forward/backward phase  state + copies and accumulators + in-flight x residuals + the largest F temp or
+                            B/B*/W temp and new outputs
+    gradient sums           state + copies and accumulators + the sums' temp and output (the ZeRO-1 gradients)
+    update                  the update program's peak (state, gradients, optimizer temporaries)
+    evaluation              state + an eval program's temp and output
+
+  The residuals of one micro-batch are the largest output of the rank's F programs (its VJP residuals and
+  the activation it sends on)."""
+  mine = [r for r in rows if r["program"].startswith(f"rank{info['as_rank']}_")]
+  kind = lambda r: r["program"].split("_")[1]
+  of = lambda *kinds: [r for r in mine if kind(r) in kinds]
+  held = info["state_bytes"] + info["copies_bytes"]
+  residual = max(r["output_bytes"] for r in of("F"))
+  # F's outputs are the residuals counted in flight; a backward's are the input gradient, cotangents and the
+  # accumulator (donated: aliased).
+  work = max([r["temp_bytes"] for r in of("F")]
+             + [r["temp_bytes"] + r["output_bytes"] - r["alias_bytes"] for r in of("B", "Bstar", "W")])
+  phases = dict(
+      forward_backward=held + info["inflight_microbatches"] * residual + work,
+      sums=held + max(r["temp_bytes"] + r["output_bytes"] for r in of("sums")),
+      update=max(r["peak_bytes"] for r in of("update")),
+      evaluation=info["state_bytes"] + max([r["temp_bytes"] + r["output_bytes"] for r in of("eval")] or [0]))
+  worst = max(phases, key=phases.get)
+  return dict(info, residual_bytes_per_microbatch=residual, working_bytes=work, phases=phases,
+              peak_phase=worst, peak_bytes=phases[worst])
+
+
+def stand_in(config):
+  """(config to compile, note or None). A mesh of more than MAX_COMPILE_DEVICES devices compiles as a
+  stand-in with the same per-device shapes: the expert axis cut to one node (8) and the routed experts and
+  the batch cut by the same factor, so every device holds as many experts, rows and micro-batch rows as in
+  the full mesh (EP8 with 32 experts for EP64 with 256). Node-limited routing keeps its groups.
+  The non-expert optimizer shards are split over fewer devices (data x 8, not data x expert), so the
+  stand-in holds a little more than the full mesh: its figures are an upper bound."""
+  mesh = config.mesh
+  devices = int(mesh.data) * int(mesh.expert) * int(mesh.pipeline)
+  if devices <= MAX_COMPILE_DEVICES or int(mesh.expert) <= GPUS_PER_HOST:
+    return config, None
+  factor = int(mesh.expert) // GPUS_PER_HOST
+  m = config.model
+  if int(mesh.expert) % GPUS_PER_HOST or m.n_routed_experts % factor or config.batch_size % factor:
+    raise CompileOnlyError(
+        f"--compile_only: {devices} devices is too many to compile here, and no stand-in keeps the per-device "
+        f"shapes: mesh.expert={mesh.expert} must be a multiple of {GPUS_PER_HOST} dividing n_routed_experts="
+        f"{m.n_routed_experts} and batch_size={config.batch_size}")
+  experts = m.n_routed_experts // factor
+  if m.n_group > 1 and (experts % m.n_group or experts // m.n_group < 2):
+    raise CompileOnlyError(f"--compile_only: the stand-in's {experts} experts do not split into model.n_group="
+                           f"{m.n_group} groups of >= 2; compile a mesh of <= {MAX_COMPILE_DEVICES} devices")
+  small = config.copy_and_resolve_references()
+  small.mesh.expert = GPUS_PER_HOST
+  small.model.n_routed_experts = experts
+  small.batch_size = config.batch_size // factor
+  note = (f"stand-in: the {devices}-device mesh {dict(mesh)} compiles as mesh.expert {mesh.expert} -> "
+          f"{GPUS_PER_HOST}, model.n_routed_experts {m.n_routed_experts} -> {experts}, batch_size "
+          f"{config.batch_size} -> {small.batch_size}: the same {m.n_routed_experts // int(mesh.expert)} experts, "
+          f"rows and micro-batch rows per device; non-expert optimizer shards over data x {GPUS_PER_HOST} "
+          f"instead of data x {mesh.expert} (an upper bound)")
+  return small, note
 
 
 def _estimate(config, target: str) -> dict:
@@ -275,8 +393,10 @@ def compile_step(config, workdir: str, target: str, echo=print) -> dict:
   check_toolchain(target)
 
   gpu = target != "cpu"
+  full = config
+  config, stand_in_note = stand_in(config)
   config = config.copy_and_resolve_references()
-  notes = []
+  notes = [stand_in_note] if stand_in_note else []
   if gpu:
     notes.append("XLA flag --xla_gpu_enable_cub_radix_sort=false: sorts compile as XLA's sort (CUB's scratch size "
                  "needs a device), so the MoE dispatch sorts differ from what a GPU run executes")
@@ -288,19 +408,19 @@ def compile_step(config, workdir: str, target: str, echo=print) -> dict:
   mesh = sharding.make_mesh(config.mesh, devices=devices)
   is_pipelined = int(config.mesh.pipeline) > 1
   options = GPU_COMPILER_OPTIONS if gpu else None
+  ranks = None
   if is_pipelined:
-    programs = _pipelined_programs(config, cfg, mesh, options)
+    programs, ranks = _pipelined_programs(config, cfg, mesh, options)
     notes.append(f"pipeline ({config.pipeline.schedule}, {config.pipeline.microbatches} micro-batches): each "
-                 f"rank's programs on its own state (its stages' units); a rank holds its state, accumulators "
-                 f"and the residuals of its in-flight micro-batches at once, which the per-program figures do "
-                 f"not add up; the holders' sums of units shared between ranks, the sum of the scalar rows "
-                 f"over 'pipeline' and the transfers are not compiled")
+                 f"rank's programs on its own state (its stages' units), compiled once per distinct rank; a "
+                 f"rank's peak adds what it holds across programs (state, parameter copies and accumulators, "
+                 f"in-flight residuals) to each phase's compiled figures; the holders' sums of units shared "
+                 f"between ranks, the sum of the scalar rows over 'pipeline' and the transfers are not compiled")
   else:
     programs = []
     with jax.set_mesh(mesh):
       for name, fn, args in _step_programs(config, cfg, mesh):
-        programs.append((name, f"all {len(devices)} devices (SPMD)", mesh,
-                         fn.lower(*args).compile(compiler_options=options)))
+        _compile(programs, name, f"all {len(devices)} devices (SPMD)", mesh, fn.lower(*args), options)
   out_dir = os.path.join(workdir, "compiled")
   os.makedirs(out_dir, exist_ok=True)
   rows = []
@@ -309,21 +429,31 @@ def compile_step(config, workdir: str, target: str, echo=print) -> dict:
       f.write(compiled.as_text())
     rows.append(dict(program=name, position=position, devices=[d.id for d in sub.devices.flat],
                      hlo=f"{name}.hlo.txt", **_memory(compiled)))
-  worst = max(rows, key=lambda r: r["peak_bytes"])
+  worst_program = max(rows, key=lambda r: r["peak_bytes"])
+  if ranks is not None:
+    ranks = [_rank_peak(info, rows) for info in ranks]
+    worst_rank = max(ranks, key=lambda r: r["peak_bytes"])
+    max_peak, max_position = worst_rank["peak_bytes"], f"rank{worst_rank['rank']} ({worst_rank['peak_phase']})"
+  else:
+    max_peak, max_position = worst_program["peak_bytes"], worst_program["position"]
   estimate = _estimate(config, target)
   result = dict(
       target=target, device_kind=str(getattr(devices[0], "device_kind", devices[0].platform)),
       platform=devices[0].platform, devices=len(devices), mesh=dict(mesh.shape),
-      capacity_bytes_per_device=capacity_bytes(target), programs=rows,
-      max_peak_bytes_per_device=worst["peak_bytes"], max_peak_program=worst["program"],
-      max_peak_position=worst["position"],
+      capacity_bytes_per_device=capacity_bytes(target), programs=rows, ranks=ranks,
+      max_peak_bytes_per_device=max_peak, max_peak_position=max_position,
+      max_program_peak_bytes=worst_program["peak_bytes"], max_peak_program=worst_program["program"],
       estimated_peak_bytes_per_device=estimate["total_with_activations_bytes"],
       estimate=dict(source="dsv3.plan.step_memory: parameters + ZeRO-1 optimizer states as the trainer holds them, "
-                           "FP32 gradients of the worst pipeline rank, and activations (remat-saved residuals "
-                           "of every layer x in-flight micro-batches, one layer's backward or the head's "
-                           "working set, logits)", **estimate),
-      peak_over_estimate=worst["peak_bytes"] / max(estimate["total_with_activations_bytes"], 1),
-      compiler_options=dict(options or {}), stand_in=None, notes=notes)
+                           "FP32 gradients (pipelined: the per-device parameter copies and accumulators) of the "
+                           "worst rank, and activations (remat-saved residuals of every layer x in-flight "
+                           "micro-batches, one layer's backward or the head's working set, logits)", **estimate),
+      peak_over_estimate=max_peak / max(estimate["total_with_activations_bytes"], 1),
+      compiler_options=dict(options or {}),
+      stand_in=None if stand_in_note is None else dict(note=stand_in_note, mesh=dict(full.mesh),
+                                                      n_routed_experts=int(full.model.n_routed_experts),
+                                                      batch_size=int(full.batch_size)),
+      notes=notes)
   with open(os.path.join(out_dir, "memory.json"), "w") as f:
     json.dump(result, f, indent=1, default=str)
   echo(format_table(result))
@@ -343,9 +473,19 @@ def format_table(result: dict) -> str:
   for r in result["programs"]:
     lines.append(f"{r['program']:<24} {r['position']:<26}" + "".join(
         f"{_gb(r[k + '_bytes']):>10}" for k in cols[2:]))
+  if result.get("ranks"):
+    cols = ("rank", "stages", "as", "inflight", "state", "copies", "residual", "working", "peak", "phase")
+    lines.append("per rank over the step (GB per device; copies = parameter copies + gradient accumulators, "
+                 "residual = one micro-batch's):")
+    lines.append("".join(f"{c:>10}" for c in cols))
+    for r in result["ranks"]:
+      lines.append("".join(f"{v:>10}" for v in (
+          r["rank"], ",".join(map(str, r["stages"])), r["as_rank"], r["inflight_microbatches"],
+          _gb(r["state_bytes"]), _gb(r["copies_bytes"]), _gb(r["residual_bytes_per_microbatch"]),
+          _gb(r["working_bytes"]), _gb(r["peak_bytes"]))) + f"  {r['peak_phase']}")
   cap = result["capacity_bytes_per_device"]
-  lines.append(f"max peak {_gb(result['max_peak_bytes_per_device'])} GB ({result['max_peak_program']}, "
-               f"{result['max_peak_position']})" + (f" of {_gb(cap)} GB" if cap else "")
+  lines.append(f"max peak {_gb(result['max_peak_bytes_per_device'])} GB ({result['max_peak_position']})"
+               + (f" of {_gb(cap)} GB" if cap else "")
                + f"; dsv3.plan estimate {_gb(result['estimated_peak_bytes_per_device'])} GB (with activations), "
                f"ratio {result['peak_over_estimate']:.2f}")
   lines += [f"note: {n}" for n in result["notes"]]

@@ -247,8 +247,14 @@ def _rank_stages(schedule: str, P: int) -> tuple[int, list]:
 
 
 def memory_plan(cfg: ModelConfig, data: int, expert: int, pipeline: int, schedule: str = "none",
-                moments_dtype: str = "float32") -> dict:
-  """Bytes per device of params / grads / optimizer states, by dtype, for the worst pipeline rank."""
+                moments_dtype: str = "float32", copies: bool = True) -> dict:
+  """Bytes per device of params / grads / optimizer states, by dtype, for the pipeline rank holding most.
+
+  Pipelined, a rank holds the units of its stages once (dsv3.pipeline.rank_state; the embedding sits on the
+  first and the last stage), and per stage it runs, a gradient accumulator shaped like that stage's
+  parameters ('grads') and, when `copies` (micro-batch rows split over the sub-mesh, stages.Devices), a
+  per-device copy of them ('copies'). Unpipelined, 'grads' are the FP32 gradients and there are no copies.
+  """
   for name, v in (("data", data), ("expert", expert), ("pipeline", pipeline)):
     if not _is_int(v) or v < 1:
       raise ConfigError(f"config.mesh.{name}: must be a positive integer, got {v!r}")
@@ -258,59 +264,80 @@ def memory_plan(cfg: ModelConfig, data: int, expert: int, pipeline: int, schedul
   if moments_dtype not in ("float32", "bfloat16"):
     raise ConfigError(f"config.adam_moments_dtype: must be 'float32' or 'bfloat16', got {moments_dtype!r}")
   num_stages, held = _rank_stages(schedule, pipeline)
+  last = num_stages - 1
   stage_of = {}
   for s, ls in enumerate(_stage_layers(cfg.num_hidden_layers, num_stages)):
     stage_of.update({int(l): s for l in ls})
-  # elements[stage][(routed, dtype, trainable)]
+  # elements[stage][(routed, dtype, trainable)]; the embedding apart: stage 0 and the last stage need it
   elements = [collections.Counter() for _ in range(num_stages)]
+  embed = collections.Counter()
   for leaf in leaves(cfg):
     key = (leaf.routed, leaf.dtype, leaf.trainable)
     if leaf.group in ("dense", "moe"):
       first = 0 if leaf.group == "dense" else cfg.num_dense_layers
       for i in range(leaf.layers):
         elements[stage_of[first + i]][key] += leaf.size
+    elif leaf.group == "embed":
+      embed[key] += leaf.total
     else:
-      elements[0 if leaf.group == "embed" else num_stages - 1][key] += leaf.total
+      elements[last][key] += leaf.total
+  with_embed = lambda s: elements[s] + embed if s in (0, last) else elements[s]
+  local = lambda routed, n: -(-n // expert) if routed else n
 
   def rank_bytes(stages):
-    params, grads, opt = collections.Counter(), collections.Counter(), collections.Counter()
-    for s in stages:
-      for (routed, dtype, trainable), n in elements[s].items():
-        local = -(-n // expert) if routed else n
-        params[dtype] += local * jnp.dtype(dtype).itemsize
-        if not trainable:
-          continue
-        grads["float32"] += local * 4
-        zero = data if routed else data * expert
-        shard = -(-local // zero)
-        opt[moments_dtype] += 2 * shard * jnp.dtype(moments_dtype).itemsize
-        if jnp.dtype(dtype).itemsize < 4:
-          opt["float32"] += shard * 4
-    return dict(params=dict(params), grads=dict(grads), optimizer=dict(opt),
-                total_bytes=sum(params.values()) + sum(grads.values()) + sum(opt.values()))
+    params, grads, opt, copy = (collections.Counter() for _ in range(4))
+    units = sum((elements[s] for s in stages), collections.Counter())
+    if 0 in stages or last in stages:
+      units += embed
+    for (routed, dtype, trainable), n in units.items():
+      n = local(routed, n)
+      params[dtype] += n * jnp.dtype(dtype).itemsize
+      if not trainable:
+        continue
+      if pipeline == 1:
+        grads["float32"] += n * 4
+      zero = data if routed else data * expert
+      shard = -(-n // zero)
+      opt[moments_dtype] += 2 * shard * jnp.dtype(moments_dtype).itemsize
+      if jnp.dtype(dtype).itemsize < 4:
+        opt["float32"] += shard * 4
+    if pipeline > 1:           # per stage copy: its accumulator, and its per-device parameter copy
+      for s in stages:
+        for (routed, dtype, trainable), n in with_embed(s).items():
+          if trainable:
+            grads[dtype] += local(routed, n) * jnp.dtype(dtype).itemsize
+            if copies:
+              copy[dtype] += local(routed, n) * jnp.dtype(dtype).itemsize
+    return dict(params=dict(params), grads=dict(grads), optimizer=dict(opt), copies=dict(copy),
+                total_bytes=sum(params.values()) + sum(grads.values()) + sum(opt.values()) + sum(copy.values()))
 
   per_rank = [rank_bytes(st) for st in held]
   worst = max(range(pipeline), key=lambda r: per_rank[r]["total_bytes"])
   return dict(devices=data * expert * pipeline, pipeline_stages=num_stages, rank=worst,
-              rank_stages=held[worst],
-              rank_layers=[int(l) for s in held[worst] for l in _stage_layers(cfg.num_hidden_layers, num_stages)[s]],
+              rank_stages=held[worst], rank_layers=_rank_layers(cfg, num_stages, held[worst]),
               optimizer_shards=dict(non_expert=data * expert, routed_expert=data),
+              per_rank=per_rank, per_rank_stages=held,
               per_rank_total_bytes=[r["total_bytes"] for r in per_rank], **per_rank[worst])
+
+
+def _rank_layers(cfg: ModelConfig, num_stages: int, stages) -> list:
+  split = _stage_layers(cfg.num_hidden_layers, num_stages)
+  return [int(l) for s in stages for l in split[s]]
 
 
 # ---------------------------------------------------------------------------------------------------
 # Activations and temporaries of one training step, per device.
 # ---------------------------------------------------------------------------------------------------
-def _pipeline_inflight(schedule: str, P: int, microbatches: int) -> int:
-  """Most micro-batches whose forward residuals one rank holds at once (dsv3.pipeline's simulator)."""
+def _pipeline_inflight(schedule: str, P: int, microbatches: int) -> list:
+  """Per rank, the most micro-batches whose forward residuals it holds at once (dsv3.pipeline's simulator)."""
   if P <= 1 or schedule == "none":
-    return 1
+    return [1]
   from dsv3.pipeline import executor, schedules   # pipeline code only where a pipeline is planned
   try:
     sched = executor.make_schedule(schedule, P, microbatches)
   except ValueError:       # a layout the executor refuses: 1F1B's bound, one per downstream rank
-    return min(P, microbatches)
-  return int(max(schedules.simulate(sched).peak_activations))
+    return [min(P - r, microbatches) for r in range(P)]
+  return [int(n) for n in schedules.simulate(sched).peak_activations]
 
 
 def activation_plan(cfg: ModelConfig, rows: int, seq_len: int, data: int = 1, expert: int = 1,
@@ -446,30 +473,43 @@ def step_memory(cfg: ModelConfig, batch: int, seq_len: int, data: int, expert: i
   """Peak bytes per device of one training step as the trainer lays it out: memory_plan's state
   (parameters, gradients, ZeRO-1 optimizer) plus activation_plan's activations and temporaries.
 
-  Pipelined, the worst rank holds its stages' parameters, optimizer shards and gradients (the trainer's
-  stage-sharded state, dsv3.pipeline.rank_state) and the residuals of its in-flight micro-batches.
-  Returns memory_plan's keys plus: state_bytes (parameters + optimizer), grad_bytes, grad_accum_bytes (the
-  accumulator of grad_accum > 1), the
+  Pipelined, every rank is planned and the worst one reported: it holds its stages' parameters and optimizer
+  shards (the trainer's stage-sharded state, dsv3.pipeline.rank_state), each stage copy's accumulator and
+  per-device parameter copy, and the residuals of its in-flight micro-batches (the schedule's simulated
+  peak for that rank). Returns memory_plan's keys plus: state_bytes (parameters + optimizer), grad_bytes
+  (gradients or accumulators), copies_bytes, grad_accum_bytes (the accumulator of grad_accum > 1), the
   activation_plan terms under 'activations', and total_with_activations_bytes (the estimated peak).
   """
-  out = memory_plan(cfg, data, expert, pipeline, schedule, moments_dtype)
-  state = sum(out["params"].values()) + sum(out["optimizer"].values())
-  grads = sum(out["grads"].values())                             # the rank's stages' gradients (FP32)
-  accum = grads if grad_accum > 1 else 0                         # the micro-batch sum next to one micro-batch's
   if pipeline > 1:
     rows = batch // microbatches // (data * expert)
-    layers = len(out["rank_layers"])
-    stages = out["rank_stages"]
-    last = _rank_stages(schedule, pipeline)[0] - 1
-    act = activation_plan(cfg, rows, seq_len, data, expert, layers=layers, mtp=last in stages,
-                          head=last in stages, platform=platform,
-                          inflight=_pipeline_inflight(schedule, pipeline, microbatches))
-  else:
-    rows = batch // (data * expert) // grad_accum
-    act = activation_plan(cfg, rows, seq_len, data, expert, platform=platform)
+    split = rows > 0 and (batch // microbatches) % (data * expert) == 0
+    out = memory_plan(cfg, data, expert, pipeline, schedule, moments_dtype, copies=split and data * expert > 1)
+    num_stages = out["pipeline_stages"]
+    inflight = _pipeline_inflight(schedule, pipeline, microbatches)
+    totals = []
+    for r, stages in enumerate(out["per_rank_stages"]):
+      mem = out["per_rank"][r]
+      act = activation_plan(cfg, max(rows, 1), seq_len, data, expert,
+                            layers=len(_rank_layers(cfg, num_stages, stages)), mtp=num_stages - 1 in stages,
+                            head=num_stages - 1 in stages, platform=platform, inflight=inflight[r])
+      state = sum(mem["params"].values()) + sum(mem["optimizer"].values())
+      grads, copies = sum(mem["grads"].values()), sum(mem["copies"].values())
+      totals.append((state + grads + copies + act["activation_bytes"], r, state, grads, copies, act))
+    total, r, state, grads, copies, act = max(totals, key=lambda t: t[0])
+    stages = out["per_rank_stages"][r]
+    out = dict(out, rank=r, rank_stages=stages, rank_layers=_rank_layers(cfg, num_stages, stages), **out["per_rank"][r])
+    return dict(out, state_bytes=int(state), grad_bytes=int(grads), copies_bytes=int(copies), grad_accum_bytes=0,
+                activations=act, activation_bytes=act["activation_bytes"], total_with_activations_bytes=int(total),
+                per_rank_peak_bytes=[int(t[0]) for t in totals])
+  out = memory_plan(cfg, data, expert, pipeline, schedule, moments_dtype)
+  state = sum(out["params"].values()) + sum(out["optimizer"].values())
+  grads = sum(out["grads"].values())
+  accum = grads if grad_accum > 1 else 0                         # the micro-batch sum next to one micro-batch's
+  rows = batch // (data * expert) // grad_accum
+  act = activation_plan(cfg, rows, seq_len, data, expert, platform=platform)
   total = state + grads + accum + act["activation_bytes"]
-  return dict(out, state_bytes=int(state), grad_bytes=int(grads), grad_accum_bytes=int(accum), activations=act,
-              activation_bytes=act["activation_bytes"], total_with_activations_bytes=int(total))
+  return dict(out, state_bytes=int(state), grad_bytes=int(grads), copies_bytes=0, grad_accum_bytes=int(accum),
+              activations=act, activation_bytes=act["activation_bytes"], total_with_activations_bytes=int(total))
 
 
 def _get(config, name, default):

@@ -42,7 +42,15 @@ def _check_result(result, workdir, target, programs):
   with open(os.path.join(out, "memory.json")) as f:
     saved = json.load(f)
   assert saved["target"] == target and saved["devices"] == 8
-  assert saved["max_peak_bytes_per_device"] == max(r["peak_bytes"] for r in saved["programs"]) > 0
+  assert saved["max_program_peak_bytes"] == max(r["peak_bytes"] for r in saved["programs"]) > 0
+  if saved["ranks"] is None:
+    assert saved["max_peak_bytes_per_device"] == saved["max_program_peak_bytes"]
+  else:     # pipelined: a rank's peak adds what it holds across its programs to each program's figures
+    assert saved["max_peak_bytes_per_device"] == max(r["peak_bytes"] for r in saved["ranks"])
+    for rank in saved["ranks"]:
+      own = [r["peak_bytes"] for r in saved["programs"] if r["position"] == f"rank{rank['as_rank']}"]
+      assert rank["peak_bytes"] >= 0.99 * max(own), rank
+      assert rank["state_bytes"] > 0 and rank["copies_bytes"] > 0 and rank["inflight_microbatches"] >= 1
   assert saved["estimated_peak_bytes_per_device"] > 0
   assert saved["peak_over_estimate"] == pytest.approx(
       saved["max_peak_bytes_per_device"] / saved["estimated_peak_bytes_per_device"])
@@ -123,3 +131,22 @@ def test_h100_ep8(tmp_path):
 def test_h100_pipeline(tmp_path):
   result = compile_only.run(_config(data=1, expert=4, pipeline=2, schedule="1f1b"), str(tmp_path), "h100")
   _check_result(result, str(tmp_path), "h100", _rank_programs((0, 1), ("B",)))
+
+
+def test_stand_in_keeps_per_device_shapes():
+  """The 671B layout (2048 devices) compiles as EP8 with 32 experts: 4 experts, one 4096-token sequence per
+  device and micro-batch, as at EP64 with 256; meshes up to MAX_COMPILE_DEVICES compile as they are."""
+  from configs import deepseek_v3
+  full = deepseek_v3.get_config()
+  small, note = compile_only.stand_in(full)
+  assert (small.mesh.pipeline, small.mesh.expert, small.mesh.data) == (16, 8, 2)
+  assert small.model.n_routed_experts // small.mesh.expert == full.model.n_routed_experts // full.mesh.expert == 4
+  per_device = lambda c: c.batch_size // c.pipeline.microbatches // (c.mesh.data * c.mesh.expert)
+  assert per_device(small) == per_device(full) == 1 and small.pipeline.microbatches == full.pipeline.microbatches
+  assert small.model.n_group == full.model.n_group and small.model.topk_group == full.model.topk_group
+  assert "stand-in" in note and "256 -> 32" in note and full.mesh.expert == 64     # the given config is kept
+  assert compile_only.stand_in(_config()) == (_config(), None)
+  odd = full.copy_and_resolve_references()
+  odd.batch_size = 15364
+  with pytest.raises(compile_only.CompileOnlyError, match="batch_size=15364"):
+    compile_only.stand_in(odd)

@@ -216,4 +216,16 @@ def test_pipeline_stages():
   assert dual["total_bytes"] > four["total_bytes"]            # DualPipe keeps two stages per rank
   v = _total(cfg, pipeline=4, schedule="dualpipev")
   assert v["pipeline_stages"] == 8 and len(v["rank_stages"]) == 2
-  assert sum(v["per_rank_total_bytes"]) == sum(four["per_rank_total_bytes"])   # one copy in all
+  # Every stage once in both; 1F1B's last rank also holds the embedding (the MTP modules embed), DualPipeV
+  # holds it on rank 0 with stage 0.
+  embed = plan.memory_plan(cfg, 1, 1, 1)["per_rank"][0]["params"]["float32"] - sum(
+      l.total * 4 for l in plan.leaves(cfg) if l.group != "embed")
+  held = lambda m: sum(sum(r["params"].values()) + sum(r["optimizer"].values()) for r in m["per_rank"])
+  four_m = plan.memory_plan(cfg, 1, 1, 4, "1f1b")
+  assert held(four_m) - held(plan.memory_plan(cfg, 1, 1, 4, "dualpipev")) == 3 * embed   # params + 2 moments
+  # Per stage copy, the accumulator and the per-device parameter copy are shaped like the stage's trainable
+  # params (all but the routing biases: E float32 per MoE layer).
+  for r, stages in zip(four_m["per_rank"], four_m["per_rank_stages"]):
+    moe = sum(l >= cfg.first_k_dense_replace for l in plan._rank_layers(cfg, 4, stages))
+    moe += cfg.num_nextn_predict_layers if 3 in stages else 0                   # the MTP modules' MoE layers
+    assert r["grads"] == r["copies"] == {"float32": r["params"]["float32"] - 4 * cfg.n_routed_experts * moe}
