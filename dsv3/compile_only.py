@@ -239,8 +239,10 @@ def _pipelined_programs(config, cfg, mesh, options):
     mine = executor.stage_copies(plan, r)
     copies = [devices.abstract_copies(stages.stage_variables(state["params"], state["routing"], plan.specs[s])[0])
               for _, s in mine]
+    # The step takes the params into its per-device copies (executor.run(donate=True)) where rows split.
     info = dict(rank=r, stages=[int(s) for _, s in mine], inflight_microbatches=int(plan.prediction.peak_activations[r]),
-                state_bytes=_bytes_per_device(state),
+                state_bytes=_bytes_per_device(state), params_bytes=_bytes_per_device(state["params"]),
+                params_in_copies=bool(devices.axes),
                 copies_bytes=2 * sum(_bytes_per_device(c) for c in copies))   # the copies and their accumulators
     signature = _rank_signature(ps, r)
     if signature in seen:
@@ -316,11 +318,12 @@ def _pipelined_programs(config, cfg, mesh, options):
 
 
 def _rank_peak(info: dict, rows: list) -> dict:
-  """Rank info's peak bytes per device over one step, from its representative's compiled programs (rows):
+  """Rank info's peak bytes per device over one step, from its representative's compiled programs (rows).
+  held: the state (less the params, which the step's copies stand in for) + copies and accumulators.
 
-    forward/backward phase  state + copies and accumulators + in-flight x residuals + the largest F temp or
-                            B/B*/W temp and new outputs
-    gradient sums           state + copies and accumulators + the sums' temp and output (the ZeRO-1 gradients)
+    forward/backward phase  held + in-flight x residuals + the largest F temp or B/B*/W temp and new outputs
+    gradient sums           held + the sums' temp and output (the ZeRO-1 gradients)
+    copies                  state + the parameter copies (the moment they are taken or given back)
     update                  the update program's peak (state, gradients, optimizer temporaries)
     evaluation              state + an eval program's temp and output
 
@@ -329,7 +332,8 @@ def _rank_peak(info: dict, rows: list) -> dict:
   mine = [r for r in rows if r["program"].startswith(f"rank{info['as_rank']}_")]
   kind = lambda r: r["program"].split("_")[1]
   of = lambda *kinds: [r for r in mine if kind(r) in kinds]
-  held = info["state_bytes"] + info["copies_bytes"]
+  # During the step the params live in the copies (taken at its start, given back at its end).
+  held = info["state_bytes"] - info["params_bytes"] * info["params_in_copies"] + info["copies_bytes"]
   residual = max(r["output_bytes"] for r in of("F"))
   # F's outputs are the residuals counted in flight; a backward's are the input gradient, cotangents and the
   # accumulator (donated: aliased).
@@ -338,6 +342,7 @@ def _rank_peak(info: dict, rows: list) -> dict:
   phases = dict(
       forward_backward=held + info["inflight_microbatches"] * residual + work,
       sums=held + max(r["temp_bytes"] + r["output_bytes"] for r in of("sums")),
+      copies=info["state_bytes"] + info["copies_bytes"] // 2,      # taking the params / giving them back
       update=max(r["peak_bytes"] for r in of("update")),
       evaluation=info["state_bytes"] + max([r["temp_bytes"] + r["output_bytes"] for r in of("eval")] or [0]))
   worst = max(phases, key=phases.get)

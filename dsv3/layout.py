@@ -78,6 +78,22 @@ def units(tree: dict) -> list:
   return [unit_of(k, l) for k, v in tree.items() for l in (v if k == LAYERS else [None])]
 
 
+def by_unit(tree: dict) -> dict:
+  """A per-layer tree as {unit id: subtree}."""
+  return {unit_of(k, l): (v[l] if k == LAYERS else v) for k, v in tree.items() for l in (v if k == LAYERS else [None])}
+
+
+def from_units(units: dict) -> dict:
+  """{unit id: subtree} -> the per-layer tree (the inverse of by_unit)."""
+  out = {}
+  for unit, tree in units.items():
+    if unit.startswith(LAYERS + "/"):
+      out.setdefault(LAYERS, {})[unit.split("/")[1]] = tree
+    else:
+      out[unit] = tree
+  return out
+
+
 def select(tree: dict, keep) -> dict:
   """The part of a per-layer variables tree made of the units in `keep` (a collection of unit ids)."""
   out = {}

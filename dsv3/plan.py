@@ -475,8 +475,8 @@ def step_memory(cfg: ModelConfig, batch: int, seq_len: int, data: int, expert: i
 
   Pipelined, every rank is planned and the worst one reported: it holds its stages' parameters and optimizer
   shards (the trainer's stage-sharded state, dsv3.pipeline.rank_state), each stage copy's accumulator and
-  per-device parameter copy, and the residuals of its in-flight micro-batches (the schedule's simulated
-  peak for that rank). Returns memory_plan's keys plus: state_bytes (parameters + optimizer), grad_bytes
+  per-device parameter copy (which stand in for the params during the step), and the residuals of its
+  in-flight micro-batches (the schedule's simulated peak for that rank). Returns memory_plan's keys plus: state_bytes (parameters + optimizer), grad_bytes
   (gradients or accumulators), copies_bytes, grad_accum_bytes (the accumulator of grad_accum > 1), the
   activation_plan terms under 'activations', and total_with_activations_bytes (the estimated peak).
   """
@@ -492,9 +492,12 @@ def step_memory(cfg: ModelConfig, batch: int, seq_len: int, data: int, expert: i
       act = activation_plan(cfg, max(rows, 1), seq_len, data, expert,
                             layers=len(_rank_layers(cfg, num_stages, stages)), mtp=num_stages - 1 in stages,
                             head=num_stages - 1 in stages, platform=platform, inflight=inflight[r])
-      state = sum(mem["params"].values()) + sum(mem["optimizer"].values())
+      params = sum(mem["params"].values())
+      state = params + sum(mem["optimizer"].values())
       grads, copies = sum(mem["grads"].values()), sum(mem["copies"].values())
-      totals.append((state + grads + copies + act["activation_bytes"], r, state, grads, copies, act))
+      # The step takes the params into its copies (executor.run(donate=True)): not held twice.
+      step = state - (params if copies else 0) + grads + copies + act["activation_bytes"]
+      totals.append((max(step, state + copies), r, state, grads, copies, act))
     total, r, state, grads, copies, act = max(totals, key=lambda t: t[0])
     stages = out["per_rank_stages"][r]
     out = dict(out, rank=r, rank_stages=stages, rank_layers=_rank_layers(cfg, num_stages, stages), **out["per_rank"][r])

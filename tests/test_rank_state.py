@@ -131,3 +131,25 @@ def test_checkpoint_restores_across_layouts(tmp_path, dualpipe_pp2):
   with ckpt_lib.Checkpointer(str(tmp_path / "one"), read_only=True) as ck:
     back, _ = pipelined.restore(ck, cfg, ps.steps, mesh, ps)
   equal(ps.view(back), view)
+
+
+def test_step_takes_the_params_into_its_copies(dualpipe_pp2):
+  """executor.run(donate=True), the trainer's step: each rank's params are donated into the per-device copies
+  (no rank holds them twice during the step) and made back, bitwise and placed as before, at the end; the
+  step's results are those of the run that keeps them."""
+  config, cfg, mesh, ps, ranks = dualpipe_pp2
+  tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (32, 17), dtype=np.int32)
+  fresh = lambda: [{k: jax.tree.map(lambda x: x.copy(), s[k]) for k in ("params", "routing")} for s in ranks]
+  kept, given = fresh(), fresh()
+  donated = [jax.tree.leaves(v["params"]) for v in given]
+  want = executor.run(ps.plan, kept, tokens, 0.3, 1e-3)
+  got = executor.run(ps.plan, given, tokens, 0.3, 1e-3, donate=True)
+  assert all(x.is_deleted() for leaves in donated for x in leaves)
+  assert not any(x.is_deleted() for v in kept for x in jax.tree.leaves(v["params"]))
+  for r in ps.ranks:
+    jax.tree.map(lambda a, b: (np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                               a.sharding == b.sharding or pytest.fail(str(a.sharding))),
+                 given[r]["params"], ranks[r]["params"])
+  assert float(got[0]) == float(want[0])
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               [g for g in got[2] if g is not None], [g for g in want[2] if g is not None])

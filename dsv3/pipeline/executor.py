@@ -259,9 +259,14 @@ def _host_tokens(tokens) -> np.ndarray:
   return np.asarray(tokens, np.int32)
 
 
-def run(plan: Plan, rank_variables, tokens, mtp_weight, alpha, timings: Optional[list] = None):
+def run(plan: Plan, rank_variables, tokens, mtp_weight, alpha, timings: Optional[list] = None,
+        donate: bool = False):
   """Executes one step on per-rank variables: rank_variables[r] = {'params', 'routing'} of rank r's units
   on its sub-mesh (rank_state; None where this process holds none of rank r).
+
+  donate: each rank's params are donated into the step's per-device copies (stages.Devices.copies_taking),
+  so a rank does not hold them twice, and rank_variables[r]['params'] is replaced by equal arrays made back
+  from the copies at the end (the trainer's step). Otherwise the params are left as they are.
 
   Returns (loss, metrics, grads, loads, grad_norm): grads[r] and loads[r] shaped like rank r's params and
   routing (None for ranks of other processes), each unit's summed over its holders and placed like its
@@ -284,17 +289,22 @@ def run(plan: Plan, rank_variables, tokens, mtp_weight, alpha, timings: Optional
   # micro-batch rows split over the sub-mesh, so gradients are reduced once per step (stages.Devices).
   copies: Dict[tuple, dict] = {}
   devices = {r: stages.Devices.of(plan.meshes[r], mb) for r in plan.local_ranks}
-  for (d, s), r in plan.owner.items():
-    if r not in devices:
-      continue
-    mesh = plan.meshes[r]
-    p, rt = stages.stage_variables(rank_variables[r]["params"], rank_variables[r].get("routing", {}),
-                                   plan.specs[s])
-    p = devices[r].copies(p)
+  taken = {}              # rank -> the shardings of the params it gave to its copies (donate)
+  for r in devices:
+    mine = stage_copies(plan, r)
+    specs = [plan.specs[s] for _, s in mine]
+    params, routing = rank_variables[r]["params"], rank_variables[r].get("routing", {})
+    routings = [stages.stage_variables(params, routing, spec)[1] for spec in specs]
+    if donate and devices[r].axes:
+      taken[r] = jax.tree.map(lambda x: x.sharding, params)
+      trees = devices[r].copies_taking(params, specs)
+    else:
+      trees = [devices[r].copies(stages.stage_variables(params, routing, spec)[0]) for spec in specs]
     coefs = jax.device_put(np.asarray([mtp_weight, alpha, 1.0 / plan.microbatches], np.float32),
-                           NamedSharding(mesh, P()))
-    copies[d, s] = dict(params=p, routing=rt, coefs=coefs, acc=stages.zeros_like(p),
-                        key=plan.specs[s].program_key, aux=[], devices=devices[r])
+                           NamedSharding(plan.meshes[r], P()))
+    for (d, s), p, rt in zip(mine, trees, routings):
+      copies[d, s] = dict(params=p, routing=rt, coefs=coefs, acc=stages.zeros_like(p),
+                          key=plan.specs[s].program_key, aux=[], devices=devices[r])
 
   # Micro-batch tokens go to the first and last stage of their direction (the embedding and the loss).
   micro = {}
@@ -362,24 +372,18 @@ def run(plan: Plan, rank_variables, tokens, mtp_weight, alpha, timings: Optional
       jax.block_until_ready(results)
       timings.append((r, str(op), start, time.perf_counter()))
 
-  return _assemble(plan, rank_variables, copies)
+  out = _assemble(plan, rank_variables, copies)
+  for r, shardings in taken.items():
+    mine = stage_copies(plan, r)
+    rank_variables[r]["params"] = devices[r].params_from_copies(
+        [copies[ds]["params"] for ds in mine], [plan.specs[s] for _, s in mine], shardings)
+  return out
 
 
 # ---------------------------------------------------------------------------------------------------
 # Gathering the results: per rank, then each shared unit among its holders, then the scalars.
 # ---------------------------------------------------------------------------------------------------
 SCALARS = ("loss", "balance", "ce", "mtp_loss", "grad_sq")    # a rank's row of whole-model sums
-
-
-def _by_unit(units: dict) -> dict:
-  """{unit id: subtree} -> the per-layer tree (dsv3.layout)."""
-  out = {}
-  for unit, tree in units.items():
-    if unit.startswith(layout.LAYERS + "/"):
-      out.setdefault(layout.LAYERS, {})[unit.split("/")[1]] = tree
-    else:
-      out[unit] = tree
-  return out
 
 
 def _rank_sums(stage_specs, devices, shared, shardings, accs, auxes):
@@ -497,7 +501,7 @@ def _assemble(plan: Plan, rank_variables, copies):
   if cfg.num_moe_layers:
     metrics["balance_loss"] = mean["balance"]
   metrics["loss"] = mean["loss"]
-  out = lambda per_rank: [_by_unit(per_rank[r]) if r in per_rank else None for r in range(len(plan.meshes))]
+  out = lambda per_rank: [layout.from_units(per_rank[r]) if r in per_rank else None for r in range(len(plan.meshes))]
   return mean["loss"], metrics, out(grads), out(loads), jnp.sqrt(totals[SCALARS.index("grad_sq")])
 
 
@@ -513,7 +517,7 @@ def rank_sums_program(plan: Plan, r: int, params, devices: stages.Devices):
   key = ("sums", r, tuple(mine), devices, jax.tree.structure(params),
          tuple((x.shape, x.dtype) for x in jax.tree.leaves(params)))
   if key not in plan._programs:
-    units = _units_of(params)
+    units = layout.by_unit(params)
     shared = tuple(sorted(u for u in units if len(plan.layout.holders(u)) > 1))
     shardings = {u: sharding.zero1_shardings(
         plan.meshes[r], jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)) for u, t in units.items()}
@@ -522,13 +526,6 @@ def rank_sums_program(plan: Plan, r: int, params, devices: stages.Devices):
   return plan._programs[key]
 
 
-def _units_of(tree: dict) -> dict:
-  """A per-layer tree as {unit id: subtree}."""
-  return {layout.unit_of(k, l): (v[l] if k == layout.LAYERS else v)
-          for k, v in tree.items() for l in (v if k == layout.LAYERS else [None])}
-
-
-@jax.jit
 def _add_grad_sq(row, pieces):
   return row.at[0, SCALARS.index("grad_sq")].add(sum(p[0] for p in pieces))
 

@@ -124,9 +124,10 @@ class PipelinedSteps:
     """One step: (ranks, guard, metrics). `batch`: the global batch on the host; ranks are donated."""
     variables = [None if s is None else {"params": s["params"], "routing": s["routing"]} for s in ranks]
     _, metrics, grads, loads, grad_norm = executor.run(self.plan, variables, batch, float(mtp_weight),
-                                                       self.steps.alpha)
+                                                       self.steps.alpha, donate=True)
     new, rows = [None] * len(ranks), {}
     for r in self.ranks:
+      ranks[r] = dict(ranks[r], params=variables[r]["params"])     # made back from the step's copies
       gamma_r = jax.device_put(np.float32(gamma), NamedSharding(self.layout.meshes[r], P()))
       new[r], rows[r] = self.update_program(r)(ranks[r], grads[r], loads[r], gamma_r, self.layout.on_rank(grad_norm, r))
     step = jax.make_array_from_single_device_arrays(
