@@ -31,7 +31,7 @@ A mesh larger than MAX_COMPILE_DEVICES compiles as a stand-in with the same per-
 named in the output.
 
 GPU choices are made from the target's devices, not jax.default_backend() (which stays 'cpu' here):
-grouped_gemm 'auto' becomes 'ragged_dot' (the Triton kernel needs a GPU to lower), expert-parallel
+grouped_gemm 'auto' becomes 'ragged_dot' (what a GPU run picks), expert-parallel
 dispatch takes the mesh's platform (ragged all-to-all), attention 'auto' is lax.platform_dependent.
 XLA:GPU sorts are compiled with --xla_gpu_enable_cub_radix_sort=false: CUB's scratch size needs a device,
 so MoE dispatch sorts compile as XLA's own sort, not the CUB sort a GPU run executes.
@@ -47,7 +47,6 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -183,26 +182,18 @@ def _placed(abstract, shardings):
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
-def _compile(out: list, name: str, position: str, mesh, lowered, options):
-  """Compiles `lowered`, appends (name, position, mesh, compiled) to `out`, logs its time and peak."""
+def _compile(out: list, name: str, position: str, mesh, lowered, options, echo):
+  """Compiles `lowered`, appends (name, position, mesh, compiled) to `out`, echoes its time and peak."""
   start = time.perf_counter()
   compiled = lowered.compile(compiler_options=options)
   out.append((name, position, mesh, compiled))
-  logging.info("compiled %s in %.0f s: peak %s GB per device", name, time.perf_counter() - start,
-               _gb(_memory(compiled)["peak_bytes"]))
+  echo(f"compiled {name} in {time.perf_counter() - start:.0f} s: peak {_gb(_memory(compiled)['peak_bytes'])} GB "
+       f"per device")
   return compiled
 
 
-def _rank_signature(ps, r: int) -> tuple:
-  """What rank r's programs depend on: its stages' program keys, backward kinds, evaluated stages and state
-  shapes. Ranks with equal signatures compile to the same programs (on their own devices)."""
-  plan = ps.plan
-  keys = tuple(plan.specs[s].program_key for _, s in plan.schedule.placement[r])
-  kinds = tuple(sorted({(op.phase, op.input_only) for unit in plan.schedule[r] for op in executor._halves(unit)
-                        if op.kind == "B"}))
-  evals = tuple(plan.specs[s].program_key for s in range(plan.num_stages) if plan.owner[0, s] == r)
-  shapes = tuple(sorted((a.shape, str(a.dtype)) for a in jax.tree.leaves(ps.rank_abstract[r])))
-  return keys, kinds, evals, shapes
+def _shapes(tree) -> tuple:
+  return tuple(sorted((a.shape, str(a.dtype)) for a in jax.tree.leaves(tree)))
 
 
 def _bytes_per_device(tree) -> int:
@@ -211,28 +202,36 @@ def _bytes_per_device(tree) -> int:
              for a in jax.tree.leaves(tree))
 
 
-def _pipelined_programs(config, cfg, mesh, options):
+def _pipelined_programs(config, cfg, mesh, options, echo=print):
   """(programs, ranks) of one pipelined step (dsv3.pipeline.pipelined).
 
-  programs: [(name, position, sub-mesh, compiled)], per rank on its ('data', 'expert') sub-mesh with its
+  programs: [(name, position, sub-mesh, compiled)], each rank's on its ('data', 'expert') sub-mesh with its
   own state (rank_state: its stages' units only):
-  - F, and B, or B* and W where its op list has input-only backwards, of each stage copy (stages of the
-    same shape on one rank compile once), as executor.run calls them: one micro-batch of activations and
-    tokens; B, B* and W take F's residuals as the compiled F lays them out;
+  - F, and B, or B* and W where its op list has input-only backwards, of each stage it runs, as
+    executor.run calls them: one micro-batch of activations and tokens; B, B* and W take F's residuals as
+    the compiled F lays them out;
   - `sums`: its micro-batch gradients (per-device copies) reduced once into their ZeRO-1 shards;
   - `update`: the optimizer and routing-bias update of its units;
   - `eval` of each stage it runs in evaluation (direction 0), on one micro-batch of the eval batch;
-  then `check`, the divergence guard, on the whole mesh. A rank whose signature (_rank_signature) equals an
-  earlier rank's is not compiled again: it runs the same programs.
+  then `check`, the divergence guard, on the whole mesh. A program of the same shapes as one already
+  compiled for another rank (sub-meshes are alike) is not compiled again; the rank reuses its figures.
 
-  ranks: per rank, what it holds at once during the step (module doc, `_rank_peak`): its state, its stage
-  copies' per-device parameter copies and gradient accumulators, and its in-flight micro-batches' residuals.
+  ranks: per rank, the programs it runs and what it holds at once during the step (`_rank_peak`): its
+  state, its stage copies' per-device parameter copies and gradient accumulators, and its in-flight
+  micro-batches' residuals.
   """
   ps = pipelined.PipelinedSteps(config, cfg, mesh)
   plan = ps.plan
   mb = int(config.batch_size) // plan.microbatches
   sds = lambda shape, dtype, s: jax.ShapeDtypeStruct(shape, dtype, sharding=s)
-  out, ranks, seen = [], [], {}
+  on = lambda tree, sub: jax.tree.map(lambda a: sds(a.shape, a.dtype, NamedSharding(sub, a.sharding.spec)), tree)
+  out, ranks, done = [], [], {}      # done: program key -> (its name, the compiled program)
+
+  def program(key, name, position, sub, lower):
+    if key not in done:
+      done[key] = name, _compile(out, name, position, sub, lower(), options, echo)
+    return done[key]
+
   for r, sub in enumerate(plan.meshes):
     state = _placed(ps.rank_abstract[r], ps.rank_shardings[r])
     devices = stages.Devices.of(sub, mb)
@@ -240,59 +239,56 @@ def _pipelined_programs(config, cfg, mesh, options):
     copies = [devices.abstract_copies(stages.stage_variables(state["params"], state["routing"], plan.specs[s])[0])
               for _, s in mine]
     # The step takes the params into its per-device copies (executor.run(donate=True)) where rows split.
-    info = dict(rank=r, stages=[int(s) for _, s in mine], inflight_microbatches=int(plan.prediction.peak_activations[r]),
+    info = dict(rank=r, stages=[int(s) for _, s in mine], programs=[],
+                inflight_microbatches=int(plan.prediction.peak_activations[r]),
                 state_bytes=_bytes_per_device(state), params_bytes=_bytes_per_device(state["params"]),
                 params_in_copies=bool(devices.axes),
                 copies_bytes=2 * sum(_bytes_per_device(c) for c in copies))   # the copies and their accumulators
-    signature = _rank_signature(ps, r)
-    if signature in seen:
-      info["as_rank"] = seen[signature]
-      ranks.append(info)
-      continue
-    seen[signature] = r
-    info["as_rank"] = r
     ranks.append(info)
     rep = NamedSharding(sub, P())
     scalar = sds((), jnp.float32, rep)
     coefs = sds((3,), jnp.float32, rep)
+    pos = f"rank{r}"
     name = lambda kind, s: f"rank{r}_{kind}_stage{s}"
-    compiled = {}      # program key -> (F, its aux) for the rank's gradient sums
-    for phase, (_, s) in enumerate(plan.schedule.placement[r]):
-      st = plan.specs[s]
-      kinds = {op.input_only for unit in plan.schedule[r] for op in executor._halves(unit)
-               if op.kind == "B" and op.phase == phase}
-      if st.program_key in compiled:
-        continue
-      p, rt = stages.stage_variables(state["params"], state["routing"], st)
-      p = devices.abstract_copies(p)        # the per-device parameter copies executor.run makes
-      rows = NamedSharding(sub, executor._token_spec(sub, mb))
-      hidden = sds((mb, config.seq_len, cfg.hidden_size), compute_dtype(cfg), rows)
-      tokens = sds((mb, config.seq_len + 1), jnp.int32, rows) if st.first or st.last else None
-      x, g = None if st.first else hidden, None if st.last else hidden
-      with jax.set_mesh(sub):
-        f = _compile(out, name("F", s), f"rank{r}", sub, plan.programs.forward.lower(
-            cfg, st.program_key, p, rt, x, tokens, coefs, devices), options)
-        compiled[st.program_key] = (p, f.out_info[2])
-        vjps = f.out_info[1]
-        if False in kinds:
-          _compile(out, name("B", s), f"rank{r}", sub,
-                   plan.programs.backward.lower(st.program_key, vjps, g, coefs, p), options)
-        if True in kinds:
-          bi = _compile(out, name("Bstar", s), f"rank{r}", sub,
-                        plan.programs.backward_input.lower(st.program_key, vjps, g, coefs), options)
-          _compile(out, name("W", s), f"rank{r}", sub,
-                   plan.programs.backward_weights.lower(st.program_key, vjps, bi.out_info[1], p), options)
-    per_copy = lambda ds: sum(1 for unit in plan.schedule[r] for op in executor._halves(unit)
-                              if op.kind == "F" and plan.schedule.placement[r][op.phase] == ds)
-    accs = [compiled[plan.specs[s].program_key][0] for _, s in mine]
-    auxes = [[compiled[plan.specs[s].program_key][1]] * per_copy((d, s)) for d, s in mine]
+    forward = {}      # program key -> (its parameter copies, its aux) for the rank's gradient sums
     with jax.set_mesh(sub):
-      _compile(out, f"rank{r}_sums", f"rank{r}", sub,
-               executor.rank_sums_program(plan, r, state["params"], devices).lower(accs, auxes), options)
+      for phase, (_, s) in enumerate(plan.schedule.placement[r]):
+        st, key = plan.specs[s], plan.specs[s].program_key
+        kinds = {op.input_only for unit in plan.schedule[r] for op in executor._halves(unit)
+                 if op.kind == "B" and op.phase == phase}
+        p, rt = stages.stage_variables(state["params"], state["routing"], st)
+        p = devices.abstract_copies(p)        # the per-device parameter copies executor.run makes
+        rows = NamedSharding(sub, executor._token_spec(sub, mb))
+        hidden = sds((mb, config.seq_len, cfg.hidden_size), compute_dtype(cfg), rows)
+        tokens = sds((mb, config.seq_len + 1), jnp.int32, rows) if st.first or st.last else None
+        x, g = None if st.first else hidden, None if st.last else hidden
+        f_name, f = program(("F", key), name("F", s), pos, sub, lambda: plan.programs.forward.lower(
+            cfg, key, p, rt, x, tokens, coefs, devices))
+        forward[key] = p, on(f.out_info[2], sub)
+        vjps = on(f.out_info[1], sub)
+        names = [f_name]
+        if False in kinds:
+          names.append(program(("B", key), name("B", s), pos, sub, lambda: plan.programs.backward.lower(
+              key, vjps, g, coefs, p, p))[0])
+        if True in kinds:
+          b_name, bi = program(("Bstar", key), name("Bstar", s), pos, sub, lambda: plan.programs.backward_input.lower(
+              key, vjps, g, coefs, p))
+          cts = on(bi.out_info[1], sub)
+          names += [b_name, program(("W", key), name("W", s), pos, sub, lambda: plan.programs.backward_weights.lower(
+              key, vjps, cts, p, p))[0]]
+        info["programs"] += [n for n in names if n not in info["programs"]]
+      per_copy = lambda ds: sum(1 for unit in plan.schedule[r] for op in executor._halves(unit)
+                                if op.kind == "F" and plan.schedule.placement[r][op.phase] == ds)
+      accs = [forward[plan.specs[s].program_key][0] for _, s in mine]
+      auxes = [[forward[plan.specs[s].program_key][1]] * per_copy((d, s)) for d, s in mine]
+      units = _shapes(state)
+      sums_key = ("sums", tuple((plan.specs[s].program_key, per_copy((d, s))) for d, s in mine), units)
+      info["programs"].append(program(sums_key, f"rank{r}_sums", pos, sub, lambda: executor.rank_sums_program(
+          plan, r, state["params"], devices).lower(accs, auxes))[0])
       grads = _placed(state["params"], sharding.zero1_shardings(sub, ps.rank_abstract[r]["params"]))
       loads = jax.tree.map(lambda a: sds(a.shape, jnp.float32, rep), state["routing"])
-      _compile(out, f"rank{r}_update", f"rank{r}", sub,
-               ps.update_program(r).lower(state, grads, loads, scalar, scalar), options)
+      info["programs"].append(program(("update", units), f"rank{r}_update", pos, sub, lambda: ps.update_program(
+          r).lower(state, grads, loads, scalar, scalar))[0])
       # Evaluation runs the eval batch in micro-batches of the training step's size (executor.evaluate).
       batch = sds((mb, config.seq_len + 1), jnp.int32, NamedSharding(sub, executor._token_spec(sub, mb)))
       whole = stages.Devices(sub, (), plan.expert_parallel[r])
@@ -302,8 +298,10 @@ def _pipelined_programs(config, cfg, mesh, options):
         st = plan.specs[s]
         p, rt = stages.stage_variables(state["params"], state["routing"], st)
         x = None if st.first else sds((mb, config.seq_len, cfg.hidden_size), compute_dtype(cfg), batch.sharding)
-        _compile(out, name("eval", s), f"rank{r}", sub, plan.programs.evaluate.lower(
-            cfg, st.program_key, p, rt, x, batch if st.first or st.last else None, coefs, whole), options)
+        info["programs"].append(program(("eval", st.program_key), name("eval", s), pos, sub,
+                                        lambda: plan.programs.evaluate.lower(
+                                            cfg, st.program_key, p, rt, x, batch if st.first or st.last else None,
+                                            coefs, whole))[0])
   rep = sharding.replicated(mesh)
   scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
   guard = _placed(jax.eval_shape(lambda: steps_lib.CLEAN_GUARD), ps.guard_sharding)
@@ -313,7 +311,7 @@ def _pipelined_programs(config, cfg, mesh, options):
                               sharding=NamedSharding(mesh, P("pipeline")))
   with jax.set_mesh(mesh):
     _compile(out, "check", f"all {mesh.size} devices", mesh,
-             ps.check_program.lower(guard, step, metrics, scalar, rows), options)
+             ps.check_program.lower(guard, step, metrics, scalar, rows), options, echo)
   return out, ranks
 
 
@@ -329,7 +327,7 @@ def _rank_peak(info: dict, rows: list) -> dict:
 
   The residuals of one micro-batch are the largest output of the rank's F programs (its VJP residuals and
   the activation it sends on)."""
-  mine = [r for r in rows if r["program"].startswith(f"rank{info['as_rank']}_")]
+  mine = [r for r in rows if r["program"] in info["programs"]]
   kind = lambda r: r["program"].split("_")[1]
   of = lambda *kinds: [r for r in mine if kind(r) in kinds]
   # During the step the params live in the copies (taken at its start, given back at its end).
@@ -407,7 +405,9 @@ def compile_step(config, workdir: str, target: str, echo=print) -> dict:
                  "needs a device), so the MoE dispatch sorts differ from what a GPU run executes")
     if config.model.grouped_gemm == "auto":
       config.model.grouped_gemm = "ragged_dot"
-      notes.append("model.grouped_gemm 'auto' -> 'ragged_dot' (the Triton kernel needs a GPU to lower)")
+      notes.append("model.grouped_gemm 'auto' -> 'ragged_dot', as a GPU run resolves it (moe.grouped_gemm_impl "
+                   "reads the default backend, 'cpu' here); XLA:GPU lowers ragged_dot as a dense dot over the "
+                   "device's experts, whose [experts, rows, width] f32 buffers dominate the MoE layers' memory")
   cfg = ModelConfig.from_config_dict(config)
   devices = target_devices(target, int(config.mesh.data) * int(config.mesh.expert) * int(config.mesh.pipeline))
   mesh = sharding.make_mesh(config.mesh, devices=devices)
@@ -415,7 +415,7 @@ def compile_step(config, workdir: str, target: str, echo=print) -> dict:
   options = GPU_COMPILER_OPTIONS if gpu else None
   ranks = None
   if is_pipelined:
-    programs, ranks = _pipelined_programs(config, cfg, mesh, options)
+    programs, ranks = _pipelined_programs(config, cfg, mesh, options, echo)
     notes.append(f"pipeline ({config.pipeline.schedule}, {config.pipeline.microbatches} micro-batches): each "
                  f"rank's programs on its own state (its stages' units), compiled once per distinct rank; a "
                  f"rank's peak adds what it holds across programs (state, parameter copies and accumulators, "
@@ -425,7 +425,7 @@ def compile_step(config, workdir: str, target: str, echo=print) -> dict:
     programs = []
     with jax.set_mesh(mesh):
       for name, fn, args in _step_programs(config, cfg, mesh):
-        _compile(programs, name, f"all {len(devices)} devices (SPMD)", mesh, fn.lower(*args), options)
+        _compile(programs, name, f"all {len(devices)} devices (SPMD)", mesh, fn.lower(*args), options, echo)
   out_dir = os.path.join(workdir, "compiled")
   os.makedirs(out_dir, exist_ok=True)
   rows = []
@@ -479,13 +479,13 @@ def format_table(result: dict) -> str:
     lines.append(f"{r['program']:<24} {r['position']:<26}" + "".join(
         f"{_gb(r[k + '_bytes']):>10}" for k in cols[2:]))
   if result.get("ranks"):
-    cols = ("rank", "stages", "as", "inflight", "state", "copies", "residual", "working", "peak", "phase")
+    cols = ("rank", "stages", "inflight", "state", "copies", "residual", "working", "peak", "phase")
     lines.append("per rank over the step (GB per device; copies = parameter copies + gradient accumulators, "
                  "residual = one micro-batch's):")
     lines.append("".join(f"{c:>10}" for c in cols))
     for r in result["ranks"]:
       lines.append("".join(f"{v:>10}" for v in (
-          r["rank"], ",".join(map(str, r["stages"])), r["as_rank"], r["inflight_microbatches"],
+          r["rank"], ",".join(map(str, r["stages"])), r["inflight_microbatches"],
           _gb(r["state_bytes"]), _gb(r["copies_bytes"]), _gb(r["residual_bytes_per_microbatch"]),
           _gb(r["working_bytes"]), _gb(r["peak_bytes"]))) + f"  {r['peak_phase']}")
   cap = result["capacity_bytes_per_device"]

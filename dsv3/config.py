@@ -62,7 +62,8 @@ class ModelConfig:
   remat: str = "paper"                    # 'none' | 'paper' (RMSNorm + MLA up-proj) | 'full'
   capacity_factor: float = 0.0            # 0: dropless (DeepSeek-V3). >0: drop tokens over capacity
   ep_buffer_factor: float = 3.5           # expert-parallel buffers = factor x balanced rows; 0: worst case
-  grouped_gemm: str = "auto"              # 'auto' | 'ragged_dot' | 'tiled' (flat on CPU) | 'triton' (GPU)
+  grouped_gemm: str = "auto"              # 'auto' | 'ragged_dot' | 'tiled' (flat on CPU) | 'scan' (one tile at
+  #                                         a time: no [experts, rows, width] buffer) | 'triton' (GPU)
   attention: str = "auto"                 # 'auto' | 'dense' | 'blockwise' | 'cudnn' (dsv3/attention.py)
   attention_block: int = 512              # blockwise attention's query/key tile
   scan_layers: bool = True                # False: each layer stack runs unrolled (same params; no scan
@@ -131,8 +132,8 @@ class ModelConfig:
          f"must be one of 'fp32', 'bf16', 'fp8', got {self.precision!r}")
     need(self.remat in ("none", "paper", "full"), "remat",
          f"must be one of 'none', 'paper', 'full', got {self.remat!r}")
-    need(self.grouped_gemm in ("auto", "ragged_dot", "tiled", "triton"), "grouped_gemm",
-         f"must be 'auto', 'ragged_dot', 'tiled' or 'triton', got {self.grouped_gemm!r}")
+    need(self.grouped_gemm in ("auto", "ragged_dot", "tiled", "scan", "triton"), "grouped_gemm",
+         f"must be 'auto', 'ragged_dot', 'tiled', 'scan' or 'triton', got {self.grouped_gemm!r}")
     need(self.attention in ("auto", "dense", "blockwise", "cudnn"), "attention",
          f"must be 'auto', 'dense', 'blockwise' or 'cudnn', got {self.attention!r}")
     need(isinstance(self.scan_layers, bool), "scan_layers", f"must be True or False, got {self.scan_layers!r}")

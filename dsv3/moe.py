@@ -66,6 +66,8 @@ def grouped_matmul(x, w, group_sizes, cfg: ModelConfig):
   impl = grouped_gemm_impl(cfg)
   if impl == "tiled":
     return tiled_gemm.tiled_ragged_dot(x.astype(dtype), w.astype(dtype), group_sizes)
+  if impl == "scan":
+    return tiled_gemm.scan_ragged_dot(x.astype(dtype), w.astype(dtype), group_sizes)
   if impl == "triton":
     from dsv3 import grouped_gemm   # the Triton kernel: GPU only
     return grouped_gemm.ragged_dot(x.astype(dtype), w.astype(dtype), group_sizes, impl="triton").astype(dtype)

@@ -354,7 +354,7 @@ def activation_plan(cfg: ModelConfig, rows: int, seq_len: int, data: int = 1, ex
 
   Model: peak = saved residuals of every layer (what model.remat keeps, stacked by nn.scan) x inflight
   + the larger of one layer's backward working set (its forward recomputed, the activations the remat
-  policy drops) and the vocabulary head's (logits and their gradient, per head). Elements are counted per
+  policy drops) and the vocabulary head's (every head's logits, one's gradient). Elements are counted per
   token from the code's tensors (dsv3/mla.py, attention.py, moe.py, expert_parallel.py, model.py).
   """
   from dsv3 import attention as attn_lib, expert_parallel as ep_lib, tiled_gemm  # model code, lazily
@@ -420,9 +420,13 @@ def activation_plan(cfg: ModelConfig, rows: int, seq_len: int, data: int = 1, ex
       # dsv3.tiled_gemm: row tiles of the GEMM inputs and each tile's gathered expert weight, per GEMM
       gemm["tiles"] = (tiles * bm * (H + I) + 3 * tiles * H * I, c)
     elif platform != "cpu" and cfg.grouped_gemm in ("auto", "ragged_dot") and cfg.precision != "fp8":
-      # XLA:GPU expands ragged_dot into a dense dot per expert over all rows: an f32 [experts, rows, out]
-      # intermediate per GEMM (GPU_AOT.md); the largest is live at a time.
-      gemm["ragged_dense"] = (e_local * m * max(H, I), 4)
+      # XLA:GPU expands ragged_dot into a dense dot per expert over all rows: f32 [experts, rows, width]
+      # intermediates (GPU_AOT.md). In the layer's backward three of the widest are live at once (read off
+      # XLA:GPU's buffer assignment, jax 0.12, configs/small.py).
+      gemm["ragged_dense"] = (3 * e_local * m * max(H, I), 4)
+    elif cfg.grouped_gemm == "scan":
+      # dsv3.tiled_gemm.scan_ragged_dot: one tile at a time; padded copies of its input and output gradient
+      gemm["scan_pad"] = (2 * m * max(H, I), c)
     routed_all = sum(e * b for e, b in gemm.values()) + transport
     routed_saved = sum(e * b for name, (e, b) in gemm.items() if keep(name)) if policy != "full" else 0
   router = {"router_logits": (E, 4), "scores": (E, 4),          # float32 router logits and sigmoid scores
@@ -451,10 +455,13 @@ def activation_plan(cfg: ModelConfig, rows: int, seq_len: int, data: int = 1, ex
   layer_working = max([layer(False, False)] * bool(dense_layers) + [layer(True, False)] * bool(moe_layers)
                       + [layer(moe_mtp, False)] * bool(depths) + [0])
   heads = (1 + depths) if head else 0
-  logits = heads * n * V * 4                                     # float32 logits of every head, kept for the loss
+  logits = heads * n * V * 4                                     # float32 logits of every head
   head_working = (n * V * 4 + n * H * c) if head else 0          # one head's logits gradient and its input
-  saved = saved_layers * inflight + logits
-  working = max(layer_working, head_working)
+  # The logits live from the head's forward (or its recomputation: a pipeline stage checkpoints the head
+  # under any remat policy) through the head's backward, which comes before every layer's backward.
+  kept_logits = logits if (inflight > 1 and policy == "none") else 0
+  saved = (saved_layers + kept_logits) * inflight
+  working = max(layer_working, logits + head_working - kept_logits)
   return dict(tokens_per_microbatch=n, remat=policy, attention=impl, inflight_microbatches=inflight,
               saved_residual_bytes=int(saved_layers), logits_bytes=int(logits),
               layer_working_bytes=int(layer_working), head_working_bytes=int(head_working),

@@ -142,17 +142,21 @@ def param_shardings(mesh: Mesh, abstract_variables, fsdp: bool = False):
 
 
 def zero1_shardings(mesh: Mesh, abstract_opt_state):
-  """ZeRO-1: each optimizer-state leaf over 'data' (and 'pipeline') on its first axis they divide.
+  """ZeRO-1: each optimizer-state leaf over its data-parallel axes on its first axis they divide: 'data',
+  'expert' (the batch is split over both, so non-expert weights are data-parallel over data x expert, the
+  report's DP degree) and 'pipeline' where present.
 
   A pipelined run applies it to each rank's own state on the rank's sub-mesh (dsv3.pipeline.rank_state),
-  so there it splits over the rank's 'data' devices. Expert leaves (Adam moments of routed experts;
-  their paths end in the parameter name) keep E over 'expert' and take the other axes elsewhere.
+  so there it splits over the rank's devices. Expert leaves (Adam moments of routed experts; their paths
+  end in the parameter name) keep E over 'expert' and take 'data' elsewhere.
   Scalars (step counts) and indivisible leaves are replicated.
   """
   def one(path, leaf):
     shape = tuple(getattr(leaf, "shape", ()))
     spec = spec_for(path_str(path), shape, mesh)
-    return NamedSharding(mesh, _add_data_axis(spec, shape, mesh, axes=("pipeline", "data")))
+    used = set(jax.tree.leaves(tuple(spec)))
+    axes = tuple(a for a in ("pipeline", "data", "expert") if a not in used)
+    return NamedSharding(mesh, _add_data_axis(spec, shape, mesh, axes=axes))
   return jax.tree_util.tree_map_with_path(one, abstract_opt_state)
 
 

@@ -106,13 +106,15 @@ def make(config, cfg: ModelConfig, mesh) -> Steps:
     grad = jax.value_and_grad(functools.partial(loss_fn, ep=local_ep), has_aux=True)
 
     def reduce(g, param_spec, grad_spec):
-      """psum over the token axes the parameter is not split over, scattering over 'data' where ZeRO-1 does."""
+      """psum over the token axes the parameter is not split over, scattering over the axes ZeRO-1 adds."""
       axes = [a for a in token_axes if a not in jax.tree.leaves(tuple(param_spec))]
       padded = lambda spec: tuple(spec) + (None,) * (g.ndim - len(spec))
-      gained = [i for i, (p, z) in enumerate(zip(padded(param_spec), padded(grad_spec))) if p != z]
-      if gained and "data" in axes:
-        g = jax.lax.psum_scatter(g, "data", scatter_dimension=gained[0], tiled=True)
-        axes.remove("data")
+      gained = [(i, z) for i, (p, z) in enumerate(zip(padded(param_spec), padded(grad_spec))) if p != z]
+      if gained:
+        dim, scatter = gained[0]
+        scatter = tuple(scatter) if isinstance(scatter, tuple) else (scatter,)
+        g = jax.lax.psum_scatter(g, scatter, scatter_dimension=dim, tiled=True)
+        axes = [a for a in axes if a not in scatter]
       return (jax.lax.psum(g, tuple(axes)) if axes else g) / (devices * accum)
 
     def body(params, routing, micro, mtp_weight):

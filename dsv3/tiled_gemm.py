@@ -106,3 +106,82 @@ def tiled_expert_ffn(x, token_of, weight, group_sizes, w_gate, w_up, w_down, blo
   scale = jnp.where(live, weight[rows], 0.0).astype(jnp.float32)
   return jnp.zeros((n, h), jnp.float32).at[jnp.where(live, tok, n).reshape(-1)].add(
       (out.astype(jnp.float32) * scale[..., None]).reshape(-1, h), mode="drop")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The same tiles one at a time: memory of the output only, for large meshes on GPU.
+
+
+def scan_block_m(m: int, g: int) -> int:
+  """Larger tiles than default_block_m (fewer steps): about one per expert, between 64 and 512 rows."""
+  return int(min(512, max(64, 2 ** round(math.log2(max(m // max(g, 1), 1))))))
+
+
+@jax.custom_vjp
+def scan_ragged_dot(x, w, group_sizes):
+  """jax.lax.ragged_dot(x [M, K], w [G, K, N], group_sizes) one row tile at a time (a loop over the tile
+  schedule: each step one [B, K] @ [K, N] GEMM on the tile's expert). Nothing of size G x M or T x K x N
+  exists, forward or backward (the backward is two more loops: dx per tile, dw accumulated per expert), so
+  memory stays that of x, w and the output where XLA:GPU's ragged_dot materialises an f32 [G, M, N].
+  Accumulates in f32; returns x.dtype; rows past sum(group_sizes) are 0."""
+  return _scan_forward(x, w, group_sizes)
+
+
+def _scan_tiles(group_sizes, m: int, g: int):
+  block_m = scan_block_m(m, g)
+  grp, start, end = tile_schedule(group_sizes, m, block_m)
+  return block_m, grp, start, end
+
+
+def _tile_loop(x, w_of, group_sizes, n_out, dtype):
+  """y [M, n_out]: for each tile, x's tile rows @ w_of(expert) written to the tile's live rows."""
+  m = x.shape[0]
+  g = group_sizes.shape[0]
+  block_m, grp, start, end = _scan_tiles(group_sizes, m, g)
+  xp = jnp.pad(x, ((0, block_m), (0, 0)))                          # a tile never reads past the end
+  rows = jnp.arange(block_m, dtype=jnp.int32)
+
+  def step(y, tile):
+    e, s, t = tile
+    xs = jax.lax.dynamic_slice_in_dim(xp, s, block_m, 0)
+    out = jnp.dot(xs, w_of(jnp.minimum(e, g - 1)), preferred_element_type=jnp.float32).astype(dtype)
+    live = ((s + rows < t) & (e < g))[:, None]
+    old = jax.lax.dynamic_slice_in_dim(y, s, block_m, 0)
+    return jax.lax.dynamic_update_slice_in_dim(y, jnp.where(live, out, old), s, 0), None
+
+  y = jnp.zeros((m + block_m, n_out), dtype)
+  y, _ = jax.lax.scan(step, y, (grp, start, end))
+  return y[:m]
+
+
+def _scan_forward(x, w, group_sizes):
+  return _tile_loop(x, lambda e: w[e], group_sizes, w.shape[2], x.dtype)
+
+
+def _scan_fwd(x, w, group_sizes):
+  return _scan_forward(x, w, group_sizes), (x, w, group_sizes)
+
+
+def _scan_bwd(res, dy):
+  x, w, group_sizes = res
+  m, g = x.shape[0], w.shape[0]
+  dx = _tile_loop(dy.astype(x.dtype), lambda e: w[e].T, group_sizes, w.shape[1], x.dtype)
+  block_m, grp, start, end = _scan_tiles(group_sizes, m, g)
+  xp = jnp.pad(x, ((0, block_m), (0, 0)))
+  dyp = jnp.pad(dy.astype(x.dtype), ((0, block_m), (0, 0)))
+  rows = jnp.arange(block_m, dtype=jnp.int32)
+
+  def step(dw, tile):
+    e, s, t = tile
+    live = ((s + rows < t) & (e < g))[:, None]
+    xs = jnp.where(live, jax.lax.dynamic_slice_in_dim(xp, s, block_m, 0), 0)
+    gs = jax.lax.dynamic_slice_in_dim(dyp, s, block_m, 0)
+    part = jnp.dot(xs.T, gs, preferred_element_type=jnp.float32)
+    e = jnp.minimum(e, g - 1)
+    return dw.at[e].add(jnp.where(t > s, part, 0.0)), None
+
+  dw, _ = jax.lax.scan(step, jnp.zeros(w.shape, jnp.float32), (grp, start, end))
+  return dx, dw.astype(w.dtype), None
+
+
+scan_ragged_dot.defvjp(_scan_fwd, _scan_bwd)

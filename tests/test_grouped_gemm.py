@@ -167,6 +167,39 @@ def test_tiled_ragged_dot_equals_ragged_dot_with_gradients():
         np.testing.assert_allclose(a, b, atol=1e-4)
 
 
+def test_scan_ragged_dot_equals_ragged_dot_with_gradients():
+  """The tile loop (grouped_gemm='scan'): one tile's GEMM per step, same values and gradients as ragged_dot;
+  rows past sum(group_sizes) are 0 and their gradient too; integer group sizes get no gradient."""
+  rng = np.random.default_rng(1)
+  for sizes in ([5, 0, 17, 3], [0, 0, 40, 0], [1, 2, 3, 4], [10, 7, 0, 0], [0, 0, 0, 0], [100, 20, 3, 77]):
+    m, k, n = max(48, sum(sizes) + 3), 24, 20
+    x = jnp.asarray(rng.normal(size=(m, k)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(len(sizes), k, n)), jnp.float32)
+    gs = jnp.asarray(sizes, jnp.int32)
+    f_ref = lambda x, w: jnp.sum(jnp.sin(jax.lax.ragged_dot(x, w, gs, precision=jax.lax.Precision.HIGHEST)))
+    f_scan = lambda x, w: jnp.sum(jnp.sin(tiled_gemm.scan_ragged_dot(x, w, gs)))
+    with jax.default_matmul_precision("highest"):
+      np.testing.assert_allclose(jax.jit(tiled_gemm.scan_ragged_dot)(x, w, gs),
+                                 jax.lax.ragged_dot(x, w, gs, precision=jax.lax.Precision.HIGHEST), atol=1e-4)
+      for a, b in zip(jax.jit(jax.grad(f_scan, (0, 1)))(x, w), jax.grad(f_ref, (0, 1))(x, w)):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_scan_ragged_dot_holds_no_expert_sized_buffer():
+  """Compiled (CPU) temporaries of the scan GEMM's forward + backward stay near the size of x, w and the
+  output, where the tiled path gathers a weight per tile and ragged_dot's dense lowering is [G, M, N]."""
+  m, k, n, g = 4096, 256, 512, 16
+  x = jax.ShapeDtypeStruct((m, k), jnp.float32)
+  w = jax.ShapeDtypeStruct((g, k, n), jnp.float32)
+  gs = jax.ShapeDtypeStruct((g,), jnp.int32)
+  loss = lambda f: jax.jit(jax.grad(lambda x, w, gs: jnp.sum(f(x, w, gs)), (0, 1)))
+  temp = lambda f: loss(f).lower(x, w, gs).compile().memory_analysis().temp_size_in_bytes
+  io = 4 * (m * k + g * k * n + m * n)
+  scan = temp(tiled_gemm.scan_ragged_dot)
+  tiled = temp(lambda x, w, gs: tiled_gemm.tiled_ragged_dot(x, w, gs))
+  assert scan < 2 * io < tiled, (scan, io, tiled)
+
+
 def test_tiled_expert_ffn_equals_grouped_gemms_and_combine():
   """The fused tile-space SwiGLU + combine (CPU default) = three ragged_dots and a weighted scatter-add,
   values and gradients, with empty experts, zero weights (capacity drops) and several tile sizes."""

@@ -191,3 +191,30 @@ def test_evaluate_in_microbatches_matches_the_whole_batch(model4, schedule):
   assert abs(ce - float(metrics["ce"])) < 1e-5
   want = np.asarray(layout.moe_loads(losses.load_tree(out))[0])           # stacked: [moe layers, E]
   np.testing.assert_array_equal(loads, want)
+
+
+@pytest.fixture(scope="module")
+def model4_remat():
+  return _setup(ModelConfig(num_hidden_layers=4, **dict(BASE, remat="full")).validate())
+
+
+def test_residuals_leave_out_the_parameters(model4_remat):
+  """Under a remat policy a stage's VJPs refer to its parameter copies, which F leaves out of its outputs
+  (stages.ParamRef) and B, B*, W put back: a rank holds its parameters once, not once per micro-batch in
+  flight. The step still equals the unpipelined one."""
+  cfg, variables, tokens, _ = model4_remat
+  _check(model4_remat, "zb1p", 2, 4)          # B* and W as well as F and B
+  plan = executor.get_plan(cfg, "zb1p", 2, 4, compiler_options=FAST_COMPILE)
+  per_layer = {k: layout.unstack(cfg, jax.tree.map(np.asarray, variables[k])) for k in ("params", "routing")}
+  part = plan.layout.restrict(per_layer, 1)
+  mesh = plan.meshes[1]
+  p, rt = stages.stage_variables(part["params"], part["routing"], plan.specs[1])
+  devices = stages.Devices.of(mesh, BATCH // 4)
+  p = devices.copies(jax.device_put(p, sharding.param_shardings(mesh, p)))
+  x = jax.device_put(jnp.zeros((BATCH // 4, SEQ, cfg.hidden_size)), NamedSharding(mesh, P(("data", "expert"))))
+  coefs = jnp.asarray([MTP_WEIGHT, ALPHA, 0.25], jnp.float32)
+  _, vjps, _ = plan.programs.forward(cfg, plan.specs[1].program_key, p, rt, x, tokens[:BATCH // 4], coefs, devices)
+  refs = jax.tree.leaves(vjps, is_leaf=lambda r: isinstance(r, stages.ParamRef))
+  assert sum(isinstance(r, stages.ParamRef) for r in refs) == len(jax.tree.leaves(p))    # every parameter
+  weights = {(a.shape[1:], a.dtype) for a in jax.tree.leaves(p) if a.ndim > 2}
+  assert not [a.shape for a in jax.tree.leaves(vjps) if (a.shape[1:], a.dtype) in weights]

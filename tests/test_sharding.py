@@ -61,20 +61,22 @@ def test_partition_table():
 
 
 def test_zero1_shards_optimizer_state_over_data():
+  """Non-expert leaves over data x expert (the batch's axes: their data-parallel degree), expert leaves keep E
+  over 'expert' and take 'data' elsewhere."""
   mesh = sharding.make_mesh(dict(data=4, expert=2, pipeline=1))
   params = _abstract()["params"]
   opt_state = jax.eval_shape(optax.adamw(1e-3).init, params)
   sh = sharding.zero1_shardings(mesh, opt_state)
   mu = sh[0].mu
-  assert mu["lm_head"].spec == P("data")                                    # [32, 64]: 32 % 4 == 0
+  assert mu["lm_head"].spec == P(("data", "expert"))                        # [32, 64]: 32 % 8 == 0
   assert mu["moe_layers"]["mlp"]["experts_gate_proj"].spec == P(None, "expert", "data")   # [2, 8, 32, 16]
   assert mu["mtp_0"]["block"]["mlp"]["experts_down_proj"].spec == P("expert", "data")     # [8, 16, 32]
   assert sh[0].count.spec == P()                                            # scalar: replicated
   odd = sharding.zero1_shardings(mesh, {"x": jax.ShapeDtypeStruct((3, 5), jnp.float32)})
-  assert odd["x"].spec == P()                                               # nothing divisible by 4
+  assert odd["x"].spec == P()                                               # nothing divisible by 8
   # Pipelined: the state is split over the pipeline ranks as well (each stage's state lives on one rank).
   pp = sharding.zero1_shardings(sharding.make_mesh(dict(data=2, expert=2, pipeline=2)), opt_state)
-  assert pp[0].mu["lm_head"].spec == P(("pipeline", "data"))
+  assert pp[0].mu["lm_head"].spec == P(("pipeline", "data", "expert"))
   assert pp[0].mu["moe_layers"]["mlp"]["experts_gate_proj"].spec == P(None, "expert", ("pipeline", "data"))
 
 

@@ -341,10 +341,10 @@ def run(plan: Plan, rank_variables, tokens, mtp_weight, alpha, timings: Optional
       g = grads_in.pop((d, s, m)) if s + 1 < plan.num_stages else None
       vjps = saved.pop((d, s, m))
       if op.input_only:
-        dx, out = plan.programs.backward_input(c["key"], vjps, g, c["coefs"])
+        dx, out = plan.programs.backward_input(c["key"], vjps, g, c["coefs"], c["params"])
         deferred[r].append((c, vjps, out))
       else:
-        dx, c["acc"] = plan.programs.backward(c["key"], vjps, g, c["coefs"], c["acc"])
+        dx, c["acc"] = plan.programs.backward(c["key"], vjps, g, c["coefs"], c["acc"], c["params"])
         out = c["acc"]
     if s > 0:
       grads_in[d, s - 1, m] = move(dx, r, plan.owner[d, s - 1], hidden, spec)
@@ -354,7 +354,7 @@ def run(plan: Plan, rank_variables, tokens, mtp_weight, alpha, timings: Optional
     if not move.mine[r]:
       return None
     c, vjps, cts = deferred[r].popleft()
-    c["acc"] = plan.programs.backward_weights(c["key"], vjps, cts, c["acc"])
+    c["acc"] = plan.programs.backward_weights(c["key"], vjps, cts, c["acc"], c["params"])
     return c["acc"]
 
   for _, r, i in plan.order:

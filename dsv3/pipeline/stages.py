@@ -187,8 +187,15 @@ class Devices:
     """Gradients in the copies' layout summed over the copies: the step's one reduction."""
     return jax.tree.map(lambda g: g.sum(0), tree) if self.axes else tree
 
+  def local(self, params):
+    """Inside `run`'s fn: the parameters as the layer sees them (a device's copy without its leading axis).
+    Pieces apply it inside their checkpointed function, so that the VJP keeps the copies themselves, which
+    `forward` then leaves out of its residuals (`ParamRef`)."""
+    return jax.tree.map(lambda a: a[0], params) if self.axes else params
+
   def run(self, fn, params, rows, shared=()):
-    """fn(params, *rows, *shared) -> (out, stats) on every device (or once, in the global view).
+    """fn(params, *rows, *shared) -> (out, stats) on every device (or once, in the global view); fn sees
+    `params` as given (per device: with the copy axis, see `local`).
 
     rows: arrays split over the micro-batch rows (leading axis); shared: replicated. `out` is split like the
     rows (None allowed); `stats` is a dict of per-device scalars/arrays, combined here in the global view:
@@ -199,7 +206,7 @@ class Devices:
     row_spec = P(self.axes)
 
     def body(p, rows, shared):
-      out, stats = fn(jax.tree.map(lambda a: a[0], p), *rows, *shared)
+      out, stats = fn(p, *rows, *shared)
       return out, jax.tree.map(lambda v: jnp.asarray(v)[None], stats)
     per_device = jax.shard_map(body, mesh=self.mesh, check_vma=False,
                                in_specs=(self._specs(params, copied=True), row_spec, P()),
@@ -271,8 +278,8 @@ def _head(cfg: ModelConfig, ep, routing, tokens, labels, cos, sin, coefs, p, x):
   return loss, aux
 
 
-def _layer_fn(cfg: ModelConfig, moe: bool, ep, routing, cos, sin, alpha):
-  fn = functools.partial(_layer, cfg, moe, ep, routing, cos, sin, alpha)
+def _layer_fn(cfg: ModelConfig, moe: bool, ep, routing, cos, sin, alpha, local=lambda p: p):
+  fn = lambda p, x: _layer(cfg, moe, ep, routing, cos, sin, alpha, local(p), x)
   if cfg.remat != "none":
     # The same memory policy as the unpipelined model: the VJP keeps only what the policy saves.
     fn = jax.checkpoint(fn, policy=remat_policy(cfg.remat), prevent_cse=False)
@@ -281,14 +288,14 @@ def _layer_fn(cfg: ModelConfig, moe: bool, ep, routing, cos, sin, alpha):
 
 def _embed_piece(cfg: ModelConfig, devices: Devices, inputs):
   """p -> the embedded micro-batch."""
-  fn = lambda p, inputs: (_embed(cfg, p, inputs), {})
+  fn = lambda p, inputs: (_embed(cfg, devices.local(p), inputs), {})
   return lambda p: devices.run(fn, p, (inputs,))[0]
 
 
 def _layer_piece(cfg: ModelConfig, moe: bool, devices: Devices, routing, cos, sin, alpha):
   """(p, x) -> ((y, loss share), {'balance', 'load'} for an MoE layer)."""
   def fn(p, x, cos, sin, routing, alpha):
-    (y, part), aux = _layer_fn(cfg, moe, devices.expert_parallel, routing, cos, sin, alpha)(p, x)
+    (y, part), aux = _layer_fn(cfg, moe, devices.expert_parallel, routing, cos, sin, alpha, devices.local)(p, x)
     return y, dict(aux, part=part)
 
   def piece(p, x):
@@ -300,8 +307,15 @@ def _layer_piece(cfg: ModelConfig, moe: bool, devices: Devices, routing, cos, si
 
 def _head_piece(cfg: ModelConfig, devices: Devices, routing, inputs, labels, cos, sin, coefs):
   """(p, x) -> (loss share, {'ce', 'mtp_loss', 'balance', 'load'})."""
+  head = lambda routing, inputs, labels, cos, sin, coefs, p, x: _head(
+      cfg, devices.expert_parallel, routing, inputs, labels, cos, sin, coefs, devices.local(p), x)
+  if cfg.remat != "none":
+    # The VJP keeps the head's input, not its float32 logits (heads x rows x vocab): a pipeline rank holds
+    # one VJP per micro-batch in flight, and the logits are recomputed in the backward.
+    head = jax.checkpoint(head, policy=remat_policy(cfg.remat), prevent_cse=False)
+
   def fn(p, x, inputs, labels, cos, sin, routing, coefs):
-    loss, aux = _head(cfg, devices.expert_parallel, routing, inputs, labels, cos, sin, coefs, p, x)
+    loss, aux = head(routing, inputs, labels, cos, sin, coefs, p, x)
     return None, dict({k: v for k, v in aux.items() if v is not None}, part=loss)
 
   def piece(p, x):
@@ -349,13 +363,41 @@ def forward(cfg: ModelConfig, key, params, routing, x, tokens, coefs, devices: D
     aux = {"ce": head_aux["ce"], "mtp_loss": head_aux.get("mtp_loss"), "mtp_loads": head_aux["load"]}
     x = None
   aux.update(loss=share, balance=balance, loads=loads)
-  return x, vjps, aux
+  return x, _without_params(vjps, params), aux
 
 
 def evaluate(cfg: ModelConfig, key, params, routing, x, tokens, coefs, devices: Devices):
   """F without the residuals (evaluation): (activation or None on the last stage, aux)."""
   y, _, aux = forward(cfg, key, params, routing, x, tokens, coefs, devices)
   return y, aux
+
+
+@jax.tree_util.register_pytree_node_class
+class ParamRef:
+  """Stands in a stage's VJPs for a residual that is one of the stage's parameter copies (leaf `index` of
+  its params): F does not output its parameters once per micro-batch in flight, B, B* and W put them back.
+  A pytree node with no leaves, so it crosses jit boundaries for free."""
+
+  def __init__(self, index: int):
+    self.index = index
+
+  def tree_flatten(self):
+    return (), self.index
+
+  @classmethod
+  def tree_unflatten(cls, index, _):
+    return cls(index)
+
+
+def _without_params(vjps, params):
+  index = {id(a): i for i, a in enumerate(jax.tree.leaves(params))}
+  return jax.tree.map(lambda a: ParamRef(index[id(a)]) if id(a) in index else a, vjps)
+
+
+def _with_params(vjps, params):
+  flat = jax.tree.leaves(params)
+  return jax.tree.map(lambda r: flat[r.index] if isinstance(r, ParamRef) else r, vjps,
+                      is_leaf=lambda r: isinstance(r, ParamRef))
 
 
 def _backward(key, vjps, g, coefs, want_params: bool):
@@ -394,21 +436,22 @@ def _add(acc, tree):
   return jax.tree.map(jnp.add, acc, tree)
 
 
-def backward(key, vjps, g, coefs, acc):
-  """B: full backward. Returns (input gradient or None on stage 0, acc + this micro-batch's grads)."""
-  dx, grads, _ = _backward(key, vjps, g, coefs, want_params=True)
+def backward(key, vjps, g, coefs, acc, params):
+  """B: full backward. Returns (input gradient or None on stage 0, acc + this micro-batch's grads).
+  params: the stage's parameter copies that F took (its VJPs refer to them)."""
+  dx, grads, _ = _backward(key, _with_params(vjps, params), g, coefs, want_params=True)
   return (None if key[0] else dx), _add(acc, _as_tree(key, grads))
 
 
-def backward_input(key, vjps, g, coefs):
+def backward_input(key, vjps, g, coefs, params):
   """B*: input gradient only, plus the per-piece output cotangents that the deferred W needs."""
-  dx, _, cts = _backward(key, vjps, g, coefs, want_params=False)
+  dx, _, cts = _backward(key, _with_params(vjps, params), g, coefs, want_params=False)
   return (None if key[0] else dx), cts
 
 
-def backward_weights(key, vjps, cts, acc):
+def backward_weights(key, vjps, cts, acc, params):
   """W: every piece's weight gradient from its saved cotangent; pieces are independent, nothing reruns."""
-  grads = [vjp(ct)[0] for vjp, ct in zip(vjps, cts)]
+  grads = [vjp(ct)[0] for vjp, ct in zip(_with_params(vjps, params), cts)]
   return _add(acc, _as_tree(key, grads))
 
 
