@@ -133,7 +133,12 @@ def _scan_tiles(group_sizes, m: int, g: int):
   return block_m, grp, start, end
 
 
-def _tile_loop(x, w_of, group_sizes, n_out, dtype):
+def _zeros(shape, dtype, *like):
+  """Zeros that vary over the same shard_map axes as `like` (a loop's carry must type like its output)."""
+  return jnp.zeros(shape, dtype) + sum(a[:0].sum().astype(dtype) for a in like)
+
+
+def _tile_loop(x, w, w_of, group_sizes, n_out, dtype):
   """y [M, n_out]: for each tile, x's tile rows @ w_of(expert) written to the tile's live rows."""
   m = x.shape[0]
   g = group_sizes.shape[0]
@@ -149,13 +154,13 @@ def _tile_loop(x, w_of, group_sizes, n_out, dtype):
     old = jax.lax.dynamic_slice_in_dim(y, s, block_m, 0)
     return jax.lax.dynamic_update_slice_in_dim(y, jnp.where(live, out, old), s, 0), None
 
-  y = jnp.zeros((m + block_m, n_out), dtype)
+  y = _zeros((m + block_m, n_out), dtype, x, w)
   y, _ = jax.lax.scan(step, y, (grp, start, end))
   return y[:m]
 
 
 def _scan_forward(x, w, group_sizes):
-  return _tile_loop(x, lambda e: w[e], group_sizes, w.shape[2], x.dtype)
+  return _tile_loop(x, w, lambda e: w[e], group_sizes, w.shape[2], x.dtype)
 
 
 def _scan_fwd(x, w, group_sizes):
@@ -165,7 +170,7 @@ def _scan_fwd(x, w, group_sizes):
 def _scan_bwd(res, dy):
   x, w, group_sizes = res
   m, g = x.shape[0], w.shape[0]
-  dx = _tile_loop(dy.astype(x.dtype), lambda e: w[e].T, group_sizes, w.shape[1], x.dtype)
+  dx = _tile_loop(dy.astype(x.dtype), w, lambda e: w[e].T, group_sizes, w.shape[1], x.dtype)
   block_m, grp, start, end = _scan_tiles(group_sizes, m, g)
   xp = jnp.pad(x, ((0, block_m), (0, 0)))
   dyp = jnp.pad(dy.astype(x.dtype), ((0, block_m), (0, 0)))
@@ -180,7 +185,7 @@ def _scan_bwd(res, dy):
     e = jnp.minimum(e, g - 1)
     return dw.at[e].add(jnp.where(t > s, part, 0.0)), None
 
-  dw, _ = jax.lax.scan(step, jnp.zeros(w.shape, jnp.float32), (grp, start, end))
+  dw, _ = jax.lax.scan(step, _zeros(w.shape, jnp.float32, x, dy, w), (grp, start, end))
   return dx, dw.astype(w.dtype), None
 
 
