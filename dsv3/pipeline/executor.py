@@ -389,9 +389,9 @@ SCALARS = ("loss", "balance", "ce", "mtp_loss", "grad_sq")    # a rank's row of 
 def _rank_sums(stage_specs, devices, shared, shardings, accs, auxes):
   """One rank's gradients and loads by unit, summed over its micro-batches and stage copies.
 
-  Units only this rank holds come back reduced (the per-device copies summed into their ZeRO-1 shards,
-  the step's one reduction for them); `shared` units (also held by other ranks) keep a leading axis of
-  per-device rows for the holders' reduction. Also returns the rank's row of SCALARS."""
+  Every unit comes back reduced (the per-device copies summed into their ZeRO-1 shards, the rank's one
+  reduction); `shared` units (also held by other ranks) with a leading axis of one row, for the sum among
+  their holders. Also returns the rank's row of SCALARS."""
   grads, loads = {}, {}
   add = lambda d, k, v: d.__setitem__(k, v if k not in d else jax.tree.map(jnp.add, d[k], v))
   total = lambda xs: sum(xs[1:], xs[0])
@@ -408,20 +408,16 @@ def _rank_sums(stage_specs, devices, shared, shardings, accs, auxes):
           {"mlp": {"e_score_correction_bias": total([a["loads"][j] for a in aux])}})
     for key in (aux[0].get("mtp_loads") or {}):
       add(loads, key, jax.tree.map(lambda *xs: total(xs), *[a["mtp_loads"][key] for a in aux]))
-  own = {u: jax.tree.map(jax.lax.with_sharding_constraint, devices.sum_copies(g), shardings[u])
-         for u, g in grads.items() if u not in shared}
-  rows = lambda g: g if devices.axes else g[None]
-  shared_grads = {u: jax.tree.map(rows, g) for u, g in grads.items() if u in shared}
+  # Every unit's copies summed into its ZeRO-1 shards here (the rank's one reduction); a shared unit's shards
+  # get a leading axis of one row for the sum among its holders, which then moves 1/devices of the unit.
+  reduced = {u: jax.tree.map(jax.lax.with_sharding_constraint, devices.sum_copies(g), shardings[u])
+             for u, g in grads.items()}
+  own = {u: g for u, g in reduced.items() if u not in shared}
+  shared_grads = {u: jax.tree.map(lambda x: x[None], g) for u, g in reduced.items() if u in shared}
   row["grad_sq"] = steps_lib.sq_norm(own)
   return (own, shared_grads, {u: l for u, l in loads.items() if u not in shared},
           {u: jax.tree.map(lambda x: x[None], l) for u, l in loads.items() if u in shared},
           jnp.stack([row[k] for k in SCALARS])[None])
-
-
-def _rows_sharding(x, mesh) -> NamedSharding:
-  """Where a shared unit's per-device rows live on its rank: one row per device."""
-  spec = tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec))
-  return NamedSharding(mesh, P(*spec))
 
 
 def _group_sum(grad_shardings, load_shardings, sq_sharding, grads, loads):
