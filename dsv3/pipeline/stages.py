@@ -400,11 +400,13 @@ def _with_params(vjps, params):
                       is_leaf=lambda r: isinstance(r, ParamRef))
 
 
-def _backward(key, vjps, g, coefs, want_params: bool):
+def _backward(key, vjps, g, coefs, want_params: bool, acc=None):
   """Walks the pieces backwards. Returns (input cotangent, per-piece param grads, per-piece cotangents).
 
   Every piece's VJP yields both halves; whatever the caller does not return (the parameter half in B*)
-  is dead code that jit removes, so B* costs only the input-gradient chain.
+  is dead code that jit removes, so B* costs only the input-gradient chain. With `acc` (per-piece
+  accumulators), each piece's gradient is added to its accumulator as soon as it exists, so the stage's
+  gradients are never all live at once; the sums come back in place of the gradients.
   """
   first, last, _ = key
   seed = coefs[2]
@@ -417,8 +419,10 @@ def _backward(key, vjps, g, coefs, want_params: bool):
     if is_embed:
       if want_params:
         grads[i], = vjps[i](ct)
-      continue
-    grads[i], g = vjps[i](ct)
+    else:
+      grads[i], g = vjps[i](ct)
+    if acc is not None and grads[i] is not None:
+      grads[i] = _add(acc[i], grads[i])
   return g, grads, cts
 
 
@@ -432,6 +436,12 @@ def _as_tree(key, grads):
   return tree
 
 
+def _as_list(key, tree):
+  """The inverse of _as_tree: a stage-layout tree as per-piece entries."""
+  first, last, _ = key
+  return ([tree["embed"]] if first else []) + list(tree["layers"]) + ([tree["head"]] if last else [])
+
+
 def _add(acc, tree):
   return jax.tree.map(jnp.add, acc, tree)
 
@@ -439,8 +449,8 @@ def _add(acc, tree):
 def backward(key, vjps, g, coefs, acc, params):
   """B: full backward. Returns (input gradient or None on stage 0, acc + this micro-batch's grads).
   params: the stage's parameter copies that F took (its VJPs refer to them)."""
-  dx, grads, _ = _backward(key, _with_params(vjps, params), g, coefs, want_params=True)
-  return (None if key[0] else dx), _add(acc, _as_tree(key, grads))
+  dx, sums, _ = _backward(key, _with_params(vjps, params), g, coefs, want_params=True, acc=_as_list(key, acc))
+  return (None if key[0] else dx), _as_tree(key, sums)
 
 
 def backward_input(key, vjps, g, coefs, params):
@@ -451,8 +461,8 @@ def backward_input(key, vjps, g, coefs, params):
 
 def backward_weights(key, vjps, cts, acc, params):
   """W: every piece's weight gradient from its saved cotangent; pieces are independent, nothing reruns."""
-  grads = [vjp(ct)[0] for vjp, ct in zip(_with_params(vjps, params), cts)]
-  return _add(acc, _as_tree(key, grads))
+  acc = _as_list(key, acc)
+  return _as_tree(key, [_add(a, vjp(ct)[0]) for a, vjp, ct in zip(acc, _with_params(vjps, params), cts)])
 
 
 def zeros_like(tree):
