@@ -342,15 +342,17 @@ def _pipeline_inflight(schedule: str, P: int, microbatches: int) -> list:
 
 def activation_plan(cfg: ModelConfig, rows: int, seq_len: int, data: int = 1, expert: int = 1,
                     layers: int = None, mtp: bool = True, head: bool = True, platform: str = "gpu",
-                    inflight: int = 1) -> dict:
+                    inflight: int = 1, scanned: bool = None) -> dict:
   """Bytes per device of the activations and temporaries of one forward + backward of one micro-batch.
 
   rows: sequences per device per micro-batch (batch / (data * expert) / grad_accum, or / microbatches
-  pipelined); layers: the main-model layers run (default all); mtp / head: whether the MTP modules and the
+  pipelined); layers: the main-model layers run (default all; a count, dense first, or (dense, MoE));
+  mtp / head: whether the MTP modules and the
   vocabulary head run here; platform: 'cpu' or 'gpu', the choices the code makes from it (CPU: the tiled
   grouped GEMM and dense attention up to attention.DENSE_MAX_LEN tokens; GPU: ragged_dot, and blockwise
   attention above DENSE_MAX_LEN unless cuDNN is installed); inflight: micro-batches whose saved residuals
-  the rank holds at once (pipeline schedules; 1 otherwise).
+  the rank holds at once (pipeline schedules; 1 otherwise); scanned: the layers run under nn.scan (default
+  cfg.scan_layers; pipeline stages unroll them).
 
   Model: peak = saved residuals of every layer (what model.remat keeps, stacked by nn.scan) x inflight
   + the larger of one layer's backward working set (its forward recomputed, the activations the remat
@@ -359,6 +361,7 @@ def activation_plan(cfg: ModelConfig, rows: int, seq_len: int, data: int = 1, ex
   """
   from dsv3 import attention as attn_lib, expert_parallel as ep_lib, tiled_gemm  # model code, lazily
   c = 2 if cfg.dtype == "bfloat16" else 4                         # compute dtype bytes
+  scanned = cfg.scan_layers if scanned is None else scanned
   T, n = seq_len, rows * seq_len                                 # tokens per device per micro-batch
   H, nh, V = cfg.hidden_size, cfg.num_attention_heads, cfg.vocab_size
   dn, dr, dv, C = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
@@ -421,9 +424,9 @@ def activation_plan(cfg: ModelConfig, rows: int, seq_len: int, data: int = 1, ex
       gemm["tiles"] = (tiles * bm * (H + I) + 3 * tiles * H * I, c)
     elif platform != "cpu" and cfg.grouped_gemm in ("auto", "ragged_dot") and cfg.precision != "fp8":
       # XLA:GPU expands ragged_dot into a dense dot per expert over all rows: f32 [experts, rows, width]
-      # intermediates (GPU_AOT.md). In the layer's backward three of the widest are live at once (read off
-      # XLA:GPU's buffer assignment, jax 0.12, configs/small.py).
-      gemm["ragged_dense"] = (3 * e_local * m * max(H, I), 4)
+      # intermediates (GPU_AOT.md). In a layer's backward three of the widest are live at once under
+      # nn.scan, four unrolled (read off XLA:GPU's buffer assignment, jax 0.12, configs/small.py).
+      gemm["ragged_dense"] = ((3 if scanned else 4) * e_local * m * max(H, I), 4)
     elif cfg.grouped_gemm == "scan":
       # dsv3.tiled_gemm.scan_ragged_dot: one tile at a time; padded copies of its input and output gradient
       gemm["scan_pad"] = (2 * m * max(H, I), c)
@@ -446,7 +449,9 @@ def activation_plan(cfg: ModelConfig, rows: int, seq_len: int, data: int = 1, ex
     return n * tok + (routed_all if moe else 0)
 
   dense_layers, moe_layers = cfg.num_dense_layers, cfg.num_moe_layers
-  if layers is not None:                                         # a pipeline rank's share, dense layers first
+  if isinstance(layers, tuple):                                  # (dense, MoE) layers of a pipeline stage
+    dense_layers, moe_layers = layers
+  elif layers is not None:                                       # a count, dense layers first
     dense_layers, moe_layers = min(layers, dense_layers), max(0, layers - dense_layers)
   depths = cfg.num_nextn_predict_layers if mtp else 0
   moe_mtp = cfg.num_moe_layers > 0
@@ -483,7 +488,7 @@ def step_memory(cfg: ModelConfig, batch: int, seq_len: int, data: int, expert: i
   Pipelined, every rank is planned and the worst one reported: it holds its stages' parameters and optimizer
   shards (the trainer's stage-sharded state, dsv3.pipeline.rank_state), each stage copy's accumulator and
   per-device parameter copy (which stand in for the params during the step), and the residuals of its
-  in-flight micro-batches (the schedule's simulated peak for that rank). Returns memory_plan's keys plus: state_bytes (parameters + optimizer), grad_bytes
+  in-flight micro-batches (the schedule's simulated peak for that rank; each holds one stage's). Returns memory_plan's keys plus: state_bytes (parameters + optimizer), grad_bytes
   (gradients or accumulators), copies_bytes, grad_accum_bytes (the accumulator of grad_accum > 1), the
   activation_plan terms under 'activations', and total_with_activations_bytes (the estimated peak).
   """
@@ -494,11 +499,16 @@ def step_memory(cfg: ModelConfig, batch: int, seq_len: int, data: int, expert: i
     num_stages = out["pipeline_stages"]
     inflight = _pipeline_inflight(schedule, pipeline, microbatches)
     totals = []
+    split_layers = _stage_layers(cfg.num_hidden_layers, num_stages)
     for r, stages in enumerate(out["per_rank_stages"]):
       mem = out["per_rank"][r]
-      act = activation_plan(cfg, max(rows, 1), seq_len, data, expert,
-                            layers=len(_rank_layers(cfg, num_stages, stages)), mtp=num_stages - 1 in stages,
-                            head=num_stages - 1 in stages, platform=platform, inflight=inflight[r])
+      # A micro-batch in flight holds one stage's residuals: the rank's worst stage's.
+      kinds = lambda s: (sum(l < cfg.num_dense_layers for l in split_layers[s]),
+                         sum(l >= cfg.num_dense_layers for l in split_layers[s]))
+      act = max((activation_plan(cfg, max(rows, 1), seq_len, data, expert, layers=kinds(s),
+                                 mtp=s == num_stages - 1, head=s == num_stages - 1, platform=platform,
+                                 inflight=inflight[r], scanned=False) for s in stages),
+                key=lambda a: a["activation_bytes"])
       params = sum(mem["params"].values())
       state = params + sum(mem["optimizer"].values())
       grads, copies = sum(mem["grads"].values()), sum(mem["copies"].values())
