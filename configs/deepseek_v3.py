@@ -34,7 +34,8 @@ def get_config(arg=None):
   # --config.precision=bf16; README "The 671B layout, compiled"). The report recomputes RMSNorm and the MLA
   # up-projections only (remat='paper') and caches activations in FP8; here 'paper' keeps 11.7 GB of BF16
   # residuals per micro-batch, x16 in flight on a DualPipe rank, so every layer is recomputed ('full': 0.36
-  # GB). XLA:GPU's ragged_dot holds f32 [experts, rows, 7168] buffers (3 x 13 GB); 'scan' holds none.
+  # GB). XLA:GPU's ragged_dot holds f32 [experts, rows, 7168] buffers (13 GB each);
+  # 'scan' holds none.
   c.model.remat = "full"
   c.model.grouped_gemm = "scan"
   c.seed = 0
