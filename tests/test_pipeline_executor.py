@@ -218,3 +218,41 @@ def test_residuals_leave_out_the_parameters(model4_remat):
   assert sum(isinstance(r, stages.ParamRef) for r in refs) == len(jax.tree.leaves(p))    # every parameter
   weights = {(a.shape[1:], a.dtype) for a in jax.tree.leaves(p) if a.ndim > 2}
   assert not [a.shape for a in jax.tree.leaves(vjps) if (a.shape[1:], a.dtype) in weights]
+
+
+def test_fused_fb_cells_equal_their_halves(model4):
+  """DualPipe's F&B cells run as one program (stages.forward_backward); dispatching each cell's F and B
+  programs back to back instead gives the same step."""
+  cfg, variables, tokens, _ = model4
+  kw = dict(schedule="dualpipe", num_stages=4, microbatches=8, mtp_weight=MTP_WEIGHT, alpha=ALPHA,
+            compiler_options=FAST_COMPILE)
+  fused = executor.pipeline_value_and_grad(cfg, variables, tokens, **kw)
+  programs = executor.get_plan(CFG4, "dualpipe", 4, 8, compiler_options=FAST_COMPILE).programs
+  assert programs.forward_backward._cache_size() > 0
+  apart = executor.pipeline_value_and_grad(cfg, variables, tokens, fused=False, **kw)
+  assert _max_diff(fused, apart) <= 1e-6
+
+
+def test_fused_fb_with_input_only_backward(model4):
+  """stages.forward_backward with a B* half returns F's outputs and B*'s (input gradient, cotangents) as the
+  separate programs do: the F&B* cell of a zero-bubble schedule."""
+  cfg, variables, tokens, _ = model4
+  plan = executor.get_plan(cfg, "1f1b", 2, 4, compiler_options=FAST_COMPILE)
+  per_layer = {k: layout.unstack(cfg, jax.tree.map(np.asarray, variables[k])) for k in ("params", "routing")}
+  part = plan.layout.restrict(per_layer, 1)
+  mesh, spec = plan.meshes[1], plan.specs[1]
+  devices = stages.Devices.of(mesh, BATCH // 4)
+  p, rt = stages.stage_variables(part["params"], part["routing"], spec)
+  p = devices.copies(jax.device_put(p, sharding.param_shardings(mesh, p)))
+  rows = NamedSharding(mesh, P(("data", "expert")))
+  x0, x1 = (jax.device_put(jax.random.normal(jax.random.key(i), (BATCH // 4, SEQ, cfg.hidden_size)), rows)
+            for i in (2, 3))
+  tok = lambda m: jax.device_put(tokens[m * (BATCH // 4):(m + 1) * (BATCH // 4)], rows)
+  coefs = jax.device_put(jnp.asarray([MTP_WEIGHT, ALPHA, 0.25], jnp.float32), NamedSharding(mesh, P()))
+  key = spec.program_key
+  _, vjps, _ = plan.programs.forward(cfg, key, p, rt, x0, tok(0), coefs, devices)
+  want_f = plan.programs.forward(cfg, key, p, rt, x1, tok(1), coefs, devices)
+  want_b = plan.programs.backward_input(key, vjps, None, coefs, p)
+  got_f, got_b = plan.programs.forward_backward(cfg, key, key, True, devices, p, rt, x1, tok(1), coefs, vjps,
+                                                None, None, p)
+  assert _max_diff((want_f[0], want_f[2], want_b), (got_f[0], got_f[2], got_b)) <= 1e-6

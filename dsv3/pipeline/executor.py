@@ -19,8 +19,9 @@ express without serialising them; separate programs plus JAX's asynchronous disp
 run its own op stream while the host only enqueues work. The driver walks all ranks' op lists in the
 order of their simulated start times (schedules.simulate), which respects every cross-rank dependency,
 dispatches each op as soon as it is reached, and ships activations and gradients to the consumer's
-sub-mesh right after they are produced, so transfers overlap compute. An F&B unit is its forward and
-backward dispatched back to back (two programs in flight on one sub-mesh).
+sub-mesh right after they are produced, so transfers overlap compute. An F&B unit is one program
+(stages.forward_backward) whose forward and backward chunks share no data, so that on a GPU the compiler
+overlaps one chunk's expert all-to-all with the other's GEMMs (dsv3.overlap measures it).
 
 Several processes (multi-host): every process runs this same driver over the same global order. It
 dispatches the programs of the ranks it holds devices of and skips the others; a transfer between ranks
@@ -260,7 +261,7 @@ def _host_tokens(tokens) -> np.ndarray:
 
 
 def run(plan: Plan, rank_variables, tokens, mtp_weight, alpha, timings: Optional[list] = None,
-        donate: bool = False):
+        donate: bool = False, fused: bool = True):
   """Executes one step on per-rank variables: rank_variables[r] = {'params', 'routing'} of rank r's units
   on its sub-mesh (rank_state; None where this process holds none of rank r).
 
@@ -274,6 +275,8 @@ def run(plan: Plan, rank_variables, tokens, mtp_weight, alpha, timings: Optional
 
   timings: if a list, every op is waited for (block_until_ready) and (rank, op string, start, end) in
   seconds is appended: serialised, for measuring per-op costs, not for speed.
+  fused: an F&B cell is one program (stages.forward_backward); False dispatches its F and B programs back
+  to back (the same numbers; the baseline that overlaps nothing).
   """
   cfg, sched, move = plan.cfg, plan.schedule, plan.transfers
   tokens = _host_tokens(tokens)
@@ -319,36 +322,66 @@ def run(plan: Plan, rank_variables, tokens, mtp_weight, alpha, timings: Optional
   acts, grads_in, saved = {}, {}, {}
   deferred = [collections.deque() for _ in sched]
 
-  def forward(r, op):
+  # Each cell is: take its inputs, run its program (F, B, B*, W or a fused F&B), send its outputs on.
+  def forward_inputs(r, op):
     d, s = sched.placement[r][op.phase]
-    m, y = op.microbatch, None
+    c = copies[d, s]
+    return c, (acts.pop((d, s, op.microbatch)) if s > 0 else None), micro.get((d, s, op.microbatch))
+
+  def forward_done(r, op, y, vjps, aux):
+    d, s = sched.placement[r][op.phase]
     if move.mine[r]:
-      c = copies[d, s]
-      x = acts.pop((d, s, m)) if s > 0 else None
-      y, vjps, aux = plan.programs.forward(cfg, c["key"], c["params"], c["routing"], x, micro.get((d, s, m)),
-                                           c["coefs"], c["devices"])
-      saved[d, s, m] = vjps
-      c["aux"].append(aux)
+      saved[d, s, op.microbatch] = vjps
+      copies[d, s]["aux"].append(aux)
     if s + 1 < plan.num_stages:
-      acts[d, s + 1, m] = move(y, r, plan.owner[d, s + 1], hidden, spec)
+      acts[d, s + 1, op.microbatch] = move(y, r, plan.owner[d, s + 1], hidden, spec)
     return y
 
-  def backward(r, op):
+  def backward_inputs(r, op):
     d, s = sched.placement[r][op.phase]
-    m, dx, out = op.microbatch, None, None
+    m = op.microbatch
+    return copies[d, s], (grads_in.pop((d, s, m)) if s + 1 < plan.num_stages else None), saved.pop((d, s, m))
+
+  def backward_done(r, op, c, vjps, dx, out):
+    d, s = sched.placement[r][op.phase]
     if move.mine[r]:
-      c = copies[d, s]
-      g = grads_in.pop((d, s, m)) if s + 1 < plan.num_stages else None
-      vjps = saved.pop((d, s, m))
       if op.input_only:
-        dx, out = plan.programs.backward_input(c["key"], vjps, g, c["coefs"], c["params"])
         deferred[r].append((c, vjps, out))
       else:
-        dx, c["acc"] = plan.programs.backward(c["key"], vjps, g, c["coefs"], c["acc"], c["params"])
-        out = c["acc"]
+        c["acc"] = out
     if s > 0:
-      grads_in[d, s - 1, m] = move(dx, r, plan.owner[d, s - 1], hidden, spec)
+      grads_in[d, s - 1, op.microbatch] = move(dx, r, plan.owner[d, s - 1], hidden, spec)
     return dx, out
+
+  def forward(r, op):
+    y = vjps = aux = None
+    if move.mine[r]:
+      c, x, tok = forward_inputs(r, op)
+      y, vjps, aux = plan.programs.forward(cfg, c["key"], c["params"], c["routing"], x, tok, c["coefs"],
+                                           c["devices"])
+    return forward_done(r, op, y, vjps, aux)
+
+  def backward(r, op):
+    c = vjps = dx = out = None
+    if move.mine[r]:
+      c, g, vjps = backward_inputs(r, op)
+      if op.input_only:
+        dx, out = plan.programs.backward_input(c["key"], vjps, g, c["coefs"], c["params"])
+      else:
+        dx, out = plan.programs.backward(c["key"], vjps, g, c["coefs"], c["acc"], c["params"])
+    return backward_done(r, op, c, vjps, dx, out)
+
+  def forward_backward(r, op):
+    """An F&B cell as one program (stages.forward_backward): F's all-to-alls can overlap B's GEMMs."""
+    f, b = op.forward, op.backward
+    y = f_vjps = aux = c = b_vjps = dx = out = None
+    if move.mine[r]:
+      fc, x, tok = forward_inputs(r, f)
+      c, g, b_vjps = backward_inputs(r, b)
+      (y, f_vjps, aux), (dx, out) = plan.programs.forward_backward(
+          cfg, fc["key"], c["key"], b.input_only, fc["devices"], fc["params"], fc["routing"], x, tok, fc["coefs"],
+          b_vjps, g, None if b.input_only else c["acc"], c["params"])
+    return forward_done(r, f, y, f_vjps, aux), backward_done(r, b, c, b_vjps, dx, out)
 
   def weights(r):
     if not move.mine[r]:
@@ -357,17 +390,11 @@ def run(plan: Plan, rank_variables, tokens, mtp_weight, alpha, timings: Optional
     c["acc"] = plan.programs.backward_weights(c["key"], vjps, cts, c["acc"], c["params"])
     return c["acc"]
 
+  run_op = dict(F=forward, B=backward, FB=forward_backward, W=lambda r, op: weights(r))
   for _, r, i in plan.order:
     op = sched[r][i]
     start = time.perf_counter()
-    results = []
-    for half in _halves(op):
-      if half.kind == "F":
-        results.append(forward(r, half))
-      elif half.kind == "B":
-        results.append(backward(r, half))
-      else:
-        results.append(weights(r))
+    results = run_op[op.kind](r, op) if fused else [run_op[half.kind](r, half) for half in _halves(op)]
     if timings is not None and move.mine[r]:
       jax.block_until_ready(results)
       timings.append((r, str(op), start, time.perf_counter()))
@@ -609,7 +636,7 @@ def get_plan(cfg: ModelConfig, schedule: str, num_stages: int, microbatches: int
 
 def pipeline_value_and_grad(cfg: ModelConfig, variables, tokens, *, schedule: str, num_stages: int,
                             microbatches: int, mtp_weight, alpha, devices=None, timings=None,
-                            compiler_options=None, transfer: str = "auto"):
+                            compiler_options=None, transfer: str = "auto", fused: bool = True):
   """Pipelined equivalent of value_and_grad(objective(forward_train(...))) on one batch, on the model's
   stacked variables: the reference entry point (tests, notebooks). The trainer keeps per-rank state
   (dsv3.pipeline.pipelined) and calls `run` on it.
@@ -624,6 +651,7 @@ def pipeline_value_and_grad(cfg: ModelConfig, variables, tokens, *, schedule: st
   timings: see `run`. compiler_options: XLA options for the stage programs (a dict), e.g.
   {'xla_backend_optimization_level': 0} to compile faster on CPU. transfer: 'auto' (device_put within a
   process, a collective program across processes) or 'collective' (always the collective program).
+  fused: see `run`.
   Returns (loss, metrics, grads like variables['params'], loads like variables['routing']) as host arrays.
   """
   plan = get_plan(ModelConfig.from_any(cfg), schedule, num_stages, microbatches, devices, compiler_options,
@@ -635,7 +663,7 @@ def pipeline_value_and_grad(cfg: ModelConfig, variables, tokens, *, schedule: st
   for r, mesh in enumerate(plan.meshes):
     part = plan.layout.restrict(per_layer, r)
     ranks.append({k: jax.device_put(part[k], sharding.param_shardings(mesh, part[k])) for k in part})
-  loss, metrics, grads, loads, _ = run(plan, ranks, tokens, mtp_weight, alpha, timings)
+  loss, metrics, grads, loads, _ = run(plan, ranks, tokens, mtp_weight, alpha, timings, fused=fused)
   whole = lambda per_rank, like: layout.stack(plan.cfg, jax.tree.map(np.asarray, plan.layout.view(per_rank, like)))
   return (loss, metrics, whole(grads, abstract["params"]),
           whole(loads, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32), abstract["routing"])))

@@ -465,6 +465,24 @@ def backward_weights(key, vjps, cts, acc, params):
   return _as_tree(key, [_add(a, vjp(ct)[0]) for a, vjp, ct in zip(acc, _with_params(vjps, params), cts)])
 
 
+# Name scopes that tag every op of an F&B program with its chunk (dsv3.overlap reads them from the HLO).
+FORWARD_SCOPE, BACKWARD_SCOPE = "fb_forward", "fb_backward"
+
+
+def forward_backward(cfg: ModelConfig, fkey, bkey, input_only: bool, devices: Devices, params, routing, x, tokens,
+                     coefs, vjps, g, acc, b_params):
+  """F&B: F of one micro-batch (`forward`'s arguments) and the backward of another (B, or B* if input_only;
+  `backward`'s arguments) as ONE program. The two chunks share no data, so XLA's scheduler may run one
+  chunk's expert all-to-all while the other chunk's GEMMs compute; the numbers are F's and B's exactly.
+  Returns (F's (y, vjps, aux), B's (dx, acc) or B*'s (dx, cts))."""
+  with jax.named_scope(FORWARD_SCOPE):
+    f_out = forward(cfg, fkey, params, routing, x, tokens, coefs, devices)
+  with jax.named_scope(BACKWARD_SCOPE):
+    b_out = (backward_input(bkey, vjps, g, coefs, b_params) if input_only
+             else backward(bkey, vjps, g, coefs, acc, b_params))
+  return f_out, b_out
+
+
 def zeros_like(tree):
   """A gradient accumulator with the placement of `tree` (the stage's parameters on its sub-mesh)."""
   return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype, device=a.sharding), tree)
@@ -478,6 +496,7 @@ class Programs(NamedTuple):
   backward_input: Callable
   backward_weights: Callable
   evaluate: Callable
+  forward_backward: Callable
 
 
 @functools.lru_cache(maxsize=None)
@@ -490,4 +509,6 @@ def programs(compiler_options: Optional[Tuple[Tuple[str, Any], ...]] = None) -> 
       backward=jax.jit(backward, static_argnums=0, donate_argnums=4, compiler_options=opts),
       backward_input=jax.jit(backward_input, static_argnums=0, compiler_options=opts),
       backward_weights=jax.jit(backward_weights, static_argnums=0, donate_argnums=3, compiler_options=opts),
-      evaluate=jax.jit(evaluate, static_argnums=(0, 1, 7), compiler_options=opts))
+      evaluate=jax.jit(evaluate, static_argnums=(0, 1, 7), compiler_options=opts),
+      forward_backward=jax.jit(forward_backward, static_argnums=(0, 1, 2, 3, 4), donate_argnums=12,
+                               compiler_options=opts))
