@@ -62,6 +62,9 @@ class ModelConfig:
   remat: str = "paper"                    # 'none' | 'paper' (RMSNorm + MLA up-proj) | 'full'
   capacity_factor: float = 0.0            # 0: dropless (DeepSeek-V3). >0: drop tokens over capacity
   ep_buffer_factor: float = 3.5           # expert-parallel buffers = factor x balanced rows; 0: worst case
+  ep_node_size: int = 0                   # devices of mesh.expert per node: two-hop dispatch (cross a node
+  #                                         boundary once per node, then fan out inside it); 0: flat, one hop
+  ep_fp8_dispatch: bool = False           # expert-parallel dispatch rows as FP8 E4M3, 1x128 scales (combine stays)
   grouped_gemm: str = "auto"              # 'auto' | 'ragged_dot' | 'tiled' (flat on CPU) | 'scan' (one tile at
   #                                         a time: no [experts, rows, width] buffer) | 'triton' (GPU)
   attention: str = "auto"                 # 'auto' | 'dense' | 'blockwise' | 'cudnn' (dsv3/attention.py)
@@ -141,6 +144,11 @@ class ModelConfig:
          f"must be a positive integer, got {self.attention_block!r}")
     need(self.capacity_factor >= 0, "capacity_factor", "must be >= 0 (0 = dropless)")
     need(self.ep_buffer_factor >= 0, "ep_buffer_factor", "must be >= 0 (0 = worst-case, dropless buffers)")
+    need(isinstance(self.ep_node_size, int) and self.ep_node_size >= 0, "ep_node_size",
+         f"must be an integer >= 0 (devices of mesh.expert per node; 0 = flat one-hop dispatch), "
+         f"got {self.ep_node_size!r}")
+    need(isinstance(self.ep_fp8_dispatch, bool), "ep_fp8_dispatch",
+         f"must be True or False, got {self.ep_fp8_dispatch!r}")
     rope = self.rope
     if rope:
       need(rope.get("type", rope.get("rope_type")) == "yarn", "rope_scaling",

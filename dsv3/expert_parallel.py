@@ -24,6 +24,23 @@ only the real units; `dense` (CPU, which has no ragged all-to-all) sends every d
 block, padded, with `jax.lax.all_to_all`. `impl='auto'` picks by the mesh's platform. Both are linear
 maps with JAX transpose rules, so gradients flow.
 
+Two-hop, node-aware dispatch (cfg.ep_node_size = L; DeepSeek-V3 §3.2.2). Expert-axis device d is on node
+d // L, in-node index d % L, and steps 1-3 run twice (`dispatch_plan`'s hops): hop 1 sends a token once per
+NODE it needs, to the device with the token's own in-node index there (the IB hop; on its own node, itself),
+with the token's expert ids on that node; hop 2 makes each arrived unit one unit per shard of this node it
+needs and sends those inside the node (the NVLink hop). The combine reverses both: the forwarding device
+sums the node's rows of each (token, node) before the single return over hop 1, and the token sums its
+nodes' rows. A token so crosses the node boundary once per node it needs, each way: with node-limited
+routing (n_group = the number of nodes, topk_group = M) at most M times, however many of a node's shards it
+needs. Both hops are all-to-alls over the one 'expert' axis: the ragged transport sends nothing to devices
+outside a hop's group, the dense one sends them empty blocks (CPU: correctness; `dispatch_traffic` counts
+the rows each link carries). L = 0, 1 or >= mesh.expert is the flat one-hop dispatch.
+
+FP8 dispatch (cfg.ep_fp8_dispatch; report §3.3): the token rows travel as E4M3 with an f32 scale per 1x128
+tile (H + 4·H/128 bytes a row, against 2·H in BF16) and are dequantized on the expert's device; the combine
+stays in the activation dtype. The backward moves the gradient unquantized, i.e. straight-through (the
+quantization's derivative taken as 1), as DeepSeek's BF16 backward does.
+
 Bounded buffers (`buffer_rows`). With n tokens per device, a balanced router sends n·p units from each
 device to each shard (p = `shard_hit_probability`, the chance a token needs a given shard; node-limited
 routing lowers it) and each shard expands n·k (unit, local expert) rows (every device's n·k assignments
@@ -39,10 +56,13 @@ A block stays worst-case (c = n) until f·p < 1, i.e. mesh.expert beyond about f
 bounded from f < ep·min(k, E/ep)/k on. The default f = 3.5: configs/tiny.py on mesh data=2 × expert=4
 (256 tokens per device) peaks at 3.0× balanced in its first 200 steps (while the aux-free balancer
 corrects the initial router collapse: a shard gets 3 of every token's 4 experts), ≈ 2× after that.
+Two-hop: a hop-1 block is sized from the chance a token needs a given node (shard_hit_probability with the
+nodes as shards), a hop-2 block from the nodes' n tokens each times a shard's chance; hop 2 keeps its first
+units in arrival order (source node, then token).
 
 cfg.capacity_factor > 0 additionally keeps at most ceil(cf · tokens · k / E) rows per expert of those
-it receives from its data group (in token order, so with data=1 and f = 0 this is exactly
-`routed_experts_local`); its drops are counted with the others.
+it receives from its data group (in arrival order: token order for the flat dispatch, so with data=1 and
+f = 0 this is exactly `routed_experts_local`); its drops are counted with the others.
 """
 from __future__ import annotations
 
@@ -56,6 +76,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
+from dsv3 import fp8
 from dsv3.config import ModelConfig
 from dsv3.moe import expert_ffn
 
@@ -101,12 +122,16 @@ class ExpertParallel:
     platform = self.mesh.devices.flat[0].platform
     return "ragged" if platform in ("gpu", "cuda", "rocm", "tpu") else "dense"
 
-  def routed_experts(self, cfg: ModelConfig, x, topk_idx, topk_weight, w_gate, w_up, w_down):
+  def routed_experts(self, cfg: ModelConfig, x, topk_idx, topk_weight, w_gate, w_up, w_down, stats: bool = False):
     """(y [N, H], dropped assignment count, load ratio): routed_experts_local's pair plus the worst
-    per-block / per-shard load over its balanced value (scalars summed / maxed over all devices)."""
+    per-block / per-shard load over its balanced value (scalars summed / maxed over all devices).
+
+    stats=True adds a dict: hop_units [hops] (units each hop sent to another device, all devices; with
+    cfg.ep_node_size hop 0 crosses nodes, hop 1 stays inside them) and token_remote [N] (each token's
+    first-hop units to another device), what `dispatch_traffic` counts from topk_idx when nothing drops."""
     if self.manual:   # x is this device's rows, the weights its local experts
-      rows = buffer_rows(cfg, x.shape[0], self.num_shards, self.transport())
-      return _shard_body(cfg, self.transport(), self.expert_axis, self.token_axes, self.num_shards, rows,
+      plan = dispatch_plan(cfg, x.shape[0], self.num_shards, self.transport())
+      return _shard_body(cfg, self.transport(), self.expert_axis, self.token_axes, self.num_shards, plan, stats,
                          x, topk_idx, topk_weight, w_gate, w_up, w_down)
     N = x.shape[0]
     E = w_gate.shape[0]
@@ -119,11 +144,11 @@ class ExpertParallel:
       raise ValueError(f"expert parallelism: {E} routed experts cannot be split over mesh.expert="
                        f"{self.num_shards}; choose mesh.expert dividing model.n_routed_experts")
     tok, exp = P(self.token_axes), P(self.expert_axis)
-    rows = buffer_rows(cfg, N // self.num_token_shards, self.num_shards, self.transport())
+    plan = dispatch_plan(cfg, N // self.num_token_shards, self.num_shards, self.transport())
     body = functools.partial(_shard_body, cfg, self.transport(), self.expert_axis, self.token_axes,
-                             self.num_shards, rows)
-    fn = jax.shard_map(body, mesh=self.mesh, in_specs=(tok, tok, tok, exp, exp, exp),
-                       out_specs=(tok, P(), P()))
+                             self.num_shards, plan, stats)
+    out_specs = (tok, P(), P()) + ((dict(hop_units=P(), token_remote=tok),) if stats else ())
+    fn = jax.shard_map(body, mesh=self.mesh, in_specs=(tok, tok, tok, exp, exp, exp), out_specs=out_specs)
     return fn(x, topk_idx, topk_weight, w_gate, w_up, w_down)
 
 
@@ -145,110 +170,263 @@ def shard_hit_probability(cfg: ModelConfig, ep: int) -> float:
   return 1.0 - miss
 
 
+def node_size(cfg: ModelConfig, ep: int) -> int:
+  """Devices per node for the dispatch: cfg.ep_node_size, or ep (one node: the flat one-hop dispatch) when it
+  is 0 or >= ep. 1 is the flat dispatch too (every device its own node: no in-node hop)."""
+  size = cfg.ep_node_size
+  if size == 0 or size >= ep:
+    return ep
+  if ep % size:
+    raise ValueError(f"expert parallelism: model.ep_node_size={size} does not divide mesh.expert={ep}; set "
+                     f"model.ep_node_size to a divisor of mesh.expert (devices per node), or 0 for the flat dispatch")
+  return size
+
+
+def dispatch_plan(cfg: ModelConfig, n: int, ep: int, transport: str) -> dict:
+  """The dispatch's hops and static buffer sizes (rows) per device, n tokens per device over `ep` shards.
+
+  hops: one dict per all-to-all, in dispatch order. A hop exchanges among groups of D devices (members
+  base + j·stride, j < D) and sends each of its input rows once per member holding one of the row's
+  experts (`width` consecutive experts per member). Flat: one hop over all ep devices. Two-hop (L =
+  node_size < ep): the peer hop (D = ep/L nodes, stride L: the devices with my in-node index), then
+  the node hop (D = L, stride 1) from the forwarded units. Per hop: block c = ceil(f·balanced_block)
+  units one device sends one member (f = cfg.ep_buffer_factor; f = 0 or more than the input rows: all
+  of them), send/recv the buffers (recv = D·c; the dense transport sends D fixed blocks, ragged at most
+  min(k, D) units a row). expand: (unit, local expert) rows into the grouped GEMM, ceil(f·n·k), at most
+  every received slot's; balanced_*: the balanced loads these are sized from.
+  """
+  k, e_local = cfg.num_experts_per_tok, cfg.n_routed_experts // ep
+  f = float(cfg.ep_buffer_factor)
+  L = node_size(cfg, ep)
+  nodes = ep // L
+
+  def hop(D, stride, width, rows_in, balanced):
+    block = rows_in if f <= 0 else max(1, min(rows_in, math.ceil(f * balanced - 1e-9)))
+    send = D * block if transport == "dense" else min(D * block, rows_in * min(k, D))
+    return dict(D=D, stride=stride, width=width, block=block, send=send, recv=D * block, balanced_block=balanced)
+
+  hops = []
+  if nodes > 1:   # a token's unit per node it needs, to my peer there (the node's chance: a shard of E/nodes)
+    hops.append(hop(nodes, L, e_local * L, n, n * shard_hit_probability(cfg, nodes)))
+  if L > 1 or not hops:   # a unit per shard it needs, from the `nodes` peers' units forwarded here (or my tokens)
+    rows_in = hops[0]["recv"] if hops else n
+    hops.append(hop(L, 1, e_local, rows_in, nodes * n * shard_hit_probability(cfg, ep)))
+  most = hops[-1]["recv"] * min(k, e_local)
+  expand = most if f <= 0 else max(1, min(most, math.ceil(f * n * k - 1e-9)))
+  return dict(hops=hops, expand=expand, balanced_expand=float(n * k))
+
+
 def buffer_rows(cfg: ModelConfig, n: int, ep: int, transport: str) -> dict:
-  """Static buffer sizes (rows) per device for n tokens per device over `ep` expert shards.
+  """Static buffer sizes (rows) per device for n tokens per device over `ep` expert shards (dispatch_plan).
 
   block: units one device may send one shard, ceil(f·n·p) (f = cfg.ep_buffer_factor; f = 0: n);
   send / recv: the dispatch buffers (recv = ep·block; ragged sends at most min(k, ep) units a token);
   expand: (unit, local expert) rows into the grouped GEMM, ceil(f·n·k), at most all received slots;
   balanced_block / balanced_expand: the balanced loads these are sized from.
+  Two-hop dispatch (cfg.ep_node_size): send / recv summed over the hops, and the hops themselves.
   """
-  k, e_local = cfg.num_experts_per_tok, cfg.n_routed_experts // ep
-  p = shard_hit_probability(cfg, ep)
-  f = float(cfg.ep_buffer_factor)
-  block = n if f <= 0 else max(1, min(n, math.ceil(f * n * p - 1e-9)))
-  most = ep * block * min(k, e_local)
-  expand = most if f <= 0 else max(1, min(most, math.ceil(f * n * k - 1e-9)))
-  send = ep * block if transport == "dense" else min(ep * block, n * min(k, ep))
-  return dict(block=block, send=send, recv=ep * block, expand=expand, balanced_block=n * p,
-              balanced_expand=float(n * k))
+  plan = dispatch_plan(cfg, n, ep, transport)
+  hops, rest = plan["hops"], dict(expand=plan["expand"], balanced_expand=plan["balanced_expand"])
+  if len(hops) == 1:
+    hop = hops[0]
+    return dict(block=hop["block"], send=hop["send"], recv=hop["recv"], balanced_block=hop["balanced_block"], **rest)
+  return dict(hops=hops, send=sum(h["send"] for h in hops), recv=sum(h["recv"] for h in hops), **rest)
 
 
-def _shard_body(cfg, transport, axis, token_axes, ep, rows, x, idx, w, w_gate, w_up, w_down):
-  """Per device: x [n, H], idx/w [n, k], local experts [E/ep, ...]; buffers sized by `rows`."""
-  n, H = x.shape
-  k = idx.shape[1]
-  e_local = w_gate.shape[0]
-  c, S, R, X = rows["block"], rows["send"], rows["recv"], rows["expand"]
-  shards = jnp.arange(ep, dtype=jnp.int32)
+def _members(axis, ep, hop):
+  """(my group's devices [D], whether each is another device): base + j·stride, j < D."""
   me = jax.lax.axis_index(axis)
+  pos = (me // hop["stride"]) % hop["D"]
+  members = me - pos * hop["stride"] + jnp.arange(hop["D"], dtype=jnp.int32) * hop["stride"]
+  return members, members != me
 
-  # 1. Units: (token, destination shard) pairs, laid out by destination, tokens in order inside; each
-  #    destination takes the first c (the rest are dropped, with all their assignments there).
-  per_shard = jnp.sum((idx // e_local)[:, :, None] == shards[None, None, :], axis=1, dtype=jnp.int32)
-  hit = per_shard > 0                                                            # [n, ep]
+
+def _pack(ids, w, hop, transport):
+  """One hop's units: (input row, member j) for every j holding one of the row's experts (ids // width == j;
+  id -1 = none), laid out by member, rows in order; member j keeps its first `block` units (the rest are
+  dropped with all their assignments there). Slots: dense j's block at j·block; ragged packed.
+
+  Returns src / valid [S] (the input row of each send slot), ids / w [S, k] (ids relative to the member, -1
+  for the row's other experts), sent / sizes [D] (units kept / wanted per member), fits [rows, D], dropped.
+  """
+  rows = ids.shape[0]
+  D, c, S, width = hop["D"], hop["block"], hop["send"], hop["width"]
+  dests = jnp.arange(D, dtype=jnp.int32)
+  per_dest = jnp.sum((ids // width)[:, :, None] == dests[None, None, :], axis=1, dtype=jnp.int32)   # [rows, D]
+  hit = per_dest > 0
   rank = jnp.cumsum(hit, axis=0, dtype=jnp.int32) - 1
-  sizes = hit.sum(0, dtype=jnp.int32)                                            # units per destination
+  sizes = hit.sum(0, dtype=jnp.int32)
   fits = hit & (rank < c)
   sent = jnp.minimum(sizes, c)
-  dropped = jnp.sum(jnp.where(hit & ~fits, per_shard, 0))
-  # 2. Everyone learns everyone's counts: M[s, d] = units s sends to d (ragged needs the offsets).
-  counts = jax.lax.all_gather(sent, axis)                                        # [ep, ep]
-  send_off = _exclusive_cumsum(sent) if transport == "ragged" else shards * c    # dense: fixed blocks of c
-  slot = jnp.where(fits, send_off[None, :] + rank, S).reshape(-1)   # S: out of range, ignored by mode="drop"
-  src_tok = jnp.zeros((S,), jnp.int32).at[slot].set(jnp.repeat(jnp.arange(n, dtype=jnp.int32), ep),
-                                                    mode="drop")
-  slot_dest = jnp.zeros((S,), jnp.int32).at[slot].set(jnp.tile(shards, n), mode="drop")
-  slot_valid = jnp.zeros((S,), bool).at[slot].set(True, mode="drop")
-  unit_idx = idx[src_tok]
-  mine = slot_valid[:, None] & (unit_idx // e_local == slot_dest[:, None])
-  send_ids = jnp.where(mine, unit_idx % e_local, -1)                             # local expert ids there
-  send_w = jnp.where(mine, w[src_tok], 0.0)
-  send_x = jnp.where(slot_valid[:, None], x[src_tok], 0)
+  offset = _exclusive_cumsum(sent) if transport == "ragged" else dests * c
+  slot = jnp.where(fits, offset[None, :] + rank, S).reshape(-1)      # S: out of range, ignored by mode="drop"
+  src = jnp.zeros((S,), jnp.int32).at[slot].set(jnp.repeat(jnp.arange(rows, dtype=jnp.int32), D), mode="drop")
+  dest = jnp.zeros((S,), jnp.int32).at[slot].set(jnp.tile(dests, rows), mode="drop")
+  valid = jnp.zeros((S,), bool).at[slot].set(True, mode="drop")
+  unit_ids = ids[src]
+  mine = valid[:, None] & (unit_ids // width == dest[:, None])
+  return dict(src=src, valid=valid, ids=jnp.where(mine, unit_ids % width, -1), w=jnp.where(mine, w[src], 0.0),
+              sent=sent, sizes=sizes, fits=fits, dropped=jnp.sum(jnp.where(hit & ~fits, per_dest, 0)))
 
-  # 3. Dispatch: source s's block lands at s·c here.
+
+def _route(transport, axis, ep, hop, sent):
+  """Where one hop's all-to-all puts things, as arrays (for `_forward` / `_back`): my group's members, and for
+  the ragged transport every device's sizes and offsets ([ep] vectors, zero for devices outside my group)."""
+  members, _ = _members(axis, ep, hop)
+  if transport != "ragged":
+    return dict(members=members)
+  me = jax.lax.axis_index(axis)
+  c = hop["block"]
+  per_device = jnp.zeros((ep,), jnp.int32).at[members].set(sent)     # members ascend: packed offsets agree
+  counts = jax.lax.all_gather(per_device, axis)                      # [source, destination] units
+  place = (jnp.arange(ep, dtype=jnp.int32) // hop["stride"]) % hop["D"] * c   # a source's block in my recv
+  return dict(sizes=per_device, offsets=_exclusive_cumsum(per_device), recv_sizes=counts[:, me],
+              mine=jnp.full((ep,), place[me], jnp.int32), places=place,
+              back_offsets=_exclusive_cumsum(counts, 1)[:, me])      # my block in each source's send layout
+
+
+def _forward(transport, axis, ep, hop, route, v, fill):
+  """One hop's all-to-all among my group: `_pack`'s [send] slots -> [recv], member j's block at j·block.
+  Devices outside the group get nothing: zero sizes (ragged) or empty blocks (dense, which pads every device
+  of the axis: CPU is for correctness, the bytes are counted by `dispatch_traffic`)."""
   if transport == "ragged":
-    recv_sizes = counts[:, me]
-    out_off = jnp.full((ep,), me * c, jnp.int32)            # where my block lands on each destination
-    def a2a(v, fill):
-      out = jnp.full((R,) + v.shape[1:], fill, v.dtype)
-      return jax.lax.ragged_all_to_all(v, out, send_off, sent, out_off, recv_sizes, axis_name=axis)
-    def a2a_back(v):
-      back_off = _exclusive_cumsum(counts, 1)[:, me]        # my block's place in each source's layout
-      return jax.lax.ragged_all_to_all(v, jnp.zeros((S,) + v.shape[1:], v.dtype), shards * c, recv_sizes,
-                                       back_off, sent, axis_name=axis)
-  else:
-    a2a = lambda v, fill: jax.lax.all_to_all(v, axis, 0, 0, tiled=True)
-    a2a_back = lambda v: jax.lax.all_to_all(v, axis, 0, 0, tiled=True)
-  recv_x, recv_ids, recv_w = a2a(send_x, 0), a2a(send_ids, -1), a2a(send_w, 0)
+    out = jnp.full((hop["recv"],) + v.shape[1:], fill, v.dtype)
+    return jax.lax.ragged_all_to_all(v, out, route["offsets"], route["sizes"], route["mine"], route["recv_sizes"],
+                                     axis_name=axis)
+  return _dense_all_to_all(axis, ep, hop, route["members"], v)
 
-  # 4. Local experts: keep the first X (unit, expert) rows in arrival order, sort them by expert (stable:
-  #    source-major, then token order) and run the grouped GEMM on X rows.
-  flat = recv_ids.reshape(-1)
+
+def _back(transport, axis, ep, hop, route, v):
+  """The reverse of `_forward` (the combine): [recv] rows -> my [send] slots."""
+  if transport == "ragged":
+    out = jnp.zeros((hop["send"],) + v.shape[1:], v.dtype)
+    return jax.lax.ragged_all_to_all(v, out, route["places"], route["recv_sizes"], route["back_offsets"],
+                                     route["sizes"], axis_name=axis)
+  return _dense_all_to_all(axis, ep, hop, route["members"], v)
+
+
+def _dense_all_to_all(axis, ep, hop, members, v):
+  """[D·c] blocks, block j for member j -> the members' blocks to me, by all_to_all over the whole axis
+  (non-members' blocks empty). Its own reverse."""
+  D, c, tail = hop["D"], hop["block"], v.shape[1:]
+  if D == ep:                          # the group is the whole axis, in order
+    return jax.lax.all_to_all(v, axis, 0, 0, tiled=True)
+  blocks = jnp.zeros((ep, c) + tail, v.dtype).at[members].set(v.reshape((D, c) + tail), unique_indices=True)
+  got = jax.lax.all_to_all(blocks.reshape((ep * c,) + tail), axis, 0, 0, tiled=True)
+  return got.reshape((ep, c) + tail)[members].reshape((D * c,) + tail)
+
+
+def _fp8_pack(x):
+  """[n, H] -> [n, H + 4·ceil(H/128)] uint8: E4M3 values, then the f32 scale of each 1x128 tile."""
+  q, scale = fp8.quantize_tiles(x)
+  return jnp.concatenate([jax.lax.bitcast_convert_type(q, jnp.uint8),
+                          jax.lax.bitcast_convert_type(scale, jnp.uint8).reshape(x.shape[0], -1)], axis=1)
+
+
+def _fp8_unpack(rows, hidden):
+  q = jax.lax.bitcast_convert_type(rows[:, :hidden], fp8.FP8)
+  scale = jax.lax.bitcast_convert_type(rows[:, hidden:].reshape(rows.shape[0], -1, 4), jnp.float32)
+  return fp8.dequantize_tiles(q, scale)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fp8_dispatch(move, x, tables):
+  """move(x, tables) with the rows on the wire as FP8 (1x128 scales); the backward moves the gradient
+  unquantized (straight-through: the quantization's derivative taken as 1)."""
+  return _fp8_unpack(move(_fp8_pack(x), tables), x.shape[1]).astype(x.dtype)
+
+
+def _fp8_dispatch_bwd(move, residuals, ct):
+  x, tables = residuals
+  # jax.typeof: x's shape, dtype and the mesh axes it varies over, which the transpose must give back.
+  return jax.linear_transpose(lambda v: move(v, tables), jax.typeof(x))(ct)[0], None
+
+
+_fp8_dispatch.defvjp(lambda move, x, tables: (_fp8_dispatch(move, x, tables), (x, tables)), _fp8_dispatch_bwd)
+
+
+def _local_experts(cfg, x, ids, w, ep, n, expand, w_gate, w_up, w_down):
+  """The received units through this device's experts: x [R, H], ids / w [R, k] (local expert ids, -1 none).
+  Keeps the first `expand` (unit, expert) rows in arrival order, sorts them by expert (stable: arrival order
+  inside an expert) and runs one grouped GEMM (dsv3.moe.expert_ffn), gate-weighted: (one row per unit [R, H],
+  dropped assignments)."""
+  R, H = x.shape
+  k, e_local = ids.shape[1], w_gate.shape[0]
+  flat = ids.reshape(-1)
   valid = flat >= 0
-  keep = valid & (jnp.cumsum(valid, dtype=jnp.int32) <= X)
-  dropped += jnp.sum(valid & ~keep)
+  keep = valid & (jnp.cumsum(valid, dtype=jnp.int32) <= expand)
+  dropped = jnp.sum(valid & ~keep)
   key = jnp.where(keep, flat, e_local)
-  order = jnp.argsort(key, stable=True)[:X]
+  order = jnp.argsort(key, stable=True)[:expand]
   sorted_key = key[order]
   row_ok = sorted_key < e_local
   group_sizes = jnp.bincount(jnp.where(keep, flat, 0), weights=keep.astype(jnp.int32),
                              length=e_local).astype(jnp.int32)
   unit_of = order // k
-  weight = recv_w.reshape(-1)[order]
+  weight = w.reshape(-1)[order]
   if cfg.capacity_factor > 0:
-    E = e_local * ep
-    capacity = max(1, int(cfg.capacity_factor * ep * n * k / E + 0.999999))   # as moe.py, the group's tokens
+    capacity = max(1, int(cfg.capacity_factor * ep * n * k / (e_local * ep) + 0.999999))   # moe.py's, the group's
     starts = _exclusive_cumsum(group_sizes)
-    pos = jnp.arange(X) - starts[jnp.minimum(sorted_key, e_local - 1)]
+    pos = jnp.arange(expand) - starts[jnp.minimum(sorted_key, e_local - 1)]
     within = row_ok & (pos < capacity)
     dropped += jnp.sum(row_ok & ~within)
     row_ok = within
-  out = expert_ffn(recv_x[unit_of], group_sizes, w_gate, w_up, w_down, cfg).astype(jnp.float32)
+  out = expert_ffn(x[unit_of], group_sizes, w_gate, w_up, w_down, cfg).astype(jnp.float32)
   # where, not multiply: rows past sum(group_sizes) are padding and must not leak into the sum.
   contrib = jnp.where(row_ok[:, None], out * weight[:, None], 0.0)
-  unit_out = jnp.zeros((R, H), jnp.float32).at[unit_of].add(contrib).astype(x.dtype)
+  return jnp.zeros((R, H), jnp.float32).at[unit_of].add(contrib), dropped
 
-  # 5. Combine: units come home in the send layout; each token sums its shards' rows.
-  back = a2a_back(unit_out)
-  back = jnp.where(slot_valid[:, None], back, 0).astype(jnp.float32)
-  y = jnp.zeros((n, H), jnp.float32).at[src_tok].add(back)
 
-  # The worst load against its balanced value: per (source, destination) block, and per shard's rows.
-  shard_rows = jax.lax.psum(per_shard.sum(0), axis)[me]
-  ratio = jnp.maximum(sizes.max() / rows["balanced_block"], shard_rows / rows["balanced_expand"])
-  return (y.astype(x.dtype), jax.lax.psum(dropped.astype(jnp.int32), token_axes),
-          jax.lax.pmax(ratio.astype(jnp.float32), token_axes))
+def _shard_body(cfg, transport, axis, token_axes, ep, plan, with_stats, x, idx, w, w_gate, w_up, w_down):
+  """Per device: x [n, H], idx/w [n, k], local experts [E/ep, ...]; hops and buffers from `plan`."""
+  n, H = x.shape
+  e_local = w_gate.shape[0]
+  me = jax.lax.axis_index(axis)
+
+  # 1-3. Dispatch hop by hop: pack the input rows' units by member, learn the counts, exchange ids and weights;
+  #      the next hop's input rows are this hop's received slots (ids relative to this node).
+  hops, ids, wts, dropped = [], idx, w, jnp.zeros((), jnp.int32)
+  for hop in plan["hops"]:
+    units = _pack(ids, wts, hop, transport)
+    route = _route(transport, axis, ep, hop, units["sent"])
+    exchange = functools.partial(_forward, transport, axis, ep, hop, route)
+    ids, wts = exchange(units["ids"], -1), exchange(units["w"], 0)
+    dropped += units["dropped"]
+    hops.append((hop, units, route))
+  # The token rows take the same way: each hop gathers its send slots' input rows and exchanges them.
+  tables = [(units["src"], units["valid"], route) for _, units, route in hops]
+  def move(v, tables):
+    for hop, (src, valid, route) in zip(plan["hops"], tables):
+      v = _forward(transport, axis, ep, hop, route, jnp.where(valid[:, None], v[src], 0), 0)
+    return v
+  rows = _fp8_dispatch(move, x, tables) if cfg.ep_fp8_dispatch else move(x, tables)
+
+  # 4. Local experts on the last hop's units: one gate-weighted row back per unit.
+  out, d = _local_experts(cfg, rows, ids, wts, ep, n, plan["expand"], w_gate, w_up, w_down)
+  dropped += d
+
+  # 5. Combine, hops reversed: a unit's rows come home to its send slot, and each input row sums its units'
+  #    (on a forwarder: the node's shards' rows for one (token, node), before the single return over hop 1).
+  for hop, units, route in reversed(hops):
+    rows_in = units["fits"].shape[0]
+    returned = _back(transport, axis, ep, hop, route, out.astype(x.dtype))
+    returned = jnp.where(units["valid"][:, None], returned, 0).astype(jnp.float32)
+    out = jnp.zeros((rows_in, H), jnp.float32).at[units["src"]].add(returned)
+
+  # The worst load against its balanced value: per (source, destination) block of every hop, and per shard.
+  shard_rows = jax.lax.psum(jnp.bincount(idx.reshape(-1) // e_local, length=ep), axis)[me]
+  ratio = shard_rows / plan["balanced_expand"]
+  for hop, units, _ in hops:
+    ratio = jnp.maximum(ratio, units["sizes"].max() / hop["balanced_block"])
+  result = (out.astype(x.dtype), jax.lax.psum(dropped.astype(jnp.int32), token_axes),
+            jax.lax.pmax(ratio.astype(jnp.float32), token_axes))
+  if not with_stats:
+    return result
+  # Units each hop sent to another device (summed over devices), and per token those of the first hop.
+  remote = [_members(axis, ep, hop)[1] for hop, _, _ in hops]
+  hop_units = jnp.stack([jnp.sum(jnp.where(r, units["sent"], 0)) for r, (_, units, _) in zip(remote, hops)])
+  token_remote = jnp.sum(hops[0][1]["fits"] & remote[0][None, :], axis=1, dtype=jnp.int32)
+  return result + (dict(hop_units=jax.lax.psum(hop_units, token_axes), token_remote=token_remote),)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -281,3 +459,54 @@ def alltoall_bytes(topk_idx, n_experts: int, num_shards: int, hidden: int, items
   if dense:
     out["dense"] = 2 * token_shards * (num_shards - 1) * n * row
   return out
+
+
+def _token_device(N: int, ep: int, token_shards: int):
+  """The expert-axis coordinate of each token's device: tokens split over (data, expert), expert minor."""
+  return (np.arange(N) // (N // token_shards)) % ep
+
+
+def dispatch_traffic(topk_idx, n_experts: int, ep: int, node_size: int = 0, two_hop: bool = False,
+                     token_shards: Optional[int] = None) -> dict:
+  """Hidden rows the dropless dispatch sends between devices (the combine sends the same rows back), by link.
+
+  Expert-axis device d is on node d // node_size (node_size 0 or >= ep: one node). Flat: a unit per (token,
+  shard) it needs, straight to the shard. two_hop (`dispatch_plan` with cfg.ep_node_size = node_size): a unit
+  per (token, node) to the device with the token's in-node index there, which forwards a unit per shard.
+  Returns inter_node / intra_node (rows crossing a node boundary / between devices of one node),
+  token_inter_node [N] (each token's inter-node rows) and hop_units (rows each of the dispatch's
+  all-to-alls moves to another device: what the shard body's stats count).
+  """
+  idx = np.asarray(topk_idx).reshape(-1, np.asarray(topk_idx).shape[-1])
+  N = idx.shape[0]
+  L = node_size if 0 < node_size < ep else ep
+  own = _token_device(N, ep, token_shards or ep)
+  hit = np.zeros((N, ep), bool)
+  hit[np.arange(N)[:, None], idx // (n_experts // ep)] = True
+  dev = np.arange(ep)[None, :]
+  same_node = dev // L == own[:, None] // L
+  if two_hop and 1 < L < ep:
+    node_hit = hit.reshape(N, ep // L, L).any(2)
+    token_inter = node_hit.sum(1) - node_hit[np.arange(N), own // L]
+    intra = int((hit & (dev % L != own[:, None] % L)).sum())     # forwarder (its in-node index) -> shard
+    hops = [int(token_inter.sum()), intra]
+  else:
+    token_inter = (hit & ~same_node).sum(1)
+    intra = int((hit & same_node & (dev != own[:, None])).sum())
+    hops = [int(token_inter.sum()) + intra]
+  return dict(inter_node=int(token_inter.sum()), intra_node=intra, token_inter_node=token_inter, hop_units=hops)
+
+
+def row_bytes(hidden: int, payload: str) -> int:
+  """Bytes of one hidden row on the wire: 'fp32', 'bf16', or 'fp8' (E4M3 values and an f32 scale per 1x128
+  tile, as `_fp8_pack` sends them)."""
+  if payload == "fp8":
+    return hidden + 4 * -(-hidden // fp8.TILE)
+  return hidden * {"fp32": 4, "bf16": 2}[payload]
+
+
+def traffic_bytes(traffic: dict, hidden: int, dispatch: str = "bf16", combine: str = "bf16") -> dict:
+  """`dispatch_traffic`'s rows in bytes: dispatch and combine (the reverse, one row per unit) per link."""
+  d, c = row_bytes(hidden, dispatch), row_bytes(hidden, combine)
+  inter, intra = traffic["inter_node"], traffic["intra_node"]
+  return dict(dispatch_inter=inter * d, dispatch_intra=intra * d, combine_inter=inter * c, combine_intra=intra * c)

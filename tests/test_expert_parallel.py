@@ -62,9 +62,9 @@ def _loss(cfg, ep, params, routing, tokens):
 
 
 @functools.lru_cache(maxsize=None)
-def _run(mesh_shape, factor=CFG.ep_buffer_factor):
+def _run(mesh_shape, factor=CFG.ep_buffer_factor, node_size=0):
   """(loss, logits, mtp_logits, load, grads, dropped) on one device (None) or on a (data, expert) mesh."""
-  cfg = CFG.replace(ep_buffer_factor=factor)
+  cfg = CFG.replace(ep_buffer_factor=factor, ep_node_size=node_size)
   variables = _variables(CFG)
   tokens = jax.random.randint(jax.random.key(2), (B, T), 0, CFG.vocab_size, jnp.int32)
   ep = None
@@ -84,17 +84,24 @@ def _maxdiff(a, b):
              zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-@pytest.mark.parametrize("mesh_shape,factor", [(m, CFG.ep_buffer_factor) for m in MESHES] + [((2, 4), 0.0)],
-                         ids=[f"data{d}_expert{e}" for d, e in MESHES] + ["data2_expert4_worst_case"])
-def test_model_matches_one_device(mesh_shape, factor):
-  ref, got = _run(None), _run(mesh_shape, factor)
+# The two-hop, node-aware dispatch (model.ep_node_size: devices per node) too; tests/test_node_dispatch.py
+# checks it at the routed-experts level.
+SETTINGS = ([(m, CFG.ep_buffer_factor, 0) for m in MESHES] + [((2, 4), 0.0, 0)]
+            + [((2, 4), CFG.ep_buffer_factor, 2), ((1, 8), CFG.ep_buffer_factor, 4)])
+
+
+@pytest.mark.parametrize("mesh_shape,factor,node_size", SETTINGS,
+                         ids=[f"data{d}_expert{e}" for d, e in MESHES]
+                         + ["data2_expert4_worst_case", "data2_expert4_node2", "data1_expert8_node4"])
+def test_model_matches_one_device(mesh_shape, factor, node_size):
+  ref, got = _run(None), _run(mesh_shape, factor, node_size)
   assert int(got[5]) == 0, "nothing may drop for the one-device equivalence"
   diffs = dict(loss=_maxdiff(ref[0], got[0]), logits=_maxdiff(ref[1], got[1]), mtp_logits=_maxdiff(ref[2], got[2]),
                load=_maxdiff(ref[3], got[3]), grads=_maxdiff(ref[4], got[4]))
-  print(mesh_shape, diffs)
+  print(mesh_shape, node_size, diffs)
   assert np.asarray(ref[3]).std() > 0, "the routing should be uneven for this check to mean anything"
   for name, d in diffs.items():
-    assert d <= TOL, f"{name} differs by {d} on mesh (data, expert) = {mesh_shape}"
+    assert d <= TOL, f"{name} differs by {d} on mesh (data, expert) = {mesh_shape}, ep_node_size={node_size}"
   assert jax.tree.structure(ref[4]) == jax.tree.structure(got[4])
 
 
