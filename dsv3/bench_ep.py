@@ -11,6 +11,12 @@ combine), 'dense' what the padded CPU transport moves.
 Node-limited routing (report §3.2.2): with n_group equal to the number of expert shards (nodes) and
 topk_group = M, group-limited routing sends each token to at most M shards, and the dispatch sends a
 token once per shard, so traffic per token is bounded by M rows each way however large k is.
+
+Inter-node traffic at DeepSeek-V3's shapes (`node_traffic_table`, accounting in numpy from dsv3.moe.route on
+random inputs, no devices needed): EP 8-64 over nodes of --node_size GPUs, with and without node-limited
+routing, the flat dispatch (a row per shard) against the two-hop one (model.ep_node_size: a row per node
+over the inter-node link, then a row per shard inside the node), BF16 or FP8 dispatch rows (the combine is
+BF16). The report's bound: at most topk_group = 4 nodes a token, so at most 4 inter-node rows each way.
 """
 from __future__ import annotations
 
@@ -28,14 +34,17 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from dsv3 import moe, sharding  # noqa: E402
-from dsv3.config import ModelConfig  # noqa: E402
-from dsv3.expert_parallel import ExpertParallel, alltoall_bytes  # noqa: E402
+from dsv3.config import ModelConfig, deepseek_v3_671b  # noqa: E402
+from dsv3.expert_parallel import ExpertParallel, alltoall_bytes, dispatch_traffic, traffic_bytes  # noqa: E402
 
 _TOKENS = flags.DEFINE_integer("tokens", 1024, "tokens per step (global)")
 _HIDDEN = flags.DEFINE_integer("hidden", 64, "hidden size")
 _EXPERTS = flags.DEFINE_integer("experts", 32, "routed experts")
 _TOPK = flags.DEFINE_integer("topk", 8, "experts per token")
 _ITERS = flags.DEFINE_integer("iters", 3, "timed steps per setting")
+_NODE_SIZE = flags.DEFINE_integer("node_size", 8, "GPUs per node for the inter-node traffic table (H800 nodes: 8)")
+_NODE_EPS = flags.DEFINE_list("node_eps", ["8", "16", "32", "64"], "expert-parallel sizes for the inter-node table")
+_NODE_TOKENS = flags.DEFINE_integer("node_tokens", 4096, "routed tokens (global) sampled for the inter-node table")
 
 
 def _cfg(n_group=1, topk_group=1, **kw) -> ModelConfig:
@@ -71,6 +80,43 @@ def node_limited_table(ep: int = 8):
   print(f"{'routing':<26}{'max shards/token':>18}{'rows/token':>12}{'bytes/token':>13}")
   for name, reach, units, bytes_ in rows:
     print(f"{name:<26}{reach:>18}{units:>12.2f}{bytes_:>13.1f}")
+  return rows
+
+
+def node_traffic_table():
+  """Per token, rows and KiB crossing nodes and moving inside nodes, DeepSeek-V3 shapes, one markdown table."""
+  base = deepseek_v3_671b()
+  H, E, L, N = base.hidden_size, base.n_routed_experts, _NODE_SIZE.value, _NODE_TOKENS.value
+  r = jax.random.split(jax.random.key(0), 2)
+  x = jax.random.normal(r[0], (N, H))
+  kernel = jax.random.normal(r[1], (H, E)) / np.sqrt(H)
+  routings = [(f"n_group={base.n_group}, topk_group={base.topk_group}", base),
+              ("no limit (n_group=1)", base.replace(n_group=1, topk_group=1))]
+  routes = {name: np.asarray(moe.route(cfg, x, kernel, jnp.zeros((E,)))[0]) for name, cfg in routings}
+  kib = lambda b: b / N / 1024
+  print(f"\nInter- and intra-node traffic per token (CPU accounting, dsv3.moe.route on {N} random tokens): "
+        f"hidden {H}, {E} experts, top-{base.num_experts_per_tok}, {L} GPUs per node; KiB per token; dispatch "
+        f"rows BF16 or FP8 (E4M3 + a 4-byte scale per 128), combine BF16; bound = report §3.2.2 (<= "
+        f"topk_group nodes a token)\n")
+  print("| EP | nodes | routing | dispatch | inter-node rows/token (max) | inter-node dispatch BF16 | FP8 | "
+        "inter-node combine | intra-node dispatch BF16 | FP8 | intra-node combine | bound (rows) |")
+  print("|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+  rows = []
+  for ep in map(int, _NODE_EPS.value):
+    for name, cfg in routings:
+      for two_hop in ((False, True) if ep > L else (False,)):       # one node: two-hop is the flat dispatch
+        t = dispatch_traffic(routes[name], E, ep, L, two_hop=two_hop)
+        bf16, fp8 = (traffic_bytes(t, H, dispatch=p) for p in ("bf16", "fp8"))
+        bound = cfg.topk_group if cfg.n_group > 1 else None
+        worst = int(t["token_inter_node"].max())
+        if two_hop and bound is not None:
+          assert worst <= bound, f"a token crossed {worst} times; node-limited routing allows {bound}"
+        rows.append((ep, ep // L, name, "two-hop" if two_hop else "flat", t, bf16, fp8))
+        print(f"| {ep} | {max(1, ep // L)} | {name} | {'two-hop' if two_hop else 'flat'} | "
+              f"{t['inter_node'] / N:.2f} ({worst}) | {kib(bf16['dispatch_inter']):.1f} | "
+              f"{kib(fp8['dispatch_inter']):.1f} | {kib(bf16['combine_inter']):.1f} | "
+              f"{kib(bf16['dispatch_intra']):.1f} | {kib(fp8['dispatch_intra']):.1f} | "
+              f"{kib(bf16['combine_intra']):.1f} | {'<= %d' % bound if bound else '-'} |")
   return rows
 
 
@@ -114,6 +160,7 @@ def main(argv):
   jax.config.update("jax_default_matmul_precision", "highest")
   print(f"backend: {jax.default_backend()}, {jax.device_count()} devices")
   node_limited_table()
+  node_traffic_table()
   ep_table(min(8, jax.device_count()))
 
 

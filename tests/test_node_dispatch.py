@@ -15,7 +15,8 @@ import pytest
 
 from dsv3 import fp8, moe, sharding
 from dsv3.config import ConfigError
-from dsv3.expert_parallel import ExpertParallel, dispatch_plan, dispatch_traffic
+from dsv3.expert_parallel import (ExpertParallel, alltoall_bytes, dispatch_plan, dispatch_traffic, row_bytes,
+                                  traffic_bytes)
 from test_expert_parallel import (E, FAST_COMPILE, H, K, KCFG, N, TOL, _emulated_ragged_all_to_all, _inputs,
                                   _maxdiff)
 
@@ -161,3 +162,18 @@ def test_bad_node_size():
     ep.routed_experts(KCFG.replace(ep_node_size=3), x, idx, w, *ws)
   for flat in (0, 1, 8, 16):                                     # one hop over the whole axis
     assert [h["D"] for h in dispatch_plan(KCFG.replace(ep_node_size=flat), 8, 8, "dense")["hops"]] == [8]
+
+
+def test_traffic_accounting():
+  """Flat: every remote unit is one hop's, split by link; two-hop: a row per remote node over the boundary,
+  the shard rows inside; row sizes on the wire."""
+  _, idx, _, _ = _inputs(skewed=False)
+  flat, two = (dispatch_traffic(idx, E, 8, 2, two_hop=t) for t in (False, True))
+  assert flat["hop_units"] == [flat["inter_node"] + flat["intra_node"]]
+  assert flat["hop_units"] == [alltoall_bytes(idx, E, 8, H)["remote_units"]]
+  assert two["hop_units"] == [two["inter_node"], two["intra_node"]] and two["inter_node"] < flat["inter_node"]
+  one_node = dispatch_traffic(idx, E, 8, 0, two_hop=True)                 # two-hop on one node: the flat dispatch
+  assert one_node["inter_node"] == 0 and one_node["hop_units"] == flat["hop_units"]
+  assert (row_bytes(7168, "bf16"), row_bytes(7168, "fp8"), row_bytes(100, "fp32")) == (14336, 7168 + 56 * 4, 400)
+  b = traffic_bytes(two, 7168, dispatch="fp8")
+  assert b["dispatch_inter"] == two["inter_node"] * 7392 and b["combine_inter"] == two["inter_node"] * 14336
