@@ -270,8 +270,8 @@ def _pack(ids, w, hop, transport):
 
 
 def _route(transport, axis, ep, hop, sent):
-  """Where one hop's all-to-all puts things, as arrays (for `_forward` / `_back`): my group's members, and for
-  the ragged transport every device's sizes and offsets ([ep] vectors, zero for devices outside my group)."""
+  """Where one hop's all-to-all puts things, as arrays (for `_forward` / `_back`): dense, my group's members;
+  ragged, every device's sizes and offsets ([ep] vectors, zero sizes for devices outside my group)."""
   members, _ = _members(axis, ep, hop)
   if transport != "ragged":
     return dict(members=members)
