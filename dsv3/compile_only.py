@@ -19,13 +19,13 @@ a table. `estimated_peak_bytes_per_device` is dsv3.plan's analytic figure for th
 Unpipelined, one step is the train step (plus the eval step), and a device's peak is the train step's.
 Pipelined (mesh.pipeline > 1), it is each rank's programs on its ('data', 'expert') sub-mesh and its own
 state (its stages' units): per stage F, and B or B* and W as the schedule has them
-(rank<r>_<F|B|Bstar|W>_stage<s>), the gradient sums, the update and the evaluation stages, compiled once per
-distinct rank (ranks with the same stages' shapes share them); then the guard's check on the whole mesh.
+(rank<r>_<F|B|Bstar|W>_stage<s>), its F&B cells (rank<r>_FB_stage<f>_stage<b>), the gradient sums, the
+update and the evaluation stages, compiled once per distinct rank (ranks with the same stages' shapes share
+them); then the guard's check on the whole mesh.
 A rank's peak is not one program's: across its programs it holds its state, its per-device parameter copies
 and gradient accumulators, and the residuals of its in-flight micro-batches (the schedule's simulated
 count), so `_rank_peak` adds those to each phase's compiled temporaries, and `max_peak_bytes_per_device` is
-the worst rank's. There is no fused F&B program: the executor dispatches an F&B unit as its F and B back
-to back.
+the worst rank's. dsv3.overlap reads the F&B programs' scheduled HLO for what they overlap.
 
 A mesh larger than MAX_COMPILE_DEVICES compiles as a stand-in with the same per-device shapes (`stand_in`),
 named in the output.
@@ -50,7 +50,7 @@ import numpy as np
 from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dsv3 import cli, plan, sharding
+from dsv3 import cli, overlap, plan, sharding
 from dsv3 import steps as steps_lib
 from dsv3 import workdir as workdir_lib
 from dsv3.config import ModelConfig, validate_train_config
@@ -202,7 +202,7 @@ def _bytes_per_device(tree) -> int:
              for a in jax.tree.leaves(tree))
 
 
-def _pipelined_programs(config, cfg, mesh, options, echo=print):
+def _pipelined_programs(config, cfg, mesh, options, echo=print, only=None):
   """(programs, ranks) of one pipelined step (dsv3.pipeline.pipelined).
 
   programs: [(name, position, sub-mesh, compiled)], each rank's on its ('data', 'expert') sub-mesh with its
@@ -219,6 +219,8 @@ def _pipelined_programs(config, cfg, mesh, options, echo=print):
   ranks: per rank, the programs it runs and what it holds at once during the step (`_rank_peak`): its
   state, its stage copies' per-device parameter copies and gradient accumulators, and its in-flight
   micro-batches' residuals.
+  only: compile only these program kinds ('F', 'B', 'Bstar', 'W', 'FB', 'FBstar', 'sums', 'update', 'eval',
+  'check'; F and B* always: others lower against their outputs); None: all.
   """
   ps = pipelined.PipelinedSteps(config, cfg, mesh)
   plan = ps.plan
@@ -228,6 +230,8 @@ def _pipelined_programs(config, cfg, mesh, options, echo=print):
   out, ranks, done = [], [], {}      # done: program key -> (its name, the compiled program)
 
   def program(key, name, position, sub, lower):
+    if only is not None and key[0] not in (*only, "F", "Bstar"):
+      return name, None
     if key not in done:
       done[key] = name, _compile(out, name, position, sub, lower(), options, echo)
     return done[key]
@@ -251,6 +255,7 @@ def _pipelined_programs(config, cfg, mesh, options, echo=print):
     pos = f"rank{r}"
     name = lambda kind, s: f"rank{r}_{kind}_stage{s}"
     forward = {}      # program key -> (its parameter copies, its aux) for the rank's gradient sums
+    args = {}         # phase -> its stage's (key, F's args, B's args) for the rank's F&B programs
     with jax.set_mesh(sub):
       for phase, (_, s) in enumerate(plan.schedule.placement[r]):
         st, key = plan.specs[s], plan.specs[s].program_key
@@ -266,6 +271,7 @@ def _pipelined_programs(config, cfg, mesh, options, echo=print):
             cfg, key, p, rt, x, tokens, coefs, devices))
         forward[key] = p, on(f.out_info[2], sub)
         vjps = on(f.out_info[1], sub)
+        args[phase] = key, s, (p, rt, x, tokens), (vjps, g, p)
         names = [f_name]
         if False in kinds:
           names.append(program(("B", key), name("B", s), pos, sub, lambda: plan.programs.backward.lower(
@@ -277,6 +283,15 @@ def _pipelined_programs(config, cfg, mesh, options, echo=print):
           names += [b_name, program(("W", key), name("W", s), pos, sub, lambda: plan.programs.backward_weights.lower(
               key, vjps, cts, p, p))[0]]
         info["programs"] += [n for n in names if n not in info["programs"]]
+      # F&B cells: one program per (forward stage, backward stage) pair in the rank's op list.
+      for fp, bp, input_only in sorted({(u.forward.phase, u.backward.phase, u.backward.input_only)
+                                        for u in plan.schedule[r] if u.kind == "FB"}):
+        (fkey, fs, f_args, _), (bkey, bs, _, (vjps, g, p)) = args[fp], args[bp]
+        kind = "FBstar" if input_only else "FB"
+        info["programs"].append(program(
+            (kind, fkey, bkey), f"rank{r}_{kind}_stage{fs}_stage{bs}", pos, sub,
+            lambda: plan.programs.forward_backward.lower(cfg, fkey, bkey, input_only, devices, *f_args, coefs, vjps,
+                                                         g, None if input_only else p, p))[0])
       per_copy = lambda ds: sum(1 for unit in plan.schedule[r] for op in executor._halves(unit)
                                 if op.kind == "F" and plan.schedule.placement[r][op.phase] == ds)
       accs = [forward[plan.specs[s].program_key][0] for _, s in mine]
@@ -309,6 +324,8 @@ def _pipelined_programs(config, cfg, mesh, options, echo=print):
   metrics = {k: scalar for k in ("ce", "mtp_loss", "balance_loss", "loss")}
   rows = jax.ShapeDtypeStruct((plan.layout.num_ranks, len(pipelined.SUMS)), jnp.float32,
                               sharding=NamedSharding(mesh, P("pipeline")))
+  if only is not None and "check" not in only:
+    return out, ranks
   with jax.set_mesh(mesh):
     _compile(out, "check", f"all {mesh.size} devices", mesh,
              ps.check_program.lower(guard, step, metrics, scalar, rows), options, echo)
@@ -334,9 +351,10 @@ def _rank_peak(info: dict, rows: list) -> dict:
   held = info["state_bytes"] - info["params_bytes"] * info["params_in_copies"] + info["copies_bytes"]
   residual = max(r["output_bytes"] for r in of("F"))
   # F's outputs are the residuals counted in flight; a backward's are the input gradient, cotangents and the
-  # accumulator (donated: aliased).
+  # accumulator (donated: aliased); an F&B's are both, its F's residuals among those counted in flight.
   work = max([r["temp_bytes"] for r in of("F")]
-             + [r["temp_bytes"] + r["output_bytes"] - r["alias_bytes"] for r in of("B", "Bstar", "W")])
+             + [r["temp_bytes"] + r["output_bytes"] - r["alias_bytes"] for r in of("B", "Bstar", "W")]
+             + [r["temp_bytes"] + r["output_bytes"] - r["alias_bytes"] - residual for r in of("FB", "FBstar")])
   phases = dict(
       forward_backward=held + info["inflight_microbatches"] * residual + work,
       sums=held + max(r["temp_bytes"] + r["output_bytes"] for r in of("sums")),
@@ -430,10 +448,13 @@ def compile_step(config, workdir: str, target: str, echo=print) -> dict:
   os.makedirs(out_dir, exist_ok=True)
   rows = []
   for name, position, sub, compiled in programs:
+    text = compiled.as_text()
     with open(os.path.join(out_dir, f"{name}.hlo.txt"), "w") as f:
-      f.write(compiled.as_text())
+      f.write(text)
     rows.append(dict(program=name, position=position, devices=[d.id for d in sub.devices.flat],
                      hlo=f"{name}.hlo.txt", **_memory(compiled)))
+    if gpu and name.split("_")[1] in ("FB", "FBstar"):     # what the F&B cell overlaps (dsv3.overlap)
+      rows[-1]["overlap"] = {k: v for k, v in overlap.summary(text).items() if k != "rows"}
   worst_program = max(rows, key=lambda r: r["peak_bytes"])
   if ranks is not None:
     ranks = [_rank_peak(info, rows) for info in ranks]
@@ -488,6 +509,11 @@ def format_table(result: dict) -> str:
           r["rank"], ",".join(map(str, r["stages"])), r["inflight_microbatches"],
           _gb(r["state_bytes"]), _gb(r["copies_bytes"]), _gb(r["residual_bytes_per_microbatch"]),
           _gb(r["working_bytes"]), _gb(r["peak_bytes"]))) + f"  {r['peak_phase']}")
+  for r in result["programs"]:
+    if "overlap" in r:
+      o = r["overlap"]
+      lines.append(f"{r['program']}: {o['count']} expert all-to-alls, {o['asynchronous']:.0%} asynchronous, "
+                   f"{o['hidden_by_other_chunk']:.0%} of their bytes under the other chunk's GEMMs (dsv3.overlap)")
   cap = result["capacity_bytes_per_device"]
   lines.append(f"max peak {_gb(result['max_peak_bytes_per_device'])} GB ({result['max_peak_position']})"
                + (f" of {_gb(cap)} GB" if cap else "")

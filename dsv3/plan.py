@@ -325,6 +325,24 @@ def _rank_layers(cfg: ModelConfig, num_stages: int, stages) -> list:
   return [int(l) for s in stages for l in split[s]]
 
 
+def pipeline_time(schedule: str, P: int, microbatches: int, fb_hidden: float, comm_ratio: float = 1.0):
+  """The schedule's simulated step in the paper's cell units (F 1, B 2, W 1) with F&B cells at F + B and at
+  dsv3.overlap.fb_cost: `fb_hidden` of each chunk's expert all-to-all time under the other chunk's compute,
+  all-to-all : compute = comm_ratio. None where there is no pipeline or the executor refuses the layout."""
+  if P <= 1 or schedule == "none":
+    return None
+  from dsv3 import overlap
+  from dsv3.pipeline import executor, schedules
+  try:
+    sched = executor.make_schedule(schedule, P, microbatches)
+  except ValueError:
+    return None
+  fb = overlap.fb_cost(1.0, 2.0, fb_hidden, comm_ratio)
+  apart, fused = (schedules.simulate(sched, F=1.0, B=2.0, W=1.0, FB=cost) for cost in (3.0, fb))
+  return dict(fb_hidden=fb_hidden, comm_ratio=comm_ratio, fb_cost=fb, step_unfused=apart.makespan,
+              step_fused=fused.makespan, bubble_unfused=apart.bubble, bubble_fused=fused.bubble)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Activations and temporaries of one training step, per device.
 # ---------------------------------------------------------------------------------------------------
@@ -555,9 +573,11 @@ def _positive(tc, path: str, default):
   return int(value)
 
 
-def plan(train_config, platform: str = "gpu") -> dict:
+def plan(train_config, platform: str = "gpu", fb_hidden: float = 1.0) -> dict:
   """Everything above for a training config (an ml_collections ConfigDict, or a bare ModelConfig).
 
+  fb_hidden: the share of an F&B cell's expert all-to-all time the other chunk hides, for `pipeline_time`
+  (1: DualPipe's design point; python -m dsv3.bench_overlap measures what the GPU compiler schedules).
   Raises ConfigError naming the field when a value it reads (seq_len, batch_size, mesh.*, pipeline.*,
   adam_moments_dtype) is out of range.
   """
@@ -585,7 +605,8 @@ def plan(train_config, platform: str = "gpu") -> dict:
              mesh=dict(data=data, expert=expert, pipeline=pipeline), pipeline_schedule=schedule,
              memory_per_device=step_memory(cfg, batch, seq_len, data, expert, pipeline, schedule, microbatches, accum,
                                            moments, platform),
-             kv_comparison=kv_comparison(cfg))
+             kv_comparison=kv_comparison(cfg),
+             pipeline_time=pipeline_time(schedule, pipeline, microbatches, fb_hidden))
   return out
 
 
@@ -647,6 +668,11 @@ def format_plan(p: dict) -> str:
                                f"{m['optimizer_shards']['non_expert']} / experts {m['optimizer_shards']['routed_expert']})"),
       ("  total", _gib(m["total_bytes"])),
   ]
+  t = p.get("pipeline_time")
+  if t:
+    rows.append(("pipeline step (F=1 B=2 W=1)", f"{t['step_unfused']:.1f} with F&B = F + B; {t['step_fused']:.1f} with "
+                 f"F&B = {t['fb_cost']:.2f} ({t['fb_hidden']:.0%} of its all-to-all hidden, all-to-all : compute "
+                 f"= {t['comm_ratio']:g})"))
   width = max(len(k) for k, _ in rows)
   return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -655,6 +681,8 @@ def _define_flags():
   """Flags live only in the CLI process, so that importing dsv3.plan (the trainer does) defines none."""
   config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
   flags.DEFINE_bool("json", False, "Print exactly one JSON object instead of the table.")
+  flags.DEFINE_float("fb_hidden", 1.0, "Share of an F&B cell's expert all-to-all time hidden under the other "
+                     "chunk, for the pipeline step (python -m dsv3.bench_overlap measures it for a GPU).")
   flags.DEFINE_bool("compare_kv", False, "Print MLA's KV cache next to the GQA baselines "
                     "(the model of --config, or DeepSeek-V3 671B without one).")
 
@@ -669,7 +697,7 @@ def main(argv):
     return
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/deepseek_v3.py")
-  result = plan(config)
+  result = plan(config, fb_hidden=F.fb_hidden)
   print(json.dumps(result) if F.json else format_plan(result))
 
 

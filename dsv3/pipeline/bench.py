@@ -1,13 +1,15 @@
 """Pipeline executor benchmark on simulated CPU devices: measured step time and per-op costs, next to the
 schedule simulator's prediction.
 
-  python -m dsv3.pipeline.bench [--ranks 4] [--microbatches 8] [--steps 3]
+  python -m dsv3.pipeline.bench [--ranks 4] [--microbatches 8] [--steps 3] [--unfused]
 
 THIS RUNS ON CPU: 8 host "devices" forced with XLA_FLAGS share the machine's cores, so sub-meshes do not
 really run concurrently and the measured step time is close to the sum of all ops. What the CPU run can
 measure honestly is the cost of each op kind (F, B, B*, W, F&B), timed one op at a time with
-block_until_ready. Those costs are fed to schedules.simulate to get the step time and the per-rank idle
-fraction that the schedule would have on truly parallel ranks, printed next to the simulator's prediction
+block_until_ready (an F&B cell is one program, stages.forward_backward; --unfused adds DualPipe(V) rows
+with its F and B programs back to back). Those costs are fed to schedules.simulate to get the step time and
+the per-rank idle fraction that the schedule would have on truly parallel ranks, printed next to the
+simulator's prediction
 with the paper's unit costs (F=1, B=2, W=1). On GPUs the same executor overlaps ranks through JAX's
 asynchronous dispatch, and the measured step time is the one to compare with the "sim (measured costs)"
 column.
@@ -66,8 +68,10 @@ def simulated(sched, costs):
   return schedules.simulate(sched, F=F, B=max(B, W), W=W, FB=FB)
 
 
-def bench(schedule: str, ranks: int, microbatches: int, steps: int, cfg: ModelConfig, variables, tokens):
-  kwargs = dict(schedule=schedule, num_stages=ranks, microbatches=microbatches, mtp_weight=0.3, alpha=1e-4)
+def bench(schedule: str, ranks: int, microbatches: int, steps: int, cfg: ModelConfig, variables, tokens,
+          fused: bool = True):
+  kwargs = dict(schedule=schedule, num_stages=ranks, microbatches=microbatches, mtp_weight=0.3, alpha=1e-4,
+                fused=fused)
   jax.block_until_ready(executor.pipeline_value_and_grad(cfg, variables, tokens, **kwargs))   # compile
   times = []
   for _ in range(steps):
@@ -96,6 +100,8 @@ def main(argv=None):
   parser.add_argument("--seq", type=int, default=32)
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--schedules", default=",".join(executor.SCHEDULES))
+  parser.add_argument("--unfused", action="store_true",
+                      help="also run DualPipe(V) with each F&B cell as its F and B programs (the baseline)")
   args = parser.parse_args(argv)
   cfg = ModelConfig(**BENCH_MODEL).validate()
   variables = _variables(cfg)
@@ -109,8 +115,12 @@ def main(argv=None):
         "block_until_ready;\nsim: schedules.simulate with those measured per-op costs (ideal parallel ranks); "
         "idle: per-rank idle fraction, simulated with measured costs vs. unit costs F=1 B=2 W=1.")
   print(f"{'schedule':<10} {'step ms':>8} {'serial ms':>10} {'sim ms':>8}  {'op costs ms':<40} idle (measured costs) | idle (unit costs)")
-  for name in args.schedules.split(","):
-    r = bench(name, args.ranks, args.microbatches, args.steps, cfg, variables, tokens)
+  runs = [(name, True) for name in args.schedules.split(",")]
+  if args.unfused:
+    runs += [(name, False) for name, _ in runs if name.startswith("dualpipe")]
+  for name, fused in runs:
+    r = bench(name, args.ranks, args.microbatches, args.steps, cfg, variables, tokens, fused)
+    name += "" if fused else " (F,B)"
     costs = " ".join(f"{k}={v * 1e3:.1f}" for k, v in sorted(r["costs"].items()))
     fmt = lambda xs: " ".join(f"{x:.2f}" for x in xs)
     print(f"{name:<10} {r['step'] * 1e3:>8.1f} {r['serial'] * 1e3:>10.1f} {r['sim_step'] * 1e3:>8.1f}  "

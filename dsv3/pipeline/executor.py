@@ -212,7 +212,6 @@ class Plan:
   def __init__(self, cfg: ModelConfig, schedule: str, num_ranks: int, microbatches: int, devices=None,
                compiler_options=None, transfer: str = "auto"):
     self.cfg = cfg
-    self.programs = stages.programs(compiler_options)
     self.schedule = make_schedule(schedule, num_ranks, microbatches)
     self.num_stages = num_stages_for(schedule, num_ranks)
     if cfg.num_hidden_layers < self.num_stages:
@@ -222,6 +221,9 @@ class Plan:
     self.specs = stages.split_layers(cfg, self.num_stages)
     self.mesh = pipeline_mesh(num_ranks, devices)
     self.meshes = sharding.stage_meshes(self.mesh)
+    if self.mesh.devices.flat[0].platform in ("gpu", "cuda", "rocm"):     # F&B overlap: see stages.forward_backward
+      compiler_options = tuple(sorted({**stages.GPU_OVERLAP_OPTIONS, **dict(compiler_options or ())}.items()))
+    self.programs = stages.programs(compiler_options)
     self.transfers = Transfers(self.meshes, transfer)
     # Expert parallelism inside every stage: its routed experts over the sub-mesh's 'expert' axis.
     self.expert_parallel = [ExpertParallel(m) if m.shape.get("expert", 1) > 1 else None for m in self.meshes]

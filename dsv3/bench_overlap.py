@@ -1,0 +1,113 @@
+"""DualPipe's overlap in the GPU compiler's schedule: fused F&B programs against their unfused F and B.
+
+  .venv-aot/bin/python -m dsv3.bench_overlap [--config=configs/small.py] [--target=h100] [--expert=8,16]
+
+For each expert degree EP, compiles (deviceless, GPU_AOT.md; needs the compile-only toolchain) pipeline rank
+0 of a DualPipe run of the config on mesh pipeline 2 x expert EP, EP GPUs per rank (EP 16: a rank spans two
+8-GPU hosts): its F&B programs (stages.forward_backward) and the F and B programs each one fuses. From each
+program's scheduled HLO (dsv3.overlap) it prints, over the expert all-to-alls (dispatch and combine, and
+their transposes in the backward): how many, their bytes per device, the fraction that is asynchronous, and
+the fraction of bytes whose start..done window holds GEMMs of the other chunk (F&B) or any GEMM. Then the
+DualPipe bubble the schedule simulator gives with the F&B cost that overlap implies (overlap.fb_cost)
+against F + B. --json writes everything, every collective's window included.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from dsv3 import compile_only, overlap, sharding
+from dsv3.config import ModelConfig
+from dsv3.pipeline import schedules, stages
+
+_CONFIG = config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(__file__), "..", "configs",
+                                                                 "small.py"), "Training config file.")
+_TARGET = flags.DEFINE_enum("target", "h100", ["h100", "h800", "h200"], "GPU to compile for.")
+_EXPERT = flags.DEFINE_list("expert", ["8", "16"], "Expert-parallel degrees (GPUs per pipeline rank).")
+_MICROBATCHES = flags.DEFINE_integer("microbatches", 8, "DualPipe micro-batches (>= 2 x 2 ranks).")
+_COMM = flags.DEFINE_float("comm_ratio", 1.0, "Expert all-to-all time over compute time when nothing "
+                           "overlaps (report §3.2.1: about 1 for cross-node EP), for the F&B cost.")
+_JSON = flags.DEFINE_string("json", None, "Also write the results here.")
+
+
+def rank0_programs(config, target: str, echo=print) -> dict:
+  """{program name: overlap.summary} of pipeline rank 0's F, B and F&B programs compiled for `target`."""
+  config = config.copy_and_resolve_references()
+  if config.model.grouped_gemm == "auto":
+    config.model.grouped_gemm = "ragged_dot"          # what a GPU run resolves 'auto' to
+  cfg = ModelConfig.from_config_dict(config)
+  devices = compile_only.target_devices(target, int(config.mesh.pipeline) * int(config.mesh.expert)
+                                        * int(config.mesh.data))
+  mesh = sharding.make_mesh(config.mesh, devices=devices)
+  programs, _ = compile_only._pipelined_programs(config, cfg, mesh, compile_only.GPU_COMPILER_OPTIONS, echo,
+                                                 only=("F", "B", "FB", "FBstar"))
+  return {name: overlap.summary(c.as_text()) for name, position, _, c in programs if position == "rank0"}
+
+
+def overlap_rows(found: dict) -> list:
+  """Per F&B program: its summary and that of the F and B programs it fuses (the unfused baseline)."""
+  rows = []
+  for name, s in found.items():
+    kind, *stage = name.split("_")[1:]
+    if kind not in ("FB", "FBstar"):
+      continue
+    f, b = (f"rank0_{k}_{st}" for k, st in zip(("F", "Bstar" if kind == "FBstar" else "B"), stage))
+    base = overlap.combine(found[f], found[b])
+    rows.append(dict(program=name, fused=s, unfused=base, unfused_programs=[f, b]))
+  return rows
+
+
+def bubble_rows(ranks: int, microbatches: int, fb: float) -> list:
+  """DualPipe on `ranks` ranks with the paper's unit costs (F 1, B 2, W 1): F&B as F + B, and as `fb`."""
+  sched = schedules.dualpipe(ranks, microbatches)
+  out = []
+  for label, cost in (("F&B = F + B (unfused)", 3.0), (f"F&B = {fb:.2f} (fused, compiled overlap)", fb)):
+    res = schedules.simulate(sched, F=1.0, B=2.0, W=1.0, FB=cost)
+    out.append(dict(fb=label, makespan=res.makespan, bubble=res.bubble))
+  return out
+
+
+def main(argv):
+  del argv
+  compile_only.check_toolchain(_TARGET.value)
+  compile_only.prepare_environment(_TARGET.value, 0)
+  results = []
+  for ep in map(int, _EXPERT.value):
+    config = _CONFIG.value.copy_and_resolve_references()
+    config.mesh.data, config.mesh.expert, config.mesh.pipeline = 1, ep, 2
+    config.pipeline.schedule, config.pipeline.microbatches = "dualpipe", _MICROBATCHES.value
+    config.batch_size = max(int(config.batch_size), ep * _MICROBATCHES.value)
+    print(f"EP{ep}: compiling rank 0 of DualPipe PP2 x EP{ep} for {_TARGET.value} ...", flush=True)
+    for row in overlap_rows(rank0_programs(config, _TARGET.value)):
+      row["ep"] = ep
+      results.append(row)
+  print(f"\nExpert all-to-alls of pipeline rank 0 ({_TARGET.value}, compiled; stages.GPU_OVERLAP_OPTIONS): "
+        "fused F&B program vs its F and B compiled apart")
+  print("| EP | F&B program | schedule | all-to-alls | MiB / device | async | window holds other chunk's GEMMs "
+        "| window holds any GEMM |")
+  print("|---|---|---|---|---|---|---|---|")
+  for r in results:
+    for label, s in (("fused", r["fused"]), ("unfused F, B", r["unfused"])):
+      print(f"| {r['ep']} | {r['program']} | {label} | {s['count']} | {s['bytes'] / 2**20:.2f} | "
+            f"{s['asynchronous']:.0%} | {s['hidden_by_other_chunk']:.0%} | {s['hidden_by_any_gemm']:.0%} |")
+  worst = min(r["fused"]["hidden_by_other_chunk"] for r in results)
+  fb = overlap.fb_cost(1.0, 2.0, worst, _COMM.value)
+  bubbles = bubble_rows(8, 20, fb)
+  print(f"\nDualPipe PP8, 20 micro-batches, F 1 B 2 W 1, all-to-all : compute = {_COMM.value:g} : 1; the fused "
+        f"cell hides {worst:.0%} of its all-to-all bytes behind the other chunk (the worst program above)")
+  print("| F&B cost | step (simulated) | bubble |\n|---|---|---|")
+  for b in bubbles:
+    print(f"| {b['fb']} | {b['makespan']:.1f} | {b['bubble']:.1f} |")
+  for r in results:
+    print("\n" + overlap.format_rows(f"EP{r['ep']} {r['program']} (fused)", r["fused"]))
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump(dict(target=_TARGET.value, options=stages.GPU_OVERLAP_OPTIONS, programs=results, bubble=bubbles),
+                f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+  app.run(main)
