@@ -7,7 +7,8 @@ For each expert degree EP, compiles (deviceless, GPU_AOT.md; needs the compile-o
 8-GPU hosts): its F&B programs (stages.forward_backward) and the F and B programs each one fuses. From each
 program's scheduled HLO (dsv3.overlap) it prints, over the expert all-to-alls (dispatch and combine, and
 their transposes in the backward): how many, their bytes per device, the fraction that is asynchronous, and
-the fraction of bytes whose start..done window holds GEMMs of the other chunk (F&B) or any GEMM. Then the
+the fraction of bytes whose start..done window holds GEMMs of the other chunk (F&B) or any GEMM; the F and B
+programs also as they compiled before (XLA's default scheduling, XLA_DEFAULTS). Then the
 DualPipe bubble the schedule simulator gives with the F&B cost that overlap implies (overlap.fb_cost)
 against F + B. --json writes everything, every collective's window included.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Optional
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -33,8 +35,15 @@ _COMM = flags.DEFINE_float("comm_ratio", 1.0, "Expert all-to-all time over compu
 _JSON = flags.DEFINE_string("json", None, "Also write the results here.")
 
 
-def rank0_programs(config, target: str, echo=print) -> dict:
-  """{program name: overlap.summary} of pipeline rank 0's F, B and F&B programs compiled for `target`."""
+# XLA's defaults for what stages.GPU_OVERLAP_OPTIONS sets: how the stage programs compiled before it.
+XLA_DEFAULTS = {"xla_gpu_enable_latency_hiding_scheduler": False,
+                "xla_gpu_experimental_collective_start_as_early_as_possible": False,
+                "xla_gpu_experimental_parallel_collective_overlap_limit": 1}
+
+
+def rank0_programs(config, target: str, echo=print, options=None, only=("F", "B", "FB", "FBstar")) -> dict:
+  """{program name: overlap.summary} of pipeline rank 0's F, B and F&B programs compiled for `target`
+  (with `options` over the stage programs' own)."""
   config = config.copy_and_resolve_references()
   if config.model.grouped_gemm == "auto":
     config.model.grouped_gemm = "ragged_dot"          # what a GPU run resolves 'auto' to
@@ -42,21 +51,24 @@ def rank0_programs(config, target: str, echo=print) -> dict:
   devices = compile_only.target_devices(target, int(config.mesh.pipeline) * int(config.mesh.expert)
                                         * int(config.mesh.data))
   mesh = sharding.make_mesh(config.mesh, devices=devices)
-  programs, _ = compile_only._pipelined_programs(config, cfg, mesh, compile_only.GPU_COMPILER_OPTIONS, echo,
-                                                 only=("F", "B", "FB", "FBstar"))
+  programs, _ = compile_only._pipelined_programs(config, cfg, mesh, {**compile_only.GPU_COMPILER_OPTIONS,
+                                                                     **(options or {})}, echo, only=only)
   return {name: overlap.summary(c.as_text()) for name, position, _, c in programs if position == "rank0"}
 
 
-def overlap_rows(found: dict) -> list:
-  """Per F&B program: its summary and that of the F and B programs it fuses (the unfused baseline)."""
+def overlap_rows(found: dict, defaults: Optional[dict] = None) -> list:
+  """Per F&B program: its summary and that of the F and B programs it fuses (the unfused baseline), and of
+  those compiled with XLA's default scheduling (`defaults`: rank0_programs with XLA_DEFAULTS), if given."""
   rows = []
   for name, s in found.items():
     kind, *stage = name.split("_")[1:]
     if kind not in ("FB", "FBstar"):
       continue
     f, b = (f"rank0_{k}_{st}" for k, st in zip(("F", "Bstar" if kind == "FBstar" else "B"), stage))
-    base = overlap.combine(found[f], found[b])
-    rows.append(dict(program=name, fused=s, unfused=base, unfused_programs=[f, b]))
+    row = dict(program=name, fused=s, unfused=overlap.combine(found[f], found[b]), unfused_programs=[f, b])
+    if defaults:
+      row["unfused_xla_defaults"] = overlap.combine(defaults[f], defaults[b])
+    rows.append(row)
   return rows
 
 
@@ -81,7 +93,8 @@ def main(argv):
     config.pipeline.schedule, config.pipeline.microbatches = "dualpipe", _MICROBATCHES.value
     config.batch_size = max(int(config.batch_size), ep * _MICROBATCHES.value)
     print(f"EP{ep}: compiling rank 0 of DualPipe PP2 x EP{ep} for {_TARGET.value} ...", flush=True)
-    for row in overlap_rows(rank0_programs(config, _TARGET.value)):
+    defaults = rank0_programs(config, _TARGET.value, options=XLA_DEFAULTS, only=("F", "B"))
+    for row in overlap_rows(rank0_programs(config, _TARGET.value), defaults):
       row["ep"] = ep
       results.append(row)
   print(f"\nExpert all-to-alls of pipeline rank 0 ({_TARGET.value}, compiled; stages.GPU_OVERLAP_OPTIONS): "
@@ -90,7 +103,8 @@ def main(argv):
         "| window holds any GEMM |")
   print("|---|---|---|---|---|---|---|---|")
   for r in results:
-    for label, s in (("fused", r["fused"]), ("unfused F, B", r["unfused"])):
+    for label, s in (("fused", r["fused"]), ("F, B apart", r["unfused"]),
+                     ("F, B apart, XLA's default scheduling (before)", r["unfused_xla_defaults"])):
       print(f"| {r['ep']} | {r['program']} | {label} | {s['count']} | {s['bytes'] / 2**20:.2f} | "
             f"{s['asynchronous']:.0%} | {s['hidden_by_other_chunk']:.0%} | {s['hidden_by_any_gemm']:.0%} |")
   worst = min(r["fused"]["hidden_by_other_chunk"] for r in results)

@@ -439,6 +439,9 @@ def compile_step(config, workdir: str, target: str, echo=print) -> dict:
                  f"rank's peak adds what it holds across programs (state, parameter copies and accumulators, "
                  f"in-flight residuals) to each phase's compiled figures; the holders' sums of units shared "
                  f"between ranks, the sum of the scalar rows over 'pipeline' and the transfers are not compiled")
+    if gpu:
+      notes.append(f"stage programs with XLA options {stages.GPU_OVERLAP_OPTIONS} (the executor's on GPUs); each "
+                   f"F&B program's line says how much of its expert all-to-all traffic runs under the other chunk")
   else:
     programs = []
     with jax.set_mesh(mesh):

@@ -28,3 +28,13 @@ def reductions(text: str, min_elements: int = 65) -> list:
     if largest(shape) >= min_elements:
       out.append((op, shape))
   return out
+
+
+def gpu_toolchain() -> bool:
+  """Whether this Python can compile for GPUs without one (requirements-aot.txt, GPU_AOT.md)."""
+  from dsv3 import compile_only
+  try:
+    compile_only.check_toolchain("h100")
+    return True
+  except compile_only.CompileOnlyError:
+    return False

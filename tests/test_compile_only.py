@@ -20,13 +20,6 @@ from dsv3 import compile_only
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _gpu_toolchain() -> bool:
-  try:
-    compile_only.check_toolchain("h100")
-    return True
-  except compile_only.CompileOnlyError:
-    return False
-
 
 def _config(data=2, expert=4, pipeline=1, schedule="zb1p"):
   c = tiny.get_config()
@@ -102,7 +95,7 @@ def test_cpu_pipeline_stage_programs(tmp_path):
   assert sum(hlo.largest(shape) for _, shape in sums) > 400_000, sums
 
 
-@pytest.mark.skipif(_gpu_toolchain(), reason="the GPU toolchain is installed here")
+@pytest.mark.skipif(hlo.gpu_toolchain(), reason="the GPU toolchain is installed here")
 def test_gpu_target_without_toolchain_is_one_line(tmp_path):
   workdir = tmp_path / "never_made"
   proc = subprocess.run(
@@ -114,7 +107,7 @@ def test_gpu_target_without_toolchain_is_one_line(tmp_path):
   assert not workdir.exists()
 
 
-@pytest.mark.skipif(not _gpu_toolchain(), reason="needs the compile-only GPU toolchain (requirements-aot.txt)")
+@pytest.mark.skipif(not hlo.gpu_toolchain(), reason="needs the compile-only GPU toolchain (requirements-aot.txt)")
 def test_h100_ep8(tmp_path):
   result = compile_only.run(_config(data=1, expert=8), str(tmp_path), "h100")
   saved = _check_result(result, str(tmp_path), "h100", ["train_step", "eval_step"])
@@ -127,7 +120,7 @@ def test_h100_ep8(tmp_path):
   assert jax.default_backend() == "cpu"            # nothing ran on (or needed) a GPU
 
 
-@pytest.mark.skipif(not _gpu_toolchain(), reason="needs the compile-only GPU toolchain (requirements-aot.txt)")
+@pytest.mark.skipif(not hlo.gpu_toolchain(), reason="needs the compile-only GPU toolchain (requirements-aot.txt)")
 def test_h100_pipeline(tmp_path):
   result = compile_only.run(_config(data=1, expert=4, pipeline=2, schedule="1f1b"), str(tmp_path), "h100")
   _check_result(result, str(tmp_path), "h100", _rank_programs((0, 1), ("B",)))

@@ -465,11 +465,13 @@ def backward_weights(key, vjps, cts, acc, params):
   return _as_tree(key, [_add(a, vjp(ct)[0]) for a, vjp, ct in zip(acc, _with_params(vjps, params), cts)])
 
 
-# XLA:GPU options of the stage programs on GPUs (the executor's Plan adds them): the latency-hiding scheduler
-# with its analytical cost model is what places one chunk's all-to-alls over the other chunk's GEMMs in an
-# F&B program (python -m dsv3.bench_overlap measures it; the default scheduler overlaps nothing).
+# XLA:GPU options of the stage programs on GPUs (the executor's Plan adds them). Without the latency-hiding
+# scheduler an F&B program's all-to-alls are synchronous; with it, collectives started as early as their inputs
+# allow and two in flight at once, the other chunk's GEMMs run inside more of their windows (measured by
+# python -m dsv3.bench_overlap; its analytical cost model does better but crashes XLA 0.12 on blockwise attention).
 GPU_OVERLAP_OPTIONS = {"xla_gpu_enable_latency_hiding_scheduler": True,
-                       "xla_gpu_experimental_collective_start_as_early_as_possible": True}
+                       "xla_gpu_experimental_collective_start_as_early_as_possible": True,
+                       "xla_gpu_experimental_parallel_collective_overlap_limit": 2}
 
 # Name scopes that tag every op of an F&B program with its chunk (dsv3.overlap reads them from the HLO).
 FORWARD_SCOPE, BACKWARD_SCOPE = "fb_forward", "fb_backward"
