@@ -87,9 +87,9 @@ def parse(text: str) -> Dict[str, List[Instruction]]:
       continue
     shape = rest[:max(op.start() - 1, 0)].strip()
     operands, attrs = _split_args(rest[op.end() - 1:])
-    callees = re.findall(r"(?:calls|to_apply|body|condition|branch_computations)=\{?%([\w.\-]+)", attrs)
-    callees += re.findall(r",\s*%([\w.\-]+)", attrs.split("branch_computations={", 1)[1].split("}")[0]) \
-        if "branch_computations={" in attrs else []
+    callees = re.findall(r"(?:calls|to_apply|body|condition)=%([\w.\-]+)", attrs)
+    branches = re.search(r"branch_computations=\{([^}]*)\}", attrs)
+    callees += re.findall(r"%([\w.\-]+)", branches.group(1)) if branches else []
     op_name = re.search(r'op_name="([^"]*)"', attrs)
     target = re.search(r'custom_call_target="([^"]*)"', attrs)
     current.append(Instruction(name, shape, op.group(1), re.findall(r"%([\w.\-]+)", operands), callees,
@@ -98,6 +98,7 @@ def parse(text: str) -> Dict[str, List[Instruction]]:
 
 
 def shape_bytes(shape: str) -> int:
+  """Bytes of an HLO shape: an array ('bf16[1024,128]{1,0}') or the arrays of a tuple of them."""
   total = 0
   for dtype, dims in _ARRAY.findall(shape):
     n = 1

@@ -15,7 +15,8 @@ backward then comes in three flavours, all compiled once per stage and sub-mesh:
   W   the deferred weight gradients: each piece's VJP applied to its saved cotangent, keeping only the
       parameter half. Pieces are independent here, so W neither reruns the forward nor the input chain.
 That per-piece split is the zero-bubble decomposition: B* puts the gradient on the wire after the cheap
-half of the backward, and W fills bubbles later. The layers are unrolled rather than scanned because the
+half of the backward, and W fills bubbles later. An F&B cell (DualPipe) is F and B (or B*) of two micro-batches
+in one program, `forward_backward`, so that one chunk's expert all-to-alls can run under the other's GEMMs. The layers are unrolled rather than scanned because the
 split needs one VJP per layer, and a pipeline stage holds only a few layers (61 layers over PP16 is 4).
 
 Gradients are reduced once per step, not once per backward. When a micro-batch's rows split over every
