@@ -270,7 +270,10 @@ def _pipelined_programs(config, cfg, mesh, options, echo=print, only=None):
         f_name, f = program(("F", key), name("F", s), pos, sub, lambda: plan.programs.forward.lower(
             cfg, key, p, rt, x, tokens, coefs, devices))
         forward[key] = p, on(f.out_info[2], sub)
-        vjps = on(f.out_info[1], sub)
+        # F's residuals as laid out by the compiled F (maybe another rank's), in this rank's pytree: a VJP
+        # carries its stage's Devices (this rank's sub-mesh) as static data.
+        here = jax.eval_shape(lambda *a, key=key: stages.forward(cfg, key, *a, devices), p, rt, x, tokens, coefs)
+        vjps = jax.tree.unflatten(jax.tree.structure(here[1]), jax.tree.leaves(on(f.out_info[1], sub)))
         args[phase] = key, s, (p, rt, x, tokens), (vjps, g, p)
         names = [f_name]
         if False in kinds:
@@ -456,7 +459,7 @@ def compile_step(config, workdir: str, target: str, echo=print) -> dict:
       f.write(text)
     rows.append(dict(program=name, position=position, devices=[d.id for d in sub.devices.flat],
                      hlo=f"{name}.hlo.txt", **_memory(compiled)))
-    if gpu and name.split("_")[1] in ("FB", "FBstar"):     # what the F&B cell overlaps (dsv3.overlap)
+    if gpu and re.match(r"rank\d+_FB", name):     # what the F&B cell overlaps (dsv3.overlap)
       rows[-1]["overlap"] = {k: v for k, v in overlap.summary(text).items() if k != "rows"}
   worst_program = max(rows, key=lambda r: r["peak_bytes"])
   if ranks is not None:
