@@ -52,9 +52,10 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from dsv3 import cli, model
+from dsv3 import attention as attn_lib, cli, expert_parallel as ep_lib, model, overlap, tiled_gemm
 from dsv3.config import ConfigError, ModelConfig, deepseek_v3_671b
 from dsv3.layers import KEEP
+from dsv3.pipeline import executor, schedules
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -331,8 +332,6 @@ def pipeline_time(schedule: str, P: int, microbatches: int, fb_hidden: float, co
   all-to-all : compute = comm_ratio. None where there is no pipeline or the executor refuses the layout."""
   if P <= 1 or schedule == "none":
     return None
-  from dsv3 import overlap
-  from dsv3.pipeline import executor, schedules
   try:
     sched = executor.make_schedule(schedule, P, microbatches)
   except ValueError:
@@ -350,7 +349,6 @@ def _pipeline_inflight(schedule: str, P: int, microbatches: int) -> list:
   """Per rank, the most micro-batches whose forward residuals it holds at once (dsv3.pipeline's simulator)."""
   if P <= 1 or schedule == "none":
     return [1]
-  from dsv3.pipeline import executor, schedules   # pipeline code only where a pipeline is planned
   try:
     sched = executor.make_schedule(schedule, P, microbatches)
   except ValueError:       # a layout the executor refuses: 1F1B's bound, one per downstream rank
@@ -377,7 +375,6 @@ def activation_plan(cfg: ModelConfig, rows: int, seq_len: int, data: int = 1, ex
   policy drops) and the vocabulary head's (every head's logits, one's gradient). Elements are counted per
   token from the code's tensors (dsv3/mla.py, attention.py, moe.py, expert_parallel.py, model.py).
   """
-  from dsv3 import attention as attn_lib, expert_parallel as ep_lib, tiled_gemm  # model code, lazily
   c = 2 if cfg.dtype == "bfloat16" else 4                         # compute dtype bytes
   scanned = cfg.scan_layers if scanned is None else scanned
   T, n = seq_len, rows * seq_len                                 # tokens per device per micro-batch
