@@ -270,10 +270,12 @@ def _pipelined_programs(config, cfg, mesh, options, echo=print, only=None):
         f_name, f = program(("F", key), name("F", s), pos, sub, lambda: plan.programs.forward.lower(
             cfg, key, p, rt, x, tokens, coefs, devices))
         forward[key] = p, on(f.out_info[2], sub)
-        # F's residuals as laid out by the compiled F (maybe another rank's), in this rank's pytree: a VJP
-        # carries its stage's Devices (this rank's sub-mesh) as static data.
-        here = jax.eval_shape(lambda *a, key=key: stages.forward(cfg, key, *a, devices), p, rt, x, tokens, coefs)
-        vjps = jax.tree.unflatten(jax.tree.structure(here[1]), jax.tree.leaves(on(f.out_info[1], sub)))
+        vjps = on(f.out_info[1], sub)
+        if not f_name.startswith(f"rank{r}_"):
+          # F was compiled for another rank: its VJPs carry that rank's Devices as static data, so they take
+          # this rank's pytree (traced, not compiled) around the same residual layout.
+          here = jax.eval_shape(lambda *a, key=key: stages.forward(cfg, key, *a, devices), p, rt, x, tokens, coefs)
+          vjps = jax.tree.unflatten(jax.tree.structure(here[1]), jax.tree.leaves(vjps))
         args[phase] = key, s, (p, rt, x, tokens), (vjps, g, p)
         names = [f_name]
         if False in kinds:
