@@ -9,8 +9,7 @@ measure honestly is the cost of each op kind (F, B, B*, W, F&B), timed one op at
 block_until_ready (an F&B cell is one program, stages.forward_backward; --unfused adds DualPipe(V) rows
 with its F and B programs back to back). Those costs are fed to schedules.simulate to get the step time and
 the per-rank idle fraction that the schedule would have on truly parallel ranks, printed next to the
-simulator's prediction
-with the paper's unit costs (F=1, B=2, W=1). On GPUs the same executor overlaps ranks through JAX's
+simulator's prediction with the paper's unit costs (F=1, B=2, W=1). On GPUs the same executor overlaps ranks through JAX's
 asynchronous dispatch, and the measured step time is the one to compare with the "sim (measured costs)"
 column.
 """
