@@ -35,7 +35,8 @@ from absl import app, flags  # noqa: E402
 
 from dsv3 import moe, sharding  # noqa: E402
 from dsv3.config import ModelConfig, deepseek_v3_671b  # noqa: E402
-from dsv3.expert_parallel import ExpertParallel, alltoall_bytes, dispatch_traffic, traffic_bytes  # noqa: E402
+from dsv3.ep_traffic import alltoall_bytes, dispatch_traffic, traffic_bytes  # noqa: E402
+from dsv3.expert_parallel import ExpertParallel  # noqa: E402
 
 _TOKENS = flags.DEFINE_integer("tokens", 1024, "tokens per step (global)")
 _HIDDEN = flags.DEFINE_integer("hidden", 64, "hidden size")

@@ -18,7 +18,8 @@ import pytest
 
 from dsv3 import model, moe, sharding
 from dsv3.config import ModelConfig
-from dsv3.expert_parallel import ExpertParallel, alltoall_bytes, dispatch_units
+from dsv3.ep_traffic import alltoall_bytes, dispatch_units
+from dsv3.expert_parallel import ExpertParallel
 
 MESHES = [(8, 1), (4, 2), (2, 4), (1, 8)]
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
