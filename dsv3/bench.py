@@ -4,6 +4,7 @@ sequence length, compile time vs depth, and memory vs the planner.
   python -m dsv3.bench                                   # every section, sized for a 2-core CPU (~2 min each)
   python -m dsv3.bench --what=train,hf --small           # also the small config (GPU; slow on CPU)
   python -m dsv3.bench --what=moe --fast                 # smaller sizes, for smoke runs
+  python -m dsv3.bench gpu [--smoke]                     # one lent GPU: kernel checks, GEMM TFLOP/s, train step
 
 Sections (--what, comma-separated):
   train    tokens/s and MFU of the full training step (forward + backward with MTP and the balance loss, the
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import sys
 import time
 
 import jax
@@ -246,6 +248,10 @@ def bench_memory(args):
 
 
 def main(argv=None):
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if argv[:1] == ["gpu"]:        # python -m dsv3.bench gpu [...]: the lent-GPU check, dsv3/bench_gpu.py
+    from dsv3 import bench_gpu  # here, not at the top: bench_gpu imports this module
+    return bench_gpu.main(argv[1:])
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--what", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
   parser.add_argument("--small", action="store_true", help="also configs/small.py (train, memory)")
