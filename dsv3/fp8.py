@@ -15,13 +15,15 @@ gradient) and makes that work with two ideas:
   tile width are the same number.
 
 Numerics contract of every product here: out = sum_t (Aq_t @ Bq_t) * sa_t * sb_t over 128-wide K slices t,
-with each slice's partial sum and the total in FP32. Two interchangeable implementations:
+with each slice's partial sum and the total in FP32. Three interchangeable implementations:
 
-* 'emulate' (CPU default): dequantize both operands to FP32 and do one FP32 GEMM at HIGHEST precision.
-  Scales are constant inside a K slice, so scaling the operands equals scaling each slice's partial sum;
-  E4M3 x E4M3 products are exact in FP32, so this is the promoted accumulation up to FP32 summation order.
-* 'fp8' (GPU default): real float8 dot_generals, one per K slice with preferred_element_type=float32,
-  scaled and summed in FP32 - what the promoted tensor-core kernel does, expressed in XLA.
+* 'emulate' (CPU default, the reference): dequantize both operands to FP32 and do one FP32 GEMM at HIGHEST
+  precision. Scales are constant inside a K slice, so scaling the operands equals scaling each slice's
+  partial sum; E4M3 x E4M3 products are exact in FP32, so this is the promoted accumulation up to FP32
+  summation order.
+* 'triton' (GPU default): dsv3.fp8_triton's kernels, E4M3 tensor-core products promoted in registers.
+* 'fp8': real float8 dot_generals in XLA, one per K slice with preferred_element_type=float32, scaled and
+  summed in FP32: the same arithmetic without a kernel (each slice rewrites an FP32 output-sized buffer).
 
 `dot` and `ragged_dot` are custom_vjp layers whose backward passes also run in FP8: dx = dy @ w^T with dy
 in 1x128 tiles along N, and dw = x^T @ dy with x and dy in 128x1 tiles along the token axis. As in the
@@ -35,6 +37,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from dsv3 import backend, fp8_triton
 
 FP8 = jnp.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -51,8 +55,11 @@ def _cdiv(a, b):
   return -(-a // b)
 
 
+IMPLS = ("emulate", "triton", "fp8")
+
+
 def _default_impl():
-  return "emulate" if jax.default_backend() == "cpu" else "fp8"
+  return "triton" if backend.target_platform() == "gpu" else "emulate"
 
 
 def _pow2_ceil(s):
@@ -170,8 +177,11 @@ def _scaled_mm(aq, sa, bq, sb, *, promote=True, impl=None):
     a = dequantize_tiles(aq, sa, axis=1)
     b = bq.astype(jnp.float32) * jnp.repeat(sb, TILE, axis=0)[:k]
     return jnp.dot(a, b, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+  if impl == "triton":
+    gs = jnp.full((1,), m, jnp.int32)
+    return fp8_triton.scaled_matmul(aq, sa, bq[None], sb[None], gs, sb_col=1)
   if impl != "fp8":
-    raise ValueError(f"impl must be 'emulate' or 'fp8', got {impl!r}")
+    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
   # One FP8 GEMM per 128-wide K slice, FP32 out, scaled and summed in FP32: the promotion itself. Zero
   # padding of K contributes exact zeros.
   a = _pad_k(aq, 1, kt * TILE).reshape(m, kt, TILE).transpose(1, 0, 2)
@@ -218,7 +228,7 @@ def _dot_fwd(x, w, pow2_scale, impl):
   x2 = x.reshape(-1, k)
   xq, xs = quantize_tiles(x2, axis=-1, pow2_scale=pow2_scale)
   wq, ws = quantize_blocks(w, pow2_scale=pow2_scale)
-  y = _scaled_mm(xq, xs, wq, _block_to_col_scales(ws, w.shape[1]), impl=impl)
+  y = vary_like(_scaled_mm(xq, xs, wq, _block_to_col_scales(ws, w.shape[1]), impl=impl), xq)
   # Residuals: FP8 x + scales (1 byte/element) and the FP8 weight; never the high-precision x.
   res = (xq, xs, wq, ws, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
   return y.astype(x.dtype).reshape(lead + (w.shape[1],)), res
@@ -234,14 +244,18 @@ def _dot_bwd(pow2_scale, impl, res, dy):
   dx = _scaled_mm(dq, ds, wq.T, _block_to_col_scales(ws.T, k), impl=impl)
   # dw = x^T @ dy, contracting over tokens: both operands in 128x1 tiles along M.
   xq_t, xs_t, dq_t, ds_t = _dw_operands(xq, xs, dy2, pow2_scale)
-  dw = _scaled_mm(xq_t.T, xs_t.T, dq_t, ds_t, impl=impl)
-  return dx.astype(x_tag.dtype).reshape(lead + (k,)), dw.astype(w_tag.dtype)
+  if impl == "triton":      # the weight-gradient kernel with one group of every row: no transposed copy of x
+    dw = fp8_triton.scaled_ragged_dw(xq_t, xs_t, dq_t, ds_t, jnp.full((1,), xq_t.shape[0], jnp.int32))[0]
+  else:
+    dw = _scaled_mm(xq_t.T, xs_t.T, dq_t, ds_t, impl=impl)
+  return (vary_like(dx.astype(x_tag.dtype), xq).reshape(lead + (k,)),
+          vary_like(dw.astype(w_tag.dtype), wq))
 
 
 _dot.defvjp(_dot_fwd, _dot_bwd)
 
 
-def _match_varying(*xs):
+def match_varying(*xs):
   """Inside shard_map, casts the operands to vary over the union of their manual mesh axes.
 
   A custom_vjp's cotangents must have their primal's type: an expert weight that is invariant over
@@ -254,12 +268,19 @@ def _match_varying(*xs):
                for x, k in zip(xs, kinds))
 
 
+def vary_like(y, ref):
+  """y cast to vary over the mesh axes `ref` varies over: a kernel's output inside shard_map varies over
+  none, and a custom_vjp's outputs and cotangents must have their primal's type."""
+  missing = jax.typeof(ref).manual_axis_type.varying - jax.typeof(y).manual_axis_type.varying
+  return jax.lax.pcast(y, tuple(sorted(missing)), to="varying") if missing else y
+
+
 def dot(x, w, pow2_scale=False, impl=None):
   """Linear layer y = x @ w (x [..., K], w [K, N]) with FP8 forward, input- and weight-gradient GEMMs.
 
   Output dtype is x.dtype; gradients have the dtypes of x and w.
   """
-  x, w = _match_varying(x, w)
+  x, w = match_varying(x, w)
   return _dot(x, w, pow2_scale, impl or _default_impl())
 
 
@@ -283,8 +304,10 @@ def _ragged_scaled_mm(aq, sa, bq, sb, group_sizes, impl):
     b = bq.astype(jnp.float32) * jnp.repeat(sb, TILE, axis=1)[:, :k]
     return jax.lax.ragged_dot(a, b, group_sizes, precision=jax.lax.Precision.HIGHEST,
                               preferred_element_type=jnp.float32)
+  if impl == "triton":
+    return fp8_triton.scaled_matmul(aq, sa, bq, sb, group_sizes, sb_col=1)
   if impl != "fp8":
-    raise ValueError(f"impl must be 'emulate' or 'fp8', got {impl!r}")
+    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
   kt = _cdiv(k, TILE)
   a = _pad_k(aq, 1, kt * TILE).reshape(m, kt, TILE).transpose(1, 0, 2)
   b = _pad_k(bq, 1, kt * TILE).reshape(g, kt, TILE, n).transpose(1, 0, 2, 3)
@@ -316,6 +339,8 @@ def _ragged_dw(xq_t, xs_t, dq_t, ds_t, group_sizes, g, impl):
     b = dequantize_tiles(dq_t, ds_t, axis=0)
     return jax.lax.ragged_dot_general(a, b, group_sizes, dims, precision=jax.lax.Precision.HIGHEST,
                                       preferred_element_type=jnp.float32)
+  if impl == "triton":
+    return fp8_triton.scaled_ragged_dw(xq_t, xs_t, dq_t, ds_t, group_sizes)
   # FP8: one ragged contraction per 128-row slice (the promotion interval along the token axis), with
   # that slice's share of every group; slice scales applied in FP32.
   mt = _cdiv(m, TILE)
@@ -344,7 +369,7 @@ def _ragged(x, w, group_sizes, pow2_scale, impl):
 def _ragged_fwd(x, w, group_sizes, pow2_scale, impl):
   xq, xs = quantize_tiles(x, axis=-1, pow2_scale=pow2_scale)
   wq, ws = quantize_blocks(w, pow2_scale=pow2_scale)
-  y = _ragged_scaled_mm(xq, xs, wq, _block_to_col_scales(ws, w.shape[2]), group_sizes, impl)
+  y = vary_like(_ragged_scaled_mm(xq, xs, wq, _block_to_col_scales(ws, w.shape[2]), group_sizes, impl), xq)
   res = (xq, xs, wq, ws, group_sizes, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
   return y.astype(x.dtype), res
 
@@ -361,7 +386,7 @@ def _ragged_bwd(pow2_scale, impl, res, dy):
   dw = _ragged_dw(xq_t, xs_t, dq_t, ds_t, group_sizes, g, impl)
   # Integer group sizes have no cotangent (float0 by JAX's convention).
   dgs = np.zeros(group_sizes.shape, jax.dtypes.float0)
-  return dx.astype(x_tag.dtype), dw.astype(w_tag.dtype), dgs
+  return vary_like(dx.astype(x_tag.dtype), xq), vary_like(dw.astype(w_tag.dtype), wq), dgs
 
 
 _ragged.defvjp(_ragged_fwd, _ragged_bwd)
@@ -370,5 +395,5 @@ _ragged.defvjp(_ragged_fwd, _ragged_bwd)
 def ragged_dot(x, w, group_sizes, pow2_scale=False, impl=None):
   """FP8 grouped GEMM with jax.lax.ragged_dot semantics: x [M, K] (rows sorted by group), w [G, K, N],
   group_sizes [G] int32 (sum <= M; later rows give 0). Per-expert 128x128 weight blocks; FP8 backward."""
-  x, w = _match_varying(x, w)
+  x, w = match_varying(x, w)
   return _ragged(x, w, jnp.asarray(group_sizes, jnp.int32), pow2_scale, impl or _default_impl())

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from dsv3 import fp8
 from dsv3.config import ModelConfig, yarn_get_mscale
 
 # Names for activation checkpointing.
@@ -47,7 +48,7 @@ def matmul(x: jax.Array, kernel: jax.Array, cfg: ModelConfig) -> jax.Array:
   """x [..., K] @ kernel [K, N] in the configured precision; the result has the compute dtype."""
   dtype = compute_dtype(cfg)
   if cfg.precision == "fp8":
-    from dsv3 import fp8  # FP8 GEMMs with DeepSeek's 1x128 / 128x128 scaling, all three GEMMs
+    # FP8 GEMMs with DeepSeek's 1x128 / 128x128 scaling, all three GEMMs
     return fp8.dot(x.astype(dtype), kernel.astype(dtype)).astype(dtype)
   return rows_matmul(x.astype(dtype), kernel.astype(dtype)).astype(dtype)
 
