@@ -58,7 +58,7 @@ GOAL_GROUPED_PCT, GOAL_FP8_RATIO, GOAL_MFU = 0.60, 1.3, 0.40
 
 def tokamax_ragged_dot(x, w, group_sizes):
   """The BF16 grouped GEMM under test (dsv3.grouped_gemm's tokamax path)."""
-  return grouped_gemm.ragged_dot(x, w, group_sizes, impl="tokamax")
+  return grouped_gemm.ragged_dot(x, w, group_sizes)
 
 
 def _on_gpu() -> bool:

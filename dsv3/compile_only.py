@@ -31,13 +31,15 @@ A mesh larger than MAX_COMPILE_DEVICES compiles as a stand-in with the same per-
 named in the output.
 
 GPU choices are made from the target's devices, not jax.default_backend() (which stays 'cpu' here):
-grouped_gemm 'auto' becomes 'ragged_dot' (what a GPU run picks), expert-parallel
+GEMM kernels are chosen by the target mesh's platform (dsv3.backend: grouped_gemm 'auto' -> tokamax, FP8 -> the
+Triton kernels of dsv3.fp8_triton, lowered under dsv3.grouped_gemm.deviceless), expert-parallel
 dispatch takes the mesh's platform (ragged all-to-all), attention 'auto' is lax.platform_dependent.
 XLA:GPU sorts are compiled with --xla_gpu_enable_cub_radix_sort=false: CUB's scratch size needs a device,
 so MoE dispatch sorts compile as XLA's own sort, not the CUB sort a GPU run executes.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -50,7 +52,7 @@ import numpy as np
 from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dsv3 import cli, overlap, plan, sharding
+from dsv3 import cli, grouped_gemm, overlap, plan, sharding
 from dsv3 import steps as steps_lib
 from dsv3 import workdir as workdir_lib
 from dsv3.config import ModelConfig, validate_train_config
@@ -426,19 +428,19 @@ def compile_step(config, workdir: str, target: str, echo=print) -> dict:
   if gpu:
     notes.append("XLA flag --xla_gpu_enable_cub_radix_sort=false: sorts compile as XLA's sort (CUB's scratch size "
                  "needs a device), so the MoE dispatch sorts differ from what a GPU run executes")
-    if config.model.grouped_gemm == "auto":
-      config.model.grouped_gemm = "ragged_dot"
-      notes.append("model.grouped_gemm 'auto' -> 'ragged_dot', as a GPU run resolves it (moe.grouped_gemm_impl "
-                   "reads the default backend, 'cpu' here); XLA:GPU lowers ragged_dot as a dense dot over the "
-                   "device's experts, whose [experts, rows, width] f32 buffers dominate the MoE layers' memory")
+    if config.model.grouped_gemm in ("auto", "tokamax"):
+      notes.append("expert GEMMs in tokamax's grouped kernels (model.grouped_gemm 'auto' on GPU; "
+                   "dsv3.grouped_gemm.deviceless tells tokamax the target chip)")
   cfg = ModelConfig.from_config_dict(config)
   devices = target_devices(target, int(config.mesh.data) * int(config.mesh.expert) * int(config.mesh.pipeline))
   mesh = sharding.make_mesh(config.mesh, devices=devices)
   is_pipelined = int(config.mesh.pipeline) > 1
   options = GPU_COMPILER_OPTIONS if gpu else None
   ranks = None
+  kernels = grouped_gemm.deviceless(devices) if gpu else contextlib.nullcontext()
   if is_pipelined:
-    programs, ranks = _pipelined_programs(config, cfg, mesh, options, echo)
+    with kernels:
+      programs, ranks = _pipelined_programs(config, cfg, mesh, options, echo)
     notes.append(f"pipeline ({config.pipeline.schedule}, {config.pipeline.microbatches} micro-batches): each "
                  f"rank's programs on its own state (its stages' units), compiled once per distinct rank; a "
                  f"rank's peak adds what it holds across programs (state, parameter copies and accumulators, "
@@ -449,7 +451,7 @@ def compile_step(config, workdir: str, target: str, echo=print) -> dict:
                    f"F&B program's line says how much of its expert all-to-all traffic runs under the other chunk")
   else:
     programs = []
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), kernels:
       for name, fn, args in _step_programs(config, cfg, mesh):
         _compile(programs, name, f"all {len(devices)} devices (SPMD)", mesh, fn.lower(*args), options, echo)
   out_dir = os.path.join(workdir, "compiled")

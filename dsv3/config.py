@@ -66,7 +66,7 @@ class ModelConfig:
   #                                         boundary once per node, then fan out inside it); 0: flat, one hop
   ep_fp8_dispatch: bool = False           # expert-parallel dispatch rows as FP8 E4M3, 1x128 scales (combine stays)
   grouped_gemm: str = "auto"              # 'auto' | 'ragged_dot' | 'tiled' (flat on CPU) | 'scan' (one tile at
-  #                                         a time: no [experts, rows, width] buffer) | 'triton' (GPU)
+  #                                         a time: no [experts, rows, width] buffer) | 'tokamax' (GPU kernels)
   attention: str = "auto"                 # 'auto' | 'dense' | 'blockwise' | 'cudnn' (dsv3/attention.py)
   attention_block: int = 512              # blockwise attention's query/key tile
   scan_layers: bool = True                # False: each layer stack runs unrolled (same params; no scan
@@ -135,8 +135,8 @@ class ModelConfig:
          f"must be one of 'fp32', 'bf16', 'fp8', got {self.precision!r}")
     need(self.remat in ("none", "paper", "full"), "remat",
          f"must be one of 'none', 'paper', 'full', got {self.remat!r}")
-    need(self.grouped_gemm in ("auto", "ragged_dot", "tiled", "scan", "triton"), "grouped_gemm",
-         f"must be 'auto', 'ragged_dot', 'tiled', 'scan' or 'triton', got {self.grouped_gemm!r}")
+    need(self.grouped_gemm in ("auto", "ragged_dot", "tiled", "scan", "tokamax"), "grouped_gemm",
+         f"must be 'auto', 'ragged_dot', 'tiled', 'scan' or 'tokamax', got {self.grouped_gemm!r}")
     need(self.attention in ("auto", "dense", "blockwise", "cudnn"), "attention",
          f"must be 'auto', 'dense', 'blockwise' or 'cudnn', got {self.attention!r}")
     need(isinstance(self.scan_layers, bool), "scan_layers", f"must be True or False, got {self.scan_layers!r}")

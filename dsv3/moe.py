@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from dsv3 import tiled_gemm
+from dsv3 import backend, fp8, grouped_gemm, tiled_gemm
 from dsv3.config import ModelConfig
 from dsv3.layers import MLP, compute_dtype
 
@@ -51,26 +51,25 @@ def route(cfg: ModelConfig, x: jax.Array, router_kernel: jax.Array, bias: jax.Ar
 
 
 def grouped_gemm_impl(cfg: ModelConfig) -> str:
-  """cfg.grouped_gemm with 'auto' resolved: XLA:CPU's ragged_dot is dense over all experts, so CPU tiles."""
+  """cfg.grouped_gemm with 'auto' resolved: XLA lowers ragged_dot as a dense dot over all experts, so CPU tiles
+  and GPU runs tokamax's grouped kernels."""
   if cfg.grouped_gemm == "auto":
-    return "tiled" if jax.default_backend() == "cpu" else "ragged_dot"
+    return "tokamax" if backend.target_platform() == "gpu" else "tiled"
   return cfg.grouped_gemm
 
 
 def grouped_matmul(x, w, group_sizes, cfg: ModelConfig):
   """Grouped GEMM: rows of x [M, K] sorted by group, w [G, K, N]; rows past sum(group_sizes) give 0."""
   dtype = compute_dtype(cfg)
-  if cfg.precision == "fp8":
-    from dsv3 import fp8
+  if cfg.precision == "fp8":       # the FP8 kernels: Triton on GPU, the exact emulation on CPU
     return fp8.ragged_dot(x.astype(dtype), w.astype(dtype), group_sizes).astype(dtype)
   impl = grouped_gemm_impl(cfg)
   if impl == "tiled":
     return tiled_gemm.tiled_ragged_dot(x.astype(dtype), w.astype(dtype), group_sizes)
   if impl == "scan":
     return tiled_gemm.scan_ragged_dot(x.astype(dtype), w.astype(dtype), group_sizes)
-  if impl == "triton":
-    from dsv3 import grouped_gemm   # the Triton kernel: GPU only
-    return grouped_gemm.ragged_dot(x.astype(dtype), w.astype(dtype), group_sizes, impl="triton").astype(dtype)
+  if impl == "tokamax":
+    return grouped_gemm.ragged_dot(x.astype(dtype), w.astype(dtype), group_sizes)
   y = jax.lax.ragged_dot(x.astype(dtype), w.astype(dtype), group_sizes, preferred_element_type=jnp.float32)
   return y.astype(dtype)
 

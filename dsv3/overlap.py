@@ -128,7 +128,7 @@ class Program:
   def is_gemm(self, inst: Instruction) -> bool:
     if inst.opcode in ("dot", "convolution", "ragged-dot", "scaled-dot"):
       return True
-    if inst.opcode == "custom-call" and re.search(r"gemm|matmul|triton|cublas", inst.target, re.I):
+    if inst.opcode == "custom-call" and re.search(r"gemm|matmul|triton|cublas|mosaic", inst.target, re.I):
       return True
     return inst.opcode in ("fusion", "call", "while", "conditional", "async-start") and any(
         self._holds_gemm(c) for c in inst.callees)

@@ -437,7 +437,7 @@ def activation_plan(cfg: ModelConfig, rows: int, seq_len: int, data: int = 1, ex
       tiles = tiled_gemm.num_tiles(m, e_local, bm)
       # dsv3.tiled_gemm: row tiles of the GEMM inputs and each tile's gathered expert weight, per GEMM
       gemm["tiles"] = (tiles * bm * (H + I) + 3 * tiles * H * I, c)
-    elif platform != "cpu" and cfg.grouped_gemm in ("auto", "ragged_dot") and cfg.precision != "fp8":
+    elif platform != "cpu" and cfg.grouped_gemm == "ragged_dot" and cfg.precision != "fp8":
       # XLA:GPU expands ragged_dot into a dense dot per expert over all rows: f32 [experts, rows, width]
       # intermediates (GPU_AOT.md). In a layer's backward three of the widest are live at once under
       # nn.scan, four unrolled (read off XLA:GPU's buffer assignment, jax 0.12, configs/small.py).

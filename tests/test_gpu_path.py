@@ -1,0 +1,72 @@
+"""The GPU path compiled for 8 x H100 without a GPU (GPU_AOT.md): configs/small.py's train step with EP8,
+BF16 and FP8, read from the scheduled HLO (dsv3.hlo_gemms).
+
+BF16: the expert GEMMs (forward and both gradients) are tokamax's grouped kernels, not XLA's ragged_dot (a
+dense dot over every local expert). FP8: every GEMM of every FP8 linear and expert reads E4M3 operands in
+dsv3.fp8_triton's kernels. Needs the compile-only toolchain (requirements-aot.txt); skipped elsewhere.
+"""
+import collections
+import re
+
+import pytest
+
+import hlo
+
+from configs import small
+from dsv3 import compile_only, hlo_gemms
+
+pytestmark = pytest.mark.skipif(not hlo.gpu_toolchain(),
+                                reason="needs the compile-only GPU toolchain (requirements-aot.txt)")
+
+
+def _small_ep8(precision):
+  c = small.get_config()
+  c.precision = precision
+  c.mesh.data, c.mesh.expert = 1, 8
+  c.batch_size, c.seq_len = 8, 1024
+  c.model.num_hidden_layers = 3          # 1 dense + 2 MoE layers: every kind of layer, a shorter compile
+  return c
+
+
+@pytest.fixture(scope="module", params=["bf16", "fp8"])
+def compiled(request, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp(request.param)
+  result = compile_only.run(_small_ep8(request.param), str(workdir), "h100")
+  with open(workdir / "compiled" / "train_step.hlo.txt") as f:
+    return request.param, result, hlo_gemms.gemms(f.read())
+
+
+def _kernel(row):
+  return row["kind"] in ("mosaic_kernel", "triton_kernel") or row["target"].startswith("triton_kernel")
+
+
+def test_bf16_expert_gemms_are_tokamax_kernels(compiled):
+  precision, _, rows = compiled
+  if precision != "bf16":
+    pytest.skip("BF16 program")
+  experts = [r for r in rows if "ragged" in r["op_name"]]
+  kinds = collections.Counter(re.search(r"(ragged_\w+?)_sm90|$", r["op_name"]).group(1) for r in experts)
+  # Forward and input gradient (ragged_dot) and weight gradient (ragged contraction), all in kernels.
+  assert kinds["ragged_dot"] >= 6 and kinds["ragged_contracting_dim_dot"] >= 3, kinds
+  assert all(_kernel(r) for r in experts), [r for r in experts if not _kernel(r)][:2]
+  assert not [r for r in rows if r["kind"] in ("ragged-dot", "dot") and "ragged" in r["op_name"]]
+
+
+# What DeepSeek-V3 keeps out of FP8 (report section 3.3): attention's core, the output head and the router.
+_WIDE_BY_DESIGN = re.compile(r"self_attn/.*while/body/|head/|/mlp/(dot_general|transpose)$")
+
+
+def test_fp8_gemms_run_on_fp8_tensor_cores(compiled):
+  precision, _, rows = compiled
+  if precision != "fp8":
+    pytest.skip("FP8 program")
+  fp8_rows = [r for r in rows if hlo_gemms.is_fp8(r)]
+  wide = [r for r in rows if not hlo_gemms.is_fp8(r)]
+  assert all(_kernel(r) for r in fp8_rows)
+  assert not [r for r in wide if not _WIDE_BY_DESIGN.search(r["op_name"])], \
+      [r["op_name"] for r in wide if not _WIDE_BY_DESIGN.search(r["op_name"])][:3]
+  # Every linear and the experts: forward, input and weight gradient, each one FP8 kernel launch.
+  for name in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj",
+               "down_proj", "eh_proj", "mlp/shard_map"):
+    assert sum(name in r["op_name"] for r in fp8_rows) >= 3, name
+  assert len(fp8_rows) >= 90
