@@ -115,14 +115,14 @@ def _dw_args(a, sa, b, sb, group_sizes, block_k, block_n):
 def _jax_triton():
   """jax_triton (needs a CUDA jaxlib: imported on first launch, so CPU users never touch it).
 
-  jax-triton 0.4.1, the newest, registers a two-argument dead-code rule for its primitive; JAX >= 0.11
-  calls the rule with (used_outputs, live_inputs, eqn), so a kernel whose output a gradient drops fails to
-  trace. Registered here in JAX's form, with the same meaning (a kernel call keeps all its inputs).
+  jax-triton 0.4.1, the newest, registers a two-argument dead-code rule for its primitive; JAX 0.12 calls
+  rules with (used_outputs, live_inputs, eqn), so a kernel whose output a gradient drops fails to trace.
+  Where JAX wants the longer form, it is registered here with the same meaning (a kernel keeps its inputs).
   """
   import jax_triton as jt
   from jax._src.interpreters import partial_eval as pe   # no public registry for DCE rules
   rule = pe.dce_rules.get(jt.triton_lib.triton_kernel_call_p)
-  if rule is not None and rule.__code__.co_argcount == 2:
+  if rule is not None and rule.__code__.co_argcount < pe._default_dce_rule.__code__.co_argcount:
     pe.dce_rules[jt.triton_lib.triton_kernel_call_p] = (
         lambda used_outs, live_ins, eqn: ([True] * len(eqn.invars), eqn))
   return jt

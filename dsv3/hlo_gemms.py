@@ -3,7 +3,10 @@
 Every scheduled GEMM is one of: a kernel custom call (`triton_kernel_call*`: a Triton kernel through
 jax-triton, e.g. dsv3.fp8_triton's or tokamax's; `mosaic_gpu*`: a Mosaic GPU kernel, e.g. tokamax's
 sm90 grouped GEMM), a cuBLAS / cuBLASLt call (`__cublas$...`, `$f8` for FP8), a fusion holding a dot (XLA's
-own Triton GEMM emitter), or a bare dot. Operand dtypes are the scheduled operands' (f8e4m3fn: E4M3).
+own Triton GEMM emitter), or a bare dot. Operand dtypes are the scheduled operands' (f8e4m3fn: E4M3). For a
+kernel, `mma` lists the tensor-core instructions in its code: a Triton kernel's PTX (in the call's compressed
+backend config), a Mosaic GPU kernel's inline PTX (e.g. 'wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3':
+Hopper's FP8 tensor cores, accumulating in FP32).
 
   python -m dsv3.hlo_gemms DIR/compiled/train_step.hlo.txt
 """
@@ -12,11 +15,43 @@ from __future__ import annotations
 import collections
 import re
 import sys
+import zlib
 from typing import List
 
 from dsv3 import overlap
 
 KERNEL_TARGETS = ("triton_kernel_call", "mosaic_gpu", "__cublas", "__gpu$xla.gpu.triton")
+_MMA = re.compile(r"wgmma\.mma_async[\w.]*|\bmma\.sync[\w.]*")
+_OPAQUE = re.compile(r'backend_config=\{opaque = "((?:[^"\\]|\\.)*)"')
+_ESCAPES = {"n": 10, "t": 9, "\\": 92, '"': 34, "'": 39}
+
+
+def _unescape(text: str) -> bytes:
+  """The bytes of an HLO-printed string (\\XX hex escapes and C escapes)."""
+  out, i = bytearray(), 0
+  while i < len(text):
+    if text[i] == "\\" and re.fullmatch(r"[0-9A-Fa-f]{2}", text[i + 1:i + 3]):
+      out.append(int(text[i + 1:i + 3], 16))
+      i += 3
+    elif text[i] == "\\":
+      out.append(_ESCAPES.get(text[i + 1], ord(text[i + 1])))
+      i += 2
+    else:
+      out.append(ord(text[i]))
+      i += 1
+  return bytes(out)
+
+
+def tensor_core_ops(line: str) -> List[str]:
+  """The distinct MMA instructions in a kernel call's HLO line (its PTX, zlib-compressed by jax-triton)."""
+  code = line
+  opaque = _OPAQUE.search(line)
+  if opaque:
+    try:
+      code = zlib.decompress(_unescape(opaque.group(1))).decode("latin1")
+    except zlib.error:
+      pass
+  return sorted(set(_MMA.findall(code)))
 
 
 def _dtype(shape: str) -> str:
@@ -27,15 +62,20 @@ def _dtype(shape: str) -> str:
 def gemms(text: str) -> List[dict]:
   """One row per scheduled GEMM: kind, target, operand dtypes, output shape, op_name, computation."""
   program = overlap.Program(text)
+  lines = {m.group(1): m.group(0) for m in re.finditer(r"^\s*(?:ROOT\s+)?%([\w.\-]+) = .*$", text, re.M)}
   rows = []
   for comp, insts in program.computations.items():
     if comp in program.fused:
       continue
     for inst in insts:
-      if inst.opcode == "custom-call" and inst.target.startswith(KERNEL_TARGETS):
-        kind = ("triton_kernel" if inst.target.startswith("triton_kernel_call") else
-                "mosaic_kernel" if inst.target.startswith("mosaic_gpu") else
-                "cublas" if inst.target.startswith("__cublas") else "xla_triton")
+      # XLA may wrap a kernel call in a fusion (e.g. to fold the slicing of its operands): the kernel runs it.
+      inner = [i for c in inst.callees for i in program.computations.get(c, [])] if inst.opcode == "fusion" else []
+      kernel = [i for i in [inst] + inner if i.opcode == "custom-call" and i.target.startswith(KERNEL_TARGETS)]
+      if kernel:
+        target = kernel[0].target
+        kind = ("triton_kernel" if target.startswith("triton_kernel_call") else
+                "mosaic_kernel" if target.startswith("mosaic_gpu") else
+                "cublas" if target.startswith("__cublas") else "xla_triton")
       elif inst.opcode == "fusion" and any(program._holds_gemm(c) for c in inst.callees):
         kind = "xla_fusion"
       elif inst.opcode in ("dot", "ragged-dot", "scaled-dot"):
@@ -43,14 +83,20 @@ def gemms(text: str) -> List[dict]:
       else:
         continue
       operands = [_dtype(program.by_name[o].shape) for o in inst.operands if o in program.by_name]
-      rows.append(dict(kind=kind, target=inst.target, operands=operands, shape=inst.shape,
-                       op_name=inst.op_name, computation=comp))
+      rows.append(dict(kind=kind, target=kernel[0].target if kernel else inst.target, operands=operands,
+                       shape=inst.shape, op_name=inst.op_name, computation=comp,
+                       mma=tensor_core_ops(lines.get(kernel[0].name, "")) if kernel else []))
   return rows
 
 
 def is_fp8(row: dict) -> bool:
   """Whether the GEMM reads E4M3 operands (FP8 tensor-core work: Triton/Mosaic kernels, cuBLASLt f8)."""
   return any(d.startswith("f8") for d in row["operands"])
+
+
+def fp8_tensor_cores(row: dict) -> bool:
+  """Whether the kernel's code multiplies E4M3 operands on tensor cores."""
+  return any(".e4m3" in m for m in row["mma"])
 
 
 def counts(rows: List[dict]) -> dict:
@@ -66,7 +112,8 @@ def main(argv=None):
     for (kind, precision), n in sorted(counts(rows).items()):
       print(f"  {kind:14} {precision:5} {n}")
     for r in rows:
-      print(f"    {r['kind']:14} {','.join(r['operands'])[:60]:60} {r['op_name'][-70:]}")
+      print(f"    {r['kind']:14} {','.join(r['operands'])[:40]:40} {','.join(r['mma'])[:60]:60} "
+            f"{r['op_name'][-60:]}")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 BF16 and FP8, read from the scheduled HLO (dsv3.hlo_gemms).
 
 BF16: the expert GEMMs (forward and both gradients) are tokamax's grouped kernels, not XLA's ragged_dot (a
-dense dot over every local expert). FP8: every GEMM of every FP8 linear and expert reads E4M3 operands in
-dsv3.fp8_triton's kernels. Needs the compile-only toolchain (requirements-aot.txt); skipped elsewhere.
+dense dot over every local expert), multiplying with BF16 wgmma. FP8: every GEMM of every FP8 linear and
+expert is one of dsv3.fp8_triton's kernels, reading E4M3 operands and multiplying with E4M3 wgmma. Needs the compile-only toolchain (requirements-aot.txt); skipped elsewhere.
 """
 import collections
 import re
@@ -28,27 +28,36 @@ def _small_ep8(precision):
   return c
 
 
-@pytest.fixture(scope="module", params=["bf16", "fp8"])
-def compiled(request, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp(request.param)
-  result = compile_only.run(_small_ep8(request.param), str(workdir), "h100")
+def _gemms(precision, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp(precision)
+  compile_only.run(_small_ep8(precision), str(workdir), "h100")
   with open(workdir / "compiled" / "train_step.hlo.txt") as f:
-    return request.param, result, hlo_gemms.gemms(f.read())
+    return hlo_gemms.gemms(f.read())
+
+
+@pytest.fixture(scope="module")
+def bf16_gemms(tmp_path_factory):
+  return _gemms("bf16", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def fp8_gemms(tmp_path_factory):
+  return _gemms("fp8", tmp_path_factory)
 
 
 def _kernel(row):
   return row["kind"] in ("mosaic_kernel", "triton_kernel") or row["target"].startswith("triton_kernel")
 
 
-def test_bf16_expert_gemms_are_tokamax_kernels(compiled):
-  precision, _, rows = compiled
-  if precision != "bf16":
-    pytest.skip("BF16 program")
+def test_bf16_expert_gemms_are_tokamax_kernels(bf16_gemms):
+  rows = bf16_gemms
   experts = [r for r in rows if "ragged" in r["op_name"]]
   kinds = collections.Counter(re.search(r"(ragged_\w+?)_sm90|$", r["op_name"]).group(1) for r in experts)
   # Forward and input gradient (ragged_dot) and weight gradient (ragged contraction), all in kernels.
   assert kinds["ragged_dot"] >= 6 and kinds["ragged_contracting_dim_dot"] >= 3, kinds
   assert all(_kernel(r) for r in experts), [r for r in experts if not _kernel(r)][:2]
+  # Their code multiplies on Hopper's tensor cores (wgmma, BF16 in, FP32 accumulate).
+  assert all(any(m.endswith(".f32.bf16.bf16") for m in r["mma"]) for r in experts), experts[0]["mma"]
   assert not [r for r in rows if r["kind"] in ("ragged-dot", "dot") and "ragged" in r["op_name"]]
 
 
@@ -56,13 +65,13 @@ def test_bf16_expert_gemms_are_tokamax_kernels(compiled):
 _WIDE_BY_DESIGN = re.compile(r"self_attn/.*while/body/|head/|/mlp/(dot_general|transpose)$")
 
 
-def test_fp8_gemms_run_on_fp8_tensor_cores(compiled):
-  precision, _, rows = compiled
-  if precision != "fp8":
-    pytest.skip("FP8 program")
+def test_fp8_gemms_run_on_fp8_tensor_cores(fp8_gemms):
+  rows = fp8_gemms
   fp8_rows = [r for r in rows if hlo_gemms.is_fp8(r)]
   wide = [r for r in rows if not hlo_gemms.is_fp8(r)]
   assert all(_kernel(r) for r in fp8_rows)
+  # E4M3 x E4M3 wgmma with FP32 accumulation in every one of them (their PTX, targeted at sm_90a).
+  assert all(hlo_gemms.fp8_tensor_cores(r) for r in fp8_rows), [r["mma"] for r in fp8_rows][:2]
   assert not [r for r in wide if not _WIDE_BY_DESIGN.search(r["op_name"])], \
       [r["op_name"] for r in wide if not _WIDE_BY_DESIGN.search(r["op_name"])][:3]
   # Every linear and the experts: forward, input and weight gradient, each one FP8 kernel launch.

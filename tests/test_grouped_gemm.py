@@ -38,6 +38,23 @@ def test_gpu_kernels_need_their_library_on_cpu():
     grouped_gemm.ragged_dot(x, w, jnp.asarray(SIZES[0], jnp.int32))
 
 
+def test_tokamax_path_gradients_equal_ragged_dot(monkeypatch):
+  """dsv3's VJP around tokamax (dx = dy @ w^T per group, dw by ragged contraction), run through tokamax's own
+  XLA implementation on CPU: the values and both gradients of jax.lax.ragged_dot. GPU kernels: the GPU test."""
+  pytest.importorskip("tokamax")
+  monkeypatch.setattr(grouped_gemm, "IMPLEMENTATIONS", ("xla",))
+  x, w = _data(5, k=48, n=40)
+  f = lambda impl: lambda a, b: jnp.sum(jnp.sin(impl(a, b, gs)))
+  with jax.default_matmul_precision("highest"):
+    for sizes in SIZES[:3]:
+      gs = jnp.asarray(sizes, jnp.int32)
+      np.testing.assert_allclose(grouped_gemm.ragged_dot(x, w, gs), jax.lax.ragged_dot(x, w, gs), atol=1e-5)
+      got = jax.grad(f(grouped_gemm.ragged_dot), (0, 1))(x, w)
+      want = jax.grad(f(jax.lax.ragged_dot), (0, 1))(x, w)
+      for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+
+
 def test_auto_is_tiled_on_cpu_and_tokamax_on_gpu_meshes():
   cfg = ModelConfig(grouped_gemm="auto")
   assert moe.grouped_gemm_impl(cfg) == "tiled"
