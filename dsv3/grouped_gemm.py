@@ -1,7 +1,7 @@
 """The MoE grouped GEMM on GPU: tokamax's ragged_dot (Mosaic GPU on sm90, else Triton), forward and both
 gradients, in BF16. FP8 expert GEMMs are dsv3.fp8 (its Triton kernels); the CPU paths are dsv3.tiled_gemm.
 
-tokamax is an optional GPU dependency (requirements-gpu.txt, Python >= 3.12), imported on first use.
+tokamax is an optional GPU dependency (requirements-gpu.txt, pinned per Python), imported on first use.
 `deviceless(target_devices)` lets a compile-only run (dsv3.compile_only) lower these kernels for a GPU that
 is not there.
 """
@@ -19,7 +19,7 @@ from dsv3 import fp8
 
 # tokamax tries these in order and takes the first that accepts the call (NotImplementedError otherwise).
 IMPLEMENTATIONS = ("mosaic_gpu", "triton")
-INSTALL_HINT = ("pip install -r requirements-gpu.txt (tokamax; Python >= 3.12), or set model.grouped_gemm="
+INSTALL_HINT = ("pip install -r requirements-gpu.txt (tokamax), or set model.grouped_gemm="
                 "'ragged_dot' (XLA: a dense dot over the device's experts)")
 
 
