@@ -428,7 +428,10 @@ def compile_step(config, workdir: str, target: str, echo=print) -> dict:
   if gpu:
     notes.append("XLA flag --xla_gpu_enable_cub_radix_sort=false: sorts compile as XLA's sort (CUB's scratch size "
                  "needs a device), so the MoE dispatch sorts differ from what a GPU run executes")
-    if config.model.grouped_gemm in ("auto", "tokamax"):
+    if config.precision == "fp8":
+      notes.append("FP8 GEMMs (every linear's and expert's forward, input and weight gradient) in "
+                   "dsv3.fp8_triton's kernels")
+    elif config.model.grouped_gemm in ("auto", "tokamax"):
       notes.append("expert GEMMs in tokamax's grouped kernels (model.grouped_gemm 'auto' on GPU; "
                    "dsv3.grouped_gemm.deviceless tells tokamax the target chip)")
   cfg = ModelConfig.from_config_dict(config)

@@ -148,8 +148,9 @@ def _pad_k(a, axis, k_pad):
   return jnp.pad(a, pad)
 
 
-def _scaled_mm(aq, sa, bq, sb, *, promote=True, impl=None):
-  """FP32 result of the block-scaled product (Aq * sa) @ (Bq * sb).
+def _scaled_mm(aq, sa, bq, sb, *, promote=True, impl=None, out_dtype=jnp.float32):
+  """FP32 result of the block-scaled product (Aq * sa) @ (Bq * sb) (the 'triton' kernel stores `out_dtype`,
+  accumulating in FP32 all the same).
 
   aq [M, K] fp8 with sa [M, ceil(K/128)] (1x128 tiles along the contraction); bq [K, N] fp8 with
   sb [ceil(K/128), N] (one scale per K slice and column: covers both 128x128 weight blocks and 128x1
@@ -179,7 +180,7 @@ def _scaled_mm(aq, sa, bq, sb, *, promote=True, impl=None):
     return jnp.dot(a, b, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
   if impl == "triton":
     gs = jnp.full((1,), m, jnp.int32)
-    return fp8_triton.scaled_matmul(aq, sa, bq[None], sb[None], gs, sb_col=1)
+    return fp8_triton.scaled_matmul(aq, sa, bq[None], sb[None], gs, sb_col=1, out_dtype=out_dtype)
   if impl != "fp8":
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
   # One FP8 GEMM per 128-wide K slice, FP32 out, scaled and summed in FP32: the promotion itself. Zero
@@ -228,7 +229,7 @@ def _dot_fwd(x, w, pow2_scale, impl):
   x2 = x.reshape(-1, k)
   xq, xs = quantize_tiles(x2, axis=-1, pow2_scale=pow2_scale)
   wq, ws = quantize_blocks(w, pow2_scale=pow2_scale)
-  y = vary_like(_scaled_mm(xq, xs, wq, _block_to_col_scales(ws, w.shape[1]), impl=impl), xq)
+  y = vary_like(_scaled_mm(xq, xs, wq, _block_to_col_scales(ws, w.shape[1]), impl=impl, out_dtype=x.dtype), xq)
   # Residuals: FP8 x + scales (1 byte/element) and the FP8 weight; never the high-precision x.
   res = (xq, xs, wq, ws, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
   return y.astype(x.dtype).reshape(lead + (w.shape[1],)), res
@@ -241,7 +242,7 @@ def _dot_bwd(pow2_scale, impl, res, dy):
   dy2 = dy.reshape(-1, n).astype(jnp.float32)
   # dx = dy @ w^T: dy in 1x128 tiles along N; w^T's 128x128 blocks are w's blocks transposed.
   dq, ds = quantize_tiles(dy2, axis=-1, pow2_scale=pow2_scale)
-  dx = _scaled_mm(dq, ds, wq.T, _block_to_col_scales(ws.T, k), impl=impl)
+  dx = _scaled_mm(dq, ds, wq.T, _block_to_col_scales(ws.T, k), impl=impl, out_dtype=x_tag.dtype)
   # dw = x^T @ dy, contracting over tokens: both operands in 128x1 tiles along M.
   xq_t, xs_t, dq_t, ds_t = _dw_operands(xq, xs, dy2, pow2_scale)
   if impl == "triton":      # the weight-gradient kernel with one group of every row: no transposed copy of x
@@ -294,7 +295,7 @@ def _row_groups(group_sizes, m):
   return jnp.searchsorted(ends, jnp.arange(m), side="right").astype(jnp.int32)
 
 
-def _ragged_scaled_mm(aq, sa, bq, sb, group_sizes, impl):
+def _ragged_scaled_mm(aq, sa, bq, sb, group_sizes, impl, out_dtype=jnp.float32):
   """FP32 ragged_dot of aq [M, K] (1x128 scales sa [M, K/128]) with per-group bq [G, K, N] whose
   per-slice column scales are sb [G, K/128, N]."""
   m, k = aq.shape
@@ -305,7 +306,7 @@ def _ragged_scaled_mm(aq, sa, bq, sb, group_sizes, impl):
     return jax.lax.ragged_dot(a, b, group_sizes, precision=jax.lax.Precision.HIGHEST,
                               preferred_element_type=jnp.float32)
   if impl == "triton":
-    return fp8_triton.scaled_matmul(aq, sa, bq, sb, group_sizes, sb_col=1)
+    return fp8_triton.scaled_matmul(aq, sa, bq, sb, group_sizes, sb_col=1, out_dtype=out_dtype)
   if impl != "fp8":
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
   kt = _cdiv(k, TILE)
@@ -369,7 +370,8 @@ def _ragged(x, w, group_sizes, pow2_scale, impl):
 def _ragged_fwd(x, w, group_sizes, pow2_scale, impl):
   xq, xs = quantize_tiles(x, axis=-1, pow2_scale=pow2_scale)
   wq, ws = quantize_blocks(w, pow2_scale=pow2_scale)
-  y = vary_like(_ragged_scaled_mm(xq, xs, wq, _block_to_col_scales(ws, w.shape[2]), group_sizes, impl), xq)
+  y = vary_like(_ragged_scaled_mm(xq, xs, wq, _block_to_col_scales(ws, w.shape[2]), group_sizes, impl, x.dtype),
+                xq)
   res = (xq, xs, wq, ws, group_sizes, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
   return y.astype(x.dtype), res
 
@@ -381,7 +383,7 @@ def _ragged_bwd(pow2_scale, impl, res, dy):
   dq, ds = quantize_tiles(dy2, axis=-1, pow2_scale=pow2_scale)
   wq_t = jnp.swapaxes(wq, 1, 2)
   dx = _ragged_scaled_mm(dq, ds, wq_t, _block_to_col_scales(jnp.swapaxes(ws, 1, 2), k), group_sizes,
-                         impl)
+                         impl, x_tag.dtype)
   xq_t, xs_t, dq_t, ds_t = _dw_operands(xq, xs, dy2, pow2_scale)
   dw = _ragged_dw(xq_t, xs_t, dq_t, ds_t, group_sizes, g, impl)
   # Integer group sizes have no cotangent (float0 by JAX's convention).
