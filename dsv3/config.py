@@ -12,6 +12,8 @@ import difflib
 import math
 from typing import Any, Mapping, Optional
 
+from dsv3.pipeline import schedules
+
 
 class ConfigError(ValueError):
   """A configuration value is wrong; the message names the field and the fix."""
@@ -477,8 +479,8 @@ def validate_train_config(c) -> None:
     need(is_int(experts) and experts % c.mesh.expert == 0, "mesh.expert",
          f"model.n_routed_experts={experts} must be divisible by mesh.expert={c.mesh.expert}; pick a divisor "
          f"of {experts}")
-  need(c.pipeline.schedule in ("none", "gpipe", "1f1b", "zb1p", "dualpipe", "dualpipev"), "pipeline.schedule",
-       f"must be one of none, gpipe, 1f1b, zb1p, dualpipe, dualpipev; got {c.pipeline.schedule!r}")
+  need(c.pipeline.schedule in ("none",) + schedules.NAMES, "pipeline.schedule",
+       f"must be one of none, {', '.join(schedules.NAMES)}; got {c.pipeline.schedule!r}")
   need(c.mesh.pipeline == 1 or c.pipeline.schedule != "none", "pipeline.schedule",
        f"mesh.pipeline={c.mesh.pipeline} needs a schedule: set --config.pipeline.schedule=dualpipe (or 1f1b, ...)")
   need(is_int(c.pipeline.microbatches) and c.pipeline.microbatches >= 1, "pipeline.microbatches",
@@ -497,7 +499,7 @@ def validate_train_config(c) -> None:
       executor.make_schedule(c.pipeline.schedule, c.mesh.pipeline, c.pipeline.microbatches)
     except ValueError as e:
       raise ConfigError(f"config.{e}") from None
-    stages = executor.num_stages_for(c.pipeline.schedule, c.mesh.pipeline)
+    stages = schedules.num_stages(c.pipeline.schedule, c.mesh.pipeline)
     need(c.model.num_hidden_layers >= stages, "mesh.pipeline",
          f"model.num_hidden_layers={c.model.num_hidden_layers} cannot be cut into {stages} pipeline stages "
          f"(schedule {c.pipeline.schedule!r}); every stage needs a layer: lower mesh.pipeline")

@@ -234,17 +234,13 @@ def _stage_layers(num_layers: int, stages: int) -> list:
 
 
 def _rank_stages(schedule: str, P: int) -> tuple[int, list]:
-  """(number of model stages, the stages each pipeline rank holds) under `schedule`."""
-  if schedule not in ("none", "gpipe", "1f1b", "zb1p", "dualpipe", "dualpipev"):
-    raise ConfigError(f"config.pipeline.schedule: unknown {schedule!r}; use 'none', '1f1b', 'zb1p', 'dualpipe' "
-                      f"or 'dualpipev'")
-  if schedule == "dualpipe":
-    if P > 1 and P % 2:
-      raise ConfigError(f"config.mesh.pipeline: DualPipe needs an even number of ranks, got {P}")
-    return P, [sorted({r, P - 1 - r}) for r in range(P)]
-  if schedule == "dualpipev":
-    return 2 * P, [[r, 2 * P - 1 - r] for r in range(P)]
-  return P, [[r] for r in range(P)]
+  """(number of model stages, the stages each pipeline rank holds) under `schedule` (schedules.placement)."""
+  if schedule not in ("none",) + schedules.NAMES:
+    raise ConfigError(f"config.pipeline.schedule: unknown {schedule!r}; use 'none' or one of "
+                      f"{', '.join(schedules.NAMES)}")
+  if schedule == "dualpipe" and P > 1 and P % 2:
+    raise ConfigError(f"config.mesh.pipeline: DualPipe needs an even number of ranks, got {P}")
+  return schedules.num_stages(schedule, P), schedules.stages_held(schedule, P)
 
 
 def memory_plan(cfg: ModelConfig, data: int, expert: int, pipeline: int, schedule: str = "none",

@@ -98,7 +98,7 @@ def main(argv=None):
   parser.add_argument("--batch", type=int, default=16)
   parser.add_argument("--seq", type=int, default=32)
   parser.add_argument("--steps", type=int, default=3)
-  parser.add_argument("--schedules", default=",".join(executor.SCHEDULES))
+  parser.add_argument("--schedules", default=",".join(schedules.NAMES))
   parser.add_argument("--unfused", action="store_true",
                       help="also run DualPipe(V) with each F&B cell as its F and B programs (the baseline)")
   args = parser.parse_args(argv)

@@ -58,21 +58,14 @@ from dsv3.layers import compute_dtype
 from dsv3.pipeline import rank_state, schedules, stages
 from dsv3.pipeline.transfers import Transfers
 
-SCHEDULES = ("gpipe", "1f1b", "zb1p", "dualpipe", "dualpipev")
-
 
 # ---------------------------------------------------------------------------------------------------
 # Validation and set-up.
 # ---------------------------------------------------------------------------------------------------
-def num_stages_for(schedule: str, num_ranks: int) -> int:
-  """Model stages for `num_ranks` pipeline ranks: DualPipeV folds 2 stages onto every rank."""
-  return 2 * num_ranks if schedule == "dualpipev" else num_ranks
-
-
 def make_schedule(schedule: str, num_ranks: int, microbatches: int) -> schedules.Schedule:
   """The op lists for `schedule`, with errors phrased in the config fields a user sets."""
-  if schedule not in SCHEDULES:
-    raise ValueError(f"pipeline.schedule must be one of {SCHEDULES} when mesh.pipeline > 1, got {schedule!r}")
+  if schedule not in schedules.NAMES:
+    raise ValueError(f"pipeline.schedule must be one of {schedules.NAMES} when mesh.pipeline > 1, got {schedule!r}")
   if not isinstance(num_ranks, int) or num_ranks < 1:
     raise ValueError(f"mesh.pipeline must be a positive integer, got {num_ranks!r}")
   if not isinstance(microbatches, int) or microbatches < 1:
@@ -139,7 +132,7 @@ class Plan:
                compiler_options=None, transfer: str = "auto"):
     self.cfg = cfg
     self.schedule = make_schedule(schedule, num_ranks, microbatches)
-    self.num_stages = num_stages_for(schedule, num_ranks)
+    self.num_stages = schedules.num_stages(schedule, num_ranks)
     if cfg.num_hidden_layers < self.num_stages:
       raise ValueError(f"model.num_hidden_layers = {cfg.num_hidden_layers} cannot be cut into "
                        f"{self.num_stages} pipeline stages (mesh.pipeline = {num_ranks}, schedule "

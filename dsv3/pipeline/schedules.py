@@ -126,8 +126,37 @@ def _check_int(name: str, value, minimum: int = 1):
     raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
+NAMES = ("gpipe", "1f1b", "zb1p", "dualpipe", "dualpipev")   # every schedule; config, executor and plan ask here
+
+
 def _linear_placement(num_ranks):
   return [((0, r),) for r in range(num_ranks)]
+
+
+def placement(name: str, num_ranks: int) -> list:
+  """placement[r] = the (direction, stage) of each phase of rank r under schedule `name` ('none' = one rank
+  per stage): the one owner of which rank runs which stages.
+
+  DualPipe: rank r holds stage r of direction 0 and stage P-1-r of direction 1, its phase 0 being direction 0
+  in the first half of the ranks. DualPipeV: 2P stages in a V, rank r holds stages r and 2P-1-r.
+  """
+  if name == "dualpipe":
+    half = num_ranks // 2
+    own = [((0, r), (1, num_ranks - 1 - r)) for r in range(num_ranks)]
+    return [o if r < half else o[::-1] for r, o in enumerate(own)]
+  if name == "dualpipev":
+    return [((0, r), (0, 2 * num_ranks - 1 - r)) for r in range(num_ranks)]
+  return _linear_placement(num_ranks)
+
+
+def num_stages(name: str, num_ranks: int) -> int:
+  """Model stages per direction for `num_ranks` ranks under schedule `name`."""
+  return 1 + max(stage for phases in placement(name, num_ranks) for _, stage in phases)
+
+
+def stages_held(name: str, num_ranks: int) -> list:
+  """The stages each rank holds (sorted, each once)."""
+  return [sorted({stage for _, stage in phases}) for phases in placement(name, num_ranks)]
 
 
 def gpipe(num_ranks: int, num_microbatches: int) -> Schedule:
@@ -238,13 +267,11 @@ def dualpipe(num_ranks: int, num_chunks: int) -> Schedule:
     raise ValueError(f"num_chunks must be even and >= 2 * num_ranks = {2 * num_ranks} for DualPipe, "
                      f"got {num_chunks}")
   half = num_ranks // 2
-  ranks, placement = [], []
+  ranks = []
   for r in range(num_ranks):
     h = min(r, num_ranks - 1 - r)
     ranks.append(_dual_rank_ops(half, h, num_chunks // 2, middle=(h == half - 1)))
-    own = ((0, r), (1, num_ranks - 1 - r))
-    placement.append(own if r < half else own[::-1])
-  return Schedule("dualpipe", ranks, placement, num_chunks // 2)
+  return Schedule("dualpipe", ranks, placement("dualpipe", num_ranks), num_chunks // 2)
 
 
 def dualpipev(num_ranks: int, num_chunks: int) -> Schedule:
@@ -258,8 +285,7 @@ def dualpipev(num_ranks: int, num_chunks: int) -> Schedule:
   if num_chunks < 2 * num_ranks:
     raise ValueError(f"num_chunks must be >= 2 * num_ranks = {2 * num_ranks} for DualPipeV, got {num_chunks}")
   ranks = [_dual_rank_ops(num_ranks, r, num_chunks, middle=(r == num_ranks - 1)) for r in range(num_ranks)]
-  placement = [((0, r), (0, 2 * num_ranks - 1 - r)) for r in range(num_ranks)]
-  return Schedule("dualpipev", ranks, placement, num_chunks)
+  return Schedule("dualpipev", ranks, placement("dualpipev", num_ranks), num_chunks)
 
 
 def _as_schedule(schedule) -> Schedule:
