@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv3 import hf_sharded
+from dsv3 import hf_sharded, layout
 from dsv3 import model as model_lib
 from dsv3 import safetensors_io as sio
 from dsv3 import workdir as workdir_lib
@@ -52,7 +52,7 @@ _MOE = ([("mlp.gate.weight", "mlp/gate", True)]
         + [(f"mlp.shared_experts.{p}.weight", f"mlp/shared_experts/{p}/kernel", True)
            for p in ("gate_proj", "up_proj", "down_proj")])
 _EXPERT = [(f"mlp.experts.{{e}}.{p}.weight", f"mlp/experts_{p}", True) for p in ("gate_proj", "up_proj", "down_proj")]
-_BIAS = ("mlp.gate.e_score_correction_bias", "mlp/e_score_correction_bias")
+_BIAS = ("mlp.gate.e_score_correction_bias", "/".join(layout.BIAS))
 _MTP = [("enorm.weight", "enorm/weight", False), ("hnorm.weight", "hnorm/weight", False),
         ("eh_proj.weight", "eh_proj/kernel", True), ("shared_head.norm.weight", "shared_head_norm/weight", False)]
 
@@ -77,13 +77,13 @@ def tensor_map(cfg: ModelConfig) -> dict:
 
   for i in range(cfg.num_hidden_layers):
     moe = i >= cfg.first_k_dense_replace
-    stack, j = ("moe_layers", i - cfg.first_k_dense_replace) if moe else ("dense_layers", i)
+    stack, j = layout.stack_and_index(cfg, i)
     block(f"model.layers.{i}", (stack,), (j,), moe)
   for k in range(cfg.num_nextn_predict_layers):
-    prefix, root = f"model.layers.{cfg.num_hidden_layers + k}", (f"mtp_{k}",)
+    prefix, root = f"model.layers.{cfg.num_hidden_layers + k}", (layout.mtp_key(k),)
     for hf, ours, t in _MTP:
       m[f"{prefix}.{hf}"] = ("params", root + tuple(ours.split("/")), (), t)
-    block(prefix, root + ("block",), (), cfg.num_moe_layers > 0)
+    block(prefix, root + (layout.MTP_BLOCK,), (), cfg.num_moe_layers > 0)
   return m
 
 

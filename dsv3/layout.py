@@ -16,20 +16,41 @@ import jax.numpy as jnp
 import numpy as np
 
 STACKS = ("dense_layers", "moe_layers")   # the scanned layer stacks, in layer order
+DENSE_STACK, MOE_STACK = STACKS
 LAYERS = "layers"                          # the per-layer form's key
 BIAS = ("mlp", "e_score_correction_bias")  # the routing bias (and its load) inside an MoE block
+MTP_BLOCK = "block"                        # an MTP module's transformer block
+
+
+def mtp_key(k: int) -> str:
+  """The top-level key of MTP module k (flax names the list attribute `mtp`'s entries mtp_0, mtp_1, ...)."""
+  return f"mtp_{k}"
+
+
+def bias_tree(value) -> dict:
+  """`value` where an MoE block holds its routing bias: {'mlp': {'e_score_correction_bias': value}}."""
+  return {BIAS[0]: {BIAS[1]: value}}
+
+
+def load_tree(moe_load=None, mtp_loads=()) -> dict:
+  """Per-expert loads shaped like the stacked 'routing' collection (the MoE stack's, each MTP block's)."""
+  tree = {} if moe_load is None else {MOE_STACK: bias_tree(moe_load)}
+  for k, load in enumerate(mtp_loads):
+    if load is not None:
+      tree[mtp_key(k)] = {MTP_BLOCK: bias_tree(load)}
+  return tree
 
 
 def stack_and_index(cfg, layer: int) -> Tuple[str, int]:
   """(stack name, index in it) of global layer `layer`."""
   if layer < cfg.first_k_dense_replace:
-    return "dense_layers", layer
-  return "moe_layers", layer - cfg.first_k_dense_replace
+    return DENSE_STACK, layer
+  return MOE_STACK, layer - cfg.first_k_dense_replace
 
 
 def layer_of(cfg, stack: str, index: int) -> int:
   """The global layer index of `stack`[index]."""
-  return index if stack == "dense_layers" else index + cfg.first_k_dense_replace
+  return index if stack == DENSE_STACK else index + cfg.first_k_dense_replace
 
 
 def layer_key(layer: int) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from dsv3 import layout
 from dsv3.config import ModelConfig
 
 
@@ -97,13 +98,8 @@ def balance_terms(outputs: dict):
 
 def load_tree(outputs: dict) -> dict:
   """Per-expert loads shaped like the 'routing' collection, so the bias update is one tree.map."""
-  tree = {}
-  if outputs["aux"]:
-    tree["moe_layers"] = {"mlp": {"e_score_correction_bias": outputs["aux"]["load"]}}
-  for k, aux in enumerate(outputs.get("mtp_aux", [])):
-    if aux:
-      tree[f"mtp_{k}"] = {"block": {"mlp": {"e_score_correction_bias": aux["load"]}}}
-  return tree
+  return layout.load_tree(outputs["aux"]["load"] if outputs["aux"] else None,
+                          [aux["load"] if aux else None for aux in outputs.get("mtp_aux", [])])
 
 
 def update_bias(routing: dict, loads: dict, gamma) -> dict:

@@ -52,7 +52,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from dsv3 import attention as attn_lib, cli, expert_parallel as ep_lib, model, overlap, tiled_gemm
+from dsv3 import attention as attn_lib, cli, expert_parallel as ep_lib, layout, model, overlap, tiled_gemm
 from dsv3.config import ConfigError, ModelConfig, deepseek_v3_671b
 from dsv3.layers import KEEP
 from dsv3.pipeline import executor, schedules
@@ -103,7 +103,7 @@ def _key_name(k) -> str:
 
 
 # Top-level variable names -> planner groups; anything else (final norm, lm_head, ...) sits with the head.
-_GROUPS = {"embed_tokens": "embed", "dense_layers": "dense", "moe_layers": "moe"}
+_GROUPS = {"embed_tokens": "embed", layout.DENSE_STACK: "dense", layout.MOE_STACK: "moe"}
 
 
 def _group(top: str) -> str:

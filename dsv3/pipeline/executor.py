@@ -352,8 +352,7 @@ def _rank_sums(stage_specs, devices, shared, shardings, accs, auxes):
         row[name] = row[name] + total([a[name] for a in aux])
     moe = [l for l, is_moe in zip(spec.layers, spec.moe) if is_moe]
     for j, l in enumerate(moe):
-      add(loads, layout.unit_of(layout.LAYERS, layout.layer_key(l)),
-          {"mlp": {"e_score_correction_bias": total([a["loads"][j] for a in aux])}})
+      add(loads, layout.unit_of(layout.LAYERS, layout.layer_key(l)), layout.bias_tree(total([a["loads"][j] for a in aux])))
     for key in (aux[0].get("mtp_loads") or {}):
       add(loads, key, jax.tree.map(lambda *xs: total(xs), *[a["mtp_loads"][key] for a in aux]))
   # Every unit's copies summed into its ZeRO-1 shards here (the rank's one reduction); a shared unit's shards
