@@ -5,11 +5,11 @@ Dimensions are chosen so that each of those activations has a trailing size noth
 q_b out 4*(8+4)=48, kv_b out 4*(8+6)=56, kv latent (normed) 17, q_a 22 (its norm output is 22 too, so we
 count: one 22-wide residual per layer under 'paper' — q_a itself — and more without remat).
 """
+import functools
+
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax._src.ad_checkpoint import saved_residuals  # public: jax.ad_checkpoint.print_saved_residuals
 
 from dsv3 import losses, model
 from dsv3.config import ModelConfig
@@ -18,21 +18,29 @@ BASE = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=40, moe_inte
                    first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=22, kv_lora_rank=17,
                    qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, n_routed_experts=8, num_experts_per_tok=2,
                    n_group=4, topk_group=2, num_nextn_predict_layers=0, rope_scaling=None)
-TOKENS = jax.random.randint(jax.random.key(1), (2, 7), 0, 97)
-VARS = model.init(BASE, jax.random.key(0))
+
+
+@functools.cache
+def _data():
+  return jax.random.randint(jax.random.key(1), (2, 7), 0, 97), model.init(BASE, jax.random.key(0))
 
 
 def loss_fn(cfg):
+  tokens, variables = _data()
+
   def f(params):
-    out = model.forward_train(cfg, {"params": params, "routing": VARS["routing"]}, TOKENS)
-    return losses.objective(cfg, out, TOKENS, 0.3, 1e-4)[0]
+    out = model.forward_train(cfg, {"params": params, "routing": variables["routing"]}, tokens)
+    return losses.objective(cfg, out, tokens, 0.3, 1e-4)[0]
   return f
 
 
 def layer_residuals(remat):
-  """Activation residuals saved inside the scanned layer stacks: shapes [L, B, T, ...]."""
-  res = saved_residuals(loss_fn(BASE.replace(remat=remat)), VARS["params"])
-  return [a.shape for a, desc in res if "from the argument" not in desc and len(a.shape) >= 4]
+  """Activation residuals saved inside the scanned layer stacks: shapes [L, B, T, ...]. The function jax.vjp
+  returns is a pytree of what the backward keeps; the parameters among them are not activations."""
+  params = _data()[1]["params"]
+  _, backward = jax.vjp(loss_fn(BASE.replace(remat=remat)), params)
+  param_shapes = {p.shape for p in jax.tree.leaves(params)}
+  return [a.shape for a in jax.tree.leaves(backward) if len(a.shape) >= 4 and a.shape not in param_shapes]
 
 
 # The up-projections reshaped per head: q [.., 4, 8+4], k_nope [.., 4, 8], v [.., 4, 6], kv_b out [.., 4, 14].
@@ -57,6 +65,7 @@ def test_without_remat_they_are_saved():
 
 
 def test_gradients_equal_with_and_without_remat():
-  grads = {r: jax.grad(loss_fn(BASE.replace(remat=r)))(VARS["params"]) for r in ("none", "paper", "full")}
+  params = _data()[1]["params"]
+  grads = {r: jax.grad(loss_fn(BASE.replace(remat=r)))(params) for r in ("none", "paper", "full")}
   for r in ("paper", "full"):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads["none"], grads[r])
