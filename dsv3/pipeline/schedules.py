@@ -1,7 +1,7 @@
 """Pipeline schedules: per-rank op lists for GPipe, 1F1B, ZB1P, DualPipe and DualPipeV.
 
 A schedule says, for every pipeline rank, the order in which it runs forward and backward cells of
-micro-batches. Ops use the notation of DESIGN.md ("DualPipe op notation"):
+micro-batches. Ops use the notation of README.md ("Pipeline op notation"):
   F0:3        forward of micro-batch 3 of phase 0
   B1:2        full backward (input and weight gradients)
   B1:2*       backward for inputs only; its weight-gradient work is deferred (zero-bubble style)
@@ -38,7 +38,7 @@ __all__ = ["Op", "Schedule", "parse_op", "gpipe", "one_f_one_b", "zb1p", "dualpi
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Op:
-  """One pipeline op. `str(op)` is its DESIGN.md notation, and an Op compares equal to that string."""
+  """One pipeline op. `str(op)` is its notation (README.md), and an Op compares equal to that string."""
   kind: str                          # 'F', 'B', 'W' or 'FB' (an overlapped forward & backward unit)
   phase: int = 0                     # F, B: rank-local phase (direction) 0 or 1
   microbatch: int = 0                # F, B: micro-batch index within its direction
@@ -211,7 +211,7 @@ def zb1p(num_ranks: int, num_microbatches: int) -> Schedule:
 
 
 def _dual_rank_ops(half: int, h: int, chunks: int, middle: bool) -> List[Op]:
-  """One rank's DualPipe order (DESIGN.md): H=half, h=distance to the nearer end, C=chunks."""
+  """One rank's DualPipe order (the report's Figure 5): H=half, h=distance to the nearer end, C=chunks."""
   ops: List[Op] = []
   next_f, next_b = [0, 0], [0, 0]   # micro-batches are consumed in order within each phase
 
@@ -392,7 +392,7 @@ def bubble_table(num_ranks: int, num_chunks: int, F=1.0, B=2.0, W=1.0, FB=None):
   """Rows (method, stages, measured bubble, paper bubble, parameters, peak activations) like Table 2.
 
   1F1B and ZB1P run num_ranks stages over num_chunks micro-batches, DualPipe num_ranks stages with
-  num_chunks/2 per direction, DualPipeV 2*num_ranks stages on num_ranks ranks (DESIGN.md: PP is the
+  num_chunks/2 per direction, DualPipeV 2*num_ranks stages on num_ranks ranks (the report: PP is the
   number of stages, so DualPipeV's row uses PP = 2 * num_ranks).
   """
   FB = F + B if FB is None else FB
