@@ -494,9 +494,8 @@ def validate_train_config(c) -> None:
          f"batch_size={c.batch_size} must split into {c.pipeline.microbatches} micro-batches divisible by "
          f"mesh.data*mesh.expert={shards}")
     # The schedule's own rules (DualPipe's even micro-batch count, ...) live with the schedules.
-    from dsv3.pipeline import executor  # pylint: disable=g-import-not-at-top  (it imports this module)
     try:
-      executor.make_schedule(c.pipeline.schedule, c.mesh.pipeline, c.pipeline.microbatches)
+      schedules.make(c.pipeline.schedule, c.mesh.pipeline, c.pipeline.microbatches)
     except ValueError as e:
       raise ConfigError(f"config.{e}") from None
     stages = schedules.num_stages(c.pipeline.schedule, c.mesh.pipeline)

@@ -15,7 +15,7 @@ and runs:
      needs them for its offsets, the dense one finds empty slots by their -1 expert ids),
   3. dispatch the units to the shards that own their experts (all-to-all),
   4. on each shard, expand units to (unit, local expert) rows, sort by expert, and run one grouped
-     GEMM over the local experts (dsv3.moe.expert_ffn, so the precision / fp8 / triton choices apply);
+     GEMM over the local experts (dsv3.moe.expert_ffn, so the precision / grouped-GEMM choices apply);
      the gate weights are applied there, so each unit returns ONE row,
   5. combine: the reverse all-to-all, then each token sums the rows of its shards.
 
@@ -75,7 +75,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
-from dsv3 import fp8
+from dsv3 import fp8, moe
 from dsv3.config import ModelConfig
 from dsv3.moe import expert_ffn
 
@@ -364,10 +364,9 @@ def _local_experts(cfg, x, ids, w, ep, n, expand, w_gate, w_up, w_down):
   unit_of = order // k
   weight = w.reshape(-1)[order]
   if cfg.capacity_factor > 0:
-    capacity = max(1, int(cfg.capacity_factor * ep * n * k / (e_local * ep) + 0.999999))   # moe.py's, the group's
     starts = _exclusive_cumsum(group_sizes)
     pos = jnp.arange(expand) - starts[jnp.minimum(sorted_key, e_local - 1)]
-    within = row_ok & (pos < capacity)
+    within = row_ok & (pos < moe.capacity(cfg, ep * n * k, e_local * ep))   # the whole group's assignments
     dropped += jnp.sum(row_ok & ~within)
     row_ok = within
   out = expert_ffn(x[unit_of], group_sizes, w_gate, w_up, w_down, cfg).astype(jnp.float32)

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv3 import backend, fp8_triton
+from dsv3.tiled_gemm import cdiv
 
 FP8 = jnp.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -49,10 +50,6 @@ TILE = 128
 # add up with K instead of cancelling, which is why the report sees percent-level errors at K=4096.
 _ACC_MANTISSA_BITS = 13
 _ACC_CHUNK = 32
-
-
-def _cdiv(a, b):
-  return -(-a // b)
 
 
 IMPLS = ("emulate", "triton", "fp8")
@@ -89,7 +86,7 @@ def quantize_tiles(x, tile=TILE, axis=-1, pow2_scale=False):
   """
   x = jnp.moveaxis(jnp.asarray(x).astype(jnp.float32), axis, -1)
   n = x.shape[-1]
-  nt = _cdiv(n, tile)
+  nt = cdiv(n, tile)
   xp = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, nt * tile - n)])
   xt = xp.reshape(x.shape[:-1] + (nt, tile))
   scale = _scale(jnp.max(jnp.abs(xt), axis=-1), pow2_scale)
@@ -112,7 +109,7 @@ def quantize_blocks(w, block=TILE, pow2_scale=False):
   """
   w = jnp.asarray(w).astype(jnp.float32)
   k, n = w.shape[-2:]
-  kb, nb = _cdiv(k, block), _cdiv(n, block)
+  kb, nb = cdiv(k, block), cdiv(n, block)
   lead = w.shape[:-2]
   wp = jnp.pad(w, [(0, 0)] * len(lead) + [(0, kb * block - k), (0, nb * block - n)])
   wb = wp.reshape(lead + (kb, block, nb, block))
@@ -159,13 +156,13 @@ def _scaled_mm(aq, sa, bq, sb, *, promote=True, impl=None, out_dtype=jnp.float32
   impl = impl or _default_impl()
   m, k = aq.shape
   n = bq.shape[1]
-  kt = _cdiv(k, TILE)
+  kt = cdiv(k, TILE)
   if not promote:
     # Scaled products summed in a ~14-bit accumulator, one 32-wide chunk at a time: fine-grained scales
     # applied to the operands, but no FP32 register ever sees the partial sums.
     a = dequantize_tiles(aq, sa, axis=1)
     b = bq.astype(jnp.float32) * jnp.repeat(sb, TILE, axis=0)[:k]
-    nc = _cdiv(k, _ACC_CHUNK)
+    nc = cdiv(k, _ACC_CHUNK)
     a = _pad_k(a, 1, nc * _ACC_CHUNK).reshape(m, nc, _ACC_CHUNK).transpose(1, 0, 2)
     b = _pad_k(b, 0, nc * _ACC_CHUNK).reshape(nc, _ACC_CHUNK, n)
 
@@ -309,7 +306,7 @@ def _ragged_scaled_mm(aq, sa, bq, sb, group_sizes, impl, out_dtype=jnp.float32):
     return fp8_triton.scaled_matmul(aq, sa, bq, sb, group_sizes, sb_col=1, out_dtype=out_dtype)
   if impl != "fp8":
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-  kt = _cdiv(k, TILE)
+  kt = cdiv(k, TILE)
   a = _pad_k(aq, 1, kt * TILE).reshape(m, kt, TILE).transpose(1, 0, 2)
   b = _pad_k(bq, 1, kt * TILE).reshape(g, kt, TILE, n).transpose(1, 0, 2, 3)
   # Each row's right-operand scale is its own expert's; rows past the groups are 0 anyway, clamp them.
@@ -344,7 +341,7 @@ def _ragged_dw(xq_t, xs_t, dq_t, ds_t, group_sizes, g, impl):
     return fp8_triton.scaled_ragged_dw(xq_t, xs_t, dq_t, ds_t, group_sizes)
   # FP8: one ragged contraction per 128-row slice (the promotion interval along the token axis), with
   # that slice's share of every group; slice scales applied in FP32.
-  mt = _cdiv(m, TILE)
+  mt = cdiv(m, TILE)
   a = _pad_k(xq_t, 0, mt * TILE).reshape(mt, TILE, k)
   b = _pad_k(dq_t, 0, mt * TILE).reshape(mt, TILE, n)
   ends = jnp.cumsum(group_sizes)

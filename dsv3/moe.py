@@ -84,6 +84,11 @@ def expert_ffn(xs, group_sizes, w_gate, w_up, w_down, cfg: ModelConfig):
   return checkpoint_name(grouped_matmul(nn.silu(gate) * up, w_down, group_sizes, cfg), _EXPERT_NAMES[2])
 
 
+def capacity(cfg: ModelConfig, assignments: int, experts: int) -> int:
+  """Rows an expert computes at most: capacity_factor x its balanced share of `assignments`, at least 1."""
+  return max(1, int(cfg.capacity_factor * assignments / experts + 0.999999))
+
+
 def capacity_mask(sorted_expert, group_sizes, num_rows, capacity):
   """True for sorted rows within their expert's capacity (rank inside the expert < capacity)."""
   starts = jnp.cumsum(group_sizes) - group_sizes
@@ -106,8 +111,7 @@ def routed_experts_local(cfg: ModelConfig, x, topk_idx, topk_weight, w_gate, w_u
   weight = topk_weight.reshape(-1)[order]
   dropped = jnp.zeros((), jnp.int32)
   if cfg.capacity_factor > 0:
-    capacity = max(1, int(cfg.capacity_factor * N * k / E + 0.999999))
-    keep = capacity_mask(sorted_expert, group_sizes, N * k, capacity)
+    keep = capacity_mask(sorted_expert, group_sizes, N * k, capacity(cfg, N * k, E))
     weight = jnp.where(keep, weight, 0.0)
     dropped = jnp.sum(~keep).astype(jnp.int32)
   if cfg.precision != "fp8" and grouped_gemm_impl(cfg) == "tiled":

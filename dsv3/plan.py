@@ -55,7 +55,7 @@ from ml_collections import config_flags
 from dsv3 import attention as attn_lib, cli, expert_parallel as ep_lib, layout, model, overlap, tiled_gemm
 from dsv3.config import ConfigError, ModelConfig, deepseek_v3_671b
 from dsv3.layers import KEEP
-from dsv3.pipeline import executor, schedules
+from dsv3.pipeline import schedules
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -329,7 +329,7 @@ def pipeline_time(schedule: str, P: int, microbatches: int, fb_hidden: float, co
   if P <= 1 or schedule == "none":
     return None
   try:
-    sched = executor.make_schedule(schedule, P, microbatches)
+    sched = schedules.make(schedule, P, microbatches)
   except ValueError:
     return None
   fb = overlap.fb_cost(1.0, 2.0, fb_hidden, comm_ratio)
@@ -346,7 +346,7 @@ def _pipeline_inflight(schedule: str, P: int, microbatches: int) -> list:
   if P <= 1 or schedule == "none":
     return [1]
   try:
-    sched = executor.make_schedule(schedule, P, microbatches)
+    sched = schedules.make(schedule, P, microbatches)
   except ValueError:       # a layout the executor refuses: 1F1B's bound, one per downstream rank
     return [min(P - r, microbatches) for r in range(P)]
   return [int(n) for n in schedules.simulate(sched).peak_activations]

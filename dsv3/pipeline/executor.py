@@ -62,31 +62,6 @@ from dsv3.pipeline.transfers import Transfers
 # ---------------------------------------------------------------------------------------------------
 # Validation and set-up.
 # ---------------------------------------------------------------------------------------------------
-def make_schedule(schedule: str, num_ranks: int, microbatches: int) -> schedules.Schedule:
-  """The op lists for `schedule`, with errors phrased in the config fields a user sets."""
-  if schedule not in schedules.NAMES:
-    raise ValueError(f"pipeline.schedule must be one of {schedules.NAMES} when mesh.pipeline > 1, got {schedule!r}")
-  if not isinstance(num_ranks, int) or num_ranks < 1:
-    raise ValueError(f"mesh.pipeline must be a positive integer, got {num_ranks!r}")
-  if not isinstance(microbatches, int) or microbatches < 1:
-    raise ValueError(f"pipeline.microbatches must be a positive integer, got {microbatches!r}")
-  if schedule == "dualpipe":
-    if num_ranks < 2 or num_ranks % 2:
-      raise ValueError(f"mesh.pipeline must be even (>= 2) for dualpipe: its two directions mirror each "
-                       f"other, got {num_ranks}")
-    if microbatches % 2 or microbatches < 2 * num_ranks:
-      raise ValueError(f"pipeline.microbatches must be even and >= 2 * mesh.pipeline = {2 * num_ranks} for "
-                       f"dualpipe (half of them enter from each end), got {microbatches}")
-    return schedules.dualpipe(num_ranks, microbatches)
-  if schedule == "dualpipev":
-    if microbatches < 2 * num_ranks:
-      raise ValueError(f"pipeline.microbatches must be >= 2 * mesh.pipeline = {2 * num_ranks} for "
-                       f"dualpipev, got {microbatches}")
-    return schedules.dualpipev(num_ranks, microbatches)
-  return {"gpipe": schedules.gpipe, "1f1b": schedules.one_f_one_b, "zb1p": schedules.zb1p}[schedule](
-      num_ranks, microbatches)
-
-
 def pipeline_mesh(num_ranks: int, devices=None) -> Mesh:
   """The ('pipeline', 'data', 'expert') mesh the executor runs on; slice r is rank r's sub-mesh.
 
@@ -131,7 +106,7 @@ class Plan:
   def __init__(self, cfg: ModelConfig, schedule: str, num_ranks: int, microbatches: int, devices=None,
                compiler_options=None, transfer: str = "auto"):
     self.cfg = cfg
-    self.schedule = make_schedule(schedule, num_ranks, microbatches)
+    self.schedule = schedules.make(schedule, num_ranks, microbatches)
     self.num_stages = schedules.num_stages(schedule, num_ranks)
     if cfg.num_hidden_layers < self.num_stages:
       raise ValueError(f"model.num_hidden_layers = {cfg.num_hidden_layers} cannot be cut into "

@@ -32,7 +32,7 @@ from typing import Iterable, List, Optional, Sequence
 from dsv3.pipeline import simulate as _engine
 from dsv3.pipeline.simulate import SimResult
 
-__all__ = ["Op", "Schedule", "parse_op", "gpipe", "one_f_one_b", "zb1p", "dualpipe", "dualpipev",
+__all__ = ["Op", "Schedule", "parse_op", "make", "gpipe", "one_f_one_b", "zb1p", "dualpipe", "dualpipev",
            "validate", "simulate", "paper_bubble", "bubble_table", "SimResult"]
 
 
@@ -286,6 +286,31 @@ def dualpipev(num_ranks: int, num_chunks: int) -> Schedule:
     raise ValueError(f"num_chunks must be >= 2 * num_ranks = {2 * num_ranks} for DualPipeV, got {num_chunks}")
   ranks = [_dual_rank_ops(num_ranks, r, num_chunks, middle=(r == num_ranks - 1)) for r in range(num_ranks)]
   return Schedule("dualpipev", ranks, placement("dualpipev", num_ranks), num_chunks)
+
+
+def make(schedule: str, num_ranks: int, microbatches: int) -> Schedule:
+  """The op lists for `schedule`, with errors phrased in the config fields a user sets."""
+  if schedule not in NAMES:
+    raise ValueError(f"pipeline.schedule must be one of {NAMES} when mesh.pipeline > 1, got {schedule!r}")
+  if not isinstance(num_ranks, int) or num_ranks < 1:
+    raise ValueError(f"mesh.pipeline must be a positive integer, got {num_ranks!r}")
+  if not isinstance(microbatches, int) or microbatches < 1:
+    raise ValueError(f"pipeline.microbatches must be a positive integer, got {microbatches!r}")
+  if schedule == "dualpipe":
+    if num_ranks < 2 or num_ranks % 2:
+      raise ValueError(f"mesh.pipeline must be even (>= 2) for dualpipe: its two directions mirror each "
+                       f"other, got {num_ranks}")
+    if microbatches % 2 or microbatches < 2 * num_ranks:
+      raise ValueError(f"pipeline.microbatches must be even and >= 2 * mesh.pipeline = {2 * num_ranks} for "
+                       f"dualpipe (half of them enter from each end), got {microbatches}")
+    return dualpipe(num_ranks, microbatches)
+  if schedule == "dualpipev":
+    if microbatches < 2 * num_ranks:
+      raise ValueError(f"pipeline.microbatches must be >= 2 * mesh.pipeline = {2 * num_ranks} for "
+                       f"dualpipev, got {microbatches}")
+    return dualpipev(num_ranks, microbatches)
+  return {"gpipe": gpipe, "1f1b": one_f_one_b, "zb1p": zb1p}[schedule](
+      num_ranks, microbatches)
 
 
 def _as_schedule(schedule) -> Schedule:
