@@ -76,7 +76,7 @@ def tensor_map(cfg: ModelConfig) -> dict:
           m[f"{prefix}.{hf.format(e=e)}"] = ("params", root + tuple(ours.split("/")), idx + (e,), t)
 
   for i in range(cfg.num_hidden_layers):
-    moe = i >= cfg.first_k_dense_replace
+    moe = layout.is_moe(cfg, i)
     stack, j = layout.stack_and_index(cfg, i)
     block(f"model.layers.{i}", (stack,), (j,), moe)
   for k in range(cfg.num_nextn_predict_layers):

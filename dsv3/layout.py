@@ -41,9 +41,14 @@ def load_tree(moe_load=None, mtp_loads=()) -> dict:
   return tree
 
 
+def is_moe(cfg, layer: int) -> bool:
+  """Whether global layer `layer` is an MoE layer (the first first_k_dense_replace layers are dense)."""
+  return layer >= cfg.first_k_dense_replace
+
+
 def stack_and_index(cfg, layer: int) -> Tuple[str, int]:
   """(stack name, index in it) of global layer `layer`."""
-  if layer < cfg.first_k_dense_replace:
+  if not is_moe(cfg, layer):
     return DENSE_STACK, layer
   return MOE_STACK, layer - cfg.first_k_dense_replace
 

@@ -467,7 +467,7 @@ def evaluate(plan: Plan, rank_variables, tokens):
   mb = batch // chunks
   hidden = jax.ShapeDtypeStruct((mb, width - 1, cfg.hidden_size), compute_dtype(cfg))
   spec = _token_spec(plan.meshes[0], mb)
-  moe = [l for l in range(cfg.num_hidden_layers) if l >= cfg.first_k_dense_replace]
+  moe = [l for l in range(cfg.num_hidden_layers) if layout.is_moe(cfg, l)]
   width_row = 1 + len(moe) * cfg.n_routed_experts
   rows = {}
   for c in range(chunks):

@@ -84,7 +84,7 @@ def split_layers(cfg: ModelConfig, num_stages: int) -> List[StageSpec]:
   for s in range(num_stages):
     n = base + (s < extra)
     layers = tuple(range(start, start + n))
-    specs.append(StageSpec(s, num_stages, layers, tuple(l >= cfg.first_k_dense_replace for l in layers)))
+    specs.append(StageSpec(s, num_stages, layers, tuple(layout.is_moe(cfg, l) for l in layers)))
     start += n
   return specs
 
