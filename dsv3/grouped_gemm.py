@@ -17,7 +17,7 @@ import numpy as np
 
 from dsv3 import fp8
 
-# tokamax tries these in order and takes the first that accepts the call (NotImplementedError otherwise).
+# tokamax tries these in order and runs the first whose kernel supports the call's shapes and chip.
 IMPLEMENTATIONS = ("mosaic_gpu", "triton")
 INSTALL_HINT = ("pip install -r requirements-gpu.txt (tokamax), or set model.grouped_gemm="
                 "'ragged_dot' (XLA: a dense dot over the device's experts)")

@@ -54,8 +54,11 @@ def tensor_core_ops(line: str) -> List[str]:
   return sorted(set(_MMA.findall(code)))
 
 
+_ARRAY = re.compile(r"\b([a-z]+[0-9a-z]*)\[")
+
+
 def _dtype(shape: str) -> str:
-  found = overlap._ARRAY.search(shape)
+  found = _ARRAY.search(shape)
   return found.group(1) if found else shape
 
 
@@ -76,7 +79,7 @@ def gemms(text: str) -> List[dict]:
         kind = ("triton_kernel" if target.startswith("triton_kernel_call") else
                 "mosaic_kernel" if target.startswith("mosaic_gpu") else
                 "cublas" if target.startswith("__cublas") else "xla_triton")
-      elif inst.opcode == "fusion" and any(program._holds_gemm(c) for c in inst.callees):
+      elif inst.opcode == "fusion" and program.is_gemm(inst):
         kind = "xla_fusion"
       elif inst.opcode in ("dot", "ragged-dot", "scaled-dot"):
         kind = inst.opcode
