@@ -1,0 +1,75 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.7
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 02 · Load balancing: none vs auxiliary loss vs auxiliary-loss-free bias
+#
+# DeepSeek-V3 balances its experts without an auxiliary loss (report §2.1.2, after Wang et al. 2024): each MoE
+# layer keeps a bias `b` that is added to the affinity scores **only to choose** the top-k experts, and after
+# every step `b_i += gamma * sign(mean_load - load_i)`, with the load counted over the whole global batch.
+# The bias is state, not a parameter: no gradient flows through it, so balancing does not fight the language
+# modelling loss. The baseline is an auxiliary balance loss (alpha = 0.001).
+#
+# The study (`python -m dsv3.studies.balance`, `dsv3/studies/balance.py`) trains the same tiny MoE
+# (configs/tiny.py: 3 MoE layers, 16 experts, 4 active) with no balancing, the auxiliary loss, and the bias at
+# gamma = 1e-4, 1e-3 (the paper's) and 1e-2, with the same data, seed and schedule, through the real trainer,
+# and compares **MaxVio** = (max load − mean load) / mean load: _global over the whole validation sample,
+# _batch over each training batch, averaged over MoE layers.
+#
+# **Reference** (Wang et al. 2024, 1B MoE): MaxVio_global 0.72 with the auxiliary loss vs 0.04 loss-free, at
+# equal or better perplexity.
+
+# %% [markdown]
+# ## The full study
+#
+# `python -m dsv3.studies.balance --steps=1000` wrote the table and plots below (five runs of 1,000 steps,
+# copied into colabs/studies/; the machine and date are in colabs/studies/README.md). The cell reads them from the
+# repository; it trains nothing.
+
+# %%
+# Settings. In Colab: clone this repository, `pip install -r requirements.txt`, and run from colabs/.
+import os
+import sys
+if not os.path.isdir('dsv3') and os.path.isdir(os.path.join('..', 'dsv3')):
+  sys.path.insert(0, os.path.abspath('..'))   # run from colabs/: make the repository root importable
+FAST = os.environ.get('DSV3_COLAB_FAST') == '1'  # CI: shrink every run further
+
+from pathlib import Path
+from IPython.display import Image, Markdown, display
+STUDIES = Path('studies')   # colabs/studies: the committed outputs of the three study commands
+display(Markdown((STUDIES / 'balance.md').read_text()))
+display(Image(filename=str(STUDIES / 'balance.png')))
+
+# %% [markdown]
+# ## Run it
+#
+# The cell below runs the study here, shortened (300 steps, three runs; in CI mode 30 steps on a smaller
+# vocabulary and 30 files). The full study is `python -m dsv3.studies.balance --steps=1000` (five runs; it
+# writes balance.md, balance.json and balance.png).
+
+# %%
+import tempfile
+from dsv3.studies import balance
+
+STEPS = 30 if FAST else 300
+OVERRIDES = ({'batch_size': 8, 'seq_len': 64, 'model.vocab_size': 512, 'data.max_files': 30, 'eval_batches': 2}
+             if FAST else {})
+MODES = ('aux_loss', 'aux_free', 'aux_free@0.01')
+results = balance.run(STEPS, tempfile.mkdtemp(prefix='dsv3_balance_'), MODES, OVERRIDES)
+display(Markdown(balance.table(results)))
+print(balance.verdict(results))
+
+# %%
+display(balance.figure(results))   # validation loss, MaxVio_global, MaxVio per training batch
