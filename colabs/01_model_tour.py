@@ -24,25 +24,69 @@
 # router does.
 
 # %%
-# Settings. In Colab: clone this repository, `pip install -r requirements.txt`, and run from colabs/.
+# Install. Outside Colab this only makes the repository importable (run the notebook from colabs/). In Colab
+# it finds the repository under /content (a folder, an uploaded .zip, Drive), `pip install`s its
+# requirements.txt and runs from its colabs/. To get the repository there: upload its .zip in the Files pane
+# (GitHub's "Download ZIP" works), or `!git clone URL` in a cell, or `%env DSV3_REPO=URL` (cloned below).
+import glob
 import os
+import subprocess
 import sys
-if not os.path.isdir('dsv3') and os.path.isdir(os.path.join('..', 'dsv3')):
+import zipfile
+
+try:
+  import google.colab  # noqa: F401
+  IN_COLAB = True
+except ImportError:
+  IN_COLAB = False
+
+
+def find_repo():
+  for root in ['.', '..', *glob.glob('*/'), *glob.glob('*/*/'), *glob.glob('drive/MyDrive/*/')]:
+    if os.path.isfile(os.path.join(root, 'dsv3', '__init__.py')):
+      return os.path.abspath(root)
+  return None
+
+
+if IN_COLAB:
+  if find_repo() is None:
+    for path in glob.glob('*.zip'):
+      with zipfile.ZipFile(path) as z:
+        if any(n.endswith('dsv3/__init__.py') for n in z.namelist()):
+          z.extractall(os.path.splitext(path)[0])
+    if find_repo() is None and os.environ.get('DSV3_REPO'):
+      subprocess.run(['git', 'clone', '--depth=1', os.environ['DSV3_REPO'], 'dsv3-repo'], check=True)
+  REPO = find_repo()
+  if REPO is None:
+    raise FileNotFoundError(f'no dsv3 repository under {os.getcwd()}: upload its .zip, `!git clone URL`, or '
+                            '`%env DSV3_REPO=URL`, then rerun this cell')
+  subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '-r', os.path.join(REPO, 'requirements.txt')],
+                 check=True)
+  os.chdir(os.path.join(REPO, 'colabs'))
+  sys.path.insert(0, REPO)
+elif not os.path.isdir('dsv3') and os.path.isdir(os.path.join('..', 'dsv3')):
   sys.path.insert(0, os.path.abspath('..'))   # run from colabs/: make the repository root importable
+
+# %%
 FAST = os.environ.get('DSV3_COLAB_FAST') == '1'  # CI: shrink every run further
 
 B, T = (2, 64) if FAST else (4, 128)
+
+
+# %%
+import jax
+import jax.numpy as jnp
+import matplotlib.pyplot as plt
+import numpy as np
+from dsv3 import bench, plan
+from dsv3 import model, moe
+from dsv3.config import ModelConfig, deepseek_v3_671b
+from dsv3.layers import rope_cos_sin
 
 # %% [markdown]
 # ## Configs and parameter counts from the planner
 
 # %%
-import jax
-import jax.numpy as jnp
-import numpy as np
-from dsv3 import bench, plan
-from dsv3.config import ModelConfig, deepseek_v3_671b
-
 configs = {'tiny': ModelConfig.from_config_dict(bench.load_config('tiny')),
            'small': ModelConfig.from_config_dict(bench.load_config('small')),
            '671B': deepseek_v3_671b()}
@@ -80,9 +124,6 @@ print(plan.format_kv_table(plan.kv_comparison()))
 # ## A forward pass of the tiny config
 
 # %%
-from dsv3 import model, moe
-from dsv3.layers import rope_cos_sin
-
 cfg = configs['tiny']
 variables = model.init(cfg, jax.random.key(0))
 tokens = jnp.asarray(np.random.default_rng(0).integers(2, cfg.vocab_size, (B, T)), jnp.int32)
@@ -127,8 +168,6 @@ for l, idx in enumerate(choices):
 print('loads counted from the router choices == aux["load"] for every MoE layer')
 
 # %%
-import matplotlib.pyplot as plt
-
 E, k = cfg.n_routed_experts, cfg.num_experts_per_tok
 fig, axes = plt.subplots(1, 2, figsize=(13, 4))
 shown = min(48, B * T)

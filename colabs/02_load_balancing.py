@@ -31,6 +31,61 @@
 # **Reference** (Wang et al. 2024, 1B MoE): MaxVio_global 0.72 with the auxiliary loss vs 0.04 loss-free, at
 # equal or better perplexity.
 
+# %%
+# Install. Outside Colab this only makes the repository importable (run the notebook from colabs/). In Colab
+# it finds the repository under /content (a folder, an uploaded .zip, Drive), `pip install`s its
+# requirements.txt and runs from its colabs/. To get the repository there: upload its .zip in the Files pane
+# (GitHub's "Download ZIP" works), or `!git clone URL` in a cell, or `%env DSV3_REPO=URL` (cloned below).
+import glob
+import os
+import subprocess
+import sys
+import zipfile
+
+try:
+  import google.colab  # noqa: F401
+  IN_COLAB = True
+except ImportError:
+  IN_COLAB = False
+
+
+def find_repo():
+  for root in ['.', '..', *glob.glob('*/'), *glob.glob('*/*/'), *glob.glob('drive/MyDrive/*/')]:
+    if os.path.isfile(os.path.join(root, 'dsv3', '__init__.py')):
+      return os.path.abspath(root)
+  return None
+
+
+if IN_COLAB:
+  if find_repo() is None:
+    for path in glob.glob('*.zip'):
+      with zipfile.ZipFile(path) as z:
+        if any(n.endswith('dsv3/__init__.py') for n in z.namelist()):
+          z.extractall(os.path.splitext(path)[0])
+    if find_repo() is None and os.environ.get('DSV3_REPO'):
+      subprocess.run(['git', 'clone', '--depth=1', os.environ['DSV3_REPO'], 'dsv3-repo'], check=True)
+  REPO = find_repo()
+  if REPO is None:
+    raise FileNotFoundError(f'no dsv3 repository under {os.getcwd()}: upload its .zip, `!git clone URL`, or '
+                            '`%env DSV3_REPO=URL`, then rerun this cell')
+  subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '-r', os.path.join(REPO, 'requirements.txt')],
+                 check=True)
+  os.chdir(os.path.join(REPO, 'colabs'))
+  sys.path.insert(0, REPO)
+elif not os.path.isdir('dsv3') and os.path.isdir(os.path.join('..', 'dsv3')):
+  sys.path.insert(0, os.path.abspath('..'))   # run from colabs/: make the repository root importable
+
+# %%
+FAST = os.environ.get('DSV3_COLAB_FAST') == '1'  # CI: shrink every run further
+
+
+
+# %%
+import tempfile
+from pathlib import Path
+from IPython.display import Image, Markdown, display
+from dsv3.studies import balance
+
 # %% [markdown]
 # ## The full study
 #
@@ -39,15 +94,6 @@
 # repository; it trains nothing.
 
 # %%
-# Settings. In Colab: clone this repository, `pip install -r requirements.txt`, and run from colabs/.
-import os
-import sys
-if not os.path.isdir('dsv3') and os.path.isdir(os.path.join('..', 'dsv3')):
-  sys.path.insert(0, os.path.abspath('..'))   # run from colabs/: make the repository root importable
-FAST = os.environ.get('DSV3_COLAB_FAST') == '1'  # CI: shrink every run further
-
-from pathlib import Path
-from IPython.display import Image, Markdown, display
 STUDIES = Path('studies')   # colabs/studies: the committed outputs of the three study commands
 display(Markdown((STUDIES / 'balance.md').read_text()))
 display(Image(filename=str(STUDIES / 'balance.png')))
@@ -60,9 +106,6 @@ display(Image(filename=str(STUDIES / 'balance.png')))
 # writes balance.md, balance.json and balance.png).
 
 # %%
-import tempfile
-from dsv3.studies import balance
-
 STEPS = 30 if FAST else 300
 OVERRIDES = ({'batch_size': 8, 'seq_len': 64, 'model.vocab_size': 512, 'data.max_files': 30, 'eval_batches': 2}
              if FAST else {})

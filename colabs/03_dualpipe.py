@@ -23,11 +23,50 @@
 # `simulate` times them with per-cell costs F, B (full backward), W (weight-gradient part of B) and F&B.
 
 # %%
-# Settings. In Colab: clone this repository, `pip install -r requirements.txt`, and run from colabs/.
+# Install. Outside Colab this only makes the repository importable (run the notebook from colabs/). In Colab
+# it finds the repository under /content (a folder, an uploaded .zip, Drive), `pip install`s its
+# requirements.txt and runs from its colabs/. To get the repository there: upload its .zip in the Files pane
+# (GitHub's "Download ZIP" works), or `!git clone URL` in a cell, or `%env DSV3_REPO=URL` (cloned below).
+import glob
 import os
+import subprocess
 import sys
-if not os.path.isdir('dsv3') and os.path.isdir(os.path.join('..', 'dsv3')):
+import zipfile
+
+try:
+  import google.colab  # noqa: F401
+  IN_COLAB = True
+except ImportError:
+  IN_COLAB = False
+
+
+def find_repo():
+  for root in ['.', '..', *glob.glob('*/'), *glob.glob('*/*/'), *glob.glob('drive/MyDrive/*/')]:
+    if os.path.isfile(os.path.join(root, 'dsv3', '__init__.py')):
+      return os.path.abspath(root)
+  return None
+
+
+if IN_COLAB:
+  if find_repo() is None:
+    for path in glob.glob('*.zip'):
+      with zipfile.ZipFile(path) as z:
+        if any(n.endswith('dsv3/__init__.py') for n in z.namelist()):
+          z.extractall(os.path.splitext(path)[0])
+    if find_repo() is None and os.environ.get('DSV3_REPO'):
+      subprocess.run(['git', 'clone', '--depth=1', os.environ['DSV3_REPO'], 'dsv3-repo'], check=True)
+  REPO = find_repo()
+  if REPO is None:
+    raise FileNotFoundError(f'no dsv3 repository under {os.getcwd()}: upload its .zip, `!git clone URL`, or '
+                            '`%env DSV3_REPO=URL`, then rerun this cell')
+  subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '-r', os.path.join(REPO, 'requirements.txt')],
+                 check=True)
+  os.chdir(os.path.join(REPO, 'colabs'))
+  sys.path.insert(0, REPO)
+elif not os.path.isdir('dsv3') and os.path.isdir(os.path.join('..', 'dsv3')):
   sys.path.insert(0, os.path.abspath('..'))   # run from colabs/: make the repository root importable
+
+# %%
 FAST = os.environ.get('DSV3_COLAB_FAST') == '1'  # CI: shrink every run further
 
 # The last section runs a real pipeline on 8 CPU devices; XLA reads this before JAX starts.
@@ -36,11 +75,19 @@ if 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', '')
 RANKS, CHUNKS = 4, 10        # the pictures: small enough to read
 F, B, W = 1.0, 2.0, 1.0      # F = B - W, the regime of the paper's Figure 5 and Table 2
 
+
 # %%
-from IPython.display import Image, display
 import tempfile
+import jax
+import matplotlib.pyplot as plt
+import numpy as np
+from IPython.display import Image, display
+from dsv3 import losses, model
+from dsv3.config import ModelConfig
+from dsv3.pipeline import bench, executor
 from dsv3.pipeline import schedules, timeline
 
+# %%
 outdir = tempfile.mkdtemp(prefix='dsv3_pipeline_')
 runs = {'1F1B': schedules.one_f_one_b(RANKS, CHUNKS), 'ZB1P': schedules.zb1p(RANKS, CHUNKS),
         'DualPipe': schedules.dualpipe(RANKS, CHUNKS), 'DualPipeV': schedules.dualpipev(RANKS, CHUNKS)}
@@ -103,13 +150,6 @@ show(schedules.bubble_table(8, 20, F=F, B=B, W=W, FB=2.5), 2.5)
 # the 8 "devices" share the same cores, so the simulated step on truly parallel ranks is the number to read.
 
 # %%
-import jax
-import jax.numpy as jnp
-import numpy as np
-from dsv3 import losses, model
-from dsv3.config import ModelConfig
-from dsv3.pipeline import bench, executor
-
 cfg = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
                   num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=32,
                   kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8,
@@ -142,7 +182,6 @@ for name in ['1f1b', 'zb1p', 'dualpipe']:
   print(f"{name:<10}{float(loss):>10.6f}{diff:>17.2e}   {cost_str:<32}{idle}")
 
 # %%
-import matplotlib.pyplot as plt
 fig, ax = plt.subplots(figsize=(7, 3))
 rows = schedules.bubble_table(8, 20, F=F, B=B, W=W)
 ax.bar([r[0] for r in rows], [r[2] for r in rows], color=['#888', '#5b7fd1', '#f08c2e', '#3f9a4f'])

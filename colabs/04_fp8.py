@@ -22,11 +22,50 @@
 # `dsv3.fp8` emulates the numerics exactly.
 
 # %%
-# Settings. In Colab: clone this repository, `pip install -r requirements.txt`, and run from colabs/.
+# Install. Outside Colab this only makes the repository importable (run the notebook from colabs/). In Colab
+# it finds the repository under /content (a folder, an uploaded .zip, Drive), `pip install`s its
+# requirements.txt and runs from its colabs/. To get the repository there: upload its .zip in the Files pane
+# (GitHub's "Download ZIP" works), or `!git clone URL` in a cell, or `%env DSV3_REPO=URL` (cloned below).
+import glob
 import os
+import subprocess
 import sys
-if not os.path.isdir('dsv3') and os.path.isdir(os.path.join('..', 'dsv3')):
+import zipfile
+
+try:
+  import google.colab  # noqa: F401
+  IN_COLAB = True
+except ImportError:
+  IN_COLAB = False
+
+
+def find_repo():
+  for root in ['.', '..', *glob.glob('*/'), *glob.glob('*/*/'), *glob.glob('drive/MyDrive/*/')]:
+    if os.path.isfile(os.path.join(root, 'dsv3', '__init__.py')):
+      return os.path.abspath(root)
+  return None
+
+
+if IN_COLAB:
+  if find_repo() is None:
+    for path in glob.glob('*.zip'):
+      with zipfile.ZipFile(path) as z:
+        if any(n.endswith('dsv3/__init__.py') for n in z.namelist()):
+          z.extractall(os.path.splitext(path)[0])
+    if find_repo() is None and os.environ.get('DSV3_REPO'):
+      subprocess.run(['git', 'clone', '--depth=1', os.environ['DSV3_REPO'], 'dsv3-repo'], check=True)
+  REPO = find_repo()
+  if REPO is None:
+    raise FileNotFoundError(f'no dsv3 repository under {os.getcwd()}: upload its .zip, `!git clone URL`, or '
+                            '`%env DSV3_REPO=URL`, then rerun this cell')
+  subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '-r', os.path.join(REPO, 'requirements.txt')],
+                 check=True)
+  os.chdir(os.path.join(REPO, 'colabs'))
+  sys.path.insert(0, REPO)
+elif not os.path.isdir('dsv3') and os.path.isdir(os.path.join('..', 'dsv3')):
   sys.path.insert(0, os.path.abspath('..'))   # run from colabs/: make the repository root importable
+
+# %%
 FAST = os.environ.get('DSV3_COLAB_FAST') == '1'  # CI: shrink every run further
 
 import tempfile
@@ -34,6 +73,15 @@ M = N = 128 if FAST else 512              # GEMM sizes for the K = 4096 promotio
 TRAIN_STEPS = 8 if FAST else 100
 TRAIN = (dict(batch_size=8, seq_len=32, vocab=512, max_files=30, eval_batches=2) if FAST
          else dict(batch_size=16, seq_len=128, vocab=4096, max_files=0, eval_batches=4))
+
+
+# %%
+import json
+import jax.numpy as jnp
+import matplotlib.pyplot as plt
+import numpy as np
+from dsv3 import bench, train
+from dsv3 import fp8
 
 # %% [markdown]
 # ## Tile/block quantization error vs one scale per tensor
@@ -44,11 +92,6 @@ TRAIN = (dict(batch_size=8, seq_len=32, vocab=512, max_files=30, eval_batches=2)
 # only coarsens the 128 values of its own tile.
 
 # %%
-import jax
-import jax.numpy as jnp
-import numpy as np
-from dsv3 import fp8
-
 rng = np.random.default_rng(0)
 
 def per_tensor(a):
@@ -84,7 +127,6 @@ print(f"{'weights outside the large 128x128 block':<46}{rel_err(per_tensor(w)[re
 print('scales:', s.shape, 'per activation tile (1x128);', sw.shape, 'per weight block (128x128)')
 
 # %%
-import matplotlib.pyplot as plt
 mags = [1e1, 1e2, 1e3, 1e4, 3e4, 1e5, 3e5]
 pt, ft = [], []
 for m in mags:
@@ -155,9 +197,6 @@ plt.show()
 # relative loss error vs BF16 below 0.25%. FP8 is emulated on CPU, so this run is short.
 
 # %%
-import json
-from dsv3 import bench, train
-
 def run(precision):
   c = bench.short_run_config('tiny', TRAIN_STEPS, **TRAIN)   # configs/tiny.py, shrunk to a short run
   c.precision = precision

@@ -22,11 +22,50 @@
 # measures 85–90% acceptance of that second token (1.8× tokens/s) on the full model.
 
 # %%
-# Settings. In Colab: clone this repository, `pip install -r requirements.txt`, and run from colabs/.
+# Install. Outside Colab this only makes the repository importable (run the notebook from colabs/). In Colab
+# it finds the repository under /content (a folder, an uploaded .zip, Drive), `pip install`s its
+# requirements.txt and runs from its colabs/. To get the repository there: upload its .zip in the Files pane
+# (GitHub's "Download ZIP" works), or `!git clone URL` in a cell, or `%env DSV3_REPO=URL` (cloned below).
+import glob
 import os
+import subprocess
 import sys
-if not os.path.isdir('dsv3') and os.path.isdir(os.path.join('..', 'dsv3')):
+import zipfile
+
+try:
+  import google.colab  # noqa: F401
+  IN_COLAB = True
+except ImportError:
+  IN_COLAB = False
+
+
+def find_repo():
+  for root in ['.', '..', *glob.glob('*/'), *glob.glob('*/*/'), *glob.glob('drive/MyDrive/*/')]:
+    if os.path.isfile(os.path.join(root, 'dsv3', '__init__.py')):
+      return os.path.abspath(root)
+  return None
+
+
+if IN_COLAB:
+  if find_repo() is None:
+    for path in glob.glob('*.zip'):
+      with zipfile.ZipFile(path) as z:
+        if any(n.endswith('dsv3/__init__.py') for n in z.namelist()):
+          z.extractall(os.path.splitext(path)[0])
+    if find_repo() is None and os.environ.get('DSV3_REPO'):
+      subprocess.run(['git', 'clone', '--depth=1', os.environ['DSV3_REPO'], 'dsv3-repo'], check=True)
+  REPO = find_repo()
+  if REPO is None:
+    raise FileNotFoundError(f'no dsv3 repository under {os.getcwd()}: upload its .zip, `!git clone URL`, or '
+                            '`%env DSV3_REPO=URL`, then rerun this cell')
+  subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '-r', os.path.join(REPO, 'requirements.txt')],
+                 check=True)
+  os.chdir(os.path.join(REPO, 'colabs'))
+  sys.path.insert(0, REPO)
+elif not os.path.isdir('dsv3') and os.path.isdir(os.path.join('..', 'dsv3')):
   sys.path.insert(0, os.path.abspath('..'))   # run from colabs/: make the repository root importable
+
+# %%
 FAST = os.environ.get('DSV3_COLAB_FAST') == '1'  # CI: shrink every run further
 
 import tempfile
@@ -36,15 +75,19 @@ TRAIN = (dict(batch_size=8, seq_len=64, vocab=512, max_files=30, eval_batches=2)
          else dict(batch_size=16, seq_len=128, vocab=4096, max_files=0, eval_batches=4))
 WORKDIR = tempfile.mkdtemp(prefix='dsv3_gen_')
 
-# %% [markdown]
-# ## Train briefly
 
 # %%
 import jax
 import jax.numpy as jnp
 import numpy as np
 from dsv3 import bench, train
+from dsv3 import convert, data, generate, model, plan
+from dsv3.config import ModelConfig
 
+# %% [markdown]
+# ## Train briefly
+
+# %%
 config = bench.short_run_config('tiny', STEPS, log_every=10, **TRAIN)   # configs/tiny.py, shrunk
 last = train.train_and_evaluate(config, WORKDIR)
 print(f"after {STEPS} steps: train loss {last['loss']:.3f}, validation loss {last['val_loss']:.3f}")
@@ -53,9 +96,6 @@ print(f"after {STEPS} steps: train loss {last['loss']:.3f}, validation loss {las
 # ## Load the checkpoint and the tokenizer
 
 # %%
-from dsv3 import convert, data, generate, model, plan
-from dsv3.config import ModelConfig
-
 cfg = ModelConfig.from_config_dict(config)
 variables = convert.load_orbax_variables(WORKDIR)          # {'params', 'routing'} of the latest step
 tok = data.make_datasets(config).tokenizer

@@ -1,24 +1,76 @@
-"""Executes every notebook in colabs/ end to end (CI mode: DSV3_COLAB_FAST=1) and fails on any cell error.
+"""The colab notebooks: their .py sources are linted and equal the committed .ipynb, which carry outputs;
+executing them (CI mode, DSV3_COLAB_FAST=1) raises no error.
 
 Each notebook runs in its own Jupyter kernel, started from this interpreter (so from this venv), with
-colabs/ as the working directory. The kernel gets a clean XLA_FLAGS: conftest.py asks for 8 simulated
-devices in this process, but the notebooks train on the one real device (mesh 1x1x1). The tokenizer and
-token-stream cache (DSV3_CACHE) is one temp dir for the whole session, so the BPE is trained once.
+colabs/ as the working directory and a clean XLA_FLAGS (conftest.py asks for 8 simulated devices in this
+process; the notebooks train on the one real device). The tokenizer and token-stream cache (DSV3_CACHE) is
+one temp dir for the whole session, so the BPE is trained once.
 """
 import glob
 import os
+import subprocess
+import sys
 import time
 
 import pytest
 
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
+jupytext = pytest.importorskip("jupytext")
+pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLABS = os.path.join(ROOT, "colabs")
-NOTEBOOKS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(COLABS, "*.ipynb")))
-TIMEOUT_S = 600
+sys.path.insert(0, COLABS)
+import run_notebooks  # noqa: E402  (colabs/ is not a package)
+
+NAMES = run_notebooks.NAMES
+# In the default run: the notebooks whose CI-mode execution is cheap (about 1 min of CPU together). The
+# others train for minutes and run with `-m slow`.
+DEFAULT_RUN = ("01_model_tour", "03_dualpipe")
+
+
+def cells(path):
+  return [(c.cell_type, c.source) for c in jupytext.read(path).cells]
+
+
+def test_every_notebook_is_collected():
+  notebooks = sorted(os.path.basename(p)[:-6] for p in glob.glob(os.path.join(COLABS, "*.ipynb")))
+  sources = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(COLABS, "0*.py")))
+  assert notebooks == sources == list(NAMES)
+
+
+def test_sources_pass_pyflakes_checks():
+  # ruff's F rules are pyflakes': undefined names, unused imports and variables, redefinitions.
+  files = [os.path.join(COLABS, n + ".py") for n in NAMES] + [run_notebooks.__file__]
+  proc = subprocess.run([sys.executable, "-m", "ruff", "check", "--isolated", "--no-cache", "--select", "F",
+                         *files], capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_equals_its_source(name):
+  assert cells(os.path.join(COLABS, name + ".ipynb")) == cells(os.path.join(COLABS, name + ".py")), (
+      f"{name}: .ipynb and .py differ; `jupytext --sync colabs/{name}.py`, then rerun it "
+      f"(`python colabs/run_notebooks.py --notebooks={name}`)")
+
+
+def test_every_notebook_opens_with_the_same_install_cell():
+  first = {name: next(s for t, s in cells(os.path.join(COLABS, name + ".py")) if t == "code") for name in NAMES}
+  assert all(s.startswith("# Install.") for s in first.values())
+  assert len(set(first.values())) == 1, "the install cells differ: keep one text in all five"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_is_committed_with_outputs(name):
+  nb = jupytext.read(os.path.join(COLABS, name + ".ipynb"))
+  code = [c for c in nb.cells if c.cell_type == "code"]
+  assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), (
+      f"{name}: run it top to bottom: python colabs/run_notebooks.py --notebooks={name}")
+  assert not [o for c in code for o in c.outputs if o.output_type == "error"], f"{name}: a cell failed"
+  assert not [c for c in code if "execution" in c.metadata], f"{name}: execution timings left in"
+  # The install, settings and import cells print nothing; every cell after them shows a result.
+  assert all(c.outputs for c in code[3:]), f"{name}: a cell without outputs"
+  assert any("image/png" in o.get("data", {}) for c in code for o in c.outputs), f"{name}: no plot"
 
 
 @pytest.fixture(scope="session")
@@ -26,37 +78,10 @@ def colab_cache(tmp_path_factory):
   return str(tmp_path_factory.mktemp("dsv3_colab_cache"))
 
 
-def kernel_env(cache_dir):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(DSV3_COLAB_FAST="1", DSV3_CACHE=cache_dir, JAX_PLATFORMS=env.get("JAX_PLATFORMS", "cpu"),
-             MPLBACKEND="module://matplotlib_inline.backend_inline")
-  # The repository root is found by the notebooks themselves (they run from colabs/); PYTHONPATH set by a
-  # caller is kept, nothing is added, so the test checks exactly what a user sees.
-  return env
-
-
-def test_every_notebook_is_collected():
-  assert NOTEBOOKS == ["01_model_tour.ipynb", "02_load_balancing.ipynb", "03_dualpipe.ipynb", "04_fp8.ipynb",
-                       "05_generation.ipynb"]
-
-
-def test_notebooks_are_committed_without_outputs():
-  for name in NOTEBOOKS:
-    nb = nbformat.read(os.path.join(COLABS, name), as_version=4)
-    for cell in nb.cells:
-      if cell.cell_type == "code":
-        assert not cell.outputs and cell.execution_count is None, f"{name}: clear the outputs before committing"
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", NOTEBOOKS)
+@pytest.mark.parametrize("name", [n if n in DEFAULT_RUN else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in NAMES])
 def test_notebook_runs(name, colab_cache):
-  nb = nbformat.read(os.path.join(COLABS, name), as_version=4)
-  # 'python3' is ipykernel's own kernelspec; jupyter_client starts it with this interpreter (sys.executable).
-  client = nbclient.NotebookClient(nb, timeout=TIMEOUT_S, kernel_name="python3",
-                                   resources={"metadata": {"path": COLABS}})
   t0 = time.perf_counter()
-  client.execute(cwd=COLABS, env=kernel_env(colab_cache))
+  # A failing cell raises nbclient's CellExecutionError, which names the cell and the error.
+  run_notebooks.execute(name, run_notebooks.kernel_env(fast=True, cache_dir=colab_cache))
   print(f"{name}: {time.perf_counter() - t0:.0f} s")
-  errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
-  assert not errors, f"{name}: {errors[0].ename}: {errors[0].evalue}"

@@ -1,0 +1,64 @@
+"""Executes the colab notebooks from their paired .py sources and writes each .ipynb with its outputs.
+
+  python colabs/run_notebooks.py                                  # all five, full size
+  python colabs/run_notebooks.py --notebooks=01_model_tour --fast  # DSV3_COLAB_FAST=1, as CI runs them
+
+Each notebook runs in a fresh kernel of this interpreter, from colabs/, on the CPU, with XLA_FLAGS cleared
+(what a user sees). The written .ipynb keeps only stable metadata (cell ids numbered, no execution timings),
+so a rerun changes only what the cells print. tests/test_colabs.py executes notebooks with `execute`.
+"""
+import os
+import time
+
+import jupytext
+import nbclient
+import nbformat
+from absl import app, flags
+
+COLABS = os.path.dirname(os.path.abspath(__file__))
+NAMES = ("01_model_tour", "02_load_balancing", "03_dualpipe", "04_fp8", "05_generation")
+TIMEOUT_S = 600   # per cell
+
+flags.DEFINE_list("notebooks", list(NAMES), "Notebooks to run (names without extension).")
+flags.DEFINE_bool("fast", False, "Set DSV3_COLAB_FAST=1: every run shrunk, as in CI.")
+
+
+def kernel_env(fast, cache_dir=None):
+  """The kernel's environment: this one without XLA_FLAGS, on CPU unless JAX_PLATFORMS says otherwise."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(JAX_PLATFORMS=env.get("JAX_PLATFORMS", "cpu"), MPLBACKEND="module://matplotlib_inline.backend_inline")
+  if fast:
+    env["DSV3_COLAB_FAST"] = "1"
+  if cache_dir:
+    env["DSV3_CACHE"] = cache_dir
+  return env
+
+
+def execute(name, env):
+  """Runs colabs/{name}.py as a notebook; returns it with its outputs and stable metadata."""
+  nb = jupytext.read(os.path.join(COLABS, name + ".py"))
+  # 'python3' is ipykernel's own kernelspec; jupyter_client starts it with this interpreter (sys.executable).
+  client = nbclient.NotebookClient(nb, timeout=TIMEOUT_S, kernel_name="python3", record_timing=False,
+                                   resources={"metadata": {"path": COLABS}})
+  client.execute(cwd=COLABS, env=env)
+  for i, cell in enumerate(nb.cells):
+    cell.id = f"cell-{i:02d}"
+  nb.metadata = {"jupytext": {"formats": "ipynb,py:percent"}, "kernelspec": nb.metadata["kernelspec"],
+                 "language_info": {"name": "python"}}
+  return nb
+
+
+def main(argv):
+  del argv
+  for name in flags.FLAGS.notebooks:
+    if name not in NAMES:
+      raise app.UsageError(f"--notebooks: unknown notebook {name!r}; choose from {', '.join(NAMES)}")
+  for name in flags.FLAGS.notebooks:
+    t0 = time.perf_counter()
+    nb = execute(name, kernel_env(flags.FLAGS.fast))
+    nbformat.write(nb, os.path.join(COLABS, name + ".ipynb"))
+    print(f"{name}.ipynb: {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+  app.run(main)
