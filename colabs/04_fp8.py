@@ -20,6 +20,10 @@
 # **1×128 tile** of activations and per **128×128 block** of weights (an outlier only squeezes its own tile), and
 # **promotion** of the tensor cores' limited-precision partial sums to FP32 every 128 elements of K. On CPU,
 # `dsv3.fp8` emulates the numerics exactly.
+#
+# _The outputs shown come from a CI-size run (`DSV3_COLAB_FAST=1`: M = N = 128 and 8 training steps instead of
+# 512 and 100), which keeps the committed run to minutes on a shared 2-core CPU; without the variable the
+# notebook runs the sizes in its settings cell._
 
 # %%
 # Install. Outside Colab this only makes the repository importable (run the notebook from colabs/). In Colab
