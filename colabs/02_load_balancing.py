@@ -30,6 +30,10 @@
 #
 # **Reference** (Wang et al. 2024, 1B MoE): MaxVio_global 0.72 with the auxiliary loss vs 0.04 loss-free, at
 # equal or better perplexity.
+#
+# _The outputs shown come from a CI-size run (`DSV3_COLAB_FAST=1`: the shortened study runs 30 steps on a
+# 512-token vocabulary and 30 files instead of 300 steps), which keeps the committed run to minutes on a shared
+# 2-core CPU; without the variable the notebook runs the sizes in its settings cell._
 
 # %%
 # Install. Outside Colab this only makes the repository importable (run the notebook from colabs/). In Colab
@@ -81,6 +85,8 @@ FAST = os.environ.get('DSV3_COLAB_FAST') == '1'  # CI: shrink every run further
 
 
 # %%
+# balance.figure draws without pyplot; this makes the notebook show matplotlib figures as PNG:
+# %matplotlib inline
 import tempfile
 from pathlib import Path
 from IPython.display import Image, Markdown, display
