@@ -51,7 +51,7 @@ def test_sources_pass_pyflakes_checks():
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_equals_its_source(name):
   assert cells(os.path.join(COLABS, name + ".ipynb")) == cells(os.path.join(COLABS, name + ".py")), (
-      f"{name}: .ipynb and .py differ; `jupytext --sync colabs/{name}.py`, then rerun it "
+      f"{name}: .ipynb and .py differ; `jupytext --to ipynb --update colabs/{name}.py`, then rerun it "
       f"(`python colabs/run_notebooks.py --notebooks={name}`)")
 
 
