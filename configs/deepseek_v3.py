@@ -19,7 +19,8 @@ Token budget: 14.8T tokens. The report ramps the batch from 3,072 to 15,360 sequ
 The model block is the released config (YaRN included, as in HF's config.json); the report pre-trains at 4K
 with plain RoPE and adds YaRN for the 32K and 128K context-extension phases (§4.3).
 """
-from dsv3.config import base_train_config, deepseek_v3_671b
+from dsv3.config import deepseek_v3_671b
+from dsv3.train_config import base_train_config
 
 _TOTAL_TOKENS = 14.8e12
 _CONSTANT_LR_TOKENS = 10.0e12     # lr held at its peak until here ...

@@ -4,7 +4,8 @@
   python -m dsv3.train --config=configs/small.py --workdir=/tmp/dsv3_small_fp8 --config.precision=fp8
   python -m dsv3.plan --config=configs/small.py
 """
-from dsv3.config import ModelConfig, base_train_config
+from dsv3.config import ModelConfig
+from dsv3.train_config import base_train_config
 
 
 def get_config(arg=None):

@@ -6,7 +6,8 @@ On 8 simulated CPU devices with expert parallelism (or a pipeline):
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m dsv3.train --config=configs/tiny.py \
       --workdir=/tmp/dsv3_tiny_ep --config.mesh.data=2 --config.mesh.expert=4
 """
-from dsv3.config import ModelConfig, base_train_config
+from dsv3.config import ModelConfig
+from dsv3.train_config import base_train_config
 
 
 def get_config(arg=None):

@@ -22,7 +22,7 @@ from typing import Callable, Optional, Sequence
 from absl import app, flags
 from ml_collections.config_flags import config_flags  # the module: is_config_flag, ConfigFileFlagParser
 
-from dsv3.config import ConfigError, closest_key, dotted_keys
+from dsv3.config import ConfigError, closest_key
 
 USAGE_ERROR = 2
 
@@ -68,6 +68,17 @@ def _parses_as(value: str, like) -> bool:
   except ValueError:
     return False
   return True
+
+
+def dotted_keys(c, prefix: str = "") -> list:
+  """Every field of a (nested) ConfigDict / mapping as a dotted path, blocks included: ['mesh', 'mesh.data']."""
+  out = []
+  for k in c.keys():
+    out.append(prefix + str(k))
+    v = c[k]
+    if hasattr(v, "keys") and callable(v.keys):
+      out += dotted_keys(v, f"{prefix}{k}.")
+  return out
 
 
 def _check_overrides(config, name: str, path: str, overrides: Sequence[tuple]) -> None:

@@ -18,7 +18,8 @@ sys.path.insert(0, os.path.join(ROOT, "configs"))
 import tiny  # noqa: E402
 
 from dsv3 import data, generate, plan  # noqa: E402
-from dsv3.config import ConfigError, ModelConfig, validate_train_config  # noqa: E402
+from dsv3.config import ConfigError, ModelConfig  # noqa: E402
+from dsv3.train_config import validate_train_config  # noqa: E402
 from disk import snapshot  # noqa: E402
 
 TINY_MODEL = ModelConfig.from_config_dict(tiny.get_config())

@@ -12,7 +12,8 @@ import ml_collections
 import pytest
 
 from dsv3 import plan
-from dsv3.config import ModelConfig, model_config_dict
+from dsv3.config import ModelConfig
+from dsv3.train_config import model_config_dict
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "deepseek_v3.py"

@@ -16,7 +16,8 @@ sys.path.insert(0, os.path.join(ROOT, "configs"))
 import tiny  # noqa: E402
 
 from dsv3 import train  # noqa: E402
-from dsv3.config import ConfigError, validate_train_config  # noqa: E402
+from dsv3.config import ConfigError  # noqa: E402
+from dsv3.train_config import validate_train_config  # noqa: E402
 
 # Small enough to compile in seconds; the data cache is shared by every run of the session.
 OVERRIDES = ["--config.num_train_steps=6", "--config.batch_size=8", "--config.seq_len=32",
