@@ -61,7 +61,7 @@ def base_train_config(model: ModelConfig):
   # Logging, evaluation, checkpoints.
   c.log_every_steps = 10
   c.eval_every_steps = 100
-  c.eval_batches = 4
+  c.eval_batches = 4                      # global validation batches per evaluation (0: all that fit)
   c.checkpoint_every_steps = 200
   c.keep_checkpoints = 3
   # Best checkpoints: with keep_best_by='val_loss', the keep_best checkpoints with the lowest val_loss are kept
@@ -82,6 +82,13 @@ def base_train_config(model: ModelConfig):
   c.pipeline = ml_collections.ConfigDict(dict(schedule="none", microbatches=1))
   c.data = data.default_data_config()
   return c
+
+
+def check_variant(file: str, arg, variants=()) -> None:
+  """ConfigError unless `arg` (the ARG of --config=FILE:ARG) is empty or one of `variants`."""
+  if arg and arg not in variants:
+    choices = f"one of {', '.join(variants)}" if variants else "none: it has no variants"
+    raise ConfigError(f"--config={file}:{arg}: unknown variant {arg!r}; {file} takes {choices}")
 
 
 def validate_train_config(c) -> None:
