@@ -181,7 +181,6 @@ class ModelConfig:
       scale = scale * m * m
     return scale
 
-
   @classmethod
   def from_config_dict(cls, config) -> "ModelConfig":
     """From a training config: its `model` block plus the top-level `precision` (the one owner of it)."""

@@ -1,6 +1,7 @@
-"""The training config (ml_collections): every field the trainer reads, its validation, and the one loader
-of config files. configs/*.py start from `base_train_config` and override; `model` is a ModelConfig as a
-block (precision is the top-level field), `data` is dsv3.data's block.
+"""The training config (ml_collections): every field the trainer reads, and its validation.
+
+configs/*.py start from `base_train_config` and override (dsv3.cli.load_config loads them); `model` is a
+ModelConfig as a block (its precision is the top-level field), `data` is dsv3.data's block.
 """
 from __future__ import annotations
 
