@@ -19,7 +19,8 @@ Token budget: 14.8T tokens. The report ramps the batch from 3,072 to 15,360 sequ
 The model block is the released config (YaRN included, as in HF's config.json); the report pre-trains at 4K
 with plain RoPE and adds YaRN for the 32K and 128K context-extension phases (§4.3).
 """
-from dsv3.config import base_train_config, deepseek_v3_671b
+from dsv3.config import deepseek_v3_671b
+from dsv3.train_config import base_train_config, check_variant
 
 _TOTAL_TOKENS = 14.8e12
 _CONSTANT_LR_TOKENS = 10.0e12     # lr held at its peak until here ...
@@ -27,7 +28,7 @@ _COSINE_END_TOKENS = 14.3e12      # ... then cosine-decayed to min_lr over 4.3T 
 
 
 def get_config(arg=None):
-  del arg  # one recipe; the mesh and sizes are overridden with --config.* flags
+  check_variant("configs/deepseek_v3.py", arg)   # one recipe; mesh and sizes are --config.* overrides
   c = base_train_config(deepseek_v3_671b())
   c.precision = "fp8"                       # E4M3 GEMMs, 1x128 / 128x128 scales (report §3.3)
   # Memory per H800 (python -m dsv3.train --config=configs/deepseek_v3.py --workdir=DIR --compile_only=h800

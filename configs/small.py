@@ -4,11 +4,12 @@
   python -m dsv3.train --config=configs/small.py --workdir=/tmp/dsv3_small_fp8 --config.precision=fp8
   python -m dsv3.plan --config=configs/small.py
 """
-from dsv3.config import ModelConfig, base_train_config
+from dsv3.config import ModelConfig
+from dsv3.train_config import base_train_config, check_variant
 
 
 def get_config(arg=None):
-  del arg
+  check_variant("configs/small.py", arg)
   model = ModelConfig(
       vocab_size=32768, hidden_size=768, intermediate_size=2048, moe_intermediate_size=512,
       num_hidden_layers=12, first_k_dense_replace=1, num_attention_heads=12,
@@ -26,7 +27,6 @@ def get_config(arg=None):
   c.adam_moments_dtype = "bfloat16"
   c.log_every_steps = 20
   c.eval_every_steps = 1000
-  c.eval_batches = 0          # the whole held-out split, at most data.eval_batches=16 batches (0.5M tokens)
+  c.eval_batches = 16         # 0.5M tokens of the held-out split
   c.checkpoint_every_steps = 1000
-  c.data.vocab_size = 32768
   return c

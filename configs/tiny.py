@@ -2,15 +2,25 @@
 
   python -m dsv3.train --config=configs/tiny.py --workdir=/tmp/dsv3_tiny
 
-On 8 simulated CPU devices with expert parallelism (or a pipeline):
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m dsv3.train --config=configs/tiny.py \
-      --workdir=/tmp/dsv3_tiny_ep --config.mesh.data=2 --config.mesh.expert=4
+Variants for 8 simulated CPU devices, `--config=configs/tiny.py:VARIANT` (the model and recipe are the same):
+  ep        expert parallelism: mesh data 2 x expert 4
+  dualpipe  DualPipe over 4 pipeline ranks x expert 2, 8 micro-batches
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m dsv3.train --config=configs/tiny.py:ep \
+      --workdir=/tmp/dsv3_tiny_ep
 """
-from dsv3.config import ModelConfig, base_train_config
+from dsv3.config import ModelConfig
+from dsv3.train_config import base_train_config, check_variant
+
+# Each variant's overrides of the 1-device config, as dotted fields.
+VARIANTS = {
+    "ep": {"mesh.data": 2, "mesh.expert": 4},
+    "dualpipe": {"mesh.pipeline": 4, "mesh.expert": 2, "pipeline.schedule": "dualpipe", "pipeline.microbatches": 8},
+}
 
 
 def get_config(arg=None):
-  del arg
+  check_variant("configs/tiny.py", arg, VARIANTS)
   model = ModelConfig(
       vocab_size=4096, hidden_size=128, intermediate_size=320, moe_intermediate_size=64,
       num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=4,
@@ -29,10 +39,11 @@ def get_config(arg=None):
   c.log_every_steps = 10
   c.eval_every_steps = 100
   # The validation sample: 32 global batches (512 windows, 66K tokens) shuffled from across the ~278K-token
-  # held-out split (data.validation_fraction=0.1); c.eval_batches alone sets its size.
+  # held-out split (data.validation_fraction=0.1).
   c.eval_batches = 32
-  c.data.eval_batches = 0
   c.checkpoint_every_steps = 100
-  c.data.vocab_size = 4096
   c.ema_decay = 0.99
+  for field, value in VARIANTS.get(arg or "", {}).items():
+    block, key = field.split(".")
+    c[block][key] = value
   return c

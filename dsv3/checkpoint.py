@@ -65,7 +65,8 @@ DEFAULT_IGNORE = ("num_train_steps", "log_every_steps", "checkpoint_every_steps"
                   "mesh.*", "pipeline.*",
                   "learning_rate", "min_lr_ratio", "lr_schedule", "warmup_steps", "decay_start_frac",
                   "decay_end_frac", "grad_clip", "weight_decay", "b1", "b2", "mtp_weight*", "balance.gamma*",
-                  "nan_guard.*", "profile.*", "keep_best_by", "keep_best", "model.scan_layers")
+                  "nan_guard.*", "profile.*", "keep_best_by", "keep_best", "model.scan_layers",
+                  "data.vocab_size")   # retired: model.vocab_size (compared) sizes the trained BPE now
 
 
 class Restored(NamedTuple):

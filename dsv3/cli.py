@@ -11,6 +11,7 @@ the usage-error status, before anything is written to disk.
   from dsv3 import cli
   if __name__ == "__main__":
     cli.run(main)                      # instead of absl.app.run(main)
+  config = cli.load_config("configs/tiny.py:ep")   # what --config=configs/tiny.py:ep gives, for code and tests
 """
 from __future__ import annotations
 
@@ -22,9 +23,11 @@ from typing import Callable, Optional, Sequence
 from absl import app, flags
 from ml_collections.config_flags import config_flags  # the module: is_config_flag, ConfigFileFlagParser
 
-from dsv3.config import ConfigError, closest_key, dotted_keys
+from dsv3.config import ConfigError, closest_key
 
 USAGE_ERROR = 2
+# The repository's configs/, where load_config looks up a bare name such as 'tiny'.
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 class UsageError(Exception):
@@ -70,6 +73,17 @@ def _parses_as(value: str, like) -> bool:
   return True
 
 
+def dotted_keys(c, prefix: str = "") -> list:
+  """Every field of a (nested) ConfigDict / mapping as a dotted path, blocks included: ['mesh', 'mesh.data']."""
+  out = []
+  for k in c.keys():
+    out.append(prefix + str(k))
+    v = c[k]
+    if hasattr(v, "keys") and callable(v.keys):
+      out += dotted_keys(v, f"{prefix}{k}.")
+  return out
+
+
 def _check_overrides(config, name: str, path: str, overrides: Sequence[tuple]) -> None:
   """UsageError naming the first override that is no field of `config` (with the closest one) or whose
   value does not parse as the field's type."""
@@ -94,6 +108,26 @@ def _check_overrides(config, name: str, path: str, overrides: Sequence[tuple]) -
                        f"e.g. --{name}.{field}={node!r}")
 
 
+def load_config(spec: str, name: str = "config", lock: bool = False, by_name: bool = True):
+  """The one loader of config files: the ConfigDict `--config=SPEC` gives. SPEC is FILE[:ARG] (ml_collections'
+  parser calls the file's get_config(ARG)); with `by_name`, a bare name ('tiny', 'tiny:ep') is that file in
+  configs/ (the command line takes paths only). UsageError (naming --`name`) when the file does not exist or
+  get_config returns None."""
+  file, sep, arg = spec.partition(":")
+  if by_name and not file.endswith(".py") and os.sep not in file:
+    file = os.path.join(CONFIGS_DIR, f"{file}.py")
+  if not os.path.isfile(file):
+    raise UsageError(f"--{name}: config file {file!r} does not exist; give a file such as configs/tiny.py")
+  try:
+    config = config_flags.ConfigFileFlagParser(name, lock_config=lock).parse(file + sep + arg)
+  except (TypeError, ValueError) as e:   # ml_collections puts the file's traceback in the message: keep its end
+    last = [l.strip() for l in str(e).splitlines() if l.strip()][-1]
+    raise type(e)(re.sub(r"^[\w.]*(Error|Exception): ", "", last)) from e
+  if config is None:
+    raise UsageError(f"--{name}: get_config() in {file!r} returned None; return the ConfigDict")
+  return config
+
+
 def check_config_flags(argv: Sequence[str], flag_values=flags.FLAGS) -> None:
   """Loads each ml_collections config-file flag given in argv and checks its overrides; UsageError if bad."""
   argv = flag_values.read_flags_from_files(list(argv), force_gnu=False)
@@ -108,15 +142,9 @@ def check_config_flags(argv: Sequence[str], flag_values=flags.FLAGS) -> None:
         raise UsageError(f"--{name}.{fields[0][0]}: overrides need a config file; add --{name}=configs/tiny.py "
                          f"(or another file in configs/)")
       continue
-    file = path.split(":", 1)[0]
     if not isinstance(flag.parser, config_flags.ConfigFileFlagParser):
       continue
-    if not os.path.isfile(file):
-      raise UsageError(f"--{name}: config file {file!r} does not exist; give a file such as configs/tiny.py")
-    config = flag.parser.parse(path)
-    if config is None:
-      raise UsageError(f"--{name}: get_config() in {file!r} returned None; return the ConfigDict")
-    _check_overrides(config, name, file, fields)
+    _check_overrides(load_config(path, name, by_name=False), name, path.split(":", 1)[0], fields)
 
 
 def parse_flags(argv: Sequence[str]) -> list:

@@ -55,7 +55,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from dsv3 import cli, grouped_gemm, overlap, plan, sharding
 from dsv3 import steps as steps_lib
 from dsv3 import workdir as workdir_lib
-from dsv3.config import ModelConfig, validate_train_config
+from dsv3.config import ModelConfig
+from dsv3.train_config import validate_train_config
 from dsv3.layers import compute_dtype
 from dsv3.pipeline import executor, pipelined, stages
 

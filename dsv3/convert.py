@@ -22,8 +22,9 @@ import jax
 import numpy as np
 from absl import flags
 
-from dsv3 import cli, layout
+from dsv3 import cli, hf_config, layout
 from dsv3 import workdir as workdir_lib
+from dsv3.config import ModelConfig
 
 
 def save_orbax_variables(config, variables, path: str, overwrite: bool = False) -> None:
@@ -33,15 +34,14 @@ def save_orbax_variables(config, variables, path: str, overwrite: bool = False) 
   (`workdir.WorkdirError`).
   """
   import orbax.checkpoint as ocp
-  from dsv3.config import ModelConfig
-  cfg = ModelConfig.from_any(config)
+  cfg = hf_config.as_model_config(config)
   path = workdir_lib.check_destination(path, overwrite)
   tmp = workdir_lib.staging_dir(path)
   try:
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(os.path.join(tmp, "variables"), variables)
     with open(os.path.join(tmp, "config.json"), "w") as f:
-      json.dump(cfg.to_hf_dict(), f, indent=1)
+      json.dump(hf_config.to_hf_dict(cfg), f, indent=1)
   except BaseException:
     shutil.rmtree(tmp)  # the staging directory this call created, and only that
     raise
@@ -75,7 +75,6 @@ def load_orbax_variables(path: str, step=None):
 def config_of(path: str, step=None):
   """The ModelConfig of an HF or --to=orbax dir (config.json) or of a training checkpoint's saved config."""
   from dsv3 import hf
-  from dsv3.config import ModelConfig
   if os.path.exists(os.path.join(path, "config.json")):
     return hf.read_config(path)
   from dsv3 import checkpoint as ckpt_lib

@@ -24,6 +24,7 @@ import sysconfig
 from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from dsv3 import tokenizer as tokenizer_lib
 from dsv3.config import ConfigError
@@ -168,7 +169,6 @@ def iter_documents(corpus: Corpus) -> Iterator[tuple[str, str]]:
           if isinstance(obj[field], str) and obj[field].strip():
             yield f"{name}:{i}", obj[field]
     else:
-      import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top  (only parquet users pay for it)
       pf = pq.ParquetFile(path)
       if field not in pf.schema_arrow.names:
         raise DataError(f"data.field: {path} has no column {field!r} (columns: {pf.schema_arrow.names}); set "
@@ -248,21 +248,26 @@ def _bpe_texts(corpus: Corpus, fraction: float) -> Callable[[], Iterator[str]]:
   return texts
 
 
-def load_tokenizer(data_cfg, corpus: Optional[Corpus] = None) -> tokenizer_lib.Tokenizer:
+def load_tokenizer(data_cfg, corpus: Optional[Corpus] = None,
+                   vocab_size: Optional[int] = None) -> tokenizer_lib.Tokenizer:
   """The tokenizer `data_cfg.tokenizer` names; '' trains (once) on the stdlib corpus' training split.
 
-  `data_cfg` needs the fields tokenizer, vocab_size, validation_fraction and cache_dir."""
+  `data_cfg` needs the fields tokenizer, validation_fraction and cache_dir; a trained BPE ('' or 'data') has
+  `vocab_size` entries (the model's)."""
   spec, cache = data_cfg.tokenizer, data_cfg.cache_dir
+  if spec in ("", "bpe", "data") and vocab_size is None:
+    raise DataError(f"model.vocab_size: data.tokenizer={spec!r} trains a BPE of model.vocab_size entries; set "
+                    f"config.model.vocab_size (or give data.tokenizer a tokenizer.json)")
   if spec in ("", "bpe"):
     # Always the full stdlib with one fixed split, so every experiment shares one tokenizer per vocab size.
     std = stdlib_corpus()
-    return tokenizer_lib.load_or_train("", data_cfg.vocab_size, _bpe_texts(std, _BPE_HELD_OUT),
+    return tokenizer_lib.load_or_train("", vocab_size, _bpe_texts(std, _BPE_HELD_OUT),
                                        _sha([std.fingerprint, _BPE_CHARS]), cache)
   if spec == "data":
     if corpus is None or corpus.format in ("bin", "npy"):
       raise DataError("data.tokenizer: 'data' trains a BPE on data.source, which must then be text/jsonl/"
                       "parquet; use '' or a tokenizer.json path")
     fp = _sha([corpus.fingerprint, data_cfg.validation_fraction, _BPE_CHARS])
-    return tokenizer_lib.load_or_train("", data_cfg.vocab_size, _bpe_texts(corpus, data_cfg.validation_fraction),
+    return tokenizer_lib.load_or_train("", vocab_size, _bpe_texts(corpus, data_cfg.validation_fraction),
                                        fp, cache)
   return tokenizer_lib.load(spec)

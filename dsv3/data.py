@@ -1,60 +1,15 @@
 """The training data pipeline: documents -> one token stream per split -> packed, shuffled, sharded batches.
 
-Every corpus becomes a token stream per split (train, validation). Text documents are tokenized once as
-`<|bos|> text <|eos|>` and concatenated; the streams are cached as .npy files under the tokenizer cache dir
-(keyed by corpus fingerprint + tokenizer + split), so the second start only memory-maps them. Pre-tokenized
-.bin/.npy files already are streams and are memory-mapped directly.
+  ds = make_datasets(config, process_index=None, process_count=None)   # defaults: jax.process_*()
+  batch = next(ds.train)                 # int32 [batch_size // process_count, seq_len + 1]
+  ds.train.set_state(state)              # state = ds.train.get_state() (JSON): exact resume
+  for batch in ds.eval_batches(): ...    # the same fixed validation sample on every call
+  ds.check_vocab(model_vocab_size)       # DataError if a token id does not fit the model's vocabulary
 
-Packing is concatenate-and-chunk: an epoch is the stream cut into windows of seq_len + 1 tokens (inputs plus
-the shifted targets), documents running across window edges with <|eos|> between them. Each epoch starts the
-cut at a different seeded offset in [0, seq_len] (so window edges move) and visits the windows in a grain
-index shuffle seeded with seed + epoch. Example k of that infinite sequence belongs to global batch
-k // batch_size; process p takes examples p, p + P, p + 2P, ... of each global batch (P processes), so the
-processes' shards are disjoint and together are exactly the global batch. Everything is a pure function of
-the example index, so the iterator state is one integer (`examples` consumed) and resume is exact; it even
-stays valid when batch_size or the process count change between runs.
-
-Evaluation reads a fixed sample of the validation stream (`eval_sample_starts`): the stream is cut into
-non-overlapping windows from offset 0 and a grain index shuffle with the fixed EVAL_SEED (not config.seed)
-picks eval_batches x batch_size of them from across the whole held-out split, so every evaluation of every
-run scores the same windows; process p again takes rows p, p + P, ... of each global batch.
-
-Config (`config.data`, see `default_data_config`), plus top-level `config.seq_len`, `config.batch_size`
-(global, divisible by the process count) and `config.seed`:
-  source               'stdlib' (default: the running Python's standard-library *.py sources, without test
-                       and site-packages dirs), or a path / glob / directory, or a comma-separated list, or a
-                       directory `python -m dsv3.data prepare` wrote (see dsv3.prepare): its streams are
-                       memory-mapped as they are, with its own tokenizer; format, field, dtype and vocab_size
-                       are then unused, and validation_fraction / max_files must match its manifest
-  format               'auto' (by extension: .jsonl/.ndjson, .parquet/.pq, .bin, .npy, anything else text)
-                       | 'text' (one document per file) | 'jsonl' | 'parquet' | 'bin' | 'npy'
-  field                jsonl key / parquet column holding the document text ('text')
-  tokenizer            '' : byte-level BPE trained on the stdlib corpus (cached) | 'data': BPE trained on
-                       data.source's training split | path to a tokenizer.json or a directory holding one
-  vocab_size           size of the trained BPE (4096); unused with a tokenizer.json
-  validation_fraction  share of documents (by a stable hash of their name) held out (0.1: ~278K tokens of
-                       the stdlib); pre-tokenized files hold out the stream's tail. 0 = no validation
-  dtype                token dtype of raw .bin files: 'uint16' | 'uint32'
-  eval_batches         global validation batches per evaluation (16; 0 = all that fit); the top-level
-                       config.eval_batches, when not 0, caps it too (the trainer's setting)
-  max_files            use only the first N files of the sorted source (0 = all); for quick runs and tests
-  prefetch             batches a background grain thread prepares ahead (2; 0 = none)
-  cache_dir            '' = $DSV3_CACHE or ~/.cache/dsv3
-
-API:
-  data = make_datasets(config, process_index=None, process_count=None)   # defaults: jax.process_*()
-  batch = next(data.train)             # int32 [batch_size // process_count, seq_len + 1]
-  state = data.train.get_state()       # JSON-serialisable dict; put it in every checkpoint
-  data.train.set_state(state)          # continue exactly where that checkpoint's run was
-  for batch in data.eval_batches(): ...   # the same finite batches on every call (num_eval_batches of them)
-  data.eval_starts                     # validation-stream offsets of those batches' windows
-  data.check_vocab(model_vocab_size)   # DataError if a token id does not fit the model's vocabulary
-  data.tokenizer                       # tokenizer.Tokenizer (None for .bin/.npy without data.tokenizer)
-  train_iter, eval_batches, tokenizer = data   # also unpacks as a 3-tuple
-Every bad setting raises DataError (a ValueError) whose message names the config field and the fix.
-
-Offline preparation (tokenize once, in parallel, resumable; then start in seconds on any number of hosts):
-  python -m dsv3.data prepare --source=SRC --tokenizer=TOKENIZER.json --out=DIR --workers=N
+`make_datasets` reads `config.data` (fields in `default_data_config`), `seq_len`, `batch_size` (global),
+`seed`, `eval_batches` and `model.vocab_size` (also the size of a BPE it trains). Every bad setting raises
+DataError naming the field and the fix. How streams are cached, packed, shuffled and sharded, and how the
+validation sample is drawn: README "Training data". Offline tokenization: dsv3.prepare.
 """
 from __future__ import annotations
 
@@ -64,6 +19,7 @@ import pathlib
 from typing import Callable, Iterator, Optional
 
 import grain
+import jax
 import ml_collections
 import numpy as np
 
@@ -82,11 +38,21 @@ EVAL_SEED = 0x5EED_E7A1
 
 
 def default_data_config() -> ml_collections.ConfigDict:
-  """The `data` block the config files embed; field meanings are in the module docstring."""
+  """The `data` block of the training config, with each field's meaning."""
   return ml_collections.ConfigDict(dict(
-      source="stdlib", format="auto", field="text", tokenizer="", vocab_size=4096,
-      validation_fraction=VALIDATION_FRACTION,
-      dtype="uint16", eval_batches=16, max_files=0, prefetch=2, cache_dir=""))
+      # 'stdlib' (the running Python's standard-library *.py sources, without tests and site-packages), a path,
+      # glob, directory or comma-separated list, or a directory dsv3.prepare wrote (its own tokenizer and split).
+      source="stdlib",
+      format="auto",              # 'auto' (by extension) | 'text' (a document per file) | 'jsonl' | 'parquet' | 'bin' | 'npy'
+      field="text",               # the jsonl key / parquet column holding the document text
+      # '': a byte-level BPE of model.vocab_size entries trained on the stdlib (cached) | 'data': trained on
+      # data.source's training split | a tokenizer.json or a directory holding one.
+      tokenizer="",
+      validation_fraction=VALIDATION_FRACTION,   # share of documents held out (by name hash); 0: none
+      dtype="uint16",             # token width of raw .bin files: 'uint16' | 'uint32'
+      max_files=0,                # only the first N files of the sorted source (0: all); for quick runs and tests
+      prefetch=2,                 # batches a background grain thread prepares ahead (0: none)
+      cache_dir=""))              # '' = $DSV3_CACHE or ~/.cache/dsv3
 
 
 # ------------------------------------------------------------------------------------------------
@@ -147,7 +113,6 @@ def _load_token_file(path: pathlib.Path, fmt: str, dtype: str) -> np.ndarray:
   return arr.reshape(-1)
 
 
-
 def _tokenize(docs, tok: tokenizer_lib.Tokenizer, fraction: float) -> tuple[np.ndarray, np.ndarray]:
   """Documents -> (train, validation) streams; see corpus.encode_documents and corpus.tail_split."""
   train, val, ndocs = encode_documents(docs, tok, fraction)
@@ -193,7 +158,6 @@ def _cached_streams(corpus: Corpus, tok, fraction: float, cache: str) -> tuple[n
     for p, arr in zip(paths, streams):
       tokenizer_lib.atomic_write(p, lambda f, a=arr: np.save(f, a))
   return tuple(np.load(p, mmap_mode="r") for p in paths)
-
 
 
 # ------------------------------------------------------------------------------------------------
@@ -295,7 +259,7 @@ class Datasets:
                       f"in [0, vocab_size)")
     if hi >= model_vocab_size:
       raise DataError(f"model.vocab_size: the data holds token id {hi} but model.vocab_size is "
-                      f"{model_vocab_size}; set model.vocab_size >= {hi + 1} (or lower data.vocab_size)")
+                      f"{model_vocab_size}; set model.vocab_size >= {hi + 1}")
 
 
 def _get(cfg, key, default):
@@ -303,7 +267,7 @@ def _get(cfg, key, default):
 
 
 def validate_data_config(d, model_vocab_size: Optional[int] = None) -> None:
-  """Checks every field of a `data` block (see the module doc); DataError names the field and the fix."""
+  """Checks every field of a `data` block, and model.vocab_size against it; DataError names the field and the fix."""
   defaults = default_data_config()
   for k in d:
     if k not in defaults:
@@ -324,35 +288,32 @@ def validate_data_config(d, model_vocab_size: Optional[int] = None) -> None:
   if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 <= fraction < 1:
     raise DataError(f"data.validation_fraction: must be in [0, 1) (0 = no validation split), got {fraction!r}")
   _check_max_files(get("max_files"))
-  for k, meaning in (("eval_batches", "0 = every validation batch"), ("prefetch", "0 = no background thread")):
-    if not is_int(get(k)) or get(k) < 0:
-      raise DataError(f"data.{k}: must be an integer >= 0 ({meaning}), got {get(k)!r}")
+  if not is_int(get("prefetch")) or get("prefetch") < 0:
+    raise DataError(f"data.prefetch: must be an integer >= 0 (0 = no background thread), got {get('prefetch')!r}")
   manifest = prepare.find(get("source"))
   if manifest is not None and model_vocab_size is not None:
     prepare.check_model_vocab(get("source"), manifest, model_vocab_size)
-  # A prepared directory brings its own tokenizer: data.vocab_size does not apply to it.
-  vocab, trains_bpe = get("vocab_size"), get("tokenizer") in ("", "bpe", "data") and manifest is None
-  if trains_bpe and (not is_int(vocab) or vocab < tokenizer_lib.MIN_VOCAB):
-    raise DataError(f"data.vocab_size: {vocab!r} is too small for a byte-level BPE; it needs >= "
-                    f"{tokenizer_lib.MIN_VOCAB} (256 bytes + <|bos|> + <|eos|> + merges); tiny configs use "
-                    f"2048-8192")
-  if model_vocab_size is not None and trains_bpe and vocab > model_vocab_size:
-    raise DataError(f"data.vocab_size: the trained BPE emits ids up to {vocab - 1}, but model.vocab_size is "
-                    f"{model_vocab_size}; set data.vocab_size <= {model_vocab_size} or raise model.vocab_size")
+  # A trained BPE has model.vocab_size entries; a prepared directory brings its own tokenizer.
+  trains_bpe = get("tokenizer") in ("", "bpe", "data") and manifest is None
+  if trains_bpe and model_vocab_size is not None and model_vocab_size < tokenizer_lib.MIN_VOCAB:
+    raise DataError(f"model.vocab_size: {model_vocab_size!r} is too small for the byte-level BPE "
+                    f"data.tokenizer={get('tokenizer')!r} trains; it needs >= {tokenizer_lib.MIN_VOCAB} (256 bytes + "
+                    f"<|bos|> + <|eos|> + merges; tiny configs use 2048-8192), or give data.tokenizer a tokenizer.json")
 
 
 def make_datasets(config, process_index: Optional[int] = None, process_count: Optional[int] = None) -> Datasets:
   """Builds the train iterator, the validation batches and the tokenizer from `config` (see module doc)."""
   d = default_data_config()
   given = _get(config, "data", None) or {}
-  validate_data_config(given)
+  vocab_size = _get(_get(config, "model", None), "vocab_size", None)
+  validate_data_config(given, vocab_size)
   for k in given:
     d[k] = given[k]
   seq_len, batch_size, seed = (_get(config, "seq_len", None), _get(config, "batch_size", None),
                                _get(config, "seed", 0))
-  top_eval = _get(config, "eval_batches", 0)
-  if not isinstance(top_eval, (int, np.integer)) or isinstance(top_eval, bool) or top_eval < 0:
-    raise DataError(f"eval_batches: must be an integer >= 0 (0 = every validation batch), got {top_eval!r}")
+  eval_cap = _get(config, "eval_batches", 0)
+  if not isinstance(eval_cap, (int, np.integer)) or isinstance(eval_cap, bool) or eval_cap < 0:
+    raise DataError(f"eval_batches: must be an integer >= 0 (0 = every validation batch), got {eval_cap!r}")
   if not isinstance(seq_len, int) or seq_len <= 0:
     raise DataError(f"seq_len: must be a positive integer, got {seq_len!r}")
   if not isinstance(batch_size, int) or batch_size <= 0:
@@ -361,7 +322,6 @@ def make_datasets(config, process_index: Optional[int] = None, process_count: Op
     raise DataError(f"seed: must be an integer, got {seed!r}")
   seed = int(seed)
   if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top  (lets tests and tools use the pipeline without jax)
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if batch_size % process_count:
@@ -375,8 +335,7 @@ def make_datasets(config, process_index: Optional[int] = None, process_count: Op
     train, val, tok, fingerprint = _prepared_streams(d, manifest)
     corpus_desc = f"prepared, {manifest['files']} files"
   else:
-    train, val, tok, fingerprint, corpus_desc = _raw_streams(d, fraction)
-
+    train, val, tok, fingerprint, corpus_desc = _raw_streams(d, fraction, vocab_size)
 
   length, per_process = seq_len + 1, batch_size // process_count
   if (len(train) - length + 1) // length < batch_size:
@@ -387,9 +346,8 @@ def make_datasets(config, process_index: Optional[int] = None, process_count: Op
                              fingerprint)
 
   num_eval = (len(val) // length) // batch_size
-  for cap in (d.eval_batches, top_eval):   # each 0 = no limit
-    if cap:
-      num_eval = min(num_eval, int(cap))
+  if eval_cap:                                # 0: every batch that fits
+    num_eval = min(num_eval, int(eval_cap))
   if fraction > 0 and num_eval == 0:
     raise DataError(f"data.validation_fraction: the validation split has {len(val)} tokens, fewer than one "
                     f"global batch of {batch_size} x {length}; raise data.validation_fraction (or set it to 0 "
@@ -424,7 +382,7 @@ def eval_sample_starts(val_tokens: int, seq_len: int, count: int) -> np.ndarray:
   return np.array([order[i] for i in range(count)], np.int64) * (seq_len + 1)
 
 
-def _raw_streams(d, fraction: float) -> tuple:
+def _raw_streams(d, fraction: float, vocab_size: Optional[int]) -> tuple:
   """(train, validation, tokenizer, fingerprint, description) of a raw or pre-tokenized data.source."""
   corpus = resolve_corpus(d.source, d.format, d.field, int(d.max_files))
   if corpus.format in ("bin", "npy"):
@@ -432,7 +390,7 @@ def _raw_streams(d, fraction: float) -> tuple:
     full = TokenStream([_load_token_file(p, corpus.format, d.dtype) for p in corpus.files])
     train, val = full.split(len(full) - int(len(full) * fraction))
   else:
-    tok = load_tokenizer(d, corpus)
+    tok = load_tokenizer(d, corpus, vocab_size)
     train, val = (TokenStream([s]) for s in _cached_streams(corpus, tok, fraction, d.cache_dir))
   fingerprint = _sha([corpus.fingerprint, tok.fingerprint if tok else "", fraction])
   return train, val, tok, fingerprint, f"{corpus.format}, {len(corpus.files)} files"

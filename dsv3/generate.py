@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv3 import cli, model
+from dsv3 import cli, hf_config, model
 from dsv3.config import ModelConfig
 
 
@@ -97,7 +97,7 @@ def _generate(variables, prompt, rng, temperature, top_p, eos_id, *, cfg, max_ne
 
 
 def _prepare(config, params, prompt_ids, max_new_tokens):
-  cfg = ModelConfig.from_any(config)
+  cfg = hf_config.as_model_config(config)
   prompt = np.asarray(prompt_ids)
   if prompt.ndim not in (1, 2) or prompt.shape[-1] == 0 or not np.issubdtype(prompt.dtype, np.integer):
     raise ValueError(f"prompt_ids: expected integer ids of shape [T] or [B, T] with T >= 1, got "
@@ -259,7 +259,7 @@ def _load(checkpoint: str, config):
   if not checkpoint:
     if config is None:
       raise ValueError("--checkpoint: give a checkpoint dir, or --config to run randomly initialised weights")
-    cfg = ModelConfig.from_any(config)
+    cfg = hf_config.as_model_config(config)
     return cfg, jax.jit(model.init, static_argnums=0)(cfg, jax.random.key(0))
   _check_checkpoint_dir(checkpoint)
   if os.path.exists(os.path.join(checkpoint, "config.json")):
@@ -269,7 +269,7 @@ def _load(checkpoint: str, config):
     raise ValueError(f"--config: {checkpoint!r} has no config.json, so it is read as an orbax training "
                      f"checkpoint, which needs the training config file that made it")
   from dsv3 import checkpoint as ckpt_lib
-  cfg = ModelConfig.from_any(config)
+  cfg = hf_config.as_model_config(config)
   restored = ckpt_lib.Checkpointer(checkpoint, async_save=False, read_only=True).restore()
   if restored is None:
     raise ValueError(f"--checkpoint: no checkpoint step found in {checkpoint!r}")

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv3 import hf_sharded, layout
+from dsv3 import hf_config, hf_sharded, layout
 from dsv3 import model as model_lib
 from dsv3 import safetensors_io as sio
 from dsv3 import workdir as workdir_lib
@@ -148,7 +148,7 @@ def read_config(path: str) -> ModelConfig:
   if not isinstance(hf_dict, dict):
     raise CheckpointError(f"{cfg_path} holds a JSON {type(hf_dict).__name__}, not an object; re-download or "
                           f"re-export the checkpoint")
-  return ModelConfig.from_hf_dict(hf_dict)
+  return hf_config.from_hf_dict(hf_dict)
 
 
 def load_checkpoint(path: str, dtype=None, config_overrides: Optional[dict] = None, *, shardings=None):
@@ -261,7 +261,7 @@ def save_checkpoint(config, params, out_dir: str, max_shard_bytes: int = 4 << 30
     except TypeError as e:
       raise ValueError(f"save_checkpoint: dtype={dtype!r} is neither a numpy/jax float dtype nor 'fp8'") from e
   out_dir = workdir_lib.check_destination(out_dir, overwrite, flag="out_dir (--dst)")
-  cfg = ModelConfig.from_any(config)
+  cfg = hf_config.as_model_config(config)
   variables = model_lib._variables(cfg, params)
   tmp = workdir_lib.staging_dir(out_dir)
   try:
@@ -330,7 +330,7 @@ def _write_hf(cfg, variables, tmp: str, max_shard_bytes: int, dtype) -> None:
     with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
       json.dump({"metadata": {"total_size": total},
                  "weight_map": {e[0]: fn for fn, s in zip(files, shards) for e in s}}, f, indent=1)
-  hf_cfg = cfg.to_hf_dict()
+  hf_cfg = hf_config.to_hf_dict(cfg)
   hf_cfg["torch_dtype"] = str(plan[0][1])         # the embedding's: never quantised
   if dtype == "fp8":
     hf_cfg["quantization_config"] = dict(FP8_QUANTIZATION_CONFIG)

@@ -36,6 +36,8 @@ from typing import Any, Mapping, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tensorboardX
+import tqdm
 
 # Dense peak FLOP/s by device_kind substring (lower case), checked in order: the more specific first.
 # Values are NVIDIA/Google datasheet figures without 2:4 sparsity. 'fp32' means what an f32 matmul
@@ -208,8 +210,7 @@ class MetricWriter:
     if self._jsonl is None:
       self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
     if self._tb is None:
-      from tensorboardX import SummaryWriter  # imported here: only process 0 needs it
-      self._tb = SummaryWriter(self.tb_dir, purge_step=self._purge_step, flush_secs=30)
+      self._tb = tensorboardX.SummaryWriter(self.tb_dir, purge_step=self._purge_step, flush_secs=30)
       self._purge_step = None
     return self._jsonl, self._tb
 
@@ -308,7 +309,6 @@ class MetricWriter:
     self._bar.update(max(0, step - self._bar.n))     # one redraw per logged step
 
   def _open_bar(self) -> None:
-    import tqdm
     # total= gives tqdm's ETA ('elapsed<remaining'); the postfix adds loss, tokens/s and MFU.
     self._bar = tqdm.tqdm(total=self.total_steps, initial=self._initial_step, unit="step",
                           dynamic_ncols=True, file=sys.stderr)

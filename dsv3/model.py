@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dsv3 import hf_config
 from dsv3.config import ModelConfig
 from dsv3.layers import MLP, Linear, RMSNorm, compute_dtype, remat_policy, rope_cos_sin, rows_matmul
 from dsv3.mla import MLA, init_layer_cache
@@ -146,7 +147,7 @@ class Transformer(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 def init(config, rng: jax.Array, batch: int = 1, seq_len: int = 4) -> dict:
   """Fresh variables {'params', 'routing'} (MTP included). Use jax.eval_shape(init, ...) for shapes only."""
-  return _init(ModelConfig.from_any(config), rng, batch, seq_len)
+  return _init(hf_config.as_model_config(config), rng, batch, seq_len)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 3))
@@ -175,7 +176,7 @@ def _forward(cfg, variables, tokens):
 
 def forward(config, params, tokens) -> jax.Array:
   """Main-model logits: int32 [B, T] -> float32 [B, T, vocab] (the MTP modules are not run)."""
-  cfg = ModelConfig.from_any(config)
+  cfg = hf_config.as_model_config(config)
   return _forward(cfg, _variables(cfg, params), jnp.asarray(tokens, jnp.int32))
 
 
@@ -186,7 +187,7 @@ def forward_train(cfg: ModelConfig, variables, tokens, expert_parallel=None) -> 
 
 def init_cache(config, batch: int, max_len: int, dtype=jnp.bfloat16) -> dict:
   """The latent KV cache: per layer [B, max_len, kv_lora_rank] + [B, max_len, qk_rope_head_dim]."""
-  cfg = ModelConfig.from_any(config)
+  cfg = hf_config.as_model_config(config)
   stacked = lambda n: jax.tree.map(lambda a: jnp.broadcast_to(a, (n, *a.shape)),
                                    init_layer_cache(cfg, batch, max_len, dtype))
   cache = {}
@@ -210,6 +211,6 @@ def decode(config, params, tokens, cache, cache_index):
 
   Returns (logits [B, T, V] f32, final hidden [B, T, H] (pre-norm, the MTP input), updated cache).
   """
-  cfg = ModelConfig.from_any(config)
+  cfg = hf_config.as_model_config(config)
   return _decode(cfg, _variables(cfg, params), jnp.asarray(tokens, jnp.int32), cache,
                  jnp.asarray(cache_index, jnp.int32))

@@ -52,7 +52,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from dsv3 import attention as attn_lib, cli, expert_parallel as ep_lib, layout, model, overlap, tiled_gemm
+from dsv3 import attention as attn_lib, cli, expert_parallel as ep_lib, hf_config, layout, model, overlap, tiled_gemm
 from dsv3.config import ConfigError, ModelConfig, deepseek_v3_671b
 from dsv3.layers import KEEP
 from dsv3.pipeline import schedules
@@ -179,7 +179,7 @@ def flops_per_token(model_config: Any, seq_len: int, include_mtp: bool = False) 
 
   `model_config`: a ModelConfig, an HF config dict or a training ConfigDict.
   """
-  cfg = ModelConfig.from_any(model_config)
+  cfg = hf_config.as_model_config(model_config)
   matmul = _count(cfg, lambda l: l.group != "mtp" and l.matmul, activated=True)
   if cfg.tie_word_embeddings:
     matmul += _head_params(cfg)
@@ -189,7 +189,7 @@ def flops_per_token(model_config: Any, seq_len: int, include_mtp: bool = False) 
 
 def mtp_flops_per_token(model_config: Any, seq_len: int) -> float:
   """Training FLOPs per token of the MTP modules, including their pass through the shared head."""
-  cfg = ModelConfig.from_any(model_config)
+  cfg = hf_config.as_model_config(model_config)
   depths = cfg.num_nextn_predict_layers
   matmul = _count(cfg, lambda l: l.group == "mtp" and l.matmul, activated=True) + depths * _head_params(cfg)
   return 6.0 * matmul + _attention_flops(cfg, seq_len, depths)
@@ -212,7 +212,7 @@ def kv_cache(cfg: ModelConfig) -> dict:
 
 def kv_comparison(model_config: Any = None) -> list:
   """DeepSeek-V3's MLA cache (from the real model) next to the GQA baselines, BF16 bytes per token."""
-  cfg = deepseek_v3_671b() if model_config is None else ModelConfig.from_any(model_config)
+  cfg = deepseek_v3_671b() if model_config is None else hf_config.as_model_config(model_config)
   kv = kv_cache(cfg)
   rows = [dict(model="DeepSeek-V3 (MLA)", layers=kv["kv_cache_layers"],
                per_layer="latent " + " + ".join(map(str, kv["kv_cache_widths"])),
@@ -574,7 +574,7 @@ def plan(train_config, platform: str = "gpu", fb_hidden: float = 1.0) -> dict:
   Raises ConfigError naming the field when a value it reads (seq_len, batch_size, mesh.*, pipeline.*,
   adam_moments_dtype) is out of range.
   """
-  cfg = ModelConfig.from_any(train_config)
+  cfg = hf_config.as_model_config(train_config)
   tc = {} if isinstance(train_config, ModelConfig) else train_config
   seq_len = _positive(tc, "seq_len", min(4096, cfg.max_position_embeddings))
   batch = _positive(tc, "batch_size", 1)

@@ -174,8 +174,8 @@ def prepare(source: str = "", tokenizer: str = "", out: str = "", workers: int =
       raise DataError(f"data.source: {source!r} is already tokenized ({corpus.format}); the trainer "
                       f"memory-maps it as it is (--config.data.source={source})")
     tok = corpus_lib.load_tokenizer(ml_collections.ConfigDict(dict(
-        tokenizer=tokenizer, vocab_size=vocab_size, validation_fraction=validation_fraction,
-        cache_dir=cache_dir)), corpus)
+        tokenizer=tokenizer, validation_fraction=validation_fraction, cache_dir=cache_dir)), corpus,
+        vocab_size=vocab_size)
   except ConfigError as e:   # the library names data.* fields; here they are flags
     raise DataError(re.sub(r"\bdata\.(\w+)", r"--\1", str(e))) from None
   out_dir = pathlib.Path(os.path.expanduser(out)).absolute()

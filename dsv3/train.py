@@ -42,14 +42,15 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from dsv3 import checkpoint as ckpt_lib
-from dsv3 import cli, compile_only, convert, distributed, hf
+from dsv3 import cli, compile_only, convert, distributed, hf, hf_config
 from dsv3 import data as data_lib
 from dsv3 import ema as ema_lib
 from dsv3 import layout, losses, metrics as metrics_lib, optimizer as opt_lib, plan, sharding
 from dsv3 import steps as steps_lib
 from dsv3 import workdir as workdir_lib
-from dsv3.config import ModelConfig, validate_train_config
+from dsv3.config import ModelConfig
 from dsv3.pipeline import executor, pipelined as pipelined_lib
+from dsv3.train_config import validate_train_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go; resumed from if non-empty.")
@@ -387,7 +388,7 @@ def _init_from(path: str, cfg, abstract, shardings):
                             f"(config.json + safetensors) or a dsv3 orbax checkpoint dir, or set it to ''")
   if os.path.exists(os.path.join(path, "config.json")):
     loaded_cfg = hf.read_config(path)              # checked before reading any tensor
-    diffs = [f for f in hf.ModelConfig._HF_FIELDS if getattr(loaded_cfg, f) != getattr(cfg, f)]
+    diffs = [f for f in hf_config.HF_FIELDS if getattr(loaded_cfg, f) != getattr(cfg, f)]
     if diffs:
       raise ValueError(f"config.init_from: the checkpoint's {diffs[0]}={getattr(loaded_cfg, diffs[0])!r} differs "
                        f"from config.model.{diffs[0]}={getattr(cfg, diffs[0])!r} (differing: {diffs}); "

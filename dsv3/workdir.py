@@ -26,6 +26,8 @@ import tempfile
 import time
 from typing import Iterator, Optional
 
+import jax
+
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".dsv3.lock"
@@ -99,7 +101,6 @@ def acquire(path: str, process_index: Optional[int] = None, flag: str = "--workd
   """
   path = prepare(path, flag)
   if process_index is None:
-    import jax  # only here: dsv3.convert imports this module and stays light until it loads a checkpoint
     process_index = jax.process_index()
   lock_path = os.path.join(path, LOCK_NAME)
   if process_index != 0:

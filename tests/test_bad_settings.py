@@ -17,8 +17,9 @@ sys.path.insert(0, os.path.join(ROOT, "configs"))
 
 import tiny  # noqa: E402
 
-from dsv3 import data, generate, plan  # noqa: E402
-from dsv3.config import ConfigError, ModelConfig, validate_train_config  # noqa: E402
+from dsv3 import cli, data, generate, plan  # noqa: E402
+from dsv3.config import ConfigError, ModelConfig  # noqa: E402
+from dsv3.train_config import validate_train_config  # noqa: E402
 from disk import snapshot  # noqa: E402
 
 TINY_MODEL = ModelConfig.from_config_dict(tiny.get_config())
@@ -73,11 +74,12 @@ BAD_TRAIN = [
      r"config\.pipeline\.microbatches must be even and >= 2 \* mesh\.pipeline = 4 for dualpipe"),
     ({"mesh.pipeline": 8, "mesh.data": 1, "pipeline.schedule": "dualpipev", "pipeline.microbatches": 16},
      r"config\.mesh\.pipeline: model\.num_hidden_layers=\d+ cannot be cut into 16 pipeline stages"),
-    ({"data.eval_batches": -1}, r"data\.eval_batches: must be an integer >= 0"),
+    ({"data.eval_batches": 1}, r"data\.eval_batches: unknown field; it moved: set config\.eval_batches instead"),
+    ({"data.vocab_size": 512}, r"data\.vocab_size: unknown field; it moved: set config\.model\.vocab_size"),
+    ({"model.precision": "bf16"}, r"model\.precision: unknown field; it moved: set config\.precision instead"),
     ({"data.prefetch": -2}, r"data\.prefetch: must be an integer >= 0"),
     ({"data.validation_fraction": 1.0}, r"data\.validation_fraction: must be in \[0, 1\)"),
-    ({"data.vocab_size": 8192}, r"data\.vocab_size: the trained BPE emits ids up to 8191, but model\.vocab_size "
-                                r"is 4096; set data\.vocab_size <= 4096"),
+    ({"model.vocab_size": 100}, r"model\.vocab_size: 100 is too small for the byte-level BPE data\.tokenizer=''"),
     ({"data.format": "csv"}, r"data\.format: unknown format 'csv'"),
     ({"learnng_rate": 1.0}, r"config\.learnng_rate: unknown field; did you mean config\.learning_rate\?"),
     ({"mesh.dat": 2}, r"config\.mesh\.dat: unknown field; did you mean config\.mesh\.data\?"),
@@ -97,6 +99,24 @@ def test_tiny_config_is_valid():
   validate_train_config(_config(seq_len=512, keep_checkpoints=1, **{"data.max_files": 0}))
 
 
+def test_config_variants_through_the_one_loader():
+  plain = tiny.get_config().to_json()
+  assert cli.load_config("tiny").to_json() == cli.load_config(f"{ROOT}/configs/tiny.py").to_json() == plain
+  for name, fields in tiny.VARIANTS.items():
+    c = cli.load_config(f"tiny:{name}")
+    validate_train_config(c)
+    assert c.mesh.data * c.mesh.expert * c.mesh.pipeline == 8, name
+    assert {k: c[k.split(".")[0]][k.split(".")[1]] for k in fields} == fields
+    with c.unlocked():
+      c.mesh, c.pipeline = tiny.get_config().mesh, tiny.get_config().pipeline
+    assert c.to_json() == plain, name                    # a variant changes only its fields
+  with pytest.raises(ConfigError, match=r"^--config=configs/tiny\.py:foo: unknown variant 'foo'; "
+                                        r"configs/tiny\.py takes one of ep, dualpipe$"):
+    cli.load_config("tiny:foo")
+  with pytest.raises(ConfigError, match=r"configs/small\.py takes none: it has no variants"):
+    cli.load_config("small:ep")
+
+
 # ------------------------------------------------------------------------------------------------
 # dsv3.data: max_files and friends, where they are read; nothing is tokenized or cached.
 
@@ -113,7 +133,7 @@ def test_data_max_files_negative(tmp_path):
 @pytest.mark.parametrize("field,value,pattern", [
     ("max_files", -1, r"data\.max_files: must be an integer >= 0 \(0 = every file\), got -1"),
     ("prefetch", -1, r"data\.prefetch: must be an integer >= 0 \(0 = no background thread\)"),
-    ("eval_batches", -3, r"data\.eval_batches: must be an integer >= 0"),
+    ("eval_batches", 3, r"data\.eval_batches: unknown field; it moved: set config\.eval_batches instead"),
     ("validation_fraction", -0.5, r"data\.validation_fraction: must be in \[0, 1\)"),
     ("max_file", 2, r"data\.max_file: unknown field; did you mean data\.max_files\?"),
 ])
@@ -190,6 +210,10 @@ def _run(module, *args, cwd):
     (["--config.batch_size=abc"], r"^dsv3\.plan: config\.batch_size: 'abc' is not an integer \(.*sets 16\); "
                                   r"give an integer"),
     (["--config.batch_size=0"], r"^dsv3\.plan: config\.batch_size: must be a positive integer, got 0"),
+    (["--config.data.vocab_size=512"], r"^dsv3\.plan: config\.data\.vocab_size: unknown field; it moved: set "
+                                       r"config\.model\.vocab_size instead$"),
+    (["--config.data.eval_batches=2"], r"^dsv3\.plan: config\.data\.eval_batches: unknown field; it moved: set "
+                                       r"config\.eval_batches instead$"),
 ])
 def test_plan_cli_one_line(workdir, args, pattern):
   before = snapshot(workdir)

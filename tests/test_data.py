@@ -46,10 +46,12 @@ def arange_npy(tmp_path_factory):
   return str(path)
 
 
-def _config(source, seq_len=16, batch_size=4, seed=0, **data_kw):
+def _config(source, seq_len=16, batch_size=4, seed=0, vocab_size=300, eval_batches=16, **data_kw):
+  """A training config: the data block with data_kw; model.vocab_size also sizes a trained BPE."""
   d = data.default_data_config()
-  d.update({"source": str(source), "vocab_size": 300, **data_kw})
-  return ml_collections.ConfigDict(dict(seq_len=seq_len, batch_size=batch_size, seed=seed, data=d))
+  d.update({"source": str(source), **data_kw})
+  return ml_collections.ConfigDict(dict(seq_len=seq_len, batch_size=batch_size, seed=seed, eval_batches=eval_batches,
+                                        model=dict(vocab_size=vocab_size), data=d))
 
 
 def _make(cfg, index=0, count=1):
@@ -264,7 +266,7 @@ def test_errors_tokenizer(tmp_path, text_dir):
   _error(_config(text_dir, tokenizer=str(tmp_path / "nope.json")), r"data.tokenizer: .*nope.json' not found")
   (tmp_path / "bad.json").write_text("{not json")
   _error(_config(text_dir, tokenizer=str(tmp_path / "bad.json")), r"data.tokenizer: .* not a valid HF tokenizer")
-  _error(_config(text_dir, tokenizer="data", vocab_size=100), r"data.vocab_size: 100 is too small .* >= 259")
+  _error(_config(text_dir, tokenizer="data", vocab_size=100), r"model.vocab_size: 100 is too small .* >= 259")
   _error(_config(text_dir, tokenizer=_raw_tokenizer(tmp_path, [])), r"data.tokenizer: cannot tell which token ends")
 
 

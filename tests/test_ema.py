@@ -283,7 +283,7 @@ def _train_config(**kw):
   c = tiny.get_config()
   c.update(num_train_steps=4, batch_size=8, seq_len=32, log_every_steps=1, eval_every_steps=2, eval_batches=1,
            checkpoint_every_steps=2, warmup_steps=2, ema_decay=0.9)
-  c.model.vocab_size = c.data.vocab_size = 512
+  c.model.vocab_size = 512
   c.data.max_files = 30
   c.mesh.data, c.mesh.expert = 2, 4
   c.update(kw)

@@ -40,13 +40,13 @@ def text_dir(tmp_path_factory):
   return d
 
 
-def _config(source, seq_len=15, batch_size=4, seed=0, top_eval=None, **data_kw):
-  """A config; top_eval is the trainer's top-level eval_batches (None: absent), data_kw the data block."""
+def _config(source, seq_len=15, batch_size=4, seed=0, eval_batches=None, **data_kw):
+  """A config; eval_batches None leaves the field out, data_kw is the data block."""
   d = data.default_data_config()
-  d.update({"source": str(source), "vocab_size": 300, **data_kw})
-  c = dict(seq_len=seq_len, batch_size=batch_size, seed=seed, data=d)
-  if top_eval is not None:
-    c["eval_batches"] = top_eval
+  d.update({"source": str(source), **data_kw})
+  c = dict(seq_len=seq_len, batch_size=batch_size, seed=seed, model=dict(vocab_size=300), data=d)
+  if eval_batches is not None:
+    c["eval_batches"] = eval_batches
   return ml_collections.ConfigDict(c)
 
 
@@ -99,10 +99,10 @@ def test_sample_is_fixed_across_calls_seeds_and_processes(arange_npy):
 
 def test_sample_size_is_what_the_config_says(arange_npy):
   fit = (10000 // 16) // 4                                        # 156 global batches fit
-  for top, inner, want in [(None, 16, 16), (3, 16, 3), (0, 5, 5), (40, 0, 40), (0, 0, fit), (None, 10**6, fit)]:
-    ds = _make(_config(arange_npy, validation_fraction=0.5, top_eval=top, eval_batches=inner))
+  for n, want in [(None, fit), (3, 3), (40, 40), (0, fit), (10**6, fit)]:
+    ds = _make(_config(arange_npy, validation_fraction=0.5, eval_batches=n))
     batches = list(ds.eval_batches())
-    assert ds.num_eval_batches == len(batches) == want, (top, inner)
+    assert ds.num_eval_batches == len(batches) == want, n
     assert all(b.shape == (4, 16) for b in batches) and len(ds.eval_starts) == 4 * want
   # A smaller sample is the head of a larger one: any prefix is itself spread over the split.
   small = _make(_config(arange_npy, validation_fraction=0.5, eval_batches=3)).eval_starts
@@ -112,7 +112,7 @@ def test_sample_size_is_what_the_config_says(arange_npy):
 
 def test_bad_top_level_eval_batches(arange_npy):
   with pytest.raises(data.DataError, match=r"eval_batches: must be an integer >= 0"):
-    _make(_config(arange_npy, validation_fraction=0.5, top_eval=-2))
+    _make(_config(arange_npy, validation_fraction=0.5, eval_batches=-2))
 
 
 def test_default_split_holds_out_enough_of_the_stdlib():

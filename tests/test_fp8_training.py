@@ -17,7 +17,7 @@ def run(precision, workdir):
   c = tiny.get_config()
   c.precision = precision
   c.num_train_steps, c.batch_size, c.seq_len, c.warmup_steps = 8, 8, 32, 4
-  c.model.vocab_size = c.data.vocab_size = 512
+  c.model.vocab_size = 512
   c.data.max_files, c.eval_batches = 30, 2
   c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 4, 8, 1000
   c.ema_decay = 0.0
@@ -47,7 +47,7 @@ def test_fp8_trains_on_every_mesh(tmp_path, monkeypatch, mesh):
   c = tiny.get_config()
   c.precision = "fp8"
   c.num_train_steps, c.batch_size, c.seq_len = 2, 16, 32
-  c.model.vocab_size = c.data.vocab_size = 512
+  c.model.vocab_size = 512
   c.data.max_files, c.eval_batches, c.ema_decay = 30, 1, 0.0
   c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 1, 2, 1000
   c.mesh.data, c.mesh.expert, c.mesh.pipeline = mesh.get("data", 1), mesh.get("expert", 1), mesh.get("pipeline", 1)

@@ -21,7 +21,7 @@ MESHES = {"dp8": {"data": 8, "expert": 1}, "dp2_ep4": {"data": 2, "expert": 4}}
 
 def _config(mesh, accum):
   c = tiny.get_config()
-  c.model.vocab_size = c.data.vocab_size = 512
+  c.model.vocab_size = 512
   c.batch_size, c.seq_len, c.grad_accum_steps = 16, 32, accum
   c.mesh.data, c.mesh.expert, c.mesh.pipeline = mesh["data"], mesh["expert"], 1
   return c

@@ -73,7 +73,7 @@ def test_two_processes_match_one():
 
 
 TRAIN_FLAGS = ["--config.batch_size=8", "--config.seq_len=32", "--config.model.vocab_size=512",
-               "--config.data.vocab_size=512", "--config.data.max_files=30", "--config.mesh.data=8",
+               "--config.data.max_files=30", "--config.mesh.data=8",
                "--config.log_every_steps=2", "--config.eval_every_steps=1000", "--config.checkpoint_every_steps=1000",
                "--config.ema_decay=0.9"]
 

@@ -1,6 +1,5 @@
 """The planner: the published 671B numbers through the CLI, GQA baselines, hand counts on a tiny model,
 FLOPs, and how bytes per device respond to the mesh."""
-import importlib.util
 import json
 import os
 import pathlib
@@ -11,8 +10,9 @@ import time
 import ml_collections
 import pytest
 
-from dsv3 import plan
-from dsv3.config import ModelConfig, model_config_dict
+from dsv3 import cli, plan
+from dsv3.config import ModelConfig
+from dsv3.train_config import model_config_dict
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "deepseek_v3.py"
@@ -32,11 +32,8 @@ def _run_cli(*args):
   return proc.stdout
 
 
-def _load_config(arg=None):
-  spec = importlib.util.spec_from_file_location("deepseek_v3_config", CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+def _load_config():
+  return cli.load_config(str(CONFIG))
 
 
 def _train_config(cfg, data=1, expert=1, pipeline=1, schedule="none", seq_len=16, moments="float32"):

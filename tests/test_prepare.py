@@ -30,14 +30,14 @@ def tok_path(tmp_path_factory):
   with pytest.MonkeyPatch.context() as mp:
     mp.setenv("DSV3_CACHE", str(cache))
     mp.setattr(corpus, "_BPE_CHARS", 300_000)
-    cfg = ml_collections.ConfigDict(dict(tokenizer="", vocab_size=512, validation_fraction=0.02, cache_dir=""))
-    yield corpus.load_tokenizer(cfg).path
+    cfg = ml_collections.ConfigDict(dict(tokenizer="", validation_fraction=0.02, cache_dir=""))
+    yield corpus.load_tokenizer(cfg, vocab_size=512).path
 
 
-def _config(source, seed=3, seq_len=64, **data_kw):
+def _config(source, seed=3, seq_len=64, eval_batches=16, **data_kw):
   d = data.default_data_config()
   d.update({"source": str(source), **data_kw})
-  return ml_collections.ConfigDict(dict(seq_len=seq_len, batch_size=4, seed=seed, data=d))
+  return ml_collections.ConfigDict(dict(seq_len=seq_len, batch_size=4, seed=seed, eval_batches=eval_batches, data=d))
 
 
 def _cli(*args, **kw):

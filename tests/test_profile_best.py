@@ -12,7 +12,8 @@ import pytest
 from dsv3 import checkpoint as ckpt_lib
 from dsv3 import convert, train
 from dsv3 import metrics as metrics_lib
-from dsv3.config import ConfigError, validate_train_config
+from dsv3.config import ConfigError
+from dsv3.train_config import validate_train_config
 from test_train import ROOT, cache_dir, small_config  # noqa: F401  (cache_dir: the shared data cache fixture)
 
 MEMORY_FIELDS = ("device_peak_bytes", "host_peak_rss_bytes")

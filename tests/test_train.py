@@ -16,11 +16,12 @@ sys.path.insert(0, os.path.join(ROOT, "configs"))
 import tiny  # noqa: E402
 
 from dsv3 import train  # noqa: E402
-from dsv3.config import ConfigError, validate_train_config  # noqa: E402
+from dsv3.config import ConfigError  # noqa: E402
+from dsv3.train_config import validate_train_config  # noqa: E402
 
 # Small enough to compile in seconds; the data cache is shared by every run of the session.
 OVERRIDES = ["--config.num_train_steps=6", "--config.batch_size=8", "--config.seq_len=32",
-             "--config.model.vocab_size=512", "--config.data.vocab_size=512", "--config.data.max_files=30",
+             "--config.model.vocab_size=512", "--config.data.max_files=30",
              "--config.log_every_steps=1", "--config.eval_every_steps=3", "--config.eval_batches=1",
              "--config.checkpoint_every_steps=2", "--config.warmup_steps=2", "--config.ema_decay=0.9"]
 

@@ -16,7 +16,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = ["--config.num_train_steps=5", "--config.batch_size=8", "--config.seq_len=32",
-         "--config.model.vocab_size=512", "--config.data.vocab_size=512", "--config.data.max_files=30",
+         "--config.model.vocab_size=512", "--config.data.max_files=30",
          "--config.log_every_steps=1", "--config.eval_every_steps=1000", "--config.checkpoint_every_steps=5",
          "--config.ema_decay=0.0", "--config.balance.gamma=0.01"]
 EP = ["--config.mesh.data=2", "--config.mesh.expert=4"]

@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dsv3 import layout, sharding, steps as steps_lib
+from dsv3 import hf_config, layout, sharding, steps as steps_lib
 from dsv3.config import ModelConfig
 from dsv3.expert_parallel import ExpertParallel
 from dsv3.layers import compute_dtype
@@ -549,7 +549,7 @@ def pipeline_value_and_grad(cfg: ModelConfig, variables, tokens, *, schedule: st
   fused: see `run`.
   Returns (loss, metrics, grads like variables['params'], loads like variables['routing']) as host arrays.
   """
-  plan = get_plan(ModelConfig.from_any(cfg), schedule, num_stages, microbatches, devices, compiler_options,
+  plan = get_plan(hf_config.as_model_config(cfg), schedule, num_stages, microbatches, devices, compiler_options,
                   transfer)
   per_layer = {k: layout.unstack(plan.cfg, jax.tree.map(np.asarray, variables.get(k, {})))
                for k in ("params", "routing")}
