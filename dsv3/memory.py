@@ -35,10 +35,9 @@ def memory_plan(cfg: ModelConfig, data: int, expert: int, pipeline: int, schedul
                 moments_dtype: str = "float32", copies: bool = True) -> dict:
   """Bytes per device of params / grads / optimizer states, by dtype, for the pipeline rank holding most.
 
-  Pipelined, a rank holds the units of its stages once (dsv3.pipeline.rank_state; the embedding sits on the
-  first and the last stage), and per stage it runs, a gradient accumulator shaped like that stage's
-  parameters ('grads') and, when `copies` (micro-batch rows split over the sub-mesh, stages.Devices), a
-  per-device copy of them ('copies'). Unpipelined, 'grads' are the FP32 gradients and there are no copies.
+  Pipelined, a rank holds its stages' units once, and per stage copy a gradient accumulator ('grads') and,
+  when `copies` (rows split over the sub-mesh, per_device.Devices), a per-device parameter copy ('copies').
+  Unpipelined, 'grads' are the FP32 gradients and there are no copies.
   """
   for name, v in (("data", data), ("expert", expert), ("pipeline", pipeline)):
     if not is_count(v):
@@ -125,19 +124,12 @@ def activation_plan(cfg: ModelConfig, rows: int, seq_len: int, data: int = 1, ex
                     inflight: int = 1, scanned: bool = None) -> dict:
   """Bytes per device of the activations and temporaries of one forward + backward of one micro-batch.
 
-  rows: sequences per device per micro-batch (batch / (data * expert) / grad_accum, or / microbatches
-  pipelined); layers: the main-model layers run (default all; a count, dense first, or (dense, MoE));
-  mtp / head: whether the MTP modules and the
-  vocabulary head run here; platform: 'cpu' or 'gpu', the choices the code makes from it (CPU: the tiled
-  grouped GEMM and dense attention up to attention.DENSE_MAX_LEN tokens; GPU: ragged_dot, and blockwise
-  attention above DENSE_MAX_LEN unless cuDNN is installed); inflight: micro-batches whose saved residuals
-  the rank holds at once (pipeline schedules; 1 otherwise); scanned: the layers run under nn.scan (default
-  cfg.scan_layers; pipeline stages unroll them).
-
-  Model: peak = saved residuals of every layer (what model.remat keeps, stacked by nn.scan) x inflight
-  + the larger of one layer's backward working set (its forward recomputed, the activations the remat
-  policy drops) and the vocabulary head's (every head's logits, one's gradient). Elements are counted per
-  token from the code's tensors (dsv3/mla.py, attention.py, moe.py, expert_parallel.py, model.py).
+  rows: sequences per device per micro-batch; layers: the main-model layers run (default all; a count, dense
+  first, or (dense, MoE)); mtp / head: whether those run here; platform: 'cpu' or 'gpu', for the code paths
+  it picks (grouped GEMM, attention); inflight: micro-batches whose residuals the rank holds at once;
+  scanned: layers under nn.scan (default cfg.scan_layers; pipeline stages unroll). Peak = saved residuals x
+  inflight + the larger of one layer's backward working set and the head's (logits of every head, one's
+  gradient), counted per token from the code's tensors (mla, attention, moe, expert_parallel, model).
   """
   c = 2 if cfg.dtype == "bfloat16" else 4                         # compute dtype bytes
   scanned = cfg.scan_layers if scanned is None else scanned
@@ -261,15 +253,11 @@ _KEEP = frozenset(KEEP) | {"moe_out"}    # what remat='paper' saves (dsv3.layers
 def step_memory(cfg: ModelConfig, batch: int, seq_len: int, data: int, expert: int, pipeline: int = 1,
                 schedule: str = "none", microbatches: int = 1, grad_accum: int = 1,
                 moments_dtype: str = "float32", platform: str = "gpu") -> dict:
-  """Peak bytes per device of one training step as the trainer lays it out: memory_plan's state
-  (parameters, gradients, ZeRO-1 optimizer) plus activation_plan's activations and temporaries.
-
-  Pipelined, every rank is planned and the worst one reported: it holds its stages' parameters and optimizer
-  shards (the trainer's stage-sharded state, dsv3.pipeline.rank_state), each stage copy's accumulator and
-  per-device parameter copy (which stand in for the params during the step), and the residuals of its
-  in-flight micro-batches (the schedule's simulated peak for that rank; each holds one stage's). Returns memory_plan's keys plus: state_bytes (parameters + optimizer), grad_bytes
-  (gradients or accumulators), copies_bytes, grad_accum_bytes (the accumulator of grad_accum > 1), the
-  activation_plan terms under 'activations', and total_with_activations_bytes (the estimated peak).
+  """Peak bytes per device of one training step as the trainer lays it out: memory_plan's state plus
+  activation_plan's activations; pipelined, for the worst rank (its stages' state, each stage copy's
+  accumulator and per-device parameter copy, and the residuals of its simulated peak of micro-batches in
+  flight). Adds to memory_plan's keys: state_bytes, grad_bytes, copies_bytes, grad_accum_bytes,
+  'activations' (activation_plan's terms) and total_with_activations_bytes (the estimated peak).
   """
   if pipeline > 1:
     rows = batch // microbatches // (data * expert)

@@ -94,7 +94,7 @@ class Plan:
       raise ValueError(f"process {jax.process_index()} holds no device of the pipeline mesh; every process "
                        f"must take part in at least one pipeline rank")
     self.microbatches = microbatches
-    self.directions = 2 if schedule == "dualpipe" else 1
+    self.directions = len({d for phases in self.schedule.placement for d, _ in phases})
     self.per_direction = microbatches // self.directions
     # (direction, stage) -> rank; a stage copy is identified by its (direction, stage).
     self.owner = {ds: r for r, phases in enumerate(self.schedule.placement) for ds in phases}
@@ -126,21 +126,13 @@ def _host_tokens(tokens) -> np.ndarray:
 
 def run(plan: Plan, rank_variables, tokens, mtp_weight, alpha, timings: Optional[list] = None,
         donate: bool = False, fused: bool = True):
-  """Executes one step on per-rank variables: rank_variables[r] = {'params', 'routing'} of rank r's units
-  on its sub-mesh (rank_state; None where this process holds none of rank r).
+  """One step on per-rank variables (rank_variables[r] = rank r's {'params', 'routing'} on its sub-mesh, None
+  where this process holds none of it). Returns (loss, metrics, grads, loads, grad_norm): grads[r] and loads[r]
+  like rank r's params and routing, each unit summed over its holders and placed like its ZeRO-1 state.
 
-  donate: each rank's params are donated into the step's per-device copies (per_device.Devices.copies_taking),
-  so a rank does not hold them twice, and rank_variables[r]['params'] is replaced by equal arrays made back
-  from the copies at the end (the trainer's step). Otherwise the params are left as they are.
-
-  Returns (loss, metrics, grads, loads, grad_norm): grads[r] and loads[r] shaped like rank r's params and
-  routing (None for ranks of other processes), each unit's summed over its holders and placed like its
-  optimizer state (ZeRO-1); loss, metrics and the whole model's gradient norm over the pipeline mesh.
-
-  timings: if a list, every op is waited for (block_until_ready) and (rank, op string, start, end) in
-  seconds is appended: serialised, for measuring per-op costs, not for speed.
-  fused: an F&B cell is one program (stages.forward_backward); False dispatches its F and B programs back
-  to back (the same numbers; the baseline that overlaps nothing).
+  donate: the params are donated into the step's per-device copies (not held twice) and replaced by equal
+  arrays at the end (the trainer's step). timings: a list to append (rank, op, start, end) to, every op
+  waited for (per-op costs, not speed). fused: False runs an F&B cell as F then B (the no-overlap baseline).
   """
   cfg, sched, move = plan.cfg, plan.schedule, plan.transfers
   tokens = _host_tokens(tokens)
@@ -349,22 +341,14 @@ def get_plan(cfg: ModelConfig, schedule: str, num_stages: int, microbatches: int
 def pipeline_value_and_grad(cfg: ModelConfig, variables, tokens, *, schedule: str, num_stages: int,
                             microbatches: int, mtp_weight, alpha, devices=None, timings=None,
                             compiler_options=None, transfer: str = "auto", fused: bool = True):
-  """Pipelined equivalent of value_and_grad(objective(forward_train(...))) on one batch, on the model's
-  stacked variables: the reference entry point (tests, notebooks). The trainer keeps per-rank state
-  (dsv3.pipeline.pipelined) and calls `run` on it.
+  """value_and_grad(objective(forward_train(...))) on one batch, pipelined, on the model's stacked variables:
+  the reference entry point (tests, notebooks; the trainer keeps per-rank state, dsv3.pipeline.pipelined).
 
-  tokens: int32 [B, T+1] (inputs tokens[:, :-1], labels tokens[:, 1:]), the global batch as a host
-  array, cut into `microbatches` equal micro-batches (DualPipe: the first half go down direction 0, the
-  second half direction 1).
-  num_stages: the pipeline degree (mesh.pipeline), i.e. the number of ranks; DualPipeV runs 2x that many
-  model stages on them.
-  devices: None (all devices, split evenly), a device list, a Mesh with a 'pipeline' axis, or one Mesh
-  per rank. Each rank receives a copy of its stages' variables (they must be addressable here: one process).
-  timings: see `run`. compiler_options: XLA options for the stage programs (a dict), e.g.
-  {'xla_backend_optimization_level': 0} to compile faster on CPU. transfer: 'auto' (device_put within a
-  process, a collective program across processes) or 'collective' (always the collective program).
-  fused: see `run`.
-  Returns (loss, metrics, grads like variables['params'], loads like variables['routing']) as host arrays.
+  tokens: int32 [B, T+1], the global batch on the host, cut into `microbatches` (DualPipe: the first half go
+  down direction 0). num_stages: the pipeline degree (ranks; DualPipeV runs 2x that many stages). devices:
+  None, a device list, a Mesh with a 'pipeline' axis or one Mesh per rank (addressable: one process).
+  compiler_options: XLA options for the stage programs; transfer: 'auto' or 'collective'; timings, fused:
+  see `run`. Returns (loss, metrics, grads like params, loads like routing) as host arrays.
   """
   plan = get_plan(ModelConfig.from_any(cfg), schedule, num_stages, microbatches, devices, compiler_options,
                   transfer)

@@ -312,14 +312,12 @@ def bubble_table(num_ranks: int, num_chunks: int, F=1.0, B=2.0, W=1.0, FB=None):
   number of stages, so DualPipeV's row uses PP = 2 * num_ranks).
   """
   FB = F + B if FB is None else FB
-  runs = [("1f1b", num_ranks, one_f_one_b(num_ranks, num_chunks), "1x"),
-          ("zb1p", num_ranks, zb1p(num_ranks, num_chunks), "1x"),
-          ("dualpipe", num_ranks, dualpipe(num_ranks, num_chunks), "2x"),
-          ("dualpipev", 2 * num_ranks, dualpipev(num_ranks, num_chunks), "2x")]
+  runs = [("1f1b", one_f_one_b(num_ranks, num_chunks), "1x"), ("zb1p", zb1p(num_ranks, num_chunks), "1x"),
+          ("dualpipe", dualpipe(num_ranks, num_chunks), "2x"), ("dualpipev", dualpipev(num_ranks, num_chunks), "2x")]
   rows = []
-  for method, stages, sched, params in runs:
+  for method, sched, params in runs:
     res = simulate(sched, F=F, B=B, W=W, FB=FB)
-    rows.append((method, stages, res.bubble, paper_bubble(method, stages, F, B, W, FB), params,
+    rows.append((method, sched.num_stages, res.bubble, paper_bubble(method, sched.num_stages, F, B, W, FB), params,
                  max(res.peak_activations), res))
   return rows
 
