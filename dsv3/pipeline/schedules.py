@@ -337,7 +337,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   a = flags.FLAGS
-  rows = bubble_table(a.ranks, a.chunks, a.F, a.B, a.W, a.FB)
+  try:
+    rows = bubble_table(a.ranks, a.chunks, a.F, a.B, a.W, a.FB)
+  except ValueError as e:      # e.g. an odd --ranks for DualPipe: the message names the rule
+    raise app.UsageError(f"--ranks {a.ranks} --chunks {a.chunks}: {e}") from e
   fb = a.F + a.B if a.FB is None else a.FB
   print(f"ranks={a.ranks} chunks={a.chunks} F={a.F} B={a.B} W={a.W} F&B={fb}")
   print(f"{'method':<10} {'PP':>3} {'bubble (sim)':>13} {'bubble (paper)':>15} {'params':>7} {'activations':>12}")
