@@ -207,9 +207,9 @@ def test_peak_activations(pp):
 def test_timelines_follow_schedule_order_and_comm_costs():
   sched = schedules.dualpipe(4, 12)
   res = schedules.simulate(sched, comm=0.25)
-  for ops, timeline in zip(sched, res.timelines):
-    assert [op for _, _, op in timeline] == list(ops)
-    assert all(e0 <= s1 for (_, e0, _), (s1, _, _) in zip(timeline, timeline[1:]))
+  for ops, line in zip(sched, res.timelines):
+    assert [op for _, _, op in line] == list(ops)
+    assert all(e0 <= s1 for (_, e0, _), (s1, _, _) in zip(line, line[1:]))
   # GPipe's makespan is the textbook M(F+B) + (P-1)(F+B+2*comm).
   res = schedules.simulate(schedules.gpipe(4, 6), F=1.0, B=2.0, W=1.0, comm=0.5)
   assert res.makespan == pytest.approx(6 * 3 + 3 * (3 + 1.0))
