@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv3 import bench_common as common
-from dsv3 import bench_hf, metrics, model, moe, plan
+from dsv3 import bench_hf, memory, metrics, model, moe, plan
 from dsv3 import optimizer as opt_lib
 from dsv3.config import ModelConfig
 from dsv3.studies.common import load_config
@@ -234,7 +234,7 @@ def bench_memory(args):
     mem = step.lower(*abstract).compile().memory_analysis()
     peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
             + mem.temp_size_in_bytes)
-    p = plan.memory_plan(cfg, 1, 1, 1, "none", config.adam_moments_dtype)
+    p = memory.memory_plan(cfg, 1, 1, 1, "none", config.adam_moments_dtype)
     mib = lambda b: f"{b / 2**20:,.1f}"
     planned = p["total_bytes"]
     rows.append([name, f"{batch}x{seq}", mib(mem.argument_size_in_bytes), mib(mem.output_size_in_bytes),

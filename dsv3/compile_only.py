@@ -14,7 +14,7 @@ and mesh position it records `compiled.memory_analysis()` per device (argument, 
 peak: the larger of the compiler's peak and argument + output + temp - alias; both are kept), writes
 DIR/compiled/memory.json and each program's scheduled HLO as DIR/compiled/<program>.hlo.txt, and prints
 a table. `estimated_peak_bytes_per_device` is dsv3.plan's analytic figure for the same layout
-(dsv3.plan.step_memory: parameters, FP32 gradients, ZeRO-1 optimizer states and activations).
+(dsv3.memory.step_memory: parameters, FP32 gradients, ZeRO-1 optimizer states and activations).
 
 Unpipelined, one step is the train step (plus the eval step), and a device's peak is the train step's.
 Pipelined (mesh.pipeline > 1), it is each rank's programs on its ('data', 'expert') sub-mesh and its own
@@ -58,7 +58,7 @@ from dsv3 import workdir as workdir_lib
 from dsv3.config import ModelConfig
 from dsv3.train_config import validate_train_config
 from dsv3.layers import compute_dtype
-from dsv3.pipeline import executor, pipelined, stages
+from dsv3.pipeline import executor, per_device, pipelined, reduction, stages
 
 TARGETS = ("cpu", "h100", "h800", "h200")
 _SPEC_FILES = {"h100": "h100_sxm.txtpb", "h800": "h100_sxm.txtpb", "h200": "h200.txtpb"}
@@ -241,8 +241,8 @@ def _pipelined_programs(config, cfg, mesh, options, echo=print, only=None):
 
   for r, sub in enumerate(plan.meshes):
     state = _placed(ps.rank_abstract[r], ps.rank_shardings[r])
-    devices = stages.Devices.of(sub, mb)
-    mine = executor.stage_copies(plan, r)
+    devices = per_device.Devices.of(sub, mb)
+    mine = reduction.stage_copies(plan, r)
     copies = [devices.abstract_copies(stages.stage_variables(state["params"], state["routing"], plan.specs[s])[0])
               for _, s in mine]
     # The step takes the params into its per-device copies (executor.run(donate=True)) where rows split.
@@ -306,7 +306,7 @@ def _pipelined_programs(config, cfg, mesh, options, echo=print, only=None):
       auxes = [[forward[plan.specs[s].program_key][1]] * per_copy((d, s)) for d, s in mine]
       units = _shapes(state)
       sums_key = ("sums", tuple((plan.specs[s].program_key, per_copy((d, s))) for d, s in mine), units)
-      info["programs"].append(program(sums_key, f"rank{r}_sums", pos, sub, lambda: executor.rank_sums_program(
+      info["programs"].append(program(sums_key, f"rank{r}_sums", pos, sub, lambda: reduction.rank_sums_program(
           plan, r, state["params"], devices).lower(accs, auxes))[0])
       grads = _placed(state["params"], sharding.zero1_shardings(sub, ps.rank_abstract[r]["params"]))
       loads = jax.tree.map(lambda a: sds(a.shape, jnp.float32, rep), state["routing"])
@@ -314,7 +314,7 @@ def _pipelined_programs(config, cfg, mesh, options, echo=print, only=None):
           r).lower(state, grads, loads, scalar, scalar))[0])
       # Evaluation runs the eval batch in micro-batches of the training step's size (executor.evaluate).
       batch = sds((mb, config.seq_len + 1), jnp.int32, NamedSharding(sub, executor._token_spec(sub, mb)))
-      whole = stages.Devices(sub, (), plan.expert_parallel[r])
+      whole = per_device.Devices(sub, (), plan.expert_parallel[r])
       for s in range(plan.num_stages):
         if plan.owner[0, s] != r:
           continue
@@ -484,7 +484,7 @@ def compile_step(config, workdir: str, target: str, echo=print) -> dict:
       max_peak_bytes_per_device=max_peak, max_peak_position=max_position,
       max_program_peak_bytes=worst_program["peak_bytes"], max_peak_program=worst_program["program"],
       estimated_peak_bytes_per_device=estimate["total_with_activations_bytes"],
-      estimate=dict(source="dsv3.plan.step_memory: parameters + ZeRO-1 optimizer states as the trainer holds them, "
+      estimate=dict(source="dsv3.memory.step_memory: parameters + ZeRO-1 optimizer states as the trainer holds them, "
                            "FP32 gradients (pipelined: the per-device parameter copies and accumulators) of the "
                            "worst rank, and activations (remat-saved residuals of every layer x in-flight "
                            "micro-batches, one layer's backward or the head's working set, logits)", **estimate),

@@ -1,48 +1,19 @@
 """The planner: parameter counts, KV cache, training FLOPs and per-device memory of a training config.
 
-Everything is read off the real model: `jax.eval_shape(model.init, ...)` gives every variable's shape and
-dtype without allocating (the 671B model builds in well under a second on CPU), and
-`jax.eval_shape(model.init_cache, ...)` gives the latent KV cache. Nothing here restates the architecture;
-a change to dsv3/model.py shows up in the plan.
+Everything is read off the real model (dsv3.abstract_model: jax.eval_shape of model.init and init_cache), so
+a change to the model shows up here. Memory is dsv3.memory's. The counting conventions reproduce the
+published DeepSeek-V3 numbers: total_params is the main model's 'params' (MTP and the 'routing' biases
+excluded); activated_params counts, per token, every non-routed parameter plus k of E routed experts per MoE
+layer; mtp_params excludes the shared embedding and head. flops_per_token = 6 * activated matmul params +
+3 * h * (d_qk + d_v) * seq_len * layers (causal attention: seq_len/2 keys on average, backward 2x forward).
 
-Counting conventions (they reproduce the published DeepSeek-V3 numbers):
-  total_params       the main model's 'params' (MTP excluded). The 'routing' collection (the aux-loss-free
-                     correction biases) is balancer state, not a parameter: `routing_state` reports it.
-  activated_params   per token: every non-routed-expert parameter (embedding and head included, shared
-                     experts included) + num_experts_per_tok of the n_routed_experts routed experts per MoE
-                     layer.
-  mtp_params         the MTP modules; they share the main model's embedding and head, so nothing is counted
-                     twice.
-  flops_per_token    training (forward + backward) FLOPs of the main model for one token of a seq_len
-                     sequence:  6 * activated matmul params  +  3 * h * (d_qk + d_v) * seq_len * layers.
-                     Matmul params are activated params minus the embedding lookup and norm scales (plus the
-                     embedding again when the head is tied). Attention: QK^T and PV cost 2*h*(d_qk + d_v)
-                     FLOPs per visible key in the forward, a causal token sees seq_len/2 keys on average,
-                     and backward costs twice the forward. `mtp_flops_per_token` is the same for the MTP
-                     modules, the shared head's GEMM included (the MTP logits are a second head GEMM).
-
-Memory per device for the mesh (data, expert, pipeline), devices = data * expert * pipeline:
-  * routed experts are sharded over `expert`; everything else is replicated over data and expert;
-  * layers are split into contiguous, as-equal-as-possible pipeline stages (first stages take the
-    remainder); the embedding sits on the first stage, the final norm, head and MTP modules on the last.
-    Rank r holds stage r (1F1B, ZB1P, GPipe), stages r and P-1-r under DualPipe (two copies of the
-    parameters), stages r and 2P-1-r under DualPipeV. The plan reports the rank with the most bytes;
-  * grads are FP32 (DeepSeek accumulates in FP32);
-  * optimizer states (ZeRO-1) are sharded over every axis the parameter is replicated on: data * expert for
-    non-expert parameters (the expert axis carries different batch rows too), data for routed experts.
-    AdamW keeps two moments in `adam_moments_dtype` (BF16 in the FP8 recipe), plus an FP32 master copy when
-    the stored parameters are narrower than FP32 (otherwise the parameters are the master weights).
-
-Usage:
   python -m dsv3.plan --config=configs/deepseek_v3.py            # a table
   python -m dsv3.plan --config=configs/deepseek_v3.py --json     # one JSON object
   python -m dsv3.plan --compare_kv                               # MLA vs GQA KV cache (report Table)
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
-import functools
 import json
 from typing import Any
 
@@ -52,9 +23,9 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from dsv3 import attention as attn_lib, cli, expert_parallel as ep_lib, hf_config, layout, model, overlap, tiled_gemm
+from dsv3 import cli, hf_config, memory, model, overlap
+from dsv3.abstract_model import leaves
 from dsv3.config import ConfigError, ModelConfig, deepseek_v3_671b
-from dsv3.layers import KEEP
 from dsv3.pipeline import schedules
 
 
@@ -76,59 +47,6 @@ class GQAConfig:
 QWEN2_5_72B = GQAConfig("Qwen2.5-72B", num_layers=80, num_kv_heads=8, head_dim=128)
 LLAMA3_1_405B = GQAConfig("LLaMA-3.1-405B", num_layers=126, num_kv_heads=8, head_dim=128)
 GQA_BASELINES = (QWEN2_5_72B, LLAMA3_1_405B)
-
-
-# ---------------------------------------------------------------------------------------------------
-# The abstract model.
-# ---------------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Leaf:
-  """One variable of the model, described per layer."""
-  path: str
-  group: str          # 'embed' | 'dense' | 'moe' | 'head' (final norm, lm_head) | 'mtp'
-  layers: int         # length of the stacked layer axis (1 when not stacked)
-  size: int           # elements per layer
-  dtype: str
-  routed: bool        # a routed-expert weight [E, ...]: sharded over mesh.expert, k of E active per token
-  matmul: bool        # multiplies activations (counts in FLOPs); embedding lookups and norm scales do not
-  trainable: bool     # 'params'; the 'routing' biases are state (no grad, no optimizer)
-
-  @property
-  def total(self) -> int:
-    return self.layers * self.size
-
-
-def _key_name(k) -> str:
-  return str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
-
-
-# Top-level variable names -> planner groups; anything else (final norm, lm_head, ...) sits with the head.
-_GROUPS = {"embed_tokens": "embed", layout.DENSE_STACK: "dense", layout.MOE_STACK: "moe"}
-
-
-def _group(top: str) -> str:
-  return "mtp" if top.startswith("mtp") else _GROUPS.get(top, "head")
-
-
-@functools.lru_cache(maxsize=16)
-def abstract_variables(cfg: ModelConfig):
-  """ShapeDtypeStructs of model.init's variables (nothing is allocated)."""
-  return jax.eval_shape(functools.partial(model.init, cfg), jax.random.key(0))
-
-
-@functools.lru_cache(maxsize=16)
-def leaves(cfg: ModelConfig) -> tuple:
-  out = []
-  for path, x in jax.tree_util.tree_flatten_with_path(abstract_variables(cfg))[0]:
-    names = [_key_name(k) for k in path]
-    collection, group = names[0], _group(names[1])
-    stacked = group in ("dense", "moe")
-    layers = x.shape[0] if stacked else 1
-    shape = x.shape[1:] if stacked else x.shape
-    out.append(Leaf(path="/".join(names), group=group, layers=layers, size=int(np.prod(shape, dtype=np.int64)),
-                    dtype=jnp.dtype(x.dtype).name, routed=names[-1].startswith("experts_"),
-                    matmul=group != "embed" and len(shape) >= 2, trainable=collection == "params"))
-  return tuple(out)
 
 
 def _active_fraction(cfg: ModelConfig) -> float:
@@ -226,101 +144,6 @@ def kv_comparison(model_config: Any = None) -> list:
   return rows
 
 
-# ---------------------------------------------------------------------------------------------------
-# Memory per device.
-# ---------------------------------------------------------------------------------------------------
-def _stage_layers(num_layers: int, stages: int) -> list:
-  return [list(a) for a in np.array_split(np.arange(num_layers), stages)]
-
-
-def _rank_stages(schedule: str, P: int) -> tuple[int, list]:
-  """(number of model stages, the stages each pipeline rank holds) under `schedule` (schedules.placement)."""
-  if schedule not in ("none",) + schedules.NAMES:
-    raise ConfigError(f"config.pipeline.schedule: unknown {schedule!r}; use 'none' or one of "
-                      f"{', '.join(schedules.NAMES)}")
-  if schedule == "dualpipe" and P > 1 and P % 2:
-    raise ConfigError(f"config.mesh.pipeline: DualPipe needs an even number of ranks, got {P}")
-  return schedules.num_stages(schedule, P), schedules.stages_held(schedule, P)
-
-
-def memory_plan(cfg: ModelConfig, data: int, expert: int, pipeline: int, schedule: str = "none",
-                moments_dtype: str = "float32", copies: bool = True) -> dict:
-  """Bytes per device of params / grads / optimizer states, by dtype, for the pipeline rank holding most.
-
-  Pipelined, a rank holds the units of its stages once (dsv3.pipeline.rank_state; the embedding sits on the
-  first and the last stage), and per stage it runs, a gradient accumulator shaped like that stage's
-  parameters ('grads') and, when `copies` (micro-batch rows split over the sub-mesh, stages.Devices), a
-  per-device copy of them ('copies'). Unpipelined, 'grads' are the FP32 gradients and there are no copies.
-  """
-  for name, v in (("data", data), ("expert", expert), ("pipeline", pipeline)):
-    if not _is_int(v) or v < 1:
-      raise ConfigError(f"config.mesh.{name}: must be a positive integer, got {v!r}")
-  if cfg.num_moe_layers and cfg.n_routed_experts % expert:
-    raise ConfigError(f"config.mesh.expert: n_routed_experts={cfg.n_routed_experts} must be divisible by "
-                      f"mesh.expert={expert}; pick a divisor of {cfg.n_routed_experts}")
-  if moments_dtype not in ("float32", "bfloat16"):
-    raise ConfigError(f"config.adam_moments_dtype: must be 'float32' or 'bfloat16', got {moments_dtype!r}")
-  num_stages, held = _rank_stages(schedule, pipeline)
-  last = num_stages - 1
-  stage_of = {}
-  for s, ls in enumerate(_stage_layers(cfg.num_hidden_layers, num_stages)):
-    stage_of.update({int(l): s for l in ls})
-  # elements[stage][(routed, dtype, trainable)]; the embedding apart: stage 0 and the last stage need it
-  elements = [collections.Counter() for _ in range(num_stages)]
-  embed = collections.Counter()
-  for leaf in leaves(cfg):
-    key = (leaf.routed, leaf.dtype, leaf.trainable)
-    if leaf.group in ("dense", "moe"):
-      first = 0 if leaf.group == "dense" else cfg.num_dense_layers
-      for i in range(leaf.layers):
-        elements[stage_of[first + i]][key] += leaf.size
-    elif leaf.group == "embed":
-      embed[key] += leaf.total
-    else:
-      elements[last][key] += leaf.total
-  with_embed = lambda s: elements[s] + embed if s in (0, last) else elements[s]
-  local = lambda routed, n: -(-n // expert) if routed else n
-
-  def rank_bytes(stages):
-    params, grads, opt, copy = (collections.Counter() for _ in range(4))
-    units = sum((elements[s] for s in stages), collections.Counter())
-    if 0 in stages or last in stages:
-      units += embed
-    for (routed, dtype, trainable), n in units.items():
-      n = local(routed, n)
-      params[dtype] += n * jnp.dtype(dtype).itemsize
-      if not trainable:
-        continue
-      if pipeline == 1:
-        grads["float32"] += n * 4
-      zero = data if routed else data * expert
-      shard = -(-n // zero)
-      opt[moments_dtype] += 2 * shard * jnp.dtype(moments_dtype).itemsize
-      if jnp.dtype(dtype).itemsize < 4:
-        opt["float32"] += shard * 4
-    if pipeline > 1:           # per stage copy: its accumulator, and its per-device parameter copy
-      for s in stages:
-        for (routed, dtype, trainable), n in with_embed(s).items():
-          if trainable:
-            grads[dtype] += local(routed, n) * jnp.dtype(dtype).itemsize
-            if copies:
-              copy[dtype] += local(routed, n) * jnp.dtype(dtype).itemsize
-    return dict(params=dict(params), grads=dict(grads), optimizer=dict(opt), copies=dict(copy),
-                total_bytes=sum(params.values()) + sum(grads.values()) + sum(opt.values()) + sum(copy.values()))
-
-  per_rank = [rank_bytes(st) for st in held]
-  worst = max(range(pipeline), key=lambda r: per_rank[r]["total_bytes"])
-  return dict(devices=data * expert * pipeline, pipeline_stages=num_stages, rank=worst,
-              rank_stages=held[worst], rank_layers=_rank_layers(cfg, num_stages, held[worst]),
-              optimizer_shards=dict(non_expert=data * expert, routed_expert=data),
-              per_rank=per_rank, per_rank_stages=held,
-              per_rank_total_bytes=[r["total_bytes"] for r in per_rank], **per_rank[worst])
-
-
-def _rank_layers(cfg: ModelConfig, num_stages: int, stages) -> list:
-  split = _stage_layers(cfg.num_hidden_layers, num_stages)
-  return [int(l) for s in stages for l in split[s]]
-
 
 def pipeline_time(schedule: str, P: int, microbatches: int, fb_hidden: float, comm_ratio: float = 1.0):
   """The schedule's simulated step in the paper's cell units (F 1, B 2, W 1) with F&B cells at F + B and at
@@ -338,210 +161,6 @@ def pipeline_time(schedule: str, P: int, microbatches: int, fb_hidden: float, co
               step_fused=fused.makespan, bubble_unfused=apart.bubble, bubble_fused=fused.bubble)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Activations and temporaries of one training step, per device.
-# ---------------------------------------------------------------------------------------------------
-def _pipeline_inflight(schedule: str, P: int, microbatches: int) -> list:
-  """Per rank, the most micro-batches whose forward residuals it holds at once (dsv3.pipeline's simulator)."""
-  if P <= 1 or schedule == "none":
-    return [1]
-  try:
-    sched = schedules.make(schedule, P, microbatches)
-  except ValueError:       # a layout the executor refuses: 1F1B's bound, one per downstream rank
-    return [min(P - r, microbatches) for r in range(P)]
-  return [int(n) for n in schedules.simulate(sched).peak_activations]
-
-
-def activation_plan(cfg: ModelConfig, rows: int, seq_len: int, data: int = 1, expert: int = 1,
-                    layers: int = None, mtp: bool = True, head: bool = True, platform: str = "gpu",
-                    inflight: int = 1, scanned: bool = None) -> dict:
-  """Bytes per device of the activations and temporaries of one forward + backward of one micro-batch.
-
-  rows: sequences per device per micro-batch (batch / (data * expert) / grad_accum, or / microbatches
-  pipelined); layers: the main-model layers run (default all; a count, dense first, or (dense, MoE));
-  mtp / head: whether the MTP modules and the
-  vocabulary head run here; platform: 'cpu' or 'gpu', the choices the code makes from it (CPU: the tiled
-  grouped GEMM and dense attention up to attention.DENSE_MAX_LEN tokens; GPU: ragged_dot, and blockwise
-  attention above DENSE_MAX_LEN unless cuDNN is installed); inflight: micro-batches whose saved residuals
-  the rank holds at once (pipeline schedules; 1 otherwise); scanned: the layers run under nn.scan (default
-  cfg.scan_layers; pipeline stages unroll them).
-
-  Model: peak = saved residuals of every layer (what model.remat keeps, stacked by nn.scan) x inflight
-  + the larger of one layer's backward working set (its forward recomputed, the activations the remat
-  policy drops) and the vocabulary head's (every head's logits, one's gradient). Elements are counted per
-  token from the code's tensors (dsv3/mla.py, attention.py, moe.py, expert_parallel.py, model.py).
-  """
-  c = 2 if cfg.dtype == "bfloat16" else 4                         # compute dtype bytes
-  scanned = cfg.scan_layers if scanned is None else scanned
-  T, n = seq_len, rows * seq_len                                 # tokens per device per micro-batch
-  H, nh, V = cfg.hidden_size, cfg.num_attention_heads, cfg.vocab_size
-  dn, dr, dv, C = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
-  rq = cfg.q_lora_rank or 0
-  policy = cfg.remat
-  keep = lambda name: policy == "none" or (policy == "paper" and name in _KEEP)
-
-  # --- attention (per token, bytes) ----------------------------------------------------------------
-  impl = cfg.attention
-  if impl == "auto":
-    impl = "dense" if T <= attn_lib.DENSE_MAX_LEN else "blockwise"     # cuDNN needs its libraries: see docs
-  dense_attn = impl == "dense"
-  qk = nh * (dn + dr)
-  mla = {                                                        # name -> (elements per token, bytes each)
-      "rmsnorm": (H + rq + C, c),                                # the three RMSNorm outputs (input, q_a, kv_a)
-      "q_a": (rq, c),                                            # q_a_proj output
-      "kv_a": (C + dr, c),                                       # kv_a_proj_with_mqa output
-      "mla_up": (qk + nh * (dn + dv), c),                        # q_b_proj and kv_b_proj outputs
-      "qkv": (2 * qk + nh * dv, c),                              # attention inputs q, k (rope + broadcast), v
-      # dense: the [heads, T] probabilities per token; blockwise: the logsumexp per head (float32)
-      "attn_probs": (nh * T, c) if dense_attn else (nh, 4),
-      "attn_out": (nh * dv, c),                                  # attention output (o_proj input)
-      "attn_o": (H, c),                                          # o_proj output
-  }
-  # The dense path's float32 scores and masked scores exist while the layer runs (forward or recompute).
-  attn_work = 2 * nh * T * 4 if dense_attn else 2 * nh * min(T, cfg.attention_block) * 4
-  residual = (2 * H * c) + attn_work                             # the residual stream and the second norm
-
-  def ffn(inter):                                                # SwiGLU: gate, up, silu(gate) * up, out
-    return {"mlp_gate": (inter, c), "mlp_up": (inter, c), "mlp_act": (inter, c), "mlp_out": (H, c)}
-
-  def per_token(terms, saved):
-    return sum(e * b for name, (e, b) in terms.items() if not saved or keep(name))
-
-  # --- routed experts (bytes per device per MoE layer) ----------------------------------------------
-  k, E, I = cfg.num_experts_per_tok, cfg.n_routed_experts, cfg.moe_intermediate_size
-  routed_saved = routed_all = 0
-  dispatch = {}
-  if cfg.num_moe_layers:
-    if expert > 1:
-      b = ep_lib.buffer_rows(cfg, n, expert, "dense" if platform == "cpu" else "ragged")
-      m, e_local = b["expand"], E // expert                      # grouped-GEMM rows on this device
-      # dispatch: the send and receive buffers of hidden rows, the combined rows coming back (f32)
-      dispatch = dict(send_rows=b["send"], recv_rows=b["recv"], expand_rows=m)
-      transport = (b["send"] + b["recv"]) * H * c + (b["recv"] + n) * H * 4
-    else:
-      # Without expert parallelism the routed experts sort the whole micro-batch's assignments (a sort the
-      # SPMD partitioner cannot split over 'data'), so every device runs all data * n tokens' rows.
-      m, e_local = data * n * k, E
-      dispatch = dict(expand_rows=m)
-      transport = data * n * H * 4                               # the scatter-added float32 output
-    gemm = {"expert_x": (m * H, c),                              # rows gathered into expert order
-            "expert_gate": (m * I, c), "expert_up": (m * I, c),  # grouped-GEMM outputs (named for remat)
-            "expert_act": (m * I, c),                            # silu(gate) * up, the down GEMM's input
-            "expert_out": (m * H, c)}                            # down GEMM output
-    if platform == "cpu" and cfg.grouped_gemm in ("auto", "tiled") and cfg.precision != "fp8":
-      bm = tiled_gemm.default_block_m(m, e_local)
-      tiles = tiled_gemm.num_tiles(m, e_local, bm)
-      # dsv3.tiled_gemm: row tiles of the GEMM inputs and each tile's gathered expert weight, per GEMM
-      gemm["tiles"] = (tiles * bm * (H + I) + 3 * tiles * H * I, c)
-    elif platform != "cpu" and cfg.grouped_gemm == "ragged_dot" and cfg.precision != "fp8":
-      # XLA:GPU expands ragged_dot into a dense dot per expert over all rows: f32 [experts, rows, width]
-      # intermediates (GPU_AOT.md). In a layer's backward three of the widest are live at once under
-      # nn.scan, four unrolled (read off XLA:GPU's buffer assignment, jax 0.12, configs/small.py).
-      gemm["ragged_dense"] = ((3 if scanned else 4) * e_local * m * max(H, I), 4)
-    elif cfg.grouped_gemm == "scan":
-      # dsv3.tiled_gemm.scan_ragged_dot: one tile at a time; padded copies of its input and output gradient
-      gemm["scan_pad"] = (2 * m * max(H, I), c)
-    routed_all = sum(e * b for e, b in gemm.values()) + transport
-    routed_saved = sum(e * b for name, (e, b) in gemm.items() if keep(name)) if policy != "full" else 0
-  router = {"router_logits": (E, 4), "scores": (E, 4),          # float32 router logits and sigmoid scores
-            "moe_out": (H, c)}                                   # the MoE output (routed + shared)
-  shared = ffn(cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else {}
-
-  def layer(moe: bool, saved: bool) -> float:
-    """Bytes of one layer's activations: all of them (saved=False) or those the remat policy keeps."""
-    terms = dict(mla, **(dict(router, **{"shared_" + a: b for a, b in shared.items()}) if moe
-                         else ffn(cfg.intermediate_size)))
-    if saved:
-      tok = H * c + (0 if policy == "full" else per_token(
-          {a: b for a, b in terms.items() if not a.startswith("shared_")}, True)
-          + sum(e * b for a, (e, b) in shared.items() if keep(a)))
-      return n * tok + (routed_saved if moe else 0)
-    tok = per_token(terms, False) + residual
-    return n * tok + (routed_all if moe else 0)
-
-  dense_layers, moe_layers = cfg.num_dense_layers, cfg.num_moe_layers
-  if isinstance(layers, tuple):                                  # (dense, MoE) layers of a pipeline stage
-    dense_layers, moe_layers = layers
-  elif layers is not None:                                       # a count, dense layers first
-    dense_layers, moe_layers = min(layers, dense_layers), max(0, layers - dense_layers)
-  depths = cfg.num_nextn_predict_layers if mtp else 0
-  moe_mtp = cfg.num_moe_layers > 0
-  saved_layers = (dense_layers * layer(False, True) + moe_layers * layer(True, True)
-                  + depths * layer(moe_mtp, True))               # residuals kept for backward, every layer
-  layer_working = max([layer(False, False)] * bool(dense_layers) + [layer(True, False)] * bool(moe_layers)
-                      + [layer(moe_mtp, False)] * bool(depths) + [0])
-  heads = (1 + depths) if head else 0
-  logits = heads * n * V * 4                                     # float32 logits of every head
-  head_working = (n * V * 4 + n * H * c) if head else 0          # one head's logits gradient and its input
-  # The logits live from the head's forward (or its recomputation: a pipeline stage checkpoints the head
-  # under any remat policy) through the head's backward, which comes before every layer's backward.
-  kept_logits = logits if (inflight > 1 and policy == "none") else 0
-  saved = (saved_layers + kept_logits) * inflight
-  working = max(layer_working, logits + head_working - kept_logits)
-  return dict(tokens_per_microbatch=n, remat=policy, attention=impl, inflight_microbatches=inflight,
-              saved_residual_bytes=int(saved_layers), logits_bytes=int(logits),
-              layer_working_bytes=int(layer_working), head_working_bytes=int(head_working),
-              moe_rows=dispatch, activation_bytes=int(saved + working))
-
-
-_KEEP = frozenset(KEEP) | {"moe_out"}    # what remat='paper' saves (dsv3.layers.KEEP)
-
-
-# ---------------------------------------------------------------------------------------------------
-# The plan.
-# ---------------------------------------------------------------------------------------------------
-def step_memory(cfg: ModelConfig, batch: int, seq_len: int, data: int, expert: int, pipeline: int = 1,
-                schedule: str = "none", microbatches: int = 1, grad_accum: int = 1,
-                moments_dtype: str = "float32", platform: str = "gpu") -> dict:
-  """Peak bytes per device of one training step as the trainer lays it out: memory_plan's state
-  (parameters, gradients, ZeRO-1 optimizer) plus activation_plan's activations and temporaries.
-
-  Pipelined, every rank is planned and the worst one reported: it holds its stages' parameters and optimizer
-  shards (the trainer's stage-sharded state, dsv3.pipeline.rank_state), each stage copy's accumulator and
-  per-device parameter copy (which stand in for the params during the step), and the residuals of its
-  in-flight micro-batches (the schedule's simulated peak for that rank; each holds one stage's). Returns memory_plan's keys plus: state_bytes (parameters + optimizer), grad_bytes
-  (gradients or accumulators), copies_bytes, grad_accum_bytes (the accumulator of grad_accum > 1), the
-  activation_plan terms under 'activations', and total_with_activations_bytes (the estimated peak).
-  """
-  if pipeline > 1:
-    rows = batch // microbatches // (data * expert)
-    split = rows > 0 and (batch // microbatches) % (data * expert) == 0
-    out = memory_plan(cfg, data, expert, pipeline, schedule, moments_dtype, copies=split and data * expert > 1)
-    num_stages = out["pipeline_stages"]
-    inflight = _pipeline_inflight(schedule, pipeline, microbatches)
-    totals = []
-    split_layers = _stage_layers(cfg.num_hidden_layers, num_stages)
-    for r, stages in enumerate(out["per_rank_stages"]):
-      mem = out["per_rank"][r]
-      # A micro-batch in flight holds one stage's residuals: the rank's worst stage's.
-      kinds = lambda s: (sum(l < cfg.num_dense_layers for l in split_layers[s]),
-                         sum(l >= cfg.num_dense_layers for l in split_layers[s]))
-      act = max((activation_plan(cfg, max(rows, 1), seq_len, data, expert, layers=kinds(s),
-                                 mtp=s == num_stages - 1, head=s == num_stages - 1, platform=platform,
-                                 inflight=inflight[r], scanned=False) for s in stages),
-                key=lambda a: a["activation_bytes"])
-      params = sum(mem["params"].values())
-      state = params + sum(mem["optimizer"].values())
-      grads, copies = sum(mem["grads"].values()), sum(mem["copies"].values())
-      # The step takes the params into its copies (executor.run(donate=True)): not held twice.
-      step = state - (params if copies else 0) + grads + copies + act["activation_bytes"]
-      totals.append((max(step, state + copies), r, state, grads, copies, act))
-    total, r, state, grads, copies, act = max(totals, key=lambda t: t[0])
-    stages = out["per_rank_stages"][r]
-    out = dict(out, rank=r, rank_stages=stages, rank_layers=_rank_layers(cfg, num_stages, stages), **out["per_rank"][r])
-    return dict(out, state_bytes=int(state), grad_bytes=int(grads), copies_bytes=int(copies), grad_accum_bytes=0,
-                activations=act, activation_bytes=act["activation_bytes"], total_with_activations_bytes=int(total),
-                per_rank_peak_bytes=[int(t[0]) for t in totals])
-  out = memory_plan(cfg, data, expert, pipeline, schedule, moments_dtype)
-  state = sum(out["params"].values()) + sum(out["optimizer"].values())
-  grads = sum(out["grads"].values())
-  accum = grads if grad_accum > 1 else 0                         # the micro-batch sum next to one micro-batch's
-  rows = batch // (data * expert) // grad_accum
-  act = activation_plan(cfg, rows, seq_len, data, expert, platform=platform)
-  total = state + grads + accum + act["activation_bytes"]
-  return dict(out, state_bytes=int(state), grad_bytes=int(grads), copies_bytes=0, grad_accum_bytes=int(accum),
-              activations=act, activation_bytes=act["activation_bytes"], total_with_activations_bytes=int(total))
-
 
 def _get(config, name, default):
   try:
@@ -551,17 +170,13 @@ def _get(config, name, default):
   return default if value is None else value
 
 
-def _is_int(v) -> bool:
-  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
 def _positive(tc, path: str, default):
   """tc's `path` (dotted) or `default` when absent; ConfigError naming config.<path> unless an integer >= 1."""
   node = tc
   for part in path.split("."):
     node = _get(node, part, None)
   value = default if node is None else node
-  if not _is_int(value) or value < 1:
+  if not memory.is_count(value):
     raise ConfigError(f"config.{path}: must be a positive integer, got {value!r}; set --config.{path}")
   return int(value)
 
@@ -596,7 +211,7 @@ def plan(train_config, platform: str = "gpu", fb_hidden: float = 1.0) -> dict:
              flops_per_step=(main_flops + mtp_flops) * batch * seq_len, precision=cfg.precision,
              param_dtype=cfg.param_dtype, adam_moments_dtype=moments,
              mesh=dict(data=data, expert=expert, pipeline=pipeline), pipeline_schedule=schedule,
-             memory_per_device=step_memory(cfg, batch, seq_len, data, expert, pipeline, schedule, microbatches, accum,
+             memory_per_device=memory.step_memory(cfg, batch, seq_len, data, expert, pipeline, schedule, microbatches, accum,
                                            moments, platform),
              kv_comparison=kv_comparison(cfg),
              pipeline_time=pipeline_time(schedule, pipeline, microbatches, fb_hidden))

@@ -14,7 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dsv3 import layout, losses, model, sharding
 from dsv3.config import ModelConfig
-from dsv3.pipeline import executor, stages
+from dsv3.pipeline import executor, per_device, stages
 
 BASE = dict(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, first_k_dense_replace=1,
             num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
@@ -209,7 +209,7 @@ def test_residuals_leave_out_the_parameters(model4_remat):
   part = plan.layout.restrict(per_layer, 1)
   mesh = plan.meshes[1]
   p, rt = stages.stage_variables(part["params"], part["routing"], plan.specs[1])
-  devices = stages.Devices.of(mesh, BATCH // 4)
+  devices = per_device.Devices.of(mesh, BATCH // 4)
   p = devices.copies(jax.device_put(p, sharding.param_shardings(mesh, p)))
   x = jax.device_put(jnp.zeros((BATCH // 4, SEQ, cfg.hidden_size)), NamedSharding(mesh, P(("data", "expert"))))
   coefs = jnp.asarray([MTP_WEIGHT, ALPHA, 0.25], jnp.float32)
@@ -241,7 +241,7 @@ def test_fused_fb_with_input_only_backward(model4):
   per_layer = {k: layout.unstack(cfg, jax.tree.map(np.asarray, variables[k])) for k in ("params", "routing")}
   part = plan.layout.restrict(per_layer, 1)
   mesh, spec = plan.meshes[1], plan.specs[1]
-  devices = stages.Devices.of(mesh, BATCH // 4)
+  devices = per_device.Devices.of(mesh, BATCH // 4)
   p, rt = stages.stage_variables(part["params"], part["routing"], spec)
   p = devices.copies(jax.device_put(p, sharding.param_shardings(mesh, p)))
   rows = NamedSharding(mesh, P(("data", "expert")))

@@ -10,7 +10,7 @@ import time
 import ml_collections
 import pytest
 
-from dsv3 import cli, plan
+from dsv3 import abstract_model, cli, memory, plan
 from dsv3.config import ModelConfig
 from dsv3.train_config import model_config_dict
 
@@ -90,8 +90,8 @@ def test_cli_overrides_reach_the_model():
 
 
 def test_671b_abstract_build_is_fast():
-  plan.abstract_variables.cache_clear()
-  plan.leaves.cache_clear()
+  abstract_model.abstract_variables.cache_clear()
+  abstract_model.leaves.cache_clear()
   start = time.perf_counter()
   p = plan.plan(_load_config())
   assert time.perf_counter() - start < 60
@@ -215,14 +215,14 @@ def test_pipeline_stages():
   assert v["pipeline_stages"] == 8 and len(v["rank_stages"]) == 2
   # Every stage once in both; 1F1B's last rank also holds the embedding (the MTP modules embed), DualPipeV
   # holds it on rank 0 with stage 0.
-  embed = plan.memory_plan(cfg, 1, 1, 1)["per_rank"][0]["params"]["float32"] - sum(
-      l.total * 4 for l in plan.leaves(cfg) if l.group != "embed")
+  embed = memory.memory_plan(cfg, 1, 1, 1)["per_rank"][0]["params"]["float32"] - sum(
+      l.total * 4 for l in abstract_model.leaves(cfg) if l.group != "embed")
   held = lambda m: sum(sum(r["params"].values()) + sum(r["optimizer"].values()) for r in m["per_rank"])
-  four_m = plan.memory_plan(cfg, 1, 1, 4, "1f1b")
-  assert held(four_m) - held(plan.memory_plan(cfg, 1, 1, 4, "dualpipev")) == 3 * embed   # params + 2 moments
+  four_m = memory.memory_plan(cfg, 1, 1, 4, "1f1b")
+  assert held(four_m) - held(memory.memory_plan(cfg, 1, 1, 4, "dualpipev")) == 3 * embed   # params + 2 moments
   # Per stage copy, the accumulator and the per-device parameter copy are shaped like the stage's trainable
   # params (all but the routing biases: E float32 per MoE layer).
   for r, stages in zip(four_m["per_rank"], four_m["per_rank_stages"]):
-    moe = sum(l >= cfg.first_k_dense_replace for l in plan._rank_layers(cfg, 4, stages))
+    moe = sum(l >= cfg.first_k_dense_replace for l in memory.rank_layers(cfg, 4, stages))
     moe += cfg.num_nextn_predict_layers if 3 in stages else 0                   # the MTP modules' MoE layers
     assert r["grads"] == r["copies"] == {"float32": r["params"]["float32"] - 4 * cfg.n_routed_experts * moe}

@@ -1,8 +1,12 @@
 """Pipeline schedules: notation, DualPipe's exact order, validation, and the paper's bubble table."""
+import os
+import subprocess
+import sys
+
 import pytest
 
-from dsv3.pipeline import schedules
-from dsv3.pipeline.schedules import Op
+from dsv3.pipeline import schedules, timeline
+from dsv3.pipeline.ops import Op, parse_op
 
 GENERATORS = {  # name -> (generator(P, chunks), number of stages PP for the paper's formula)
     "1f1b": (schedules.one_f_one_b, lambda p: p),
@@ -21,10 +25,10 @@ def test_op_rendering_and_parsing():
   assert str(unit) == "F0:3&B1:1"
   assert (unit.kind, unit.forward.microbatch, unit.backward.phase) == ("FB", 3, 1)
   for text in ("F0:3", "B1:2", "B1:2*", "W", "F0:3&B1:1", "F1:12&B0:7*"):
-    assert str(schedules.parse_op(text)) == text
+    assert str(parse_op(text)) == text
   assert Op.f(0, 3) == "F0:3" and Op.b(0, 3) != Op.b(0, 3, True)
   with pytest.raises(ValueError, match="cannot parse"):
-    schedules.parse_op("F0:3*")
+    parse_op("F0:3*")
 
 
 # Hand-derived from the DualPipe order in ../shared/DESIGN.md for P=4 (H=2), num_chunks=8 (C=4). Rank 0 (h=0): 2(H-h-1)=2 F0; 1x[F0,F1];
@@ -203,22 +207,22 @@ def test_peak_activations(pp):
 def test_timelines_follow_schedule_order_and_comm_costs():
   sched = schedules.dualpipe(4, 12)
   res = schedules.simulate(sched, comm=0.25)
-  for ops, timeline in zip(sched, res.timelines):
-    assert [op for _, _, op in timeline] == list(ops)
-    assert all(e0 <= s1 for (_, e0, _), (s1, _, _) in zip(timeline, timeline[1:]))
+  for ops, line in zip(sched, res.timelines):
+    assert [op for _, _, op in line] == list(ops)
+    assert all(e0 <= s1 for (_, e0, _), (s1, _, _) in zip(line, line[1:]))
   # GPipe's makespan is the textbook M(F+B) + (P-1)(F+B+2*comm).
   res = schedules.simulate(schedules.gpipe(4, 6), F=1.0, B=2.0, W=1.0, comm=0.5)
   assert res.makespan == pytest.approx(6 * 3 + 3 * (3 + 1.0))
 
 
-def test_timeline_png_and_cli(tmp_path, capsys):
-  from dsv3.pipeline import timeline
+def test_timeline_png_and_cli(tmp_path):
   res = schedules.simulate(schedules.dualpipe(4, 10), F=1.0, B=2.0, W=1.0, FB=2.5)
   path = timeline.plot_timeline(res, str(tmp_path / "dualpipe.png"), title="DualPipe 4x10")
   data = open(path, "rb").read()
   assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
   timeline.plot_timeline(schedules.simulate(schedules.dualpipev(2, 5)), str(tmp_path / "v.png"))
   assert (tmp_path / "v.png").stat().st_size > 0
-  schedules.main(["--ranks", "4", "--chunks", "8", "--png", str(tmp_path / "cli.png")])
-  out = capsys.readouterr().out
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, "-m", "dsv3.pipeline.schedules", "--ranks", "4", "--chunks", "8", "--png",
+                        str(tmp_path / "cli.png")], cwd=root, capture_output=True, text=True, check=True).stdout
   assert "dualpipev" in out and "1f1b" in out and (tmp_path / "cli.png").stat().st_size > 0

@@ -1,43 +1,11 @@
-"""The pipeline executor: explicit per-stage programs on sub-meshes, driven by a schedule from Python.
+"""The pipeline executor: per-stage programs on sub-meshes, driven from Python in a schedule's order.
 
-The executor runs on a ('pipeline', 'data', 'expert') mesh; slice r of its 'pipeline' axis is rank r's
-sub-mesh. The model is cut into stages (dsv3.pipeline.stages); every stage's forward F, full backward B,
-input-only backward B* and deferred weight-gradient W are jitted programs, compiled once per stage shape
-and sub-mesh. Inside a stage, micro-batch rows are split over the sub-mesh's ('data', 'expert') axes and,
-when 'expert' > 1, the routed experts over 'expert' with the all-to-all dispatch of
-dsv3.expert_parallel: PP x DP x EP as in the report. Which rank holds which stage is the schedule's
-placement:
-  gpipe / 1f1b / zb1p   P stages, stage r on rank r;
-  dualpipe              P stages in two directions, each fed half of the batch: rank r holds stage r of
-                        direction 0 and stage P-1-r of direction 1 (two copies of the same parameters,
-                        whose gradients are summed), so the embedding and the head/MTP stages share ranks;
-  dualpipev             2P stages in a V: rank r holds stages r and 2P-1-r.
-
-Why a Python driver and not one big SPMD program: the schedules interleave different stages' forward and
-backward cells in orders (zero-bubble W cells, overlapped F&B pairs) that a single traced program cannot
-express without serialising them; separate programs plus JAX's asynchronous dispatch let each sub-mesh
-run its own op stream while the host only enqueues work. The driver walks all ranks' op lists in the
-order of their simulated start times (schedules.simulate), which respects every cross-rank dependency,
-dispatches each op as soon as it is reached, and ships activations and gradients to the consumer's
-sub-mesh right after they are produced, so transfers overlap compute. An F&B unit is one program
-(stages.forward_backward) whose forward and backward chunks share no data, so that on a GPU the compiler
-overlaps one chunk's expert all-to-all with the other's GEMMs (dsv3.overlap measures it).
-
-Several processes (multi-host): every process runs this same driver over the same global order. It
-dispatches the programs of the ranks it holds devices of and skips the others; a transfer between ranks
-in different processes is a small collective program (a ppermute, see dsv3.pipeline.transfers) that both sides call
-at the same point of the order.
-
-Variables are per rank (dsv3.pipeline.rank_state): rank r's tree holds the units of its stages only. At
-the start of a step a rank makes per-device copies of its stages' parameters (stages.Devices), so every
-backward adds each device's gradients into its own copy with no communication. At the end each rank sums
-the copies into ZeRO-1 shards (the step's one reduction over its devices); a unit held by several ranks is
-summed among its holders only; the scalars (losses, the squared gradient norm) are summed over 'pipeline'.
-
-`pipeline_value_and_grad` returns exactly what jax.value_and_grad of losses.objective over
-model.forward_train returns for the whole batch (all three loss terms are means over equal
-micro-batches), the gradients summed over micro-batches and stage copies in the params tree, and the
-per-expert loads summed over every micro-batch (the tree of variables['routing']).
+Runs on a ('pipeline', 'data', 'expert') mesh, slice r being rank r's sub-mesh (PP x DP x EP); the schedule's
+placement says which stages each rank holds. A Python driver rather than one SPMD program, because the
+schedules interleave different stages' cells (zero-bubble W, overlapped F&B) in orders one traced program
+cannot express without serialising them; JAX's asynchronous dispatch lets every sub-mesh run its own stream.
+`pipeline_value_and_grad` returns exactly what jax.value_and_grad of the unpipelined objective returns.
+README.md, "Pipeline stages and the executor", gives the design (order, multi-host transfers, reduction).
 """
 from __future__ import annotations
 
@@ -51,11 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dsv3 import hf_config, layout, sharding, steps as steps_lib
+from dsv3 import hf_config, layout, sharding
 from dsv3.config import ModelConfig
 from dsv3.expert_parallel import ExpertParallel
 from dsv3.layers import compute_dtype
-from dsv3.pipeline import rank_state, schedules, stages
+from dsv3.pipeline import per_device, rank_state, reduction, schedules, stages
 from dsv3.pipeline.transfers import Transfers
 
 
@@ -126,7 +94,7 @@ class Plan:
       raise ValueError(f"process {jax.process_index()} holds no device of the pipeline mesh; every process "
                        f"must take part in at least one pipeline rank")
     self.microbatches = microbatches
-    self.directions = 2 if schedule == "dualpipe" else 1
+    self.directions = len({d for phases in self.schedule.placement for d, _ in phases})
     self.per_direction = microbatches // self.directions
     # (direction, stage) -> rank; a stage copy is identified by its (direction, stage).
     self.owner = {ds: r for r, phases in enumerate(self.schedule.placement) for ds in phases}
@@ -158,21 +126,13 @@ def _host_tokens(tokens) -> np.ndarray:
 
 def run(plan: Plan, rank_variables, tokens, mtp_weight, alpha, timings: Optional[list] = None,
         donate: bool = False, fused: bool = True):
-  """Executes one step on per-rank variables: rank_variables[r] = {'params', 'routing'} of rank r's units
-  on its sub-mesh (rank_state; None where this process holds none of rank r).
+  """One step on per-rank variables (rank_variables[r] = rank r's {'params', 'routing'} on its sub-mesh, None
+  where this process holds none of it). Returns (loss, metrics, grads, loads, grad_norm): grads[r] and loads[r]
+  like rank r's params and routing, each unit summed over its holders and placed like its ZeRO-1 state.
 
-  donate: each rank's params are donated into the step's per-device copies (stages.Devices.copies_taking),
-  so a rank does not hold them twice, and rank_variables[r]['params'] is replaced by equal arrays made back
-  from the copies at the end (the trainer's step). Otherwise the params are left as they are.
-
-  Returns (loss, metrics, grads, loads, grad_norm): grads[r] and loads[r] shaped like rank r's params and
-  routing (None for ranks of other processes), each unit's summed over its holders and placed like its
-  optimizer state (ZeRO-1); loss, metrics and the whole model's gradient norm over the pipeline mesh.
-
-  timings: if a list, every op is waited for (block_until_ready) and (rank, op string, start, end) in
-  seconds is appended: serialised, for measuring per-op costs, not for speed.
-  fused: an F&B cell is one program (stages.forward_backward); False dispatches its F and B programs back
-  to back (the same numbers; the baseline that overlaps nothing).
+  donate: the params are donated into the step's per-device copies (not held twice) and replaced by equal
+  arrays at the end (the trainer's step). timings: a list to append (rank, op, start, end) to, every op
+  waited for (per-op costs, not speed). fused: False runs an F&B cell as F then B (the no-overlap baseline).
   """
   cfg, sched, move = plan.cfg, plan.schedule, plan.transfers
   tokens = _host_tokens(tokens)
@@ -185,12 +145,12 @@ def run(plan: Plan, rank_variables, tokens, mtp_weight, alpha, timings: Optional
   spec = _token_spec(plan.meshes[0], mb)       # sub-meshes are alike: one row layout for every rank
 
   # Stage copies on the ranks this process takes part in; their parameters as per-device copies where the
-  # micro-batch rows split over the sub-mesh, so gradients are reduced once per step (stages.Devices).
+  # micro-batch rows split over the sub-mesh, so gradients are reduced once per step (per_device.Devices).
   copies: Dict[tuple, dict] = {}
-  devices = {r: stages.Devices.of(plan.meshes[r], mb) for r in plan.local_ranks}
+  devices = {r: per_device.Devices.of(plan.meshes[r], mb) for r in plan.local_ranks}
   taken = {}              # rank -> the shardings of the params it gave to its copies (donate)
   for r in devices:
-    mine = stage_copies(plan, r)
+    mine = reduction.stage_copies(plan, r)
     specs = [plan.specs[s] for _, s in mine]
     params, routing = rank_variables[r]["params"], rank_variables[r].get("routing", {})
     routings = [stages.stage_variables(params, routing, spec)[1] for spec in specs]
@@ -295,163 +255,12 @@ def run(plan: Plan, rank_variables, tokens, mtp_weight, alpha, timings: Optional
       jax.block_until_ready(results)
       timings.append((r, str(op), start, time.perf_counter()))
 
-  out = _assemble(plan, rank_variables, copies)
+  out = reduction.assemble(plan, rank_variables, copies)
   for r, shardings in taken.items():
-    mine = stage_copies(plan, r)
+    mine = reduction.stage_copies(plan, r)
     rank_variables[r]["params"] = devices[r].params_from_copies(
         [copies[ds]["params"] for ds in mine], [plan.specs[s] for _, s in mine], shardings)
   return out
-
-
-# ---------------------------------------------------------------------------------------------------
-# Gathering the results: per rank, then each shared unit among its holders, then the scalars.
-# ---------------------------------------------------------------------------------------------------
-SCALARS = ("loss", "balance", "ce", "mtp_loss", "grad_sq")    # a rank's row of whole-model sums
-
-
-def _rank_sums(stage_specs, devices, shared, shardings, accs, auxes):
-  """One rank's gradients and loads by unit, summed over its micro-batches and stage copies.
-
-  Every unit comes back reduced (the per-device copies summed into their ZeRO-1 shards, the rank's one
-  reduction); `shared` units (also held by other ranks) with a leading axis of one row, for the sum among
-  their holders. Also returns the rank's row of SCALARS."""
-  grads, loads = {}, {}
-  add = lambda d, k, v: d.__setitem__(k, v if k not in d else jax.tree.map(jnp.add, d[k], v))
-  total = lambda xs: sum(xs[1:], xs[0])
-  row = dict.fromkeys(SCALARS, jnp.zeros((), jnp.float32))
-  for spec, acc, aux in zip(stage_specs, accs, auxes):
-    for unit, g in stages.stage_units(spec, acc):
-      add(grads, unit, g)
-    for name in ("loss", "balance", "ce", "mtp_loss"):
-      if aux[0].get(name) is not None:
-        row[name] = row[name] + total([a[name] for a in aux])
-    moe = [l for l, is_moe in zip(spec.layers, spec.moe) if is_moe]
-    for j, l in enumerate(moe):
-      add(loads, layout.unit_of(layout.LAYERS, layout.layer_key(l)), layout.bias_tree(total([a["loads"][j] for a in aux])))
-    for key in (aux[0].get("mtp_loads") or {}):
-      add(loads, key, jax.tree.map(lambda *xs: total(xs), *[a["mtp_loads"][key] for a in aux]))
-  # Every unit's copies summed into its ZeRO-1 shards here (the rank's one reduction); a shared unit's shards
-  # get a leading axis of one row for the sum among its holders, which then moves 1/devices of the unit.
-  reduced = {u: jax.tree.map(jax.lax.with_sharding_constraint, devices.sum_copies(g), shardings[u])
-             for u, g in grads.items()}
-  own = {u: g for u, g in reduced.items() if u not in shared}
-  shared_grads = {u: jax.tree.map(lambda x: x[None], g) for u, g in reduced.items() if u in shared}
-  row["grad_sq"] = steps_lib.sq_norm(own)
-  return (own, shared_grads, {u: l for u, l in loads.items() if u not in shared},
-          {u: jax.tree.map(lambda x: x[None], l) for u, l in loads.items() if u in shared},
-          jnp.stack([row[k] for k in SCALARS])[None])
-
-
-def _group_sum(grad_shardings, load_shardings, sq_sharding, grads, loads):
-  """Shared units' rows from all their holders ([holders * rows, ...]) summed: the gradients into their
-  ZeRO-1 shards, replicated over the holders; and the holders' squared norm, counted on the first."""
-  grads = jax.tree.map(lambda x, s: jax.lax.with_sharding_constraint(x.sum(0), s), grads, grad_shardings)
-  loads = jax.tree.map(lambda x, s: jax.lax.with_sharding_constraint(x.sum(0), s), loads, load_shardings)
-  holders = sq_sharding.mesh.shape["pipeline"]
-  sq = jnp.zeros((holders,), jnp.float32).at[0].set(steps_lib.sq_norm(grads))
-  return grads, loads, jax.lax.with_sharding_constraint(sq, sq_sharding)
-
-
-def _assemble(plan: Plan, rank_variables, copies):
-  """Per-rank gradients and loads (each unit reduced once, among its holders) and the whole-model scalars."""
-  cfg, lay = plan.cfg, plan.layout
-  zero1 = lambda r, tree: sharding.zero1_shardings(
-      plan.meshes[r], jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree))
-  own, shared, own_loads, shared_loads, rows = {}, {}, {}, {}, {}
-  for r in plan.local_ranks:
-    mine = stage_copies(plan, r)
-    program = rank_sums_program(plan, r, rank_variables[r]["params"], copies[mine[0]]["devices"])
-    own[r], shared[r], own_loads[r], shared_loads[r], rows[r] = program(
-        [copies[ds]["acc"] for ds in mine], [copies[ds]["aux"] for ds in mine])
-
-  # Shared units: one program per group of holders sums their rows (every process holding one of them runs it).
-  grads = {r: dict(own[r]) for r in plan.local_ranks}
-  loads = {r: dict(own_loads[r]) for r in plan.local_ranks}
-  pieces = {r: [] for r in plan.local_ranks}
-  groups = {}
-  for r in plan.local_ranks:
-    for u in shared[r]:
-      groups.setdefault(lay.holders(u), set()).add(u)
-    for u in shared_loads[r]:
-      groups.setdefault(lay.holders(u), set()).add(u)
-  for holders, units in sorted(groups.items()):
-    mesh, local = lay.group_mesh(holders), [r for r in holders if r in grads]
-    first = local[0]
-
-    def stacked(per_rank, u):
-      def leaf(*xs):
-        x = xs[0]
-        lead = tuple(x.sharding.spec)[0] if len(x.sharding.spec) else None
-        lead = () if lead is None else (lead if isinstance(lead, tuple) else (lead,))
-        spec = P(("pipeline", *lead), *tuple(x.sharding.spec)[1:])
-        return jax.make_array_from_single_device_arrays(
-            (len(holders) * x.shape[0], *x.shape[1:]), NamedSharding(mesh, spec),
-            [s.data for y in xs for s in y.addressable_shards])
-      return jax.tree.map(leaf, *[per_rank[r][u] for r in local])
-    g_units = sorted(u for u in units if u in shared[first])
-    l_units = sorted(u for u in units if u in shared_loads[first])
-    g_in = {u: stacked(shared, u) for u in g_units}
-    l_in = {u: stacked(shared_loads, u) for u in l_units}
-    to_group = lambda s: NamedSharding(mesh, s.spec)
-    key = ("group", holders, tuple(g_units), tuple(l_units),
-           tuple((x.shape, x.dtype) for x in jax.tree.leaves((g_in, l_in))))
-    if key not in plan._programs:
-      param = lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
-      g_out = {u: jax.tree.map(to_group, zero1(first, jax.tree.map(param, g_in[u]))) for u in g_units}
-      l_out = {u: jax.tree.map(lambda _: NamedSharding(mesh, P()), l_in[u]) for u in l_units}
-      plan._programs[key] = jax.jit(functools.partial(_group_sum, g_out, l_out, NamedSharding(mesh, P("pipeline"))))
-    g_sum, l_sum, sq = plan._programs[key](g_in, l_in)
-    for r in local:
-      grads[r].update({u: jax.tree.map(lambda x: lay.on_rank(x, r), g) for u, g in g_sum.items()})
-      loads[r].update({u: jax.tree.map(lambda x: lay.on_rank(x, r), l) for u, l in l_sum.items()})
-      pieces[r].append(lay.on_rank(sq, r))
-
-  for r in plan.local_ranks:
-    if pieces[r]:
-      rows[r] = _add_grad_sq(rows[r], pieces[r])
-  totals = _sum_over_ranks(lay.gather_rows(rows), NamedSharding(plan.mesh, P()))
-  # Each micro-batch's loss is spread over the stages (every stage's balance share, the last stage's CE
-  # and MTP); the batch value is the mean over micro-batches of the per-micro-batch sums.
-  mean = {k: totals[i] / plan.microbatches for i, k in enumerate(SCALARS)}
-  metrics = {"ce": mean["ce"]}
-  if cfg.num_nextn_predict_layers:
-    metrics["mtp_loss"] = mean["mtp_loss"]
-  if cfg.num_moe_layers:
-    metrics["balance_loss"] = mean["balance"]
-  metrics["loss"] = mean["loss"]
-  out = lambda per_rank: [layout.from_units(per_rank[r]) if r in per_rank else None for r in range(len(plan.meshes))]
-  return mean["loss"], metrics, out(grads), out(loads), jnp.sqrt(totals[SCALARS.index("grad_sq")])
-
-
-def stage_copies(plan: Plan, r: int) -> list:
-  """The (direction, stage) copies rank r runs, in the order its gradient sums take them."""
-  return sorted(ds for ds, owner in plan.owner.items() if owner == r)
-
-
-def rank_sums_program(plan: Plan, r: int, params, devices: stages.Devices):
-  """Rank r's jitted _rank_sums for its (abstract or real) per-layer `params`: (accumulators, auxes) of its
-  stage copies -> (own grads, shared rows, own loads, shared load rows, SCALARS row)."""
-  mine = stage_copies(plan, r)
-  key = ("sums", r, tuple(mine), devices, jax.tree.structure(params),
-         tuple((x.shape, x.dtype) for x in jax.tree.leaves(params)))
-  if key not in plan._programs:
-    units = layout.by_unit(params)
-    shared = tuple(sorted(u for u in units if len(plan.layout.holders(u)) > 1))
-    shardings = {u: sharding.zero1_shardings(
-        plan.meshes[r], jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)) for u, t in units.items()}
-    plan._programs[key] = jax.jit(functools.partial(
-        _rank_sums, tuple(plan.specs[s] for _, s in mine), devices, shared, shardings))
-  return plan._programs[key]
-
-
-def _add_grad_sq(row, pieces):
-  return row.at[0, SCALARS.index("grad_sq")].add(sum(p[0] for p in pieces))
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _sum_over_ranks(rows, target):
-  """[P, k] rows summed over 'pipeline', replicated over the pipeline mesh."""
-  return jax.lax.with_sharding_constraint(rows.sum(0), target)
 
 
 def evaluate(plan: Plan, rank_variables, tokens):
@@ -477,7 +286,7 @@ def evaluate(plan: Plan, rank_variables, tokens):
       y = None
       if move.mine[r]:
         mesh = plan.meshes[r]
-        devices = stages.Devices(mesh, (), plan.expert_parallel[r])
+        devices = per_device.Devices(mesh, (), plan.expert_parallel[r])
         p, rt = stages.stage_variables(rank_variables[r]["params"], rank_variables[r].get("routing", {}), spec_s)
         data = (jax.make_array_from_callback(chunk.shape, NamedSharding(mesh, spec), lambda i, t=chunk: t[i])
                 if spec_s.first or spec_s.last else None)
@@ -491,7 +300,7 @@ def evaluate(plan: Plan, rank_variables, tokens):
   for r in plan.local_ranks:      # ranks running no stage of direction 0 (DualPipe's) add nothing
     if r not in rows:
       rows[r] = _zeros_row(width_row, plan.meshes[r])
-  total = np.asarray(_sum_over_ranks(plan.layout.gather_rows(rows), NamedSharding(plan.mesh, P())))
+  total = np.asarray(reduction.sum_over_ranks(plan.layout.gather_rows(rows), NamedSharding(plan.mesh, P())))
   # Equal chunks: the batch's mean cross entropy is the mean of theirs.
   return float(total[0]) / chunks, total[1:].reshape(len(moe), cfg.n_routed_experts)
 
@@ -532,22 +341,14 @@ def get_plan(cfg: ModelConfig, schedule: str, num_stages: int, microbatches: int
 def pipeline_value_and_grad(cfg: ModelConfig, variables, tokens, *, schedule: str, num_stages: int,
                             microbatches: int, mtp_weight, alpha, devices=None, timings=None,
                             compiler_options=None, transfer: str = "auto", fused: bool = True):
-  """Pipelined equivalent of value_and_grad(objective(forward_train(...))) on one batch, on the model's
-  stacked variables: the reference entry point (tests, notebooks). The trainer keeps per-rank state
-  (dsv3.pipeline.pipelined) and calls `run` on it.
+  """value_and_grad(objective(forward_train(...))) on one batch, pipelined, on the model's stacked variables:
+  the reference entry point (tests, notebooks; the trainer keeps per-rank state, dsv3.pipeline.pipelined).
 
-  tokens: int32 [B, T+1] (inputs tokens[:, :-1], labels tokens[:, 1:]), the global batch as a host
-  array, cut into `microbatches` equal micro-batches (DualPipe: the first half go down direction 0, the
-  second half direction 1).
-  num_stages: the pipeline degree (mesh.pipeline), i.e. the number of ranks; DualPipeV runs 2x that many
-  model stages on them.
-  devices: None (all devices, split evenly), a device list, a Mesh with a 'pipeline' axis, or one Mesh
-  per rank. Each rank receives a copy of its stages' variables (they must be addressable here: one process).
-  timings: see `run`. compiler_options: XLA options for the stage programs (a dict), e.g.
-  {'xla_backend_optimization_level': 0} to compile faster on CPU. transfer: 'auto' (device_put within a
-  process, a collective program across processes) or 'collective' (always the collective program).
-  fused: see `run`.
-  Returns (loss, metrics, grads like variables['params'], loads like variables['routing']) as host arrays.
+  tokens: int32 [B, T+1], the global batch on the host, cut into `microbatches` (DualPipe: the first half go
+  down direction 0). num_stages: the pipeline degree (ranks; DualPipeV runs 2x that many stages). devices:
+  None, a device list, a Mesh with a 'pipeline' axis or one Mesh per rank (addressable: one process).
+  compiler_options: XLA options for the stage programs; transfer: 'auto' or 'collective'; timings, fused:
+  see `run`. Returns (loss, metrics, grads like params, loads like routing) as host arrays.
   """
   plan = get_plan(hf_config.as_model_config(cfg), schedule, num_stages, microbatches, devices, compiler_options,
                   transfer)

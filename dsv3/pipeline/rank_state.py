@@ -1,17 +1,10 @@
 """Where a pipelined run's state lives: each rank holds only the units of the stages it runs.
 
-Representation: per-rank state trees (MPMD, as JaxPP keeps them) in the per-layer form of dsv3.layout,
-each on its rank's ('data', 'expert') sub-mesh. Not layers stacked [stages, ...] and sharded over
-'pipeline' (MaxText): DualPipe runs every stage on two ranks and the embedding on the first and the last,
-which one sharded axis cannot place, and stacking needs equal stages and pads the dense layers. Per-rank
-trees hold exactly what a rank runs, and the per-stage programs take them as they are.
-
-A unit is one layer ('layers/007') or one top-level module ('embed_tokens', 'norm', 'lm_head', 'mtp_0');
-its holders are the ranks that run a stage needing it (`needs`). Every holder keeps its own copy of the
-unit's parameters and optimizer state (DualPipe's 2x parameters) and applies the same update, from a
-gradient reduced only among the holders. `view` shows the state with each unit once, as one array over
-its holders' devices (no copy): that is what checkpoints, the EMA and exports see, and it does not depend
-on the schedule or the pipeline degree.
+Per-rank trees (MPMD, as JaxPP keeps them) in dsv3.layout's per-layer form, each on its rank's sub-mesh, not
+layers stacked [stages, ...] over 'pipeline': DualPipe runs every stage on two ranks and the embedding on
+the first and last, which one sharded axis cannot place. A unit is one layer or one top-level module; every
+holder keeps its own copy and applies the same update from a gradient reduced among the holders. `view`
+shows each unit once (checkpoints, EMA, exports), independent of the schedule and pipeline degree.
 """
 from __future__ import annotations
 

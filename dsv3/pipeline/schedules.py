@@ -1,124 +1,22 @@
 """Pipeline schedules: per-rank op lists for GPipe, 1F1B, ZB1P, DualPipe and DualPipeV.
 
-A schedule says, for every pipeline rank, the order in which it runs forward and backward cells of
-micro-batches. Ops use the notation of README.md ("Pipeline op notation"):
-  F0:3        forward of micro-batch 3 of phase 0
-  B1:2        full backward (input and weight gradients)
-  B1:2*       backward for inputs only; its weight-gradient work is deferred (zero-bubble style)
-  W           runs the oldest deferred weight-gradient work of this rank
-  F0:3&B1:1   a forward and a backward issued as one overlapped unit
-The phase is rank-local: phase 0 is the direction whose micro-batches reach the rank first. Which model
-stage a (rank, phase) pair holds is the schedule's `placement`:
-  GPipe / 1F1B / ZB1P   P ranks, one direction, rank r holds stage r (phase 0 only).
-  DualPipe              P ranks (even), two directions of num_chunks/2 micro-batches each; direction 0
-                        enters at rank 0 (stage r on rank r), direction 1 at rank P-1 (stage P-1-r on
-                        rank r). Each rank holds two stages, i.e. twice the parameters of 1F1B.
-  DualPipeV             N ranks, one direction through 2N stages in a V: rank r holds stage r (phase 0,
-                        going down) and stage 2N-1-r (phase 1, coming back); micro-batches turn on the
-                        last rank. 2N stages on N devices: each device holds two stages' parameters.
-
-`validate` checks a schedule (each F/B once, in order, W balanced, no deadlock) and `simulate` times it
-with per-cell costs (see dsv3.pipeline.simulate for the cost model and the bubble definition), e.g.
+The one owner of the schedule names (NAMES) and of stage placement (which rank runs which stages), and the
+checks (`validate`) and timing (`simulate`) of a schedule; the notation is dsv3.pipeline.ops's. As a command,
   python -m dsv3.pipeline.schedules --ranks 8 --chunks 20 --png dualpipe.png
 prints Table 2 of the DeepSeek-V3 report, measured next to the paper's formulas.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import re
-from typing import Iterable, List, Optional, Sequence
+from typing import List, Optional
+
+from absl import app, flags
 
 from dsv3.pipeline import simulate as _engine
+from dsv3.pipeline.ops import Op, Schedule, parse_op
 from dsv3.pipeline.simulate import SimResult
 
-__all__ = ["Op", "Schedule", "parse_op", "make", "gpipe", "one_f_one_b", "zb1p", "dualpipe", "dualpipev",
-           "validate", "simulate", "paper_bubble", "bubble_table", "SimResult"]
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Op:
-  """One pipeline op. `str(op)` is its notation (README.md), and an Op compares equal to that string."""
-  kind: str                          # 'F', 'B', 'W' or 'FB' (an overlapped forward & backward unit)
-  phase: int = 0                     # F, B: rank-local phase (direction) 0 or 1
-  microbatch: int = 0                # F, B: micro-batch index within its direction
-  input_only: bool = False           # B: weight-gradient work deferred to a later W (B*)
-  forward: Optional["Op"] = None     # FB: the forward half
-  backward: Optional["Op"] = None    # FB: the backward half
-
-  @classmethod
-  def f(cls, phase: int, microbatch: int) -> "Op":
-    return cls("F", phase, microbatch)
-
-  @classmethod
-  def b(cls, phase: int, microbatch: int, input_only: bool = False) -> "Op":
-    return cls("B", phase, microbatch, input_only)
-
-  @classmethod
-  def w(cls) -> "Op":
-    return cls("W")
-
-  @classmethod
-  def fb(cls, forward: "Op", backward: "Op") -> "Op":
-    return cls("FB", forward=forward, backward=backward)
-
-  def __str__(self) -> str:
-    if self.kind == "F":
-      return f"F{self.phase}:{self.microbatch}"
-    if self.kind == "B":
-      return f"B{self.phase}:{self.microbatch}" + ("*" if self.input_only else "")
-    if self.kind == "W":
-      return "W"
-    return f"{self.forward}&{self.backward}"
-
-  __repr__ = __str__
-
-  def __eq__(self, other) -> bool:
-    if isinstance(other, (Op, str)):
-      return str(self) == str(other)
-    return False                    # an Op only equals an Op or its own notation string
-
-  def __hash__(self) -> int:
-    return hash(str(self))
-
-
-_OP_RE = re.compile(r"^([FB])([01]):(\d+)(\*?)$")
-
-
-def parse_op(text: str) -> Op:
-  """Inverse of str(Op): 'F0:3', 'B1:2', 'B1:2*', 'W' or 'F0:3&B1:1'."""
-  text = text.strip()
-  if text == "W":
-    return Op.w()
-  if "&" in text:
-    f, b = (parse_op(t) for t in text.split("&"))
-    if f.kind != "F" or b.kind != "B":
-      raise ValueError(f"overlapped unit {text!r} must be a forward then a backward")
-    return Op.fb(f, b)
-  match = _OP_RE.match(text)
-  if not match or (match[1] == "F" and match[4]):
-    raise ValueError(f"cannot parse op {text!r}; expected e.g. 'F0:3', 'B1:2', 'B1:2*', 'W', 'F0:3&B1:1'")
-  kind, phase, microbatch, star = match[1], int(match[2]), int(match[3]), bool(match[4])
-  return Op.f(phase, microbatch) if kind == "F" else Op.b(phase, microbatch, star)
-
-
-class Schedule(list):
-  """Per-rank op lists (a list of lists of Op) plus the stage placement they refer to.
-
-  placement[r][phase] = (direction, stage); every direction has `num_stages` stages and
-  `num_microbatches` micro-batches.
-  """
-
-  def __init__(self, name: str, ranks: Iterable[Sequence[Op]], placement, num_microbatches: int):
-    super().__init__(list(r) for r in ranks)
-    self.name = name
-    self.placement = [tuple(p) for p in placement]
-    self.num_microbatches = num_microbatches
-    self.num_stages = 1 + max(stage for phases in self.placement for _, stage in phases)
-
-  def strings(self) -> List[List[str]]:
-    """The op lists in notation form, one list of strings per rank."""
-    return [[str(op) for op in ops] for ops in self]
+__all__ = ["NAMES", "placement", "num_stages", "stages_held", "make", "gpipe", "one_f_one_b", "zb1p",
+           "dualpipe", "dualpipev", "validate", "simulate", "paper_bubble", "bubble_table"]
 
 
 def _check_int(name: str, value, minimum: int = 1):
@@ -314,15 +212,12 @@ def make(schedule: str, num_ranks: int, microbatches: int) -> Schedule:
 
 
 def _as_schedule(schedule) -> Schedule:
-  """Accepts a Schedule, or bare per-rank lists of Ops / notation strings.
-
-  Bare lists carry no placement, so it is inferred: one phase means a linear pipeline (stage r on rank
-  r); two phases mean DualPipe's placement.
-  """
+  """A Schedule, or bare per-rank lists of Ops / notation strings, whose placement is inferred: one phase is
+  a linear pipeline, two are DualPipe's."""
   if isinstance(schedule, Schedule):
-    ranks, placement, name = schedule, schedule.placement, schedule.name
+    ranks, where, name = schedule, schedule.placement, schedule.name
   else:
-    ranks, placement, name = schedule, None, "custom"
+    ranks, where, name = schedule, None, "custom"
   ranks = [[parse_op(op) if isinstance(op, str) else op for op in ops] for ops in ranks]
   if not ranks:
     raise ValueError("schedule has no ranks")
@@ -332,14 +227,10 @@ def _as_schedule(schedule) -> Schedule:
       for half in ((op.forward, op.backward) if op.kind == "FB" else (op,)):
         if half.kind in "FB":
           counts[half.phase] = max(counts.get(half.phase, 0), half.microbatch + 1)
-  if placement is None:
-    p = len(ranks)
-    if set(counts) <= {0}:
-      placement = _linear_placement(p)
-    else:
-      placement = [((0, r), (1, p - 1 - r)) if r < p // 2 else ((1, p - 1 - r), (0, r)) for r in range(p)]
+  if where is None:
+    where = placement("none" if set(counts) <= {0} else "dualpipe", len(ranks))
   microbatches = getattr(schedule, "num_microbatches", None) or max(counts.values(), default=0)
-  return Schedule(name, ranks, placement, microbatches)
+  return Schedule(name, ranks, where, microbatches)
 
 
 def _check_structure(sched: Schedule):
@@ -421,44 +312,51 @@ def bubble_table(num_ranks: int, num_chunks: int, F=1.0, B=2.0, W=1.0, FB=None):
   number of stages, so DualPipeV's row uses PP = 2 * num_ranks).
   """
   FB = F + B if FB is None else FB
-  runs = [("1f1b", num_ranks, one_f_one_b(num_ranks, num_chunks), "1x"),
-          ("zb1p", num_ranks, zb1p(num_ranks, num_chunks), "1x"),
-          ("dualpipe", num_ranks, dualpipe(num_ranks, num_chunks), "2x"),
-          ("dualpipev", 2 * num_ranks, dualpipev(num_ranks, num_chunks), "2x")]
+  runs = [("1f1b", one_f_one_b(num_ranks, num_chunks), "1x"), ("zb1p", zb1p(num_ranks, num_chunks), "1x"),
+          ("dualpipe", dualpipe(num_ranks, num_chunks), "2x"), ("dualpipev", dualpipev(num_ranks, num_chunks), "2x")]
   rows = []
-  for method, stages, sched, params in runs:
+  for method, sched, params in runs:
     res = simulate(sched, F=F, B=B, W=W, FB=FB)
-    rows.append((method, stages, res.bubble, paper_bubble(method, stages, F, B, W, FB), params,
+    rows.append((method, sched.num_stages, res.bubble, paper_bubble(method, sched.num_stages, F, B, W, FB), params,
                  max(res.peak_activations), res))
   return rows
 
 
-def main(argv: Optional[Sequence[str]] = None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--ranks", type=int, default=8)
-  parser.add_argument("--chunks", type=int, default=20, help="micro-batches (DualPipe: both directions)")
+def _define_flags():
+  """Flags live only in the CLI process: importing this module (config.py does) defines none."""
+  flags.DEFINE_integer("ranks", 8, "Pipeline ranks.")
+  flags.DEFINE_integer("chunks", 20, "Micro-batches (DualPipe: both directions together).")
   for name, default in (("F", 1.0), ("B", 2.0), ("W", 1.0)):
-    parser.add_argument(f"--{name}", type=float, default=default, help=f"cost of a {name} cell")
-  parser.add_argument("--FB", type=float, default=None, help="cost of an overlapped F&B unit (default F+B)")
-  parser.add_argument("--png", default=None, help="write the DualPipe timeline picture here")
-  parser.add_argument("--print-ops", action="store_true", help="print DualPipe's per-rank op lists")
-  args = parser.parse_args(argv)
-  rows = bubble_table(args.ranks, args.chunks, args.F, args.B, args.W, args.FB)
-  fb = args.F + args.B if args.FB is None else args.FB
-  print(f"ranks={args.ranks} chunks={args.chunks} F={args.F} B={args.B} W={args.W} F&B={fb}")
+    flags.DEFINE_float(name, default, f"Cost of a {name} cell.")
+  flags.DEFINE_float("FB", None, "Cost of an overlapped F&B unit (default F+B).")
+  flags.DEFINE_string("png", None, "Write the DualPipe timeline picture here.")
+  flags.DEFINE_bool("print_ops", False, "Print DualPipe's per-rank op lists.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  a = flags.FLAGS
+  try:
+    rows = bubble_table(a.ranks, a.chunks, a.F, a.B, a.W, a.FB)
+  except ValueError as e:      # e.g. an odd --ranks for DualPipe: the message names the rule
+    raise app.UsageError(f"--ranks {a.ranks} --chunks {a.chunks}: {e}") from e
+  fb = a.F + a.B if a.FB is None else a.FB
+  print(f"ranks={a.ranks} chunks={a.chunks} F={a.F} B={a.B} W={a.W} F&B={fb}")
   print(f"{'method':<10} {'PP':>3} {'bubble (sim)':>13} {'bubble (paper)':>15} {'params':>7} {'activations':>12}")
   for method, stages, measured, paper, params, acts, _ in rows:
     print(f"{method:<10} {stages:>3} {measured:>13g} {paper:>15g} {params:>7} {acts:>12}")
-  if args.print_ops:
-    for r, ops in enumerate(dualpipe(args.ranks, args.chunks).strings()):
+  if a.print_ops:
+    for r, ops in enumerate(dualpipe(a.ranks, a.chunks).strings()):
       print(f"rank {r}: " + " ".join(ops))
-  if args.png:
-    from dsv3.pipeline import timeline   # matplotlib only when a picture is asked for
-    timeline.plot_timeline(rows[2][-1], args.png,
-                           title=f"DualPipe, {args.ranks} ranks, {args.chunks} micro-batches (F={args.F}, "
-                                 f"B={args.B}, W={args.W}, F&B={fb})")
-    print(f"wrote {args.png}")
+  if a.png:
+    # Optional: matplotlib costs ~1 s to import, and every process imports this module through config.py.
+    from dsv3.pipeline import timeline  # pylint: disable=g-import-not-at-top
+    timeline.plot_timeline(rows[2][-1], a.png, title=f"DualPipe, {a.ranks} ranks, {a.chunks} micro-batches "
+                                                      f"(F={a.F}, B={a.B}, W={a.W}, F&B={fb})")
+    print(f"wrote {a.png}")
 
 
 if __name__ == "__main__":
-  main()
+  _define_flags()
+  app.run(main)

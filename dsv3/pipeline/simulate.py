@@ -1,35 +1,7 @@
-"""Timing engine for pipeline schedules: run per-rank op lists against a cell-cost model.
-
-Each rank executes its ops strictly in list order, one at a time; an op starts as soon as the rank is free
-and its inputs have arrived. This is the as-soon-as-possible execution of a fixed order, i.e. the longest
-path through the dependency graph, so the result does not depend on the order in which ranks are visited.
-
-Dependencies (micro-batch m of direction d at stage s; `comm` is added when producer and consumer sit on
-different ranks):
-  F(d, s, m)  needs F(d, s-1, m)                      (the activation from the previous stage)
-  B(d, s, m)  needs B(d, s+1, m) and F(d, s, m)       (the output gradient, and its own stored activation)
-  W           needs nothing new: it runs the oldest weight-gradient work deferred by a B* on this rank.
-An overlapped F&B unit starts when both halves are ready and delivers both results at its end.
-
-Costs: an F cell costs F; a full B cell costs B (input *and* weight gradients); a B* cell costs B - W,
-its W cell costs W, so splitting a backward never changes the total work; an F&B unit costs FB (default
-F + B, i.e. no overlap gain; an F&B* unit costs FB - W).
-
-Bubble (what Table 2 of the DeepSeek-V3 report tabulates): the time a rank spends idle inside the step,
-from time 0 (every micro-batch is available at the start) to the makespan (when the last rank finishes):
-`bubble_per_rank[r] = makespan - busy[r]`, and `SimResult.bubble` is the largest of them, because the
-step is as slow as its least-utilised rank. With uniform costs this reproduces the paper exactly
-(schedules.paper_bubble): 1F1B (PP-1)(F+B) for any F, B; ZB1P (PP-1)(F+B-2W) when W <= min(F, B-W);
-DualPipe (PP/2-1)(F&B+B-3W) and DualPipeV (the same with PP = 2*ranks stages) when F = B - W (a forward
-cell costs the same as an input-gradient cell, as in the paper's Figure 5 and the zero-bubble papers),
-W <= F and B <= F&B <= F+B. In 1F1B, ZB1P and DualPipe with F&B = F+B every rank has the same bubble;
-with F&B < F+B the middle DualPipe ranks (which overlap the most) set it. Outside F = B - W the
-DualPipe(V) schedule's critical path changes and the measured bubble departs from the closed form,
-e.g. by +(PP/2-1)(F-(B-W)) for DualPipe when F > B-W.
-
-Activations in flight on a rank are counted at op boundaries: an F adds one micro-batch's activation,
-a B or B* frees it (a B* keeps only what its deferred W needs, as in the zero-bubble paper's accounting),
-and an overlapped F&B unit trades one activation for another, so it leaves the count unchanged.
+"""Timing engine for pipeline schedules: per-rank op lists run against per-cell costs (README.md, "Pipeline
+op notation", defines the dependencies, costs, bubble and activation count). Each rank runs its ops in list
+order, each as soon as the rank is free and its inputs have arrived: the longest path through the dependency
+graph, so the result does not depend on the order in which ranks are visited.
 """
 from __future__ import annotations
 

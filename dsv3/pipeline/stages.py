@@ -1,35 +1,11 @@
-"""Pipeline stages: how the model is cut, and the compiled per-stage programs F, B, B* and W.
+"""Pipeline stages: how the model is cut, and the per-stage programs F, B, B* and W.
 
-A stage is a contiguous run of layers; stage 0 also holds the token embedding, the last stage the final
-norm, the output head, the MTP modules and the loss (the MTP modules read the embedding of the shifted
-tokens, so the last stage holds a copy of the embedding too; its gradient is added to stage 0's, which is
-what DualPipe gets for free by putting stage 0 and stage P-1 on the same rank).
-
-Inside a stage the work is a chain of *pieces* (embedding, each layer, head+loss). The forward program F
-runs `jax.vjp` piece by piece and returns the activation plus one VJP object per piece: the residuals the
-backward needs (a VJP is a pytree of arrays, so it can leave one jitted program and enter another). The
-backward then comes in three flavours, all compiled once per stage and sub-mesh:
-  B   full backward: input gradient and weight gradients (accumulated into the stage's gradient sum);
-  B*  input gradient only. It walks the pieces backwards computing only activation cotangents (XLA drops
-      the weight-gradient half of every piece as dead code) and keeps each piece's output cotangent;
-  W   the deferred weight gradients: each piece's VJP applied to its saved cotangent, keeping only the
-      parameter half. Pieces are independent here, so W neither reruns the forward nor the input chain.
-That per-piece split is the zero-bubble decomposition: B* puts the gradient on the wire after the cheap
-half of the backward, and W fills bubbles later. An F&B cell (DualPipe) is F and B (or B*) of two micro-batches
-in one program, `forward_backward`, so that one chunk's expert all-to-alls can run under the other's GEMMs. The layers are unrolled rather than scanned because the
-split needs one VJP per layer, and a pipeline stage holds only a few layers (61 layers over PP16 is 4).
-
-Gradients are reduced once per step, not once per backward. When a micro-batch's rows split over every
-device of the sub-mesh (the trainer's layouts always do), each piece runs per device (shard_map over the
-sub-mesh, check_vma=False) on the device's own rows and its own copy of the stage's parameters: every
-leaf carries a leading axis over the devices it is replicated on (`Devices.copies`). The VJP of such a piece
-gives each device's gradient in its copy, unreduced; B and W add them up in the accumulator, and the
-executor sums the copies once, at the end of the step. Otherwise (rows that do not split, e.g. one row on
-two devices) the pieces run in the global view and XLA reduces every backward's gradients.
-
-Every piece also returns a scalar share of the loss: the head the whole objective (CE + MTP + its balance
-term) and each MoE layer alpha times its sequence-wise balance statistic. Seeding all of them with 1/M
-in the backward makes the M micro-batch backwards sum to the gradient of the batch-mean loss.
+A stage is a contiguous run of layers; stage 0 also holds the embedding, the last stage the final norm, head,
+MTP modules and loss (and a copy of the embedding, which the MTP modules read). F runs `jax.vjp` piece by
+piece (embedding, each layer, head) and returns one VJP per piece; B* walks them for the input gradient only
+and W applies them later for the weight gradients: the zero-bubble split, which needs one VJP per layer, so
+the layers are unrolled. Where a stage runs (per device or globally) is dsv3.pipeline.per_device's.
+README.md, "Pipeline stages and the executor", gives the design.
 """
 from __future__ import annotations
 
@@ -40,12 +16,9 @@ from typing import Any, Callable, List, NamedTuple, Optional, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dsv3 import layout, losses, sharding
+from dsv3 import layout, losses
 from dsv3.config import ModelConfig
-from dsv3.expert_parallel import ExpertParallel
 from dsv3.layers import compute_dtype, remat_policy, rope_cos_sin
 from dsv3.model import Block, Transformer
 
@@ -112,144 +85,6 @@ def stage_units(spec: StageSpec, tree) -> List[Tuple[str, object]]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Where a stage runs: per device with parameter copies (one reduction per step), or in the global view.
-# ---------------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Devices:
-  """A stage's sub-mesh and how its pieces run there (static: hashable).
-
-  axes: the sub-mesh's axes when a micro-batch's rows split over all of its devices; then every piece runs
-  per device on parameter copies. () runs the pieces in the global view.
-  expert_parallel: the routed experts over the sub-mesh's 'expert' axis (None: all local).
-  """
-  mesh: Mesh
-  axes: Tuple[str, ...]
-  expert_parallel: Optional[ExpertParallel]
-
-  @classmethod
-  def of(cls, mesh: Mesh, rows: int) -> "Devices":
-    ep = ExpertParallel(mesh) if mesh.shape.get("expert", 1) > 1 else None
-    if mesh.size == 1 or rows % mesh.size:
-      return cls(mesh, (), ep)
-    # Every axis, size-1 ones included: an axis no spec mentions would get a (no-op) psum in the backward.
-    return cls(mesh, tuple(mesh.axis_names), dataclasses.replace(ep, manual=True) if ep else None)
-
-  def _specs(self, tree, copied: bool):
-    """Each leaf's spec on the sub-mesh; `copied` leaves carry the leading copy axis (shapes[1:] are the leaf's)."""
-    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:] if copied else a.shape, a.dtype), tree)
-    def one(spec):
-      used = set(jax.tree.leaves(tuple(spec)))
-      copy = tuple(a for a in self.axes if a not in used)
-      return P(copy or None, *spec)
-    return jax.tree.map(one, sharding.param_specs(self.mesh, shapes), is_leaf=lambda x: isinstance(x, P))
-
-  def copies(self, tree):
-    """The stage's parameters as per-device copies: each leaf broadcast over a leading axis that spans the
-    devices it is replicated on (its own split, e.g. experts over 'expert', is kept). Unchanged if axes=()."""
-    if not self.axes:
-      return tree
-    leaves, treedef = jax.tree.flatten(tree)
-    return treedef.unflatten(_broadcast_copies(tuple(leaves), self._copy_shardings(tree)))
-
-  def abstract_copies(self, tree):
-    """`copies` of a tree of ShapeDtypeStructs, with their shardings (what a dry run lowers with)."""
-    if not self.axes:
-      return tree
-    leaves, treedef = jax.tree.flatten(tree)
-    return treedef.unflatten([jax.ShapeDtypeStruct((_num_copies(sh), *a.shape), a.dtype, sharding=sh)
-                              for a, sh in zip(leaves, self._copy_shardings(tree))])
-
-  def copies_taking(self, params, specs):
-    """Per-device copies of each of `specs`' stage parameters (`copies` of stage_variables), made from a
-    rank's per-layer `params`, which are donated: during the step the copies stand in for them, so a rank
-    does not hold its parameters twice. `params_from_copies` gives them back."""
-    trees = [stage_variables(params, {}, spec)[0] for spec in specs]
-    shardings = tuple(self._copy_shardings(t) for t in trees)
-    return _copies_taking(params, tuple(specs), shardings)
-
-  def params_from_copies(self, copies, specs, shardings):
-    """The rank's per-layer params (on `shardings`) from the stage copies `copies_taking` made: each leaf
-    is its first holder's copy on the device itself (every device's copy is the same; nothing moves)."""
-    units = {}
-    for spec, tree in zip(specs, copies):
-      for unit, sub in stage_units(spec, tree):
-        units.setdefault(unit, sub)
-    target = layout.by_unit(shardings)
-    units = {u: units[u] for u in target}
-    out_specs = jax.tree.map(lambda sh: sh.spec, target)
-    leaves, treedef = jax.tree.flatten(out_specs, is_leaf=lambda x: isinstance(x, P))
-    return layout.from_units(_uncopy(self, treedef, tuple(leaves))(units))
-
-  def _copy_shardings(self, tree) -> tuple:
-    specs = jax.tree.leaves(self._specs(tree, copied=False), is_leaf=lambda x: isinstance(x, P))
-    return tuple(NamedSharding(self.mesh, sp) for sp in specs)
-
-  def sum_copies(self, tree):
-    """Gradients in the copies' layout summed over the copies: the step's one reduction."""
-    return jax.tree.map(lambda g: g.sum(0), tree) if self.axes else tree
-
-  def local(self, params):
-    """Inside `run`'s fn: the parameters as the layer sees them (a device's copy without its leading axis).
-    Pieces apply it inside their checkpointed function, so that the VJP keeps the copies themselves, which
-    `forward` then leaves out of its residuals (`ParamRef`)."""
-    return jax.tree.map(lambda a: a[0], params) if self.axes else params
-
-  def run(self, fn, params, rows, shared=()):
-    """fn(params, *rows, *shared) -> (out, stats) on every device (or once, in the global view); fn sees
-    `params` as given (per device: with the copy axis, see `local`).
-
-    rows: arrays split over the micro-batch rows (leading axis); shared: replicated. `out` is split like the
-    rows (None allowed); `stats` is a dict of per-device scalars/arrays, combined here in the global view:
-    'load' (token counts) summed over the devices, the rest (means over the device's rows) averaged.
-    """
-    if not self.axes:
-      return fn(params, *rows, *shared)
-    row_spec = P(self.axes)
-
-    def body(p, rows, shared):
-      out, stats = fn(p, *rows, *shared)
-      return out, jax.tree.map(lambda v: jnp.asarray(v)[None], stats)
-    per_device = jax.shard_map(body, mesh=self.mesh, check_vma=False,
-                               in_specs=(self._specs(params, copied=True), row_spec, P()),
-                               out_specs=(row_spec, row_spec))
-    out, stats = per_device(params, tuple(rows), tuple(shared))
-    return out, {k: jax.tree.map(lambda v: v.sum(0) if k == "load" else v.mean(0), v) for k, v in stats.items()}
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _broadcast_copies(leaves, shardings):
-  return [jax.lax.with_sharding_constraint(jnp.broadcast_to(a[None], (_num_copies(sh), *a.shape)), sh)
-          for a, sh in zip(leaves, shardings)]
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2), donate_argnums=0)
-def _copies_taking(params, specs, shardings):
-  out = []
-  for spec, sh in zip(specs, shardings):
-    leaves, treedef = jax.tree.flatten(stage_variables(params, {}, spec)[0])
-    out.append(treedef.unflatten([jax.lax.with_sharding_constraint(
-        jnp.broadcast_to(a[None], (_num_copies(s), *a.shape)), s) for a, s in zip(leaves, sh)]))
-  return out
-
-
-@functools.lru_cache(maxsize=None)
-def _uncopy(devices: "Devices", treedef, out_specs: tuple):
-  """A jitted map from copied units to the units themselves: each device keeps its own copy's block."""
-  out_specs = jax.tree.unflatten(treedef, out_specs)
-
-  def take(units):
-    body = lambda tree: jax.tree.map(lambda a: a[0], tree)
-    return jax.shard_map(body, mesh=devices.mesh, check_vma=False, in_specs=(devices._specs(units, copied=True),),
-                         out_specs=out_specs)(units)
-  return jax.jit(take)
-
-
-def _num_copies(copy_sharding: NamedSharding) -> int:
-  """The length of a copied leaf's leading axis: the devices along the axes its spec[0] names."""
-  return int(np.prod([copy_sharding.mesh.shape[ax] for ax in jax.tree.leaves(copy_sharding.spec[0])] or [1]))
-
-
-# ---------------------------------------------------------------------------------------------------
 # Pieces. Each maps (piece params, input) -> (output, loss share) with aux (metrics, load); the embedding
 # takes tokens (no input gradient) and the head returns only its loss share.
 # ---------------------------------------------------------------------------------------------------
@@ -287,13 +122,13 @@ def _layer_fn(cfg: ModelConfig, moe: bool, ep, routing, cos, sin, alpha, local=l
   return fn
 
 
-def _embed_piece(cfg: ModelConfig, devices: Devices, inputs):
+def _embed_piece(cfg: ModelConfig, devices, inputs):
   """p -> the embedded micro-batch."""
   fn = lambda p, inputs: (_embed(cfg, devices.local(p), inputs), {})
   return lambda p: devices.run(fn, p, (inputs,))[0]
 
 
-def _layer_piece(cfg: ModelConfig, moe: bool, devices: Devices, routing, cos, sin, alpha):
+def _layer_piece(cfg: ModelConfig, moe: bool, devices, routing, cos, sin, alpha):
   """(p, x) -> ((y, loss share), {'balance', 'load'} for an MoE layer)."""
   def fn(p, x, cos, sin, routing, alpha):
     (y, part), aux = _layer_fn(cfg, moe, devices.expert_parallel, routing, cos, sin, alpha, devices.local)(p, x)
@@ -306,7 +141,7 @@ def _layer_piece(cfg: ModelConfig, moe: bool, devices: Devices, routing, cos, si
   return piece
 
 
-def _head_piece(cfg: ModelConfig, devices: Devices, routing, inputs, labels, cos, sin, coefs):
+def _head_piece(cfg: ModelConfig, devices, routing, inputs, labels, cos, sin, coefs):
   """(p, x) -> (loss share, {'ce', 'mtp_loss', 'balance', 'load'})."""
   head = lambda routing, inputs, labels, cos, sin, coefs, p, x: _head(
       cfg, devices.expert_parallel, routing, inputs, labels, cos, sin, coefs, devices.local(p), x)
@@ -329,7 +164,7 @@ def _head_piece(cfg: ModelConfig, devices: Devices, routing, inputs, labels, cos
 # The stage programs. `coefs` = [mtp_weight, alpha, 1/M] (f32 [3], an argument so that changing the loss
 # weights never recompiles).
 # ---------------------------------------------------------------------------------------------------
-def forward(cfg: ModelConfig, key, params, routing, x, tokens, coefs, devices: Devices):
+def forward(cfg: ModelConfig, key, params, routing, x, tokens, coefs, devices):
   """F: returns (activation or None on the last stage, per-piece VJPs, aux).
 
   devices: where the stage runs (static): its sub-mesh, per device or in the global view, and its routed
@@ -367,7 +202,7 @@ def forward(cfg: ModelConfig, key, params, routing, x, tokens, coefs, devices: D
   return x, _without_params(vjps, params), aux
 
 
-def evaluate(cfg: ModelConfig, key, params, routing, x, tokens, coefs, devices: Devices):
+def evaluate(cfg: ModelConfig, key, params, routing, x, tokens, coefs, devices):
   """F without the residuals (evaluation): (activation or None on the last stage, aux)."""
   y, _, aux = forward(cfg, key, params, routing, x, tokens, coefs, devices)
   return y, aux
@@ -478,7 +313,7 @@ GPU_OVERLAP_OPTIONS = {"xla_gpu_enable_latency_hiding_scheduler": True,
 FORWARD_SCOPE, BACKWARD_SCOPE = "fb_forward", "fb_backward"
 
 
-def forward_backward(cfg: ModelConfig, fkey, bkey, input_only: bool, devices: Devices, params, routing, x, tokens,
+def forward_backward(cfg: ModelConfig, fkey, bkey, input_only: bool, devices, params, routing, x, tokens,
                      coefs, vjps, g, acc, b_params):
   """F&B: F of one micro-batch (`forward`'s arguments) and the backward of another (B, or B* if input_only;
   `backward`'s arguments) as ONE program. The two chunks share no data, so XLA's scheduler may run one

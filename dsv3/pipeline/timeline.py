@@ -1,11 +1,6 @@
-"""Draws a simulated pipeline schedule as a timeline, in the style of Figure 5 of the DeepSeek-V3 report.
-
-One row per rank, time to the right. Forward cells are orange, backward cells green, deferred
-weight-gradient (W) cells blue; a backward for inputs only (B*) is hatched. The two directions of
-DualPipe (for DualPipeV: the down and up legs of the V) use a dark and a light shade of each colour.
-An overlapped F&B unit is one cell split in two halves (forward on top, backward below) inside a thick
-black border, like the paper's "two cells enclosed by a shared black border". Cells carry their
-micro-batch number.
+"""Draws a simulated schedule as a timeline in the style of Figure 5 of the DeepSeek-V3 report: one row per
+rank; F orange, B green, W blue, B* hatched, a dark and a light shade per direction (DualPipeV: per leg of
+the V), an F&B unit as two half cells inside one black border.
 """
 from __future__ import annotations
 
