@@ -1,5 +1,5 @@
-"""What the benchmarks share: their command-line runner, simulated CPU devices, configs by name, the timer, random tokens, the trainer's
-step (dsv3.steps) on one device, table printing."""
+"""What the benchmarks share: their command-line runner, simulated CPU devices, configs by name, the timer,
+random tokens, the trainer's step (dsv3.steps) on one device, table printing."""
 from __future__ import annotations
 
 import importlib.util
@@ -32,7 +32,7 @@ def run(main, argv=None, user_errors: tuple = ()) -> None:
 def use_cpu_devices(count: int = 8) -> None:
   """Runs JAX on `count` simulated CPU devices (a mesh on one machine), unless the caller chose its own:
   JAX_PLATFORMS, or a device count in XLA_FLAGS or JAX_NUM_CPU_DEVICES, win. JAX reads both settings when
-  its backends start, so call this before the first JAX operation (after that, jax.config.update raises)."""
+  its backends start, so call this before the first JAX operation (a device count set later raises)."""
   if not jax.config.jax_platforms:
     jax.config.update("jax_platforms", "cpu")
   if ("xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
