@@ -215,7 +215,10 @@ def main(argv):
   if argv[1:]:
     raise cli.UsageError(f"unexpected argument(s) {argv[1:]}")
   args = common.flag_args(*FLAGS)
-  return _train_child(args) if args.train_child else run(args)
+  if args.train_child:
+    _train_child(args)
+  else:
+    run(args)                # its result is in args.out; returning it would make it absl's exit status
 
 
 def run(args):
