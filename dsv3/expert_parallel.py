@@ -2,67 +2,35 @@
 
 The model is written in the global (jit) view; only this dispatch/combine is per-device, inside
 `jax.shard_map`. Routing has already happened (globally, so the per-expert load and the balance loss
-are the same whatever the mesh). Each device holds N / (data·expert) tokens and E / expert experts,
-and runs:
+are the same whatever the mesh). Each device holds N / (data·expert) tokens and E / expert experts, and:
 
-  1. route locally: for every (token, destination shard) pair with at least one of the token's top-k
-     experts on that shard, one "unit" = the token's hidden row plus its expert ids/weights there.
-     A token is sent ONCE per shard, not once per expert: with node-limited routing (n_group equal to
-     the number of expert shards, topk_group = M) a token reaches at most M shards, so it costs at
-     most M rows of traffic each way, whatever k is — DeepSeek-V3's "each token reaches at most 4
-     nodes" bound on all-to-all traffic (report §3.2.2).
-  2. exchange the per-destination unit counts (all_gather of a [shards] vector; the ragged transport
-     needs them for its offsets, the dense one finds empty slots by their -1 expert ids),
-  3. dispatch the units to the shards that own their experts (all-to-all),
-  4. on each shard, expand units to (unit, local expert) rows, sort by expert, and run one grouped
-     GEMM over the local experts (dsv3.moe.expert_ffn, so the precision / grouped-GEMM choices apply);
-     the gate weights are applied there, so each unit returns ONE row,
-  5. combine: the reverse all-to-all, then each token sums the rows of its shards.
+  1. packs one "unit" per (token, destination shard holding one of its top-k experts): the token's row plus
+     its expert ids/weights there. A token is sent ONCE per shard, not once per expert, so with node-limited
+     routing (n_group = expert shards, topk_group = M) it costs at most M rows each way (report §3.2.2);
+  2. exchanges the per-destination unit counts (the ragged transport needs them for its offsets);
+  3. dispatches the units to the shards that own their experts (all-to-all);
+  4. on each shard, runs the (unit, local expert) rows sorted by expert through one grouped GEMM
+     (dsv3.moe.expert_ffn), gate-weighted, so each unit returns ONE row;
+  5. combines: the reverse all-to-all, then each token sums the rows of its shards.
 
-Two transports with the same results: `ragged` uses `jax.lax.ragged_all_to_all` (GPU/TPU) and sends
-only the real units; `dense` (CPU, which has no ragged all-to-all) sends every destination's fixed-size
-block, padded, with `jax.lax.all_to_all`. `impl='auto'` picks by the mesh's platform. Both are linear
-maps with JAX transpose rules, so gradients flow.
+Transports, same results: `ragged` (jax.lax.ragged_all_to_all; GPU/TPU) sends only the real units; `dense`
+(CPU has no ragged all-to-all) sends every destination's fixed-size block, padded. `impl='auto'` picks by
+the mesh's platform. Both are linear maps with JAX transpose rules, so gradients flow.
 
-Two-hop, node-aware dispatch (cfg.ep_node_size = L; DeepSeek-V3 §3.2.2). Expert-axis device d is on node
-d // L, in-node index d % L, and steps 1-3 run twice (`dispatch_plan`'s hops): hop 1 sends a token once per
-NODE it needs, to the device with the token's own in-node index there (the IB hop; on its own node, itself),
-with the token's expert ids on that node; hop 2 makes each arrived unit one unit per shard of this node it
-needs and sends those inside the node (the NVLink hop). The combine reverses both: the forwarding device
-sums the node's rows of each (token, node) before the single return over hop 1, and the token sums its
-nodes' rows. A token so crosses the node boundary once per node it needs, each way: with node-limited
-routing (n_group = the number of nodes, topk_group = M) at most M times, however many of a node's shards it
-needs. Both hops are all-to-alls over the one 'expert' axis: the ragged transport sends nothing to devices
-outside a hop's group, the dense one sends them empty blocks (CPU: correctness; `ep_traffic.dispatch_traffic` counts
-the rows each link carries). L = 0, 1 or >= mesh.expert is the flat one-hop dispatch.
+Two-hop dispatch (cfg.ep_node_size = L; README "Two-hop, node-aware dispatch"): device d is on node d // L;
+hop 1 sends a token once per NODE it needs, to the device with its own in-node index there; hop 2 forwards
+it inside the node to the shards it needs; the combine sums a node's rows before the single return. L = 0,
+1 or >= mesh.expert is the flat dispatch. cfg.ep_fp8_dispatch sends the dispatch rows as E4M3 with 1x128
+scales (straight-through backward); the combine stays in the activation dtype.
 
-FP8 dispatch (cfg.ep_fp8_dispatch; report §3.3): the token rows travel as E4M3 with an f32 scale per 1x128
-tile (H + 4·H/128 bytes a row, against 2·H in BF16) and are dequantized on the expert's device; the combine
-stays in the activation dtype. The backward moves the gradient unquantized, i.e. straight-through (the
-quantization's derivative taken as 1), as DeepSeek's BF16 backward does.
-
-Bounded buffers (`buffer_rows`). With n tokens per device, a balanced router sends n·p units from each
-device to each shard (p = `shard_hit_probability`, the chance a token needs a given shard; node-limited
-routing lowers it) and each shard expands n·k (unit, local expert) rows (every device's n·k assignments
-spread over the shards). With cfg.ep_buffer_factor = f > 0 (MaxText's ragged buffer factor) a
-(source, destination) block holds c = ceil(f·n·p) units (at most n) and the expansion ceil(f·n·k) rows,
-so the buffers stay flat as mesh.expert grows; f = 0 keeps the worst case (c = n: every token of every
-device to one shard), dropless whatever the routing. Overflow is dropped deterministically: a block keeps
-its first c units in token order, the expansion its first rows in (source, token) order; the dropped
-(token, expert) assignments are counted, summed over all devices, and so is the worst load seen
-(max over blocks and shards of load / balanced load: nothing drops while it stays <= f). Both
-transports use the same blocks (the ragged one places source s's block at s·c), so they agree exactly.
-A block stays worst-case (c = n) until f·p < 1, i.e. mesh.expert beyond about f·k; the expansion is
-bounded from f < ep·min(k, E/ep)/k on. The default f = 3.5: configs/tiny.py on mesh data=2 × expert=4
-(256 tokens per device) peaks at 3.0× balanced in its first 200 steps (while the aux-free balancer
-corrects the initial router collapse: a shard gets 3 of every token's 4 experts), ≈ 2× after that.
-Two-hop: a hop-1 block is sized from the chance a token needs a given node (shard_hit_probability with the
-nodes as shards), a hop-2 block from the nodes' n tokens each times a shard's chance; hop 2 keeps its first
-units in arrival order (source node, then token).
-
-cfg.capacity_factor > 0 additionally keeps at most ceil(cf · tokens · k / E) rows per expert of those
-it receives from its data group (in arrival order: token order for the flat dispatch, so with data=1 and
-f = 0 this is exactly `routed_experts_local`); its drops are counted with the others.
+Bounded buffers (`dispatch_plan`): with cfg.ep_buffer_factor = f > 0 (MaxText's ragged buffer factor) a
+(source, destination) block holds ceil(f · its balanced load) units and the expansion ceil(f·n·k) rows, so
+buffers stay flat as mesh.expert grows; f = 0 keeps the worst case, dropless whatever the routing. Overflow
+is dropped deterministically (a block keeps its first units in token order), counted over all devices, and
+the worst load / balanced load is reported (nothing drops while it stays <= f). The default 3.5: configs/tiny.py
+on data=2 × expert=4 peaks at 3.0× balanced in its first 200 steps, ≈ 2× after. cfg.capacity_factor > 0
+also keeps at most ceil(cf · tokens · k / E) rows per expert (moe.capacity) in arrival order, its drops
+counted too (with data=1 and f = 0 exactly `moe.routed_experts_local`).
 """
 from __future__ import annotations
 
@@ -127,7 +95,8 @@ class ExpertParallel:
 
     stats=True adds a dict: hop_units [hops] (units each hop sent to another device, all devices; with
     cfg.ep_node_size hop 0 crosses nodes, hop 1 stays inside them) and token_remote [N] (each token's
-    first-hop units to another device), what `ep_traffic.dispatch_traffic` counts from topk_idx when nothing drops."""
+    first-hop units to another device), what `dsv3.bench.ep_traffic.dispatch_traffic` counts from topk_idx
+    when nothing drops."""
     if self.manual:   # x is this device's rows, the weights its local experts
       plan = dispatch_plan(cfg, x.shape[0], self.num_shards, self.transport())
       return _shard_body(cfg, self.transport(), self.expert_axis, self.token_axes, self.num_shards, plan, stats,
@@ -287,7 +256,7 @@ def _route(transport, axis, ep, hop, sent):
 def _forward(transport, axis, ep, hop, route, v, fill):
   """One hop's all-to-all among my group: `_pack`'s [send] slots -> [recv], member j's block at j·block.
   Devices outside the group get nothing: zero sizes (ragged) or empty blocks (dense, which pads every device
-  of the axis: CPU is for correctness, the bytes are counted by `ep_traffic.dispatch_traffic`)."""
+  of the axis: CPU is for correctness, the bytes are counted by `dsv3.bench.ep_traffic.dispatch_traffic`)."""
   if transport == "ragged":
     out = jnp.full((hop["recv"],) + v.shape[1:], fill, v.dtype)
     return jax.lax.ragged_all_to_all(v, out, route["offsets"], route["sizes"], route["mine"], route["recv_sizes"],

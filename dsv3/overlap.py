@@ -204,16 +204,6 @@ def summary(text: str, expert_only: bool = True) -> dict:
               rows=[dataclasses.asdict(c) for c in rows])
 
 
-def combine(*summaries: dict) -> dict:
-  """Programs run one after the other (an unfused F&B cell: its F, then its B) as one summary."""
-  rows = [r for s in summaries for r in s["rows"]]
-  total = sum(r["bytes"] for r in rows) or 1
-  frac = lambda key: sum(s[key] * s["bytes"] for s in summaries) / total
-  return dict(count=len(rows), bytes=sum(r["bytes"] for r in rows), asynchronous=frac("asynchronous"),
-              hidden_by_other_chunk=frac("hidden_by_other_chunk"), hidden_by_any_gemm=frac("hidden_by_any_gemm"),
-              gemms=sum(s["gemms"] for s in summaries), rows=rows)
-
-
 def fb_cost(F: float, B: float, hidden: float, comm_ratio: float = 1.0) -> float:
   """An F&B cell's cost when a fraction `hidden` of each chunk's all-to-all time runs under the other chunk's
   compute (never more than that compute), F and B being the chunks' costs with nothing overlapped and

@@ -185,7 +185,7 @@ def plan(train_config, platform: str = "gpu", fb_hidden: float = 1.0) -> dict:
   """Everything above for a training config (an ml_collections ConfigDict, or a bare ModelConfig).
 
   fb_hidden: the share of an F&B cell's expert all-to-all time the other chunk hides, for `pipeline_time`
-  (1: DualPipe's design point; python -m dsv3.bench_overlap measures what the GPU compiler schedules).
+  (1: DualPipe's design point; python -m dsv3.bench.overlap measures what the GPU compiler schedules).
   Raises ConfigError naming the field when a value it reads (seq_len, batch_size, mesh.*, pipeline.*,
   adam_moments_dtype) is out of range.
   """
@@ -290,7 +290,7 @@ def _define_flags():
   config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
   flags.DEFINE_bool("json", False, "Print exactly one JSON object instead of the table.")
   flags.DEFINE_float("fb_hidden", 1.0, "Share of an F&B cell's expert all-to-all time hidden under the other "
-                     "chunk, for the pipeline step (python -m dsv3.bench_overlap measures it for a GPU).")
+                     "chunk, for the pipeline step (python -m dsv3.bench.overlap measures it for a GPU).")
   flags.DEFINE_bool("compare_kv", False, "Print MLA's KV cache next to the GQA baselines "
                     "(the model of --config, or DeepSeek-V3 671B without one).")
 

@@ -2,14 +2,21 @@
 the JSON holds finite timings, a train row with tokens/s and the evaluated goals."""
 import json
 import math
+import os
+import subprocess
+import sys
 
-from dsv3 import bench, bench_gpu
+from dsv3.bench import gpu as bench_gpu
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_smoke_on_cpu_writes_the_tables_and_json(tmp_path, capsys):
+def test_smoke_on_cpu_writes_the_tables_and_json(tmp_path):
   out = tmp_path / "gpu_bench.json"
-  bench.main(["gpu", "--smoke", "--out", str(out)])       # through bench.py's hook, as the command runs
-  printed = capsys.readouterr().out
+  proc = subprocess.run([sys.executable, "-m", "dsv3.bench", "gpu", "--smoke", "--out", str(out)],   # as README runs it
+                        capture_output=True, text=True, cwd=ROOT, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  printed = proc.stdout
   r = json.loads(out.read_text())
 
   assert r["smoke"] and r["device"]["platform"] == "cpu" and r["device"]["jax"] and r["date"]

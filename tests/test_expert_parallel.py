@@ -18,7 +18,7 @@ import pytest
 
 from dsv3 import model, moe, sharding
 from dsv3.config import ModelConfig
-from dsv3.ep_traffic import alltoall_bytes, dispatch_units
+from dsv3.bench.ep_traffic import alltoall_bytes, dispatch_units
 from dsv3.expert_parallel import ExpertParallel
 
 MESHES = [(8, 1), (4, 2), (2, 4), (1, 8)]

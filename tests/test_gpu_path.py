@@ -1,5 +1,5 @@
 """The GPU path compiled for 8 x H100 without a GPU (GPU_AOT.md): configs/small.py's train step with EP8,
-BF16 and FP8 (batch 8 x 1024), read from the scheduled HLO (dsv3.hlo_gemms).
+BF16 and FP8 (batch 8 x 1024), read from the scheduled HLO (dsv3.bench.hlo_gemms).
 
 BF16: the expert GEMMs (forward and both gradients) are tokamax's grouped kernels, not XLA's ragged_dot (a
 dense dot over every local expert), multiplying with BF16 wgmma. FP8: every GEMM of every FP8 linear and
@@ -13,7 +13,8 @@ import pytest
 import hlo
 
 from configs import small
-from dsv3 import compile_only, hlo_gemms
+from dsv3 import compile_only
+from dsv3.bench import hlo_gemms
 
 pytestmark = pytest.mark.skipif(not hlo.gpu_toolchain(),
                                 reason="needs the compile-only GPU toolchain (requirements-aot.txt)")

@@ -15,7 +15,7 @@ import pytest
 
 from dsv3 import fp8, moe, sharding
 from dsv3.config import ConfigError
-from dsv3.ep_traffic import alltoall_bytes, dispatch_traffic, row_bytes, traffic_bytes
+from dsv3.bench.ep_traffic import alltoall_bytes, dispatch_traffic, row_bytes, traffic_bytes
 from dsv3.expert_parallel import ExpertParallel, dispatch_plan
 from test_expert_parallel import (E, FAST_COMPILE, H, K, KCFG, N, TOL, _emulated_ragged_all_to_all, _inputs,
                                   _maxdiff)

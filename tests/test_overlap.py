@@ -76,7 +76,7 @@ def test_fused_fb_hides_the_expert_all_to_alls():
   program is asynchronous, and GEMMs of the other chunk run inside the windows of at least the share of
   its bytes measured when this was written (32% on 2026-12-06, stages.GPU_OVERLAP_OPTIONS); apart, F and B
   overlap nothing with each other."""
-  from dsv3 import bench_overlap
+  from dsv3.bench import overlap as bench_overlap
   from configs import tiny
   c = tiny.get_config()
   c.seq_len, c.batch_size = 128, 32

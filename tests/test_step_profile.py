@@ -1,9 +1,9 @@
-"""dsv3.step_profile: traced op times joined with the compiled HLO, grouped by kind and phase."""
+"""dsv3.bench.step_profile: traced op times joined with the compiled HLO, grouped by kind and phase."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv3 import step_profile
+from dsv3.bench import step_profile
 
 
 def test_profile_classifies_ops_and_counts_gemm_flops():

@@ -304,7 +304,7 @@ def backward_weights(key, vjps, cts, acc, params):
 # XLA:GPU options of the stage programs on GPUs (the executor's Plan adds them). Without the latency-hiding
 # scheduler an F&B program's all-to-alls are synchronous; with it, collectives started as early as their inputs
 # allow and two in flight at once, the other chunk's GEMMs run inside more of their windows (measured by
-# python -m dsv3.bench_overlap; its analytical cost model does better but crashes XLA 0.12 on blockwise attention).
+# python -m dsv3.bench.overlap; its analytical cost model does better but crashes XLA 0.12 on blockwise attention).
 GPU_OVERLAP_OPTIONS = {"xla_gpu_enable_latency_hiding_scheduler": True,
                        "xla_gpu_experimental_collective_start_as_early_as_possible": True,
                        "xla_gpu_experimental_parallel_collective_overlap_limit": 2}

@@ -1,9 +1,9 @@
 """Pipeline executor benchmark on simulated CPU devices: measured step time and per-op costs, next to the
 schedule simulator's prediction.
 
-  python -m dsv3.pipeline.bench [--ranks 4] [--microbatches 8] [--steps 3] [--unfused]
+  python -m dsv3.bench.pipeline [--ranks 4] [--microbatches 8] [--steps 3] [--unfused]
 
-THIS RUNS ON CPU: 8 host "devices" forced with XLA_FLAGS share the machine's cores, so sub-meshes do not
+THIS RUNS ON CPU: 8 simulated host "devices" (common.use_cpu_devices) share the machine's cores, so sub-meshes do not
 really run concurrently and the measured step time is close to the sum of all ops. What the CPU run can
 measure honestly is the cost of each op kind (F, B, B*, W, F&B), timed one op at a time with
 block_until_ready (an F&B cell is one program, stages.forward_backward; --unfused adds DualPipe(V) rows
@@ -15,26 +15,29 @@ column.
 """
 from __future__ import annotations
 
+import collections
 import os
-import sys
+import statistics
+import time
 
-if "jax" not in sys.modules:
-  # Eight host devices unless the caller set up its own; must happen before JAX initialises.
-  os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
 
-import argparse  # noqa: E402
-import collections  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
+from dsv3 import model
+from dsv3.bench import common
+from dsv3.config import ModelConfig
+from dsv3.pipeline import executor, schedules
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from dsv3 import model  # noqa: E402
-from dsv3.config import ModelConfig  # noqa: E402
-from dsv3.pipeline import executor, schedules  # noqa: E402
+_RANKS = flags.DEFINE_integer("ranks", 4, "Pipeline ranks (each gets devices / ranks of the 8 devices).")
+_MICROBATCHES = flags.DEFINE_integer("microbatches", 8, "Micro-batches per step.")
+_BATCH = flags.DEFINE_integer("batch", 16, "Sequences per step.")
+_SEQ = flags.DEFINE_integer("seq", 32, "Tokens per sequence.")
+_STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per schedule.")
+_SCHEDULES = flags.DEFINE_list("schedules", list(schedules.NAMES), "Comma-separated schedules to run.")
+_UNFUSED = flags.DEFINE_bool("unfused", False, "Also run DualPipe(V) with each F&B cell as its F and B programs "
+                             "(the baseline).")
 
 BENCH_MODEL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
                    num_hidden_layers=8, first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=32,
@@ -91,17 +94,10 @@ def bench(schedule: str, ranks: int, microbatches: int, steps: int, cfg: ModelCo
               sim_step=measured_sim.makespan, idle_measured=idle(measured_sim), idle_unit=idle(unit_sim))
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--ranks", type=int, default=4)
-  parser.add_argument("--microbatches", type=int, default=8)
-  parser.add_argument("--batch", type=int, default=16)
-  parser.add_argument("--seq", type=int, default=32)
-  parser.add_argument("--steps", type=int, default=3)
-  parser.add_argument("--schedules", default=",".join(schedules.NAMES))
-  parser.add_argument("--unfused", action="store_true",
-                      help="also run DualPipe(V) with each F&B cell as its F and B programs (the baseline)")
-  args = parser.parse_args(argv)
+def main(argv):
+  del argv
+  common.use_cpu_devices(8)
+  args = common.flag_args(_RANKS, _MICROBATCHES, _BATCH, _SEQ, _STEPS, _SCHEDULES, _UNFUSED)
   cfg = ModelConfig(**BENCH_MODEL).validate()
   variables = _variables(cfg)
   tokens = jax.random.randint(jax.random.key(1), (args.batch, args.seq + 1), 0, cfg.vocab_size, jnp.int32)
@@ -114,7 +110,7 @@ def main(argv=None):
         "block_until_ready;\nsim: schedules.simulate with those measured per-op costs (ideal parallel ranks); "
         "idle: per-rank idle fraction, simulated with measured costs vs. unit costs F=1 B=2 W=1.")
   print(f"{'schedule':<10} {'step ms':>8} {'serial ms':>10} {'sim ms':>8}  {'op costs ms':<40} idle (measured costs) | idle (unit costs)")
-  runs = [(name, True) for name in args.schedules.split(",")]
+  runs = [(name, True) for name in args.schedules]
   if args.unfused:
     runs += [(name, False) for name, _ in runs if name.startswith("dualpipe")]
   for name, fused in runs:
@@ -127,4 +123,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  common.run(main)

@@ -8,17 +8,17 @@ kernel, `mma` lists the tensor-core instructions in its code: a Triton kernel's 
 backend config), a Mosaic GPU kernel's inline PTX (e.g. 'wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3':
 Hopper's FP8 tensor cores, accumulating in FP32).
 
-  python -m dsv3.hlo_gemms DIR/compiled/train_step.hlo.txt
+  python -m dsv3.bench.hlo_gemms DIR/compiled/train_step.hlo.txt
 """
 from __future__ import annotations
 
 import collections
 import re
-import sys
 import zlib
 from typing import List
 
-from dsv3 import overlap
+from dsv3 import cli, overlap
+from dsv3.bench import common
 
 KERNEL_TARGETS = ("triton_kernel_call", "mosaic_gpu", "__cublas", "__gpu$xla.gpu.triton")
 _MMA = re.compile(r"wgmma\.mma_async[\w.]*|\bmma\.sync[\w.]*")
@@ -107,8 +107,10 @@ def counts(rows: List[dict]) -> dict:
   return dict(collections.Counter((r["kind"], "fp8" if is_fp8(r) else "wide") for r in rows))
 
 
-def main(argv=None):
-  for path in (argv if argv is not None else sys.argv[1:]):
+def main(argv):
+  if not argv[1:]:
+    raise cli.UsageError("give one or more scheduled-HLO files, e.g. DIR/compiled/train_step.hlo.txt")
+  for path in argv[1:]:
     with open(path) as f:
       rows = gemms(f.read())
     print(f"{path}: {len(rows)} GEMMs")
@@ -120,4 +122,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  common.run(main)

@@ -1,34 +1,23 @@
-"""What the studies share: a config file by name, the study-sized run of it, one run through the trainer, and
+"""What the studies share: the study-sized run of a config, one run through the trainer, and
 the files a study writes."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 from typing import Callable, Iterable, Mapping
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
 from dsv3 import cli, train
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def load_config(name: str):
-  """configs/<name>.py's training config (configs/ need not be on sys.path)."""
-  path = os.path.join(_ROOT, "configs", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"dsv3_configs_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from dsv3.bench import common as bench_common
 
 
 def set_field(config, key: str, value) -> None:
   """config['a.b.c'] = value ('__' works as '.', so keyword arguments can name nested fields); an unknown
-  field is a KeyError naming it. Setting model.vocab_size also sets data.vocab_size (they must agree)."""
+  field is a KeyError naming it."""
   *parents, leaf = key.replace("__", ".").split(".")
   node = config
   for p in parents:
@@ -36,8 +25,6 @@ def set_field(config, key: str, value) -> None:
   if leaf not in node:
     raise KeyError(f"config.{key.replace('__', '.')}: no such field")
   node[leaf] = value
-  if key.replace("__", ".") == "model.vocab_size":
-    config.data.vocab_size = value
 
 
 def study_config(steps: int, name: str = "tiny", evaluations: int = 8, log_every: int | None = None,
@@ -45,7 +32,7 @@ def study_config(steps: int, name: str = "tiny", evaluations: int = 8, log_every
   """configs/<name>.py for a study run: `steps` steps (warm-up at most 10% of them), `evaluations`
   evaluations spread over the run, one checkpoint at the end, no EMA (the studies compare raw parameters),
   data parallel over every device. `overrides` ({'a.b': value}) are applied last."""
-  c = load_config(name)
+  c = cli.load_config(name)
   c.num_train_steps = int(steps)
   c.warmup_steps = max(1, min(c.warmup_steps, steps // 10))
   c.eval_every_steps = max(1, steps // max(1, evaluations))
@@ -143,10 +130,8 @@ def main(name: str, define_flags: Callable[[], None], study: Callable) -> None:
 
   def run(argv):
     del argv
-    if not flags.FLAGS["verbosity"].present:
-      logging.set_verbosity(logging.WARNING)
     results, text, fig = study(flags.FLAGS, parse_sets(flags.FLAGS.set))
     paths = write_outputs(flags.FLAGS.out, name, text, results, fig)
     print(text)
     print(f"wrote {paths['md']}, {paths['json']}, {paths['png']}")
-  cli.run(run, user_errors=(StudyStopped,))
+  bench_common.run(run, user_errors=(StudyStopped,))

@@ -1,6 +1,6 @@
 """DualPipe's overlap in the GPU compiler's schedule: fused F&B programs against their unfused F and B.
 
-  .venv-aot/bin/python -m dsv3.bench_overlap [--config=configs/small.py] [--target=h100] [--expert=8,16]
+  .venv-aot/bin/python -m dsv3.bench.overlap [--config=configs/small.py] [--target=h100] [--expert=8,16]
 
 For each expert degree EP, compiles (deviceless, GPU_AOT.md; needs the compile-only toolchain) pipeline rank
 0 of a DualPipe run of the config on mesh pipeline 2 x expert EP, EP GPUs per rank (EP 16: a rank spans two
@@ -18,14 +18,15 @@ import json
 import os
 from typing import Optional
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from dsv3 import compile_only, overlap, sharding
+from dsv3.bench import common
 from dsv3.config import ModelConfig
 from dsv3.pipeline import schedules, stages
 
-_CONFIG = config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(__file__), "..", "configs",
+_CONFIG = config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(__file__), "..", "..", "configs",
                                                                  "small.py"), "Training config file.")
 _TARGET = flags.DEFINE_enum("target", "h100", ["h100", "h800", "h200"], "GPU to compile for.")
 _EXPERT = flags.DEFINE_list("expert", ["8", "16"], "Expert-parallel degrees (GPUs per pipeline rank).")
@@ -56,6 +57,16 @@ def rank0_programs(config, target: str, echo=print, options=None, only=("F", "B"
   return {name: overlap.summary(c.as_text()) for name, position, _, c in programs if position == "rank0"}
 
 
+def combine(*summaries: dict) -> dict:
+  """Programs run one after the other (an unfused F&B cell: its F, then its B) as one summary."""
+  rows = [r for s in summaries for r in s["rows"]]
+  total = sum(r["bytes"] for r in rows) or 1
+  frac = lambda key: sum(s[key] * s["bytes"] for s in summaries) / total
+  return dict(count=len(rows), bytes=sum(r["bytes"] for r in rows), asynchronous=frac("asynchronous"),
+              hidden_by_other_chunk=frac("hidden_by_other_chunk"), hidden_by_any_gemm=frac("hidden_by_any_gemm"),
+              gemms=sum(s["gemms"] for s in summaries), rows=rows)
+
+
 def overlap_rows(found: dict, defaults: Optional[dict] = None) -> list:
   """Per F&B program: its summary and that of the F and B programs it fuses (the unfused baseline), and of
   those compiled with XLA's default scheduling (`defaults`: rank0_programs with XLA_DEFAULTS), if given."""
@@ -65,9 +76,9 @@ def overlap_rows(found: dict, defaults: Optional[dict] = None) -> list:
     if kind not in ("FB", "FBstar"):
       continue
     f, b = (f"rank0_{k}_{st}" for k, st in zip(("F", "Bstar" if kind == "FBstar" else "B"), stage))
-    row = dict(program=name, fused=s, unfused=overlap.combine(found[f], found[b]), unfused_programs=[f, b])
+    row = dict(program=name, fused=s, unfused=combine(found[f], found[b]), unfused_programs=[f, b])
     if defaults:
-      row["unfused_xla_defaults"] = overlap.combine(defaults[f], defaults[b])
+      row["unfused_xla_defaults"] = combine(defaults[f], defaults[b])
     rows.append(row)
   return rows
 
@@ -124,4 +135,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

@@ -2,8 +2,8 @@
 auxiliary-loss-free bias at several gammas; MaxVio_global and MaxVio_batch over training (Wang et al. 2024;
 report §2.1.2).
 
-  python -m dsv3.studies.balance --steps=1000 --out=/tmp/dsv3_studies     # the table and balance.png
-  python -m dsv3.studies.balance --steps=200 --modes=aux_loss,aux_free@0.01
+  python -m dsv3.bench.studies.balance --steps=1000 --out=/tmp/dsv3_studies     # the table and balance.png
+  python -m dsv3.bench.studies.balance --steps=200 --modes=aux_loss,aux_free@0.01
 
 Every run is configs/tiny.py through the trainer with the same seed, data and schedule; only `balance.mode`
 (and, with MODE@X, its strength: gamma for aux_free, alpha for aux_loss) differs. MaxVio = (max_i load_i -
@@ -19,7 +19,7 @@ import numpy as np
 from absl import app, flags
 from matplotlib.figure import Figure   # no pyplot: any backend, notebook or headless
 
-from dsv3.studies import common
+from dsv3.bench.studies import common
 
 MODES = ("none", "aux_loss", "aux_free@0.0001", "aux_free", "aux_free@0.01")
 _KINDS = ("none", "aux_loss", "aux_free")

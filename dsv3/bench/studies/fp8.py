@@ -1,6 +1,6 @@
 """FP8 against BF16 over a long run (report §3.3.1, Figure 10: relative loss error below 0.25%).
 
-  python -m dsv3.studies.fp8 --steps=1000 --out=/tmp/dsv3_studies
+  python -m dsv3.bench.studies.fp8 --steps=1000 --out=/tmp/dsv3_studies
 
 The same tiny model, data, seed and schedule trained twice: `precision='bf16'` (BF16 activations, FP32
 master weights) and `precision='fp8'` (the same, with every linear's three GEMMs in DeepSeek's fine-grained
@@ -16,7 +16,7 @@ import numpy as np
 from absl import flags
 from matplotlib.figure import Figure   # no pyplot: any backend, notebook or headless
 
-from dsv3.studies import common
+from dsv3.bench.studies import common
 
 PAPER_BOUND = 0.0025
 

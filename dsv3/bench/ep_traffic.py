@@ -1,7 +1,7 @@
 """Expert-parallel traffic accounting: which rows the dispatch and combine send, per link, from the routing.
 
 Pure numpy over `topk_idx`, laid out as dsv3.expert_parallel lays out its units (the tests check that the
-dispatch sends exactly these), so `python -m dsv3.bench_ep` can count bytes for meshes larger than any here.
+dispatch sends exactly these), so `python -m dsv3.bench.ep` can count bytes for meshes larger than any here.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The MTP ablation (report §2.2, Table 4): the same tiny model trained with and without one multi-token
 prediction module, on the same data and steps; then the trained MTP module drafts for self-speculative decoding.
 
-  python -m dsv3.studies.mtp --steps=1000 --out=/tmp/dsv3_studies
+  python -m dsv3.bench.studies.mtp --steps=1000 --out=/tmp/dsv3_studies
 
 MTP only adds a training signal: both runs' main models have the same size and inference cost, and both are
 scored on the main model's next-token cross-entropy over the same validation sample. Acceptance is measured
@@ -19,7 +19,7 @@ from matplotlib.figure import Figure   # no pyplot: any backend, notebook or hea
 from dsv3 import convert, generate
 from dsv3 import data as data_lib
 
-from dsv3.studies import common
+from dsv3.bench.studies import common
 
 REFERENCE_ACCEPTANCE = (0.85, 0.90)     # report §5.4.3: the second token's acceptance, 671B
 

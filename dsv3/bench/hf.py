@@ -5,7 +5,8 @@
 
 `hf`: per-phase ms (forward, backward, optimizer), tokens/s and the ratio, and one MoE block's forward +
 backward, on the same weights (dsv3.hf.save_checkpoint, then AutoModelForCausalLM.from_pretrained).
-`profile`: the dsv3 step through dsv3.step_profile, by op class, by phase and model part, the slowest ops.
+`profile`: the dsv3 step through dsv3.bench.step_profile, by op class, by phase and model part, the slowest ops.
+dsv3's side is the trainer's step (dsv3.steps) with HF's training settings (`hf_train_config`).
 torch and transformers are the test extras' heavy references, imported only here.
 """
 from __future__ import annotations
@@ -18,57 +19,55 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from dsv3 import hf as hf_io
-from dsv3 import losses, model, moe, plan, step_profile
-from dsv3 import bench_common as common
+from dsv3 import cli, moe, plan
+from dsv3.bench import common, step_profile
 from dsv3.config import ModelConfig
-from dsv3.studies.common import load_config
 
 
 def hf_comparison_configs():
   """{name: (ModelConfig, batch, seq_len)} that `--what=hf` runs: the tiny config, and a 16M-parameter MoE
   (hidden 256, 4 layers with 1 dense, 16 experts top-4 in 4 groups, vocab 8192) at 8 x 256. No MTP: HF has none."""
-  tiny = ModelConfig.from_config_dict(load_config("tiny")).replace(num_nextn_predict_layers=0)
+  tiny = ModelConfig.from_config_dict(cli.load_config("tiny")).replace(num_nextn_predict_layers=0)
   m16 = tiny.replace(vocab_size=8192, hidden_size=256, intermediate_size=1024, moe_intermediate_size=256,
                      q_lora_rank=128, kv_lora_rank=64, max_position_embeddings=256)
   return {"tiny": (tiny, 8, 128), "16m": (m16, 8, 256)}
 
 
+def hf_train_config():
+  """The training settings both sides run: configs/tiny.py's, with torch's AdamW as the HF side sets it up
+  (lr 1e-4, betas 0.9/0.95, weight decay 0.1, no clipping, float32 moments) and no load balancing (HF's
+  model has neither a balance loss nor a routing bias)."""
+  c = cli.load_config("tiny")
+  c.learning_rate, c.b1, c.b2, c.weight_decay, c.grad_clip = 1e-4, 0.9, 0.95, 0.1, 0.0
+  c.precision, c.adam_moments_dtype, c.balance.mode = "fp32", "float32", "none"
+  return c
+
+
 def _chosen(args) -> dict:
   """The hf_comparison_configs named by --hf_configs (default all), with an error naming the choices."""
   configs = hf_comparison_configs()
-  names = [n.strip() for n in (args.hf_configs or ",".join(configs)).split(",") if n.strip()]
+  names = [n.strip() for n in (args.hf_configs or configs) if n.strip()]
   unknown = sorted(set(names) - set(configs))
   if unknown:
     raise SystemExit(f"--hf_configs: unknown {unknown}; choose from {','.join(configs)}")
   return {n: configs[n] for n in names}
 
 
-def _jax_phases(cfg: ModelConfig, variables, tokens, steps: int) -> dict:
-  """Seconds per step of dsv3's forward (loss), backward (forward + backward minus forward), the AdamW update
-  alone (torch's hyper-parameters) and the whole step, each a separately compiled program."""
-  tx = optax.adamw(1e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1)
-  params = jax.tree.map(jnp.array, common.main_params(variables["params"]))
-  routing = variables["routing"]
-
-  def loss_fn(params):
-    logits = model.Transformer(cfg).apply({"params": params, "routing": routing}, tokens[:, :-1])["logits"]
-    return losses.cross_entropy(logits, tokens[:, 1:])
-  fwd, fwd_bwd = jax.jit(loss_fn), jax.jit(jax.value_and_grad(loss_fn))
-  step = common.make_train_step(cfg, tx, mtp=False)
-  state = {"p": params, "o": tx.init(params)}
-
-  def run_step():
-    state["p"], state["o"], loss = step(state["p"], routing, state["o"], tokens)
-    loss.block_until_ready()
-  grads = fwd_bwd(params)[1]
-  update = jax.jit(lambda p, o, g: optax.apply_updates(p, tx.update(g, o, p)[0]))
-  t_fwd = common.timeit(lambda: fwd(params).block_until_ready(), steps, warmup=2)
-  t_fb = common.timeit(lambda: jax.block_until_ready(fwd_bwd(params)), steps, warmup=2)
-  t_opt = common.timeit(lambda: jax.block_until_ready(update(params, state["o"], grads)), steps, warmup=2)
-  t_step = common.timeit(run_step, steps, warmup=2)
+def _jax_phases(trainer, train_args, steps: int) -> dict:
+  """Seconds per call of the trainer's step (`trainer`: dsv3.steps.Steps; train_args: its arguments) and of
+  its phases, each a separately compiled program: forward (eval: logits and cross entropy), backward (grads:
+  forward + backward, minus forward) and the update (update: AdamW, norms and the guard)."""
+  state, tokens, mtp_weight, gamma = train_args
+  params, routing = state["params"], state["routing"]
+  fwd, grads, update = jax.jit(trainer.eval), jax.jit(trainer.grads), jax.jit(trainer.update)
+  step = jax.jit(trainer.train)                       # not donated: every call starts from the same state
+  metrics, g, loads = grads(params, routing, tokens, mtp_weight)
+  t_fwd = common.timeit(lambda: jax.block_until_ready(fwd(params, routing, tokens)), steps, warmup=2)
+  t_fb = common.timeit(lambda: jax.block_until_ready(grads(params, routing, tokens, mtp_weight)), steps, warmup=2)
+  t_opt = common.timeit(lambda: jax.block_until_ready(update(state, metrics, g, loads, gamma)), steps, warmup=2)
+  t_step = common.timeit(lambda: jax.block_until_ready(step(*train_args)), steps, warmup=2)
   return {"forward": t_fwd, "backward": t_fb - t_fwd, "optimizer": t_opt, "step": t_step}
 
 
@@ -129,10 +128,13 @@ def hf(args):
   for name, (cfg, batch, seq) in _chosen(args).items():
     batch, seq = args.batch or batch, args.seq or seq
     cfg = cfg.replace(max_position_embeddings=max(cfg.max_position_embeddings, seq))
-    variables = model.init(cfg, jax.random.key(0))
-    tokens = common.tokens(cfg, batch, seq)
+    config = hf_train_config()
+    trainer = common.one_device_steps(config, cfg)
+    train_args = common.train_args(config, trainer, common.tokens(cfg, batch, seq))
+    variables = {k: train_args[0][k] for k in ("params", "routing")}     # HF loads these same weights
+    tokens = train_args[1]
     n = batch * seq
-    mine = _jax_phases(cfg, variables, tokens, args.steps)
+    mine = _jax_phases(trainer, train_args, args.steps)
     t_tokens = torch.from_numpy(np.array(tokens)).long()
     theirs = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -170,13 +172,12 @@ def hf(args):
 def profile(args):
   """dsv3's step on the hf comparison configs, profiled per op class, per phase and model part."""
   for name, (cfg, batch, seq) in _chosen(args).items():
-    variables = model.init(cfg, jax.random.key(0))
     tokens = common.tokens(cfg, args.batch or batch, args.seq or seq)
-    tx = optax.adamw(1e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1)
-    params = common.main_params(variables["params"])
-    step = common.make_train_step(cfg, tx, mtp=False, donate=False)      # called repeatedly on the same arrays
-    prof = step_profile.profile(step, params, variables["routing"], tx.init(params), tokens, calls=args.steps)
-    print(f"== profile of the dsv3 step (fwd + bwd + AdamW, main-model loss), {name}, batch "
+    config = hf_train_config()
+    trainer = common.one_device_steps(config, cfg)
+    step = jax.jit(trainer.train)                                      # called repeatedly on the same arrays
+    prof = step_profile.profile(step, *common.train_args(config, trainer, tokens), calls=args.steps)
+    print(f"== profile of the dsv3 trainer's step (fwd + bwd + AdamW, main-model loss), {name}, batch "
           f"{tokens.shape[0]}x{tokens.shape[1] - 1} ({common.device_line()}): {prof.step_ms:.1f} ms per step, "
           f"{prof.op_ms:.1f} ms in traced ops")
     for key in ("kind", "phase/part"):

@@ -1,7 +1,7 @@
 """Expert-parallel dispatch on simulated CPU devices: traffic with and without node-limited routing,
 and an MoE layer's forward+backward time and all-to-all bytes for ep in {1, 2, 4, 8}.
 
-    python -m dsv3.bench_ep            # sets 8 simulated CPU devices itself
+    python -m dsv3.bench.ep            # 8 simulated CPU devices (common.use_cpu_devices)
 
 CPU numbers show correctness and traffic, not speed: the CPU transport pads every destination to the
 worst case and all "devices" share the same cores. What carries over to GPUs is the byte count:
@@ -20,23 +20,18 @@ BF16). The report's bound: at most topk_group = 4 nodes a token, so at most 4 in
 """
 from __future__ import annotations
 
-import os
+import time
 
-if __name__ == "__main__":
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
 
-import time  # noqa: E402
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-from dsv3 import moe, sharding  # noqa: E402
-from dsv3.config import ModelConfig, deepseek_v3_671b  # noqa: E402
-from dsv3.ep_traffic import alltoall_bytes, dispatch_traffic, traffic_bytes  # noqa: E402
-from dsv3.expert_parallel import ExpertParallel  # noqa: E402
+from dsv3 import moe, sharding
+from dsv3.bench import common
+from dsv3.bench.ep_traffic import alltoall_bytes, dispatch_traffic, traffic_bytes
+from dsv3.config import ModelConfig, deepseek_v3_671b
+from dsv3.expert_parallel import ExpertParallel
 
 _TOKENS = flags.DEFINE_integer("tokens", 1024, "tokens per step (global)")
 _HIDDEN = flags.DEFINE_integer("hidden", 64, "hidden size")
@@ -158,6 +153,7 @@ def ep_table(devices: int = 8):
 
 def main(argv):
   del argv
+  common.use_cpu_devices(8)
   jax.config.update("jax_default_matmul_precision", "highest")
   print(f"backend: {jax.default_backend()}, {jax.device_count()} devices")
   node_limited_table()
@@ -166,4 +162,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

@@ -1,89 +1,30 @@
-"""Benchmarks that print tables (not timed tests): throughput and MFU, dsv3 vs HF transformers, MoE cost growth,
-sequence length, compile time vs depth, and memory vs the planner.
-
-  python -m dsv3.bench                                   # every section, sized for a 2-core CPU (~2 min each)
-  python -m dsv3.bench --what=train,hf --small           # also the small config (GPU; slow on CPU)
-  python -m dsv3.bench --what=moe --fast                 # smaller sizes, for smoke runs
-  python -m dsv3.bench gpu [--smoke]                     # one lent GPU: kernel checks, GEMM TFLOP/s, train step
-
-Sections (--what, comma-separated):
-  train    tokens/s and MFU of the full training step (forward + backward with MTP and the balance loss, the
-           trainer's AdamW) for configs/tiny.py (and configs/small.py with --small) on the current backend.
-           MFU = tokens/s x dsv3.plan.flops_per_token(include_mtp) / peak; the peak is the GPU's datasheet
-           figure or, on CPU, a measured float32 matmul (dsv3.metrics.device_peak_flops).
-  hf       (dsv3/bench_hf.py) the same configs and weights in HF transformers (PyTorch, CPU): dsv3.hf.save_checkpoint, then
-           AutoModelForCausalLM.from_pretrained. Both run forward + backward + AdamW (lr 1e-4, betas 0.9/0.95,
-           weight decay 0.1 on every parameter) of the main model's next-token loss at the same batch, sequence
-           length and float32, torch at its default thread count, for the tiny config and a 16M-parameter MoE
-           (hf_comparison_configs; --hf_configs picks): per-phase ms (forward, backward, optimizer), tokens/s,
-           the ratio, and one MoE block's forward + backward on both sides.
-  profile  (dsv3/bench_hf.py) where the step's time goes (dsv3.step_profile): the hf configs' dsv3 step traced with jax.profiler,
-           exclusive op time by op class (GEMM, gather, scatter, layout copy, ...) and by phase and model part,
-           with the GEMMs' achieved GFLOP/s.
-  moe      one MoE layer (forward + backward) at fixed active parameters (hidden 128, 4 active experts of
-           intermediate 64) with 8, 16, 64, 256 routed experts: the dropless grouped GEMM (jax.lax.ragged_dot)
-           against a dense one-hot dispatch baseline that runs every expert on every token and masks by the
-           routing weights. The grouped path's cost should stay nearly flat; the baseline grows with E.
-  seq      tokens/s of the tiny training step for sequence lengths 128 .. 4096 (--fast: .. 1024) at a fixed
-           number of tokens per step (2048, or --tokens).
-  compile  lowering and compile time of the tiny training step with 2, 4, 8, 16 layers, scanned (nn.scan keeps it
-           flat) and unrolled (model.scan_layers=False).
-  memory   peak bytes per device of the compiled training step (compiled.memory_analysis(): arguments +
-           outputs - donated aliases + temporaries) next to the planner's params + grads + optimizer estimate.
-"""
+"""The train-step sections of `python -m dsv3.bench` (train, moe, seq, compile, memory; what each prints: the
+docstring of dsv3/bench/__main__.py). Every section but moe times or compiles the trainer's own step,
+dsv3.steps.make(config, cfg, mesh).train, on one device."""
 from __future__ import annotations
 
-import argparse
-import functools
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv3 import bench_common as common
-from dsv3 import bench_hf, memory, metrics, model, moe, plan
-from dsv3 import optimizer as opt_lib
+from dsv3 import cli, memory, metrics, moe, plan
+from dsv3.bench import common
 from dsv3.config import ModelConfig
-from dsv3.studies.common import load_config
-
-SECTIONS = ("train", "hf", "profile", "moe", "seq", "compile", "memory")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Shared pieces.
-# ---------------------------------------------------------------------------------------------------
-def short_run_config(name: str, steps: int, batch_size: int, seq_len: int, vocab: int, max_files: int,
-                     eval_batches: int, log_every: int = 1):
-  """configs/<name>.py shrunk for a quick run (the colabs' recipe): `steps` steps with 10% warm-up, one
-  evaluation and one checkpoint at the end, no EMA, data parallel over every local device. max_files
-  caps the default corpus (0: all of it); vocab sets both the model's and the tokenizer's vocabulary."""
-  c = load_config(name)
-  c.num_train_steps, c.warmup_steps = steps, max(1, steps // 10)
-  c.batch_size, c.seq_len = batch_size, seq_len
-  c.model.vocab_size = c.data.vocab_size = vocab
-  c.data.max_files, c.eval_batches = max_files, eval_batches
-  c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = log_every, steps, steps
-  c.ema_decay = 0.0
-  c.mesh.data = jax.device_count()
-  return c
 
 
 def train_throughput(config, batch: int, seq_len: int, steps: int) -> dict:
-  """tokens/s and MFU of the full training step of `config` at (batch, seq_len)."""
+  """tokens/s and MFU of the trainer's step of `config` at (batch, seq_len), median of `steps` timed steps."""
   cfg = ModelConfig.from_config_dict(config).replace(max_position_embeddings=max(seq_len, 1))
-  tx, _ = opt_lib.make_optimizer(config)
-  variables = model.init(cfg, jax.random.key(0))
-  params, routing = variables["params"], variables["routing"]
-  opt_state = tx.init(params)
-  step = common.make_train_step(cfg, tx)
-  tokens = common.tokens(cfg, batch, seq_len)
-  state = {"p": params, "o": opt_state}
+  trainer = common.one_device_steps(config, cfg)
+  step = jax.jit(trainer.train, donate_argnums=0)
+  state, *args = common.train_args(config, trainer, common.tokens(cfg, batch, seq_len))
+  box = {"state": state}
 
   def run():
-    state["p"], state["o"], loss = step(state["p"], routing, state["o"], tokens)
-    loss.block_until_ready()
+    box["state"], out = step(box["state"], *args)
+    out["loss"].block_until_ready()
 
   t0 = time.perf_counter()
   run()                                    # compile + first step
@@ -100,11 +41,11 @@ def train_throughput(config, batch: int, seq_len: int, steps: int) -> dict:
 # Sections.
 # ---------------------------------------------------------------------------------------------------
 def bench_train(args):
-  cases = [("tiny", load_config("tiny"), args.batch or 16, args.seq or 128)]
+  cases = [("tiny", cli.load_config("tiny"), args.batch or 16, args.seq or 128)]
   if args.small:
     on_cpu = jax.default_backend() == "cpu"
     # The small config's own batch (32 x 1024) takes minutes per step on a CPU; there a short one says enough.
-    cases.append(("small", load_config("small"), args.batch or (1 if on_cpu else 8),
+    cases.append(("small", cli.load_config("small"), args.batch or (1 if on_cpu else 8),
                   args.seq or (256 if on_cpu else 1024)))
   rows = []
   for name, config, batch, seq in cases:
@@ -146,7 +87,7 @@ def _moe_step(cfg, dispatch):
 
 
 def bench_moe(args):
-  base = ModelConfig.from_config_dict(load_config("tiny"))
+  base = ModelConfig.from_config_dict(cli.load_config("tiny"))
   H, I, k = base.hidden_size, base.moe_intermediate_size, 4
   n_tokens = args.tokens or (1024 if args.fast else 2048)
   experts = (8, 16, 64) if args.fast else (8, 16, 64, 256)
@@ -180,7 +121,7 @@ def bench_moe(args):
 
 
 def bench_seq(args):
-  config = load_config("tiny")
+  config = cli.load_config("tiny")
   lengths = (128, 256, 512, 1024) if args.fast else (128, 256, 512, 1024, 2048, 4096)
   per_step = args.tokens or 2048                      # at 4096 the batch is one sequence of 4096
   rows = []
@@ -194,16 +135,14 @@ def bench_seq(args):
 
 
 def _abstract_step(config, cfg, batch, seq_len):
-  """(jitted step, abstract args) for lowering without allocating anything."""
-  tx, _ = opt_lib.make_optimizer(config)
-  variables = jax.eval_shape(functools.partial(model.init, cfg), jax.random.key(0))
-  opt_state = jax.eval_shape(tx.init, variables["params"])
+  """(jitted train step, abstract args) for lowering without allocating anything."""
+  trainer = common.one_device_steps(config, cfg)
   tokens = jax.ShapeDtypeStruct((batch, seq_len + 1), jnp.int32)
-  return common.make_train_step(cfg, tx), (variables["params"], variables["routing"], opt_state, tokens)
+  return jax.jit(trainer.train, donate_argnums=0), common.train_args(config, trainer, tokens)
 
 
 def bench_compile(args):
-  config = load_config("tiny")
+  config = cli.load_config("tiny")
   base = ModelConfig.from_config_dict(config)
   rows = []
   for depth in (2, 4, 8) if args.fast else (2, 4, 8, 16):
@@ -224,9 +163,9 @@ def bench_compile(args):
 
 
 def bench_memory(args):
-  cases = [("tiny", load_config("tiny"), 16, 128)]
+  cases = [("tiny", cli.load_config("tiny"), 16, 128)]
   if args.small:
-    cases.append(("small", load_config("small"), 1, 1024))
+    cases.append(("small", cli.load_config("small"), 1, 1024))
   rows = []
   for name, config, batch, seq in cases:
     cfg = ModelConfig.from_config_dict(config)
@@ -245,34 +184,3 @@ def bench_memory(args):
         f"(donated state) vs the planner (params + grads + optimizer; activations are in 'temp')")
   print(common.fmt_table(["config", "batch", "args", "outputs", "aliased", "temp", "peak", "plan params", "plan grads",
                     "plan opt", "plan total", "peak/plan"], rows))
-
-
-def main(argv=None):
-  argv = sys.argv[1:] if argv is None else list(argv)
-  if argv[:1] == ["gpu"]:        # python -m dsv3.bench gpu [...]: the lent-GPU check, dsv3/bench_gpu.py
-    from dsv3 import bench_gpu  # here, not at the top: bench_gpu imports this module
-    return bench_gpu.main(argv[1:])
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--what", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
-  parser.add_argument("--small", action="store_true", help="also configs/small.py (train, memory)")
-  parser.add_argument("--fast", action="store_true", help="smaller sizes for smoke runs")
-  parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default 5, --fast 2)")
-  parser.add_argument("--batch", type=int, default=None, help="train/hf batch (default 16 / each hf config's own)")
-  parser.add_argument("--seq", type=int, default=None, help="train/hf sequence length (default 128 / each hf config's)")
-  parser.add_argument("--tokens", type=int, default=None, help="moe: tokens per layer call; seq: tokens per step")
-  parser.add_argument("--top", type=int, default=15, help="profile: how many of the slowest ops to list")
-  parser.add_argument("--hf_configs", default=None, help="hf: comma-separated subset of tiny,16m (default both)")
-  args = parser.parse_args(argv)
-  args.steps = args.steps or (2 if args.fast else 5)
-  what = [w.strip() for w in args.what.split(",") if w.strip()]
-  unknown = sorted(set(what) - set(SECTIONS))
-  if unknown:
-    parser.error(f"--what: unknown section(s) {unknown}; choose from {','.join(SECTIONS)}")
-  for w in what:
-    t0 = time.perf_counter()
-    (getattr(bench_hf, w) if w in ("hf", "profile") else globals()[f"bench_{w}"])(args)
-    print(f"({w}: {time.perf_counter() - t0:.0f} s)\n", flush=True)
-
-
-if __name__ == "__main__":
-  main()
