@@ -78,7 +78,7 @@ import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
-from dsv3 import bench, plan
+from dsv3 import cli, plan
 from dsv3 import model, moe
 from dsv3.config import ModelConfig, deepseek_v3_671b
 from dsv3.layers import rope_cos_sin
@@ -87,8 +87,8 @@ from dsv3.layers import rope_cos_sin
 # ## Configs and parameter counts from the planner
 
 # %%
-configs = {'tiny': ModelConfig.from_config_dict(bench.load_config('tiny')),
-           'small': ModelConfig.from_config_dict(bench.load_config('small')),
+configs = {'tiny': ModelConfig.from_config_dict(cli.load_config('tiny')),
+           'small': ModelConfig.from_config_dict(cli.load_config('small')),
            '671B': deepseek_v3_671b()}
 print(f"{'config':<7}{'layers':>7}{'hidden':>8}{'experts':>9}{'active':>7}{'total params':>20}"
       f"{'activated / token':>20}{'MTP params':>17}{'KV bytes/token':>16}")

@@ -22,7 +22,7 @@
 # The bias is state, not a parameter: no gradient flows through it, so balancing does not fight the language
 # modelling loss. The baseline is an auxiliary balance loss (alpha = 0.001).
 #
-# The study (`python -m dsv3.studies.balance`, `dsv3/studies/balance.py`) trains the same tiny MoE
+# The study (`python -m dsv3.bench.studies.balance`, `dsv3/bench/studies/balance.py`) trains the same tiny MoE
 # (configs/tiny.py: 3 MoE layers, 16 experts, 4 active) with no balancing, the auxiliary loss, and the bias at
 # gamma = 1e-4, 1e-3 (the paper's) and 1e-2, with the same data, seed and schedule, through the real trainer,
 # and compares **MaxVio** = (max load − mean load) / mean load: _global over the whole validation sample,
@@ -90,12 +90,12 @@ FAST = os.environ.get('DSV3_COLAB_FAST') == '1'  # CI: shrink every run further
 import tempfile
 from pathlib import Path
 from IPython.display import Image, Markdown, display
-from dsv3.studies import balance
+from dsv3.bench.studies import balance
 
 # %% [markdown]
 # ## The full study
 #
-# `python -m dsv3.studies.balance --steps=1000` wrote the table and plots below (five runs of 1,000 steps,
+# `python -m dsv3.bench.studies.balance --steps=1000` wrote the table and plots below (five runs of 1,000 steps,
 # copied into colabs/studies/; the machine and date are in colabs/studies/README.md). The cell reads them from the
 # repository; it trains nothing.
 
@@ -108,7 +108,7 @@ display(Image(filename=str(STUDIES / 'balance.png')))
 # ## Run it
 #
 # The cell below runs the study here, shortened (300 steps, three runs; in CI mode 30 steps on a smaller
-# vocabulary and 30 files). The full study is `python -m dsv3.studies.balance --steps=1000` (five runs; it
+# vocabulary and 30 files). The full study is `python -m dsv3.bench.studies.balance --steps=1000` (five runs; it
 # writes balance.md, balance.json and balance.png).
 
 # %%

@@ -84,7 +84,8 @@ import numpy as np
 from IPython.display import Image, display
 from dsv3 import losses, model
 from dsv3.config import ModelConfig
-from dsv3.pipeline import bench, executor
+from dsv3.bench import pipeline as pipeline_bench
+from dsv3.pipeline import executor
 from dsv3.pipeline import schedules, timeline
 
 # %%
@@ -175,8 +176,8 @@ for name in ['1f1b', 'zb1p', 'dualpipe']:
   diff = max(float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max())
              for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)))
   assert diff < 1e-4 and abs(float(loss) - float(loss_ref)) < 1e-4, (name, diff)
-  costs = bench.op_costs(timings)
-  sim = bench.simulated(executor.get_plan(cfg, name, 4, 8, devices=cpus).schedule, costs)
+  costs = pipeline_bench.op_costs(timings)
+  sim = pipeline_bench.simulated(executor.get_plan(cfg, name, 4, 8, devices=cpus).schedule, costs)
   idle = ' '.join(f'{b / sim.makespan:.2f}' for b in sim.bubble_per_rank)
   cost_str = ' '.join(f'{k}={v * 1e3:.1f}' for k, v in sorted(costs.items()))
   print(f"{name:<10}{float(loss):>10.6f}{diff:>17.2e}   {cost_str:<32}{idle}")

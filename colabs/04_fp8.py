@@ -84,7 +84,8 @@ import json
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
-from dsv3 import bench, train
+from dsv3 import train
+from dsv3.bench import common
 from dsv3 import fp8
 
 # %% [markdown]
@@ -202,7 +203,7 @@ plt.show()
 
 # %%
 def run(precision):
-  c = bench.short_run_config('tiny', TRAIN_STEPS, **TRAIN)   # configs/tiny.py, shrunk to a short run
+  c = common.short_run_config('tiny', TRAIN_STEPS, **TRAIN)   # configs/tiny.py, shrunk to a short run
   c.precision = precision
   workdir = tempfile.mkdtemp(prefix=f'dsv3_{precision}_')
   last = train.train_and_evaluate(c, workdir)

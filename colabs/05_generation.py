@@ -84,7 +84,8 @@ WORKDIR = tempfile.mkdtemp(prefix='dsv3_gen_')
 import jax
 import jax.numpy as jnp
 import numpy as np
-from dsv3 import bench, train
+from dsv3 import train
+from dsv3.bench import common
 from dsv3 import convert, data, generate, model, plan
 from dsv3.config import ModelConfig
 
@@ -92,7 +93,7 @@ from dsv3.config import ModelConfig
 # ## Train briefly
 
 # %%
-config = bench.short_run_config('tiny', STEPS, log_every=10, **TRAIN)   # configs/tiny.py, shrunk
+config = common.short_run_config('tiny', STEPS, log_every=10, **TRAIN)   # configs/tiny.py, shrunk
 last = train.train_and_evaluate(config, WORKDIR)
 print(f"after {STEPS} steps: train loss {last['loss']:.3f}, validation loss {last['val_loss']:.3f}")
 
