@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import sys
 from typing import Dict, List, Optional
 
 from dsv3.pipeline.stages import BACKWARD_SCOPE, FORWARD_SCOPE
@@ -222,9 +221,3 @@ def format_rows(name: str, s: dict) -> str:
     lines.append(f"  {r['name']:<34} {r['kind']:<18} chunk {r['chunk'] or '?'}  {r['bytes']:>10} B  "
                  f"{'async' if r['asynchronous'] else 'sync ':<5}  GEMMs inside: {gemms}")
   return "\n".join(lines)
-
-
-if __name__ == "__main__":
-  for path in sys.argv[1:]:
-    with open(path) as f:
-      print(format_rows(path, summary(f.read())))
