@@ -16,21 +16,17 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+import tiny_model
+
 from dsv3 import hf, model, sharding
 from dsv3 import safetensors_io as sio
-from dsv3.config import ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "hf_load_worker.py")
 
 
 def tiny(**kw):
-  base = dict(vocab_size=97, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
-              first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8,
-              qk_rope_head_dim=4, v_head_dim=6, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
-              n_group=4, topk_group=2, num_nextn_predict_layers=1, max_position_embeddings=64, rope_scaling=None)
-  base.update(kw)
-  return ModelConfig(**base).validate()
+  return tiny_model.config(**{"num_hidden_layers": 3, **kw})
 
 
 def random_variables(cfg, seed):
@@ -73,7 +69,7 @@ def test_sharded_load_equals_whole_load(ckpt, data, expert, monkeypatch):
       super().__init__(files)
       readers.append(self)
   monkeypatch.setattr(sio, "Reader", Counting)
-  mesh = sharding.make_mesh(dict(data=data, expert=expert, pipeline=1))
+  mesh = tiny_model.mesh(data, expert)
   cfg2, sharded = hf.load_checkpoint(path, shardings=lambda a: sharding.param_shardings(mesh, a))
   assert cfg2 == cfg
   # One process holds every device: each tensor is read once, even where devices replicate it (the
@@ -89,7 +85,7 @@ def test_sharded_load_equals_whole_load(ckpt, data, expert, monkeypatch):
 
 def test_explicit_sharding_tree_and_dtype(ckpt):
   _, path = ckpt
-  mesh = sharding.make_mesh(dict(data=1, expert=8, pipeline=1))
+  mesh = tiny_model.mesh(data=1, expert=8)
   _, whole = hf.load_checkpoint(path, dtype=np.float16)
   _, sharded = hf.load_checkpoint(path, dtype=np.float16, shardings=sharding.param_shardings(mesh, whole))
   _assert_equal_to_whole(sharded, whole)
@@ -99,7 +95,7 @@ def test_explicit_sharding_tree_and_dtype(ckpt):
 
 def test_fp8_checkpoint_loads_sharded(fp8_ckpt):
   _, path = fp8_ckpt
-  mesh = sharding.make_mesh(dict(data=2, expert=4, pipeline=1))
+  mesh = tiny_model.mesh(data=2, expert=4)
   _, sharded = hf.load_checkpoint(path, shardings=lambda a: sharding.param_shardings(mesh, a))
   _, whole = hf.load_checkpoint(path)
   assert whole["params"]["moe_layers"]["mlp"]["experts_down_proj"].dtype == np.float32
