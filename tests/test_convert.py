@@ -11,13 +11,12 @@ import numpy as np
 from dsv3 import checkpoint as ckpt_lib
 from dsv3 import convert, hf, model
 from disk import snapshot
-import tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_roundtrip_through_orbax(tmp_path):
-  cfg = tiny_model.config(q_lora_rank=None)  # a full-rank q_proj: the other query layout on export
+def test_roundtrip_through_orbax(tmp_path, tiny_cfg):
+  cfg = tiny_cfg.replace(q_lora_rank=None)  # a full-rank q_proj: the other query layout on export
   variables = model.init(cfg, jax.random.key(3))
   hf.save_checkpoint(cfg, variables, str(tmp_path / "hf"))
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="")

@@ -42,9 +42,9 @@ def random_variables(cfg, seed):
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
-def case(request):
+def case(request, tiny_cfg):
   overrides, prefills = CASES[request.param]
-  cfg = tiny_model.config(**overrides)
+  cfg = tiny_cfg.replace(**overrides)
   variables = random_variables(cfg, seed=len(request.param))
   tokens = jax.random.randint(jax.random.key(1), (B, T), 0, cfg.vocab_size, jnp.int32)
   return cfg, variables, tokens, model.forward(cfg, variables, tokens), prefills

@@ -113,8 +113,8 @@ def _check_mtp_caches(cfg, variables, prompts):
 
 
 @pytest.fixture(scope="module")
-def setup():
-  cfg = tiny_model.config(rope_scaling=tiny_model.yarn(), num_nextn_predict_layers=2)
+def setup(tiny_cfg):
+  cfg = tiny_cfg.replace(rope_scaling=tiny_model.yarn(), num_nextn_predict_layers=2)
   variables = random_variables(cfg, seed=0)
   prompts = jax.random.randint(jax.random.key(1), (B, T), 0, cfg.vocab_size, jnp.int32)
   greedy = generate.generate(cfg, variables, prompts, max_new_tokens=N, temperature=0.0)
@@ -216,8 +216,8 @@ def test_speculative_equals_greedy_when_drafts_agree(setup):
   np.testing.assert_array_equal(generate.generate(cfg, variables, prompts, max_new_tokens=N, eos_id=eos), ids)
 
 
-def test_speculative_one_depth():
-  cfg = tiny_model.config(rope_scaling=tiny_model.yarn())
+def test_speculative_one_depth(tiny_cfg):
+  cfg = tiny_cfg.replace(rope_scaling=tiny_model.yarn())
   variables = agreeing_variables(cfg, seed=3)
   prompts = jax.random.randint(jax.random.key(4), (B, T), 0, cfg.vocab_size, jnp.int32)
   greedy = np.asarray(generate.generate(cfg, variables, prompts, max_new_tokens=N))

@@ -210,7 +210,7 @@ def test_fp8_block_scaled_checkpoint(tmp_path):
   """DeepSeek's official format: e4m3 weights + one float32 scale_inv per 128x128 block, edge blocks partial."""
   from safetensors.numpy import load_file
   from safetensors.flax import save_file
-  cfg = tiny(hidden_size=136, intermediate_size=200, q_lora_rank=130, num_hidden_layers=2)
+  cfg = tiny(**tiny_model.FP8_EDGES, num_hidden_layers=2)
   variables = random_variables(cfg, seed=5)
   src = str(tmp_path / "bf")
   hf.save_checkpoint(cfg, variables, src)

@@ -16,6 +16,8 @@ BASE = dict(vocab_size=97, hidden_size=32, intermediate_size=48, moe_intermediat
             n_group=4, topk_group=2, num_nextn_predict_layers=1, max_position_embeddings=64, rope_scaling=None)
 # For sharded runs on the 8 simulated devices: vocab, heads and head dims divide the mesh axes.
 EVEN = dict(vocab_size=64, num_attention_heads=2, q_lora_rank=16, qk_rope_head_dim=8, v_head_dim=8)
+# Dims just over one 128 x 128 FP8 scale block, so quantised weights have partial edge blocks.
+FP8_EDGES = dict(hidden_size=136, intermediate_size=200, moe_intermediate_size=144, q_lora_rank=130)
 
 
 def config(**overrides) -> ModelConfig:
