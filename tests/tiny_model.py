@@ -36,6 +36,6 @@ def yarn(original_max_position_embeddings=8):
               beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0)
 
 
-def mesh(data=1, expert=1, pipeline=1, devices=None):
-  """The ('pipeline', 'data', 'expert') mesh of dsv3.sharding over all (or the given) devices."""
-  return sharding.make_mesh(dict(data=data, expert=expert, pipeline=pipeline), devices=devices)
+def mesh(data=1, expert=1, pipeline=1):
+  """dsv3.sharding's ('pipeline', 'data', 'expert') mesh over all devices (their count is the product)."""
+  return sharding.make_mesh(dict(data=data, expert=expert, pipeline=pipeline))
