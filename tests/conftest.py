@@ -11,6 +11,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+import tiny_model  # noqa: E402
+
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
@@ -27,6 +29,17 @@ def pytest_collection_modifyitems(config, items):
     if "gpu" in item.keywords and not has_gpu:
       item.add_marker(skip_gpu)
 
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+  """The shared tiny model (tests/tiny_model.py); tests needing other sizes call tiny_cfg.replace(...)."""
+  return tiny_model.config()
+
+
+@pytest.fixture(scope="session")
+def make_mesh():
+  """make_mesh(data=1, expert=1, pipeline=1): dsv3's ('pipeline', 'data', 'expert') mesh on the 8 devices."""
+  return tiny_model.mesh
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -18,6 +18,8 @@ info = distributed.maybe_initialize()   # before any other JAX call
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+import tiny_model  # noqa: E402  (tests/, this script's directory)
+
 from dsv3 import hf, safetensors_io, sharding  # noqa: E402
 
 
@@ -43,7 +45,7 @@ def main():
   safetensors_io.Reader = CountingReader
   t0 = time.time()
   if mode in ("sharded", "both"):
-    mesh = sharding.make_mesh(dict(data=jax.device_count() // expert, expert=expert, pipeline=1))
+    mesh = tiny_model.mesh(jax.device_count() // expert, expert)
     _, sharded = hf.load_checkpoint(path, shardings=lambda a: sharding.param_shardings(mesh, a))
     jax.block_until_ready(sharded)
     out.update(sharded_s=time.time() - t0, bytes_read=reads[-1].bytes_read,

@@ -17,17 +17,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
+import tiny_model  # noqa: E402  (tests/, this script's directory)
+
 from dsv3 import model, sharding  # noqa: E402
-from dsv3.config import ModelConfig  # noqa: E402
 from dsv3.expert_parallel import ExpertParallel  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
-CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
-                  num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=2, q_lora_rank=16,
-                  kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=8,
-                  n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
-                  num_nextn_predict_layers=1, max_position_embeddings=64, rope_scaling=None,
-                  remat="none").validate()
+CFG = tiny_model.even_config(remat="none")
 
 
 def global_array(value, sharding_):
@@ -37,7 +33,7 @@ def global_array(value, sharding_):
 
 def main():
   data, expert = (int(v) for v in sys.argv[1:3]) if len(sys.argv) > 2 else (2, 4)
-  mesh = sharding.make_mesh(dict(data=data, expert=expert, pipeline=1))
+  mesh = tiny_model.mesh(data, expert)
   ep = ExpertParallel(mesh)
   # Host values, identical on every process (initialised on the CPU of this process only).
   with jax.default_device(jax.local_devices()[0]):

@@ -9,7 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax._src.ad_checkpoint import saved_residuals  # public: jax.ad_checkpoint.print_saved_residuals
+
+import residuals
+import tiny_model
 
 from dsv3 import attention as attn
 from dsv3 import losses, model
@@ -56,11 +58,7 @@ def test_blockwise_bf16_close_to_fp32():
 
 
 # --- the MLA layer ---------------------------------------------------------------------------------
-MLA_CFG = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=40, moe_intermediate_size=16,
-                      num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=22,
-                      kv_lora_rank=17, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, n_routed_experts=8,
-                      num_experts_per_tok=2, n_group=4, topk_group=2, num_nextn_predict_layers=0,
-                      rope_scaling=None, attention_block=4).validate()
+MLA_CFG = tiny_model.config(num_nextn_predict_layers=0, attention_block=4)  # T=11 spans three 4-wide tiles
 
 
 def test_mla_layer_blockwise_matches_dense():
@@ -89,7 +87,7 @@ def test_no_score_matrix_saved_under_remat():
     cfg = MLA_CFG.replace(attention=impl, remat="paper")
     loss = lambda p: losses.objective(cfg, model.forward_train(cfg, {**variables, "params": p}, tokens),
                                       tokens, 0.3, 1e-4)[0]
-    return [a.shape for a, _ in saved_residuals(loss, variables["params"])]
+    return [a.shape for a in residuals.saved(loss, variables["params"])]
 
   square = lambda s: len(s) >= 2 and s[-1] == s[-2] == T
   assert any(square(s) for s in shapes("dense"))            # the check would see a score tensor

@@ -10,17 +10,13 @@ import numpy as np
 
 from dsv3 import checkpoint as ckpt_lib
 from dsv3 import convert, hf, model
-from dsv3.config import ModelConfig
 from disk import snapshot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_roundtrip_through_orbax(tmp_path):
-  cfg = ModelConfig(vocab_size=61, hidden_size=16, intermediate_size=24, moe_intermediate_size=8, num_hidden_layers=2,
-                    first_k_dense_replace=1, num_attention_heads=2, q_lora_rank=None, kv_lora_rank=8,
-                    qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4, n_routed_experts=4, num_experts_per_tok=2,
-                    n_group=2, topk_group=1, num_nextn_predict_layers=1, rope_scaling=None)
+def test_roundtrip_through_orbax(tmp_path, tiny_cfg):
+  cfg = tiny_cfg.replace(q_lora_rank=None)  # a full-rank q_proj: the other query layout on export
   variables = model.init(cfg, jax.random.key(3))
   hf.save_checkpoint(cfg, variables, str(tmp_path / "hf"))
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="")

@@ -5,7 +5,6 @@ exactly which stream positions each batch row holds); the default stdlib corpus 
 few files with a small BPE. The tokenizer cache is a per-session temp dir (DSV3_CACHE).
 """
 import json
-import os
 
 import ml_collections
 import numpy as np

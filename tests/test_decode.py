@@ -10,17 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv3 import model
-from dsv3.config import ModelConfig
+import tiny_model
 
-YARN = (("beta_fast", 32.0), ("beta_slow", 1.0), ("factor", 4.0), ("mscale", 1.0), ("mscale_all_dim", 1.0),
-        ("original_max_position_embeddings", 8), ("type", "yarn"))
-BASE = dict(vocab_size=97, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
-            first_k_dense_replace=1, num_attention_heads=4, kv_lora_rank=16, qk_nope_head_dim=8,
-            qk_rope_head_dim=4, v_head_dim=6, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
-            n_group=4, topk_group=2, num_nextn_predict_layers=1, max_position_embeddings=64, remat="none")
+from dsv3 import model
+
 # Both query paths and both RoPE variants; each case also uses its own prefill lengths (1 = no prefill).
-CASES = {"qlora_yarn": (dict(q_lora_rank=24, rope_scaling=YARN), (1, 5)),
+CASES = {"qlora_yarn": (dict(q_lora_rank=24, rope_scaling=tiny_model.yarn()), (1, 5)),
          "full_q_rope": (dict(q_lora_rank=None, rope_scaling=None), (4, 9))}
 B, T, MAX_LEN = 2, 12, 16
 
@@ -47,9 +42,9 @@ def random_variables(cfg, seed):
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
-def case(request):
+def case(request, tiny_cfg):
   overrides, prefills = CASES[request.param]
-  cfg = ModelConfig(**BASE, **overrides).validate()
+  cfg = tiny_cfg.replace(**overrides)
   variables = random_variables(cfg, seed=len(request.param))
   tokens = jax.random.randint(jax.random.key(1), (B, T), 0, cfg.vocab_size, jnp.int32)
   return cfg, variables, tokens, model.forward(cfg, variables, tokens), prefills

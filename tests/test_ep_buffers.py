@@ -10,19 +10,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv3 import moe, sharding
-from dsv3.config import ModelConfig
+from dsv3 import moe
 from dsv3.expert_parallel import ExpertParallel, buffer_rows, shard_hit_probability
 from test_expert_parallel import FAST_COMPILE, TOL, _emulated_ragged_all_to_all, _maxdiff
+import tiny_model
 
 H, I, E, K = 16, 8, 16, 4
-CFG = ModelConfig(hidden_size=H, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K,
-                  n_group=4, topk_group=2, n_shared_experts=0, num_hidden_layers=1,
-                  first_k_dense_replace=0, remat="none").validate()
-
-
-def _mesh(data, expert):
-  return sharding.make_mesh(dict(data=data, expert=expert, pipeline=1))
+# One MoE layer of the tiny model, with more experts per token and no shared expert: only routing matters here.
+CFG = tiny_model.config(hidden_size=H, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K,
+                        n_shared_experts=0, num_hidden_layers=1, first_k_dense_replace=0, remat="none")
 
 
 def _routed(N, hot_bias, seed=0):
@@ -59,14 +55,14 @@ def _run(fn, cfg, *args):
 
 
 @pytest.mark.parametrize("impl", ["dense", "ragged"])
-def test_forced_imbalance_drops_exactly(monkeypatch, impl):
+def test_forced_imbalance_drops_exactly(monkeypatch, make_mesh, impl):
   if impl == "ragged":
     monkeypatch.setattr(jax.lax, "ragged_all_to_all", _emulated_ragged_all_to_all)
   cfg = CFG.replace(ep_buffer_factor=1.5)
   x, idx, w, ws = _routed(256, hot_bias=10.0)
   assert (np.asarray(idx)[:, :2] < 2).all(), "the bias should send every token to experts 0 and 1"
   keep = _reference_keep(cfg, idx, 2, 4)
-  y, dropped, ratio = _run(ExpertParallel(_mesh(2, 4), impl=impl).routed_experts, cfg, x, idx, w, *ws)
+  y, dropped, ratio = _run(ExpertParallel(make_mesh(2, 4), impl=impl).routed_experts, cfg, x, idx, w, *ws)
   assert int(dropped) == int((~keep).sum()) > 0
   assert float(ratio) > cfg.ep_buffer_factor
   y0, _ = _run(moe.routed_experts_local, cfg, x, idx, jnp.where(keep, w, 0.0), *ws)
@@ -74,9 +70,9 @@ def test_forced_imbalance_drops_exactly(monkeypatch, impl):
 
 
 @pytest.mark.parametrize("mesh_shape", [(2, 4), (1, 8)])
-def test_balanced_routing_does_not_drop(mesh_shape):
+def test_balanced_routing_does_not_drop(make_mesh, mesh_shape):
   x, idx, w, ws = _routed(512, hot_bias=0.0, seed=1)
-  y, dropped, ratio = _run(ExpertParallel(_mesh(*mesh_shape), impl="dense").routed_experts, CFG, x, idx, w, *ws)
+  y, dropped, ratio = _run(ExpertParallel(make_mesh(*mesh_shape), impl="dense").routed_experts, CFG, x, idx, w, *ws)
   y0, _ = _run(moe.routed_experts_local, CFG, x, idx, w, *ws)
   assert int(dropped) == 0 and 0 < float(ratio) <= CFG.ep_buffer_factor
   assert _maxdiff(y, y0) <= TOL
@@ -101,7 +97,7 @@ def _temp_bytes(factor, ep, n=128, hidden=64, experts=32):
   sd = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
   args = (sd(N, hidden), jax.ShapeDtypeStruct((N, K), jnp.int32), sd(N, K), sd(experts, hidden, I),
           sd(experts, hidden, I), sd(experts, I, hidden))
-  ep_fn = ExpertParallel(_mesh(8 // ep, ep), impl="dense").routed_experts
+  ep_fn = ExpertParallel(tiny_model.mesh(8 // ep, ep), impl="dense").routed_experts
   compiled = jax.jit(ep_fn, static_argnums=0).lower(cfg, *args).compile(compiler_options=FAST_COMPILE)
   return compiled.memory_analysis().temp_size_in_bytes
 

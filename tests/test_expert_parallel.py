@@ -16,18 +16,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import tiny_model
+
 from dsv3 import model, moe, sharding
-from dsv3.config import ModelConfig
 from dsv3.bench.ep_traffic import alltoall_bytes, dispatch_units
 from dsv3.expert_parallel import ExpertParallel
 
 MESHES = [(8, 1), (4, 2), (2, 4), (1, 8)]
-CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
-                  num_hidden_layers=2, first_k_dense_replace=0, num_attention_heads=2, q_lora_rank=16,
-                  kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=16,
-                  n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
-                  num_nextn_predict_layers=1, max_position_embeddings=64, rope_scaling=None,
-                  remat="none").validate()
+# Every layer MoE; 16 experts, 4 per token, so each expert rank of every mesh below holds several experts.
+CFG = tiny_model.even_config(first_k_dense_replace=0, n_routed_experts=16, num_experts_per_tok=4, remat="none")
 B, T = 8, 16
 TOL = 1e-5
 # XLA:CPU's LLVM optimisations triple the compile time of these small programs; results are unaffected.
@@ -70,7 +67,7 @@ def _run(mesh_shape, factor=CFG.ep_buffer_factor, node_size=0):
   tokens = jax.random.randint(jax.random.key(2), (B, T), 0, CFG.vocab_size, jnp.int32)
   ep = None
   if mesh_shape is not None:
-    mesh = sharding.make_mesh(dict(data=mesh_shape[0], expert=mesh_shape[1], pipeline=1))
+    mesh = tiny_model.mesh(*mesh_shape)
     ep = ExpertParallel(mesh)
     variables = jax.device_put(variables, sharding.param_shardings(mesh, variables))
     tokens = jax.device_put(tokens, sharding.batch_sharding(mesh))
@@ -158,7 +155,7 @@ def test_dispatch_matches_local(monkeypatch, impl, mesh_shape, skewed):
   cfg = KCFG.replace(ep_buffer_factor=0.0) if skewed else KCFG
   x, idx, w, ws = _inputs(skewed)
   y0, d0, g0 = _value_and_grads(moe.routed_experts_local, cfg, x, idx, w, ws)
-  mesh = sharding.make_mesh(dict(data=mesh_shape[0], expert=mesh_shape[1], pipeline=1))
+  mesh = tiny_model.mesh(*mesh_shape)
   ep = ExpertParallel(mesh, impl=impl)
   assert ep.transport() == impl
   y, d, g = _value_and_grads(ep.routed_experts, cfg, x, idx, w, ws)
@@ -172,7 +169,7 @@ def test_capacity_factor_drops_like_local():
   cfg = KCFG.replace(capacity_factor=1.0, ep_buffer_factor=0.0)
   x, idx, w, ws = _inputs(skewed=True)
   y0, d0, _ = _value_and_grads(moe.routed_experts_local, cfg, x, idx, w, ws)
-  ep = ExpertParallel(sharding.make_mesh(dict(data=1, expert=8, pipeline=1)), impl="dense")
+  ep = ExpertParallel(tiny_model.mesh(data=1, expert=8), impl="dense")
   y, d, _ = _value_and_grads(ep.routed_experts, cfg, x, idx, w, ws)
   capacity = N * K // E                               # 16 per expert; expert 0 gets all N = 64 tokens, ...
   assert d0 == d == 4 * (N - capacity)                # ... and so do experts 13, 14, 15
@@ -181,7 +178,7 @@ def test_capacity_factor_drops_like_local():
 
 def test_token_count_must_divide():
   x, idx, w, ws = _inputs(skewed=False)
-  ep = ExpertParallel(sharding.make_mesh(dict(data=2, expert=4, pipeline=1)))
+  ep = ExpertParallel(tiny_model.mesh(data=2, expert=4))
   with pytest.raises(ValueError, match="multiple of mesh.data × mesh.expert = 8"):
     ep.routed_experts(KCFG, x[:60], idx[:60], w[:60], *ws)
   with pytest.raises(ValueError, match="impl"):

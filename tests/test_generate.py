@@ -9,15 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv3 import generate, model
-from dsv3.config import ModelConfig
+import tiny_model
 
-YARN = (("beta_fast", 32.0), ("beta_slow", 1.0), ("factor", 4.0), ("mscale", 1.0), ("mscale_all_dim", 1.0),
-        ("original_max_position_embeddings", 8), ("type", "yarn"))
-BASE = dict(vocab_size=97, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
-            first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8,
-            qk_rope_head_dim=4, v_head_dim=6, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
-            n_group=4, topk_group=2, max_position_embeddings=64, remat="none", rope_scaling=YARN)
+from dsv3 import generate, model
+
 B, T, N = 2, 5, 12
 
 
@@ -118,8 +113,8 @@ def _check_mtp_caches(cfg, variables, prompts):
 
 
 @pytest.fixture(scope="module")
-def setup():
-  cfg = ModelConfig(**BASE, num_nextn_predict_layers=2).validate()
+def setup(tiny_cfg):
+  cfg = tiny_cfg.replace(rope_scaling=tiny_model.yarn(), num_nextn_predict_layers=2)
   variables = random_variables(cfg, seed=0)
   prompts = jax.random.randint(jax.random.key(1), (B, T), 0, cfg.vocab_size, jnp.int32)
   greedy = generate.generate(cfg, variables, prompts, max_new_tokens=N, temperature=0.0)
@@ -221,8 +216,8 @@ def test_speculative_equals_greedy_when_drafts_agree(setup):
   np.testing.assert_array_equal(generate.generate(cfg, variables, prompts, max_new_tokens=N, eos_id=eos), ids)
 
 
-def test_speculative_one_depth():
-  cfg = ModelConfig(**BASE, num_nextn_predict_layers=1).validate()
+def test_speculative_one_depth(tiny_cfg):
+  cfg = tiny_cfg.replace(rope_scaling=tiny_model.yarn())
   variables = agreeing_variables(cfg, seed=3)
   prompts = jax.random.randint(jax.random.key(4), (B, T), 0, cfg.vocab_size, jnp.int32)
   greedy = np.asarray(generate.generate(cfg, variables, prompts, max_new_tokens=N))

@@ -16,19 +16,17 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import save_file  # noqa: E402
 
+import tiny_model  # noqa: E402
+
 from dsv3 import hf, model  # noqa: E402
 from dsv3 import safetensors_io as sio  # noqa: E402
-from dsv3.config import ModelConfig  # noqa: E402
 
 # Every Linear dim either <= 128 or a multiple of 128: transformers' CPU dequantiser derives the block
 # size from the scale grid (rows // scale_rows), so it cannot read partial edge blocks of multi-block dims.
-ALIGNED = dict(vocab_size=97, hidden_size=256, intermediate_size=384, moe_intermediate_size=128,
-               num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=2, q_lora_rank=128,
-               kv_lora_rank=112, qk_nope_head_dim=48, qk_rope_head_dim=16, v_head_dim=16, n_routed_experts=8,
-               n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2, num_nextn_predict_layers=1,
-               max_position_embeddings=64, rope_scaling=None)
-EDGES = dict(ALIGNED, hidden_size=136, intermediate_size=200, q_lora_rank=130, moe_intermediate_size=144,
-             kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, num_attention_heads=4)
+ALIGNED = dict(hidden_size=256, intermediate_size=384, moe_intermediate_size=128, num_hidden_layers=3,
+               num_attention_heads=2, q_lora_rank=128, kv_lora_rank=112, qk_nope_head_dim=48, qk_rope_head_dim=16,
+               v_head_dim=16)
+EDGES = dict(tiny_model.FP8_EDGES, num_hidden_layers=3)
 QUANTISED = re.compile(r"^model\.layers\.\d+\.(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|"
                        r"o_proj)|mlp\.(shared_experts\.|experts\.\d+\.)?(gate|up|down)_proj|eh_proj)\.weight$")
 
@@ -52,7 +50,7 @@ def dequantised_reference(w):
 
 
 def export(tmp_path, kind, seed=0):
-  cfg = ModelConfig(**(ALIGNED if kind == "aligned" else EDGES)).validate()
+  cfg = tiny_model.config(**(ALIGNED if kind == "aligned" else EDGES))
   variables = random_variables(cfg, seed)
   hf.save_checkpoint(cfg, variables, str(tmp_path / "plain"))
   hf.save_checkpoint(cfg, variables, str(tmp_path / "fp8"), dtype="fp8", max_shard_bytes=300_000)

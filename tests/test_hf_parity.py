@@ -15,21 +15,15 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from dsv3 import hf, model  # noqa: E402
-from dsv3.config import ModelConfig  # noqa: E402
+import tiny_model  # noqa: E402
 
-YARN = (("type", "yarn"), ("factor", 4.0), ("original_max_position_embeddings", 16), ("beta_fast", 32.0),
-        ("beta_slow", 1.0), ("mscale", 1.0), ("mscale_all_dim", 1.0))
+from dsv3 import hf, model  # noqa: E402
 
 
 def tiny(**kw):
-  base = dict(vocab_size=97, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
-              first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8,
-              qk_rope_head_dim=4, v_head_dim=6, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
-              n_group=4, topk_group=2, num_nextn_predict_layers=1, max_position_embeddings=64,
-              initializer_range=0.2, rope_scaling=YARN)
-  base.update(kw)
-  return ModelConfig(**base).validate()
+  """The parity model: three layers, init range 0.2 (activations of order 1), YaRN past 16 tokens."""
+  return tiny_model.config(**{**dict(num_hidden_layers=3, initializer_range=0.2, rope_scaling=tiny_model.yarn(16)),
+                              **kw})
 
 
 CONFIGS = {
@@ -38,8 +32,7 @@ CONFIGS = {
     "all_moe_one_group": tiny(first_k_dense_replace=0, n_group=1, topk_group=1, num_experts_per_tok=3,
                               norm_topk_prob=False, routed_scaling_factor=1.0),
     "dense_heavy_yarn_mscale": tiny(num_hidden_layers=4, first_k_dense_replace=2, n_routed_experts=16, n_group=8,
-                                    topk_group=3, rope_scaling=YARN[:-2] + (("mscale", 0.707),
-                                                                            ("mscale_all_dim", 1.0))),
+                                    topk_group=3, rope_scaling=dict(tiny_model.yarn(16), mscale=0.707)),
 }
 
 
@@ -217,7 +210,7 @@ def test_fp8_block_scaled_checkpoint(tmp_path):
   """DeepSeek's official format: e4m3 weights + one float32 scale_inv per 128x128 block, edge blocks partial."""
   from safetensors.numpy import load_file
   from safetensors.flax import save_file
-  cfg = tiny(hidden_size=136, intermediate_size=200, q_lora_rank=130, num_hidden_layers=2)
+  cfg = tiny(**tiny_model.FP8_EDGES, num_hidden_layers=2)
   variables = random_variables(cfg, seed=5)
   src = str(tmp_path / "bf")
   hf.save_checkpoint(cfg, variables, src)

@@ -16,21 +16,17 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+import tiny_model
+
 from dsv3 import hf, model, sharding
 from dsv3 import safetensors_io as sio
-from dsv3.config import ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "hf_load_worker.py")
 
 
 def tiny(**kw):
-  base = dict(vocab_size=97, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
-              first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8,
-              qk_rope_head_dim=4, v_head_dim=6, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
-              n_group=4, topk_group=2, num_nextn_predict_layers=1, max_position_embeddings=64, rope_scaling=None)
-  base.update(kw)
-  return ModelConfig(**base).validate()
+  return tiny_model.config(**{"num_hidden_layers": 3, **kw})
 
 
 def random_variables(cfg, seed):
@@ -51,7 +47,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fp8_ckpt(tmp_path_factory):
-  cfg = tiny(hidden_size=136, intermediate_size=200, q_lora_rank=130, moe_intermediate_size=144)
+  cfg = tiny(**tiny_model.FP8_EDGES)
   path = str(tmp_path_factory.mktemp("fp8") / "ckpt")
   hf.save_checkpoint(cfg, random_variables(cfg, 1), path, max_shard_bytes=200_000, dtype="fp8")
   return cfg, path
@@ -64,7 +60,7 @@ def _assert_equal_to_whole(sharded, whole):
 
 
 @pytest.mark.parametrize("data,expert", [(1, 8), (2, 4)])
-def test_sharded_load_equals_whole_load(ckpt, data, expert, monkeypatch):
+def test_sharded_load_equals_whole_load(ckpt, data, expert, monkeypatch, make_mesh):
   cfg, path = ckpt
   readers = []
 
@@ -73,7 +69,7 @@ def test_sharded_load_equals_whole_load(ckpt, data, expert, monkeypatch):
       super().__init__(files)
       readers.append(self)
   monkeypatch.setattr(sio, "Reader", Counting)
-  mesh = sharding.make_mesh(dict(data=data, expert=expert, pipeline=1))
+  mesh = make_mesh(data, expert)
   cfg2, sharded = hf.load_checkpoint(path, shardings=lambda a: sharding.param_shardings(mesh, a))
   assert cfg2 == cfg
   # One process holds every device: each tensor is read once, even where devices replicate it (the
@@ -87,9 +83,9 @@ def test_sharded_load_equals_whole_load(ckpt, data, expert, monkeypatch):
   _assert_equal_to_whole(sharded, hf.load_checkpoint(path)[1])
 
 
-def test_explicit_sharding_tree_and_dtype(ckpt):
+def test_explicit_sharding_tree_and_dtype(ckpt, make_mesh):
   _, path = ckpt
-  mesh = sharding.make_mesh(dict(data=1, expert=8, pipeline=1))
+  mesh = make_mesh(data=1, expert=8)
   _, whole = hf.load_checkpoint(path, dtype=np.float16)
   _, sharded = hf.load_checkpoint(path, dtype=np.float16, shardings=sharding.param_shardings(mesh, whole))
   _assert_equal_to_whole(sharded, whole)
@@ -97,9 +93,9 @@ def test_explicit_sharding_tree_and_dtype(ckpt):
     hf.load_checkpoint(path, shardings={"routing": sharding.param_shardings(mesh, whole)["routing"]})
 
 
-def test_fp8_checkpoint_loads_sharded(fp8_ckpt):
+def test_fp8_checkpoint_loads_sharded(fp8_ckpt, make_mesh):
   _, path = fp8_ckpt
-  mesh = sharding.make_mesh(dict(data=2, expert=4, pipeline=1))
+  mesh = make_mesh(data=2, expert=4)
   _, sharded = hf.load_checkpoint(path, shardings=lambda a: sharding.param_shardings(mesh, a))
   _, whole = hf.load_checkpoint(path)
   assert whole["params"]["moe_layers"]["mlp"]["experts_down_proj"].dtype == np.float32

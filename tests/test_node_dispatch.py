@@ -13,16 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv3 import fp8, moe, sharding
+from dsv3 import fp8, moe
 from dsv3.config import ConfigError
 from dsv3.bench.ep_traffic import alltoall_bytes, dispatch_traffic, row_bytes, traffic_bytes
 from dsv3.expert_parallel import ExpertParallel, dispatch_plan
-from test_expert_parallel import (E, FAST_COMPILE, H, K, KCFG, N, TOL, _emulated_ragged_all_to_all, _inputs,
+from test_expert_parallel import (E, FAST_COMPILE, H, KCFG, N, TOL, _emulated_ragged_all_to_all, _inputs,
                                   _maxdiff)
-
-
-def _mesh(data, expert):
-  return sharding.make_mesh(dict(data=data, expert=expert, pipeline=1))
 
 
 def _value_and_grads(fn, cfg, x, idx, w, ws):
@@ -48,14 +44,14 @@ CASES = [("dense", (1, 8), 2, True, 0.0), ("dense", (1, 8), 4, False, KCFG.ep_bu
 @pytest.mark.parametrize("impl,mesh_shape,node,skewed,factor", CASES,
                          ids=[f"{i}-data{m[0]}_expert{m[1]}-node{n}-{'skewed' if s else 'balanced'}-f{f}"
                               for i, m, n, s, f in CASES])
-def test_node_dispatch_matches_local(monkeypatch, impl, mesh_shape, node, skewed, factor):
+def test_node_dispatch_matches_local(monkeypatch, make_mesh, impl, mesh_shape, node, skewed, factor):
   """Values and gradients equal one device; each hop's units equal the accounting (nothing drops here)."""
   if impl == "ragged":
     monkeypatch.setattr(jax.lax, "ragged_all_to_all", _emulated_ragged_all_to_all)
   cfg = KCFG.replace(ep_buffer_factor=factor, ep_node_size=node)
   x, idx, w, ws = _inputs(skewed)
   y0, d0, g0, _ = _value_and_grads(moe.routed_experts_local, cfg, x, idx, w, ws)
-  ep = ExpertParallel(_mesh(*mesh_shape), impl=impl)
+  ep = ExpertParallel(make_mesh(*mesh_shape), impl=impl)
   assert len(dispatch_plan(cfg, N // 8, mesh_shape[1], impl)["hops"]) == 2
   y, d, g, stats = _value_and_grads(_with_stats(ep), cfg, x, idx, w, ws)
   assert d == d0 == 0
@@ -66,14 +62,14 @@ def test_node_dispatch_matches_local(monkeypatch, impl, mesh_shape, node, skewed
   assert traffic["inter_node"] > 0 and traffic["intra_node"] > 0
 
 
-def test_node_limited_routing_bounds_inter_node_units():
+def test_node_limited_routing_bounds_inter_node_units(make_mesh):
   """n_group = 4 nodes of 2 devices, topk_group = M = 2: a token's hop-1 units leave its node at most M times,
   minus one if its own node is among its M; without the limit some token exceeds that. Counted on the
   actual dispatch (the shard body's per-token stat) and equal to the accounting."""
   cfg = KCFG.replace(n_group=4, topk_group=2, ep_node_size=2)
   x, _, w, ws = _inputs(skewed=False)
   kernel = jax.random.normal(jax.random.key(5), (H, E))
-  ep = ExpertParallel(_mesh(1, 8), impl="dense")
+  ep = ExpertParallel(make_mesh(1, 8), impl="dense")
   run = jax.jit(lambda idx: ep.routed_experts(cfg, x, idx, w, *ws, stats=True)[3])
   own_node = (np.arange(N) // (N // 8)) // 2
   for limited in (True, False):
@@ -120,7 +116,7 @@ def _reference_keep(cfg, idx, data, ep, node):
 
 
 @pytest.mark.parametrize("impl", ["dense", "ragged"])
-def test_overflow_drops_exactly(monkeypatch, impl):
+def test_overflow_drops_exactly(monkeypatch, make_mesh, impl):
   """Skewed routing with small buffers drops at hop 1, hop 2 and the expansion: exactly the numpy model's
   assignments, the kept ones equal the one-device MoE on them alone, and both transports agree."""
   if impl == "ragged":
@@ -128,7 +124,7 @@ def test_overflow_drops_exactly(monkeypatch, impl):
   cfg = KCFG.replace(ep_buffer_factor=1.0, ep_node_size=2)
   x, idx, w, ws = _inputs(skewed=True)
   keep = _reference_keep(cfg, idx, 1, 8, 2)
-  ep = ExpertParallel(_mesh(1, 8), impl=impl)
+  ep = ExpertParallel(make_mesh(1, 8), impl=impl)
   y, d, g, _ = _value_and_grads(ep.routed_experts, cfg, x, idx, w, ws)
   assert d == int((~keep).sum()) > 0
   y0, _, g0, _ = _value_and_grads(moe.routed_experts_local, cfg, x, idx, jnp.where(keep, w, 0.0), ws)
@@ -137,13 +133,13 @@ def test_overflow_drops_exactly(monkeypatch, impl):
   assert _maxdiff(jnp.where(keep, g[1], 0), jnp.where(keep, g0[1], 0)) <= TOL
 
 
-def test_fp8_dispatch():
+def test_fp8_dispatch(make_mesh):
   """ep_fp8_dispatch: the experts see each token row quantized 1x128 (E4M3), so the result equals one device
   on the quantized rows; the gradient is straight-through (that run's gradient wrt its quantized input),
   and the whole stays within E4M3's error of the unquantized dispatch."""
   cfg = KCFG.replace(ep_node_size=2)
   x, idx, w, ws = _inputs(skewed=False)
-  ep = ExpertParallel(_mesh(2, 4), impl="dense")
+  ep = ExpertParallel(make_mesh(2, 4), impl="dense")
   y, d, g, _ = _value_and_grads(ep.routed_experts, cfg.replace(ep_fp8_dispatch=True), x, idx, w, ws)
   xq = fp8.dequantize_tiles(*fp8.quantize_tiles(x))
   assert 0 < _maxdiff(xq, x)
@@ -153,11 +149,11 @@ def test_fp8_dispatch():
   assert _maxdiff(y, y1) <= 0.07 * float(jnp.max(jnp.abs(y1)))     # E4M3: 3 mantissa bits, half-ulp 1/16
 
 
-def test_bad_node_size():
+def test_bad_node_size(make_mesh):
   with pytest.raises(ConfigError, match="model.ep_node_size"):
     KCFG.replace(ep_node_size=-1).validate()
   x, idx, w, ws = _inputs(skewed=False)
-  ep = ExpertParallel(_mesh(1, 8))
+  ep = ExpertParallel(make_mesh(1, 8))
   with pytest.raises(ValueError, match=r"model.ep_node_size=3 does not divide mesh.expert=8"):
     ep.routed_experts(KCFG.replace(ep_node_size=3), x, idx, w, *ws)
   for flat in (0, 1, 8, 16):                                     # one hop over the whole axis

@@ -12,16 +12,13 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+import tiny_model
+
 from dsv3 import layout, losses, model, sharding
-from dsv3.config import ModelConfig
 from dsv3.pipeline import executor, per_device, stages
 
-BASE = dict(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, first_k_dense_replace=1,
-            num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
-            v_head_dim=8, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
-            num_nextn_predict_layers=1, max_position_embeddings=64, rope_scaling=None, remat="none")
-CFG4 = ModelConfig(num_hidden_layers=4, **BASE).validate()
-CFG8 = ModelConfig(num_hidden_layers=8, **BASE).validate()
+CFG4 = tiny_model.even_config(num_hidden_layers=4, remat="none")
+CFG8 = CFG4.replace(num_hidden_layers=8)
 BATCH, SEQ = 16, 8
 MTP_WEIGHT, ALPHA = 0.3, 1e-2          # alpha large enough that the balance term's gradient matters
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
@@ -113,7 +110,7 @@ def test_p8_matches_reference(model8, schedule, microbatches):
 
 
 def test_uneven_layer_split():
-  cfg = ModelConfig(num_hidden_layers=6, **BASE)
+  cfg = CFG4.replace(num_hidden_layers=6)
   specs = stages.split_layers(cfg, 4)
   assert [s.layers for s in specs] == [(0, 1), (2, 3), (4,), (5,)]
   assert specs[0].moe == (False, True) and specs[0].first and specs[-1].last
@@ -164,7 +161,7 @@ def test_expert_parallel_inside_stages(model4):
   dense all-to-all dispatch of dsv3.expert_parallel), variables placed as the trainer places them."""
   from dsv3 import sharding
   cfg, variables, tokens, reference = model4
-  mesh = sharding.make_mesh({"pipeline": 4, "data": 1, "expert": 2})
+  mesh = tiny_model.mesh(data=1, expert=2, pipeline=4)
   placed = {"params": jax.device_put(variables["params"], sharding.param_shardings(mesh, variables["params"])),
             "routing": jax.device_put(variables["routing"], NamedSharding(mesh, P()))}
   experts = placed["params"]["moe_layers"]["mlp"]["experts_gate_proj"]
@@ -195,7 +192,7 @@ def test_evaluate_in_microbatches_matches_the_whole_batch(model4, schedule):
 
 @pytest.fixture(scope="module")
 def model4_remat():
-  return _setup(ModelConfig(num_hidden_layers=4, **dict(BASE, remat="full")).validate())
+  return _setup(CFG4.replace(remat="full"))
 
 
 def test_residuals_leave_out_the_parameters(model4_remat):

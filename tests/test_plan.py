@@ -10,18 +10,19 @@ import time
 import ml_collections
 import pytest
 
+import tiny_model
+
 from dsv3 import abstract_model, cli, memory, plan
-from dsv3.config import ModelConfig
 from dsv3.train_config import model_config_dict
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "deepseek_v3.py"
 
-TINY = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, moe_intermediate_size=8,
-                   num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=2, q_lora_rank=8,
-                   kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=2, v_head_dim=4, n_routed_experts=4,
-                   n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
-                   num_nextn_predict_layers=1, rope_scaling=None).validate()
+# Smaller than the shared tiny model, with 4 experts and rope dim 2: the hand counts below are written for it.
+TINY = tiny_model.config(vocab_size=64, hidden_size=16, intermediate_size=32, moe_intermediate_size=8,
+                         num_hidden_layers=3, num_attention_heads=2, q_lora_rank=8, kv_lora_rank=8,
+                         qk_nope_head_dim=4, qk_rope_head_dim=2, v_head_dim=4, n_routed_experts=4, n_group=2,
+                         topk_group=1)
 
 
 def _run_cli(*args):

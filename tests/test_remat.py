@@ -11,13 +11,14 @@ import jax
 import numpy as np
 import pytest
 
-from dsv3 import losses, model
-from dsv3.config import ModelConfig
+import residuals
+import tiny_model
 
-BASE = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=40, moe_intermediate_size=16, num_hidden_layers=3,
-                   first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=22, kv_lora_rank=17,
-                   qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, n_routed_experts=8, num_experts_per_tok=2,
-                   n_group=4, topk_group=2, num_nextn_predict_layers=0, rope_scaling=None)
+from dsv3 import losses, model
+
+# The widths above; three layers (a dense stack and a two-layer MoE stack), no MTP block outside the stacks.
+BASE = tiny_model.config(intermediate_size=40, q_lora_rank=22, kv_lora_rank=17, num_hidden_layers=3,
+                         num_nextn_predict_layers=0)
 
 
 @functools.cache
@@ -35,12 +36,12 @@ def loss_fn(cfg):
 
 
 def layer_residuals(remat):
-  """Activation residuals saved inside the scanned layer stacks: shapes [L, B, T, ...]. The function jax.vjp
-  returns is a pytree of what the backward keeps; the parameters among them are not activations."""
+  """Activation residuals saved inside the scanned layer stacks: shapes [L, B, T, ...]; the parameters the
+  backward keeps are not activations."""
   params = _data()[1]["params"]
-  _, backward = jax.vjp(loss_fn(BASE.replace(remat=remat)), params)
   param_shapes = {p.shape for p in jax.tree.leaves(params)}
-  return [a.shape for a in jax.tree.leaves(backward) if len(a.shape) >= 4 and a.shape not in param_shapes]
+  return [a.shape for a in residuals.saved(loss_fn(BASE.replace(remat=remat)), params)
+          if len(a.shape) >= 4 and a.shape not in param_shapes]
 
 
 # The up-projections reshaped per head: q [.., 4, 8+4], k_nope [.., 4, 8], v [.., 4, 6], kv_b out [.., 4, 14].

@@ -15,8 +15,8 @@ import safetensors.numpy
 
 from dsv3 import checkpoint as ckpt_lib
 from dsv3 import convert, hf, model, safetensors_io, workdir
-from dsv3.config import ModelConfig
 from disk import snapshot
+import tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="")
@@ -106,10 +106,7 @@ def test_unwritable_workdir_names_the_cause(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------------------------------
 # Export destinations.
-CFG = ModelConfig(vocab_size=61, hidden_size=16, intermediate_size=24, moe_intermediate_size=8, num_hidden_layers=2,
-                  first_k_dense_replace=1, num_attention_heads=2, q_lora_rank=None, kv_lora_rank=8,
-                  qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4, n_routed_experts=4, num_experts_per_tok=2,
-                  n_group=2, topk_group=1, num_nextn_predict_layers=1, rope_scaling=None)
+CFG = tiny_model.config()
 
 
 @pytest.fixture(scope="module")

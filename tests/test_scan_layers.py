@@ -6,14 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv3 import losses, model
-from dsv3.config import ConfigError, ModelConfig
+import tiny_model
 
-CFG = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
-                  num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=2, q_lora_rank=16,
-                  kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=8,
-                  n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
-                  num_nextn_predict_layers=1, max_position_embeddings=64, rope_scaling=None, remat="paper")
+from dsv3 import losses, model
+from dsv3.config import ConfigError
+
+CFG = tiny_model.config(num_hidden_layers=4)  # a three-layer MoE stack to scan or unroll; remat="paper"
 
 
 def _loss_and_grads(cfg, variables, tokens):

@@ -6,14 +6,11 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from dsv3 import model, sharding
-from dsv3.config import ModelConfig
+import tiny_model
 
-CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
-                  num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=2, q_lora_rank=16,
-                  kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=8,
-                  n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
-                  num_nextn_predict_layers=1, max_position_embeddings=64, rope_scaling=None).validate()
+from dsv3 import model, sharding
+
+CFG = tiny_model.even_config(num_hidden_layers=3)
 
 
 def _abstract():
