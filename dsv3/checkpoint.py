@@ -1,73 +1,35 @@
 """Checkpoints: an orbax CheckpointManager wrapper with topology-free restore and corruption fallback.
 
-A checkpoint at step N is a directory `DIR/N/` with two items:
-- `state`: the array pytree (params, optimizer state, EMA, ...), written by orbax's StandardSave
-  (tensorstore/OCDBT). Each process writes the shards it holds, so a 671B state never passes through one
-  host, and restoring onto an abstract target (`jax.ShapeDtypeStruct`s carrying shardings) re-slices the
-  arrays for the new topology: a checkpoint written on 8 devices restores on 1, and the reverse.
-- `extras`: a JSON document for everything that is not an array — the data iterator position, RNG seed
-  and key data as lists, the flat config (for `check_compatible`).
-
-Saving is asynchronous by default: `save` returns once the arrays are copied off the devices and the
-writing continues on background threads, so training resumes at once. Orbax writes each step into
-`N.orbax-checkpoint-tmp-*` and renames it to `N` only when every item is complete (or, on object stores,
-marks it with a commit file), so a run killed mid-save leaves a temporary directory that
-`latest_step()` never reports; leftovers are removed at the next start. The last `keep` steps are kept;
-with `best_by` (e.g. 'val_loss'), also the `keep_best` steps whose saved metric is best (lowest for
-best_mode='min'), so the latest is never deleted. The metrics are stored in the step (orbax's `metrics` item)
-and read back on reopening; a step saved without the metric is kept by recency only. `best_step()` names the
-best one.
-
-A finished checkpoint can still be damaged later (a disk error, a file deleted or truncated by hand).
-`restore()` then names the step directory that failed and, with `fallback=True`, warns and restores
-the previous step instead. Once an older step has restored with the same target, the newer ones are
-known to be damaged (not merely unreadable with this target, as after a config change, which fails on
-every step and moves nothing), and each is renamed `N.corrupt-<time>` — kept for inspection, invisible to
-orbax — so that the re-run of step N can save there again. A damaged or missing `extras` item counts as damage
-too, for `read_extras()` as for `restore()`.
-
-Readers that must not touch a directory a trainer may be writing (dsv3.convert, dsv3.generate, a run's
-init_from) pass `read_only=True`: nothing is created, cleaned, renamed or saved.
-
-Storage errors fail fast: `Checkpointer()` checks that the directory is writable, and a save that runs out
-of space raises `CheckpointStorageError` naming the directory, the step, the free bytes and the last
-intact step.
+A checkpoint at step N is `DIR/N/` with two items: `state`, the array pytree, which each process writes its
+own shards of (orbax StandardSave) and which restores re-sliced onto any topology's abstract target; and
+`extras`, a JSON document (data iterator position, seed, flat config). Saves are asynchronous and atomic
+(a killed save's temporary directory is never reported, and is removed at the next start). Kept: the last
+`keep` steps, and with `best_by` also the `keep_best` best by a saved metric. A damaged step restores its
+predecessor with a warning (`fallback`), and once that works is renamed `N.corrupt-<time>`. Readers pass
+`read_only=True` and touch nothing. Storage errors (unwritable directory, full disk) fail fast with
+CheckpointStorageError naming the directory, the free bytes and the last intact step.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
-import fnmatch
-import gc
 import json
 import logging
 import os
 import shutil
 import socket
 import time
-from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Optional
+from typing import Any, Iterator, Mapping, NamedTuple, Optional
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
+from dsv3 import orbax_errors
 from dsv3 import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
-
-# Config fields that may change between a run and its resumption: schedule lengths, logging cadence,
-# paths, the mesh (checkpoints are topology-free), the pipeline schedule (a pipelined step computes the
-# unpipelined step's gradients), the optimizer's hyper-parameters and learning-rate schedule, loss
-# weights, evaluation, and the run guards. Shell-style patterns over dotted names; `check_compatible`
-# reports those that did change.
-DEFAULT_IGNORE = ("num_train_steps", "log_every_steps", "checkpoint_every_steps", "eval_every_steps",
-                  "eval_batches", "data.eval_batches", "keep_checkpoints", "workdir", "*workdir*",
-                  "mesh.*", "pipeline.*",
-                  "learning_rate", "min_lr_ratio", "lr_schedule", "warmup_steps", "decay_start_frac",
-                  "decay_end_frac", "grad_clip", "weight_decay", "b1", "b2", "mtp_weight*", "balance.gamma*",
-                  "nan_guard.*", "profile.*", "keep_best_by", "keep_best", "model.scan_layers",
-                  "data.vocab_size")   # retired: model.vocab_size (compared) sizes the trained BPE now
-
 
 class Restored(NamedTuple):
   """What `Checkpointer.restore` returns."""
@@ -92,8 +54,8 @@ class Checkpointer:
     keep_best: how many best steps to keep (>= 1 with `best_by`).
     best_mode: 'min' (lower is better, as for losses) or 'max'.
 
-  Raises ValueError for keep < 1 or keep_best < 1 with best_by, CheckpointStorageError when (not read_only) the directory cannot be
-  created or written, FileNotFoundError when (read_only) it does not exist.
+  Raises ValueError for keep < 1 or keep_best < 1 with best_by, CheckpointStorageError when (not read_only)
+  the directory cannot be created or written, FileNotFoundError when (read_only) it does not exist.
   """
 
   def __init__(self, directory: str, keep: Optional[int] = 3, save_every: int = 1, async_save: bool = True,
@@ -137,7 +99,7 @@ class Checkpointer:
           max_to_keep=keep, save_interval_steps=self.save_every, create=True,
           enable_async_checkpointing=async_save,
           cleanup_tmp_directories=True)  # leftovers of a save killed half-way
-    with _quiet_library_logs():  # read_only: orbax warns that the directory is read only
+    with orbax_errors.quiet_library_logs():  # read_only: orbax warns that the directory is read only
       self._mgr = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "extras"))
 
   def _check_writable(self) -> None:
@@ -170,7 +132,7 @@ class Checkpointer:
 
   def metrics(self, step: int) -> Optional[dict]:
     """The metrics saved with `step` (e.g. {'val_loss': 3.2}), or None if it was saved without."""
-    with _quiet_library_logs():
+    with orbax_errors.quiet_library_logs():
       out = self._mgr.metrics(int(step))
     return dict(out) if isinstance(out, Mapping) else None
 
@@ -214,7 +176,7 @@ class Checkpointer:
       value = _to_metric(self.best_by, metrics[self.best_by])
       ranked = {k: _to_metric(k, v) for k, v in metrics.items()} if np.isfinite(value) else None
     # Quiet: orbax warns about a save without metrics, which is how an unranked step is saved.
-    quiet = _quiet_library_logs() if self.best_by and ranked is None else contextlib.nullcontext()
+    quiet = orbax_errors.quiet_library_logs() if self.best_by and ranked is None else contextlib.nullcontext()
     with self._storage_errors(step), quiet:
       started = bool(self._mgr.save(step, args=args, force=force, metrics=ranked))
     if started:
@@ -227,7 +189,7 @@ class Checkpointer:
     try:
       yield
     except Exception as e:  # noqa: BLE001 - re-raised as is unless it is a storage error
-      cause = _storage_cause(e)
+      cause = orbax_errors.storage_cause(e)
       if cause is None:
         raise
       try:
@@ -270,12 +232,12 @@ class Checkpointer:
 
   def _read_extras_one(self, step: int) -> dict:
     try:
-      with _quiet_library_logs():
+      with orbax_errors.quiet_library_logs():
         out = self._mgr.restore(step, args=ocp.args.Composite(extras=ocp.args.JsonRestore()))
       return _checked_extras(out["extras"])
     except Exception as e:  # noqa: BLE001 - re-raised with the directory named
       raise CheckpointCorruptError(
-          f"checkpoint {self.step_dir(step)} extras cannot be read: {_short(e)}") from e
+          f"checkpoint {self.step_dir(step)} extras cannot be read: {orbax_errors.short(e)}") from e
 
   def restore(self, step: Optional[int] = None, abstract_state: Any = None,
               fallback: Optional[bool] = None) -> Optional[Restored]:
@@ -296,18 +258,18 @@ class Checkpointer:
         raise FileNotFoundError(f"no checkpoint {self.step_dir(step)}; the steps in "
                                 f"{self.directory} are {self.all_steps()}")
       try:
-        with _quiet_library_logs():
+        with orbax_errors.quiet_library_logs():
           return self._restore_one(step, abstract_state)
       except Exception as e:  # noqa: BLE001 - re-raised with the directory named
         raise CheckpointCorruptError(
-            f"checkpoint {self.step_dir(step)} cannot be restored: {_short(e)}") from e
+            f"checkpoint {self.step_dir(step)} cannot be restored: {orbax_errors.short(e)}") from e
     steps = sorted(self._mgr.all_steps(), reverse=True)
     if not steps:
       return None
     failures = []
     for s in steps:
       try:
-        with _quiet_library_logs():
+        with orbax_errors.quiet_library_logs():
           result = self._restore_one(s, abstract_state)
         ok = True
       except Exception as e:  # noqa: BLE001 - any read error means "this step is unusable"
@@ -320,23 +282,23 @@ class Checkpointer:
           log.warning("Restored checkpoint step %d instead of the damaged newer step(s) %s; %s.", s,
                       ", ".join(str(f) for f, _ in failures),
                       "moved aside to " + ", ".join(m for m in moved if m) if any(moved) else "left in place")
-          _release_failed_reads([e for _, e in failures])
+          orbax_errors.release_failed_reads([e for _, e in failures])
         return result
       if ok:  # another process failed to read its shards: treat the step as damaged everywhere
         err = RuntimeError("another process could not read its part of this checkpoint")
       failures.append((s, err))
       if not fallback:
         raise CheckpointCorruptError(
-            f"checkpoint {self.step_dir(s)} cannot be restored: {_short(err)}\n"
+            f"checkpoint {self.step_dir(s)} cannot be restored: {orbax_errors.short(err)}\n"
             f"Fix: delete or move that directory to resume from the previous checkpoint, or pass "
             f"fallback=True to do so automatically.") from err
       older = [x for x in steps if x < s]
-      log.warning("Checkpoint %s cannot be restored (%s); %s", self.step_dir(s), _short(err),
+      log.warning("Checkpoint %s cannot be restored (%s); %s", self.step_dir(s), orbax_errors.short(err),
                   f"falling back to step {older[0]}." if older else "no older checkpoint left.")
     first_step, first_err = failures[0]
     raise CheckpointCorruptError(
         f"no checkpoint in {self.directory} can be restored; the latest, {self.step_dir(first_step)}, "
-        f"failed with {_short(first_err)}\nIf every step fails the same way the "
+        f"failed with {orbax_errors.short(first_err)}\nIf every step fails the same way the "
         f"abstract_state probably does not match the saved state (a changed config); else the "
         f"directories are damaged. Nothing was moved or deleted.") from first_err
 
@@ -352,7 +314,7 @@ class Checkpointer:
     """The saved state's tree of shapes and dtypes (latest step by default), each on this process's first
     device: how to tell which layout wrote it."""
     step = self.latest_step() if step is None else int(step)
-    with _quiet_library_logs():
+    with orbax_errors.quiet_library_logs():
       return self._local_target(step)
 
   def _local_target(self, step: int) -> Any:
@@ -424,135 +386,8 @@ def _checked_extras(extras: Any) -> dict:
   return dict(extras)
 
 
-# Loggers that print kilobytes of tracebacks when a read fails; a failed restore is reported by us.
-_NOISY_LOGGERS = ("absl", "orbax", "orbax.checkpoint", "tensorstore", "asyncio", "jax._src.distributed")
-
-
-@contextlib.contextmanager
-def _quiet_library_logs() -> Iterator[None]:
-  """Silences the libraries' logging (below CRITICAL) for the block: we report the failure ourselves."""
-  loggers = [logging.getLogger(n) for n in _NOISY_LOGGERS]
-  levels = [lg.level for lg in loggers]
-  for lg in loggers:
-    lg.setLevel(logging.CRITICAL)
-  try:
-    yield
-  finally:
-    for lg, level in zip(loggers, levels):
-      lg.setLevel(level)
-
-
-def _release_failed_reads(errors: Iterable[BaseException]) -> None:
-  """A failed restore leaves orbax's sibling reads as futures whose errors nobody retrieves; asyncio logs
-  each one ("Future exception was never retrieved") whenever they are garbage-collected. We have reported
-  the failure already, so drop the tracebacks that keep them alive and collect them now, quietly."""
-  for err in errors:
-    while err is not None:
-      err.__traceback__ = None
-      err = err.__cause__ or err.__context__
-  with _quiet_library_logs():
-    gc.collect()
-
-
-_STORAGE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-                   errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
-                   errno.EPERM: "permission denied"}
-_STORAGE_TEXTS = (("RESOURCE_EXHAUSTED", "no space left on device (RESOURCE_EXHAUSTED)"),
-                  ("No space left on device", "no space left on device"),
-                  ("Disk quota exceeded", "disk quota exceeded"),
-                  ("Read-only file system", "read-only file system"))
-
-
-def _storage_cause(err: BaseException) -> Optional[str]:
-  """'no space left on device' etc. if `err` (or an error it wraps) is one, else None."""
-  seen, todo = set(), [err]
-  while todo:
-    e = todo.pop()
-    if e is None or id(e) in seen:
-      continue
-    seen.add(id(e))
-    if isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS:
-      return _STORAGE_ERRNOS[e.errno]
-    text = str(e)
-    for needle, cause in _STORAGE_TEXTS:
-      if needle in text:
-        return cause
-    todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
-  return None
-
-
-def _short(err: BaseException) -> str:
-  """The error's type and first line, capped: tensorstore errors embed kilobytes of spec JSON."""
-  text = (str(err).splitlines() or [""])[0]
-  return f"{type(err).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
-
-
 def _all_processes(ok: bool) -> bool:
   """True iff `ok` on every process, so that all processes fall back (or not) together."""
   if jax.process_count() == 1:
     return ok
-  from jax.experimental import multihost_utils
   return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
-
-
-# --------------------------------------------------------------------------------------------------
-def flatten_config(config: Any, prefix: str = "") -> dict:
-  """A (nested) dict or ml_collections ConfigDict as a flat {'a.b.c': value} dict of JSON values."""
-  if hasattr(config, "to_dict"):
-    config = config.to_dict()
-  flat = {}
-  for k, v in config.items():
-    name = f"{prefix}{k}"
-    if hasattr(v, "to_dict") or isinstance(v, Mapping):
-      flat.update(flatten_config(v, name + "."))
-    else:
-      flat[name] = _json_value(v)
-  return flat
-
-
-def _json_value(v: Any) -> Any:
-  """The value as it reads back from JSON (tuples become lists), so saved and live configs compare."""
-  try:
-    return json.loads(json.dumps(v))
-  except TypeError:
-    return str(v)
-
-
-_MISSING = object()  # a field present in one config only
-
-
-def check_compatible(saved_config: Mapping[str, Any], new_config: Mapping[str, Any],
-                     ignore: Iterable[str] = DEFAULT_IGNORE) -> list:
-  """Raises ValueError naming every field (other than `ignore` patterns) that differs; else returns the
-  [(name, saved value, new value)] of the allowed fields that did change (None for a field that one
-  config lacks), for the resume log line (`format_changes`).
-
-  Both configs may be flat ({'model.hidden_size': 64}) or nested; they are flattened first.
-  """
-  saved, new = flatten_config(saved_config), flatten_config(new_config)
-  ignore = tuple(ignore)
-  diffs, changes = [], []
-  for name in sorted(set(saved) | set(new)):
-    a, b = saved.get(name, _MISSING), new.get(name, _MISSING)
-    if a == b:
-      continue
-    if any(fnmatch.fnmatchcase(name, pat) for pat in ignore):
-      changes.append((name, None if a is _MISSING else a, None if b is _MISSING else b))
-    else:
-      diffs.append((name, a, b))
-  if diffs:
-    show = lambda v: "no value" if v is _MISSING else repr(v)
-    lines = "\n".join(f"  {n}: checkpoint has {show(a)}, current config has {show(b)}"
-                      for n, a, b in diffs)
-    fixes = " ".join(f"--config.{n}={a}" for n, a, _ in diffs if a is not _MISSING)
-    raise ValueError(
-        f"The checkpoint was written with a different config in {len(diffs)} field(s) that cannot "
-        f"change on resume:\n{lines}\nFix: restore the saved value(s)"
-        + (f" (e.g. {fixes})" if fixes else "")
-        + ", or start a fresh run with a new --workdir.")
-  return changes
-
-
-def format_changes(changes: Iterable) -> str:
-  """'learning_rate 1e-06 -> 0.001, warmup_steps 20 -> 0' for `check_compatible`'s result."""
-  return ", ".join(f"{name} {old!r} -> {new!r}" for name, old, new in changes)

@@ -2,40 +2,16 @@
 
   python -m dsv3.train --config=configs/small.py --workdir=DIR --compile_only=h100 --config.mesh.expert=8
 
-TARGET 'cpu' compiles for this process's (simulated) CPU devices; 'h100', 'h800' and 'h200' compile for a
-GPU cluster that need not be there (GPU_AOT.md): a deviceless topology of 8 GPUs per host (1x1xN below 8)
-from `jax.experimental.topologies`, described by XLA's GpuTargetConfigProto for the chip (dsv3/gpu_specs/).
-An H800 compiles as an H100 and is reported against its 80 GB. GPU targets need the optional toolchain of
-requirements-aot.txt (Python 3.12, JAX 0.12, the CUDA plugin).
-
-The state is abstract (jax.eval_shape of the trainer's init, with the trainer's shardings), the batch an
-abstract int32 [batch_size, seq_len + 1]: no parameter, checkpoint or data is touched. For each program
-and mesh position it records `compiled.memory_analysis()` per device (argument, output, temp, alias,
-peak: the larger of the compiler's peak and argument + output + temp - alias; both are kept), writes
-DIR/compiled/memory.json and each program's scheduled HLO as DIR/compiled/<program>.hlo.txt, and prints
-a table. `estimated_peak_bytes_per_device` is dsv3.plan's analytic figure for the same layout
-(dsv3.memory.step_memory: parameters, FP32 gradients, ZeRO-1 optimizer states and activations).
-
-Unpipelined, one step is the train step (plus the eval step), and a device's peak is the train step's.
-Pipelined (mesh.pipeline > 1), it is each rank's programs on its ('data', 'expert') sub-mesh and its own
-state (its stages' units): per stage F, and B or B* and W as the schedule has them
-(rank<r>_<F|B|Bstar|W>_stage<s>), its F&B cells (rank<r>_FB_stage<f>_stage<b>), the gradient sums, the
-update and the evaluation stages, compiled once per distinct rank (ranks with the same stages' shapes share
-them); then the guard's check on the whole mesh.
-A rank's peak is not one program's: across its programs it holds its state, its per-device parameter copies
-and gradient accumulators, and the residuals of its in-flight micro-batches (the schedule's simulated
-count), so `_rank_peak` adds those to each phase's compiled temporaries, and `max_peak_bytes_per_device` is
-the worst rank's. dsv3.overlap reads the F&B programs' scheduled HLO for what they overlap.
-
-A mesh larger than MAX_COMPILE_DEVICES compiles as a stand-in with the same per-device shapes (`stand_in`),
-named in the output.
-
-GPU choices are made from the target's devices, not jax.default_backend() (which stays 'cpu' here):
-GEMM kernels are chosen by the target mesh's platform (dsv3.backend: grouped_gemm 'auto' -> tokamax, FP8 -> the
-Triton kernels of dsv3.fp8_triton, lowered under dsv3.grouped_gemm.deviceless), expert-parallel
-dispatch takes the mesh's platform (ragged all-to-all), attention 'auto' is lax.platform_dependent.
-XLA:GPU sorts are compiled with --xla_gpu_enable_cub_radix_sort=false: CUB's scratch size needs a device,
-so MoE dispatch sorts compile as XLA's own sort, not the CUB sort a GPU run executes.
+TARGET 'cpu' compiles for this process's (simulated) CPU devices; 'h100', 'h800' and 'h200' for a deviceless
+GPU topology of 8 GPUs per host (jax.experimental.topologies, the chip's GpuTargetConfigProto in
+dsv3/gpu_specs/; an H800 compiles as an H100), which needs requirements-aot.txt's toolchain (GPU_AOT.md).
+The state and batch are abstract (the trainer's shapes and shardings). Unpipelined, the programs are the
+trainer's train and eval steps (dsv3.steps); pipelined, each distinct rank's stage programs (F, B or B* and
+W, F&B cells), gradient sums, update and evaluation on its sub-mesh, then the guard's check. Writes
+DIR/compiled/memory.json (dsv3.compiled_memory: per program, per rank, the worst, and dsv3.plan's estimate)
+and each program's scheduled HLO as DIR/compiled/<program>.hlo.txt. A mesh over MAX_COMPILE_DEVICES compiles
+as a stand-in with the same per-device shapes (`stand_in`). GPU kernels are chosen by the target mesh's
+platform (dsv3.backend); XLA:GPU sorts compile without CUB (its scratch size needs a device).
 """
 from __future__ import annotations
 
@@ -48,11 +24,10 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dsv3 import cli, grouped_gemm, overlap, plan, sharding
+from dsv3 import cli, compiled_memory, grouped_gemm, overlap, plan, sharding
 from dsv3 import steps as steps_lib
 from dsv3 import workdir as workdir_lib
 from dsv3.config import ModelConfig
@@ -149,36 +124,16 @@ def target_devices(target: str, count: int):
   return list(topo.devices)
 
 
-def _memory(compiled) -> dict:
-  """Per-device bytes of one compiled program (memory_analysis); peak: see the module doc."""
-  m = compiled.memory_analysis()
-  get = lambda name: int(getattr(m, name, 0) or 0)
-  out = dict(argument_bytes=get("argument_size_in_bytes"), output_bytes=get("output_size_in_bytes"),
-             temp_bytes=get("temp_size_in_bytes"), alias_bytes=get("alias_size_in_bytes"),
-             generated_code_bytes=get("generated_code_size_in_bytes"))
-  # XLA:GPU's peak comes from buffer assignment's heap simulation; XLA:CPU's can be below the arguments plus
-  # the temp buffer that are live together, so the larger of the two is reported, and both are kept.
-  out["compiler_peak_bytes"] = get("peak_memory_in_bytes")
-  out["sum_bytes"] = out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"] - out["alias_bytes"]
-  out["peak_bytes"] = max(out["compiler_peak_bytes"], out["sum_bytes"])
-  return out
-
-
 def _step_programs(config, cfg, mesh):
   """[(name, jitted fn, abstract args)] of the unpipelined trainer's steps (dsv3.steps) on `mesh`: the train
-  step and the eval step."""
+  step and the eval step, jitted as the trainer jits them."""
   steps = steps_lib.make(config, cfg, mesh)
-  rep = sharding.replicated(mesh)
   abstract = dict(steps.abstract, guard=jax.eval_shape(lambda: steps_lib.CLEAN_GUARD))
   state = _placed(abstract, steps.state_shardings)
   batch = jax.ShapeDtypeStruct((config.batch_size, config.seq_len + 1), jnp.int32, sharding=steps.batch_sharding)
-  scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
-  evaluate = jax.jit(steps.eval, in_shardings=(steps.state_shardings["params"], steps.state_shardings["routing"],
-                                               steps.batch_sharding))
-  train = jax.jit(steps.train, donate_argnums=0, in_shardings=(steps.state_shardings, steps.batch_sharding, rep, rep),
-                  out_shardings=(steps.state_shardings, None))
-  return [("train_step", train, (state, batch, scalar, scalar)),
-          ("eval_step", evaluate, (state["params"], state["routing"], batch))]
+  scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(mesh))
+  return [("train_step", steps_lib.jit_train_step(steps), (state, batch, scalar, scalar)),
+          ("eval_step", steps_lib.jit_eval_step(steps), (state["params"], state["routing"], batch))]
 
 
 def _placed(abstract, shardings):
@@ -190,19 +145,13 @@ def _compile(out: list, name: str, position: str, mesh, lowered, options, echo):
   start = time.perf_counter()
   compiled = lowered.compile(compiler_options=options)
   out.append((name, position, mesh, compiled))
-  echo(f"compiled {name} in {time.perf_counter() - start:.0f} s: peak {_gb(_memory(compiled)['peak_bytes'])} GB "
-       f"per device")
+  peak = compiled_memory.program_memory(compiled)["peak_bytes"]
+  echo(f"compiled {name} in {time.perf_counter() - start:.0f} s: peak {compiled_memory.gb(peak)} GB per device")
   return compiled
 
 
 def _shapes(tree) -> tuple:
   return tuple(sorted((a.shape, str(a.dtype)) for a in jax.tree.leaves(tree)))
-
-
-def _bytes_per_device(tree) -> int:
-  """Bytes one device holds of a tree of ShapeDtypeStructs with shardings (every device holds as much)."""
-  return sum(int(np.prod(a.sharding.shard_shape(a.shape))) * jnp.dtype(a.dtype).itemsize
-             for a in jax.tree.leaves(tree))
 
 
 def _pipelined_programs(config, cfg, mesh, options, echo=print, only=None):
@@ -219,7 +168,7 @@ def _pipelined_programs(config, cfg, mesh, options, echo=print, only=None):
   then `check`, the divergence guard, on the whole mesh. A program of the same shapes as one already
   compiled for another rank (sub-meshes are alike) is not compiled again; the rank reuses its figures.
 
-  ranks: per rank, the programs it runs and what it holds at once during the step (`_rank_peak`): its
+  ranks: per rank, the programs it runs and what it holds at once during the step (compiled_memory.rank_peak): its
   state, its stage copies' per-device parameter copies and gradient accumulators, and its in-flight
   micro-batches' residuals.
   only: compile only these program kinds ('F', 'B', 'Bstar', 'W', 'FB', 'FBstar', 'sums', 'update', 'eval',
@@ -246,11 +195,11 @@ def _pipelined_programs(config, cfg, mesh, options, echo=print, only=None):
     copies = [devices.abstract_copies(stages.stage_variables(state["params"], state["routing"], plan.specs[s])[0])
               for _, s in mine]
     # The step takes the params into its per-device copies (executor.run(donate=True)) where rows split.
+    size = compiled_memory.bytes_per_device
     info = dict(rank=r, stages=[int(s) for _, s in mine], programs=[],
                 inflight_microbatches=int(plan.prediction.peak_activations[r]),
-                state_bytes=_bytes_per_device(state), params_bytes=_bytes_per_device(state["params"]),
-                params_in_copies=bool(devices.axes),
-                copies_bytes=2 * sum(_bytes_per_device(c) for c in copies))   # the copies and their accumulators
+                state_bytes=size(state), params_bytes=size(state["params"]), params_in_copies=bool(devices.axes),
+                copies_bytes=2 * sum(size(c) for c in copies))   # the copies and their accumulators
     ranks.append(info)
     rep = NamedSharding(sub, P())
     scalar = sds((), jnp.float32, rep)
@@ -340,40 +289,6 @@ def _pipelined_programs(config, cfg, mesh, options, echo=print, only=None):
   return out, ranks
 
 
-def _rank_peak(info: dict, rows: list) -> dict:
-  """Rank info's peak bytes per device over one step, from its representative's compiled programs (rows).
-  held: the state (less the params, which the step's copies stand in for) + copies and accumulators.
-
-    forward/backward phase  held + in-flight x residuals + the largest F temp or B/B*/W temp and new outputs
-    gradient sums           held + the sums' temp and output (the ZeRO-1 gradients)
-    copies                  state + the parameter copies (the moment they are taken or given back)
-    update                  the update program's peak (state, gradients, optimizer temporaries)
-    evaluation              state + an eval program's temp and output
-
-  The residuals of one micro-batch are the largest output of the rank's F programs (its VJP residuals and
-  the activation it sends on)."""
-  mine = [r for r in rows if r["program"] in info["programs"]]
-  kind = lambda r: r["program"].split("_")[1]
-  of = lambda *kinds: [r for r in mine if kind(r) in kinds]
-  # During the step the params live in the copies (taken at its start, given back at its end).
-  held = info["state_bytes"] - info["params_bytes"] * info["params_in_copies"] + info["copies_bytes"]
-  residual = max(r["output_bytes"] for r in of("F"))
-  # F's outputs are the residuals counted in flight; a backward's are the input gradient, cotangents and the
-  # accumulator (donated: aliased); an F&B's are both, its F's residuals among those counted in flight.
-  work = max([r["temp_bytes"] for r in of("F")]
-             + [r["temp_bytes"] + r["output_bytes"] - r["alias_bytes"] for r in of("B", "Bstar", "W")]
-             + [r["temp_bytes"] + r["output_bytes"] - r["alias_bytes"] - residual for r in of("FB", "FBstar")])
-  phases = dict(
-      forward_backward=held + info["inflight_microbatches"] * residual + work,
-      sums=held + max(r["temp_bytes"] + r["output_bytes"] for r in of("sums")),
-      copies=info["state_bytes"] + info["copies_bytes"] // 2,      # taking the params / giving them back
-      update=max(r["peak_bytes"] for r in of("update")),
-      evaluation=info["state_bytes"] + max([r["temp_bytes"] + r["output_bytes"] for r in of("eval")] or [0]))
-  worst = max(phases, key=phases.get)
-  return dict(info, residual_bytes_per_microbatch=residual, working_bytes=work, phases=phases,
-              peak_phase=worst, peak_bytes=phases[worst])
-
-
 def stand_in(config):
   """(config to compile, note or None). A mesh of more than MAX_COMPILE_DEVICES devices compiles as a
   stand-in with the same per-device shapes: the expert axis cut to one node (8) and the routed experts and
@@ -406,11 +321,6 @@ def stand_in(config):
           f"rows and micro-batch rows per device; non-expert optimizer shards over data x {GPUS_PER_HOST} "
           f"instead of data x {mesh.expert} (an upper bound)")
   return small, note
-
-
-def _estimate(config, target: str) -> dict:
-  """dsv3.plan's per-device step memory for `config` compiled for `target` (its CPU or GPU code paths)."""
-  return plan.plan(config, platform="cpu" if target == "cpu" else "gpu")["memory_per_device"]
 
 
 def compile_step(config, workdir: str, target: str, echo=print) -> dict:
@@ -466,29 +376,21 @@ def compile_step(config, workdir: str, target: str, echo=print) -> dict:
     with open(os.path.join(out_dir, f"{name}.hlo.txt"), "w") as f:
       f.write(text)
     rows.append(dict(program=name, position=position, devices=[d.id for d in sub.devices.flat],
-                     hlo=f"{name}.hlo.txt", **_memory(compiled)))
+                     hlo=f"{name}.hlo.txt", **compiled_memory.program_memory(compiled)))
     if gpu and re.match(r"rank\d+_FB", name):     # what the F&B cell overlaps (dsv3.overlap)
       rows[-1]["overlap"] = {k: v for k, v in overlap.summary(text).items() if k != "rows"}
-  worst_program = max(rows, key=lambda r: r["peak_bytes"])
-  if ranks is not None:
-    ranks = [_rank_peak(info, rows) for info in ranks]
-    worst_rank = max(ranks, key=lambda r: r["peak_bytes"])
-    max_peak, max_position = worst_rank["peak_bytes"], f"rank{worst_rank['rank']} ({worst_rank['peak_phase']})"
-  else:
-    max_peak, max_position = worst_program["peak_bytes"], worst_program["position"]
-  estimate = _estimate(config, target)
+  worst = compiled_memory.peaks(rows, ranks)
+  estimate = plan.plan(config, platform="gpu" if gpu else "cpu")["memory_per_device"]   # its code paths
   result = dict(
       target=target, device_kind=str(getattr(devices[0], "device_kind", devices[0].platform)),
       platform=devices[0].platform, devices=len(devices), mesh=dict(mesh.shape),
-      capacity_bytes_per_device=capacity_bytes(target), programs=rows, ranks=ranks,
-      max_peak_bytes_per_device=max_peak, max_peak_position=max_position,
-      max_program_peak_bytes=worst_program["peak_bytes"], max_peak_program=worst_program["program"],
+      capacity_bytes_per_device=capacity_bytes(target), programs=rows, **worst,
       estimated_peak_bytes_per_device=estimate["total_with_activations_bytes"],
       estimate=dict(source="dsv3.memory.step_memory: parameters + ZeRO-1 optimizer states as the trainer holds them, "
                            "FP32 gradients (pipelined: the per-device parameter copies and accumulators) of the "
                            "worst rank, and activations (remat-saved residuals of every layer x in-flight "
                            "micro-batches, one layer's backward or the head's working set, logits)", **estimate),
-      peak_over_estimate=max_peak / max(estimate["total_with_activations_bytes"], 1),
+      peak_over_estimate=worst["max_peak_bytes_per_device"] / max(estimate["total_with_activations_bytes"], 1),
       compiler_options=dict(options or {}),
       stand_in=None if stand_in_note is None else dict(note=stand_in_note, mesh=dict(full.mesh),
                                                       n_routed_experts=int(full.model.n_routed_experts),
@@ -496,42 +398,5 @@ def compile_step(config, workdir: str, target: str, echo=print) -> dict:
       notes=notes)
   with open(os.path.join(out_dir, "memory.json"), "w") as f:
     json.dump(result, f, indent=1, default=str)
-  echo(format_table(result))
+  echo(compiled_memory.format_table(result))
   return result
-
-
-def _gb(n: Optional[int]) -> str:
-  return "-" if n is None else f"{n / 1e9:.3f}"
-
-
-def format_table(result: dict) -> str:
-  """The per-device memory table (GB = 1e9 bytes) with the worst position, the estimate and the notes."""
-  head = (f"compile-only {result['target']} ({result['device_kind']}, {result['devices']} devices, mesh "
-          f"{result['mesh']}): memory per device, GB")
-  cols = ("program", "position", "argument", "output", "temp", "alias", "peak")
-  lines = [head, f"{cols[0]:<24} {cols[1]:<26}" + "".join(f"{c:>10}" for c in cols[2:])]
-  for r in result["programs"]:
-    lines.append(f"{r['program']:<24} {r['position']:<26}" + "".join(
-        f"{_gb(r[k + '_bytes']):>10}" for k in cols[2:]))
-  if result.get("ranks"):
-    cols = ("rank", "stages", "inflight", "state", "copies", "residual", "working", "peak", "phase")
-    lines.append("per rank over the step (GB per device; copies = parameter copies + gradient accumulators, "
-                 "residual = one micro-batch's):")
-    lines.append("".join(f"{c:>10}" for c in cols))
-    for r in result["ranks"]:
-      lines.append("".join(f"{v:>10}" for v in (
-          r["rank"], ",".join(map(str, r["stages"])), r["inflight_microbatches"],
-          _gb(r["state_bytes"]), _gb(r["copies_bytes"]), _gb(r["residual_bytes_per_microbatch"]),
-          _gb(r["working_bytes"]), _gb(r["peak_bytes"]))) + f"  {r['peak_phase']}")
-  for r in result["programs"]:
-    if "overlap" in r:
-      o = r["overlap"]
-      lines.append(f"{r['program']}: {o['count']} expert all-to-alls, {o['asynchronous']:.0%} asynchronous, "
-                   f"{o['hidden_by_other_chunk']:.0%} of their bytes under the other chunk's GEMMs (dsv3.overlap)")
-  cap = result["capacity_bytes_per_device"]
-  lines.append(f"max peak {_gb(result['max_peak_bytes_per_device'])} GB ({result['max_peak_position']})"
-               + (f" of {_gb(cap)} GB" if cap else "")
-               + f"; dsv3.plan estimate {_gb(result['estimated_peak_bytes_per_device'])} GB (with activations), "
-               f"ratio {result['peak_over_estimate']:.2f}")
-  lines += [f"note: {n}" for n in result["notes"]]
-  return "\n".join(lines)

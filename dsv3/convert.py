@@ -20,9 +20,11 @@ import shutil
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from absl import flags
 
-from dsv3 import cli, hf_config, layout
+from dsv3 import checkpoint as ckpt_lib
+from dsv3 import cli, hf, hf_config, layout
 from dsv3 import workdir as workdir_lib
 from dsv3.config import ModelConfig
 
@@ -33,7 +35,6 @@ def save_orbax_variables(config, variables, path: str, overwrite: bool = False) 
   Written into a temporary sibling and swapped in; a workdir or orbax checkpoint at `path` is refused
   (`workdir.WorkdirError`).
   """
-  import orbax.checkpoint as ocp
   cfg = hf_config.as_model_config(config)
   path = workdir_lib.check_destination(path, overwrite)
   tmp = workdir_lib.staging_dir(path)
@@ -51,12 +52,10 @@ def save_orbax_variables(config, variables, path: str, overwrite: bool = False) 
 def load_orbax_variables(path: str, step=None):
   """Variables from a --to=orbax dir, or from a training checkpoints/ dir (latest or `step`), in the
   model's stacked layout whatever the run's (a pipelined run saves each layer apart, dsv3.layout)."""
-  import orbax.checkpoint as ocp
   path = os.path.abspath(path)
   if os.path.isdir(os.path.join(path, "variables")):
     with ocp.StandardCheckpointer() as ckptr:
       return ckptr.restore(os.path.join(path, "variables"))
-  from dsv3 import checkpoint as ckpt_lib
   ckpts = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
   if not os.path.isdir(ckpts):
     raise FileNotFoundError(f"{path}: neither a dsv3 orbax export (variables/) nor a training checkpoints dir")
@@ -74,10 +73,8 @@ def load_orbax_variables(path: str, step=None):
 
 def config_of(path: str, step=None):
   """The ModelConfig of an HF or --to=orbax dir (config.json) or of a training checkpoint's saved config."""
-  from dsv3 import hf
   if os.path.exists(os.path.join(path, "config.json")):
     return hf.read_config(path)
-  from dsv3 import checkpoint as ckpt_lib
   ckpts = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
   if not os.path.isdir(ckpts):
     raise FileNotFoundError(f"{path}: no config.json and no training checkpoints dir")
@@ -94,7 +91,6 @@ def best_step(path: str) -> int:
   """The step of the training checkpoint under `path` (a workdir or its checkpoints/) with the best saved
   metric: the run's keep_best_by (lower is better), 'val_loss' if it had none. Raises ValueError naming the
   directory when `path` holds no training checkpoints or none carries the metric."""
-  from dsv3 import checkpoint as ckpt_lib
   path = os.path.abspath(path)
   ckpts = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
   if os.path.isdir(os.path.join(path, "variables")) or not os.path.isdir(ckpts):
@@ -115,7 +111,6 @@ def best_step(path: str) -> int:
 def main(argv):
   del argv
   F = flags.FLAGS
-  from dsv3 import hf
   if not os.path.exists(F.src):
     raise cli.UsageError(f"--src {F.src!r} does not exist")
   if F.fp8 and F.to != "hf":

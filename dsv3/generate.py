@@ -1,29 +1,11 @@
 """Text generation against the latent KV cache: sampling, and self-speculative decoding with the MTP modules.
 
-`generate` prefills the prompt once, then runs the whole decode loop on device inside one jit
-(`jax.lax.while_loop`): one absorbed-MLA step per new token, greedy at temperature 0, otherwise temperature
-sampling restricted to the nucleus (the smallest set of tokens whose probability reaches `top_p`). With an
-`eos_id`, a row that has emitted it keeps emitting it, and the loop stops as soon as every row has.
+`generate` prefills the prompt, then runs the whole decode loop on device in one jit (lax.while_loop):
+greedy at temperature 0, else temperature sampling within the top-p nucleus; with `eos_id` a row stops at
+eos. `speculative_generate` drafts with the model's own MTP modules and verifies with the main model, so
+its output is exactly greedy `generate`'s (`_speculative` says why).
 
-`speculative_generate` uses the model's own MTP modules as the draft model (the report, §2.2, notes they can
-be repurposed for speculative decoding). With L tokens known, the main model has cached positions
-< L-1 and its hidden state h_{L-2}. Depth 1 at position L-2 reads h_{L-2} and token L-1 and predicts token L
-(draft d_1); depth k reads depth k-1's output and d_{k-1} and predicts d_k. One main-model decode call over
-[t_{L-1}, d_1..d_D] then gives the greedy token at each of those D+1 positions; the longest prefix of drafts
-that equals them is accepted plus the main model's next token, so every step commits 1..D+1 tokens and the
-output is exactly what greedy `generate` writes. In a batch all rows share one cache index, so the step
-accepts the minimum prefix over rows: a row that agreed further just re-drafts those tokens next step, and
-every committed token is still the main model's greedy choice, so exactness holds for each row.
-
-Rollback needs no copying: cache entries written for rejected drafts sit past the committed length, where the
-causal mask (by position) hides them, and the next verify call overwrites them. The MTP caches hold each
-depth's past too (depth k at position i attends to its own outputs at positions <= i), and an entry is only
-right once every token it read is committed: depth k at position i reads tokens up to i+k. Drafting at
-length L writes positions up to L-2; if the step then accepts n drafts (new length L' = L+n+1), the entries
-that read a rejected draft sit at positions >= L'-D, and positions L-1 .. L'-2 were never computed. So each
-drafting pass recomputes, for every depth, the last D+1 positions (L'-2-D .. L'-2), which covers both.
-Exactness assumes dropless MoE routing (capacity_factor 0, DeepSeek-V3's setting): with token dropping, a
-token's output would depend on which other tokens share its call.
+  python -m dsv3.generate --checkpoint=HF_OR_ORBAX_DIR [--config=...] --tokenizer=TOK --prompt="..."
 """
 from __future__ import annotations
 
@@ -34,9 +16,12 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
+from ml_collections import config_flags
 
-from dsv3 import cli, hf_config, model
-from dsv3.config import ModelConfig
+from dsv3 import checkpoint as ckpt_lib
+from dsv3 import cli, hf, hf_config, model
+from dsv3 import tokenizer as tok_lib
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -166,9 +151,30 @@ def _draft(cfg, variables, hid, tokens, mtp_cache, start, width: int, last):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "cache_dtype"))
 def _speculative(variables, prompt, eos_id, *, cfg, max_new_tokens, cache_dtype):
+  """The self-speculative decode loop (the report, §2.2: the MTP modules can serve as the draft model).
+
+  With L tokens known, the main model has cached positions < L-1 and its hidden state h_{L-2}. Depth 1 at
+  position L-2 reads h_{L-2} and token L-1 and predicts token L (draft d_1); depth k reads depth k-1's output
+  and d_{k-1} and predicts d_k. One main-model decode call over [t_{L-1}, d_1..d_D] then gives the greedy token
+  at each of those D+1 positions; the longest prefix of drafts that equals them is accepted plus the main
+  model's next token, so every step commits 1..D+1 tokens and the output is exactly what greedy `generate`
+  writes. In a batch all rows share one cache index, so the step accepts the minimum prefix over rows: a row
+  that agreed further just re-drafts those tokens next step, and every committed token is still the main model's
+  greedy choice, so exactness holds for each row.
+
+  Rollback needs no copying: cache entries written for rejected drafts sit past the committed length, where the
+  causal mask (by position) hides them, and the next verify call overwrites them. The MTP caches hold each
+  depth's past too (depth k at position i attends to its own outputs at positions <= i), and an entry is only
+  right once every token it read is committed: depth k at position i reads tokens up to i+k. Drafting at
+  length L writes positions up to L-2; if the step then accepts n drafts (new length L' = L+n+1), the entries
+  that read a rejected draft sit at positions >= L'-D, and positions L-1 .. L'-2 were never computed. So each
+  drafting pass recomputes, for every depth, the last D+1 positions (L'-2-D .. L'-2), which covers both.
+  Exactness assumes dropless MoE routing (capacity_factor 0, DeepSeek-V3's setting): with token dropping, a
+  token's output would depend on which other tokens share its call.
+  """
   B, T = prompt.shape
   N, D = max_new_tokens, cfg.num_nextn_predict_layers
-  W = D + 1                               # the drafting window (see the module docstring)
+  W = D + 1                               # the drafting window (see the docstring)
   # Room for the verify call and for the window's token reads past the last commit (dynamic_slice would
   # clamp, not fail, at the edge, so the buffers must never be too short).
   S = T + N + 2 * D + 1
@@ -263,12 +269,10 @@ def _load(checkpoint: str, config):
     return cfg, jax.jit(model.init, static_argnums=0)(cfg, jax.random.key(0))
   _check_checkpoint_dir(checkpoint)
   if os.path.exists(os.path.join(checkpoint, "config.json")):
-    from dsv3 import hf
     return hf.load_checkpoint(checkpoint)
   if config is None:
     raise ValueError(f"--config: {checkpoint!r} has no config.json, so it is read as an orbax training "
                      f"checkpoint, which needs the training config file that made it")
-  from dsv3 import checkpoint as ckpt_lib
   cfg = hf_config.as_model_config(config)
   restored = ckpt_lib.Checkpointer(checkpoint, async_save=False, read_only=True).restore()
   if restored is None:
@@ -282,7 +286,6 @@ def _load(checkpoint: str, config):
 
 
 def main(argv):
-  from absl import flags
   del argv
   F = flags.FLAGS
   if F.temperature < 0:
@@ -302,7 +305,6 @@ def main(argv):
     if not os.path.exists(os.path.expanduser(F.tokenizer)):
       raise ValueError(f"--tokenizer: {F.tokenizer!r} does not exist; give a tokenizer.json (or a dir holding "
                        f"one), e.g. the one next to an HF checkpoint, or use --prompt_ids=1,2,3")
-    from dsv3 import tokenizer as tok_lib
     tok = tok_lib.load(F.tokenizer)
   if F.prompt:
     ids = tok.encode(F.prompt, bos=True)
@@ -332,8 +334,6 @@ def main(argv):
 
 
 def _define_flags():
-  from absl import flags
-  from ml_collections import config_flags
   config_flags.DEFINE_config_file("config", None, "Training config file (ml_collections); not needed for "
                                   "HF checkpoints, which carry config.json.", lock_config=False)
   flags.DEFINE_string("checkpoint", "", "HF-format dir (config.json + safetensors) or orbax training dir; "

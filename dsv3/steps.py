@@ -1,22 +1,23 @@
-"""The train and eval steps of one config: pure functions of (state, batch) and their shardings.
+"""The train and eval steps: pure module-level functions of (ctx, state, batch), jitted by their callers.
 
-  steps = steps_lib.make(config, cfg, mesh)
+  steps = steps_lib.make(config, cfg, mesh)          # ctx, the state's abstract shapes and shardings
   state = jax.jit(steps.init, out_shardings=steps.saved_shardings)(rng) | {"guard": ...}
-  train = jax.jit(steps.train, donate_argnums=0, in_shardings=..., out_shardings=...)
+  train = steps_lib.jit_train_step(steps)            # train_step(steps.ctx, ...), state donated
 
-The trainer, the compile-only dry run and the benchmarks all build their programs from here, so there is one
-train step. The state is {step, params, routing, opt_state} (what checkpoints hold) plus `guard`, the
-divergence record that `update` keeps on device (see `update`).
+The trainer, the compile-only dry run, the pipeline and the benchmarks all call these, so there is one train
+step. The state is {step, params, routing, opt_state} (what checkpoints hold) plus `guard`, the divergence
+record that `update` keeps on device.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import PartitionSpec as P
 
 from dsv3 import layout, losses, model as model_lib, optimizer as opt_lib, sharding
@@ -29,8 +30,23 @@ CLEAN_GUARD = {"step": np.int32(-1), "loss": np.float32(0), "grad_norm": np.floa
 
 
 @dataclasses.dataclass(frozen=True)
+class StepContext:
+  """What the step functions take besides arrays: one training config's static settings on one mesh."""
+  cfg: ModelConfig
+  mesh: Any
+  tx: optax.GradientTransformation
+  lr_schedule: Callable
+  expert_parallel: Optional[ExpertParallel]   # experts split over the mesh's 'expert' axis, if it has one
+  alpha: float                                # the sequence-wise balance loss weight of the objective
+  grad_accum: int
+  max_update_ratio: float                     # the guard's ||update|| / ||params|| limit (0: none)
+  aux_free: bool                              # the routing biases follow the loads (balance.mode)
+
+
+@dataclasses.dataclass(frozen=True)
 class Steps:
-  """What `make` returns; the functions are pure and un-jitted."""
+  """What `make` returns: the context, the step functions bound to it (pure, un-jitted), the state's layout."""
+  ctx: StepContext
   init: Callable                 # rng -> checkpointed state
   train: Callable                # (state, batch, mtp_weight, gamma) -> (state, metrics)
   grads: Callable                # (params, routing, batch, mtp_weight) -> (metrics, grads, loads): train's first half
@@ -42,16 +58,40 @@ class Steps:
   saved_shardings: dict          # of the checkpointed state
   state_shardings: dict          # saved_shardings + the guard's
   batch_sharding: Any
-  alpha: float                   # the sequence-wise balance loss weight the objective uses
+  alpha: float                   # ctx.alpha
 
 
-def sq_norm(tree) -> jax.Array:
-  """The sum of squares of every element of `tree`, in float32."""
-  return sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)), jnp.zeros((), jnp.float32))
+def make(config, cfg: ModelConfig, mesh) -> Steps:
+  """The steps of training config `config` (model `cfg`) on `mesh`; experts split over its 'expert' axis."""
+  tx, lr_schedule = opt_lib.make_optimizer(config)
+  ctx = StepContext(cfg=cfg, mesh=mesh, tx=tx, lr_schedule=lr_schedule,
+                    expert_parallel=ExpertParallel(mesh) if sharding.axis_size(mesh, "expert") > 1 else None,
+                    alpha=losses.balance_alpha(config.balance), grad_accum=int(config.grad_accum_steps),
+                    max_update_ratio=float(config.nan_guard.max_update_ratio),
+                    aux_free=config.balance.mode == "aux_free")
+  bind = lambda fn: functools.partial(fn, ctx)
+  abstract = jax.eval_shape(lambda: init(ctx, jax.random.key(config.seed)))   # no array anywhere
+  saved = saved_shardings(mesh, abstract)
+  return Steps(ctx=ctx, init=bind(init), train=bind(train_step), grads=bind(grads), update=bind(update),
+               apply_update=bind(apply_update), check=bind(check), eval=bind(eval_step), abstract=abstract,
+               saved_shardings=saved,
+               state_shardings=dict(saved, guard={k: sharding.replicated(mesh) for k in CLEAN_GUARD}),
+               batch_sharding=sharding.batch_sharding(mesh), alpha=ctx.alpha)
 
 
-def global_norm(tree) -> jax.Array:
-  return jnp.sqrt(sq_norm(tree))
+def jit_train_step(steps: Steps):
+  """train_step as the trainer runs it: (state, batch, mtp_weight, gamma), the state donated and kept on
+  its shardings."""
+  return jax.jit(functools.partial(train_step, steps.ctx), donate_argnums=0,
+                 in_shardings=(steps.state_shardings, steps.batch_sharding, None, None),
+                 out_shardings=(steps.state_shardings, None))
+
+
+def jit_eval_step(steps: Steps):
+  """eval_step as the trainer runs it: (params, routing, tokens) on the state's and the batch's shardings."""
+  return jax.jit(functools.partial(eval_step, steps.ctx),
+                 in_shardings=(steps.state_shardings["params"], steps.state_shardings["routing"],
+                               steps.batch_sharding))
 
 
 def saved_shardings(mesh, abstract) -> dict:
@@ -64,144 +104,154 @@ def saved_shardings(mesh, abstract) -> dict:
   return {k: rules[k](v) for k, v in abstract.items()}
 
 
-def make(config, cfg: ModelConfig, mesh) -> Steps:
-  """The steps of training config `config` (model `cfg`) on `mesh`; experts split over its 'expert' axis."""
-  tx, lr_schedule = opt_lib.make_optimizer(config)
-  expert_parallel = ExpertParallel(mesh) if sharding.axis_size(mesh, "expert") > 1 else None
-  alpha = losses.balance_alpha(config.balance)
-  accum = int(config.grad_accum_steps)
-  max_update_ratio = float(config.nan_guard.max_update_ratio)
-  aux_free = config.balance.mode == "aux_free"
+def sq_norm(tree) -> jax.Array:
+  """The sum of squares of every element of `tree`, in float32."""
+  return sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)), jnp.zeros((), jnp.float32))
 
-  def init(rng):
-    variables = model_lib.init(cfg, rng)
-    return {"step": jnp.zeros((), jnp.int32), "params": variables["params"],
-            "routing": variables.get("routing", {}), "opt_state": tx.init(variables["params"])}
 
-  def loss_fn(params, routing, tokens, mtp_weight, ep=expert_parallel):
-    out = model_lib.forward_train(cfg, {"params": params, "routing": routing}, tokens[:, :-1], ep)
-    loss, metrics = losses.objective(cfg, out, tokens[:, 1:], mtp_weight, alpha)
-    return loss, (metrics | losses.dropped_metrics(cfg, out), losses.load_tree(out))
+def global_norm(tree) -> jax.Array:
+  return jnp.sqrt(sq_norm(tree))
 
-  def grads(params, routing, batch, mtp_weight):
-    """Mean loss/grads over `accum` micro-batches (gradient accumulation); loads are summed."""
-    if accum == 1:
-      (_, (metrics, loads)), g = jax.value_and_grad(loss_fn, has_aux=True)(params, routing, batch, mtp_weight)
-      return metrics, g, loads
-    return accumulated_grads(params, routing, batch.reshape(accum, -1, batch.shape[-1]), mtp_weight)
 
+# ---------------------------------------------------------------------------------------------------
+# The steps.
+# ---------------------------------------------------------------------------------------------------
+def init(ctx: StepContext, rng):
+  variables = model_lib.init(ctx.cfg, rng)
+  return {"step": jnp.zeros((), jnp.int32), "params": variables["params"],
+          "routing": variables.get("routing", {}), "opt_state": ctx.tx.init(variables["params"])}
+
+
+def train_step(ctx: StepContext, state, batch, mtp_weight, gamma):
+  """One training step: (state, metrics). batch: int32 [batch_size, seq_len + 1]."""
+  metrics, g, loads = grads(ctx, state["params"], state["routing"], batch, mtp_weight)
+  return update(ctx, state, metrics, g, loads, gamma)
+
+
+def eval_step(ctx: StepContext, params, routing, tokens):
+  """(cross entropy, loads) of the main model on `tokens`."""
+  out = model_lib.forward_train(ctx.cfg, {"params": params, "routing": routing}, tokens[:, :-1],
+                                ctx.expert_parallel)
+  return losses.cross_entropy(out["logits"], tokens[:, 1:]), losses.load_tree(out)
+
+
+def loss_fn(ctx: StepContext, params, routing, tokens, mtp_weight, *, ep):
+  """(loss, (metrics, loads)) of the training objective, experts dispatched by `ep`."""
+  out = model_lib.forward_train(ctx.cfg, {"params": params, "routing": routing}, tokens[:, :-1], ep)
+  loss, metrics = losses.objective(ctx.cfg, out, tokens[:, 1:], mtp_weight, ctx.alpha)
+  return loss, (metrics | losses.dropped_metrics(ctx.cfg, out), losses.load_tree(out))
+
+
+def grads(ctx: StepContext, params, routing, batch, mtp_weight):
+  """Mean loss/grads over ctx.grad_accum micro-batches (gradient accumulation); loads are summed."""
+  if ctx.grad_accum == 1:
+    grad = jax.value_and_grad(functools.partial(loss_fn, ctx, ep=ctx.expert_parallel), has_aux=True)
+    (_, (metrics, loads)), g = grad(params, routing, batch, mtp_weight)
+    return metrics, g, loads
+  return accumulated_grads(ctx, params, routing, batch.reshape(ctx.grad_accum, -1, batch.shape[-1]), mtp_weight)
+
+
+def accumulated_grads(ctx: StepContext, params, routing, micro, mtp_weight):
+  """Gradient accumulation with ONE reduction per step. Inside shard_map over the token axes every
+  device differentiates its own rows of each micro-batch and adds the partial gradients up locally
+  (check_vma=False: no psum per micro-batch); after the loop each leaf is reduce-scattered once into its
+  ZeRO-1 shards (the optimizer state's layout). micro: [accum, rows, T+1]."""
+  mesh, accum = ctx.mesh, ctx.grad_accum
+  if sharding.axis_size(mesh, "pipeline") > 1:
+    raise ValueError("steps.grads: the pipelined step reduces its gradients in dsv3.pipeline")
   token_axes = tuple(a for a in sharding.TOKEN_AXES if sharding.axis_size(mesh, a) > 1)
-  local_ep = dataclasses.replace(expert_parallel, manual=True) if expert_parallel else None
+  local_ep = dataclasses.replace(ctx.expert_parallel, manual=True) if ctx.expert_parallel else None
+  param_specs = sharding.param_specs(mesh, params)
+  grad_specs = jax.tree.map(lambda s: s.spec, sharding.zero1_shardings(mesh, params))
+  devices = int(np.prod([sharding.axis_size(mesh, a) for a in token_axes]))
+  grad = jax.value_and_grad(functools.partial(loss_fn, ctx, ep=local_ep), has_aux=True)
 
-  def accumulated_grads(params, routing, micro, mtp_weight):
-    """Gradient accumulation with ONE reduction per step. Inside shard_map over the token axes every
-    device differentiates its own rows of each micro-batch and adds the partial gradients up locally
-    (check_vma=False: no psum per micro-batch); after the loop each leaf is reduce-scattered once into its
-    ZeRO-1 shards (the optimizer state's layout). micro: [accum, rows, T+1]."""
-    if sharding.axis_size(mesh, "pipeline") > 1:
-      raise ValueError("steps.grads: the pipelined step reduces its gradients in dsv3.pipeline")
-    param_specs = sharding.param_specs(mesh, params)
-    grad_specs = jax.tree.map(lambda s: s.spec, sharding.zero1_shardings(mesh, params))
-    devices = int(np.prod([sharding.axis_size(mesh, a) for a in token_axes]))
-    grad = jax.value_and_grad(functools.partial(loss_fn, ep=local_ep), has_aux=True)
+  def reduce(g, param_spec, grad_spec):
+    """psum over the token axes the parameter is not split over, scattering over the axes ZeRO-1 adds."""
+    axes = [a for a in token_axes if a not in jax.tree.leaves(tuple(param_spec))]
+    padded = lambda spec: tuple(spec) + (None,) * (g.ndim - len(spec))
+    gained = [(i, z) for i, (p, z) in enumerate(zip(padded(param_spec), padded(grad_spec))) if p != z]
+    if gained:
+      dim, scatter = gained[0]
+      scatter = tuple(scatter) if isinstance(scatter, tuple) else (scatter,)
+      g = jax.lax.psum_scatter(g, scatter, scatter_dimension=dim, tiled=True)
+      axes = [a for a in axes if a not in scatter]
+    return (jax.lax.psum(g, tuple(axes)) if axes else g) / (devices * accum)
 
-    def reduce(g, param_spec, grad_spec):
-      """psum over the token axes the parameter is not split over, scattering over the axes ZeRO-1 adds."""
-      axes = [a for a in token_axes if a not in jax.tree.leaves(tuple(param_spec))]
-      padded = lambda spec: tuple(spec) + (None,) * (g.ndim - len(spec))
-      gained = [(i, z) for i, (p, z) in enumerate(zip(padded(param_spec), padded(grad_spec))) if p != z]
-      if gained:
-        dim, scatter = gained[0]
-        scatter = tuple(scatter) if isinstance(scatter, tuple) else (scatter,)
-        g = jax.lax.psum_scatter(g, scatter, scatter_dimension=dim, tiled=True)
-        axes = [a for a in axes if a not in scatter]
-      return (jax.lax.psum(g, tuple(axes)) if axes else g) / (devices * accum)
+  def body(params, routing, micro, mtp_weight):
+    def one(carry, mb):
+      (_, (m, l)), g = grad(params, routing, mb, mtp_weight)
+      return jax.tree.map(jnp.add, carry, (m, g, l)), None
+    shapes = lambda: (grad(params, routing, micro[0], mtp_weight)[0][1][0], params,
+                      jax.tree.map(lambda b: b.astype(jnp.float32), routing))
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(shapes))
+    (metrics, g, loads), _ = jax.lax.scan(one, zeros, micro)
+    g = jax.tree.map(reduce, g, param_specs, grad_specs)
+    loads = jax.tree.map(lambda l: jax.lax.psum(l, token_axes) if token_axes else l, loads)
+    # Dropped MoE assignments are the step's total (expert-parallel dispatch has summed them over the
+    # devices already); the load ratio is the worst device's; the rest are means.
+    for k, v in metrics.items():
+      if k.startswith("ep_dropped"):
+        metrics[k] = v if local_ep or not token_axes else jax.lax.psum(v, token_axes)
+      elif k == "ep_load_ratio":
+        metrics[k] = (jax.lax.pmax(v, token_axes) if token_axes else v) / accum
+      else:
+        metrics[k] = (jax.lax.pmean(v, token_axes) if token_axes else v) / accum
+    return metrics, g, loads
 
-    def body(params, routing, micro, mtp_weight):
-      def one(carry, mb):
-        (_, (m, l)), g = grad(params, routing, mb, mtp_weight)
-        return jax.tree.map(jnp.add, carry, (m, g, l)), None
-      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: (grad(params, routing, micro[0], mtp_weight)[0][1][0],
-                                                                   params, jax.tree.map(lambda b: b.astype(jnp.float32), routing))))
-      (metrics, g, loads), _ = jax.lax.scan(one, zeros, micro)
-      g = jax.tree.map(reduce, g, param_specs, grad_specs)
-      loads = jax.tree.map(lambda l: jax.lax.psum(l, token_axes) if token_axes else l, loads)
-      # Dropped MoE assignments are the step's total (expert-parallel dispatch has summed them over the
-      # devices already); the load ratio is the worst device's; the rest are means.
-      for k, v in metrics.items():
-        if k.startswith("ep_dropped"):
-          metrics[k] = v if local_ep or not token_axes else jax.lax.psum(v, token_axes)
-        elif k == "ep_load_ratio":
-          metrics[k] = (jax.lax.pmax(v, token_axes) if token_axes else v) / accum
-        else:
-          metrics[k] = (jax.lax.pmean(v, token_axes) if token_axes else v) / accum
-      return metrics, g, loads
+  replicated = lambda tree: jax.tree.map(lambda _: P(), tree)
+  fn = jax.shard_map(body, mesh=mesh, check_vma=False,
+                     in_specs=(param_specs, replicated(routing), P(None, token_axes or None), P()),
+                     out_specs=(P(), grad_specs, replicated(routing)))
+  return fn(params, routing, micro, mtp_weight)
 
-    replicated = lambda tree: jax.tree.map(lambda _: P(), tree)
-    fn = jax.shard_map(body, mesh=mesh, check_vma=False,
-                       in_specs=(param_specs, replicated(routing), P(None, token_axes or None), P()),
-                       out_specs=(P(), grad_specs, replicated(routing)))
-    return fn(params, routing, micro, mtp_weight)
 
-  def apply_update(state, grads, loads, gamma, grad_norm, units=None):
-    """The optimizer and routing-bias updates of the model or of a part of it, clipped by `grad_norm` (the
-    whole model's). Returns (state, sums): squared norms of the update and of the params before and after,
-    and the MaxVio sum and max over MoE layers, over the given `units` (dsv3.layout.select; None: all), so
-    that a pipeline rank can count each unit it shares with another rank once."""
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"], global_norm=grad_norm)
-    params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), state["params"], updates)
-    routing = state["routing"]
-    if aux_free and routing:
-      routing = losses.update_bias(routing, loads, gamma)
-    part = (lambda t: t) if units is None else (lambda t: layout.select(t, units))
-    sums = {"update": sq_norm(part(updates)), "params": sq_norm(part(state["params"])),
-            "new_params": sq_norm(part(params))}
-    vio = [losses.max_violation(l) for l in layout.moe_loads(part(loads))]
-    if vio:
-      vio = jnp.concatenate([jnp.atleast_1d(v) for v in vio])
-      sums.update(vio_sum=vio.sum(), vio_max=vio.max())
-    return {"step": state["step"] + 1, "params": params, "routing": routing, "opt_state": opt_state}, sums
+def update(ctx: StepContext, state, metrics, grads, loads, gamma):
+  """The optimizer update, the routing-bias update and the divergence guard, all on device."""
+  grad_norm = global_norm(grads)
+  new, sums = apply_update(ctx, state, grads, loads, gamma, grad_norm)
+  guard, metrics = check(ctx, state["guard"], new["step"], metrics, grad_norm, sums)
+  return dict(new, guard=guard), metrics
 
-  def check(guard, step, metrics, grad_norm, sums):
-    """The divergence guard and the step's metrics from the whole model's norms (`sums` added up).
 
-    guard is sticky: the first step whose loss, gradient norm, update or new parameters are non-finite,
-    or whose ||update|| / ||params|| exceeds nan_guard.max_update_ratio, is recorded there (with its
-    values) and kept; the host reads it only where it syncs anyway (logging, eval, saving)."""
-    update_norm = jnp.sqrt(sums["update"])
-    update_ratio = update_norm / jnp.maximum(jnp.sqrt(sums["params"]), 1e-30)
-    ok = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
-          & jnp.isfinite(jnp.sqrt(sums["new_params"])))
-    if max_update_ratio > 0:
-      ok &= update_ratio <= max_update_ratio
-    lr = lr_schedule(step - 1)
-    first_bad = (guard["step"] < 0) & ~ok
-    now = {"step": step, "loss": metrics["loss"].astype(jnp.float32), "grad_norm": grad_norm,
-           "update_ratio": update_ratio, "lr": lr}
-    guard = {k: jnp.where(first_bad, now[k], guard[k]).astype(guard[k].dtype) for k in guard}
-    metrics = dict(metrics, grad_norm=grad_norm, update_ratio=update_ratio, lr=lr)
-    if "vio_sum" in sums:
-      metrics.update(maxvio_batch_mean=sums["vio_sum"] / cfg.num_moe_layers, maxvio_batch_max=sums["vio_max"])
-    return guard, metrics
+def apply_update(ctx: StepContext, state, grads, loads, gamma, grad_norm, units=None):
+  """The optimizer and routing-bias updates of the model or of a part of it, clipped by `grad_norm` (the
+  whole model's). Returns (state, sums): squared norms of the update and of the params before and after,
+  and the MaxVio sum and max over MoE layers, over the given `units` (dsv3.layout.select; None: all), so
+  that a pipeline rank can count each unit it shares with another rank once."""
+  updates, opt_state = ctx.tx.update(grads, state["opt_state"], state["params"], global_norm=grad_norm)
+  params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), state["params"], updates)
+  routing = state["routing"]
+  if ctx.aux_free and routing:
+    routing = losses.update_bias(routing, loads, gamma)
+  part = (lambda t: t) if units is None else (lambda t: layout.select(t, units))
+  sums = {"update": sq_norm(part(updates)), "params": sq_norm(part(state["params"])),
+          "new_params": sq_norm(part(params))}
+  vio = [losses.max_violation(l) for l in layout.moe_loads(part(loads))]
+  if vio:
+    vio = jnp.concatenate([jnp.atleast_1d(v) for v in vio])
+    sums.update(vio_sum=vio.sum(), vio_max=vio.max())
+  return {"step": state["step"] + 1, "params": params, "routing": routing, "opt_state": opt_state}, sums
 
-  def update(state, metrics, grads, loads, gamma):
-    """The optimizer update, the routing-bias update and the divergence guard, all on device."""
-    grad_norm = global_norm(grads)
-    new, sums = apply_update(state, grads, loads, gamma, grad_norm)
-    guard, metrics = check(state["guard"], new["step"], metrics, grad_norm, sums)
-    return dict(new, guard=guard), metrics
 
-  def train(state, batch, mtp_weight, gamma):
-    metrics, g, loads = grads(state["params"], state["routing"], batch, mtp_weight)
-    return update(state, metrics, g, loads, gamma)
+def check(ctx: StepContext, guard, step, metrics, grad_norm, sums):
+  """The divergence guard and the step's metrics from the whole model's norms (`sums` added up).
 
-  def evaluate(params, routing, tokens):
-    out = model_lib.forward_train(cfg, {"params": params, "routing": routing}, tokens[:, :-1], expert_parallel)
-    return losses.cross_entropy(out["logits"], tokens[:, 1:]), losses.load_tree(out)
-
-  abstract = jax.eval_shape(lambda: init(jax.random.key(config.seed)))   # no array anywhere
-  saved = saved_shardings(mesh, abstract)
-  state_shardings = dict(saved, guard={k: sharding.replicated(mesh) for k in CLEAN_GUARD})
-  return Steps(init=init, train=train, grads=grads, update=update, apply_update=apply_update, check=check,
-               eval=evaluate, abstract=abstract, saved_shardings=saved,
-               state_shardings=state_shardings, batch_sharding=sharding.batch_sharding(mesh), alpha=alpha)
+  guard is sticky: the first step whose loss, gradient norm, update or new parameters are non-finite,
+  or whose ||update|| / ||params|| exceeds nan_guard.max_update_ratio, is recorded there (with its
+  values) and kept; the host reads it only where it syncs anyway (logging, eval, saving)."""
+  update_norm = jnp.sqrt(sums["update"])
+  update_ratio = update_norm / jnp.maximum(jnp.sqrt(sums["params"]), 1e-30)
+  ok = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
+        & jnp.isfinite(jnp.sqrt(sums["new_params"])))
+  if ctx.max_update_ratio > 0:
+    ok &= update_ratio <= ctx.max_update_ratio
+  lr = ctx.lr_schedule(step - 1)
+  first_bad = (guard["step"] < 0) & ~ok
+  now = {"step": step, "loss": metrics["loss"].astype(jnp.float32), "grad_norm": grad_norm,
+         "update_ratio": update_ratio, "lr": lr}
+  guard = {k: jnp.where(first_bad, now[k], guard[k]).astype(guard[k].dtype) for k in guard}
+  metrics = dict(metrics, grad_norm=grad_norm, update_ratio=update_ratio, lr=lr)
+  if "vio_sum" in sums:
+    metrics.update(maxvio_batch_mean=sums["vio_sum"] / ctx.cfg.num_moe_layers, maxvio_batch_max=sums["vio_max"])
+  return guard, metrics

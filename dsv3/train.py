@@ -1,29 +1,13 @@
-"""Trains DeepSeek-V3 (any size) from an ml_collections config.
+"""Trains DeepSeek-V3 (any size) from an ml_collections config: one main, big_vision style.
 
   python -m dsv3.train --config=configs/tiny.py --workdir=/tmp/dsv3_tiny [--config.num_train_steps=50]
 
-Resume order: a checkpoint in --workdir  >  --config.init_from (HF dir or orbax dir)  >  from scratch.
-Running the same command again after a crash, a kill -9 or a SIGTERM continues exactly where the last
-checkpoint left off (params, optimizer, routing biases, EMA, data iterator position).
-
-Writes to the workdir: metrics.jsonl (one JSON object per logged step, with the peak memory:
-device_peak_bytes, or host_peak_rss_bytes where the backend reports none, as on CPU), TensorBoard events
-(tb/), orbax checkpoints (checkpoints/), and with config.profile.num_steps > 0 a jax.profiler trace of steps
-profile.start_step .. start_step+num_steps-1 (profile/plugins/profile/<time>/<host>.xplane.pb: TensorBoard's
-profile plugin or Perfetto). Every step runs under a StepTraceAnnotation("train", step_num=N).
-
-Checkpoints: the latest keep_checkpoints, and with keep_best_by='val_loss' also the keep_best with the
-lowest val_loss; a checkpoint is ranked by the evaluation at its own step (config validation makes
-eval_every_steps divide checkpoint_every_steps; the last step always evaluates), one saved without (on a
-signal) by recency only. `python -m dsv3.convert --to=hf --best` exports the best.
-
-Divergence guard: each step checks on device that the loss, the gradient norm, the update and the new
-parameters are finite and that ||update|| / ||params|| <= config.nan_guard.max_update_ratio, and keeps the
-first bad step in the train state; the host reads it where it syncs anyway (logging, evaluation, before
-every save), so a checkpoint is written only once every step up to it is known good. A bad step raises
-TrainingError naming it, what was bad, the last (good) checkpoint and a learning rate to resume with.
-Signals: SIGTERM/SIGINT in any process -> all processes save the same step and exit 0.
-Console: a progress bar, one line per evaluation and a summary; library INFO logs need -v 1 / --verbosity.
+Resumes from a checkpoint in --workdir, else from --config.init_from (HF or orbax dir), else from scratch;
+the same command after a crash, kill -9 or SIGTERM continues exactly where the last checkpoint left off.
+Writes metrics.jsonl, TensorBoard events (tb/), orbax checkpoints (checkpoints/; with keep_best_by also the
+best) and, with config.profile, a jax.profiler trace (profile/). A diverged step (dsv3.steps.check) raises
+TrainingError naming the last good checkpoint and a learning rate to rerun with. README: "Nothing a user
+does loses data" and "Large checkpoints, serving, profiling, best checkpoints".
 """
 from __future__ import annotations
 
@@ -45,7 +29,7 @@ from dsv3 import checkpoint as ckpt_lib
 from dsv3 import cli, compile_only, convert, distributed, hf, hf_config
 from dsv3 import data as data_lib
 from dsv3 import ema as ema_lib
-from dsv3 import layout, losses, metrics as metrics_lib, optimizer as opt_lib, plan, sharding
+from dsv3 import layout, losses, metrics as metrics_lib, optimizer as opt_lib, plan, resume, sharding
 from dsv3 import steps as steps_lib
 from dsv3 import workdir as workdir_lib
 from dsv3.config import ModelConfig
@@ -91,23 +75,26 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 def _train_and_evaluate(config, workdir: str) -> dict:
   # ------------------------------------------------------------------------------------------------
-  # Config, mesh, data.
+  # Setup: the model config, the mesh and (pipelined) the schedule's stage split, checked now.
   # ------------------------------------------------------------------------------------------------
   cfg = ModelConfig.from_config_dict(config)
   mesh = sharding.make_mesh(config.mesh)
   pipelined = config.mesh.pipeline > 1
-  if pipelined:   # the schedule and the stage split, checked now rather than at the first step
+  if pipelined:
     executor.get_plan(cfg, config.pipeline.schedule, config.mesh.pipeline, config.pipeline.microbatches,
                       devices=mesh)
-  # Pipelined, every process reads the whole global batch: its ranks' first and last stages need the
-  # rows of every micro-batch (the embedding takes the inputs, the loss the labels).
-  datasets = (data_lib.make_datasets(config, process_index=0, process_count=1) if pipelined
-              else data_lib.make_datasets(config))
-  datasets.check_vocab(cfg.vocab_size)
   total_steps = int(config.num_train_steps)
 
   # ------------------------------------------------------------------------------------------------
-  # The steps (dsv3.steps): pure (state, batch) -> (state, metrics), jitted with shardings and donation.
+  # Data. Pipelined, every process reads the whole global batch: its ranks' first and last stages need
+  # the rows of every micro-batch (the embedding takes the inputs, the loss the labels).
+  # ------------------------------------------------------------------------------------------------
+  datasets = (data_lib.make_datasets(config, process_index=0, process_count=1) if pipelined
+              else data_lib.make_datasets(config))
+  datasets.check_vocab(cfg.vocab_size)
+
+  # ------------------------------------------------------------------------------------------------
+  # Model and state: dsv3.steps.train_step (pure, module-level), jitted with shardings and donation.
   # ------------------------------------------------------------------------------------------------
   # Pipelined, the state is per rank (dsv3.pipeline.pipelined): state["ranks"][r] holds rank r's units on
   # its sub-mesh, and checkpoints and the EMA see each unit once (ps.view). The checkpointed state leaves
@@ -115,35 +102,35 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   ps = pipelined_lib.PipelinedSteps(config, cfg, mesh) if pipelined else None
   steps = ps.steps if pipelined else steps_lib.make(config, cfg, mesh)
   saved_shardings, state_shardings = steps.saved_shardings, steps.state_shardings
-  batch_sharding = steps.batch_sharding
   if pipelined:
-    def step_fn(state, batch, mtp_weight, gamma):
+    def train_step(state, batch, mtp_weight, gamma):
       # batch: the global batch on the host; every rank updates its own units.
       ranks, guard, metrics = ps.train(state["ranks"], state["guard"], batch, mtp_weight, gamma)
       return {"ranks": ranks, "guard": guard}, metrics
   else:
-    step_fn = jax.jit(steps.train, donate_argnums=0, in_shardings=(state_shardings, batch_sharding, None, None),
-                      out_shardings=(state_shardings, None))
-  eval_step = jax.jit(steps.eval, in_shardings=(state_shardings["params"], state_shardings["routing"],
-                                                batch_sharding))
+    train_step = steps_lib.jit_train_step(steps)
+  eval_step = steps_lib.jit_eval_step(steps)
+
+  def batch_to_global(local_batch):
+    """This process's rows of a batch as the global array the steps take (unpipelined runs)."""
+    return jax.make_array_from_process_local_data(steps.batch_sharding, np.asarray(local_batch, np.int32))
 
   # ------------------------------------------------------------------------------------------------
-  # Restore: workdir checkpoint > init_from > scratch.
+  # Checkpoint / resume: a workdir checkpoint > init_from > scratch.
   # ------------------------------------------------------------------------------------------------
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
                                        save_every=config.checkpoint_every_steps, best_by=config.keep_best_by,
                                        keep_best=config.keep_best)
-  flat_config = ckpt_lib.flatten_config(config)
-  params_like = (jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              ps.abstract["params"], ps.view_shardings["params"]) if pipelined else
-                 jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              steps.abstract["params"], saved_shardings["params"]))
+  flat_config = resume.flatten_config(config)
   # Sharded like the params, in host memory: each process keeps its own shards.
+  params_like = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                             *((ps.abstract["params"], ps.view_shardings["params"]) if pipelined else
+                               (steps.abstract["params"], saved_shardings["params"])))
   ema = ema_lib.HostEMA(config.ema_decay, params_like) if config.ema_decay else None
   writer = metrics_lib.MetricWriter(workdir, total_steps)
   if checkpointer.latest_step() is not None:
     # None, or the (name, old, new) fields that may change on resume (e.g. learning_rate) and did.
-    changed = ckpt_lib.check_compatible(checkpointer.read_extras()["config"], flat_config)
+    changed = resume.check_compatible(checkpointer.read_extras()["config"], flat_config)
     state, restored = pipelined_lib.restore(checkpointer, cfg, steps, mesh, ps, ema)
     state = {"ranks": state} if pipelined else state
     datasets.train.set_state(restored.extras["data"])
@@ -177,7 +164,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
     return checkpointer.save(step, tree, extras, force=force, metrics=metrics)
 
   # ------------------------------------------------------------------------------------------------
-  # Evaluation: validation loss and perplexity (raw and EMA params), MaxVio_global.
+  # Eval: validation loss and perplexity (raw and EMA params), MaxVio_global.
   # ------------------------------------------------------------------------------------------------
   def evaluate(state, params=None):
     """Validation loss and MaxVio_global of the state's params, or of `params` (the EMA's, same layout)."""
@@ -197,12 +184,6 @@ def _train_and_evaluate(config, workdir: str) -> dict:
       vio = np.asarray(losses.max_violation(loads))
       out.update(maxvio_global_mean=float(vio.mean()), maxvio_global_max=float(vio.max()))
     return out
-
-  def batch_to_global(local_batch):
-    local_batch = np.asarray(local_batch, np.int32)
-    if pipelined:      # every process holds the whole global batch
-      return jax.make_array_from_callback(local_batch.shape, batch_sharding, lambda i: local_batch[i])
-    return jax.make_array_from_process_local_data(batch_sharding, local_batch)
 
   # ------------------------------------------------------------------------------------------------
   # The loop.
@@ -251,7 +232,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
         # The pipeline executor places each stage on its own sub-mesh, so it runs outside any mesh context.
         # Host scalars: jit takes them without recompiling, and the executor reads them without a sync.
         with contextlib.nullcontext() if pipelined else jax.set_mesh(mesh):
-          state, metrics = step_fn(state, batch, np.float32(mtp_weight), np.float32(gamma))
+          state, metrics = train_step(state, batch, np.float32(mtp_weight), np.float32(gamma))
         done = step + 1
         if "ep_dropped" in metrics:
           run_dropped = metrics["ep_dropped"] + (0 if run_dropped is None else run_dropped)
@@ -302,6 +283,9 @@ def _train_and_evaluate(config, workdir: str) -> dict:
                        f": saved step {done}")
         break
     finished = True
+  # ------------------------------------------------------------------------------------------------
+  # The end: the trace, the signal handlers, pending saves; a summary of a finished run.
+  # ------------------------------------------------------------------------------------------------
   finally:
     if tracing:               # a run that stopped (or failed) inside the profiled steps keeps what it traced
       jax.profiler.stop_trace()

@@ -14,6 +14,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dsv3 import checkpoint as ckpt_lib
+from dsv3 import resume
 from disk import snapshot
 
 
@@ -201,16 +202,16 @@ def test_check_compatible():
   new = {"model": {"hidden_size": 128, "num_layers": 2}, "num_train_steps": 500, "mesh": {"data": 1},
          "workdir": "/b", "seq_len": 32, "shape": [1, 2], "precision": "fp8", "learning_rate": 1e-3}
   with pytest.raises(ValueError) as e:
-    ckpt_lib.check_compatible(saved, new)
+    resume.check_compatible(saved, new)
   msg = str(e.value)
   assert "model.hidden_size: checkpoint has 64, current config has 128" in msg
   assert "precision" in msg and "new --workdir" in msg and "--config.model.hidden_size=64" in msg
   assert "precision: checkpoint has no value, current config has 'fp8'" in msg
   named = [line.split(":")[0].strip() for line in msg.splitlines() if line.startswith("  ")]
   assert named == ["model.hidden_size", "precision"]  # allowed or equal fields are not reported
-  changes = ckpt_lib.check_compatible(saved, new, ignore=ckpt_lib.DEFAULT_IGNORE + ("model.*", "precision"))
+  changes = resume.check_compatible(saved, new, ignore=resume.DEFAULT_IGNORE + ("model.*", "precision"))
   assert ("learning_rate", 1e-6, 1e-3) in changes and ("precision", None, "fp8") in changes
-  assert "learning_rate 1e-06 -> 0.001" in ckpt_lib.format_changes(changes)
+  assert "learning_rate 1e-06 -> 0.001" in resume.format_changes(changes)
 
 
 def test_schedule_and_optimizer_fields_may_change_on_resume():
@@ -224,11 +225,11 @@ def test_schedule_and_optimizer_fields_may_change_on_resume():
          "b2": 0.99, "mtp_weight": 0.1, "mtp_weight_final": 0.0, "balance": {"gamma": 0.0, "gamma_final": 0.0},
          "eval_every_steps": 10, "eval_batches": 1, "data": {"eval_batches": 1, "seq_len": 32},
          "model": {"hidden_size": 64}, "nan_guard": {"max_bad_steps": 3}, "profile": {"steps": 2}}
-  changes = {n: (a, b) for n, a, b in ckpt_lib.check_compatible(saved, new)}
+  changes = {n: (a, b) for n, a, b in resume.check_compatible(saved, new)}
   assert changes["learning_rate"] == (1e-6, 1e-3) and changes["nan_guard.max_bad_steps"] == (None, 3)
   assert len(changes) == 18 and "balance.gamma_final" not in changes  # unchanged fields are not reported
   with pytest.raises(ValueError, match="data.seq_len: checkpoint has 32, current config has 64"):
-    ckpt_lib.check_compatible(saved, {**new, "data": {"eval_batches": 1, "seq_len": 64}})
+    resume.check_compatible(saved, {**new, "data": {"eval_batches": 1, "seq_len": 64}})
 
 
 # --------------------------------------------------------------------------------------------------

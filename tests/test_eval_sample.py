@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from dsv3 import checkpoint as ckpt_lib
-from dsv3 import corpus, data
+from dsv3 import corpus, data, resume
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho".split()
 
@@ -130,10 +129,10 @@ def test_default_split_holds_out_enough_of_the_stdlib():
 def test_resuming_a_run_made_with_the_old_default_split_names_the_field():
   # A checkpoint of the 0.02 default: its training data differ, so resuming says which flag restores them;
   # the size of the validation sample may change freely.
-  new = ckpt_lib.flatten_config(tiny.get_config())
+  new = resume.flatten_config(tiny.get_config())
   old = dict(new, **{"data.validation_fraction": 0.02, "data.eval_batches": 16, "eval_batches": 4})
   with pytest.raises(ValueError, match=r"data\.validation_fraction: checkpoint has 0\.02.*\n.*"
                                        r"--config\.data\.validation_fraction=0\.02"):
-    ckpt_lib.check_compatible(old, new)
-  changes = ckpt_lib.check_compatible(dict(old, **{"data.validation_fraction": 0.1}), new)
+    resume.check_compatible(old, new)
+  changes = resume.check_compatible(dict(old, **{"data.validation_fraction": 0.1}), new)
   assert {n for n, _, _ in changes} == {"data.eval_batches", "eval_batches"}

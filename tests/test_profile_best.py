@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 from dsv3 import checkpoint as ckpt_lib
-from dsv3 import convert, train
+from dsv3 import convert, resume, train
 from dsv3 import metrics as metrics_lib
 from dsv3.config import ConfigError
 from dsv3.train_config import validate_train_config
@@ -73,10 +73,10 @@ def test_memory_stats_device_peak_or_host_rss():
 
 
 def test_profile_and_keep_best_fields_may_change_on_resume():
-  a = ckpt_lib.flatten_config(small_config())
-  b = ckpt_lib.flatten_config(small_config(keep_best_by="val_loss", keep_best=2, eval_every_steps=2,
+  a = resume.flatten_config(small_config())
+  b = resume.flatten_config(small_config(keep_best_by="val_loss", keep_best=2, eval_every_steps=2,
                                            **{"profile.start_step": 3, "profile.num_steps": 2}))
-  changed = {name for name, _, _ in ckpt_lib.check_compatible(a, b)}
+  changed = {name for name, _, _ in resume.check_compatible(a, b)}
   assert changed == {"keep_best_by", "keep_best", "eval_every_steps", "profile.start_step", "profile.num_steps"}
 
 

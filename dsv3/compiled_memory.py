@@ -1,0 +1,118 @@
+"""Per-device memory of compiled programs, and of a pipeline rank over its step (compile_only's report).
+
+A program's figures are its `compiled.memory_analysis()`; a pipelined rank's peak is not one program's, so
+`rank_peak` adds what it holds across programs to each phase's compiled temporaries. GB = 1e9 bytes.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def bytes_per_device(tree) -> int:
+  """Bytes one device holds of a tree of ShapeDtypeStructs with shardings (every device holds as much)."""
+  return sum(int(np.prod(a.sharding.shard_shape(a.shape))) * jnp.dtype(a.dtype).itemsize
+             for a in jax.tree.leaves(tree))
+
+
+def program_memory(compiled) -> dict:
+  """Per-device bytes of one compiled program (its memory_analysis), with its peak."""
+  m = compiled.memory_analysis()
+  get = lambda name: int(getattr(m, name, 0) or 0)
+  out = dict(argument_bytes=get("argument_size_in_bytes"), output_bytes=get("output_size_in_bytes"),
+             temp_bytes=get("temp_size_in_bytes"), alias_bytes=get("alias_size_in_bytes"),
+             generated_code_bytes=get("generated_code_size_in_bytes"))
+  # XLA:GPU's peak comes from buffer assignment's heap simulation; XLA:CPU's can be below the arguments plus
+  # the temp buffer that are live together, so the larger of the two is reported, and both are kept.
+  out["compiler_peak_bytes"] = get("peak_memory_in_bytes")
+  out["sum_bytes"] = out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"] - out["alias_bytes"]
+  out["peak_bytes"] = max(out["compiler_peak_bytes"], out["sum_bytes"])
+  return out
+
+
+def rank_peak(info: dict, rows: list) -> dict:
+  """Rank info's peak bytes per device over one step, from its representative's compiled programs (rows).
+  held: the state (less the params, which the step's copies stand in for) + copies and accumulators.
+
+    forward/backward phase  held + in-flight x residuals + the largest F temp or B/B*/W temp and new outputs
+    gradient sums           held + the sums' temp and output (the ZeRO-1 gradients)
+    copies                  state + the parameter copies (the moment they are taken or given back)
+    update                  the update program's peak (state, gradients, optimizer temporaries)
+    evaluation              state + an eval program's temp and output
+
+  The residuals of one micro-batch are the largest output of the rank's F programs (its VJP residuals and
+  the activation it sends on)."""
+  mine = [r for r in rows if r["program"] in info["programs"]]
+  kind = lambda r: r["program"].split("_")[1]
+  of = lambda *kinds: [r for r in mine if kind(r) in kinds]
+  # During the step the params live in the copies (taken at its start, given back at its end).
+  held = info["state_bytes"] - info["params_bytes"] * info["params_in_copies"] + info["copies_bytes"]
+  residual = max(r["output_bytes"] for r in of("F"))
+  # F's outputs are the residuals counted in flight; a backward's are the input gradient, cotangents and the
+  # accumulator (donated: aliased); an F&B's are both, its F's residuals among those counted in flight.
+  work = max([r["temp_bytes"] for r in of("F")]
+             + [r["temp_bytes"] + r["output_bytes"] - r["alias_bytes"] for r in of("B", "Bstar", "W")]
+             + [r["temp_bytes"] + r["output_bytes"] - r["alias_bytes"] - residual for r in of("FB", "FBstar")])
+  phases = dict(
+      forward_backward=held + info["inflight_microbatches"] * residual + work,
+      sums=held + max(r["temp_bytes"] + r["output_bytes"] for r in of("sums")),
+      copies=info["state_bytes"] + info["copies_bytes"] // 2,      # taking the params / giving them back
+      update=max(r["peak_bytes"] for r in of("update")),
+      evaluation=info["state_bytes"] + max([r["temp_bytes"] + r["output_bytes"] for r in of("eval")] or [0]))
+  worst = max(phases, key=phases.get)
+  return dict(info, residual_bytes_per_microbatch=residual, working_bytes=work, phases=phases,
+              peak_phase=worst, peak_bytes=phases[worst])
+
+
+def peaks(rows: list, ranks: Optional[list]) -> dict:
+  """The worst figures of memory.json: over mesh positions, or pipelined over ranks (`rank_peak`), and the
+  worst single program. rows: program_memory's per program (with 'program' and 'position')."""
+  worst_program = max(rows, key=lambda r: r["peak_bytes"])
+  if ranks is not None:
+    ranks = [rank_peak(info, rows) for info in ranks]
+    worst_rank = max(ranks, key=lambda r: r["peak_bytes"])
+    max_peak, max_position = worst_rank["peak_bytes"], f"rank{worst_rank['rank']} ({worst_rank['peak_phase']})"
+  else:
+    max_peak, max_position = worst_program["peak_bytes"], worst_program["position"]
+  return dict(ranks=ranks, max_peak_bytes_per_device=max_peak, max_peak_position=max_position,
+              max_program_peak_bytes=worst_program["peak_bytes"], max_peak_program=worst_program["program"])
+
+
+def gb(n: Optional[int]) -> str:
+  return "-" if n is None else f"{n / 1e9:.3f}"
+
+
+def format_table(result: dict) -> str:
+  """The per-device memory table (GB = 1e9 bytes) with the worst position, the estimate and the notes."""
+  head = (f"compile-only {result['target']} ({result['device_kind']}, {result['devices']} devices, mesh "
+          f"{result['mesh']}): memory per device, GB")
+  cols = ("program", "position", "argument", "output", "temp", "alias", "peak")
+  lines = [head, f"{cols[0]:<24} {cols[1]:<26}" + "".join(f"{c:>10}" for c in cols[2:])]
+  for r in result["programs"]:
+    lines.append(f"{r['program']:<24} {r['position']:<26}" + "".join(
+        f"{gb(r[k + '_bytes']):>10}" for k in cols[2:]))
+  if result.get("ranks"):
+    cols = ("rank", "stages", "inflight", "state", "copies", "residual", "working", "peak", "phase")
+    lines.append("per rank over the step (GB per device; copies = parameter copies + gradient accumulators, "
+                 "residual = one micro-batch's):")
+    lines.append("".join(f"{c:>10}" for c in cols))
+    for r in result["ranks"]:
+      lines.append("".join(f"{v:>10}" for v in (
+          r["rank"], ",".join(map(str, r["stages"])), r["inflight_microbatches"],
+          gb(r["state_bytes"]), gb(r["copies_bytes"]), gb(r["residual_bytes_per_microbatch"]),
+          gb(r["working_bytes"]), gb(r["peak_bytes"]))) + f"  {r['peak_phase']}")
+  for r in result["programs"]:
+    if "overlap" in r:
+      o = r["overlap"]
+      lines.append(f"{r['program']}: {o['count']} expert all-to-alls, {o['asynchronous']:.0%} asynchronous, "
+                   f"{o['hidden_by_other_chunk']:.0%} of their bytes under the other chunk's GEMMs (dsv3.overlap)")
+  cap = result["capacity_bytes_per_device"]
+  lines.append(f"max peak {gb(result['max_peak_bytes_per_device'])} GB ({result['max_peak_position']})"
+               + (f" of {gb(cap)} GB" if cap else "")
+               + f"; dsv3.plan estimate {gb(result['estimated_peak_bytes_per_device'])} GB (with activations), "
+               f"ratio {result['peak_over_estimate']:.2f}")
+  lines += [f"note: {n}" for n in result["notes"]]
+  return "\n".join(lines)
