@@ -1,6 +1,7 @@
-"""Every `python -m dsv3...` command the README shows works: its module is an entry point that defines the
-flags the README passes it, and a test (named in RUN_BY) runs that command. A README edit that drifts from
-the code, or a new command without a test, fails here."""
+"""Every `python -m dsv3...` command the README and docs/ show works: its module is an entry point that defines
+the flags they pass it, and a test (named in RUN_BY) runs that command. Their links resolve, the files they
+name exist, and nothing points outside the repository. A doc edit that drifts from the code, or a new command
+without a test, fails here."""
 import json
 import os
 import re
@@ -16,7 +17,10 @@ from dsv3 import cli, hf, model, tokenizer
 from dsv3.config import ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-README = open(os.path.join(ROOT, "README.md")).read()
+DOC_FILES = ["README.md"] + sorted(os.path.join("docs", f) for f in os.listdir(os.path.join(ROOT, "docs"))
+                                   if f.endswith(".md"))
+DOCS = {f: open(os.path.join(ROOT, f)).read() for f in DOC_FILES}
+README = "\n".join(DOCS.values())      # the commands of every page are checked alike
 SUBCOMMANDS = {"dsv3.bench": ("gpu",), "dsv3.data": ("prepare",)}
 
 # The test that runs each README command (file::function; a slow one where the command is long by nature).
@@ -39,7 +43,7 @@ RUN_BY = {
 
 
 def readme_commands() -> list:
-  """Every `python -m dsv3...` command of the README (fenced blocks with their continuation lines joined, and
+  """Every `python -m dsv3...` command of the README and docs/ (fenced blocks with their continuation lines joined, and
   inline code), as [module, args...]; optional parts in [brackets] count as given."""
   text = re.sub(r"\\\n\s*", " ", README)
   blocks = re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S)
@@ -71,6 +75,43 @@ def test_every_readme_command_is_run_by_a_test():
     parent, _, leaf = module.rpartition(".")
     assert module in test or module in body or re.search(rf"from {parent} import .*\b{leaf}\b", body), \
         f"RUN_BY[{module!r}]: {node} does not mention {module}"
+
+
+def _anchor(heading: str) -> str:
+  """GitHub's id for a markdown heading."""
+  return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_doc_links_resolve():
+  """Each relative link of the README and docs/ names a file of the repository, and its #anchor a heading."""
+  bad = []
+  for f, text in DOCS.items():
+    for target in re.findall(r"\]\(([^)\s]+)\)", re.sub(r"```.*?```", "", text, flags=re.S)):
+      if re.match(r"[a-z]+:", target):
+        continue
+      path, _, frag = target.partition("#")
+      full = os.path.normpath(os.path.join(ROOT, os.path.dirname(f), path)) if path else os.path.join(ROOT, f)
+      if not os.path.exists(full):
+        bad.append(f"{f}: {target} (no such file)")
+      elif frag and full.endswith(".md"):
+        headings = re.findall(r"^#+ (.+)$", open(full).read(), flags=re.M)
+        if frag not in {_anchor(h) for h in headings}:
+          bad.append(f"{f}: {target} (no such heading)")
+  assert not bad, bad
+
+
+def test_docs_stay_inside_the_repository():
+  """A user's clone has only the repository: no page points at a sibling folder or a file outside it."""
+  bad = [f"{f}:{n}: {line.strip()}" for f, text in DOCS.items() for n, line in enumerate(text.splitlines(), 1)
+         if "../shared" in line or "GPU_AOT" in line]
+  assert not bad, bad
+
+
+def test_named_package_paths_exist():
+  """Every dsv3/... file or folder the README and docs/ name (`dsv3/nn/moe.py`, `dsv3/training/`) exists."""
+  named = {m.group(1) for text in DOCS.values() for m in re.finditer(r"\b(dsv3/[\w/]*?(?:\.py|/))(?![\w/])", text)}
+  missing = sorted(p for p in named if not os.path.exists(os.path.join(ROOT, p)))
+  assert not missing, f"named in the docs but not in the repository: {missing}"
 
 
 def _flags(module: str, sub: str | None) -> set:
