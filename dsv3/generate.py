@@ -97,7 +97,7 @@ def _prepare(config, params, prompt_ids, max_new_tokens):
     raise ValueError(f"max_new_tokens: the prompt length {T} + max_new_tokens {max_new_tokens} = "
                      f"{T + max_new_tokens} exceeds the model's max_position_embeddings={limit}; set "
                      f"max_new_tokens <= {max(limit - T, 0)} or shorten the prompt")
-  return cfg, model._variables(cfg, params), jnp.asarray(np.atleast_2d(prompt), jnp.int32), prompt.ndim
+  return cfg, model.as_variables(cfg, params), jnp.asarray(np.atleast_2d(prompt), jnp.int32), prompt.ndim
 
 
 def generate(config, params, prompt_ids, max_new_tokens: int = 16, temperature: float = 0.0,

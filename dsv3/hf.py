@@ -262,7 +262,7 @@ def save_checkpoint(config, params, out_dir: str, max_shard_bytes: int = 4 << 30
       raise ValueError(f"save_checkpoint: dtype={dtype!r} is neither a numpy/jax float dtype nor 'fp8'") from e
   out_dir = workdir_lib.check_destination(out_dir, overwrite, flag="out_dir (--dst)")
   cfg = hf_config.as_model_config(config)
-  variables = model_lib._variables(cfg, params)
+  variables = model_lib.as_variables(cfg, params)
   tmp = workdir_lib.staging_dir(out_dir)
   try:
     _write_hf(cfg, variables, tmp, max_shard_bytes, "fp8" if fp8 else dtype)

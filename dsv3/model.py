@@ -156,7 +156,7 @@ def _init(cfg, rng, batch, seq_len):
   return Transformer(cfg).init(rng, jnp.zeros((batch, seq_len), jnp.int32), with_mtp=True)
 
 
-def _variables(cfg: ModelConfig, params) -> dict:
+def as_variables(cfg: ModelConfig, params) -> dict:
   """Accept {'params':..., 'routing':...}; a bare params tree only when the model has no MoE layer."""
   if isinstance(params, dict) and "params" in params:
     if cfg.num_moe_layers and "routing" not in params:
@@ -177,7 +177,7 @@ def _forward(cfg, variables, tokens):
 def forward(config, params, tokens) -> jax.Array:
   """Main-model logits: int32 [B, T] -> float32 [B, T, vocab] (the MTP modules are not run)."""
   cfg = hf_config.as_model_config(config)
-  return _forward(cfg, _variables(cfg, params), jnp.asarray(tokens, jnp.int32))
+  return _forward(cfg, as_variables(cfg, params), jnp.asarray(tokens, jnp.int32))
 
 
 def forward_train(cfg: ModelConfig, variables, tokens, expert_parallel=None) -> dict:
@@ -212,5 +212,5 @@ def decode(config, params, tokens, cache, cache_index):
   Returns (logits [B, T, V] f32, final hidden [B, T, H] (pre-norm, the MTP input), updated cache).
   """
   cfg = hf_config.as_model_config(config)
-  return _decode(cfg, _variables(cfg, params), jnp.asarray(tokens, jnp.int32), cache,
+  return _decode(cfg, as_variables(cfg, params), jnp.asarray(tokens, jnp.int32), cache,
                  jnp.asarray(cache_index, jnp.int32))

@@ -38,7 +38,7 @@ from dsv3 import cli
 from dsv3 import corpus as corpus_lib
 from dsv3 import tokenizer as tokenizer_lib
 from dsv3.config import ConfigError
-from dsv3.corpus import DataError, _sha
+from dsv3.corpus import DataError, digest
 
 FORMAT, FORMAT_VERSION = "dsv3.prepared", 1
 MANIFEST, JOB, CHUNKS = "manifest.json", "prepare.json", "chunks"
@@ -184,7 +184,7 @@ def prepare(source: str = "", tokenizer: str = "", out: str = "", workers: int =
          "source_format": corpus.format, "field": field, "max_files": max_files,
          "source_fingerprint": corpus.fingerprint, "files": len(corpus.files), "tokenizer": tok.fingerprint,
          "validation_fraction": fraction, "chunk_files": chunk_files}
-  job_key = _sha({k: v for k, v in job.items() if k != "source"})
+  job_key = digest({k: v for k, v in job.items() if k != "source"})
   _claim(out_dir, job)
   if (out_dir / MANIFEST).is_file() and all(_done(out_dir, i, job_key) for i in
                                             range(-(-len(corpus.files) // chunk_files))):
