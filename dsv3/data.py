@@ -22,8 +22,9 @@ import grain
 import jax
 import ml_collections
 import numpy as np
+from absl import flags
 
-from dsv3 import prepare
+from dsv3 import cli, prepare
 from dsv3 import tokenizer as tokenizer_lib
 from dsv3.config import closest_key
 # Corpus discovery and tokenization live in dsv3.corpus; their public names stay importable from here.
@@ -396,5 +397,7 @@ def _raw_streams(d, fraction: float, vocab_size: Optional[int]) -> tuple:
   return train, val, tok, fingerprint, f"{corpus.format}, {len(corpus.files)} files"
 
 
-if __name__ == "__main__":
-  prepare.run_cli()
+if __name__ == "__main__":      # python -m dsv3.data prepare --source=... --out=...
+  prepare.define_flags()
+  flags.adopt_module_key_flags(prepare)      # --help lists the main module's flags: prepare's are its own
+  cli.run(prepare.main)                      # errors are one line naming the flag (exit status 2)
