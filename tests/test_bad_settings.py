@@ -183,7 +183,7 @@ def test_plan_of_model_block_only_defaults_seq_len_within_limit():
 
 @pytest.mark.parametrize("call", [
     lambda: plan.plan(TINY_MODEL),
-    lambda: plan.flops_per_token(tiny.get_config(), 16),
+    lambda: plan.param_counts(tiny.get_config()),
     lambda: generate.generate({"vocab_size": 512}, {}, [1, 2]),
 ])
 def test_model_api_names_the_converter(call):
