@@ -200,6 +200,23 @@ class ModelConfig:
     return cls(**m).validate()
 
 
+def require_model_config(cfg, where: str) -> ModelConfig:
+  """`cfg` itself when it is a ModelConfig; else a TypeError naming `where` and the converter to call.
+
+  The model API (model, generate, plan, hf.save_checkpoint, ...) takes a ModelConfig only; an HF config.json
+  dict or a training config is converted once, where it enters (hf.load_checkpoint, the command lines, the
+  trainer), not in every function."""
+  if isinstance(cfg, ModelConfig):
+    return cfg
+  if hasattr(cfg, "model") or (isinstance(cfg, Mapping) and "model" in cfg):
+    fix = "a training config: convert it with dsv3.config.ModelConfig.from_config_dict(config)"
+  elif isinstance(cfg, Mapping):
+    fix = "an HF config.json dict: convert it with dsv3.hf_config.from_hf_dict(d)"
+  else:
+    fix = "build one with dsv3.config.ModelConfig(...) or load it with dsv3.hf.load_checkpoint"
+  raise TypeError(f"{where}: expects a dsv3.config.ModelConfig, got {type(cfg).__name__} ({fix})")
+
+
 def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
   if scale <= 1:
     return 1.0

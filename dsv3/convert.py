@@ -26,16 +26,16 @@ from absl import flags
 from dsv3 import checkpoint as ckpt_lib
 from dsv3 import cli, hf, hf_config, layout
 from dsv3 import workdir as workdir_lib
-from dsv3.config import ModelConfig
+from dsv3.config import ModelConfig, require_model_config
 
 
-def save_orbax_variables(config, variables, path: str, overwrite: bool = False) -> None:
+def save_orbax_variables(config: ModelConfig, variables, path: str, overwrite: bool = False) -> None:
   """variables/ + config.json into `path`: new or empty, or with `overwrite` a previous HF export.
 
   Written into a temporary sibling and swapped in; a workdir or orbax checkpoint at `path` is refused
   (`workdir.WorkdirError`).
   """
-  cfg = hf_config.as_model_config(config)
+  cfg = require_model_config(config, "convert.save_orbax_variables")
   path = workdir_lib.check_destination(path, overwrite)
   tmp = workdir_lib.staging_dir(path)
   try:
@@ -137,16 +137,21 @@ def main(argv):
   print(f"wrote {F.dst}" + (f" (step {step}, the best)" if F.best else ""))
 
 
-if __name__ == "__main__":
-  flags.DEFINE_enum("to", None, ["hf", "orbax"], "Target format.")
-  flags.DEFINE_string("src", None, "Source checkpoint dir.")
-  flags.DEFINE_string("dst", None, "Destination dir.")
-  flags.DEFINE_integer("step", None, "Training checkpoint step (default: latest).")
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command line's flags, defined only by `python -m dsv3.convert` (importing the module defines none)."""
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_enum("to", None, ["hf", "orbax"], "Target format.", required=True, **fv)
+  flags.DEFINE_string("src", None, "Source checkpoint dir.", required=True, **fv)
+  flags.DEFINE_string("dst", None, "Destination dir.", required=True, **fv)
+  flags.DEFINE_integer("step", None, "Training checkpoint step (default: latest).", **fv)
   flags.DEFINE_bool("best", False, "Export the training checkpoint with the lowest saved val_loss (see "
-                    "--config.keep_best_by), not the latest.")
-  flags.DEFINE_bool("overwrite", False, "Replace a previous HF export at --dst (never anything else).")
+                    "--config.keep_best_by), not the latest.", **fv)
+  flags.DEFINE_bool("overwrite", False, "Replace a previous HF export at --dst (never anything else).", **fv)
   flags.DEFINE_bool("fp8", False, "With --to=hf: DeepSeek's FP8 serving format (e4m3 weights + 128x128 "
-                    "weight_scale_inv; embedding, head, norms and gate stay unquantised).")
-  flags.mark_flags_as_required(["to", "src", "dst"])
+                    "weight_scale_inv; embedding, head, norms and gate stay unquantised).", **fv)
+
+
+if __name__ == "__main__":
+  define_flags()
   # A damaged source or an unwritable destination ends with its one-line message, not a traceback.
   cli.run(main, user_errors=(workdir_lib.WorkdirError, FileNotFoundError))

@@ -49,12 +49,13 @@ class DataError(ConfigError):
 
 
 
-def _unit_hash(key: str) -> float:
+def unit_hash(key: str) -> float:
   """A stable (machine- and run-independent) hash of `key` in [0, 1)."""
   return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") / 2.0 ** 64
 
 
-def _sha(obj) -> str:
+def digest(obj) -> str:
+  """A short, stable content key of a JSON-able object (cache keys and fingerprints)."""
   return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -71,7 +72,8 @@ class Corpus:
   fingerprint: str
 
 
-def _check_max_files(max_files) -> None:
+def check_max_files(max_files) -> None:
+  """DataError naming data.max_files unless it is an integer >= 0."""
   if not isinstance(max_files, (int, np.integer)) or isinstance(max_files, bool) or max_files < 0:
     raise DataError(f"data.max_files: must be an integer >= 0 (0 = every file), got {max_files!r}; set it to "
                     f"the number of files to use, or 0")
@@ -79,7 +81,7 @@ def _check_max_files(max_files) -> None:
 
 def stdlib_corpus(max_files: int = 0) -> Corpus:
   """The running Python's standard-library sources: real text present on every machine, no download."""
-  _check_max_files(max_files)
+  check_max_files(max_files)
   root = pathlib.Path(sysconfig.get_paths()["stdlib"])
   files = []
   for d, dirs, names in os.walk(root):
@@ -91,7 +93,7 @@ def stdlib_corpus(max_files: int = 0) -> Corpus:
     files = files[:max_files]
   names = [p.relative_to(root).as_posix() for p in files]
   # Sizes, not mtimes: identical stdlibs on different machines share one cache entry.
-  fp = _sha(["stdlib", sys.version_info[:3], [(n, p.stat().st_size) for n, p in zip(names, files)]])
+  fp = digest(["stdlib", sys.version_info[:3], [(n, p.stat().st_size) for n, p in zip(names, files)]])
   return Corpus(files, names, "text", "text", fp)
 
 
@@ -99,7 +101,7 @@ def resolve_corpus(source: str, fmt: str = "auto", field: str = "text", max_file
   """Expands `source` (paths, globs, directories, comma-separated) and settles the format."""
   if fmt not in FORMATS:
     raise DataError(f"data.format: unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
-  _check_max_files(max_files)
+  check_max_files(max_files)
   if not isinstance(source, str) or not source.strip():
     raise DataError(f"data.source: must be 'stdlib' or paths / globs / directories, got {source!r}")
   if source == "stdlib":
@@ -140,7 +142,7 @@ def resolve_corpus(source: str, fmt: str = "auto", field: str = "text", max_file
   # Names relative to the files' common directory keep the split stable if the data moves.
   common = os.path.commonpath([str(p.parent) for p in paths])
   names = [os.path.relpath(p, common) for p in paths]
-  fp = _sha([fmt, field, [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]])
+  fp = digest([fmt, field, [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]])
   return Corpus(paths, names, fmt, field, fp)
 
 
@@ -187,7 +189,7 @@ def iter_documents(corpus: Corpus) -> Iterator[tuple[str, str]]:
 
 def is_validation(name: str, fraction: float) -> bool:
   """A document's split: held out when the stable hash of its name is below `fraction`."""
-  return fraction > 0 and _unit_hash(name) < fraction
+  return fraction > 0 and unit_hash(name) < fraction
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -235,7 +237,7 @@ def _bpe_texts(corpus: Corpus, fraction: float) -> Callable[[], Iterator[str]]:
   """Training documents in hash order (a deterministic, well-mixed subset) up to _BPE_CHARS characters."""
   def texts():
     chars = 0
-    order = sorted(range(len(corpus.files)), key=lambda i: _unit_hash(corpus.names[i]))
+    order = sorted(range(len(corpus.files)), key=lambda i: unit_hash(corpus.names[i]))
     sub = dataclasses.replace(corpus, files=[corpus.files[i] for i in order],
                               names=[corpus.names[i] for i in order])
     for name, text in iter_documents(sub):
@@ -262,12 +264,12 @@ def load_tokenizer(data_cfg, corpus: Optional[Corpus] = None,
     # Always the full stdlib with one fixed split, so every experiment shares one tokenizer per vocab size.
     std = stdlib_corpus()
     return tokenizer_lib.load_or_train("", vocab_size, _bpe_texts(std, _BPE_HELD_OUT),
-                                       _sha([std.fingerprint, _BPE_CHARS]), cache)
+                                       digest([std.fingerprint, _BPE_CHARS]), cache)
   if spec == "data":
     if corpus is None or corpus.format in ("bin", "npy"):
       raise DataError("data.tokenizer: 'data' trains a BPE on data.source, which must then be text/jsonl/"
                       "parquet; use '' or a tokenizer.json path")
-    fp = _sha([corpus.fingerprint, data_cfg.validation_fraction, _BPE_CHARS])
+    fp = digest([corpus.fingerprint, data_cfg.validation_fraction, _BPE_CHARS])
     return tokenizer_lib.load_or_train("", vocab_size, _bpe_texts(corpus, data_cfg.validation_fraction),
                                        fp, cache)
   return tokenizer_lib.load(spec)

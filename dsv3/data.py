@@ -22,14 +22,15 @@ import grain
 import jax
 import ml_collections
 import numpy as np
+from absl import flags
 
-from dsv3 import prepare
+from dsv3 import cli, prepare
 from dsv3 import tokenizer as tokenizer_lib
 from dsv3.config import closest_key
 # Corpus discovery and tokenization live in dsv3.corpus; their public names stay importable from here.
 from dsv3.corpus import (FORMATS, VALIDATION_FRACTION, Corpus, DataError, encode_documents, is_validation,
                          iter_documents, load_tokenizer, resolve_corpus, stdlib_corpus, tail_cut, tail_split)
-from dsv3.corpus import _check_max_files, _sha, _unit_hash
+from dsv3.corpus import check_max_files, digest, unit_hash
 
 VERSION = 1                      # bump when tokenization or packing changes: old cached streams are ignored
 # The validation sample's shuffle seed: fixed, not config.seed, so runs with different seeds are scored on
@@ -146,12 +147,12 @@ def _prepared_streams(d, manifest: dict) -> tuple[TokenStream, TokenStream, toke
   if manifest["split"] == "tail":
     both = TokenStream(train_parts + val_parts)
     train, val = both.split(tail_cut(len(both), fraction))
-  fingerprint = _sha([manifest["source_fingerprint"], tok.fingerprint, fraction])   # as from the raw source
+  fingerprint = digest([manifest["source_fingerprint"], tok.fingerprint, fraction])   # as from the raw source
   return train, val, tok, fingerprint
 
 
 def _cached_streams(corpus: Corpus, tok, fraction: float, cache: str) -> tuple[np.ndarray, np.ndarray]:
-  key = _sha([VERSION, corpus.fingerprint, tok.fingerprint, fraction])
+  key = digest([VERSION, corpus.fingerprint, tok.fingerprint, fraction])
   paths = [tokenizer_lib.cache_dir(cache) / f"tokens-v{VERSION}-{key}-{s}.npy" for s in ("train", "val")]
   if not all(p.is_file() for p in paths):
     streams = _tokenize(iter_documents(corpus), tok, fraction)
@@ -164,7 +165,7 @@ def _cached_streams(corpus: Corpus, tok, fraction: float, cache: str) -> tuple[n
 # grain pipelines.
 
 def _epoch_offset(seed: int, epoch: int, length: int) -> int:
-  return int(_unit_hash(f"offset:{seed}:{epoch}") * length)
+  return int(unit_hash(f"offset:{seed}:{epoch}") * length)
 
 
 class TrainIterator:
@@ -182,7 +183,7 @@ class TrainIterator:
       return stream.read(start, start + length)
 
     # grain reshuffles epoch e with seed + e; hashing the seed keeps runs with seeds s and s+1 unrelated.
-    ds = grain.MapDataset.range(n).shuffle(seed=int(_unit_hash(f"shuffle:{seed}") * 2 ** 32)).repeat(None)
+    ds = grain.MapDataset.range(n).shuffle(seed=int(unit_hash(f"shuffle:{seed}") * 2 ** 32)).repeat(None)
     ds = ds.map_with_index(window)[process_index::process_count]
     self._batches = ds.batch(global_batch // process_count, drop_remainder=True)
     self._read = grain.ReadOptions(num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch)
@@ -287,7 +288,7 @@ def validate_data_config(d, model_vocab_size: Optional[int] = None) -> None:
   fraction = get("validation_fraction")
   if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 <= fraction < 1:
     raise DataError(f"data.validation_fraction: must be in [0, 1) (0 = no validation split), got {fraction!r}")
-  _check_max_files(get("max_files"))
+  check_max_files(get("max_files"))
   if not is_int(get("prefetch")) or get("prefetch") < 0:
     raise DataError(f"data.prefetch: must be an integer >= 0 (0 = no background thread), got {get('prefetch')!r}")
   manifest = prepare.find(get("source"))
@@ -392,9 +393,11 @@ def _raw_streams(d, fraction: float, vocab_size: Optional[int]) -> tuple:
   else:
     tok = load_tokenizer(d, corpus, vocab_size)
     train, val = (TokenStream([s]) for s in _cached_streams(corpus, tok, fraction, d.cache_dir))
-  fingerprint = _sha([corpus.fingerprint, tok.fingerprint if tok else "", fraction])
+  fingerprint = digest([corpus.fingerprint, tok.fingerprint if tok else "", fraction])
   return train, val, tok, fingerprint, f"{corpus.format}, {len(corpus.files)} files"
 
 
-if __name__ == "__main__":
-  prepare.run_cli()
+if __name__ == "__main__":      # python -m dsv3.data prepare --source=... --out=...
+  prepare.define_flags()
+  flags.adopt_module_key_flags(prepare)      # --help lists the main module's flags: prepare's are its own
+  cli.run(prepare.main)                      # errors are one line naming the flag (exit status 2)

@@ -131,8 +131,3 @@ def maybe_initialize(coordinator: Optional[str] = None, num_processes: Optional[
                           coordinator=coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS"),
                           local_device_ids=ids, source=source)
   return _INFO
-
-
-def is_coordinator() -> bool:
-  """Process 0 writes logs and metrics; every process takes part in checkpoints and collectives."""
-  return jax.process_index() == 0

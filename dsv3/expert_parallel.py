@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
-from dsv3 import fp8, moe
+from dsv3 import backend, fp8, moe
 from dsv3.config import ModelConfig
 from dsv3.moe import expert_ffn
 
@@ -84,10 +84,7 @@ class ExpertParallel:
     return int(np.prod([self.mesh.shape[a] for a in self.token_axes]))
 
   def transport(self) -> str:
-    if self.impl != "auto":
-      return self.impl
-    platform = self.mesh.devices.flat[0].platform
-    return "ragged" if platform in ("gpu", "cuda", "rocm", "tpu") else "dense"
+    return self.impl if self.impl != "auto" else default_transport(backend.mesh_platform(self.mesh))
 
   def routed_experts(self, cfg: ModelConfig, x, topk_idx, topk_weight, w_gate, w_up, w_down, stats: bool = False):
     """(y [N, H], dropped assignment count, load ratio): routed_experts_local's pair plus the worst
@@ -118,6 +115,12 @@ class ExpertParallel:
     out_specs = (tok, P(), P()) + ((dict(hop_units=P(), token_remote=tok),) if stats else ())
     fn = jax.shard_map(body, mesh=self.mesh, in_specs=(tok, tok, tok, exp, exp, exp), out_specs=out_specs)
     return fn(x, topk_idx, topk_weight, w_gate, w_up, w_down)
+
+
+def default_transport(platform: str) -> str:
+  """The all-to-all transport `impl='auto'` picks on a platform ('gpu', 'cpu', 'tpu': dsv3.backend's names):
+  ragged where jax.lax.ragged_all_to_all exists (GPU, TPU), dense on CPU."""
+  return "dense" if platform == "cpu" else "ragged"
 
 
 def shard_hit_probability(cfg: ModelConfig, ep: int) -> float:
@@ -332,10 +335,9 @@ def _local_experts(cfg, x, ids, w, ep, n, expand, w_gate, w_up, w_down):
                              length=e_local).astype(jnp.int32)
   unit_of = order // k
   weight = w.reshape(-1)[order]
-  if cfg.capacity_factor > 0:
-    starts = _exclusive_cumsum(group_sizes)
-    pos = jnp.arange(expand) - starts[jnp.minimum(sorted_key, e_local - 1)]
-    within = row_ok & (pos < moe.capacity(cfg, ep * n * k, e_local * ep))   # the whole group's assignments
+  if cfg.capacity_factor > 0:   # capacity from the whole group's assignments, as with every expert local
+    within = row_ok & moe.capacity_mask(jnp.minimum(sorted_key, e_local - 1), group_sizes, expand,
+                                        moe.capacity(cfg, ep * n * k, e_local * ep))
     dropped += jnp.sum(row_ok & ~within)
     row_ok = within
   out = expert_ffn(x[unit_of], group_sizes, w_gate, w_up, w_down, cfg).astype(jnp.float32)

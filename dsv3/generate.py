@@ -20,8 +20,9 @@ from absl import flags
 from ml_collections import config_flags
 
 from dsv3 import checkpoint as ckpt_lib
-from dsv3 import cli, hf, hf_config, model
+from dsv3 import cli, hf, model
 from dsv3 import tokenizer as tok_lib
+from dsv3.config import ModelConfig, require_model_config
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -81,8 +82,8 @@ def _generate(variables, prompt, rng, temperature, top_p, eos_id, *, cfg, max_ne
   return jax.lax.while_loop(cond, body, (jnp.int32(1), tokens, cache, done))[1]
 
 
-def _prepare(config, params, prompt_ids, max_new_tokens):
-  cfg = hf_config.as_model_config(config)
+def _prepare(config, params, prompt_ids, max_new_tokens, where: str):
+  cfg = require_model_config(config, where)
   prompt = np.asarray(prompt_ids)
   if prompt.ndim not in (1, 2) or prompt.shape[-1] == 0 or not np.issubdtype(prompt.dtype, np.integer):
     raise ValueError(f"prompt_ids: expected integer ids of shape [T] or [B, T] with T >= 1, got "
@@ -97,10 +98,10 @@ def _prepare(config, params, prompt_ids, max_new_tokens):
     raise ValueError(f"max_new_tokens: the prompt length {T} + max_new_tokens {max_new_tokens} = "
                      f"{T + max_new_tokens} exceeds the model's max_position_embeddings={limit}; set "
                      f"max_new_tokens <= {max(limit - T, 0)} or shorten the prompt")
-  return cfg, model._variables(cfg, params), jnp.asarray(np.atleast_2d(prompt), jnp.int32), prompt.ndim
+  return cfg, model.as_variables(cfg, params), jnp.asarray(np.atleast_2d(prompt), jnp.int32), prompt.ndim
 
 
-def generate(config, params, prompt_ids, max_new_tokens: int = 16, temperature: float = 0.0,
+def generate(config: ModelConfig, params, prompt_ids, max_new_tokens: int = 16, temperature: float = 0.0,
              top_p: float = 1.0, eos_id: Optional[int] = None, rng: Optional[jax.Array] = None,
              cache_dtype=jnp.float32) -> jax.Array:
   """Prompt ids [B, T] (or [T]) -> int32 [B, T + max_new_tokens] (or [T + max_new_tokens]).
@@ -109,7 +110,7 @@ def generate(config, params, prompt_ids, max_new_tokens: int = 16, temperature: 
   `eos_id`, rows that emitted it are padded with it and the loop ends once all rows have. `cache_dtype`
   float32 keeps decoding bit-close to `model.forward`; bfloat16 halves the latent cache.
   """
-  cfg, variables, prompt, ndim = _prepare(config, params, prompt_ids, max_new_tokens)
+  cfg, variables, prompt, ndim = _prepare(config, params, prompt_ids, max_new_tokens, "generate.generate")
   if temperature < 0:
     raise ValueError(f"temperature: must be >= 0 (0 = greedy), got {temperature}")
   if not 0 < top_p <= 1:
@@ -223,15 +224,16 @@ def _speculative(variables, prompt, eos_id, *, cfg, max_new_tokens, cache_dtype)
   return tokens[:, :T + N], length, stats, mtp_cache     # the MTP caches only for tests of their invariant
 
 
-def speculative_generate(config, params, prompt_ids, max_new_tokens: int = 16, eos_id: Optional[int] = None,
-                         cache_dtype=jnp.float32):
+def speculative_generate(config: ModelConfig, params, prompt_ids, max_new_tokens: int = 16,
+                         eos_id: Optional[int] = None, cache_dtype=jnp.float32):
   """Greedy generation drafted by the MTP modules and verified by the main model: -> (ids, stats).
 
   ids equal `generate(..., temperature=0.0, eos_id=eos_id)`. stats: `acceptance_rate` (drafts the main
   model agreed with, per row, over drafts made: the report's MTP acceptance), `batch_acceptance_rate`
   (drafts committed after taking the minimum over rows), `steps` (verify calls), `tokens_per_step`.
   """
-  cfg, variables, prompt, ndim = _prepare(config, params, prompt_ids, max_new_tokens)
+  cfg, variables, prompt, ndim = _prepare(config, params, prompt_ids, max_new_tokens,
+                                          "generate.speculative_generate")
   if cfg.num_nextn_predict_layers < 1:
     raise ValueError("model.num_nextn_predict_layers: speculative decoding drafts with the MTP modules, but "
                      "this model has none; use generate() instead")
@@ -265,7 +267,7 @@ def _load(checkpoint: str, config):
   if not checkpoint:
     if config is None:
       raise ValueError("--checkpoint: give a checkpoint dir, or --config to run randomly initialised weights")
-    cfg = hf_config.as_model_config(config)
+    cfg = ModelConfig.from_config_dict(config)
     return cfg, jax.jit(model.init, static_argnums=0)(cfg, jax.random.key(0))
   _check_checkpoint_dir(checkpoint)
   if os.path.exists(os.path.join(checkpoint, "config.json")):
@@ -273,7 +275,7 @@ def _load(checkpoint: str, config):
   if config is None:
     raise ValueError(f"--config: {checkpoint!r} has no config.json, so it is read as an orbax training "
                      f"checkpoint, which needs the training config file that made it")
-  cfg = hf_config.as_model_config(config)
+  cfg = ModelConfig.from_config_dict(config)
   restored = ckpt_lib.Checkpointer(checkpoint, async_save=False, read_only=True).restore()
   if restored is None:
     raise ValueError(f"--checkpoint: no checkpoint step found in {checkpoint!r}")
@@ -333,21 +335,25 @@ def main(argv):
   print(tok.decode(ids + new) if tok is not None else ",".join(str(i) for i in ids + new))
 
 
-def _define_flags():
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command line's flags, defined only by `python -m dsv3.generate` (importing the module defines none)."""
+  fv = dict(flag_values=flag_values)
   config_flags.DEFINE_config_file("config", None, "Training config file (ml_collections); not needed for "
-                                  "HF checkpoints, which carry config.json.", lock_config=False)
+                                  "HF checkpoints, which carry config.json.", lock_config=False, **fv)
   flags.DEFINE_string("checkpoint", "", "HF-format dir (config.json + safetensors) or orbax training dir; "
-                      "empty with --config: random weights.")
-  flags.DEFINE_string("tokenizer", "", "tokenizer.json (or a dir holding one) for --prompt and for decoding.")
-  flags.DEFINE_string("prompt", "", "Prompt text (needs --tokenizer).")
-  flags.DEFINE_string("prompt_ids", "", "Prompt as comma-separated token ids, e.g. 1,2,3.")
-  flags.DEFINE_integer("max_new_tokens", 32, "Tokens to generate.")
-  flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
-  flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
-  flags.DEFINE_integer("seed", 0, "Sampling seed.")
-  flags.DEFINE_integer("eos_id", -1, "Stop token; -1: the tokenizer's eos, else the model config's eos_token_id.")
-  flags.DEFINE_enum("cache_dtype", "bfloat16", ["bfloat16", "float32"], "Latent KV cache dtype.")
-  flags.DEFINE_bool("speculative", False, "Self-speculative decoding with the MTP modules (greedy).")
+                      "empty with --config: random weights.", **fv)
+  flags.DEFINE_string("tokenizer", "", "tokenizer.json (or a dir holding one) for --prompt and for decoding.",
+                      **fv)
+  flags.DEFINE_string("prompt", "", "Prompt text (needs --tokenizer).", **fv)
+  flags.DEFINE_string("prompt_ids", "", "Prompt as comma-separated token ids, e.g. 1,2,3.", **fv)
+  flags.DEFINE_integer("max_new_tokens", 32, "Tokens to generate.", **fv)
+  flags.DEFINE_float("temperature", 0.0, "0 = greedy.", **fv)
+  flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.", **fv)
+  flags.DEFINE_integer("seed", 0, "Sampling seed.", **fv)
+  flags.DEFINE_integer("eos_id", -1, "Stop token; -1: the tokenizer's eos, else the model config's eos_token_id.",
+                       **fv)
+  flags.DEFINE_enum("cache_dtype", "bfloat16", ["bfloat16", "float32"], "Latent KV cache dtype.", **fv)
+  flags.DEFINE_bool("speculative", False, "Self-speculative decoding with the MTP modules (greedy).", **fv)
 
 
 def _main_with_errors(argv):
@@ -359,5 +365,5 @@ def _main_with_errors(argv):
 
 
 if __name__ == "__main__":
-  _define_flags()
+  define_flags()
   cli.run(_main_with_errors)

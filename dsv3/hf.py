@@ -30,7 +30,7 @@ from dsv3 import hf_config, hf_sharded, layout
 from dsv3 import model as model_lib
 from dsv3 import safetensors_io as sio
 from dsv3 import workdir as workdir_lib
-from dsv3.config import ModelConfig
+from dsv3.config import ModelConfig, require_model_config
 
 
 CheckpointError = sio.CheckpointError  # missing tensor, wrong shape, damaged file, unexpected format
@@ -242,7 +242,7 @@ def _check_copies(cfg, reader, read, dtype, chunk_bytes: int = 64 << 20) -> None
         raise CheckpointError(f"{key}: differs from {main}; dsv3's MTP shares the main embedding and head")
 
 
-def save_checkpoint(config, params, out_dir: str, max_shard_bytes: int = 4 << 30, dtype=None,
+def save_checkpoint(config: ModelConfig, params, out_dir: str, max_shard_bytes: int = 4 << 30, dtype=None,
                     overwrite: bool = False) -> None:
   """Writes config.json + safetensors that transformers' AutoModelForCausalLM loads.
 
@@ -261,8 +261,8 @@ def save_checkpoint(config, params, out_dir: str, max_shard_bytes: int = 4 << 30
     except TypeError as e:
       raise ValueError(f"save_checkpoint: dtype={dtype!r} is neither a numpy/jax float dtype nor 'fp8'") from e
   out_dir = workdir_lib.check_destination(out_dir, overwrite, flag="out_dir (--dst)")
-  cfg = hf_config.as_model_config(config)
-  variables = model_lib._variables(cfg, params)
+  cfg = require_model_config(config, "hf.save_checkpoint")
+  variables = model_lib.as_variables(cfg, params)
   tmp = workdir_lib.staging_dir(out_dir)
   try:
     _write_hf(cfg, variables, tmp, max_shard_bytes, "fp8" if fp8 else dtype)

@@ -1,5 +1,6 @@
 """ModelConfig <-> HF `config.json` dict (DeepseekV3Config), both the legacy `rope_theta` + `rope_scaling`
-layout and the newer `rope_parameters` one; `as_model_config` accepts any config form the public API takes.
+layout and the newer `rope_parameters` one. The model API takes a ModelConfig: an HF dict is converted here,
+once, where it enters (dsv3.hf.load_checkpoint, the command lines).
 """
 from __future__ import annotations
 
@@ -69,14 +70,3 @@ def to_hf_dict(cfg: ModelConfig, legacy_rope: bool = True) -> dict:
                              **{k: v for k, v in rope.items() if k != "type"}}
                             if rope else {"rope_type": "default", "rope_theta": cfg.rope_theta})
   return d
-
-
-def as_model_config(cfg) -> ModelConfig:
-  """A ModelConfig from a ModelConfig, an HF config.json dict, or a training config (its `.model` block)."""
-  if isinstance(cfg, ModelConfig):
-    return cfg
-  if hasattr(cfg, "model") and not isinstance(cfg, Mapping):
-    return ModelConfig.from_config_dict(cfg)
-  if isinstance(cfg, Mapping) and "model" in cfg and isinstance(cfg["model"], Mapping):
-    return ModelConfig.from_config_dict(cfg)
-  return from_hf_dict(dict(cfg))

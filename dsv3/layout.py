@@ -62,11 +62,6 @@ def layer_key(layer: int) -> str:
   return f"{layer:03d}"
 
 
-def moe_bias_path(cfg, layer: int) -> tuple:
-  """The per-layer path of an MoE layer's routing bias (and of its per-expert load)."""
-  return (LAYERS, layer_key(layer)) + BIAS
-
-
 def unstack(cfg, tree: dict) -> dict:
   """Stacked -> per-layer (arrays or numpy; inside jit it traces to slices)."""
   out = {k: v for k, v in tree.items() if k not in STACKS}

@@ -119,6 +119,48 @@ def _pipeline_inflight(schedule: str, P: int, microbatches: int) -> list:
   return [int(n) for n in schedules.simulate(sched).peak_activations]
 
 
+def _routed_expert_bytes(cfg: ModelConfig, n: int, data: int, expert: int, platform: str, scanned: bool,
+                         keep) -> tuple:
+  """(all, saved, dispatch rows) of one MoE layer's routed experts on a device holding n tokens: the bytes of
+  every tensor, those the remat policy keeps (`keep(name)`), and the expert-parallel buffers' rows."""
+  if not cfg.num_moe_layers:
+    return 0, 0, {}
+  c = 2 if cfg.dtype == "bfloat16" else 4                       # compute dtype bytes
+  H, k, E, I = cfg.hidden_size, cfg.num_experts_per_tok, cfg.n_routed_experts, cfg.moe_intermediate_size
+  if expert > 1:
+    b = ep_lib.buffer_rows(cfg, n, expert, ep_lib.default_transport(platform))
+    m, e_local = b["expand"], E // expert                        # grouped-GEMM rows on this device
+    # dispatch: the send and receive buffers of hidden rows, the combined rows coming back (f32)
+    dispatch = dict(send_rows=b["send"], recv_rows=b["recv"], expand_rows=m)
+    transport = (b["send"] + b["recv"]) * H * c + (b["recv"] + n) * H * 4
+  else:
+    # Without expert parallelism the routed experts sort the whole micro-batch's assignments (a sort the
+    # SPMD partitioner cannot split over 'data'), so every device runs all data * n tokens' rows.
+    m, e_local = data * n * k, E
+    dispatch = dict(expand_rows=m)
+    transport = data * n * H * 4                                 # the scatter-added float32 output
+  gemm = {"expert_x": (m * H, c),                                # rows gathered into expert order
+          "expert_gate": (m * I, c), "expert_up": (m * I, c),    # grouped-GEMM outputs (named for remat)
+          "expert_act": (m * I, c),                              # silu(gate) * up, the down GEMM's input
+          "expert_out": (m * H, c)}                              # down GEMM output
+  if platform == "cpu" and cfg.grouped_gemm in ("auto", "tiled") and cfg.precision != "fp8":
+    bm = tiled_gemm.default_block_m(m, e_local)
+    tiles = tiled_gemm.num_tiles(m, e_local, bm)
+    # dsv3.tiled_gemm: row tiles of the GEMM inputs and each tile's gathered expert weight, per GEMM
+    gemm["tiles"] = (tiles * bm * (H + I) + 3 * tiles * H * I, c)
+  elif platform != "cpu" and cfg.grouped_gemm == "ragged_dot" and cfg.precision != "fp8":
+    # XLA:GPU expands ragged_dot into a dense dot per expert over all rows: f32 [experts, rows, width]
+    # intermediates. In a layer's backward three of the widest are live at once under nn.scan, four
+    # unrolled (read off XLA:GPU's buffer assignment in the compile-only dry run, jax 0.12, configs/small.py).
+    gemm["ragged_dense"] = ((3 if scanned else 4) * e_local * m * max(H, I), 4)
+  elif cfg.grouped_gemm == "scan":
+    # dsv3.tiled_gemm.scan_ragged_dot: one tile at a time; padded copies of its input and output gradient
+    gemm["scan_pad"] = (2 * m * max(H, I), c)
+  routed_all = sum(e * b for e, b in gemm.values()) + transport
+  routed_saved = sum(e * b for name, (e, b) in gemm.items() if keep(name)) if cfg.remat != "full" else 0
+  return routed_all, routed_saved, dispatch
+
+
 def activation_plan(cfg: ModelConfig, rows: int, seq_len: int, data: int = 1, expert: int = 1,
                     layers: int = None, mtp: bool = True, head: bool = True, platform: str = "gpu",
                     inflight: int = 1, scanned: bool = None) -> dict:
@@ -167,42 +209,8 @@ def activation_plan(cfg: ModelConfig, rows: int, seq_len: int, data: int = 1, ex
   def per_token(terms, saved):
     return sum(e * b for name, (e, b) in terms.items() if not saved or keep(name))
 
-  # --- routed experts (bytes per device per MoE layer) ----------------------------------------------
-  k, E, I = cfg.num_experts_per_tok, cfg.n_routed_experts, cfg.moe_intermediate_size
-  routed_saved = routed_all = 0
-  dispatch = {}
-  if cfg.num_moe_layers:
-    if expert > 1:
-      b = ep_lib.buffer_rows(cfg, n, expert, "dense" if platform == "cpu" else "ragged")
-      m, e_local = b["expand"], E // expert                      # grouped-GEMM rows on this device
-      # dispatch: the send and receive buffers of hidden rows, the combined rows coming back (f32)
-      dispatch = dict(send_rows=b["send"], recv_rows=b["recv"], expand_rows=m)
-      transport = (b["send"] + b["recv"]) * H * c + (b["recv"] + n) * H * 4
-    else:
-      # Without expert parallelism the routed experts sort the whole micro-batch's assignments (a sort the
-      # SPMD partitioner cannot split over 'data'), so every device runs all data * n tokens' rows.
-      m, e_local = data * n * k, E
-      dispatch = dict(expand_rows=m)
-      transport = data * n * H * 4                               # the scatter-added float32 output
-    gemm = {"expert_x": (m * H, c),                              # rows gathered into expert order
-            "expert_gate": (m * I, c), "expert_up": (m * I, c),  # grouped-GEMM outputs (named for remat)
-            "expert_act": (m * I, c),                            # silu(gate) * up, the down GEMM's input
-            "expert_out": (m * H, c)}                            # down GEMM output
-    if platform == "cpu" and cfg.grouped_gemm in ("auto", "tiled") and cfg.precision != "fp8":
-      bm = tiled_gemm.default_block_m(m, e_local)
-      tiles = tiled_gemm.num_tiles(m, e_local, bm)
-      # dsv3.tiled_gemm: row tiles of the GEMM inputs and each tile's gathered expert weight, per GEMM
-      gemm["tiles"] = (tiles * bm * (H + I) + 3 * tiles * H * I, c)
-    elif platform != "cpu" and cfg.grouped_gemm == "ragged_dot" and cfg.precision != "fp8":
-      # XLA:GPU expands ragged_dot into a dense dot per expert over all rows: f32 [experts, rows, width]
-      # intermediates (GPU_AOT.md). In a layer's backward three of the widest are live at once under
-      # nn.scan, four unrolled (read off XLA:GPU's buffer assignment, jax 0.12, configs/small.py).
-      gemm["ragged_dense"] = ((3 if scanned else 4) * e_local * m * max(H, I), 4)
-    elif cfg.grouped_gemm == "scan":
-      # dsv3.tiled_gemm.scan_ragged_dot: one tile at a time; padded copies of its input and output gradient
-      gemm["scan_pad"] = (2 * m * max(H, I), c)
-    routed_all = sum(e * b for e, b in gemm.values()) + transport
-    routed_saved = sum(e * b for name, (e, b) in gemm.items() if keep(name)) if policy != "full" else 0
+  E = cfg.n_routed_experts
+  routed_all, routed_saved, dispatch = _routed_expert_bytes(cfg, n, data, expert, platform, scanned, keep)
   router = {"router_logits": (E, 4), "scores": (E, 4),          # float32 router logits and sigmoid scores
             "moe_out": (H, c)}                                   # the MoE output (routed + shared)
   shared = ffn(cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else {}

@@ -17,8 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dsv3 import hf_config
-from dsv3.config import ModelConfig
+from dsv3.config import ModelConfig, require_model_config
 from dsv3.layers import MLP, Linear, RMSNorm, compute_dtype, remat_policy, rope_cos_sin, rows_matmul
 from dsv3.mla import MLA, init_layer_cache
 from dsv3.moe import MoE
@@ -145,9 +144,9 @@ class Transformer(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 # Pure functional API.
 # ---------------------------------------------------------------------------------------------------
-def init(config, rng: jax.Array, batch: int = 1, seq_len: int = 4) -> dict:
+def init(config: ModelConfig, rng: jax.Array, batch: int = 1, seq_len: int = 4) -> dict:
   """Fresh variables {'params', 'routing'} (MTP included). Use jax.eval_shape(init, ...) for shapes only."""
-  return _init(hf_config.as_model_config(config), rng, batch, seq_len)
+  return _init(require_model_config(config, "model.init"), rng, batch, seq_len)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 3))
@@ -156,7 +155,7 @@ def _init(cfg, rng, batch, seq_len):
   return Transformer(cfg).init(rng, jnp.zeros((batch, seq_len), jnp.int32), with_mtp=True)
 
 
-def _variables(cfg: ModelConfig, params) -> dict:
+def as_variables(cfg: ModelConfig, params) -> dict:
   """Accept {'params':..., 'routing':...}; a bare params tree only when the model has no MoE layer."""
   if isinstance(params, dict) and "params" in params:
     if cfg.num_moe_layers and "routing" not in params:
@@ -174,10 +173,10 @@ def _forward(cfg, variables, tokens):
   return Transformer(cfg).apply(variables, tokens)["logits"]
 
 
-def forward(config, params, tokens) -> jax.Array:
+def forward(config: ModelConfig, params, tokens) -> jax.Array:
   """Main-model logits: int32 [B, T] -> float32 [B, T, vocab] (the MTP modules are not run)."""
-  cfg = hf_config.as_model_config(config)
-  return _forward(cfg, _variables(cfg, params), jnp.asarray(tokens, jnp.int32))
+  cfg = require_model_config(config, "model.forward")
+  return _forward(cfg, as_variables(cfg, params), jnp.asarray(tokens, jnp.int32))
 
 
 def forward_train(cfg: ModelConfig, variables, tokens, expert_parallel=None) -> dict:
@@ -185,9 +184,9 @@ def forward_train(cfg: ModelConfig, variables, tokens, expert_parallel=None) -> 
   return Transformer(cfg, expert_parallel).apply(variables, tokens, with_mtp=True)
 
 
-def init_cache(config, batch: int, max_len: int, dtype=jnp.bfloat16) -> dict:
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> dict:
   """The latent KV cache: per layer [B, max_len, kv_lora_rank] + [B, max_len, qk_rope_head_dim]."""
-  cfg = hf_config.as_model_config(config)
+  cfg = require_model_config(config, "model.init_cache")
   stacked = lambda n: jax.tree.map(lambda a: jnp.broadcast_to(a, (n, *a.shape)),
                                    init_layer_cache(cfg, batch, max_len, dtype))
   cache = {}
@@ -206,11 +205,11 @@ def _decode(cfg, variables, tokens, cache, cache_index):
   return out["logits"], out["hidden"], {**out["cache"], "mtp": cache["mtp"]}
 
 
-def decode(config, params, tokens, cache, cache_index):
+def decode(config: ModelConfig, params, tokens, cache, cache_index):
   """Prefill (T > 1) or one decode step against the latent cache, absorbed-MLA form.
 
   Returns (logits [B, T, V] f32, final hidden [B, T, H] (pre-norm, the MTP input), updated cache).
   """
-  cfg = hf_config.as_model_config(config)
-  return _decode(cfg, _variables(cfg, params), jnp.asarray(tokens, jnp.int32), cache,
+  cfg = require_model_config(config, "model.decode")
+  return _decode(cfg, as_variables(cfg, params), jnp.asarray(tokens, jnp.int32), cache,
                  jnp.asarray(cache_index, jnp.int32))

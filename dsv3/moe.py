@@ -85,12 +85,14 @@ def expert_ffn(xs, group_sizes, w_gate, w_up, w_down, cfg: ModelConfig):
 
 
 def capacity(cfg: ModelConfig, assignments: int, experts: int) -> int:
-  """Rows an expert computes at most: capacity_factor x its balanced share of `assignments`, at least 1."""
+  """Rows an expert computes at most: capacity_factor x its balanced share of `assignments`, at least 1.
+  The one owner of the expert capacity (all experts local, or split by dsv3.expert_parallel)."""
   return max(1, int(cfg.capacity_factor * assignments / experts + 0.999999))
 
 
 def capacity_mask(sorted_expert, group_sizes, num_rows, capacity):
-  """True for sorted rows within their expert's capacity (rank inside the expert < capacity)."""
+  """True for the first `num_rows` rows, sorted by expert (ids in [0, len(group_sizes))), that lie within their
+  expert's capacity (the row's rank inside its expert < capacity)."""
   starts = jnp.cumsum(group_sizes) - group_sizes
   rank = jnp.arange(num_rows) - starts[sorted_expert]
   return rank < capacity

@@ -15,17 +15,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from dsv3 import cli, hf_config, memory, model, overlap
+from dsv3 import cli, memory, model, overlap
 from dsv3.abstract_model import leaves
-from dsv3.config import ConfigError, ModelConfig, deepseek_v3_671b
+from dsv3.config import ConfigError, ModelConfig, deepseek_v3_671b, require_model_config
 from dsv3.pipeline import schedules
 
 
@@ -64,6 +64,7 @@ def _count(cfg, pred, activated=False) -> float:
 
 def param_counts(cfg: ModelConfig) -> dict:
   """Parameter counts of the main model and the MTP modules (see the module docstring)."""
+  require_model_config(cfg, "plan.param_counts")
   main = lambda l: l.group != "mtp"
   mtp = lambda l: l.group == "mtp"
   routing = sum(l.total for l in leaves(cfg) if not l.trainable)
@@ -92,12 +93,9 @@ def _head_params(cfg: ModelConfig) -> float:
   return _count(cfg, lambda l: l.group == "head" and l.matmul)
 
 
-def flops_per_token(model_config: Any, seq_len: int, include_mtp: bool = False) -> float:
-  """Training FLOPs (forward + backward) per token of a seq_len sequence; MFU's numerator.
-
-  `model_config`: a ModelConfig, an HF config dict or a training ConfigDict.
-  """
-  cfg = hf_config.as_model_config(model_config)
+def flops_per_token(cfg: ModelConfig, seq_len: int, include_mtp: bool = False) -> float:
+  """Training FLOPs (forward + backward) per token of a seq_len sequence; MFU's numerator."""
+  require_model_config(cfg, "plan.flops_per_token")
   matmul = _count(cfg, lambda l: l.group != "mtp" and l.matmul, activated=True)
   if cfg.tie_word_embeddings:
     matmul += _head_params(cfg)
@@ -105,9 +103,9 @@ def flops_per_token(model_config: Any, seq_len: int, include_mtp: bool = False) 
   return flops + (mtp_flops_per_token(cfg, seq_len) if include_mtp else 0.0)
 
 
-def mtp_flops_per_token(model_config: Any, seq_len: int) -> float:
+def mtp_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   """Training FLOPs per token of the MTP modules, including their pass through the shared head."""
-  cfg = hf_config.as_model_config(model_config)
+  require_model_config(cfg, "plan.mtp_flops_per_token")
   depths = cfg.num_nextn_predict_layers
   matmul = _count(cfg, lambda l: l.group == "mtp" and l.matmul, activated=True) + depths * _head_params(cfg)
   return 6.0 * matmul + _attention_flops(cfg, seq_len, depths)
@@ -118,6 +116,7 @@ def mtp_flops_per_token(model_config: Any, seq_len: int) -> float:
 # ---------------------------------------------------------------------------------------------------
 def kv_cache(cfg: ModelConfig) -> dict:
   """Bytes per token of the BF16 latent cache, from model.init_cache's shapes (one sequence, one slot)."""
+  require_model_config(cfg, "plan.kv_cache")
   cache = jax.eval_shape(lambda: model.init_cache(cfg, 1, 1, jnp.bfloat16))
   main = {k: v for k, v in cache.items() if k != "mtp"}
   nbytes = lambda t: sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(t))
@@ -128,9 +127,9 @@ def kv_cache(cfg: ModelConfig) -> dict:
               kv_cache_layers=int(layers), kv_cache_widths=[int(w) for w in widths])
 
 
-def kv_comparison(model_config: Any = None) -> list:
-  """DeepSeek-V3's MLA cache (from the real model) next to the GQA baselines, BF16 bytes per token."""
-  cfg = deepseek_v3_671b() if model_config is None else hf_config.as_model_config(model_config)
+def kv_comparison(cfg: Optional[ModelConfig] = None) -> list:
+  """DeepSeek-V3's MLA cache (from the real model; or `cfg`'s) next to the GQA baselines, BF16 bytes per token."""
+  cfg = deepseek_v3_671b() if cfg is None else require_model_config(cfg, "plan.kv_comparison")
   kv = kv_cache(cfg)
   rows = [dict(model="DeepSeek-V3 (MLA)", layers=kv["kv_cache_layers"],
                per_layer="latent " + " + ".join(map(str, kv["kv_cache_widths"])),
@@ -182,15 +181,21 @@ def _positive(tc, path: str, default):
 
 
 def plan(train_config, platform: str = "gpu", fb_hidden: float = 1.0) -> dict:
-  """Everything above for a training config (an ml_collections ConfigDict, or a bare ModelConfig).
+  """Everything above for a training config (an ml_collections ConfigDict or mapping with a `model` block; the
+  fields it reads beyond that block default to one sequence of min(4096, max_position_embeddings) tokens on
+  one device, unpipelined).
 
   fb_hidden: the share of an F&B cell's expert all-to-all time the other chunk hides, for `pipeline_time`
   (1: DualPipe's design point; python -m dsv3.bench.overlap measures what the GPU compiler schedules).
   Raises ConfigError naming the field when a value it reads (seq_len, batch_size, mesh.*, pipeline.*,
-  adam_moments_dtype) is out of range.
+  adam_moments_dtype) is out of range; TypeError for a bare ModelConfig (the functions above take that).
   """
-  cfg = hf_config.as_model_config(train_config)
-  tc = {} if isinstance(train_config, ModelConfig) else train_config
+  if isinstance(train_config, ModelConfig):
+    raise TypeError("plan.plan: expects a training config (a ConfigDict with a `model` block), got a "
+                    "ModelConfig; wrap it with dsv3.train_config.base_train_config(cfg), or call param_counts, "
+                    "kv_cache or flops_per_token, which take a ModelConfig")
+  cfg = ModelConfig.from_config_dict(train_config)   # the edge: one conversion, here
+  tc = train_config
   seq_len = _positive(tc, "seq_len", min(4096, cfg.max_position_embeddings))
   batch = _positive(tc, "batch_size", 1)
   data, expert, pipeline = (_positive(tc, f"mesh.{k}", 1) for k in ("data", "expert", "pipeline"))
@@ -285,30 +290,31 @@ def format_plan(p: dict) -> str:
   return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def _define_flags():
-  """Flags live only in the CLI process, so that importing dsv3.plan (the trainer does) defines none."""
-  config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
-  flags.DEFINE_bool("json", False, "Print exactly one JSON object instead of the table.")
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command line's flags, defined only by `python -m dsv3.plan` (importing the module defines none)."""
+  fv = dict(flag_values=flag_values)
+  config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True, **fv)
+  flags.DEFINE_bool("json", False, "Print exactly one JSON object instead of the table.", **fv)
   flags.DEFINE_float("fb_hidden", 1.0, "Share of an F&B cell's expert all-to-all time hidden under the other "
-                     "chunk, for the pipeline step (python -m dsv3.bench.overlap measures it for a GPU).")
+                     "chunk, for the pipeline step (python -m dsv3.bench.overlap measures it for a GPU).", **fv)
   flags.DEFINE_bool("compare_kv", False, "Print MLA's KV cache next to the GQA baselines "
-                    "(the model of --config, or DeepSeek-V3 671B without one).")
+                    "(the model of --config, or DeepSeek-V3 671B without one).", **fv)
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise cli.UsageError(f"unexpected arguments: {argv[1:]}")
   F = flags.FLAGS
   config = F.config
   if F.compare_kv and not F.json:
-    print(format_kv_table(kv_comparison(config)))
+    print(format_kv_table(kv_comparison(None if config is None else ModelConfig.from_config_dict(config))))
     return
   if config is None:
-    raise app.UsageError("--config is required, e.g. --config=configs/deepseek_v3.py")
+    raise cli.UsageError("--config is required, e.g. --config=configs/deepseek_v3.py")
   result = plan(config, fb_hidden=F.fb_hidden)
   print(json.dumps(result) if F.json else format_plan(result))
 
 
 if __name__ == "__main__":
-  _define_flags()
+  define_flags()
   cli.run(main)

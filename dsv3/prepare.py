@@ -34,11 +34,10 @@ import numpy as np
 import tqdm
 from absl import flags
 
-from dsv3 import cli
 from dsv3 import corpus as corpus_lib
 from dsv3 import tokenizer as tokenizer_lib
 from dsv3.config import ConfigError
-from dsv3.corpus import DataError, _sha
+from dsv3.corpus import DataError, digest
 
 FORMAT, FORMAT_VERSION = "dsv3.prepared", 1
 MANIFEST, JOB, CHUNKS = "manifest.json", "prepare.json", "chunks"
@@ -184,7 +183,7 @@ def prepare(source: str = "", tokenizer: str = "", out: str = "", workers: int =
          "source_format": corpus.format, "field": field, "max_files": max_files,
          "source_fingerprint": corpus.fingerprint, "files": len(corpus.files), "tokenizer": tok.fingerprint,
          "validation_fraction": fraction, "chunk_files": chunk_files}
-  job_key = _sha({k: v for k, v in job.items() if k != "source"})
+  job_key = digest({k: v for k, v in job.items() if k != "source"})
   _claim(out_dir, job)
   if (out_dir / MANIFEST).is_file() and all(_done(out_dir, i, job_key) for i in
                                             range(-(-len(corpus.files) // chunk_files))):
@@ -308,40 +307,34 @@ def load(source: str, manifest: dict) -> tuple[list, list, tokenizer_lib.Tokeniz
 # ------------------------------------------------------------------------------------------------
 # Command line (`python -m dsv3.data prepare`).
 
-def _define_flags() -> None:
-  # Defined on demand, not at import: every trainer imports this module (through dsv3.data).
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The `prepare` command's flags, defined only by `python -m dsv3.data prepare` (every trainer imports this
+  module, through dsv3.data, and defines none)."""
+  fv = dict(flag_values=flag_values)
   flags.DEFINE_string("source", "", "What data.source accepts: paths / globs / directories of text, jsonl or "
-                      "parquet files, comma-separated; '' = the stdlib corpus.")
+                      "parquet files, comma-separated; '' = the stdlib corpus.", **fv)
   flags.DEFINE_string("tokenizer", "", "tokenizer.json (or a dir holding one); '' = the default BPE "
-                      "(trained once on the stdlib corpus, cached) with --vocab_size entries.")
-  flags.DEFINE_string("out", None, "Directory to write the prepared dataset to (new, empty or a previous one).")
-  flags.DEFINE_integer("workers", os.cpu_count() or 1, "Tokenizing processes.")
-  flags.DEFINE_integer("chunk_files", 32, "Files per chunk (the unit of parallel work and of resume).")
-  flags.DEFINE_integer("vocab_size", 4096, "Vocabulary size of the default BPE (with --tokenizer='').")
+                      "(trained once on the stdlib corpus, cached) with --vocab_size entries.", **fv)
+  flags.DEFINE_string("out", None, "Directory to write the prepared dataset to (new, empty or a previous one).",
+                      **fv)
+  flags.DEFINE_integer("workers", os.cpu_count() or 1, "Tokenizing processes.", **fv)
+  flags.DEFINE_integer("chunk_files", 32, "Files per chunk (the unit of parallel work and of resume).", **fv)
+  flags.DEFINE_integer("vocab_size", 4096, "Vocabulary size of the default BPE (with --tokenizer='').", **fv)
   flags.DEFINE_float("validation_fraction", corpus_lib.VALIDATION_FRACTION,
                      "Share of documents held out by the hash of their name; "
-                     "train with the same data.validation_fraction.")
-  flags.DEFINE_string("format", "auto", "As data.format: auto | text | jsonl | parquet.")
-  flags.DEFINE_string("field", "text", "jsonl key / parquet column holding the text.")
-  flags.DEFINE_integer("max_files", 0, "Only the first N files of the sorted source (0 = all).")
-  flags.DEFINE_string("cache_dir", "", "Cache of trained tokenizers ('' = $DSV3_CACHE or ~/.cache/dsv3).")
-  flags.DEFINE_bool("progress", True, "Show a progress bar.")
+                     "train with the same data.validation_fraction.", **fv)
+  flags.DEFINE_string("format", "auto", "As data.format: auto | text | jsonl | parquet.", **fv)
+  flags.DEFINE_string("field", "text", "jsonl key / parquet column holding the text.", **fv)
+  flags.DEFINE_integer("max_files", 0, "Only the first N files of the sorted source (0 = all).", **fv)
+  flags.DEFINE_string("cache_dir", "", "Cache of trained tokenizers ('' = $DSV3_CACHE or ~/.cache/dsv3).", **fv)
+  flags.DEFINE_bool("progress", True, "Show a progress bar.", **fv)
 
 
-def _main(argv) -> None:
+def main(argv) -> None:
+  """`python -m dsv3.data prepare --source=... --out=...` (flags from define_flags)."""
   if argv[1:] not in ([], ["prepare"]):
     raise DataError(f"prepare: unexpected arguments {argv[1:]}; usage: python -m dsv3.data prepare "
                     f"--source=SRC --tokenizer=TOKENIZER.json --out=DIR")
   f = flags.FLAGS
   prepare(f.source, f.tokenizer, f.out or "", f.workers, f.chunk_files, f.vocab_size, f.validation_fraction,
           f.format, f.field, f.max_files, f.cache_dir, f.progress)
-
-
-def run_cli(argv=None) -> None:
-  """The `prepare` command line; errors are one line naming the flag (exit status 2)."""
-  _define_flags()
-  cli.run(_main, argv)
-
-
-if __name__ == "__main__":
-  run_cli()

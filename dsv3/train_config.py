@@ -92,40 +92,44 @@ def check_variant(file: str, arg, variants=()) -> None:
     raise ConfigError(f"--config={file}:{arg}: unknown variant {arg!r}; {file} takes {choices}")
 
 
-def validate_train_config(c) -> None:
-  """Checks the training config before anything expensive; errors name the field and the fix.
+def need(cond, field: str, msg: str) -> None:
+  """ConfigError 'config.<field>: <msg>' unless `cond`."""
+  if not cond:
+    raise ConfigError(f"config.{field}: {msg}")
 
-  Covers unknown fields (naming the closest valid one), every value's type and range, seq_len against
-  model.max_position_embeddings, the mesh against the batch and the experts, the model block
-  (ModelConfig.validate) and the data block (data.validate_data_config).
-  """
-  def need(cond, field, msg):
-    if not cond:
-      raise ConfigError(f"config.{field}: {msg}")
 
-  def is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
+def is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
 
-  def number(field, lo, hi=None, lo_open=False, hi_open=False, hint=""):
-    """A real number in [lo, hi] (open ends where asked); `hint` says what the value means."""
-    node = c
-    for part in field.split("."):
-      node = node[part]
-    v = node
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v:
-      raise ConfigError(f"config.{field}: must be a number, got {v!r}")
-    ok = (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))
-    rng = (f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}" if hi is not None
-           else f"{'>' if lo_open else '>='} {lo}")
-    need(ok, field, f"must be {'in ' if hi is not None else ''}{rng}{hint}, got {v!r}")
 
-  base = base_train_config(ModelConfig())
-  for block in ("", "balance", "mesh", "pipeline"):
+def _number(c, field: str, lo, hi=None, lo_open=False, hi_open=False, hint="") -> None:
+  """config.<field> (dotted) is a real number in [lo, hi] (open ends where asked); `hint` says what it means."""
+  node = c
+  for part in field.split("."):
+    node = node[part]
+  v = node
+  if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v:
+    raise ConfigError(f"config.{field}: must be a number, got {v!r}")
+  ok = (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))
+  rng = (f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}" if hi is not None
+         else f"{'>' if lo_open else '>='} {lo}")
+  need(ok, field, f"must be {'in ' if hi is not None else ''}{rng}{hint}, got {v!r}")
+
+
+def _check_known_fields(c, base) -> None:
+  """Every field of the top level and of the balance, mesh, pipeline and profile blocks is one `base` has."""
+  for block in ("", "balance", "mesh", "pipeline", "profile"):
+    if block and block not in c:
+      continue
     given, known = (c, base) if not block else (c[block], base[block])
     prefix = f"{block}." if block else ""
     for k in sorted(given.keys()):
       need(k in known, prefix + k,
            f"unknown field{closest_key(k, known.keys(), prefix=f'config.{prefix}')}")
+
+
+def _check_steps_and_optimizer(c) -> None:
+  """The step counts, the learning-rate schedule, AdamW, the losses' weights, precision and the EMA."""
   for f in ("num_train_steps", "batch_size", "seq_len", "log_every_steps", "checkpoint_every_steps",
             "grad_accum_steps", "eval_every_steps", "keep_checkpoints"):
     need(is_int(c[f]) and c[f] > 0, f, f"must be a positive integer, got {c[f]!r}"
@@ -139,22 +143,22 @@ def validate_train_config(c) -> None:
   need(c.seq_len <= max_pos, "seq_len",
        f"{c.seq_len} exceeds config.model.max_position_embeddings={max_pos}; lower config.seq_len to "
        f"<= {max_pos} or raise config.model.max_position_embeddings")
-  number("learning_rate", 0, lo_open=True)
-  number("min_lr_ratio", 0, 1)
+  _number(c, "learning_rate", 0, lo_open=True)
+  _number(c, "min_lr_ratio", 0, 1)
   need(c.lr_schedule in ("deepseek", "cosine"), "lr_schedule",
        f"must be 'deepseek' or 'cosine', got {c.lr_schedule!r}")
-  number("decay_start_frac", 0, 1)
-  number("decay_end_frac", 0, 1)
+  _number(c, "decay_start_frac", 0, 1)
+  _number(c, "decay_end_frac", 0, 1)
   need(c.decay_start_frac <= c.decay_end_frac, "decay_start_frac",
        f"need 0 <= decay_start_frac <= decay_end_frac <= 1, got {c.decay_start_frac} > {c.decay_end_frac}")
-  number("b1", 0, 1, hi_open=True, hint=" (Adam's first-moment decay, 0.9)")
-  number("b2", 0, 1, hi_open=True, hint=" (Adam's second-moment decay, 0.95)")
-  number("weight_decay", 0, hint=" (0 disables it)")
-  number("grad_clip", 0, hint=" (0 disables clipping)")
-  number("mtp_weight", 0, 1, hint=" (the MTP loss weight lambda, 0.3 in the report)")
-  number("mtp_weight_final", 0, 1, hint=" (the MTP loss weight lambda, 0.1 in the report)")
-  number("mtp_weight_switch_frac", 0, 1, hint=" (the share of training before mtp_weight_final)")
-  number("ema_decay", 0, 1, hi_open=True, hint=" (0 disables the EMA)")
+  _number(c, "b1", 0, 1, hi_open=True, hint=" (Adam's first-moment decay, 0.9)")
+  _number(c, "b2", 0, 1, hi_open=True, hint=" (Adam's second-moment decay, 0.95)")
+  _number(c, "weight_decay", 0, hint=" (0 disables it)")
+  _number(c, "grad_clip", 0, hint=" (0 disables clipping)")
+  _number(c, "mtp_weight", 0, 1, hint=" (the MTP loss weight lambda, 0.3 in the report)")
+  _number(c, "mtp_weight_final", 0, 1, hint=" (the MTP loss weight lambda, 0.1 in the report)")
+  _number(c, "mtp_weight_switch_frac", 0, 1, hint=" (the share of training before mtp_weight_final)")
+  _number(c, "ema_decay", 0, 1, hi_open=True, hint=" (0 disables the EMA)")
   need(c.precision in ("fp32", "bf16", "fp8"), "precision", f"must be 'fp32', 'bf16' or 'fp8', got {c.precision!r}")
   need(c.adam_moments_dtype in ("float32", "bfloat16"), "adam_moments_dtype",
        f"must be 'float32' or 'bfloat16', got {c.adam_moments_dtype!r}")
@@ -162,13 +166,17 @@ def validate_train_config(c) -> None:
        f"must be a path string (an HF or orbax checkpoint dir) or '' for none, got {c.init_from!r}")
   need(c.balance.mode in ("aux_free", "aux_loss", "none"), "balance.mode",
        f"must be 'aux_free', 'aux_loss' or 'none', got {c.balance.mode!r}")
-  number("balance.gamma", 0, hint=" (the bias update speed, 0.001)")
-  number("balance.gamma_final", 0, hint=" (0 in the report)")
-  number("balance.gamma_switch_frac", 0, 1, hint=" (the share of training before gamma_final)")
-  number("balance.sequence_alpha", 0, hint=" (0 disables the sequence-wise balance loss)")
-  number("balance.aux_loss_alpha", 0)
+  _number(c, "balance.gamma", 0, hint=" (the bias update speed, 0.001)")
+  _number(c, "balance.gamma_final", 0, hint=" (0 in the report)")
+  _number(c, "balance.gamma_switch_frac", 0, 1, hint=" (the share of training before gamma_final)")
+  _number(c, "balance.sequence_alpha", 0, hint=" (0 disables the sequence-wise balance loss)")
+  _number(c, "balance.aux_loss_alpha", 0)
   if "nan_guard" in c:
-    number("nan_guard.max_update_ratio", 0, hint=" (0 disables the update-size check)")
+    _number(c, "nan_guard.max_update_ratio", 0, hint=" (0 disables the update-size check)")
+
+
+def _check_checkpoints_and_profile(c) -> None:
+  """Best-checkpoint keeping (keep_best_by, keep_best) and the profiler's window."""
   if "keep_best_by" in c:
     need(c.keep_best_by in ("",) + KEEP_BEST_BY, "keep_best_by",
          f"must be '' (keep by recency only) or one of {', '.join(KEEP_BEST_BY)}, got {c.keep_best_by!r}")
@@ -181,9 +189,6 @@ def validate_train_config(c) -> None:
          f"keep_best_by={c.keep_best_by!r}: a checkpoint is ranked by the evaluation at its own step; set "
          f"--config.eval_every_steps to a divisor of {c.checkpoint_every_steps}")
   if "profile" in c:
-    for k in sorted(c.profile.keys()):
-      need(k in base.profile, f"profile.{k}",
-           f"unknown field{closest_key(k, base.profile.keys(), prefix='config.profile.')}")
     need(is_int(c.profile.start_step) and c.profile.start_step >= 1, "profile.start_step",
          f"must be an integer >= 1 (the first traced step; step 1 includes compilation), got "
          f"{c.profile.start_step!r}")
@@ -192,6 +197,25 @@ def validate_train_config(c) -> None:
     need(c.profile.num_steps == 0 or c.profile.start_step <= c.num_train_steps, "profile.start_step",
          f"{c.profile.start_step} is after the last step (num_train_steps={c.num_train_steps}), so nothing would be "
          f"traced; lower it or set --config.profile.num_steps=0")
+
+
+def validate_train_config(c) -> None:
+  """Checks the training config before anything expensive; errors name the field and the fix.
+
+  Covers unknown fields (naming the closest valid one), every value's type and range, seq_len against
+  model.max_position_embeddings, the mesh against the batch and the experts, the model block
+  (ModelConfig.validate) and the data block (data.validate_data_config).
+  """
+  _check_known_fields(c, base_train_config(ModelConfig()))
+  _check_steps_and_optimizer(c)
+  _check_checkpoints_and_profile(c)
+  _check_layout(c)
+  cfg = ModelConfig.from_config_dict(c)
+  data.validate_data_config(c.data, model_vocab_size=cfg.vocab_size)
+
+
+def _check_layout(c) -> None:
+  """The mesh against the batch and the experts; the pipeline schedule and its micro-batches."""
   for f in ("data", "expert", "pipeline"):
     need(is_int(c.mesh[f]) and c.mesh[f] >= 1, f"mesh.{f}", f"must be an integer >= 1, got {c.mesh[f]!r}")
   experts, moe_layers = c.model.n_routed_experts, c.model.num_hidden_layers - c.model.first_k_dense_replace
@@ -222,5 +246,3 @@ def validate_train_config(c) -> None:
     need(c.model.num_hidden_layers >= stages, "mesh.pipeline",
          f"model.num_hidden_layers={c.model.num_hidden_layers} cannot be cut into {stages} pipeline stages "
          f"(schedule {c.pipeline.schedule!r}); every stage needs a layer: lower mesh.pipeline")
-  cfg = ModelConfig.from_config_dict(c)
-  data.validate_data_config(c.data, model_vocab_size=cfg.vocab_size)

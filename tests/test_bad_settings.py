@@ -19,7 +19,7 @@ import tiny  # noqa: E402
 
 from dsv3 import cli, data, generate, plan  # noqa: E402
 from dsv3.config import ConfigError, ModelConfig  # noqa: E402
-from dsv3.train_config import validate_train_config  # noqa: E402
+from dsv3.train_config import model_config_dict, validate_train_config  # noqa: E402
 from disk import snapshot  # noqa: E402
 
 TINY_MODEL = ModelConfig.from_config_dict(tiny.get_config())
@@ -177,8 +177,20 @@ def test_plan_names_field(override, pattern):
     plan.plan(_config(**override))
 
 
-def test_plan_of_bare_model_config_defaults_seq_len_within_limit():
-  assert plan.plan(TINY_MODEL)["seq_len"] == 512
+def test_plan_of_model_block_only_defaults_seq_len_within_limit():
+  assert plan.plan(ml_collections.ConfigDict(dict(model=model_config_dict(TINY_MODEL))))["seq_len"] == 512
+
+
+@pytest.mark.parametrize("call", [
+    lambda: plan.plan(TINY_MODEL),
+    lambda: plan.param_counts(tiny.get_config()),
+    lambda: generate.generate({"vocab_size": 512}, {}, [1, 2]),
+])
+def test_model_api_names_the_converter(call):
+  """The model API takes a ModelConfig (plan.plan a training config): anything else is a TypeError that
+  names the converter to call, not an AttributeError deep inside."""
+  with pytest.raises(TypeError, match=r"from_config_dict|from_hf_dict|base_train_config"):
+    call()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -11,10 +11,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import tiny  # noqa: E402
 
 from dsv3 import model, optimizer  # noqa: E402
+from dsv3.config import ModelConfig  # noqa: E402
 
 
 def test_no_weight_decay_on_norms_or_vectors():
-  c = tiny.get_config()
+  c = ModelConfig.from_config_dict(tiny.get_config())
   params = jax.eval_shape(lambda: model.init(c, jax.random.key(0)))["params"]
   mask = optimizer.decay_mask(params)
   flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(mask)[0]}

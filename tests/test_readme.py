@@ -2,6 +2,7 @@
 the flags they pass it, and a test (named in RUN_BY) runs that command. Their links resolve, the files they
 name exist, and nothing points outside the repository. A doc edit that drifts from the code, or a new command
 without a test, fails here."""
+import importlib
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
+from absl import flags
 
 from dsv3 import cli, hf, model, tokenizer
 from dsv3.config import ModelConfig
@@ -21,7 +23,8 @@ DOC_FILES = ["README.md"] + sorted(os.path.join("docs", f) for f in os.listdir(o
                                    if f.endswith(".md"))
 DOCS = {f: open(os.path.join(ROOT, f)).read() for f in DOC_FILES}
 README = "\n".join(DOCS.values())      # the commands of every page are checked alike
-SUBCOMMANDS = {"dsv3.bench": ("gpu",), "dsv3.data": ("prepare",)}
+# Subcommand -> the module that defines its flags (and runs it).
+SUBCOMMANDS = {"dsv3.bench": {"gpu": "dsv3.bench.gpu"}, "dsv3.data": {"prepare": "dsv3.prepare"}}
 
 # The test that runs each README command (file::function; a slow one where the command is long by nature).
 RUN_BY = {
@@ -114,10 +117,24 @@ def test_named_package_paths_exist():
   assert not missing, f"named in the docs but not in the repository: {missing}"
 
 
+def _entry(module: str, sub: str | None):
+  """The module whose define_flags() a `python -m module [sub]` command line runs: the module itself, a
+  package's __main__, or the subcommand's module (SUBCOMMANDS)."""
+  name = SUBCOMMANDS.get(module, {}).get(sub) or module
+  mod = importlib.import_module(name)
+  if hasattr(mod, "__path__"):                   # a package runs its __main__.py
+    mod = importlib.import_module(f"{name}.__main__")
+  return mod
+
+
 def _flags(module: str, sub: str | None) -> set:
-  args = [sys.executable, "-m", module] + ([sub] if sub else []) + ["--helpfull"]
-  out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300).stdout
-  return {m.group(2) for m in re.finditer(r"^\s+--(\[no\])?([\w.-]+):", out, flags=re.M)}
+  """The flags `python -m module [sub]` defines: its define_flags() run on a fresh FlagValues (the convention:
+  flags are defined only there, never at import, so this defines nothing on the global FLAGS)."""
+  mod = _entry(module, sub)
+  assert hasattr(mod, "define_flags"), f"{mod.__name__}: a command line defines its flags in define_flags()"
+  fv = flags.FlagValues()
+  mod.define_flags(fv)
+  return set(fv)
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -131,10 +148,31 @@ def test_readme_flags_are_the_modules_flags(module):
     names = [a[2:].split("=")[0] for a in cmd[1:] if a.startswith("--") and not a.startswith("--config.")]
     by_sub.setdefault(sub, set()).update(n[2:] if n.startswith("no") and n[2:] else n for n in names)
   for sub, names in by_sub.items():
+    if not names:
+      continue                                   # positional arguments only (dsv3.bench.hlo_gemms FILE)
     defined = _flags(module, sub)
-    assert defined, f"`python -m {module} {sub or ''} --helpfull` printed no flags: not an absl entry point?"
+    assert defined, f"`python -m {module} {sub or ''}`: define_flags() defined no flags"
     unknown = sorted(n for n in names if n not in defined and f"no{n}" not in defined)
     assert not unknown, f"README passes `python -m {module} {sub or ''}` flags it does not define: {unknown}"
+
+
+def test_importing_the_commands_defines_no_flag():
+  """Library callers (tests, notebooks, other modules) import the command modules: none may define a flag at
+  import, or two of them in one process would clash."""
+  entries = sorted({_entry(c[0], None).__name__ for c in COMMANDS} | set().union(*map(set, (
+      d.values() for d in SUBCOMMANDS.values()))))
+  code = ("import sys; from absl import flags; import " + ", ".join(entries) + "; "
+          "print([n for n in flags.FLAGS if (flags.FLAGS.find_module_defining_flag(n) or '').startswith('dsv3')])")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == "[]", f"flags defined at import: {out.stdout}"
+
+
+def test_subcommand_help_lists_its_flags():
+  """`python -m dsv3.data prepare --help` shows prepare's flags (absl's --help lists the main module's)."""
+  out = subprocess.run([sys.executable, "-m", "dsv3.data", "prepare", "--help"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300).stdout
+  assert "--source" in out and "--out" in out, out
 
 
 def test_hlo_gemms_cli_counts_a_compiled_dot(tmp_path):

@@ -45,40 +45,32 @@ from dsv3.bench import common, gpu, hf, step
 SECTIONS = {"train": step.bench_train, "hf": hf.hf, "profile": hf.profile, "moe": step.bench_moe,
             "seq": step.bench_seq, "compile": step.bench_compile, "memory": step.bench_memory}
 
-_WHAT = flags.DEFINE_list("what", list(SECTIONS), f"Comma-separated subset of {','.join(SECTIONS)}.")
-_SMALL = flags.DEFINE_bool("small", False, "Also configs/small.py (train, memory).")
-_FAST = flags.DEFINE_bool("fast", False, "Smaller sizes for smoke runs.")
-_STEPS = flags.DEFINE_integer("steps", None, "Timed steps per measurement (default 5, --fast 2).")
-_BATCH = flags.DEFINE_integer("batch", None, "train/hf batch (default 16 / each hf config's own).")
-_SEQ = flags.DEFINE_integer("seq", None, "train/hf sequence length (default 128 / each hf config's).")
-_TOKENS = flags.DEFINE_integer("tokens", None, "moe: tokens per layer call; seq: tokens per step.")
-_TOP = flags.DEFINE_integer("top", 15, "profile: how many of the slowest ops to list.")
-_HF_CONFIGS = flags.DEFINE_list("hf_configs", None, "hf: comma-separated subset of tiny,16m (default both).")
-_FLAGS = (_WHAT, _SMALL, _FAST, _STEPS, _BATCH, _SEQ, _TOKENS, _TOP, _HF_CONFIGS)
+FLAG_NAMES = ("small", "fast", "steps", "batch", "seq", "tokens", "top", "hf_configs")   # what the sections read
 
 
-def _refuse(holders, command: str) -> None:
-  """UsageError if a flag of the other command (both commands' flags are defined here) was given."""
-  given = [h.name for h in holders if h.present]
-  if given:
-    raise cli.UsageError(f"--{given[0]} is not a flag of `{command}`; see --helpfull")
-
-
-def gpu_main(argv):
-  _refuse(_FLAGS, "python -m dsv3.bench gpu")
-  return gpu.main(argv)
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """`python -m dsv3.bench`'s flags (`python -m dsv3.bench gpu` has dsv3.bench.gpu's instead)."""
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_list("what", list(SECTIONS), f"Comma-separated subset of {','.join(SECTIONS)}.", **fv)
+  flags.DEFINE_bool("small", False, "Also configs/small.py (train, memory).", **fv)
+  flags.DEFINE_bool("fast", False, "Smaller sizes for smoke runs.", **fv)
+  flags.DEFINE_integer("steps", None, "Timed steps per measurement (default 5, --fast 2).", **fv)
+  flags.DEFINE_integer("batch", None, "train/hf batch (default 16 / each hf config's own).", **fv)
+  flags.DEFINE_integer("seq", None, "train/hf sequence length (default 128 / each hf config's).", **fv)
+  flags.DEFINE_integer("tokens", None, "moe: tokens per layer call; seq: tokens per step.", **fv)
+  flags.DEFINE_integer("top", 15, "profile: how many of the slowest ops to list.", **fv)
+  flags.DEFINE_list("hf_configs", None, "hf: comma-separated subset of tiny,16m (default both).", **fv)
 
 
 def main(argv):
-  _refuse(gpu.FLAGS, "python -m dsv3.bench")
   if argv[1:]:
     raise cli.UsageError(f"unexpected argument(s) {argv[1:]}; the only subcommand is `gpu` "
                          f"(python -m dsv3.bench gpu [--smoke])")
-  what = [w.strip() for w in _WHAT.value if w.strip()]
+  what = [w.strip() for w in flags.FLAGS.what if w.strip()]
   unknown = sorted(set(what) - set(SECTIONS))
   if unknown:
     raise cli.UsageError(f"--what: unknown section(s) {unknown}; choose from {','.join(SECTIONS)}")
-  args = common.flag_args(*_FLAGS[1:])
+  args = common.flag_args(*FLAG_NAMES)
   args.steps = args.steps or (2 if args.fast else 5)
   for w in what:
     t0 = time.perf_counter()
@@ -88,6 +80,9 @@ def main(argv):
 
 if __name__ == "__main__":
   if sys.argv[1:2] == ["gpu"]:       # python -m dsv3.bench gpu [...]: the lent-GPU check, dsv3/bench/gpu.py
-    common.run(gpu_main, argv=sys.argv[:1] + sys.argv[2:])
+    gpu.define_flags()
+    flags.adopt_module_key_flags(gpu)            # --help lists the main module's flags: gpu's are its own
+    common.run(gpu.main, argv=sys.argv[:1] + sys.argv[2:])
   else:
+    define_flags()
     common.run(main)

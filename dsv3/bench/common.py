@@ -38,10 +38,10 @@ def use_cpu_devices(count: int = 8) -> None:
     jax.config.update("jax_num_cpu_devices", count)
 
 
-def flag_args(*holders) -> types.SimpleNamespace:
-  """The values of absl flags (their FlagHolders), as attributes named after the flags: what a bench's
+def flag_args(*names: str, flag_values: flags.FlagValues = flags.FLAGS) -> types.SimpleNamespace:
+  """The values of the parsed absl flags `names`, as attributes named after the flags: what a bench's
   functions take, so that a notebook or a test can call them without parsing a command line."""
-  return types.SimpleNamespace(**{h.name: h.value for h in holders})
+  return types.SimpleNamespace(**{name: flag_values[name].value for name in names})
 
 
 def short_run_config(name: str, steps: int, batch_size: int, seq_len: int, vocab: int, max_files: int,

@@ -33,56 +33,63 @@ from dsv3.bench.ep_traffic import alltoall_bytes, dispatch_traffic, traffic_byte
 from dsv3.config import ModelConfig, deepseek_v3_671b
 from dsv3.expert_parallel import ExpertParallel
 
-_TOKENS = flags.DEFINE_integer("tokens", 1024, "tokens per step (global)")
-_HIDDEN = flags.DEFINE_integer("hidden", 64, "hidden size")
-_EXPERTS = flags.DEFINE_integer("experts", 32, "routed experts")
-_TOPK = flags.DEFINE_integer("topk", 8, "experts per token")
-_ITERS = flags.DEFINE_integer("iters", 3, "timed steps per setting")
-_NODE_SIZE = flags.DEFINE_integer("node_size", 8, "GPUs per node for the inter-node traffic table (H800 nodes: 8)")
-_NODE_EPS = flags.DEFINE_list("node_eps", ["8", "16", "32", "64"], "expert-parallel sizes for the inter-node table")
-_NODE_TOKENS = flags.DEFINE_integer("node_tokens", 4096, "routed tokens (global) sampled for the inter-node table")
+FLAG_NAMES = ("tokens", "hidden", "experts", "topk", "iters", "node_size", "node_eps", "node_tokens")
 
 
-def _cfg(n_group=1, topk_group=1, **kw) -> ModelConfig:
-  return ModelConfig(hidden_size=_HIDDEN.value, moe_intermediate_size=_HIDDEN.value // 2,
-                     n_routed_experts=_EXPERTS.value, num_experts_per_tok=_TOPK.value, n_group=n_group,
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command line's flags (FLAG_NAMES), defined only by `python -m dsv3.bench.ep`."""
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_integer("tokens", 1024, "tokens per step (global)", **fv)
+  flags.DEFINE_integer("hidden", 64, "hidden size", **fv)
+  flags.DEFINE_integer("experts", 32, "routed experts", **fv)
+  flags.DEFINE_integer("topk", 8, "experts per token", **fv)
+  flags.DEFINE_integer("iters", 3, "timed steps per setting", **fv)
+  flags.DEFINE_integer("node_size", 8, "GPUs per node for the inter-node traffic table (H800 nodes: 8)", **fv)
+  flags.DEFINE_list("node_eps", ["8", "16", "32", "64"], "expert-parallel sizes for the inter-node table", **fv)
+  flags.DEFINE_integer("node_tokens", 4096, "routed tokens (global) sampled for the inter-node table", **fv)
+
+
+def _cfg(args, n_group=1, topk_group=1, **kw) -> ModelConfig:
+  return ModelConfig(hidden_size=args.hidden, moe_intermediate_size=args.hidden // 2,
+                     n_routed_experts=args.experts, num_experts_per_tok=args.topk, n_group=n_group,
                      topk_group=topk_group, **kw).validate()
 
 
-def _inputs(cfg: ModelConfig, seed=0):
+def _inputs(args, cfg: ModelConfig, seed=0):
   r = jax.random.split(jax.random.key(seed), 5)
   H, E, I = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
-  x = jax.random.normal(r[0], (_TOKENS.value, H))
+  x = jax.random.normal(r[0], (args.tokens, H))
   kernel = jax.random.normal(r[1], (H, E)) / np.sqrt(H)
   ws = [jax.random.normal(k, s) * 0.1 for k, s in zip(r[2:], ((E, H, I), (E, H, I), (E, I, H)))]
   return x, kernel, ws
 
 
-def node_limited_table(ep: int = 8):
-  """Bytes per token crossing devices (dispatch + combine, fp32 rows) with and without the limit."""
+def node_limited_table(args, ep: int = 8):
+  """Bytes per token crossing devices (dispatch + combine, fp32 rows) with and without the limit. args: the
+  command line's values (define_flags' names, e.g. from common.flag_args)."""
   rows = []
   settings = [("none (n_group=1)", 1, 1)] + [(f"n_group={ep}, topk_group={m}", ep, m) for m in (4, 2, 1)
-                                               if m * (_EXPERTS.value // ep) >= _TOPK.value]
+                                               if m * (args.experts // ep) >= args.topk]
   for name, g, m in settings:
-    cfg = _cfg(g, m)
-    x, kernel, _ = _inputs(cfg)
+    cfg = _cfg(args, g, m)
+    x, kernel, _ = _inputs(args, cfg)
     idx, _, _ = moe.route(cfg, x, kernel, jnp.zeros((cfg.n_routed_experts,)))
     b = alltoall_bytes(idx, cfg.n_routed_experts, ep, cfg.hidden_size, 4, token_shards=ep)
     shards = np.asarray(idx) // (cfg.n_routed_experts // ep)
     reach = max(len(set(r)) for r in shards.tolist())
     rows.append((name, reach, b["units"] / len(idx), b["payload"] / len(idx)))
-  print(f"\nNode-limited routing: ep={ep} shards, {_EXPERTS.value} experts, k={_TOPK.value}, "
-        f"hidden={_HIDDEN.value}, fp32 rows; bytes = dispatch + combine to other shards")
+  print(f"\nNode-limited routing: ep={ep} shards, {args.experts} experts, k={args.topk}, "
+        f"hidden={args.hidden}, fp32 rows; bytes = dispatch + combine to other shards")
   print(f"{'routing':<26}{'max shards/token':>18}{'rows/token':>12}{'bytes/token':>13}")
   for name, reach, units, bytes_ in rows:
     print(f"{name:<26}{reach:>18}{units:>12.2f}{bytes_:>13.1f}")
   return rows
 
 
-def node_traffic_table():
+def node_traffic_table(args):
   """Per token, rows and KiB crossing nodes and moving inside nodes, DeepSeek-V3 shapes, one markdown table."""
   base = deepseek_v3_671b()
-  H, E, L, N = base.hidden_size, base.n_routed_experts, _NODE_SIZE.value, _NODE_TOKENS.value
+  H, E, L, N = base.hidden_size, base.n_routed_experts, args.node_size, args.node_tokens
   r = jax.random.split(jax.random.key(0), 2)
   x = jax.random.normal(r[0], (N, H))
   kernel = jax.random.normal(r[1], (H, E)) / np.sqrt(H)
@@ -98,7 +105,7 @@ def node_traffic_table():
         "inter-node combine | intra-node dispatch BF16 | FP8 | intra-node combine | bound (rows) |")
   print("|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
   rows = []
-  for ep in map(int, _NODE_EPS.value):
+  for ep in map(int, args.node_eps):
     for name, cfg in routings:
       for two_hop in ((False, True) if ep > L else (False,)):       # one node: two-hop is the flat dispatch
         t = dispatch_traffic(routes[name], E, ep, L, two_hop=two_hop)
@@ -116,10 +123,10 @@ def node_traffic_table():
   return rows
 
 
-def ep_table(devices: int = 8):
+def ep_table(args, devices: int = 8):
   """MoE layer forward+backward time and all-to-all bytes for ep in {1, 2, 4, 8}, data = devices / ep."""
-  cfg = _cfg(4, 2)
-  x, kernel, ws = _inputs(cfg)
+  cfg = _cfg(args, 4, 2)
+  x, kernel, ws = _inputs(args, cfg)
   idx, w, _ = moe.route(cfg, x, kernel, jnp.zeros((cfg.n_routed_experts,)))
   rows = []
   for ep in (1, 2, 4, 8):
@@ -134,7 +141,7 @@ def ep_table(devices: int = 8):
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
     jax.block_until_ready(step(x, w, ws))                          # compile
     times = []
-    for _ in range(_ITERS.value):
+    for _ in range(args.iters):
       t0 = time.perf_counter()
       jax.block_until_ready(step(x, w, ws))
       times.append(time.perf_counter() - t0)
@@ -142,7 +149,7 @@ def ep_table(devices: int = 8):
     # Backward moves the same rows again (the transpose of each all-to-all), hence ×2 for a train step.
     rows.append((ep, devices // ep, layer.transport(), 1e3 * float(np.median(times)),
                  2 * b["payload"] / 2**20, 2 * b["dense"] / 2**20))
-  print(f"\nMoE layer forward+backward on {devices} CPU devices ({_TOKENS.value} tokens, hidden {_HIDDEN.value}, "
+  print(f"\nMoE layer forward+backward on {devices} CPU devices ({args.tokens} tokens, hidden {args.hidden}, "
         f"{cfg.n_routed_experts} experts, k={cfg.num_experts_per_tok}, n_group=4, topk_group=2). "
         f"CPU: correctness, not speed.")
   print(f"{'ep':>3}{'data':>6}{'transport':>11}{'step ms':>10}{'a2a payload MiB':>17}{'a2a dense MiB':>15}")
@@ -156,10 +163,12 @@ def main(argv):
   common.use_cpu_devices(8)
   jax.config.update("jax_default_matmul_precision", "highest")
   print(f"backend: {jax.default_backend()}, {jax.device_count()} devices")
-  node_limited_table()
-  node_traffic_table()
-  ep_table(min(8, jax.device_count()))
+  args = common.flag_args(*FLAG_NAMES)
+  node_limited_table(args)
+  node_traffic_table(args)
+  ep_table(args, min(8, jax.device_count()))
 
 
 if __name__ == "__main__":
+  define_flags()
   common.run(main)

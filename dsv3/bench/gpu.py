@@ -200,21 +200,27 @@ def tables(result) -> str:
   return "\n".join(out)
 
 
-_OUT = flags.DEFINE_string("out", "gpu_bench.json", "Where the JSON goes (default ./gpu_bench.json).")
-_SMOKE = flags.DEFINE_bool("smoke", False, "Tiny shapes and configs/tiny.py (CPU, < 1 min).")
-_BUDGET_S = flags.DEFINE_float("budget_s", 450, "Skip what would start after this many s.")
-_ITERS = flags.DEFINE_integer("iters", None, "Timed calls per GEMM (default 10, smoke 2).")
-_TRAIN_BATCH = flags.DEFINE_integer("train_batch", None, "Train batch (default 16, smoke 2).")
-_TRAIN_SEQ = flags.DEFINE_integer("train_seq", None, "Train seq_len (default 1024, smoke 64).")
-_TRAIN_STEPS = flags.DEFINE_integer("train_steps", None, "Timed train steps (default 5, smoke 2).")
-_TRAIN_CHILD = flags.DEFINE_enum("train_child", None, ["bf16", "fp8"], "Internal: run one train row (a child).")
-FLAGS = (_OUT, _SMOKE, _BUDGET_S, _ITERS, _TRAIN_BATCH, _TRAIN_SEQ, _TRAIN_STEPS, _TRAIN_CHILD)
+FLAG_NAMES = ("out", "smoke", "budget_s", "iters", "train_batch", "train_seq", "train_steps", "train_child")
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command's flags (FLAG_NAMES), defined only by `python -m dsv3.bench gpu` (dsv3/bench/__main__.py) and
+  by this module's main block (its train children)."""
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_string("out", "gpu_bench.json", "Where the JSON goes (default ./gpu_bench.json).", **fv)
+  flags.DEFINE_bool("smoke", False, "Tiny shapes and configs/tiny.py (CPU, < 1 min).", **fv)
+  flags.DEFINE_float("budget_s", 450, "Skip what would start after this many s.", **fv)
+  flags.DEFINE_integer("iters", None, "Timed calls per GEMM (default 10, smoke 2).", **fv)
+  flags.DEFINE_integer("train_batch", None, "Train batch (default 16, smoke 2).", **fv)
+  flags.DEFINE_integer("train_seq", None, "Train seq_len (default 1024, smoke 64).", **fv)
+  flags.DEFINE_integer("train_steps", None, "Timed train steps (default 5, smoke 2).", **fv)
+  flags.DEFINE_enum("train_child", None, ["bf16", "fp8"], "Internal: run one train row (a child).", **fv)
 
 
 def main(argv):
   if argv[1:]:
     raise cli.UsageError(f"unexpected argument(s) {argv[1:]}")
-  args = common.flag_args(*FLAGS)
+  args = common.flag_args(*FLAG_NAMES)
   if args.train_child:
     _train_child(args)
   else:
@@ -264,4 +270,5 @@ def run(args):
 
 
 if __name__ == "__main__":       # the train children; people run `python -m dsv3.bench gpu`
+  define_flags()
   common.run(main)

@@ -2,7 +2,7 @@
 
   .venv-aot/bin/python -m dsv3.bench.overlap [--config=configs/small.py] [--target=h100] [--expert=8,16]
 
-For each expert degree EP, compiles (deviceless, GPU_AOT.md; needs the compile-only toolchain) pipeline rank
+For each expert degree EP, compiles (deviceless; needs the compile-only toolchain, requirements-aot.txt) pipeline rank
 0 of a DualPipe run of the config on mesh pipeline 2 x expert EP, EP GPUs per rank (EP 16: a rank spans two
 8-GPU hosts): its F&B programs (stages.forward_backward) and the F and B programs each one fuses. From each
 program's scheduled HLO (dsv3.overlap) it prints, over the expert all-to-alls (dispatch and combine, and
@@ -26,14 +26,18 @@ from dsv3.bench import common
 from dsv3.config import ModelConfig
 from dsv3.pipeline import schedules, stages
 
-_CONFIG = config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(__file__), "..", "..", "configs",
-                                                                 "small.py"), "Training config file.")
-_TARGET = flags.DEFINE_enum("target", "h100", ["h100", "h800", "h200"], "GPU to compile for.")
-_EXPERT = flags.DEFINE_list("expert", ["8", "16"], "Expert-parallel degrees (GPUs per pipeline rank).")
-_MICROBATCHES = flags.DEFINE_integer("microbatches", 8, "DualPipe micro-batches (>= 2 x 2 ranks).")
-_COMM = flags.DEFINE_float("comm_ratio", 1.0, "Expert all-to-all time over compute time when nothing "
-                           "overlaps (report §3.2.1: about 1 for cross-node EP), for the F&B cost.")
-_JSON = flags.DEFINE_string("json", None, "Also write the results here.")
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command line's flags, defined only by `python -m dsv3.bench.overlap`."""
+  fv = dict(flag_values=flag_values)
+  config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(__file__), "..", "..", "configs",
+                                                         "small.py"), "Training config file.", **fv)
+  flags.DEFINE_enum("target", "h100", ["h100", "h800", "h200"], "GPU to compile for.", **fv)
+  flags.DEFINE_list("expert", ["8", "16"], "Expert-parallel degrees (GPUs per pipeline rank).", **fv)
+  flags.DEFINE_integer("microbatches", 8, "DualPipe micro-batches (>= 2 x 2 ranks).", **fv)
+  flags.DEFINE_float("comm_ratio", 1.0, "Expert all-to-all time over compute time when nothing "
+                     "overlaps (report §3.2.1: about 1 for cross-node EP), for the F&B cost.", **fv)
+  flags.DEFINE_string("json", None, "Also write the results here.", **fv)
 
 
 # XLA's defaults for what stages.GPU_OVERLAP_OPTIONS sets: how the stage programs compiled before it.
@@ -95,20 +99,21 @@ def bubble_rows(ranks: int, microbatches: int, fb: float) -> list:
 
 def main(argv):
   del argv
-  compile_only.check_toolchain(_TARGET.value)
-  compile_only.prepare_environment(_TARGET.value, 0)
+  F = flags.FLAGS
+  compile_only.check_toolchain(F.target)
+  compile_only.prepare_environment(F.target, 0)
   results = []
-  for ep in map(int, _EXPERT.value):
-    config = _CONFIG.value.copy_and_resolve_references()
+  for ep in map(int, F.expert):
+    config = F.config.copy_and_resolve_references()
     config.mesh.data, config.mesh.expert, config.mesh.pipeline = 1, ep, 2
-    config.pipeline.schedule, config.pipeline.microbatches = "dualpipe", _MICROBATCHES.value
-    config.batch_size = max(int(config.batch_size), ep * _MICROBATCHES.value)
-    print(f"EP{ep}: compiling rank 0 of DualPipe PP2 x EP{ep} for {_TARGET.value} ...", flush=True)
-    defaults = rank0_programs(config, _TARGET.value, options=XLA_DEFAULTS, only=("F", "B"))
-    for row in overlap_rows(rank0_programs(config, _TARGET.value), defaults):
+    config.pipeline.schedule, config.pipeline.microbatches = "dualpipe", F.microbatches
+    config.batch_size = max(int(config.batch_size), ep * F.microbatches)
+    print(f"EP{ep}: compiling rank 0 of DualPipe PP2 x EP{ep} for {F.target} ...", flush=True)
+    defaults = rank0_programs(config, F.target, options=XLA_DEFAULTS, only=("F", "B"))
+    for row in overlap_rows(rank0_programs(config, F.target), defaults):
       row["ep"] = ep
       results.append(row)
-  print(f"\nExpert all-to-alls of pipeline rank 0 ({_TARGET.value}, compiled; stages.GPU_OVERLAP_OPTIONS): "
+  print(f"\nExpert all-to-alls of pipeline rank 0 ({F.target}, compiled; stages.GPU_OVERLAP_OPTIONS): "
         "fused F&B program vs its F and B compiled apart")
   print("| EP | F&B program | schedule | all-to-alls | MiB / device | async | window holds other chunk's GEMMs "
         "| window holds any GEMM |")
@@ -119,20 +124,21 @@ def main(argv):
       print(f"| {r['ep']} | {r['program']} | {label} | {s['count']} | {s['bytes'] / 2**20:.2f} | "
             f"{s['asynchronous']:.0%} | {s['hidden_by_other_chunk']:.0%} | {s['hidden_by_any_gemm']:.0%} |")
   worst = min(r["fused"]["hidden_by_other_chunk"] for r in results)
-  fb = overlap.fb_cost(1.0, 2.0, worst, _COMM.value)
+  fb = overlap.fb_cost(1.0, 2.0, worst, F.comm_ratio)
   bubbles = bubble_rows(8, 20, fb)
-  print(f"\nDualPipe PP8, 20 micro-batches, F 1 B 2 W 1, all-to-all : compute = {_COMM.value:g} : 1; the fused "
+  print(f"\nDualPipe PP8, 20 micro-batches, F 1 B 2 W 1, all-to-all : compute = {F.comm_ratio:g} : 1; the fused "
         f"cell hides {worst:.0%} of its all-to-all bytes behind the other chunk (the worst program above)")
   print("| F&B cost | step (simulated) | bubble |\n|---|---|---|")
   for b in bubbles:
     print(f"| {b['fb']} | {b['makespan']:.1f} | {b['bubble']:.1f} |")
   for r in results:
     print("\n" + overlap.format_rows(f"EP{r['ep']} {r['program']} (fused)", r["fused"]))
-  if _JSON.value:
-    with open(_JSON.value, "w") as f:
-      json.dump(dict(target=_TARGET.value, options=stages.GPU_OVERLAP_OPTIONS, programs=results, bubble=bubbles),
+  if F.json:
+    with open(F.json, "w") as f:
+      json.dump(dict(target=F.target, options=stages.GPU_OVERLAP_OPTIONS, programs=results, bubble=bubbles),
                 f, indent=1, default=str)
 
 
 if __name__ == "__main__":
+  define_flags()
   common.run(main)

@@ -30,14 +30,20 @@ from dsv3.bench import common
 from dsv3.config import ModelConfig
 from dsv3.pipeline import executor, schedules
 
-_RANKS = flags.DEFINE_integer("ranks", 4, "Pipeline ranks (each gets devices / ranks of the 8 devices).")
-_MICROBATCHES = flags.DEFINE_integer("microbatches", 8, "Micro-batches per step.")
-_BATCH = flags.DEFINE_integer("batch", 16, "Sequences per step.")
-_SEQ = flags.DEFINE_integer("seq", 32, "Tokens per sequence.")
-_STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per schedule.")
-_SCHEDULES = flags.DEFINE_list("schedules", list(schedules.NAMES), "Comma-separated schedules to run.")
-_UNFUSED = flags.DEFINE_bool("unfused", False, "Also run DualPipe(V) with each F&B cell as its F and B programs "
-                             "(the baseline).")
+FLAG_NAMES = ("ranks", "microbatches", "batch", "seq", "steps", "schedules", "unfused")
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command line's flags (FLAG_NAMES), defined only by `python -m dsv3.bench.pipeline`."""
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_integer("ranks", 4, "Pipeline ranks (each gets devices / ranks of the 8 devices).", **fv)
+  flags.DEFINE_integer("microbatches", 8, "Micro-batches per step.", **fv)
+  flags.DEFINE_integer("batch", 16, "Sequences per step.", **fv)
+  flags.DEFINE_integer("seq", 32, "Tokens per sequence.", **fv)
+  flags.DEFINE_integer("steps", 3, "Timed steps per schedule.", **fv)
+  flags.DEFINE_list("schedules", list(schedules.NAMES), "Comma-separated schedules to run.", **fv)
+  flags.DEFINE_bool("unfused", False, "Also run DualPipe(V) with each F&B cell as its F and B programs "
+                    "(the baseline).", **fv)
 
 BENCH_MODEL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
                    num_hidden_layers=8, first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=32,
@@ -97,7 +103,7 @@ def bench(schedule: str, ranks: int, microbatches: int, steps: int, cfg: ModelCo
 def main(argv):
   del argv
   common.use_cpu_devices(8)
-  args = common.flag_args(_RANKS, _MICROBATCHES, _BATCH, _SEQ, _STEPS, _SCHEDULES, _UNFUSED)
+  args = common.flag_args(*FLAG_NAMES)
   cfg = ModelConfig(**BENCH_MODEL).validate()
   variables = _variables(cfg)
   tokens = jax.random.randint(jax.random.key(1), (args.batch, args.seq + 1), 0, cfg.vocab_size, jnp.int32)
@@ -123,4 +129,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   common.run(main)

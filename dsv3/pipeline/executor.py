@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dsv3 import hf_config, layout, sharding
-from dsv3.config import ModelConfig
+from dsv3 import layout, sharding
+from dsv3.config import ModelConfig, require_model_config
 from dsv3.expert_parallel import ExpertParallel
 from dsv3.layers import compute_dtype
 from dsv3.pipeline import per_device, rank_state, reduction, schedules, stages
@@ -350,7 +350,7 @@ def pipeline_value_and_grad(cfg: ModelConfig, variables, tokens, *, schedule: st
   compiler_options: XLA options for the stage programs; transfer: 'auto' or 'collective'; timings, fused:
   see `run`. Returns (loss, metrics, grads like params, loads like routing) as host arrays.
   """
-  plan = get_plan(hf_config.as_model_config(cfg), schedule, num_stages, microbatches, devices, compiler_options,
+  plan = get_plan(require_model_config(cfg, "pipeline_value_and_grad"), schedule, num_stages, microbatches, devices, compiler_options,
                   transfer)
   per_layer = {k: layout.unstack(plan.cfg, jax.tree.map(np.asarray, variables.get(k, {})))
                for k in ("params", "routing")}

@@ -12,7 +12,6 @@ import functools
 from typing import Dict, List, Optional, Sequence
 
 import jax
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dsv3 import layout, sharding, steps
@@ -150,9 +149,3 @@ class RankLayout:
 
 def _by_path(tree):
   return [(jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
-def to_stacked(cfg, tree):
-  """A per-layer tree of host arrays (a checkpoint read on the host) in the stacked form."""
-  return layout.map_state(lambda t: layout.stack(cfg, jax.tree.map(np.asarray, t)), tree) \
-      if "params" in tree else layout.stack(cfg, jax.tree.map(np.asarray, tree))

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import List, Optional
 
-from absl import app, flags
+from absl import flags
 
+from dsv3 import cli
 from dsv3.pipeline import simulate as _engine
 from dsv3.pipeline.ops import Op, Schedule, parse_op
 from dsv3.pipeline.simulate import SimResult
@@ -322,25 +323,27 @@ def bubble_table(num_ranks: int, num_chunks: int, F=1.0, B=2.0, W=1.0, FB=None):
   return rows
 
 
-def _define_flags():
-  """Flags live only in the CLI process: importing this module (config.py does) defines none."""
-  flags.DEFINE_integer("ranks", 8, "Pipeline ranks.")
-  flags.DEFINE_integer("chunks", 20, "Micro-batches (DualPipe: both directions together).")
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command line's flags, defined only by `python -m dsv3.pipeline.schedules` (importing the module, as
+  the planner and the trainer do, defines none)."""
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_integer("ranks", 8, "Pipeline ranks.", **fv)
+  flags.DEFINE_integer("chunks", 20, "Micro-batches (DualPipe: both directions together).", **fv)
   for name, default in (("F", 1.0), ("B", 2.0), ("W", 1.0)):
-    flags.DEFINE_float(name, default, f"Cost of a {name} cell.")
-  flags.DEFINE_float("FB", None, "Cost of an overlapped F&B unit (default F+B).")
-  flags.DEFINE_string("png", None, "Write the DualPipe timeline picture here.")
-  flags.DEFINE_bool("print_ops", False, "Print DualPipe's per-rank op lists.")
+    flags.DEFINE_float(name, default, f"Cost of a {name} cell.", **fv)
+  flags.DEFINE_float("FB", None, "Cost of an overlapped F&B unit (default F+B).", **fv)
+  flags.DEFINE_string("png", None, "Write the DualPipe timeline picture here.", **fv)
+  flags.DEFINE_bool("print_ops", False, "Print DualPipe's per-rank op lists.", **fv)
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise cli.UsageError(f"unexpected arguments: {argv[1:]}")
   a = flags.FLAGS
   try:
     rows = bubble_table(a.ranks, a.chunks, a.F, a.B, a.W, a.FB)
   except ValueError as e:      # e.g. an odd --ranks for DualPipe: the message names the rule
-    raise app.UsageError(f"--ranks {a.ranks} --chunks {a.chunks}: {e}") from e
+    raise cli.UsageError(f"--ranks {a.ranks} --chunks {a.chunks}: {e}") from e
   fb = a.F + a.B if a.FB is None else a.FB
   print(f"ranks={a.ranks} chunks={a.chunks} F={a.F} B={a.B} W={a.W} F&B={fb}")
   print(f"{'method':<10} {'PP':>3} {'bubble (sim)':>13} {'bubble (paper)':>15} {'params':>7} {'activations':>12}")
@@ -358,5 +361,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _define_flags()
-  app.run(main)
+  define_flags()
+  cli.run(main)

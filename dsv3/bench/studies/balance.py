@@ -161,9 +161,13 @@ def _study(f, overrides):
   return results, table(results) + "\n\n" + verdict(results), figure(results)
 
 
-def _define_flags():
-  flags.DEFINE_list("modes", list(MODES), "Runs: none, aux_loss, aux_free, each optionally MODE@STRENGTH.")
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The study's flags, defined only by `python -m dsv3.bench.studies.balance`."""
+  common.define_flags("balance", flag_values)
+  flags.DEFINE_list("modes", list(MODES), "Runs: none, aux_loss, aux_free, each optionally MODE@STRENGTH.",
+                    flag_values=flag_values)
 
 
 if __name__ == "__main__":
-  common.main("balance", _define_flags, _study)
+  define_flags()
+  common.main("balance", _study)

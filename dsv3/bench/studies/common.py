@@ -119,15 +119,18 @@ def write_outputs(out_dir: str, name: str, table: str, results: dict, figure) ->
   return paths
 
 
-def main(name: str, define_flags: Callable[[], None], study: Callable) -> None:
-  """A study's command line: --steps, --out and --set plus the study's own flags (`define_flags`), then
-  `study(flags, overrides) -> (results, text, figure)`, whose outputs go to --out/<name>.{md,json,png}.
-  Library INFO logs stay off unless -v / --verbosity is given, as in the trainer."""
-  flags.DEFINE_integer("steps", 1000, "Training steps per run.")
-  flags.DEFINE_string("out", "/tmp/dsv3_studies", f"Where the runs (out/runs/) and {name}.{{md,json,png}} go.")
-  flags.DEFINE_multi_string("set", [], "Config override for every run, KEY=VALUE (e.g. data.max_files=30).")
-  define_flags()
+def define_flags(name: str, flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The flags every study's command line has (--steps, --out, --set); a study's own define_flags calls this."""
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_integer("steps", 1000, "Training steps per run.", **fv)
+  flags.DEFINE_string("out", "/tmp/dsv3_studies", f"Where the runs (out/runs/) and {name}.{{md,json,png}} go.", **fv)
+  flags.DEFINE_multi_string("set", [], "Config override for every run, KEY=VALUE (e.g. data.max_files=30).", **fv)
 
+
+def main(name: str, study: Callable) -> None:
+  """A study's command line, once its define_flags ran: `study(flags, overrides) -> (results, text, figure)`,
+  whose outputs go to --out/<name>.{md,json,png}. Library INFO logs stay off unless -v / --verbosity is
+  given, as in the trainer."""
   def run(argv):
     del argv
     results, text, fig = study(flags.FLAGS, parse_sets(flags.FLAGS.set))

@@ -88,10 +88,14 @@ def _study(f, overrides):
   return results, table(results), figure(results)
 
 
-def _define_flags():
-  flags.DEFINE_integer("log_every", 5, "Log the training loss every this many steps.")
-  flags.DEFINE_integer("window", 4, "Trailing logs averaged before comparing training losses.")
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The study's flags, defined only by `python -m dsv3.bench.studies.fp8`."""
+  common.define_flags("fp8", flag_values)
+  flags.DEFINE_integer("log_every", 5, "Log the training loss every this many steps.", flag_values=flag_values)
+  flags.DEFINE_integer("window", 4, "Trailing logs averaged before comparing training losses.",
+                       flag_values=flag_values)
 
 
 if __name__ == "__main__":
-  common.main("fp8", _define_flags, _study)
+  define_flags()
+  common.main("fp8", _study)

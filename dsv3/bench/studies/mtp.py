@@ -104,11 +104,15 @@ def _study(f, overrides):
   return results, table(results), figure(results)
 
 
-def _define_flags():
-  flags.DEFINE_integer("prompts", 32, "Validation prompts for the acceptance measurement.")
-  flags.DEFINE_integer("prompt_len", 64, "Tokens per prompt.")
-  flags.DEFINE_integer("new_tokens", 32, "Tokens generated per prompt.")
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The study's flags, defined only by `python -m dsv3.bench.studies.mtp`."""
+  fv = dict(flag_values=flag_values)
+  common.define_flags("mtp", flag_values)
+  flags.DEFINE_integer("prompts", 32, "Validation prompts for the acceptance measurement.", **fv)
+  flags.DEFINE_integer("prompt_len", 64, "Tokens per prompt.", **fv)
+  flags.DEFINE_integer("new_tokens", 32, "Tokens generated per prompt.", **fv)
 
 
 if __name__ == "__main__":
-  common.main("mtp", _define_flags, _study)
+  define_flags()
+  common.main("mtp", _study)
