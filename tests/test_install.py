@@ -32,7 +32,7 @@ def requirement_names(requirements):
 
 def test_requirement_files_only_point_at_pyproject():
   lines = {}
-  for path in glob.glob(os.path.join(ROOT, "**", "requirements*.txt"), recursive=True):
+  for path in glob.glob(os.path.join(ROOT, "requirements*.txt")) + glob.glob(os.path.join(ROOT, "*", "requirements*.txt")):
     with open(path) as f:
       lines[os.path.relpath(path, ROOT)] = [l.strip() for l in f if l.strip() and not l.startswith("#")]
   assert lines == {"requirements.txt": ["-e ."], "requirements-aot.txt": ["-e .[aot]"]}
@@ -53,9 +53,9 @@ def test_wheel_carries_every_subpackage_and_the_gpu_specs(tmp_path):
   src = tmp_path / "src"
   shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".*", "__pycache__", "*.egg-info", "tests", "colabs",
                                                            "build"))
-  proc = subprocess.run([sys.executable, "-c", "import sys; from setuptools import build_meta; "
-                         "build_meta.build_wheel(sys.argv[1])", str(tmp_path / "dist")], cwd=src,
-                         capture_output=True, text=True, timeout=300)
+  build = "import sys; from setuptools import build_meta; build_meta.build_wheel(sys.argv[1])"
+  proc = subprocess.run([sys.executable, "-c", build, str(tmp_path / "dist")], cwd=src, capture_output=True,
+                        text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   [wheel] = glob.glob(str(tmp_path / "dist" / "dsv3-*.whl"))
   shipped = set(zipfile.ZipFile(wheel).namelist())
