@@ -26,48 +26,20 @@
 # notebook runs the sizes in its settings cell._
 
 # %%
-# Install. Outside Colab this only makes the repository importable (run the notebook from colabs/). In Colab
-# it finds the repository under /content (a folder, an uploaded .zip, Drive), `pip install`s its
-# requirements.txt and runs from its colabs/. To get the repository there: upload its .zip in the Files pane
-# (GitHub's "Download ZIP" works), or `!git clone URL` in a cell, or `%env DSV3_REPO=URL` (cloned below).
-import glob
+# Install. Does nothing where dsv3 is installed (`pip install -e .` in the repository). Otherwise pip installs
+# it with its dependencies, editable: from this checkout when the notebook runs from its colabs/, else (Colab)
+# from git, cloned into ./src/dsv3: set DSV3_GIT to the repository's URL.
+import importlib.util
 import os
 import subprocess
 import sys
-import zipfile
 
-try:
-  import google.colab  # noqa: F401
-  IN_COLAB = True
-except ImportError:
-  IN_COLAB = False
-
-
-def find_repo():
-  for root in ['.', '..', *glob.glob('*/'), *glob.glob('*/*/'), *glob.glob('drive/MyDrive/*/')]:
-    if os.path.isfile(os.path.join(root, 'dsv3', '__init__.py')):
-      return os.path.abspath(root)
-  return None
-
-
-if IN_COLAB:
-  if find_repo() is None:
-    for path in glob.glob('*.zip'):
-      with zipfile.ZipFile(path) as z:
-        if any(n.endswith('dsv3/__init__.py') for n in z.namelist()):
-          z.extractall(os.path.splitext(path)[0])
-    if find_repo() is None and os.environ.get('DSV3_REPO'):
-      subprocess.run(['git', 'clone', '--depth=1', os.environ['DSV3_REPO'], 'dsv3-repo'], check=True)
-  REPO = find_repo()
-  if REPO is None:
-    raise FileNotFoundError(f'no dsv3 repository under {os.getcwd()}: upload its .zip, `!git clone URL`, or '
-                            '`%env DSV3_REPO=URL`, then rerun this cell')
-  subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '-r', os.path.join(REPO, 'requirements.txt')],
-                 check=True)
-  os.chdir(os.path.join(REPO, 'colabs'))
-  sys.path.insert(0, REPO)
-elif not os.path.isdir('dsv3') and os.path.isdir(os.path.join('..', 'dsv3')):
-  sys.path.insert(0, os.path.abspath('..'))   # run from colabs/: make the repository root importable
+DSV3_GIT = 'https://github.com/YOUR_ACCOUNT/dsv3.git'
+if importlib.util.find_spec('dsv3') is None:
+  LOCAL = os.path.isfile(os.path.join('..', 'pyproject.toml'))
+  subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--src', 'src', '-e',
+                  '..' if LOCAL else f'git+{DSV3_GIT}#egg=dsv3'], check=True)
+  sys.path.insert(0, os.path.abspath('..' if LOCAL else 'src/dsv3'))   # pip's path entry is read at start-up
 
 # %%
 FAST = os.environ.get('DSV3_COLAB_FAST') == '1'  # CI: shrink every run further

@@ -16,6 +16,7 @@ platform (dsv3.backend); XLA:GPU sorts compile without CUB (its scratch size nee
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import json
 import os
 import re
@@ -40,9 +41,14 @@ _SPEC_FILES = {"h100": "h100_sxm.txtpb", "h800": "h100_sxm.txtpb", "h200": "h200
 GPU_COMPILER_OPTIONS = {"xla_gpu_enable_cub_radix_sort": False}
 GPUS_PER_HOST = 8
 MAX_COMPILE_DEVICES = 256     # a larger mesh compiles as its stand-in (`stand_in`)
-INSTALL_HINT = ("PYENV_VERSION=3.12.1 python -m venv .venv-aot && .venv-aot/bin/pip install -r requirements-aot.txt "
-                "&& .venv-aot/bin/pip install --no-deps jax-cuda12-plugin==0.12.0.1, then run with "
-                ".venv-aot/bin/python")
+# The compile-only GPU toolchain past jax 0.12 (pyproject.toml's `aot` extra), and what each piece does.
+GPU_TOOLCHAIN = (
+    ("jax-cuda12-pjrt", "XLA's CUDA compiler"),
+    ("jax-cuda12-plugin", "the Triton and Mosaic GPU lowerings of tokamax's and dsv3's kernels"),
+    ("nvidia-cuda-nvcc", "CUDA 13's ptxas, which assembles the Triton kernels"),
+)
+INSTALL_HINT = ('in a Python 3.12 venv (python3.12 -m venv .venv-aot), from the repository: '
+                '.venv-aot/bin/pip install -e ".[aot]" (the whole toolchain), then run with .venv-aot/bin/python')
 
 
 class CompileOnlyError(cli.UsageError):
@@ -73,21 +79,31 @@ def run(config, workdir: str, target: str) -> dict:
 
 
 def check_toolchain(target: str) -> None:
-  """Raises CompileOnlyError (one line) unless `target` can be compiled by this Python's JAX."""
+  """Raises CompileOnlyError (one line) unless this Python can compile `target`: for a GPU target, Python
+  3.12 with jax 0.12 and every piece of GPU_TOOLCHAIN at its version. The message names what is missing and
+  the one command that installs it. (A venv with XLA's compiler but not jax-cuda12-plugin would otherwise
+  start and die deep in XLA: "Failed to lookup host symbol: ragged_dot_sm90_mosaic_gpu".)"""
   if target not in TARGETS:
     raise CompileOnlyError(f"--compile_only: unknown target {target!r}; use one of {', '.join(TARGETS)}")
   if target == "cpu":
     return
-  version = tuple(int(x) for x in re.findall(r"\d+", jax.__version__)[:2])
-  try:
-    import jax_plugins.xla_cuda12  # noqa: F401  (optional: only in the compile-only GPU toolchain)
-    has_plugin = True
-  except ImportError:
-    has_plugin = False
-  if version < (0, 12) or not has_plugin:
-    raise CompileOnlyError(
-        f"--compile_only={target} needs the compile-only GPU toolchain (Python 3.12, jax>=0.12 and its CUDA "
-        f"plugin; this is jax {jax.__version__}{'' if has_plugin else ' without jax-cuda12-plugin'}): {INSTALL_HINT}")
+
+  def installed(dist):
+    try:
+      return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+      return None
+
+  jaxlib = installed("jaxlib") or "none"
+  if tuple(int(x) for x in re.findall(r"\d+", jaxlib)[:2]) < (0, 12):
+    missing = [f"jax 0.12 (this is jaxlib {jaxlib})"]
+  else:
+    missing = [f"{dist} ({role})" for dist, role in GPU_TOOLCHAIN if installed(dist) is None]
+    missing += [f"{dist}=={jaxlib} ({role}; this is {installed(dist)})" for dist, role in GPU_TOOLCHAIN
+                if dist.startswith("jax-") and installed(dist) not in (None, jaxlib)]
+  if missing:
+    raise CompileOnlyError(f"--compile_only={target} needs the compile-only GPU toolchain; this Python lacks "
+                           f"{', '.join(missing)}: {INSTALL_HINT}")
 
 
 def gpu_spec(target: str) -> str:

@@ -1,7 +1,7 @@
 """The MoE grouped GEMM on GPU: tokamax's ragged_dot (Mosaic GPU on sm90, else Triton), forward and both
 gradients, in BF16. FP8 expert GEMMs are dsv3.fp8 (its Triton kernels); the CPU paths are dsv3.tiled_gemm.
 
-tokamax is an optional GPU dependency (requirements-gpu.txt, pinned per Python), imported on first use.
+tokamax is an optional GPU dependency (pyproject.toml's `gpu` extra, pinned per Python), imported on first use.
 `deviceless(target_devices)` lets a compile-only run (dsv3.compile_only) lower these kernels for a GPU that
 is not there.
 """
@@ -19,7 +19,7 @@ from dsv3 import fp8
 
 # tokamax tries these in order and runs the first whose kernel supports the call's shapes and chip.
 IMPLEMENTATIONS = ("mosaic_gpu", "triton")
-INSTALL_HINT = ("pip install -r requirements-gpu.txt (tokamax), or set model.grouped_gemm="
+INSTALL_HINT = ("pip install -e \".[gpu]\" (tokamax), or set model.grouped_gemm="
                 "'ragged_dot' (XLA: a dense dot over the device's experts)")
 
 
@@ -81,7 +81,7 @@ def deviceless(devices):
   tokamax and Pallas read the chip from the context mesh (set by the caller), but tokamax's sm90 check
   reads the concrete default device (a CPU here), so it is told the target's compute capability; Triton
   kernels are assembled by the ptxas on PATH, which must know XLA's PTX version (CUDA 13's, from
-  requirements-aot.txt's nvidia-cuda-nvcc).
+  the `aot` extra's nvidia-cuda-nvcc).
   """
   capability = float(getattr(devices[0], "compute_capability", 9.0) or 9.0)
   path = os.environ.get("PATH", "")

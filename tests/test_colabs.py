@@ -8,8 +8,10 @@ one temp dir for the whole session, so the BPE is trained once.
 """
 import glob
 import os
+import re
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -73,6 +75,28 @@ def test_notebook_is_committed_with_outputs(name):
   assert all(c.outputs for c in code[3:]), f"{name}: a cell without outputs"
   drawing = [c for c in code if any(s in c.source for s in ("plt.show()", "Image(", ".figure("))]
   assert all(any("image/png" in o.get("data", {}) for o in c.outputs) for c in drawing), f"{name}: a plot is missing"
+
+
+# Absolute paths of a machine: temporary folders, home folders (Linux, macOS), a pyenv Python.
+MACHINE_PATH = re.compile(r"(?<![\w.$<>~-])(/tmp/|/var/folders/|/private/|/root/|/home/|/Users/|\S*\.pyenv/)")
+
+
+def output_texts(nb):
+  for cell in nb.cells:
+    for out in cell.get("outputs", []):
+      yield out.get("text", "")
+      yield from out.get("traceback", [])
+      yield from (v for mime, v in out.get("data", {}).items() if mime in run_notebooks.TEXT_MIMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_committed_outputs_show_no_machine_path(name):
+  nb = jupytext.read(os.path.join(COLABS, name + ".ipynb"))
+  here = [pattern for pattern, _ in run_notebooks.machine_paths(tempfile.gettempdir())]
+  found = [line for text in output_texts(nb) for line in str(text).splitlines()
+           if MACHINE_PATH.search(line) or any(p.search(line) for p in here)]
+  assert not found, (f"{name}: outputs name this machine's paths (rerun it with colabs/run_notebooks.py, which "
+                     f"replaces them): {found[:3]}")
 
 
 @pytest.fixture(scope="session")
