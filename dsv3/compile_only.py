@@ -257,6 +257,7 @@ def compile_step(config, workdir: str, target: str, echo=print) -> dict:
                            "micro-batches, one layer's backward or the head's working set, logits)", **estimate),
       peak_over_estimate=worst["max_peak_bytes_per_device"] / max(estimate["total_with_activations_bytes"], 1),
       compiler_options=dict(options or {}),
+      exact_shapes=stand_in_note is None,       # every program compiled with the full mesh's per-device shapes
       stand_in=None if stand_in_note is None else dict(note=stand_in_note, mesh=dict(full.mesh),
                                                       n_routed_experts=int(full.model.n_routed_experts),
                                                       batch_size=int(full.batch_size)),

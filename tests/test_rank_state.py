@@ -154,3 +154,33 @@ def test_step_takes_the_params_into_its_copies(dualpipe_pp2):
   assert float(got[0]) == float(want[0])
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                [g for g in got[2] if g is not None], [g for g in want[2] if g is not None])
+
+
+def test_dry_run_records_the_calls_a_step_makes(dualpipe_pp2):
+  """The dry run cannot drift from the step: executor.run walked on abstract state (executor.Record, what
+  runner.programs and --compile_only use) records the same program calls, in the same order, as a real
+  step makes."""
+  config, cfg, mesh, ps, ranks = dualpipe_pp2
+
+  class Logged(executor.Execute):
+    calls = []
+
+    def call(self, call, fn, *args):
+      self.calls.append((call.rank, call.kind, call.name))
+      return fn(*args)
+
+  tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (32, 17), dtype=np.int32)
+  variables = [{k: s[k] for k in ("params", "routing")} for s in ranks]
+  executor.run(ps.plan, variables, tokens, 0.3, 1e-3, exe=Logged())
+  recorded = []
+
+  def record(call, fn, args):
+    recorded.append((call.rank, call.kind, call.name))
+    with jax.set_mesh(call.mesh):
+      return fn.trace(*args).out_info
+  abstract = [{k: s[k] for k in ("params", "routing")} for s in ps.abstract_state()["ranks"]]
+  executor.run(ps.plan, abstract, jax.ShapeDtypeStruct(tokens.shape, tokens.dtype), 0.3, 1e-3,
+               exe=executor.Record(record))
+  assert recorded == Logged.calls
+  kinds = {k for _, k, _ in recorded}
+  assert {"F", "sums"} <= kinds and kinds & {"FB", "FBstar"}       # DualPipe fuses F&B cells
