@@ -132,15 +132,16 @@ def _compile(program: runner_lib.Program, options, echo):
   return compiled
 
 
-def compiled_programs(config, mesh, options=None, echo=print, select=None) -> tuple:
+def compiled_programs(config, mesh, options=None, echo=print, select=None, baselines=False) -> tuple:
   """(runner, programs): every program one training step of `config` on `mesh` runs, as the trainer's runner
   runs them (dsv3.runner.Runner.programs), compiled with XLA `options`. A program of the same shapes as one
   compiled for another rank is not compiled again (its `same_as`). select(program) -> False leaves a program
-  uncompiled (a study that needs only some; the next programs then take its traced shapes)."""
+  uncompiled (a study that needs only some; the next programs then take its traced shapes). baselines: also
+  the unfused F and B programs of each F&B cell (a study of the overlap)."""
   runner = runner_lib.make_runner(config, ModelConfig.from_config_dict(config), mesh)
   batch = jax.ShapeDtypeStruct((int(config.batch_size), int(config.seq_len) + 1), jnp.int32)
   compile = lambda p: _compile(p, options, echo) if select is None or select(p) else None
-  return runner, runner.programs(batch, compile)
+  return runner, runner.programs(batch, compile, baselines=baselines)
 
 
 def rank_info(holding: dict, programs: list) -> dict:

@@ -220,8 +220,10 @@ class Runner:
       ce, loads = self._eval(state["params"] if params is None else params, state["routing"], batch)
     return ce, (np.asarray(layout.moe_loads(loads)[0]) if self.cfg.num_moe_layers else None)
 
-  def programs(self, batch, compile: Optional[Callable] = None) -> List[Program]:
-    """The train step and the eval step, on abstract state and a `batch`-shaped batch ([B, T+1] int32)."""
+  def programs(self, batch, compile: Optional[Callable] = None, baselines: bool = False) -> List[Program]:
+    """The train step and the eval step, on abstract state and a `batch`-shaped batch ([B, T+1] int32).
+    compile(program) -> the compiled program, or None to leave it uncompiled (default: compile_program).
+    baselines: pipelined only (see PipelinedRunner.programs)."""
     rec = _Recorder(compile)
     steps = self.steps
     state = _placed(dict(steps.abstract, guard=jax.eval_shape(lambda: steps_lib.CLEAN_GUARD)), steps.state_shardings)
@@ -303,15 +305,17 @@ class PipelinedRunner(Runner):
     ce, loads = self.ps.evaluate(state, batch, params)
     return ce, (loads if self.cfg.num_moe_layers else None)
 
-  def programs(self, batch, compile: Optional[Callable] = None) -> List[Program]:
+  def programs(self, batch, compile: Optional[Callable] = None, baselines: bool = False) -> List[Program]:
     """Every program of one step and one evaluation, as the executor calls them (executor.Record walks its
     driver on abstract state): each rank's F, B or B* and W, F&B cells, gradient sums, update and eval
-    stages on its sub-mesh, then the guard's check on the whole mesh; in rank order."""
+    stages on its sub-mesh, then the guard's check on the whole mesh; in rank order. baselines: also the
+    step walked unfused (each F&B cell as its F then its B: the F and B programs every F&B fuses)."""
     rec = _Recorder(compile)
     exe = executor.Record(rec.on_call)
     state = self.ps.abstract_state()
     tokens = jax.ShapeDtypeStruct(tuple(batch.shape), jnp.int32)      # the host batch
-    self.ps.train(state, tokens, np.float32(0), np.float32(0), exe)
+    for fused in (True, False) if baselines else (True,):
+      self.ps.train(state, tokens, np.float32(0), np.float32(0), exe, fused=fused)
     self.ps.evaluate(state, tokens, exe=exe)
     rank = lambda p: int(p.position[4:]) if p.position.startswith("rank") else len(self.ps.plan.meshes)
     return sorted(rec.programs, key=rank)

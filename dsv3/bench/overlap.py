@@ -45,9 +45,9 @@ STAGE_KINDS = ("F", "B", "Bstar", "W", "FB", "FBstar")
 
 
 def rank0_programs(config, target: str, echo=print, options=None) -> dict:
-  """{program name: overlap.summary} of pipeline rank 0's stage programs (F, B, B*, W and F&B), compiled for
-  `target` as the trainer's runner runs them (with `options` over the stage programs' own); the other
-  programs are walked, not compiled."""
+  """{program name: overlap.summary} of pipeline rank 0's stage programs (F, B, B*, W and F&B, and the F and
+  B each F&B fuses), compiled for `target` as the trainer's runner runs them (with `options` over the stage
+  programs' own); the other programs are walked, not compiled."""
   config = config.copy_and_resolve_references()
   if config.model.grouped_gemm == "auto":
     config.model.grouped_gemm = "ragged_dot"          # as measured (README); a GPU run resolves it to tokamax
@@ -56,7 +56,7 @@ def rank0_programs(config, target: str, echo=print, options=None) -> dict:
   mesh = sharding.make_mesh(config.mesh, devices=devices)
   rank0 = lambda p: p.position == "rank0" and p.kind in STAGE_KINDS
   _, programs = compile_only.compiled_programs(config, mesh, {**compile_only.GPU_COMPILER_OPTIONS, **(options or {})},
-                                               echo, select=rank0)
+                                               echo, select=rank0, baselines=True)
   return {p.name: overlap.summary(p.compiled.as_text()) for p in programs
           if rank0(p) and p.same_as is None and p.compiled is not None}
 

@@ -131,12 +131,13 @@ class PipelinedSteps:
                       for r in range(self.layout.num_ranks)],
             "guard": jax.tree.map(placed, jax.eval_shape(lambda: steps_lib.CLEAN_GUARD), self.guard_sharding)}
 
-  def train(self, state, batch, mtp_weight, gamma, exe: executor.Execute = executor.EXECUTE):
-    """One step: (state, metrics). `batch`: the global batch on the host; the state is donated."""
+  def train(self, state, batch, mtp_weight, gamma, exe: executor.Execute = executor.EXECUTE, fused: bool = True):
+    """One step: (state, metrics). `batch`: the global batch on the host; the state is donated. fused=False:
+    each F&B cell as its F then its B (executor.run's no-overlap baseline)."""
     ranks, plan, lay = state["ranks"], self.plan, self.layout
     variables = [None if s is None else {"params": s["params"], "routing": s["routing"]} for s in ranks]
     _, metrics, grads, loads, grad_norm = executor.run(plan, variables, batch, float(mtp_weight), self.steps.alpha,
-                                                       donate=True, exe=exe)
+                                                       donate=True, fused=fused, exe=exe)
     new, rows = [None] * len(ranks), {}
     for r in exe.ranks(plan):
       here = NamedSharding(lay.meshes[r], P())
