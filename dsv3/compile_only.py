@@ -5,9 +5,10 @@
 TARGET 'cpu' compiles for this process's (simulated) CPU devices; 'h100', 'h800' and 'h200' for a deviceless
 GPU topology of 8 GPUs per host (jax.experimental.topologies, the chip's GpuTargetConfigProto in
 dsv3/gpu_specs/; an H800 compiles as an H100), which needs requirements-aot.txt's toolchain (GPU_AOT.md).
-The state and batch are abstract (the trainer's shapes and shardings). Unpipelined, the programs are the
-trainer's train and eval steps (dsv3.steps); pipelined, each distinct rank's stage programs (F, B or B* and
-W, F&B cells), gradient sums, update and evaluation on its sub-mesh, then the guard's check. Writes
+The state and batch are abstract (the trainer's shapes and shardings). The programs are exactly those the
+trainer's runner runs (dsv3.runner.Runner.programs): unpipelined, its train and eval steps; pipelined, the
+executor's own driver walked on abstract state, each rank's stage programs (F, B or B* and W, F&B cells),
+gradient sums, update and evaluation on its sub-mesh, then the guard's check. Writes
 DIR/compiled/memory.json (dsv3.compiled_memory: per program, per rank, the worst, and dsv3.plan's estimate)
 and each program's scheduled HLO as DIR/compiled/<program>.hlo.txt. A mesh over MAX_COMPILE_DEVICES compiles
 as a stand-in with the same per-device shapes (`stand_in`). GPU kernels are chosen by the target mesh's
@@ -26,15 +27,13 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 from jax.experimental import topologies
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dsv3 import cli, compiled_memory, grouped_gemm, overlap, plan, sharding
-from dsv3 import steps as steps_lib
+from dsv3 import runner as runner_lib
 from dsv3 import workdir as workdir_lib
 from dsv3.config import ModelConfig
 from dsv3.train_config import validate_train_config
-from dsv3.layers import compute_dtype
-from dsv3.pipeline import executor, per_device, pipelined, reduction, stages
+from dsv3.pipeline import stages
 
 TARGETS = ("cpu", "h100", "h800", "h200")
 _SPEC_FILES = {"h100": "h100_sxm.txtpb", "h800": "h100_sxm.txtpb", "h200": "h200.txtpb"}
@@ -140,169 +139,40 @@ def target_devices(target: str, count: int):
   return list(topo.devices)
 
 
-def _step_programs(config, cfg, mesh):
-  """[(name, jitted fn, abstract args)] of the unpipelined trainer's steps (dsv3.steps) on `mesh`: the train
-  step and the eval step, jitted as the trainer jits them."""
-  steps = steps_lib.make(config, cfg, mesh)
-  abstract = dict(steps.abstract, guard=jax.eval_shape(lambda: steps_lib.CLEAN_GUARD))
-  state = _placed(abstract, steps.state_shardings)
-  batch = jax.ShapeDtypeStruct((config.batch_size, config.seq_len + 1), jnp.int32, sharding=steps.batch_sharding)
-  scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(mesh))
-  return [("train_step", steps_lib.jit_train_step(steps), (state, batch, scalar, scalar)),
-          ("eval_step", steps_lib.jit_eval_step(steps), (state["params"], state["routing"], batch))]
-
-
-def _placed(abstract, shardings):
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-
-
-def _compile(out: list, name: str, position: str, mesh, lowered, options, echo):
-  """Compiles `lowered`, appends (name, position, mesh, compiled) to `out`, echoes its time and peak."""
+def _compile(program: runner_lib.Program, options, echo):
+  """Compiles `program` with XLA `options`, echoes its time and peak."""
   start = time.perf_counter()
-  compiled = lowered.compile(compiler_options=options)
-  out.append((name, position, mesh, compiled))
+  compiled = program.lower().compile(compiler_options=options)
   peak = compiled_memory.program_memory(compiled)["peak_bytes"]
-  echo(f"compiled {name} in {time.perf_counter() - start:.0f} s: peak {compiled_memory.gb(peak)} GB per device")
+  echo(f"compiled {program.name} in {time.perf_counter() - start:.0f} s: peak {compiled_memory.gb(peak)} GB per device")
   return compiled
 
 
-def _shapes(tree) -> tuple:
-  return tuple(sorted((a.shape, str(a.dtype)) for a in jax.tree.leaves(tree)))
+def compiled_programs(config, mesh, options=None, echo=print, select=None, baselines=False) -> tuple:
+  """(runner, programs): every program one training step of `config` on `mesh` runs, as the trainer's runner
+  runs them (dsv3.runner.Runner.programs), compiled with XLA `options`. A program of the same shapes as one
+  compiled for another rank is not compiled again (its `same_as`). select(program) -> False leaves a program
+  uncompiled (a study that needs only some; the next programs then take its traced shapes). baselines: also
+  the unfused F and B programs of each F&B cell (a study of the overlap)."""
+  runner = runner_lib.make_runner(config, ModelConfig.from_config_dict(config), mesh)
+  batch = jax.ShapeDtypeStruct((int(config.batch_size), int(config.seq_len) + 1), jnp.int32)
+  compile = lambda p: _compile(p, options, echo) if select is None or select(p) else None
+  return runner, runner.programs(batch, compile, baselines=baselines)
 
 
-def _pipelined_programs(config, cfg, mesh, options, echo=print, only=None):
-  """(programs, ranks) of one pipelined step (dsv3.pipeline.pipelined).
-
-  programs: [(name, position, sub-mesh, compiled)], each rank's on its ('data', 'expert') sub-mesh with its
-  own state (rank_state: its stages' units only):
-  - F, and B, or B* and W where its op list has input-only backwards, of each stage it runs, as
-    executor.run calls them: one micro-batch of activations and tokens; B, B* and W take F's residuals as
-    the compiled F lays them out;
-  - `sums`: its micro-batch gradients (per-device copies) reduced once into their ZeRO-1 shards;
-  - `update`: the optimizer and routing-bias update of its units;
-  - `eval` of each stage it runs in evaluation (direction 0), on one micro-batch of the eval batch;
-  then `check`, the divergence guard, on the whole mesh. A program of the same shapes as one already
-  compiled for another rank (sub-meshes are alike) is not compiled again; the rank reuses its figures.
-
-  ranks: per rank, the programs it runs and what it holds at once during the step (compiled_memory.rank_peak): its
-  state, its stage copies' per-device parameter copies and gradient accumulators, and its in-flight
-  micro-batches' residuals.
-  only: compile only these program kinds ('F', 'B', 'Bstar', 'W', 'FB', 'FBstar', 'sums', 'update', 'eval',
-  'check'; F and B* always: others lower against their outputs); None: all.
-  """
-  ps = pipelined.PipelinedSteps(config, cfg, mesh)
-  plan = ps.plan
-  mb = int(config.batch_size) // plan.microbatches
-  sds = lambda shape, dtype, s: jax.ShapeDtypeStruct(shape, dtype, sharding=s)
-  on = lambda tree, sub: jax.tree.map(lambda a: sds(a.shape, a.dtype, NamedSharding(sub, a.sharding.spec)), tree)
-  out, ranks, done = [], [], {}      # done: program key -> (its name, the compiled program)
-
-  def program(key, name, position, sub, lower):
-    if only is not None and key[0] not in (*only, "F", "Bstar"):
-      return name, None
-    if key not in done:
-      done[key] = name, _compile(out, name, position, sub, lower(), options, echo)
-    return done[key]
-
-  for r, sub in enumerate(plan.meshes):
-    state = _placed(ps.rank_abstract[r], ps.rank_shardings[r])
-    devices = per_device.Devices.of(sub, mb)
-    mine = reduction.stage_copies(plan, r)
-    copies = [devices.abstract_copies(stages.stage_variables(state["params"], state["routing"], plan.specs[s])[0])
-              for _, s in mine]
-    # The step takes the params into its per-device copies (executor.run(donate=True)) where rows split.
-    size = compiled_memory.bytes_per_device
-    info = dict(rank=r, stages=[int(s) for _, s in mine], programs=[],
-                inflight_microbatches=int(plan.prediction.peak_activations[r]),
-                state_bytes=size(state), params_bytes=size(state["params"]), params_in_copies=bool(devices.axes),
-                copies_bytes=2 * sum(size(c) for c in copies))   # the copies and their accumulators
-    ranks.append(info)
-    rep = NamedSharding(sub, P())
-    scalar = sds((), jnp.float32, rep)
-    coefs = sds((3,), jnp.float32, rep)
-    pos = f"rank{r}"
-    name = lambda kind, s: f"rank{r}_{kind}_stage{s}"
-    forward = {}      # program key -> (its parameter copies, its aux) for the rank's gradient sums
-    args = {}         # phase -> its stage's (key, F's args, B's args) for the rank's F&B programs
-    with jax.set_mesh(sub):
-      for phase, (_, s) in enumerate(plan.schedule.placement[r]):
-        st, key = plan.specs[s], plan.specs[s].program_key
-        kinds = {op.input_only for unit in plan.schedule[r] for op in executor._halves(unit)
-                 if op.kind == "B" and op.phase == phase}
-        p, rt = stages.stage_variables(state["params"], state["routing"], st)
-        p = devices.abstract_copies(p)        # the per-device parameter copies executor.run makes
-        rows = NamedSharding(sub, executor._token_spec(sub, mb))
-        hidden = sds((mb, config.seq_len, cfg.hidden_size), compute_dtype(cfg), rows)
-        tokens = sds((mb, config.seq_len + 1), jnp.int32, rows) if st.first or st.last else None
-        x, g = None if st.first else hidden, None if st.last else hidden
-        f_name, f = program(("F", key), name("F", s), pos, sub, lambda: plan.programs.forward.lower(
-            cfg, key, p, rt, x, tokens, coefs, devices))
-        forward[key] = p, on(f.out_info[2], sub)
-        vjps = on(f.out_info[1], sub)
-        if not f_name.startswith(f"rank{r}_"):
-          # F was compiled for another rank: its VJPs carry that rank's Devices as static data, so they take
-          # this rank's pytree (traced, not compiled) around the same residual layout.
-          here = jax.eval_shape(lambda *a, key=key: stages.forward(cfg, key, *a, devices), p, rt, x, tokens, coefs)
-          vjps = jax.tree.unflatten(jax.tree.structure(here[1]), jax.tree.leaves(vjps))
-        args[phase] = key, s, (p, rt, x, tokens), (vjps, g, p)
-        names = [f_name]
-        if False in kinds:
-          names.append(program(("B", key), name("B", s), pos, sub, lambda: plan.programs.backward.lower(
-              key, vjps, g, coefs, p, p))[0])
-        if True in kinds:
-          b_name, bi = program(("Bstar", key), name("Bstar", s), pos, sub, lambda: plan.programs.backward_input.lower(
-              key, vjps, g, coefs, p))
-          cts = on(bi.out_info[1], sub)
-          names += [b_name, program(("W", key), name("W", s), pos, sub, lambda: plan.programs.backward_weights.lower(
-              key, vjps, cts, p, p))[0]]
-        info["programs"] += [n for n in names if n not in info["programs"]]
-      # F&B cells: one program per (forward stage, backward stage) pair in the rank's op list.
-      for fp, bp, input_only in sorted({(u.forward.phase, u.backward.phase, u.backward.input_only)
-                                        for u in plan.schedule[r] if u.kind == "FB"}):
-        (fkey, fs, f_args, _), (bkey, bs, _, (vjps, g, p)) = args[fp], args[bp]
-        kind = "FBstar" if input_only else "FB"
-        info["programs"].append(program(
-            (kind, fkey, bkey), f"rank{r}_{kind}_stage{fs}_stage{bs}", pos, sub,
-            lambda: plan.programs.forward_backward.lower(cfg, fkey, bkey, input_only, devices, *f_args, coefs, vjps,
-                                                         g, None if input_only else p, p))[0])
-      per_copy = lambda ds: sum(1 for unit in plan.schedule[r] for op in executor._halves(unit)
-                                if op.kind == "F" and plan.schedule.placement[r][op.phase] == ds)
-      accs = [forward[plan.specs[s].program_key][0] for _, s in mine]
-      auxes = [[forward[plan.specs[s].program_key][1]] * per_copy((d, s)) for d, s in mine]
-      units = _shapes(state)
-      sums_key = ("sums", tuple((plan.specs[s].program_key, per_copy((d, s))) for d, s in mine), units)
-      info["programs"].append(program(sums_key, f"rank{r}_sums", pos, sub, lambda: reduction.rank_sums_program(
-          plan, r, state["params"], devices).lower(accs, auxes))[0])
-      grads = _placed(state["params"], sharding.zero1_shardings(sub, ps.rank_abstract[r]["params"]))
-      loads = jax.tree.map(lambda a: sds(a.shape, jnp.float32, rep), state["routing"])
-      info["programs"].append(program(("update", units), f"rank{r}_update", pos, sub, lambda: ps.update_program(
-          r).lower(state, grads, loads, scalar, scalar))[0])
-      # Evaluation runs the eval batch in micro-batches of the training step's size (executor.evaluate).
-      batch = sds((mb, config.seq_len + 1), jnp.int32, NamedSharding(sub, executor._token_spec(sub, mb)))
-      whole = per_device.Devices(sub, (), plan.expert_parallel[r])
-      for s in range(plan.num_stages):
-        if plan.owner[0, s] != r:
-          continue
-        st = plan.specs[s]
-        p, rt = stages.stage_variables(state["params"], state["routing"], st)
-        x = None if st.first else sds((mb, config.seq_len, cfg.hidden_size), compute_dtype(cfg), batch.sharding)
-        info["programs"].append(program(("eval", st.program_key), name("eval", s), pos, sub,
-                                        lambda: plan.programs.evaluate.lower(
-                                            cfg, st.program_key, p, rt, x, batch if st.first or st.last else None,
-                                            coefs, whole))[0])
-  rep = sharding.replicated(mesh)
-  scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
-  guard = _placed(jax.eval_shape(lambda: steps_lib.CLEAN_GUARD), ps.guard_sharding)
-  step = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
-  metrics = {k: scalar for k in ("ce", "mtp_loss", "balance_loss", "loss")}
-  rows = jax.ShapeDtypeStruct((plan.layout.num_ranks, len(pipelined.SUMS)), jnp.float32,
-                              sharding=NamedSharding(mesh, P("pipeline")))
-  if only is not None and "check" not in only:
-    return out, ranks
-  with jax.set_mesh(mesh):
-    _compile(out, "check", f"all {mesh.size} devices", mesh,
-             ps.check_program.lower(guard, step, metrics, scalar, rows), options, echo)
-  return out, ranks
+def rank_info(holding: dict, programs: list) -> dict:
+  """A pipeline rank's row of memory.json's 'ranks' (what compiled_memory.rank_peak reads): its programs (by
+  the name they compiled under) and the bytes per device it holds across them."""
+  size = compiled_memory.bytes_per_device
+  names = []
+  for p in programs:
+    if p.position == f"rank{holding['rank']}" and (p.same_as or p.name) not in names:
+      names.append(p.same_as or p.name)
+  state = holding["state"]
+  return dict(rank=holding["rank"], stages=holding["stages"], programs=names,
+              inflight_microbatches=holding["inflight_microbatches"], state_bytes=size(state),
+              params_bytes=size(state["params"]), params_in_copies=holding["params_in_copies"],
+              copies_bytes=2 * sum(size(c) for c in holding["copies"]))   # the copies and their accumulators
 
 
 def stand_in(config):
@@ -361,39 +231,35 @@ def compile_step(config, workdir: str, target: str, echo=print) -> dict:
     elif config.model.grouped_gemm in ("auto", "tokamax"):
       notes.append("expert GEMMs in tokamax's grouped kernels (model.grouped_gemm 'auto' on GPU; "
                    "dsv3.grouped_gemm.deviceless tells tokamax the target chip)")
-  cfg = ModelConfig.from_config_dict(config)
   devices = target_devices(target, int(config.mesh.data) * int(config.mesh.expert) * int(config.mesh.pipeline))
   mesh = sharding.make_mesh(config.mesh, devices=devices)
-  is_pipelined = int(config.mesh.pipeline) > 1
   options = GPU_COMPILER_OPTIONS if gpu else None
-  ranks = None
-  kernels = grouped_gemm.deviceless(devices) if gpu else contextlib.nullcontext()
-  if is_pipelined:
-    with kernels:
-      programs, ranks = _pipelined_programs(config, cfg, mesh, options, echo)
+  with grouped_gemm.deviceless(devices) if gpu else contextlib.nullcontext():
+    runner, programs = compiled_programs(config, mesh, options, echo)
+  holdings = runner.rank_holdings(jax.ShapeDtypeStruct((int(config.batch_size), int(config.seq_len) + 1), jnp.int32))
+  ranks = None if holdings is None else [rank_info(h, programs) for h in holdings]
+  if runner.pipelined:
     notes.append(f"pipeline ({config.pipeline.schedule}, {config.pipeline.microbatches} micro-batches): each "
-                 f"rank's programs on its own state (its stages' units), compiled once per distinct rank; a "
-                 f"rank's peak adds what it holds across programs (state, parameter copies and accumulators, "
-                 f"in-flight residuals) to each phase's compiled figures; the holders' sums of units shared "
-                 f"between ranks, the sum of the scalar rows over 'pipeline' and the transfers are not compiled")
+                 f"rank's programs on its own state (its stages' units), as the executor calls them, compiled "
+                 f"once per distinct shape; a rank's peak adds what it holds across programs (state, parameter "
+                 f"copies and accumulators, in-flight residuals) to each phase's compiled figures; the holders' "
+                 f"sums of units shared between ranks, the sum of the scalar rows over 'pipeline' and the "
+                 f"transfers are not compiled")
     if gpu:
       notes.append(f"stage programs with XLA options {stages.GPU_OVERLAP_OPTIONS} (the executor's on GPUs); each "
                    f"F&B program's line says how much of its expert all-to-all traffic runs under the other chunk")
-  else:
-    programs = []
-    with jax.set_mesh(mesh), kernels:
-      for name, fn, args in _step_programs(config, cfg, mesh):
-        _compile(programs, name, f"all {len(devices)} devices (SPMD)", mesh, fn.lower(*args), options, echo)
   out_dir = os.path.join(workdir, "compiled")
   os.makedirs(out_dir, exist_ok=True)
   rows = []
-  for name, position, sub, compiled in programs:
-    text = compiled.as_text()
-    with open(os.path.join(out_dir, f"{name}.hlo.txt"), "w") as f:
+  for p in programs:
+    if p.same_as is not None or p.compiled is None:
+      continue
+    text = p.compiled.as_text()
+    with open(os.path.join(out_dir, f"{p.name}.hlo.txt"), "w") as f:
       f.write(text)
-    rows.append(dict(program=name, position=position, devices=[d.id for d in sub.devices.flat],
-                     hlo=f"{name}.hlo.txt", **compiled_memory.program_memory(compiled)))
-    if gpu and re.match(r"rank\d+_FB", name):     # what the F&B cell overlaps (dsv3.overlap)
+    rows.append(dict(program=p.name, position=p.position, devices=[d.id for d in p.mesh.devices.flat],
+                     hlo=f"{p.name}.hlo.txt", **compiled_memory.program_memory(p.compiled)))
+    if gpu and p.kind in ("FB", "FBstar"):     # what the F&B cell overlaps (dsv3.overlap)
       rows[-1]["overlap"] = {k: v for k, v in overlap.summary(text).items() if k != "rows"}
   worst = compiled_memory.peaks(rows, ranks)
   estimate = plan.plan(config, platform="gpu" if gpu else "cpu")["memory_per_device"]   # its code paths
@@ -408,6 +274,7 @@ def compile_step(config, workdir: str, target: str, echo=print) -> dict:
                            "micro-batches, one layer's backward or the head's working set, logits)", **estimate),
       peak_over_estimate=worst["max_peak_bytes_per_device"] / max(estimate["total_with_activations_bytes"], 1),
       compiler_options=dict(options or {}),
+      exact_shapes=stand_in_note is None,       # every program compiled with the full mesh's per-device shapes
       stand_in=None if stand_in_note is None else dict(note=stand_in_note, mesh=dict(full.mesh),
                                                       n_routed_experts=int(full.model.n_routed_experts),
                                                       batch_size=int(full.batch_size)),

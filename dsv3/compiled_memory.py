@@ -68,8 +68,9 @@ def rank_peak(info: dict, rows: list) -> dict:
 
 
 def peaks(rows: list, ranks: Optional[list]) -> dict:
-  """The worst figures of memory.json: over mesh positions, or pipelined over ranks (`rank_peak`), and the
-  worst single program. rows: program_memory's per program (with 'program' and 'position')."""
+  """The worst figures of memory.json: over mesh positions, or pipelined over ranks (`rank_peak`; each rank's
+  peak in per_rank_peak_bytes, one entry unpipelined), and the worst single program. rows: program_memory's
+  per program (with 'program' and 'position')."""
   worst_program = max(rows, key=lambda r: r["peak_bytes"])
   if ranks is not None:
     ranks = [rank_peak(info, rows) for info in ranks]
@@ -78,6 +79,7 @@ def peaks(rows: list, ranks: Optional[list]) -> dict:
   else:
     max_peak, max_position = worst_program["peak_bytes"], worst_program["position"]
   return dict(ranks=ranks, max_peak_bytes_per_device=max_peak, max_peak_position=max_position,
+              per_rank_peak_bytes=[r["peak_bytes"] for r in ranks] if ranks is not None else [max_peak],
               max_program_peak_bytes=worst_program["peak_bytes"], max_peak_program=worst_program["program"])
 
 

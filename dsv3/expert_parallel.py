@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
-from dsv3 import backend, fp8, moe
+from dsv3 import backend, fp8, moe, sharding
 from dsv3.config import ModelConfig
 from dsv3.moe import expert_ffn
 
@@ -73,7 +73,8 @@ class ExpertParallel:
 
   @property
   def token_axes(self) -> tuple:
-    return tuple(a for a in (self.data_axis, self.expert_axis) if a in self.mesh.axis_names)
+    """The axes the tokens are split over (dsv3.sharding.token_axes owns the rule)."""
+    return sharding.token_axes(self.mesh, axes=(self.data_axis, self.expert_axis))
 
   @property
   def num_shards(self) -> int:

@@ -26,6 +26,7 @@ from ml_collections import config_flags
 from dsv3 import cli, memory, model, overlap
 from dsv3.abstract_model import leaves
 from dsv3.config import ConfigError, ModelConfig, deepseek_v3_671b, require_model_config
+from dsv3.flops import attention_flops, count as _count, flops_per_token, mtp_flops_per_token  # noqa: F401
 from dsv3.pipeline import schedules
 
 
@@ -49,19 +50,6 @@ LLAMA3_1_405B = GQAConfig("LLaMA-3.1-405B", num_layers=126, num_kv_heads=8, head
 GQA_BASELINES = (QWEN2_5_72B, LLAMA3_1_405B)
 
 
-def _active_fraction(cfg: ModelConfig) -> float:
-  return cfg.num_experts_per_tok / cfg.n_routed_experts if cfg.n_routed_experts else 0.0
-
-
-def _count(cfg, pred, activated=False) -> float:
-  frac = _active_fraction(cfg)
-  total = 0.0
-  for leaf in leaves(cfg):
-    if leaf.trainable and pred(leaf):
-      total += leaf.total * (frac if activated and leaf.routed else 1.0)
-  return total
-
-
 def param_counts(cfg: ModelConfig) -> dict:
   """Parameter counts of the main model and the MTP modules (see the module docstring)."""
   require_model_config(cfg, "plan.param_counts")
@@ -76,39 +64,6 @@ def param_counts(cfg: ModelConfig) -> dict:
       mtp_params=int(_count(cfg, mtp)),
       mtp_activated_params=int(round(_count(cfg, mtp, activated=True))),
       routing_state=int(routing))
-
-
-# ---------------------------------------------------------------------------------------------------
-# FLOPs.
-# ---------------------------------------------------------------------------------------------------
-def _attention_flops(cfg: ModelConfig, seq_len: int, layers: int) -> float:
-  # Forward 2*h*(d_qk + d_v) per visible key; causal: seq_len/2 keys on average; x3 for fwd + bwd.
-  return 3.0 * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq_len * layers
-
-
-def _head_params(cfg: ModelConfig) -> float:
-  # The head's GEMM; with tied embeddings its kernel is the embedding, which is no matmul leaf of its own.
-  if cfg.tie_word_embeddings:
-    return _count(cfg, lambda l: l.group == "embed")
-  return _count(cfg, lambda l: l.group == "head" and l.matmul)
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int, include_mtp: bool = False) -> float:
-  """Training FLOPs (forward + backward) per token of a seq_len sequence; MFU's numerator."""
-  require_model_config(cfg, "plan.flops_per_token")
-  matmul = _count(cfg, lambda l: l.group != "mtp" and l.matmul, activated=True)
-  if cfg.tie_word_embeddings:
-    matmul += _head_params(cfg)
-  flops = 6.0 * matmul + _attention_flops(cfg, seq_len, cfg.num_hidden_layers)
-  return flops + (mtp_flops_per_token(cfg, seq_len) if include_mtp else 0.0)
-
-
-def mtp_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-  """Training FLOPs per token of the MTP modules, including their pass through the shared head."""
-  require_model_config(cfg, "plan.mtp_flops_per_token")
-  depths = cfg.num_nextn_predict_layers
-  matmul = _count(cfg, lambda l: l.group == "mtp" and l.matmul, activated=True) + depths * _head_params(cfg)
-  return 6.0 * matmul + _attention_flops(cfg, seq_len, depths)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -211,7 +166,7 @@ def plan(train_config, platform: str = "gpu", fb_hidden: float = 1.0) -> dict:
   main_flops = flops_per_token(cfg, seq_len)
   mtp_flops = mtp_flops_per_token(cfg, seq_len)
   out.update(flops_per_token=main_flops, mtp_flops_per_token=mtp_flops,
-             attention_flops_per_token=_attention_flops(cfg, seq_len, cfg.num_hidden_layers),
+             attention_flops_per_token=attention_flops(cfg, seq_len, cfg.num_hidden_layers),
              seq_len=seq_len, batch_size=batch, tokens_per_step=batch * seq_len,
              flops_per_step=(main_flops + mtp_flops) * batch * seq_len, precision=cfg.precision,
              param_dtype=cfg.param_dtype, adam_moments_dtype=moments,

@@ -160,9 +160,31 @@ def zero1_shardings(mesh: Mesh, abstract_opt_state):
   return jax.tree_util.tree_map_with_path(one, abstract_opt_state)
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Batch (leading) axis over ('data', 'expert'); replicated over 'pipeline'."""
-  return NamedSharding(mesh, P(tuple(a for a in TOKEN_AXES if a in mesh.axis_names)))
+def token_axes(mesh: Mesh, split: bool = False, axes: Sequence[str] = TOKEN_AXES) -> tuple:
+  """The axes of `mesh` that a batch's rows (its tokens) are split over: TOKEN_AXES ('data', 'expert'),
+  those the mesh has; `split`: only those of size > 1 (what a collective over the token axes needs).
+  `axes`: other names for the two (an ExpertParallel's data_axis and expert_axis)."""
+  present = tuple(a for a in axes if a in mesh.axis_names)
+  return tuple(a for a in present if mesh.shape[a] > 1) if split else present
+
+
+def batch_spec(mesh: Mesh, rows: Optional[int] = None) -> P:
+  """The spec of a batch (its leading, row axis) on `mesh`: rows over token_axes(mesh), replicated over the
+  rest ('pipeline'). Given `rows` (a pipeline micro-batch on a rank's sub-mesh), over the longest prefix of
+  the token axes whose devices divide `rows`, else replicated."""
+  axes = token_axes(mesh)
+  if rows is None:
+    return P(axes)
+  for n in range(len(axes), 0, -1):
+    size = int(np.prod([mesh.shape[a] for a in axes[:n]]))
+    if rows % size == 0:
+      return P(axes[:n] if size > 1 else None)
+  return P()
+
+
+def batch_sharding(mesh: Mesh, rows: Optional[int] = None) -> NamedSharding:
+  """A batch on `mesh`, laid out by batch_spec."""
+  return NamedSharding(mesh, batch_spec(mesh, rows))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

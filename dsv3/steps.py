@@ -159,7 +159,7 @@ def accumulated_grads(ctx: StepContext, params, routing, micro, mtp_weight):
   mesh, accum = ctx.mesh, ctx.grad_accum
   if sharding.axis_size(mesh, "pipeline") > 1:
     raise ValueError("steps.grads: the pipelined step reduces its gradients in dsv3.pipeline")
-  token_axes = tuple(a for a in sharding.TOKEN_AXES if sharding.axis_size(mesh, a) > 1)
+  token_axes = sharding.token_axes(mesh, split=True)
   local_ep = dataclasses.replace(ctx.expert_parallel, manual=True) if ctx.expert_parallel else None
   param_specs = sharding.param_specs(mesh, params)
   grad_specs = jax.tree.map(lambda s: s.spec, sharding.zero1_shardings(mesh, params))

@@ -234,11 +234,9 @@ def _check_layout(c) -> None:
        f"{c.batch_size} must be divisible by mesh.data*mesh.expert*grad_accum_steps = "
        f"{shards}*{c.grad_accum_steps}; change batch_size or the mesh")
   if c.mesh.pipeline > 1:
-    need(c.batch_size % (c.pipeline.microbatches * shards) == 0, "pipeline.microbatches",
-         f"batch_size={c.batch_size} must split into {c.pipeline.microbatches} micro-batches divisible by "
-         f"mesh.data*mesh.expert={shards}")
-    # The schedule's own rules (DualPipe's even micro-batch count, ...) live with the schedules.
+    # The cut into micro-batches and the schedule's own rules (DualPipe's even count, ...) live with the schedules.
     try:
+      schedules.microbatch_rows(c.batch_size, c.pipeline.microbatches, shards)
       schedules.make(c.pipeline.schedule, c.mesh.pipeline, c.pipeline.microbatches)
     except ValueError as e:
       raise ConfigError(f"config.{e}") from None

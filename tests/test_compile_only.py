@@ -36,8 +36,11 @@ def _check_result(result, workdir, target, programs):
     saved = json.load(f)
   assert saved["target"] == target and saved["devices"] == 8
   assert saved["max_program_peak_bytes"] == max(r["peak_bytes"] for r in saved["programs"]) > 0
+  assert max(saved["per_rank_peak_bytes"]) == saved["max_peak_bytes_per_device"]
+  assert saved["exact_shapes"] == (saved["stand_in"] is None)
   if saved["ranks"] is None:
     assert saved["max_peak_bytes_per_device"] == saved["max_program_peak_bytes"]
+    assert len(saved["per_rank_peak_bytes"]) == 1
   else:     # pipelined: a rank's peak adds what it holds across its programs to each program's figures
     assert saved["max_peak_bytes_per_device"] == max(r["peak_bytes"] for r in saved["ranks"])
     for rank in saved["ranks"]:

@@ -9,7 +9,7 @@ from configs import tiny
 from dsv3 import checkpoint as ckpt_lib
 from dsv3 import ema as ema_lib
 from dsv3 import layout, model as model_lib, sharding
-from dsv3 import steps as steps_lib
+from dsv3 import runner as runner_lib
 from dsv3.config import ModelConfig
 from dsv3.pipeline import executor, pipelined
 
@@ -105,32 +105,33 @@ def test_checkpoint_restores_across_layouts(tmp_path, dualpipe_pp2):
   stacked = layout.map_state(lambda t: layout.stack(cfg, host(t)), view)
   equal = lambda a, b: jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
 
-  meshes = {k: sharding.make_mesh(c.mesh, devices=jax.devices()) for k, c in
-            {"pp4": _config(4, "1f1b", data=2, layers=4), "one": _config(1, "1f1b", data=4, expert=2, layers=4)}.items()}
-  pp4 = pipelined.PipelinedSteps(_config(4, "1f1b", data=2, layers=4), cfg, meshes["pp4"])
-  ema4 = ema_lib.HostEMA(0.5, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                           pp4.abstract["params"], pp4.view_shardings["params"]))
+  configs = {"pp4": _config(4, "1f1b", data=2, layers=4), "one": _config(1, "1f1b", data=4, expert=2, layers=4)}
+  runners = {k: runner_lib.make_runner(c, cfg, sharding.make_mesh(c.mesh, devices=jax.devices()))
+             for k, c in configs.items()}
+  pp4, one = runners["pp4"], runners["one"]
+  assert pp4.pipelined and not one.pipelined
+  ema4 = ema_lib.HostEMA(0.5, pp4.checkpoint_like["params"])
   with ckpt_lib.Checkpointer(str(tmp_path / "pp2"), read_only=True) as ck:
-    got, restored = pipelined.restore(ck, cfg, pp4.steps, meshes["pp4"], pp4, ema4)
-  assert restored.step == 3
-  equal(pp4.view(got), view)
+    got, restored = pp4.restore(ck, ema4)
+  assert restored.step == 3 and int(jax.device_get(pp4.guard(got)["step"])) < 0     # a clean guard
+  equal(pp4.checkpoint(got), view)
   equal(ema4.state_dict()["ema"], ema.state_dict()["ema"])
 
-  one = steps_lib.make(_config(1, "1f1b", data=4, expert=2, layers=4), cfg, meshes["one"])
-  ema1 = ema_lib.HostEMA(0.5, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                           one.abstract["params"], one.saved_shardings["params"]))
+  ema1 = ema_lib.HostEMA(0.5, one.checkpoint_like["params"])
   with ckpt_lib.Checkpointer(str(tmp_path / "pp2"), read_only=True) as ck:
-    state, _ = pipelined.restore(ck, cfg, one, meshes["one"], None, ema1)
+    state, _ = one.restore(ck, ema1)
+  state = one.checkpoint(state)
   equal(state, stacked)
   equal(ema1.state_dict()["ema"], layout.stack(cfg, host(ema.state_dict()["ema"])))
   jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim) or pytest.fail(str(s)), state,
-               one.saved_shardings)
+               one.steps.saved_shardings)
 
   with ckpt_lib.Checkpointer(str(tmp_path / "one"), async_save=False) as ck:
     ck.save(3, {"train": state}, {"note": "one"})
+  back_runner = runner_lib.make_runner(config, cfg, mesh)
   with ckpt_lib.Checkpointer(str(tmp_path / "one"), read_only=True) as ck:
-    back, _ = pipelined.restore(ck, cfg, ps.steps, mesh, ps)
-  equal(ps.view(back), view)
+    back, _ = back_runner.restore(ck)
+  equal(back_runner.checkpoint(back), view)
 
 
 def test_step_takes_the_params_into_its_copies(dualpipe_pp2):
@@ -153,3 +154,33 @@ def test_step_takes_the_params_into_its_copies(dualpipe_pp2):
   assert float(got[0]) == float(want[0])
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                [g for g in got[2] if g is not None], [g for g in want[2] if g is not None])
+
+
+def test_dry_run_records_the_calls_a_step_makes(dualpipe_pp2):
+  """The dry run cannot drift from the step: executor.run walked on abstract state (executor.Record, what
+  runner.programs and --compile_only use) records the same program calls, in the same order, as a real
+  step makes."""
+  config, cfg, mesh, ps, ranks = dualpipe_pp2
+
+  class Logged(executor.Execute):
+    calls = []
+
+    def call(self, call, fn, *args):
+      self.calls.append((call.rank, call.kind, call.name))
+      return fn(*args)
+
+  tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (32, 17), dtype=np.int32)
+  variables = [{k: s[k] for k in ("params", "routing")} for s in ranks]
+  executor.run(ps.plan, variables, tokens, 0.3, 1e-3, exe=Logged())
+  recorded = []
+
+  def record(call, fn, args):
+    recorded.append((call.rank, call.kind, call.name))
+    with jax.set_mesh(call.mesh):
+      return fn.trace(*args).out_info
+  abstract = [{k: s[k] for k in ("params", "routing")} for s in ps.abstract_state()["ranks"]]
+  executor.run(ps.plan, abstract, jax.ShapeDtypeStruct(tokens.shape, tokens.dtype), 0.3, 1e-3,
+               exe=executor.Record(record))
+  assert recorded == Logged.calls
+  kinds = {k for _, k, _ in recorded}
+  assert {"F", "sums"} <= kinds and kinds & {"FB", "FBstar"}       # DualPipe fuses F&B cells

@@ -23,7 +23,6 @@ from ml_collections import config_flags
 
 from dsv3 import compile_only, overlap, sharding
 from dsv3.bench import common
-from dsv3.config import ModelConfig
 from dsv3.pipeline import schedules, stages
 
 
@@ -46,19 +45,24 @@ XLA_DEFAULTS = {"xla_gpu_enable_latency_hiding_scheduler": False,
                 "xla_gpu_experimental_parallel_collective_overlap_limit": 1}
 
 
-def rank0_programs(config, target: str, echo=print, options=None, only=("F", "B", "FB", "FBstar")) -> dict:
-  """{program name: overlap.summary} of pipeline rank 0's F, B and F&B programs compiled for `target`
-  (with `options` over the stage programs' own)."""
+STAGE_KINDS = ("F", "B", "Bstar", "W", "FB", "FBstar")
+
+
+def rank0_programs(config, target: str, echo=print, options=None) -> dict:
+  """{program name: overlap.summary} of pipeline rank 0's stage programs (F, B, B*, W and F&B, and the F and
+  B each F&B fuses), compiled for `target` as the trainer's runner runs them (with `options` over the stage
+  programs' own); the other programs are walked, not compiled."""
   config = config.copy_and_resolve_references()
   if config.model.grouped_gemm == "auto":
     config.model.grouped_gemm = "ragged_dot"          # as measured (README); a GPU run resolves it to tokamax
-  cfg = ModelConfig.from_config_dict(config)
   devices = compile_only.target_devices(target, int(config.mesh.pipeline) * int(config.mesh.expert)
                                         * int(config.mesh.data))
   mesh = sharding.make_mesh(config.mesh, devices=devices)
-  programs, _ = compile_only._pipelined_programs(config, cfg, mesh, {**compile_only.GPU_COMPILER_OPTIONS,
-                                                                     **(options or {})}, echo, only=only)
-  return {name: overlap.summary(c.as_text()) for name, position, _, c in programs if position == "rank0"}
+  rank0 = lambda p: p.position == "rank0" and p.kind in STAGE_KINDS
+  _, programs = compile_only.compiled_programs(config, mesh, {**compile_only.GPU_COMPILER_OPTIONS, **(options or {})},
+                                               echo, select=rank0, baselines=True)
+  return {p.name: overlap.summary(p.compiled.as_text()) for p in programs
+          if rank0(p) and p.same_as is None and p.compiled is not None}
 
 
 def combine(*summaries: dict) -> dict:
@@ -109,7 +113,7 @@ def main(argv):
     config.pipeline.schedule, config.pipeline.microbatches = "dualpipe", F.microbatches
     config.batch_size = max(int(config.batch_size), ep * F.microbatches)
     print(f"EP{ep}: compiling rank 0 of DualPipe PP2 x EP{ep} for {F.target} ...", flush=True)
-    defaults = rank0_programs(config, F.target, options=XLA_DEFAULTS, only=("F", "B"))
+    defaults = rank0_programs(config, F.target, options=XLA_DEFAULTS)
     for row in overlap_rows(rank0_programs(config, F.target), defaults):
       row["ep"] = ep
       results.append(row)

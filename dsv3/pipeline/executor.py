@@ -10,6 +10,7 @@ README.md, "Pipeline stages and the executor", gives the design (order, multi-ho
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import time
 from typing import Dict, List, Optional
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dsv3 import layout, sharding
+from dsv3 import backend, layout, sharding
 from dsv3.config import ModelConfig, require_model_config
 from dsv3.expert_parallel import ExpertParallel
 from dsv3.layers import compute_dtype
@@ -59,15 +60,6 @@ def stage_meshes(num_ranks: int, devices=None) -> List[Mesh]:
   return sharding.stage_meshes(pipeline_mesh(num_ranks, devices))
 
 
-def _token_spec(mesh: Mesh, batch: int) -> P:
-  """Micro-batch rows over the sub-mesh's token axes ('data' and 'expert') when they divide evenly."""
-  for axes in (("data", "expert"), ("data",)):
-    size = int(np.prod([mesh.shape.get(a, 1) for a in axes]))
-    if batch % size == 0:
-      return P(axes if size > 1 else None)
-  return P()
-
-
 class Plan:
   """Everything about one (config, schedule, ranks, micro-batches, devices) that does not depend on data."""
 
@@ -83,7 +75,7 @@ class Plan:
     self.specs = stages.split_layers(cfg, self.num_stages)
     self.mesh = pipeline_mesh(num_ranks, devices)
     self.meshes = sharding.stage_meshes(self.mesh)
-    if self.mesh.devices.flat[0].platform in ("gpu", "cuda", "rocm"):     # F&B overlap: see stages.forward_backward
+    if backend.mesh_platform(self.mesh) == "gpu":     # F&B overlap: see stages.forward_backward
       compiler_options = tuple(sorted({**stages.GPU_OVERLAP_OPTIONS, **dict(compiler_options or ())}.items()))
     self.programs = stages.programs(compiler_options)
     self.transfers = Transfers(self.meshes, transfer)
@@ -106,7 +98,121 @@ class Plan:
     self.prediction = sim
     self.layout = rank_state.RankLayout(self.mesh, [[self.specs[s] for _, s in phases]
                                                     for phases in self.schedule.placement])
-    self._programs = {}
+    self.program_cache = {}     # jitted glue programs (dsv3.pipeline.reduction), by their static key
+
+
+# ---------------------------------------------------------------------------------------------------
+# How the driver runs: on device arrays (Execute), or recording each program on abstract ones (Record).
+# ---------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Call:
+  """A program the driver runs, as a dry run records it. name: e.g. 'rank0_F_stage0'; kind: F, B, Bstar,
+  W, FB, FBstar, sums, update, eval or check; rank: None for a program on the whole mesh; key: what makes it
+  a distinct program besides its arguments' shapes and layouts (mesh-independent: sub-meshes are alike)."""
+  name: str
+  kind: str
+  rank: Optional[int]
+  mesh: Mesh
+  key: tuple = ()
+
+
+class Execute:
+  """How the driver runs a step: each program called on device arrays, for the ranks this process takes
+  part in. `Record` walks the same driver on abstract arrays."""
+  abstract = False
+
+  def ranks(self, plan) -> list:
+    """The ranks whose programs this process runs."""
+    return plan.local_ranks
+
+  def mine(self, plan, r: int) -> bool:
+    return plan.transfers.mine[r]
+
+  def tokens(self, tokens):
+    """The global batch as a host array: every process reads the rows its first and last stages need."""
+    if isinstance(tokens, jax.Array) and not (tokens.is_fully_addressable or tokens.is_fully_replicated):
+      raise ValueError("pipeline executor: pass the global batch as a host (numpy) array in every process, "
+                       "or as a replicated jax.Array; got an array split across processes")
+    return np.asarray(tokens, np.int32)
+
+  def rows(self, tokens, start: int, stop: int, placement):
+    rows = tokens[start:stop]
+    return jax.make_array_from_callback(rows.shape, placement, lambda i: rows[i])
+
+  def constant(self, value, placement):
+    return jax.device_put(value, placement)
+
+  def call(self, call: Call, fn, *args):
+    return fn(*args)
+
+  def move(self, plan, x, src: int, dst: int, like, spec):
+    return plan.transfers(x, src, dst, like, spec)
+
+  def glue(self, fn, like):
+    """fn(): what moves or sums data between the programs (no stage program of its own); `like`: a callable
+    giving its abstract result, which a dry run takes instead."""
+    return fn()
+
+  def assemble(self, plan, sums: dict, rank_variables):
+    return reduction.assemble(plan, sums)
+
+
+def _sds(shape, dtype, placement) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=placement)
+
+
+class Record(Execute):
+  """The driver as a dry run: abstract arrays (ShapeDtypeStructs with shardings) stand in for every array,
+  every rank is walked as if this process held them all, and each program call goes to
+  `on_call(call, fn, args)`, which returns its abstract outputs (dsv3.runner compiles the program and reads
+  them off the compiled executable)."""
+  abstract = True
+
+  def __init__(self, on_call):
+    self.on_call = on_call
+
+  def ranks(self, plan) -> list:
+    return list(range(len(plan.meshes)))
+
+  def mine(self, plan, r: int) -> bool:
+    return True
+
+  def tokens(self, tokens):
+    return tokens
+
+  def rows(self, tokens, start: int, stop: int, placement):
+    return _sds((stop - start, *tokens.shape[1:]), tokens.dtype, placement)
+
+  def constant(self, value, placement):
+    value = np.asarray(value)
+    return _sds(value.shape, value.dtype, placement)
+
+  def call(self, call: Call, fn, *args):
+    return self.on_call(call, fn, args)
+
+  def move(self, plan, x, src: int, dst: int, like, spec):
+    return _sds(like.shape, like.dtype, NamedSharding(plan.meshes[dst], spec))
+
+  def glue(self, fn, like):
+    return like()
+
+  def assemble(self, plan, sums: dict, rank_variables):
+    """reduction.assemble's result, abstract: each rank's gradients in its params' ZeRO-1 shards (as the sums
+    leave them), its loads replicated, the step's scalars on the whole mesh."""
+    whole = NamedSharding(plan.mesh, P())
+    totals = _sds((len(reduction.SCALARS),), jnp.float32, whole)
+    scalars = jax.eval_shape(functools.partial(reduction.step_metrics, plan.cfg, plan.microbatches), totals)
+    loss, metrics, norm = jax.tree.map(lambda a: _sds(a.shape, a.dtype, whole), scalars)
+    grads, loads = [None] * len(plan.meshes), [None] * len(plan.meshes)
+    for r in sums:
+      params, routing = rank_variables[r]["params"], rank_variables[r].get("routing", {})
+      grads[r] = jax.tree.map(lambda a, s: _sds(a.shape, a.dtype, s), params,
+                              sharding.zero1_shardings(plan.meshes[r], params))
+      loads[r] = jax.tree.map(lambda a: _sds(a.shape, jnp.float32, NamedSharding(plan.meshes[r], P())), routing)
+    return loss, metrics, grads, loads, norm
+
+
+EXECUTE = Execute()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -116,16 +222,165 @@ def _halves(op):
   return (op.forward, op.backward) if op.kind == "FB" else (op,)
 
 
-def _host_tokens(tokens) -> np.ndarray:
-  """The global batch as a host array: every process reads the rows its first and last stages need."""
-  if isinstance(tokens, jax.Array) and not (tokens.is_fully_addressable or tokens.is_fully_replicated):
-    raise ValueError("pipeline executor: pass the global batch as a host (numpy) array in every process, "
-                     "or as a replicated jax.Array; got an array split across processes")
-  return np.asarray(tokens, np.int32)
+class _Step:
+  """One step's walk of the schedule: the stage copies, the micro-batch tokens, what moves between cells.
+  Each cell takes its inputs, runs its program (F, B, B*, W or a fused F&B) and sends its outputs on."""
+
+  def __init__(self, plan: Plan, exe: Execute, tokens, mtp_weight, alpha):
+    self.plan, self.exe = plan, exe
+    self.tokens = exe.tokens(tokens)
+    batch, width = self.tokens.shape
+    self.mb = schedules.microbatch_rows(batch, plan.microbatches)
+    self.hidden = jax.ShapeDtypeStruct((self.mb, width - 1, plan.cfg.hidden_size), compute_dtype(plan.cfg))
+    self.spec = sharding.batch_spec(plan.meshes[0], self.mb)     # sub-meshes are alike: one row layout
+    self.weights_coefs = (mtp_weight, alpha)
+    self.copies: Dict[tuple, dict] = {}
+    self.micro, self.acts, self.grads_in, self.saved = {}, {}, {}, {}
+    self.deferred = [collections.deque() for _ in plan.schedule]
+
+  def name(self, r: int, kind: str, *stages_) -> str:
+    return f"rank{r}_{kind}" + "".join(f"_stage{s}" for s in stages_)
+
+  def take_copies(self, rank_variables, donate: bool) -> dict:
+    """Stage copies on the ranks this process runs; their parameters as per-device copies where the
+    micro-batch rows split over the sub-mesh, so gradients are reduced once per step (per_device.Devices).
+    Returns the shardings of the params each rank gave to its copies (donate)."""
+    plan, exe, taken = self.plan, self.exe, {}
+    for r in exe.ranks(plan):
+      devices = per_device.Devices.of(plan.meshes[r], self.mb)
+      mine = reduction.stage_copies(plan, r)
+      specs = [plan.specs[s] for _, s in mine]
+      params, routing = rank_variables[r]["params"], rank_variables[r].get("routing", {})
+      like = lambda: [devices.abstract_copies(stages.stage_variables(params, {}, sp)[0]) for sp in specs]
+      if donate and devices.axes:
+        taken[r] = jax.tree.map(lambda x: x.sharding, params)
+        trees = exe.glue(lambda: devices.copies_taking(params, specs), like)
+      else:
+        trees = exe.glue(lambda: [devices.copies(stages.stage_variables(params, routing, sp)[0]) for sp in specs],
+                         like)
+      coefs = exe.constant(np.asarray([*self.weights_coefs, 1.0 / plan.microbatches], np.float32),
+                           NamedSharding(plan.meshes[r], P()))
+      for (d, s), p, sp in zip(mine, trees, specs):
+        self.copies[d, s] = dict(params=p, routing=stages.stage_variables(params, routing, sp)[1], coefs=coefs,
+                                 acc=exe.glue(lambda: stages.zeros_like(p), lambda: p), key=sp.program_key,
+                                 aux=[], devices=devices, stage=s)
+    return taken
+
+  def place_tokens(self):
+    """Micro-batch tokens go to the first and last stage of their direction (the embedding and the loss)."""
+    plan = self.plan
+    for d, s in self.copies:
+      if s in (0, plan.num_stages - 1):
+        where = NamedSharding(plan.meshes[plan.owner[d, s]], self.spec)
+        for m in range(plan.per_direction):
+          g = d * plan.per_direction + m
+          self.micro[d, s, m] = self.exe.rows(self.tokens, g * self.mb, (g + 1) * self.mb, where)
+
+  def forward_inputs(self, r, op):
+    d, s = self.plan.schedule.placement[r][op.phase]
+    return (self.copies[d, s], (self.acts.pop((d, s, op.microbatch)) if s > 0 else None),
+            self.micro.get((d, s, op.microbatch)))
+
+  def forward_done(self, r, op, y, vjps, aux):
+    plan = self.plan
+    d, s = plan.schedule.placement[r][op.phase]
+    if self.exe.mine(plan, r):
+      self.saved[d, s, op.microbatch] = vjps
+      self.copies[d, s]["aux"].append(aux)
+    if s + 1 < plan.num_stages:
+      self.acts[d, s + 1, op.microbatch] = self.exe.move(plan, y, r, plan.owner[d, s + 1], self.hidden, self.spec)
+    return y
+
+  def backward_inputs(self, r, op):
+    d, s = self.plan.schedule.placement[r][op.phase]
+    m = op.microbatch
+    return (self.copies[d, s], (self.grads_in.pop((d, s, m)) if s + 1 < self.plan.num_stages else None),
+            self.saved.pop((d, s, m)))
+
+  def backward_done(self, r, op, c, vjps, dx, out):
+    plan = self.plan
+    d, s = plan.schedule.placement[r][op.phase]
+    if self.exe.mine(plan, r):
+      if op.input_only:
+        self.deferred[r].append((c, vjps, out))
+      else:
+        c["acc"] = out
+    if s > 0:
+      self.grads_in[d, s - 1, op.microbatch] = self.exe.move(plan, dx, r, plan.owner[d, s - 1], self.hidden, self.spec)
+    return dx, out
+
+  def forward(self, r, op):
+    y = vjps = aux = None
+    if self.exe.mine(self.plan, r):
+      c, x, tok = self.forward_inputs(r, op)
+      call = Call(self.name(r, "F", c["stage"]), "F", r, self.plan.meshes[r], c["key"])
+      y, vjps, aux = self.exe.call(call, self.plan.programs.forward, self.plan.cfg, c["key"], c["params"],
+                                   c["routing"], x, tok, c["coefs"], c["devices"])
+    return self.forward_done(r, op, y, vjps, aux)
+
+  def backward(self, r, op):
+    c = vjps = dx = out = None
+    if self.exe.mine(self.plan, r):
+      c, g, vjps = self.backward_inputs(r, op)
+      kind = "Bstar" if op.input_only else "B"
+      call = Call(self.name(r, kind, c["stage"]), kind, r, self.plan.meshes[r], c["key"])
+      if op.input_only:
+        dx, out = self.exe.call(call, self.plan.programs.backward_input, c["key"], vjps, g, c["coefs"], c["params"])
+      else:
+        dx, out = self.exe.call(call, self.plan.programs.backward, c["key"], vjps, g, c["coefs"], c["acc"],
+                                c["params"])
+    return self.backward_done(r, op, c, vjps, dx, out)
+
+  def forward_backward(self, r, op):
+    """An F&B cell as one program (stages.forward_backward): F's all-to-alls can overlap B's GEMMs."""
+    f, b = op.forward, op.backward
+    y = f_vjps = aux = c = b_vjps = dx = out = None
+    if self.exe.mine(self.plan, r):
+      fc, x, tok = self.forward_inputs(r, f)
+      c, g, b_vjps = self.backward_inputs(r, b)
+      kind = "FBstar" if b.input_only else "FB"
+      call = Call(self.name(r, kind, fc["stage"], c["stage"]), kind, r, self.plan.meshes[r],
+                  (fc["key"], c["key"], b.input_only))
+      (y, f_vjps, aux), (dx, out) = self.exe.call(
+          call, self.plan.programs.forward_backward, self.plan.cfg, fc["key"], c["key"], b.input_only,
+          fc["devices"], fc["params"], fc["routing"], x, tok, fc["coefs"], b_vjps, g,
+          None if b.input_only else c["acc"], c["params"])
+    return self.forward_done(r, f, y, f_vjps, aux), self.backward_done(r, b, c, b_vjps, dx, out)
+
+  def weights(self, r, op):
+    if not self.exe.mine(self.plan, r):
+      return None
+    c, vjps, cts = self.deferred[r].popleft()
+    call = Call(self.name(r, "W", c["stage"]), "W", r, self.plan.meshes[r], c["key"])
+    c["acc"] = self.exe.call(call, self.plan.programs.backward_weights, c["key"], vjps, cts, c["acc"], c["params"])
+    return c["acc"]
+
+  def cell(self, r, op):
+    return dict(F=self.forward, B=self.backward, FB=self.forward_backward, W=self.weights)[op.kind](r, op)
+
+  def rank_sums(self, r, params):
+    """Rank r's gradients and loads summed over its micro-batches and copies (reduction.rank_sums_program)."""
+    plan = self.plan
+    mine = reduction.stage_copies(plan, r)
+    copies = [self.copies[ds] for ds in mine]
+    shared = sum(len(plan.layout.holders(u)) > 1 for u in layout.by_unit(params))
+    call = Call(self.name(r, "sums"), "sums", r, plan.meshes[r], (tuple(c["key"] for c in copies), shared))
+    return self.exe.call(call, reduction.rank_sums_program(plan, r, params, copies[0]["devices"]),
+                         [c["acc"] for c in copies], [c["aux"] for c in copies])
+
+  def give_back(self, rank_variables, taken: dict):
+    """The params the copies took (donate), made back from them: equal arrays, nothing moves."""
+    for r, shardings in taken.items():
+      mine = reduction.stage_copies(self.plan, r)
+      copies = [self.copies[ds] for ds in mine]
+      rank_variables[r]["params"] = self.exe.glue(
+          lambda: copies[0]["devices"].params_from_copies([c["params"] for c in copies],
+                                                          [self.plan.specs[s] for _, s in mine], shardings),
+          lambda: rank_variables[r]["params"])
 
 
 def run(plan: Plan, rank_variables, tokens, mtp_weight, alpha, timings: Optional[list] = None,
-        donate: bool = False, fused: bool = True):
+        donate: bool = False, fused: bool = True, exe: Execute = EXECUTE):
   """One step on per-rank variables (rank_variables[r] = rank r's {'params', 'routing'} on its sub-mesh, None
   where this process holds none of it). Returns (loss, metrics, grads, loads, grad_norm): grads[r] and loads[r]
   like rank r's params and routing, each unit summed over its holders and placed like its ZeRO-1 state.
@@ -133,174 +388,63 @@ def run(plan: Plan, rank_variables, tokens, mtp_weight, alpha, timings: Optional
   donate: the params are donated into the step's per-device copies (not held twice) and replaced by equal
   arrays at the end (the trainer's step). timings: a list to append (rank, op, start, end) to, every op
   waited for (per-op costs, not speed). fused: False runs an F&B cell as F then B (the no-overlap baseline).
+  exe: Record(...) walks this same code with abstract arrays and records each program (the dry run).
   """
-  cfg, sched, move = plan.cfg, plan.schedule, plan.transfers
-  tokens = _host_tokens(tokens)
-  batch, width = tokens.shape
-  if batch % plan.microbatches:
-    raise ValueError(f"pipeline.microbatches = {plan.microbatches} must divide the batch size {batch}")
-  mb = batch // plan.microbatches
-  hidden = jax.ShapeDtypeStruct((mb, width - 1, cfg.hidden_size), compute_dtype(cfg))
-
-  spec = _token_spec(plan.meshes[0], mb)       # sub-meshes are alike: one row layout for every rank
-
-  # Stage copies on the ranks this process takes part in; their parameters as per-device copies where the
-  # micro-batch rows split over the sub-mesh, so gradients are reduced once per step (per_device.Devices).
-  copies: Dict[tuple, dict] = {}
-  devices = {r: per_device.Devices.of(plan.meshes[r], mb) for r in plan.local_ranks}
-  taken = {}              # rank -> the shardings of the params it gave to its copies (donate)
-  for r in devices:
-    mine = reduction.stage_copies(plan, r)
-    specs = [plan.specs[s] for _, s in mine]
-    params, routing = rank_variables[r]["params"], rank_variables[r].get("routing", {})
-    routings = [stages.stage_variables(params, routing, spec)[1] for spec in specs]
-    if donate and devices[r].axes:
-      taken[r] = jax.tree.map(lambda x: x.sharding, params)
-      trees = devices[r].copies_taking(params, specs)
-    else:
-      trees = [devices[r].copies(stages.stage_variables(params, routing, spec)[0]) for spec in specs]
-    coefs = jax.device_put(np.asarray([mtp_weight, alpha, 1.0 / plan.microbatches], np.float32),
-                           NamedSharding(plan.meshes[r], P()))
-    for (d, s), p, rt in zip(mine, trees, routings):
-      copies[d, s] = dict(params=p, routing=rt, coefs=coefs, acc=stages.zeros_like(p),
-                          key=plan.specs[s].program_key, aux=[], devices=devices[r])
-
-  # Micro-batch tokens go to the first and last stage of their direction (the embedding and the loss).
-  micro = {}
-  for d, s in copies:
-    if s in (0, plan.num_stages - 1):
-      for m in range(plan.per_direction):
-        g = d * plan.per_direction + m
-        rows = tokens[g * mb:(g + 1) * mb]
-        micro[d, s, m] = jax.make_array_from_callback(
-            rows.shape, NamedSharding(plan.meshes[plan.owner[d, s]], spec), lambda i, rows=rows: rows[i])
-
-  acts, grads_in, saved = {}, {}, {}
-  deferred = [collections.deque() for _ in sched]
-
-  # Each cell is: take its inputs, run its program (F, B, B*, W or a fused F&B), send its outputs on.
-  def forward_inputs(r, op):
-    d, s = sched.placement[r][op.phase]
-    c = copies[d, s]
-    return c, (acts.pop((d, s, op.microbatch)) if s > 0 else None), micro.get((d, s, op.microbatch))
-
-  def forward_done(r, op, y, vjps, aux):
-    d, s = sched.placement[r][op.phase]
-    if move.mine[r]:
-      saved[d, s, op.microbatch] = vjps
-      copies[d, s]["aux"].append(aux)
-    if s + 1 < plan.num_stages:
-      acts[d, s + 1, op.microbatch] = move(y, r, plan.owner[d, s + 1], hidden, spec)
-    return y
-
-  def backward_inputs(r, op):
-    d, s = sched.placement[r][op.phase]
-    m = op.microbatch
-    return copies[d, s], (grads_in.pop((d, s, m)) if s + 1 < plan.num_stages else None), saved.pop((d, s, m))
-
-  def backward_done(r, op, c, vjps, dx, out):
-    d, s = sched.placement[r][op.phase]
-    if move.mine[r]:
-      if op.input_only:
-        deferred[r].append((c, vjps, out))
-      else:
-        c["acc"] = out
-    if s > 0:
-      grads_in[d, s - 1, op.microbatch] = move(dx, r, plan.owner[d, s - 1], hidden, spec)
-    return dx, out
-
-  def forward(r, op):
-    y = vjps = aux = None
-    if move.mine[r]:
-      c, x, tok = forward_inputs(r, op)
-      y, vjps, aux = plan.programs.forward(cfg, c["key"], c["params"], c["routing"], x, tok, c["coefs"],
-                                           c["devices"])
-    return forward_done(r, op, y, vjps, aux)
-
-  def backward(r, op):
-    c = vjps = dx = out = None
-    if move.mine[r]:
-      c, g, vjps = backward_inputs(r, op)
-      if op.input_only:
-        dx, out = plan.programs.backward_input(c["key"], vjps, g, c["coefs"], c["params"])
-      else:
-        dx, out = plan.programs.backward(c["key"], vjps, g, c["coefs"], c["acc"], c["params"])
-    return backward_done(r, op, c, vjps, dx, out)
-
-  def forward_backward(r, op):
-    """An F&B cell as one program (stages.forward_backward): F's all-to-alls can overlap B's GEMMs."""
-    f, b = op.forward, op.backward
-    y = f_vjps = aux = c = b_vjps = dx = out = None
-    if move.mine[r]:
-      fc, x, tok = forward_inputs(r, f)
-      c, g, b_vjps = backward_inputs(r, b)
-      (y, f_vjps, aux), (dx, out) = plan.programs.forward_backward(
-          cfg, fc["key"], c["key"], b.input_only, fc["devices"], fc["params"], fc["routing"], x, tok, fc["coefs"],
-          b_vjps, g, None if b.input_only else c["acc"], c["params"])
-    return forward_done(r, f, y, f_vjps, aux), backward_done(r, b, c, b_vjps, dx, out)
-
-  def weights(r):
-    if not move.mine[r]:
-      return None
-    c, vjps, cts = deferred[r].popleft()
-    c["acc"] = plan.programs.backward_weights(c["key"], vjps, cts, c["acc"], c["params"])
-    return c["acc"]
-
-  run_op = dict(F=forward, B=backward, FB=forward_backward, W=lambda r, op: weights(r))
+  step = _Step(plan, exe, tokens, mtp_weight, alpha)
+  taken = step.take_copies(rank_variables, donate)
+  step.place_tokens()
   for _, r, i in plan.order:
-    op = sched[r][i]
+    op = plan.schedule[r][i]
     start = time.perf_counter()
-    results = run_op[op.kind](r, op) if fused else [run_op[half.kind](r, half) for half in _halves(op)]
-    if timings is not None and move.mine[r]:
+    results = step.cell(r, op) if fused else [step.cell(r, half) for half in _halves(op)]
+    if timings is not None and exe.mine(plan, r):
       jax.block_until_ready(results)
       timings.append((r, str(op), start, time.perf_counter()))
-
-  out = reduction.assemble(plan, rank_variables, copies)
-  for r, shardings in taken.items():
-    mine = reduction.stage_copies(plan, r)
-    rank_variables[r]["params"] = devices[r].params_from_copies(
-        [copies[ds]["params"] for ds in mine], [plan.specs[s] for _, s in mine], shardings)
+  sums = {r: step.rank_sums(r, rank_variables[r]["params"]) for r in exe.ranks(plan)}
+  out = exe.assemble(plan, sums, rank_variables)
+  step.give_back(rank_variables, taken)
   return out
 
 
-def evaluate(plan: Plan, rank_variables, tokens):
+def evaluate(plan: Plan, rank_variables, tokens, exe: Execute = EXECUTE):
   """Forward only through direction 0's stages in order, in micro-batches of the training step's size (so
   evaluation holds no more activations than training; the whole batch at once where it does not split).
 
   Returns (cross entropy, loads) as host values: loads [num_moe_layers, E] per MoE layer (the main
   layers' routing loads, for MaxVio), summed over the batch."""
-  cfg, move = plan.cfg, plan.transfers
-  tokens = _host_tokens(tokens)
+  cfg = plan.cfg
+  tokens = exe.tokens(tokens)
   batch, width = tokens.shape
   chunks = plan.microbatches if batch % plan.microbatches == 0 else 1
   mb = batch // chunks
   hidden = jax.ShapeDtypeStruct((mb, width - 1, cfg.hidden_size), compute_dtype(cfg))
-  spec = _token_spec(plan.meshes[0], mb)
+  spec = sharding.batch_spec(plan.meshes[0], mb)
   moe = [l for l in range(cfg.num_hidden_layers) if layout.is_moe(cfg, l)]
   width_row = 1 + len(moe) * cfg.n_routed_experts
-  rows = {}
+  rows = {r: exe.glue(lambda r=r: _zeros_row(width_row, plan.meshes[r]),
+                      lambda r=r: _sds((1, width_row), jnp.float32, NamedSharding(plan.meshes[r], P())))
+          for r in exe.ranks(plan)}     # ranks running no stage of direction 0 (DualPipe's) add nothing
   for c in range(chunks):
-    chunk, x = tokens[c * mb:(c + 1) * mb], None
+    x = None
     for s in range(plan.num_stages):
-      r, spec_s = plan.owner[0, s], plan.specs[s]
+      r, st = plan.owner[0, s], plan.specs[s]
       y = None
-      if move.mine[r]:
+      if exe.mine(plan, r):
         mesh = plan.meshes[r]
         devices = per_device.Devices(mesh, (), plan.expert_parallel[r])
-        p, rt = stages.stage_variables(rank_variables[r]["params"], rank_variables[r].get("routing", {}), spec_s)
-        data = (jax.make_array_from_callback(chunk.shape, NamedSharding(mesh, spec), lambda i, t=chunk: t[i])
-                if spec_s.first or spec_s.last else None)
-        coefs = jax.device_put(np.asarray([0.0, 0.0, 1.0], np.float32), NamedSharding(mesh, P()))
-        y, aux = plan.programs.evaluate(cfg, spec_s.program_key, p, rt, x, data, coefs, devices)
-        row = rows[r] if r in rows else _zeros_row(width_row, mesh)
-        rows[r] = _eval_row(row, aux, tuple(moe.index(l) for l, m in zip(spec_s.layers, spec_s.moe) if m),
-                            width_row, cfg.n_routed_experts)
+        p, rt = stages.stage_variables(rank_variables[r]["params"], rank_variables[r].get("routing", {}), st)
+        data = exe.rows(tokens, c * mb, (c + 1) * mb, NamedSharding(mesh, spec)) if st.first or st.last else None
+        coefs = exe.constant(np.asarray([0.0, 0.0, 1.0], np.float32), NamedSharding(mesh, P()))
+        y, aux = exe.call(Call(f"rank{r}_eval_stage{s}", "eval", r, mesh, st.program_key), plan.programs.evaluate,
+                          cfg, st.program_key, p, rt, x, data, coefs, devices)
+        positions = tuple(moe.index(l) for l, m in zip(st.layers, st.moe) if m)
+        rows[r] = exe.glue(lambda r=r, aux=aux, positions=positions: _eval_row(
+            rows[r], aux, positions, width_row, cfg.n_routed_experts), lambda r=r: rows[r])
       if s + 1 < plan.num_stages:
-        x = move(y, r, plan.owner[0, s + 1], hidden, spec)
-  for r in plan.local_ranks:      # ranks running no stage of direction 0 (DualPipe's) add nothing
-    if r not in rows:
-      rows[r] = _zeros_row(width_row, plan.meshes[r])
-  total = np.asarray(reduction.sum_over_ranks(plan.layout.gather_rows(rows), NamedSharding(plan.mesh, P())))
+        x = exe.move(plan, y, r, plan.owner[0, s + 1], hidden, spec)
+  total = exe.glue(lambda: np.asarray(reduction.sum_over_ranks(plan.layout.gather_rows(rows),
+                                                               NamedSharding(plan.mesh, P()))),
+                   lambda: np.zeros(width_row, np.float32))
   # Equal chunks: the batch's mean cross entropy is the mean of theirs.
   return float(total[0]) / chunks, total[1:].reshape(len(moe), cfg.n_routed_experts)
 
@@ -350,8 +494,8 @@ def pipeline_value_and_grad(cfg: ModelConfig, variables, tokens, *, schedule: st
   compiler_options: XLA options for the stage programs; transfer: 'auto' or 'collective'; timings, fused:
   see `run`. Returns (loss, metrics, grads like params, loads like routing) as host arrays.
   """
-  plan = get_plan(require_model_config(cfg, "pipeline_value_and_grad"), schedule, num_stages, microbatches, devices, compiler_options,
-                  transfer)
+  plan = get_plan(require_model_config(cfg, "pipeline_value_and_grad"), schedule, num_stages, microbatches,
+                  devices, compiler_options, transfer)
   per_layer = {k: layout.unstack(plan.cfg, jax.tree.map(np.asarray, variables.get(k, {})))
                for k in ("params", "routing")}
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), per_layer)

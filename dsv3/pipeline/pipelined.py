@@ -1,13 +1,14 @@
 """The pipelined train step on per-rank state: what dsv3.steps is to an unpipelined run.
 
   ps = PipelinedSteps(config, cfg, mesh)
-  ranks = ps.init(rng)                                     # rank r's units on its sub-mesh (rank_state)
-  ranks, guard, metrics = ps.train(ranks, guard, batch, mtp_weight, gamma)
-  ps.view(ranks)                                           # each unit once: checkpoints, EMA, exports
+  state = {"ranks": ps.init(rng), "guard": ...}            # rank r's units on its sub-mesh (rank_state)
+  state, metrics = ps.train(state, batch, mtp_weight, gamma)
+  ps.view(state["ranks"])                                   # each unit once: checkpoints, EMA, exports
 
 One step: the executor's gradients, each unit's reduced once among its holders; the whole model's gradient
 norm (one small all-reduce over 'pipeline'); every rank's optimizer and routing-bias update of its own
 units (dsv3.steps.apply_update, clipped by that norm); then the divergence guard from the summed norms.
+`exe=executor.Record(...)` walks the same step on abstract state and records its programs (the dry run).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dsv3 import layout, sharding, steps as steps_lib
+from dsv3 import layout, steps as steps_lib
 from dsv3.pipeline import executor
 
 SUMS = ("update", "params", "new_params", "vio_sum", "vio_max")   # a rank's row of the guard's sums
@@ -105,12 +106,15 @@ class PipelinedSteps:
     new, sums = self.steps.apply_update(state, grads, loads, gamma, grad_norm, units)
     return new, jnp.stack([sums.get(k, jnp.zeros((), jnp.float32)) for k in SUMS])[None]
 
+  def update_units(self, r: int) -> frozenset:
+    """The units whose norms rank r's update counts: those it is the first holder of."""
+    return frozenset(self.layout.primary(self.rank_abstract[r]["params"], r)
+                     | self.layout.primary(self.rank_abstract[r]["routing"], r))
+
   def update_program(self, r: int):
     """Rank r's jitted update: (rank state, grads, loads, gamma, grad_norm) -> (rank state, its SUMS row)."""
     if r not in self._updates:
-      units = frozenset(self.layout.primary(self.rank_abstract[r]["params"], r)
-                        | self.layout.primary(self.rank_abstract[r]["routing"], r))
-      self._updates[r] = jax.jit(functools.partial(self._update_fn, units), donate_argnums=0,
+      self._updates[r] = jax.jit(functools.partial(self._update_fn, self.update_units(r)), donate_argnums=0,
                                  out_shardings=(self.rank_shardings[r], None))
     return self._updates[r]
 
@@ -120,71 +124,45 @@ class PipelinedSteps:
       sums = {k: v for k, v in sums.items() if not k.startswith("vio")}
     return self.steps.check(guard, step, metrics, grad_norm, sums)
 
-  def train(self, ranks, guard, batch, mtp_weight, gamma):
-    """One step: (ranks, guard, metrics). `batch`: the global batch on the host; ranks are donated."""
+  def abstract_state(self) -> dict:
+    """The state's ShapeDtypeStructs with their shardings, every rank's (what a dry run walks the step on)."""
+    placed = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+    return {"ranks": [jax.tree.map(placed, self.rank_abstract[r], self.rank_shardings[r])
+                      for r in range(self.layout.num_ranks)],
+            "guard": jax.tree.map(placed, jax.eval_shape(lambda: steps_lib.CLEAN_GUARD), self.guard_sharding)}
+
+  def train(self, state, batch, mtp_weight, gamma, exe: executor.Execute = executor.EXECUTE, fused: bool = True):
+    """One step: (state, metrics). `batch`: the global batch on the host; the state is donated. fused=False:
+    each F&B cell as its F then its B (executor.run's no-overlap baseline)."""
+    ranks, plan, lay = state["ranks"], self.plan, self.layout
     variables = [None if s is None else {"params": s["params"], "routing": s["routing"]} for s in ranks]
-    _, metrics, grads, loads, grad_norm = executor.run(self.plan, variables, batch, float(mtp_weight),
-                                                       self.steps.alpha, donate=True)
+    _, metrics, grads, loads, grad_norm = executor.run(plan, variables, batch, float(mtp_weight), self.steps.alpha,
+                                                       donate=True, fused=fused, exe=exe)
     new, rows = [None] * len(ranks), {}
-    for r in self.ranks:
-      ranks[r] = dict(ranks[r], params=variables[r]["params"])     # made back from the step's copies
-      gamma_r = jax.device_put(np.float32(gamma), NamedSharding(self.layout.meshes[r], P()))
-      new[r], rows[r] = self.update_program(r)(ranks[r], grads[r], loads[r], gamma_r, self.layout.on_rank(grad_norm, r))
-    step = jax.make_array_from_single_device_arrays(
-        (), NamedSharding(self.mesh, P()), [s.data for r in self.ranks for s in new[r]["step"].addressable_shards])
-    guard, metrics = self.check_program(guard, step, metrics, grad_norm, self.layout.gather_rows(rows))
-    return new, guard, metrics
+    for r in exe.ranks(plan):
+      here = NamedSharding(lay.meshes[r], P())
+      rank = dict(ranks[r], params=variables[r]["params"])      # made back from the step's copies
+      gamma_r = exe.constant(np.float32(gamma), here)
+      norm_r = exe.glue(lambda: lay.on_rank(grad_norm, r), lambda: _sds((), jnp.float32, here))
+      call = executor.Call(f"rank{r}_update", "update", r, lay.meshes[r], (len(self.update_units(r)),))
+      new[r], rows[r] = exe.call(call, self.update_program(r), rank, grads[r], loads[r], gamma_r, norm_r)
+    whole = NamedSharding(self.mesh, P())
+    step = exe.glue(lambda: jax.make_array_from_single_device_arrays(
+        (), whole, [s.data for r in exe.ranks(plan) for s in new[r]["step"].addressable_shards]),
+        lambda: _sds((), jnp.int32, whole))
+    rows = exe.glue(lambda: lay.gather_rows(rows),
+                    lambda: _sds((lay.num_ranks, len(SUMS)), jnp.float32, NamedSharding(self.mesh, P("pipeline"))))
+    guard, metrics = exe.call(executor.Call("check", "check", None, self.mesh), self.check_program,
+                              state["guard"], step, metrics, grad_norm, rows)
+    return {"ranks": new, "guard": guard}, metrics
 
-  def evaluate(self, ranks, tokens):
-    """(cross entropy, loads [num_moe_layers, E]) of a batch, as host values."""
+  def evaluate(self, state, tokens, params=None, exe: executor.Execute = executor.EXECUTE):
+    """(cross entropy, loads [num_moe_layers, E]) of a batch, as host values; of the state's params or of
+    a per-unit params view `params` (the EMA's)."""
+    ranks = state["ranks"] if params is None else self.with_params(state["ranks"], params)
     variables = [None if s is None else {"params": s["params"], "routing": s["routing"]} for s in ranks]
-    return executor.evaluate(self.plan, variables, tokens)
+    return executor.evaluate(self.plan, variables, tokens, exe)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Resuming across layouts: a checkpoint written stacked (unpipelined) or per-layer (pipelined, any degree)
-# restores into either.
-# ---------------------------------------------------------------------------------------------------
-def _with(abstract, shardings):
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-
-
-def restore(checkpointer, cfg, steps, mesh, ps=None, ema=None):
-  """Restores the latest good checkpoint into the run's layout: per-rank states when `ps` (a pipelined
-  run), else the stacked state on `mesh`. `ema`: a HostEMA to load (its params_like in the run's layout).
-
-  Same layout: each array is read straight into its target shards. Across layouts: the saved layout is read
-  with the params and optimizer state replicated over 'pipeline' (the whole model per device, once) and
-  converted on device, and the EMA is read and converted on the host."""
-  saved = checkpointer.saved_abstract()
-  per_layer = layout.is_per_layer(saved["train"]["params"])
-  if ps is not None and per_layer:
-    target, convert = _with(ps.abstract, ps.view_shardings), ps.split
-  elif ps is not None:
-    rules = {k: jax.tree.map(lambda _: NamedSharding(mesh, P()), v) if k == "step" else
-             _param_rules(mesh, v) for k, v in steps.abstract.items()}
-    target, convert = _with(steps.abstract, rules), ps.from_stacked_state
-  elif per_layer:
-    abstract = jax.eval_shape(lambda s: layout.map_state(lambda t: layout.unstack(cfg, t), s), steps.abstract)
-    target = _with(abstract, steps_lib.saved_shardings(mesh, abstract))
-    convert = jax.jit(lambda s: layout.map_state(lambda t: layout.stack(cfg, t), s),
-                      out_shardings=steps.saved_shardings)
-  else:
-    target, convert = _with(steps.abstract, steps.saved_shardings), lambda s: s
-  same_layout = per_layer == (ps is not None)
-  tree = {"train": target}
-  if ema is not None:
-    tree["ema"] = ema.checkpoint_target() if same_layout else saved["ema"]
-  restored = checkpointer.restore(abstract_state=tree)
-  state = convert(restored.state["train"])
-  if ema is not None:
-    values = restored.state["ema"]
-    if not same_layout:
-      values = jax.tree.map(np.asarray, values)
-      values = layout.unstack(cfg, values) if ps is not None else layout.stack(cfg, values)
-    ema.load_state_dict({"ema": values, "step": restored.step, "decay": ema.decay})
-  return state, restored
-
-
-def _param_rules(mesh, tree):
-  return sharding.param_shardings(mesh, tree)
+def _sds(shape, dtype, placement):
+  return jax.ShapeDtypeStruct(shape, dtype, sharding=placement)

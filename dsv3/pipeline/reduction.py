@@ -61,17 +61,13 @@ def _group_sum(grad_shardings, load_shardings, sq_sharding, grads, loads):
   return grads, loads, jax.lax.with_sharding_constraint(sq, sq_sharding)
 
 
-def assemble(plan, rank_variables, copies):
-  """Per-rank gradients and loads (each unit reduced once, among its holders) and the whole-model scalars."""
-  cfg, lay = plan.cfg, plan.layout
+def assemble(plan, sums: dict):
+  """Per-rank gradients and loads (each unit reduced once, among its holders) and the whole-model scalars,
+  from each local rank's `rank_sums_program` outputs (sums[r])."""
+  lay = plan.layout
   zero1 = lambda r, tree: sharding.zero1_shardings(
       plan.meshes[r], jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree))
-  own, shared, own_loads, shared_loads, rows = {}, {}, {}, {}, {}
-  for r in plan.local_ranks:
-    mine = stage_copies(plan, r)
-    program = rank_sums_program(plan, r, rank_variables[r]["params"], copies[mine[0]]["devices"])
-    own[r], shared[r], own_loads[r], shared_loads[r], rows[r] = program(
-        [copies[ds]["acc"] for ds in mine], [copies[ds]["aux"] for ds in mine])
+  own, shared, own_loads, shared_loads, rows = ({r: out[i] for r, out in sums.items()} for i in range(5))
 
   # Shared units: one program per group of holders sums their rows (every process holding one of them runs it).
   grads = {r: dict(own[r]) for r in plan.local_ranks}
@@ -104,12 +100,12 @@ def assemble(plan, rank_variables, copies):
     to_group = lambda s: NamedSharding(mesh, s.spec)
     key = ("group", holders, tuple(g_units), tuple(l_units),
            tuple((x.shape, x.dtype) for x in jax.tree.leaves((g_in, l_in))))
-    if key not in plan._programs:
+    if key not in plan.program_cache:
       param = lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
       g_out = {u: jax.tree.map(to_group, zero1(first, jax.tree.map(param, g_in[u]))) for u in g_units}
       l_out = {u: jax.tree.map(lambda _: NamedSharding(mesh, P()), l_in[u]) for u in l_units}
-      plan._programs[key] = jax.jit(functools.partial(_group_sum, g_out, l_out, NamedSharding(mesh, P("pipeline"))))
-    g_sum, l_sum, sq = plan._programs[key](g_in, l_in)
+      plan.program_cache[key] = jax.jit(functools.partial(_group_sum, g_out, l_out, NamedSharding(mesh, P("pipeline"))))
+    g_sum, l_sum, sq = plan.program_cache[key](g_in, l_in)
     for r in local:
       grads[r].update({u: jax.tree.map(lambda x: lay.on_rank(x, r), g) for u, g in g_sum.items()})
       loads[r].update({u: jax.tree.map(lambda x: lay.on_rank(x, r), l) for u, l in l_sum.items()})
@@ -119,17 +115,23 @@ def assemble(plan, rank_variables, copies):
     if pieces[r]:
       rows[r] = _add_grad_sq(rows[r], pieces[r])
   totals = sum_over_ranks(lay.gather_rows(rows), NamedSharding(plan.mesh, P()))
-  # Each micro-batch's loss is spread over the stages (every stage's balance share, the last stage's CE
-  # and MTP); the batch value is the mean over micro-batches of the per-micro-batch sums.
-  mean = {k: totals[i] / plan.microbatches for i, k in enumerate(SCALARS)}
+  loss, metrics, grad_norm = step_metrics(plan.cfg, plan.microbatches, totals)
+  out = lambda per_rank: [layout.from_units(per_rank[r]) if r in per_rank else None for r in range(len(plan.meshes))]
+  return loss, metrics, out(grads), out(loads), grad_norm
+
+
+def step_metrics(cfg, microbatches: int, totals):
+  """(loss, metrics, gradient norm) of the step from the whole-model SCALARS `totals`. Each micro-batch's
+  loss is spread over the stages (every stage's balance share, the last stage's CE and MTP); the batch
+  value is the mean over micro-batches of the per-micro-batch sums."""
+  mean = {k: totals[i] / microbatches for i, k in enumerate(SCALARS)}
   metrics = {"ce": mean["ce"]}
   if cfg.num_nextn_predict_layers:
     metrics["mtp_loss"] = mean["mtp_loss"]
   if cfg.num_moe_layers:
     metrics["balance_loss"] = mean["balance"]
   metrics["loss"] = mean["loss"]
-  out = lambda per_rank: [layout.from_units(per_rank[r]) if r in per_rank else None for r in range(len(plan.meshes))]
-  return mean["loss"], metrics, out(grads), out(loads), jnp.sqrt(totals[SCALARS.index("grad_sq")])
+  return mean["loss"], metrics, jnp.sqrt(totals[SCALARS.index("grad_sq")])
 
 
 def stage_copies(plan, r: int) -> list:
@@ -143,14 +145,14 @@ def rank_sums_program(plan, r: int, params, devices: per_device.Devices):
   mine = stage_copies(plan, r)
   key = ("sums", r, tuple(mine), devices, jax.tree.structure(params),
          tuple((x.shape, x.dtype) for x in jax.tree.leaves(params)))
-  if key not in plan._programs:
+  if key not in plan.program_cache:
     units = layout.by_unit(params)
     shared = tuple(sorted(u for u in units if len(plan.layout.holders(u)) > 1))
     shardings = {u: sharding.zero1_shardings(
         plan.meshes[r], jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)) for u, t in units.items()}
-    plan._programs[key] = jax.jit(functools.partial(
+    plan.program_cache[key] = jax.jit(functools.partial(
         _rank_sums, tuple(plan.specs[s] for _, s in mine), devices, shared, shardings))
-  return plan._programs[key]
+  return plan.program_cache[key]
 
 
 def _add_grad_sq(row, pieces):

@@ -187,14 +187,30 @@ def dualpipev(num_ranks: int, num_chunks: int) -> Schedule:
   return Schedule("dualpipev", ranks, placement("dualpipev", num_ranks), num_chunks)
 
 
+def _check_count(microbatches) -> None:
+  if not isinstance(microbatches, int) or microbatches < 1:
+    raise ValueError(f"pipeline.microbatches must be a positive integer, got {microbatches!r}")
+
+
+def microbatch_rows(batch_size: int, microbatches: int, shards: int = 1) -> int:
+  """Rows per micro-batch of a `batch_size`-row batch cut into `microbatches`, each split over `shards`
+  devices (a rank's data x expert). The one check of the cut: the trainer's config check, the executor and
+  the planner ask it; ValueError names the config fields."""
+  _check_count(microbatches)
+  if batch_size % (microbatches * shards):
+    split = f" divisible by mesh.data*mesh.expert={shards}" if shards > 1 else ""
+    raise ValueError(f"pipeline.microbatches: batch_size={batch_size} must split into {microbatches} "
+                     f"micro-batches{split}")
+  return batch_size // microbatches
+
+
 def make(schedule: str, num_ranks: int, microbatches: int) -> Schedule:
   """The op lists for `schedule`, with errors phrased in the config fields a user sets."""
   if schedule not in NAMES:
     raise ValueError(f"pipeline.schedule must be one of {NAMES} when mesh.pipeline > 1, got {schedule!r}")
   if not isinstance(num_ranks, int) or num_ranks < 1:
     raise ValueError(f"mesh.pipeline must be a positive integer, got {num_ranks!r}")
-  if not isinstance(microbatches, int) or microbatches < 1:
-    raise ValueError(f"pipeline.microbatches must be a positive integer, got {microbatches!r}")
+  _check_count(microbatches)
   if schedule == "dualpipe":
     if num_ranks < 2 or num_ranks % 2:
       raise ValueError(f"mesh.pipeline must be even (>= 2) for dualpipe: its two directions mirror each "
