@@ -48,7 +48,8 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: long end-to-end run, left out by default (pytest.ini); run with -m slow")
-  config.addinivalue_line("markers", "gpu: needs a CUDA GPU; run with `python -m pytest -m gpu` (or DSV3_TEST_GPU=1), skipped otherwise")
+  config.addinivalue_line("markers", "gpu: needs a CUDA GPU; run with `python -m pytest -m gpu` (or "
+                                     "DSV3_TEST_GPU=1), skipped otherwise")
 
 
 def pytest_collection_modifyitems(config, items):
