@@ -35,6 +35,14 @@ IMPLEMENTATIONS = ("auto", "dense", "blockwise", "cudnn")
 # noise up to 256 tokens (dense compiles in half the time), blockwise is 2-7x faster from 1024 tokens on.
 DENSE_MAX_LEN = 256
 _NEG = float(jnp.finfo(jnp.float32).min)
+# What jax.nn.dot_product_attention(implementation='cudnn') raises at trace time when cuDNN cannot run here
+# (jax/_src/cudnn/fused_attention_stablehlo.py, jax 0.10-0.12): NotImplementedError from its flash-attention
+# rules (head dim over 128 before Hopper, which is also what a deviceless compile sees, since the default
+# backend is then the CPU; MLA or compute capability 10.3 on too old a cuDNN), RuntimeError when cuDNN is
+# not there ('cuDNN is not detected.' without the CUDA plugin, 'cuDNN not found.' from its version probe
+# without the cuDNN libraries). Its ValueErrors are about shapes and dtypes cudnn_unsupported rules out
+# first: one there would be a bug here, so it is not swallowed.
+CUDNN_REFUSALS = (NotImplementedError, RuntimeError)
 
 
 def attention(q, k, v, scale: float, implementation: str = "auto", block: int = 512):
@@ -57,7 +65,7 @@ def attention(q, k, v, scale: float, implementation: str = "auto", block: int = 
   try:
     return jax.lax.platform_dependent(q, k, v, cuda=functools.partial(cudnn_attention, scale=scale),
                                       default=fallback)
-  except NotImplementedError:    # cuDNN's own trace-time checks refuse (GPU generation, cuDNN version)
+  except CUDNN_REFUSALS:
     return fallback(q, k, v)
 
 
@@ -188,10 +196,10 @@ def cudnn_unsupported(q, k, v) -> str:
   if d % 8 or d > 256 or v.shape[-1] > d:
     return f"cuDNN attention takes head dims that are multiples of 8, <= 256 (Hopper), v's <= q's; got {d}"
   try:
-    from jax._src.lib import cuda_versions  # optional: only present with jax's CUDA plugin
+    from jax._src.lib import cuda_versions  # None without jax's CUDA plugin
     if cuda_versions is None or not cuda_versions.cudnn_get_version():
       return "cuDNN is not installed (jax's CUDA plugin and the nvidia-cudnn wheel are needed)"
-  except Exception as e:  # pylint: disable=broad-except  (a plugin without its libraries raises anything)
+  except (ImportError, OSError, RuntimeError) as e:   # the plugin without cuDNN: RuntimeError 'cuDNN not found.'
     return f"cuDNN is not usable: {e}"
   return ""
 

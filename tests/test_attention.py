@@ -134,3 +134,38 @@ def test_config_validates_attention():
     ModelConfig(attention="flash").validate()
   with pytest.raises(ConfigError, match="model.attention_block"):
     ModelConfig(attention_block=0).validate()
+
+
+@pytest.mark.parametrize("error", [RuntimeError("cuDNN not found."),            # the plugin without cuDNN
+                                   NotImplementedError("The head dim must be <= 128 and a multiple of 8")])
+def test_auto_falls_back_when_cudnn_refuses_at_trace_time(monkeypatch, error):
+  """'auto' with cuDNN seemingly usable (cudnn_unsupported says '') but jax's cuDNN attention refusing while
+  it traces, as it does without the cuDNN libraries or on a pre-Hopper GPU: the fallback runs, and gives
+  dense attention's values."""
+  q, k, v, _ = qkvw(8, dk=16, dv=8)
+  q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+  calls = []
+
+  def refuse(*args, **kwargs):
+    calls.append(kwargs.get("implementation"))
+    raise error
+  monkeypatch.setattr(attn, "cudnn_unsupported", lambda q, k, v: "")
+  monkeypatch.setattr(jax.nn, "dot_product_attention", refuse)
+  # Under jit platform_dependent traces every branch, the cuDNN one too (run eagerly, only this platform's).
+  out = jax.jit(lambda q, k, v: attn.attention(q, k, v, SCALE))(q, k, v)
+  assert calls == ["cudnn"]                      # the cuDNN branch was tried, and refused
+  np.testing.assert_array_equal(np.asarray(out, np.float32),
+                                np.asarray(attn.dense_attention(q, k, v, SCALE), np.float32))
+
+
+def test_auto_does_not_swallow_other_errors(monkeypatch):
+  """Only cuDNN's refusals fall back: a ValueError (shapes cudnn_unsupported should have ruled out) surfaces."""
+  q, k, v, _ = qkvw(8, dk=16, dv=8)
+  q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+
+  def bad_shapes(*args, **kwargs):
+    raise ValueError("QK must have same head dim")
+  monkeypatch.setattr(attn, "cudnn_unsupported", lambda q, k, v: "")
+  monkeypatch.setattr(jax.nn, "dot_product_attention", bad_shapes)
+  with pytest.raises(ValueError, match="same head dim"):
+    jax.jit(lambda q, k, v: attn.attention(q, k, v, SCALE))(q, k, v)

@@ -48,8 +48,9 @@ def _check_result(result, workdir, target, programs):
       assert rank["peak_bytes"] >= 0.99 * max(own), rank
       assert rank["state_bytes"] > 0 and rank["copies_bytes"] > 0 and rank["inflight_microbatches"] >= 1
   assert saved["estimated_peak_bytes_per_device"] > 0
-  assert saved["peak_over_estimate"] == pytest.approx(
-      saved["max_peak_bytes_per_device"] / saved["estimated_peak_bytes_per_device"])
+  # dsv3.plan's goal: size a layout before compiling it. Off by 2x it would pick wrong layouts (as it did
+  # on 2026-11-29: 2.25 on configs/small.py, 3.15 pipelined); on every layout it must stay within that.
+  assert 0.5 < saved["peak_over_estimate"] < 2.0, saved["peak_over_estimate"]
   assert [r["program"] for r in saved["programs"]] == programs
   for r in saved["programs"]:
     assert r["argument_bytes"] > 0 and r["peak_bytes"] >= r["argument_bytes"]

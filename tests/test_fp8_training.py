@@ -37,15 +37,9 @@ def test_fp8_loss_within_quarter_percent_of_bf16(tmp_path, monkeypatch):
   assert fp8["loss"] != bf16["loss"]                 # the FP8 path really ran
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("mesh", [{"data": 2, "expert": 4}, {"pipeline": 2, "data": 2, "expert": 2}],
-                         ids=["ep", "dualpipe_ep"])
-def test_fp8_trains_on_every_mesh(tmp_path, monkeypatch, mesh):
-  """FP8 custom-VJP GEMMs inside shard_map (expert parallelism), and inside per-stage pipeline programs
-  whose experts are split over the stage's devices."""
-  monkeypatch.setenv("DSV3_CACHE", str(tmp_path / "cache"))
+def run_on_mesh(precision, mesh, workdir):
   c = tiny.get_config()
-  c.precision = "fp8"
+  c.precision = precision
   c.num_train_steps, c.batch_size, c.seq_len = 2, 16, 32
   c.model.vocab_size = 512
   c.data.max_files, c.eval_batches, c.ema_decay = 30, 1, 0.0
@@ -53,5 +47,21 @@ def test_fp8_trains_on_every_mesh(tmp_path, monkeypatch, mesh):
   c.mesh.data, c.mesh.expert, c.mesh.pipeline = mesh.get("data", 1), mesh.get("expert", 1), mesh.get("pipeline", 1)
   if c.mesh.pipeline > 1:
     c.pipeline.schedule, c.pipeline.microbatches = "dualpipe", 4
-  out = train.train_and_evaluate(c, str(tmp_path / "w"))
-  assert 0 < out["loss"] < 20 and 0 < out["val_loss"] < 20
+  return train.train_and_evaluate(c, workdir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", [{"data": 2, "expert": 4}, {"pipeline": 2, "data": 2, "expert": 2}],
+                         ids=["ep", "dualpipe_ep"])
+def test_fp8_trains_on_every_mesh(tmp_path, monkeypatch, mesh):
+  """FP8 custom-VJP GEMMs inside shard_map (expert parallelism), and inside per-stage pipeline programs
+  whose experts are split over the stage's devices: on each mesh FP8 tracks BF16 on that mesh (same data,
+  same init) within the paper's 0.25%, and differs from it (the FP8 GEMMs ran)."""
+  monkeypatch.setenv("DSV3_CACHE", str(tmp_path / "cache"))
+  bf16 = run_on_mesh("bf16", mesh, str(tmp_path / "bf16"))
+  fp8 = run_on_mesh("fp8", mesh, str(tmp_path / "fp8"))
+  for key in ("loss", "val_loss"):
+    rel = abs(fp8[key] - bf16[key]) / bf16[key]
+    print(f"{mesh}: FP8 {key} {fp8[key]:.5f} vs BF16 {bf16[key]:.5f}, relative {rel:.5f}")
+    assert rel < 0.0025, (key, fp8[key], bf16[key])
+  assert fp8["loss"] != bf16["loss"]
