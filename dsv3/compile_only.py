@@ -4,7 +4,7 @@
 
 TARGET 'cpu' compiles for this process's (simulated) CPU devices; 'h100', 'h800' and 'h200' for a deviceless
 GPU topology of 8 GPUs per host (jax.experimental.topologies, the chip's GpuTargetConfigProto in
-dsv3/gpu_specs/; an H800 compiles as an H100), which needs requirements-aot.txt's toolchain (GPU_AOT.md).
+dsv3/gpu_specs/; an H800 compiles as an H100), which needs the compile-only toolchain (docs/compile_only.md).
 The state and batch are abstract (the trainer's shapes and shardings). The programs are exactly those the
 trainer's runner runs (dsv3.runner.Runner.programs): unpipelined, its train and eval steps; pipelined, the
 executor's own driver walked on abstract state, each rank's stage programs (F, B or B* and W, F&B cells),
@@ -55,7 +55,7 @@ class CompileOnlyError(cli.UsageError):
 
 
 def prepare_environment(target: str, num_devices: int) -> None:
-  """What JAX reads when its backends start (so, before): JAX_PLATFORMS=cpu for a GPU target (GPU_AOT.md),
+  """What JAX reads when its backends start (so, before): JAX_PLATFORMS=cpu for a GPU target (docs/compile_only.md),
   and for 'cpu' as many simulated devices as the mesh needs unless XLA_FLAGS already sets a count."""
   if target in _SPEC_FILES:
     if not jax.config.jax_platforms:          # JAX read the environment at import: set its config instead

@@ -31,7 +31,7 @@ def reductions(text: str, min_elements: int = 65) -> list:
 
 
 def gpu_toolchain() -> bool:
-  """Whether this Python can compile for GPUs without one (requirements-aot.txt, GPU_AOT.md)."""
+  """Whether this Python can compile for GPUs without one (pip install -e ".[aot]": docs/compile_only.md)."""
   from dsv3 import compile_only
   try:
     compile_only.check_toolchain("h100")

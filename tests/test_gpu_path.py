@@ -1,4 +1,4 @@
-"""The GPU path compiled for 8 x H100 without a GPU (GPU_AOT.md): configs/small.py's train step with EP8,
+"""The GPU path compiled for 8 x H100 without a GPU (docs/compile_only.md): configs/small.py's train step with EP8,
 BF16 and FP8 (batch 8 x 1024), read from the scheduled HLO (dsv3.bench.hlo_gemms).
 
 BF16: the expert GEMMs (forward and both gradients) are tokamax's grouped kernels, not XLA's ragged_dot (a

@@ -31,7 +31,7 @@ def test_op_rendering_and_parsing():
     parse_op("F0:3*")
 
 
-# Hand-derived from the DualPipe order in ../shared/DESIGN.md for P=4 (H=2), num_chunks=8 (C=4). Rank 0 (h=0): 2(H-h-1)=2 F0; 1x[F0,F1];
+# Hand-derived from the DualPipe order in docs/design.md for P=4 (H=2), num_chunks=8 (C=4). Rank 0 (h=0): 2(H-h-1)=2 F0; 1x[F0,F1];
 # 1x[B1*,W,F1]; C-P+h+1=1 main iteration; 1x[B1, F1&B0]; 1x[B1,B0] with B* on at i=0 after B1 (h even);
 # 1x[W,B0*]; 1 W. Rank 1 (h=1, a middle rank): 2x[F0,F1]; 2 main iterations, the first F0&B1 split;
 # 2x[B1,B0] with B* on at i=1 before B1 (h odd); 2 W. Ranks 2 and 3 mirror 1 and 0.
