@@ -51,9 +51,10 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 from dsv3 import cli, plan
-from dsv3 import model, moe
+from dsv3 import model
 from dsv3.config import ModelConfig, deepseek_v3_671b
-from dsv3.layers import rope_cos_sin
+from dsv3.nn import moe
+from dsv3.nn.layers import rope_cos_sin
 
 # %% [markdown]
 # ## Configs and parameter counts from the planner

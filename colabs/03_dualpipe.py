@@ -54,11 +54,12 @@ import jax
 import matplotlib.pyplot as plt
 import numpy as np
 from IPython.display import Image, display
-from dsv3 import losses, model
-from dsv3.config import ModelConfig
+from dsv3 import model
 from dsv3.bench import pipeline as pipeline_bench
+from dsv3.config import ModelConfig
 from dsv3.pipeline import executor
 from dsv3.pipeline import schedules, timeline
+from dsv3.training import losses
 
 # %%
 outdir = tempfile.mkdtemp(prefix='dsv3_pipeline_')

@@ -19,7 +19,7 @@
 # DeepSeek-V3 runs the three GEMMs of every linear layer in FP8 (E4M3) with two ideas (report §3.3): scales per
 # **1×128 tile** of activations and per **128×128 block** of weights (an outlier only squeezes its own tile), and
 # **promotion** of the tensor cores' limited-precision partial sums to FP32 every 128 elements of K. On CPU,
-# `dsv3.fp8` emulates the numerics exactly.
+# `dsv3.kernels.fp8` emulates the numerics exactly.
 #
 # _The outputs shown come from a CI-size run (`DSV3_COLAB_FAST=1`: M = N = 128 and 8 training steps instead of
 # 512 and 100), which keeps the committed run to minutes on a shared 2-core CPU; without the variable the
@@ -58,7 +58,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from dsv3 import train
 from dsv3.bench import common
-from dsv3 import fp8
+from dsv3.kernels import fp8
 
 # %% [markdown]
 # ## Tile/block quantization error vs one scale per tensor

@@ -56,9 +56,9 @@ WORKDIR = tempfile.mkdtemp(prefix='dsv3_gen_')
 import jax
 import jax.numpy as jnp
 import numpy as np
+from dsv3 import convert, data, generate, model, plan
 from dsv3 import train
 from dsv3.bench import common
-from dsv3 import convert, data, generate, model, plan
 from dsv3.config import ModelConfig
 
 # %% [markdown]

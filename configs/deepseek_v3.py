@@ -20,7 +20,7 @@ The model block is the released config (YaRN included, as in HF's config.json); 
 with plain RoPE and adds YaRN for the 32K and 128K context-extension phases (§4.3).
 """
 from dsv3.config import deepseek_v3_671b
-from dsv3.train_config import base_train_config, check_variant
+from dsv3.training.train_config import base_train_config, check_variant
 
 _TOTAL_TOKENS = 14.8e12
 _CONSTANT_LR_TOKENS = 10.0e12     # lr held at its peak until here ...

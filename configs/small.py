@@ -5,7 +5,7 @@
   python -m dsv3.plan --config=configs/small.py
 """
 from dsv3.config import ModelConfig
-from dsv3.train_config import base_train_config, check_variant
+from dsv3.training.train_config import base_train_config, check_variant
 
 
 def get_config(arg=None):

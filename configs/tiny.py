@@ -10,7 +10,7 @@ Variants for 8 simulated CPU devices, `--config=configs/tiny.py:VARIANT` (the mo
       --workdir=/tmp/dsv3_tiny_ep
 """
 from dsv3.config import ModelConfig
-from dsv3.train_config import base_train_config, check_variant
+from dsv3.training.train_config import base_train_config, check_variant
 
 # Each variant's overrides of the 1-device config, as dotted fields.
 VARIANTS = {

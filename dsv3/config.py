@@ -1,8 +1,8 @@
 """The model's hyper-parameters: one frozen dataclass, named as in HF's DeepseekV3Config.
 
 `ModelConfig` is hashable so it can be a static argument of `jax.jit`; `validate()` raises a ConfigError that
-names the field and the fix. The HF config.json conversion is dsv3.hf_config; the training config that embeds
-this one as its `model` block is dsv3.train_config.
+names the field and the fix. The HF config.json conversion is dsv3.interop.hf_config; the training config that embeds
+this one as its `model` block is dsv3.training.train_config.
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ class ModelConfig:
   ep_fp8_dispatch: bool = False           # expert-parallel dispatch rows as FP8 E4M3, 1x128 scales (combine stays)
   grouped_gemm: str = "auto"              # 'auto' | 'ragged_dot' | 'tiled' (flat on CPU) | 'scan' (one tile at
   #                                         a time: no [experts, rows, width] buffer) | 'tokamax' (GPU kernels)
-  attention: str = "auto"                 # 'auto' | 'dense' | 'blockwise' | 'cudnn' (dsv3/attention.py)
+  attention: str = "auto"                 # 'auto' | 'dense' | 'blockwise' | 'cudnn' (dsv3/nn/attention.py)
   attention_block: int = 512              # blockwise attention's query/key tile
   scan_layers: bool = True                # False: each layer stack runs unrolled (same params; no scan
                                           # carry/residual stacking, so faster on CPU; compile grows with depth)
@@ -211,7 +211,7 @@ def require_model_config(cfg, where: str) -> ModelConfig:
   if hasattr(cfg, "model") or (isinstance(cfg, Mapping) and "model" in cfg):
     fix = "a training config: convert it with dsv3.config.ModelConfig.from_config_dict(config)"
   elif isinstance(cfg, Mapping):
-    fix = "an HF config.json dict: convert it with dsv3.hf_config.from_hf_dict(d)"
+    fix = "an HF config.json dict: convert it with dsv3.interop.hf_config.from_hf_dict(d)"
   else:
     fix = "build one with dsv3.config.ModelConfig(...) or load it with dsv3.hf.load_checkpoint"
   raise TypeError(f"{where}: expects a dsv3.config.ModelConfig, got {type(cfg).__name__} ({fix})")

@@ -23,10 +23,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import flags
 
-from dsv3 import checkpoint as ckpt_lib
-from dsv3 import cli, hf, hf_config, layout
-from dsv3 import workdir as workdir_lib
+from dsv3 import cli, hf, layout
 from dsv3.config import ModelConfig, require_model_config
+from dsv3.interop import hf_config
+from dsv3.training import checkpoint as ckpt_lib
+from dsv3.training import workdir as workdir_lib
 
 
 def save_orbax_variables(config: ModelConfig, variables, path: str, overwrite: bool = False) -> None:

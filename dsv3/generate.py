@@ -19,10 +19,10 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from dsv3 import checkpoint as ckpt_lib
 from dsv3 import cli, hf, model
-from dsv3 import tokenizer as tok_lib
 from dsv3.config import ModelConfig, require_model_config
+from dsv3.data import tokenizer as tok_lib
+from dsv3.training import checkpoint as ckpt_lib
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ float32 per 128x128 block (edge blocks partial); those are dequantised on load (
 `save_checkpoint(..., dtype="fp8")` writes that format (the decoder blocks' Linear weights and eh_proj).
 
 Loading streams tensor by tensor: one leaf at a time onto the device, or with `shardings` straight into
-each process's own shards (dsv3.hf_sharded), so a large checkpoint is never held twice. Saving writes one
+each process's own shards (dsv3.interop.hf_sharded), so a large checkpoint is never held twice. Saving writes one
 tensor at a time.
 """
 from __future__ import annotations
@@ -26,11 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv3 import hf_config, hf_sharded, layout
+from dsv3 import layout
 from dsv3 import model as model_lib
-from dsv3 import safetensors_io as sio
-from dsv3 import workdir as workdir_lib
 from dsv3.config import ModelConfig, require_model_config
+from dsv3.interop import hf_config, hf_sharded
+from dsv3.interop import safetensors_io as sio
+from dsv3.training import workdir as workdir_lib
 
 
 CheckpointError = sio.CheckpointError  # missing tensor, wrong shape, damaged file, unexpected format

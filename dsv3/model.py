@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 
 from dsv3.config import ModelConfig, require_model_config
-from dsv3.layers import MLP, Linear, RMSNorm, compute_dtype, remat_policy, rope_cos_sin, rows_matmul
-from dsv3.mla import MLA, init_layer_cache
-from dsv3.moe import MoE
+from dsv3.nn.layers import MLP, Linear, RMSNorm, compute_dtype, remat_policy, rope_cos_sin, rows_matmul
+from dsv3.nn.mla import MLA, init_layer_cache
+from dsv3.nn.moe import MoE
 
 
 class Block(nn.Module):

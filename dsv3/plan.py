@@ -1,7 +1,7 @@
 """The planner: parameter counts, KV cache, training FLOPs and per-device memory of a training config.
 
 Everything is read off the real model (dsv3.abstract_model: jax.eval_shape of model.init and init_cache), so
-a change to the model shows up here. Memory is dsv3.memory's. The counting conventions reproduce the
+a change to the model shows up here. Memory is dsv3.analysis.memory's. The counting conventions reproduce the
 published DeepSeek-V3 numbers: total_params is the main model's 'params' (MTP and the 'routing' biases
 excluded); activated_params counts, per token, every non-routed parameter plus k of E routed experts per MoE
 layer; mtp_params excludes the shared embedding and head. flops_per_token = 6 * activated matmul params +
@@ -23,7 +23,8 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from dsv3 import cli, memory, model, overlap
+from dsv3 import cli, model
+from dsv3.analysis import memory, overlap
 from dsv3.abstract_model import leaves
 from dsv3.config import ConfigError, ModelConfig, deepseek_v3_671b, require_model_config
 from dsv3.flops import attention_flops, count as _count, flops_per_token, mtp_flops_per_token  # noqa: F401
@@ -101,7 +102,7 @@ def kv_comparison(cfg: Optional[ModelConfig] = None) -> list:
 
 def pipeline_time(schedule: str, P: int, microbatches: int, fb_hidden: float, comm_ratio: float = 1.0):
   """The schedule's simulated step in the paper's cell units (F 1, B 2, W 1) with F&B cells at F + B and at
-  dsv3.overlap.fb_cost: `fb_hidden` of each chunk's expert all-to-all time under the other chunk's compute,
+  dsv3.analysis.overlap.fb_cost: `fb_hidden` of each chunk's expert all-to-all time under the other chunk's compute,
   all-to-all : compute = comm_ratio. None where there is no pipeline or the executor refuses the layout."""
   if P <= 1 or schedule == "none":
     return None
@@ -147,8 +148,8 @@ def plan(train_config, platform: str = "gpu", fb_hidden: float = 1.0) -> dict:
   """
   if isinstance(train_config, ModelConfig):
     raise TypeError("plan.plan: expects a training config (a ConfigDict with a `model` block), got a "
-                    "ModelConfig; wrap it with dsv3.train_config.base_train_config(cfg), or call param_counts, "
-                    "kv_cache or flops_per_token, which take a ModelConfig")
+                    "ModelConfig; wrap it with dsv3.training.train_config.base_train_config(cfg), or call "
+                    "param_counts, kv_cache or flops_per_token, which take a ModelConfig")
   cfg = ModelConfig.from_config_dict(train_config)   # the edge: one conversion, here
   tc = train_config
   seq_len = _positive(tc, "seq_len", min(4096, cfg.max_position_embeddings))

@@ -5,7 +5,7 @@
 Resumes from a checkpoint in --workdir, else from --config.init_from (HF or orbax dir), else from scratch;
 the same command after a crash, kill -9 or SIGTERM continues exactly where the last checkpoint left off.
 Writes metrics.jsonl, TensorBoard events (tb/), orbax checkpoints (checkpoints/; with keep_best_by also the
-best) and, with config.profile, a jax.profiler trace (profile/). A diverged step (dsv3.steps.check) raises
+best) and, with config.profile, a jax.profiler trace (profile/). A diverged step (dsv3.training.steps.check) raises
 TrainingError naming the last good checkpoint and a learning rate to rerun with. README: "Nothing a user
 does loses data" and "Large checkpoints, serving, profiling, best checkpoints".
 """
@@ -24,15 +24,18 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from dsv3 import checkpoint as ckpt_lib
-from dsv3 import cli, convert, distributed, flops, hf, hf_config
+from dsv3 import cli, convert, flops, hf
 from dsv3 import data as data_lib
-from dsv3 import ema as ema_lib
-from dsv3 import losses, metrics as metrics_lib, optimizer as opt_lib, resume, sharding
-from dsv3 import runner as runner_lib
-from dsv3 import workdir as workdir_lib
 from dsv3.config import ModelConfig
-from dsv3.train_config import validate_train_config
+from dsv3.interop import hf_config
+from dsv3.parallel import distributed
+from dsv3.parallel import sharding
+from dsv3.training import checkpoint as ckpt_lib
+from dsv3.training import ema as ema_lib
+from dsv3.training import losses, metrics as metrics_lib, optimizer as opt_lib, resume
+from dsv3.training import runner as runner_lib
+from dsv3.training import workdir as workdir_lib
+from dsv3.training.train_config import validate_train_config
 
 
 class TrainingError(RuntimeError):
@@ -46,7 +49,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go; resumed from if non-empty.", **fv)
   flags.DEFINE_enum("compile_only", None, ["cpu", "h100", "h800", "h200"],
                     "Compile one step's programs for this target, write WORKDIR/compiled (memory.json, HLO), "
-                    "print per-device memory and exit: dsv3/compile_only.py.", **fv)
+                    "print per-device memory and exit: dsv3/analysis/compile_only.py.", **fv)
 
 
 def main(argv):
@@ -61,7 +64,7 @@ def main(argv):
   if FLAGS.compile_only:
     # The dry run is an analysis tool: imported only when asked for, before any backend starts (GPU
     # targets set JAX_PLATFORMS).
-    from dsv3 import compile_only  # pylint: disable=import-outside-toplevel
+    from dsv3.analysis import compile_only  # pylint: disable=import-outside-toplevel
     compile_only.run(FLAGS.config, FLAGS.workdir, FLAGS.compile_only)
     return
   distributed.maybe_initialize()            # no-op unless launched as several processes
@@ -81,7 +84,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 def _train_and_evaluate(config, workdir: str) -> dict:
   # ------------------------------------------------------------------------------------------------
-  # Setup: the model config, the mesh and the runner (dsv3.runner: pipelined or not, the same methods;
+  # Setup: the model config, the mesh and the runner (dsv3.training.runner: pipelined or not, the same methods;
   # the state is the runner's, opaque here).
   # ------------------------------------------------------------------------------------------------
   cfg = ModelConfig.from_config_dict(config)

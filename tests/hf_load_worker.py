@@ -3,7 +3,7 @@
   python tests/hf_load_worker.py CKPT_DIR MODE [EXPERT_AXIS]     MODE: sharded | unsharded | both | baseline
 
 Started as N processes (DSV3_COORDINATOR / DSV3_NUM_PROCESSES / DSV3_PROCESS_ID / DSV3_LOCAL_DEVICES, as
-tests/test_multiprocess.py does) or as one. 'sharded' loads onto dsv3.sharding.param_shardings over a
+tests/test_multiprocess.py does) or as one. 'sharded' loads onto dsv3.parallel.sharding.param_shardings over a
 (data, expert) mesh of every device; 'both' also loads unsharded afterwards and checks every local shard
 against it. Prints peak RSS (VmHWM), what the sharded load read, and whether the values agree.
 """
@@ -11,7 +11,7 @@ import json
 import sys
 import time
 
-from dsv3 import distributed
+from dsv3.parallel import distributed
 
 info = distributed.maybe_initialize()   # before any other JAX call
 
@@ -20,7 +20,9 @@ import numpy as np  # noqa: E402
 
 import tiny_model  # noqa: E402  (tests/, this script's directory)
 
-from dsv3 import hf, safetensors_io, sharding  # noqa: E402
+from dsv3 import hf  # noqa: E402
+from dsv3.interop import safetensors_io
+from dsv3.parallel import sharding
 
 
 def peak_rss_bytes() -> int:

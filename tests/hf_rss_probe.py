@@ -3,7 +3,7 @@
   python tests/hf_rss_probe.py /tmp/hf_rss [--hidden 1024 --experts 64 --layers 6]
 
 Writes the checkpoint with dsv3's own export (256 MB shards + index; skipped if DIR/ckpt exists), then runs
-tests/hf_load_worker.py: 2 processes x 4 CPU devices loading onto dsv3.sharding.param_shardings with the
+tests/hf_load_worker.py: 2 processes x 4 CPU devices loading onto dsv3.parallel.sharding.param_shardings with the
 routed experts over an 'expert' axis of 8, one process loading whole, and one process loading nothing
 (the Python + JAX baseline). Prints one JSON object: checkpoint bytes and each run's peak RSS (VmHWM).
 """

@@ -32,7 +32,7 @@ def reductions(text: str, min_elements: int = 65) -> list:
 
 def gpu_toolchain() -> bool:
   """Whether this Python can compile for GPUs without one (pip install -e ".[aot]": docs/compile_only.md)."""
-  from dsv3 import compile_only
+  from dsv3.analysis import compile_only
   try:
     compile_only.check_toolchain("h100")
     return True

@@ -8,7 +8,7 @@ on every process (`make_array_from_callback`), as a multi-host trainer does with
 import json
 import sys
 
-from dsv3 import distributed
+from dsv3.parallel import distributed
 
 info = distributed.maybe_initialize()   # before any other JAX call
 
@@ -19,8 +19,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 import tiny_model  # noqa: E402  (tests/, this script's directory)
 
-from dsv3 import model, sharding  # noqa: E402
-from dsv3.expert_parallel import ExpertParallel  # noqa: E402
+from dsv3 import model  # noqa: E402
+from dsv3.parallel import sharding
+from dsv3.parallel.expert_parallel import ExpertParallel  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 CFG = tiny_model.even_config(remat="none")

@@ -13,11 +13,12 @@ import pytest
 import residuals
 import tiny_model
 
-from dsv3 import attention as attn
-from dsv3 import losses, model
+from dsv3 import model
 from dsv3.config import ConfigError, ModelConfig
-from dsv3.layers import rope_cos_sin
-from dsv3.mla import MLA
+from dsv3.nn import attention as attn
+from dsv3.nn.layers import rope_cos_sin
+from dsv3.nn.mla import MLA
+from dsv3.training import losses
 
 SCALE = 0.3
 

@@ -19,7 +19,7 @@ import tiny  # noqa: E402
 
 from dsv3 import cli, data, generate, plan  # noqa: E402
 from dsv3.config import ConfigError, ModelConfig  # noqa: E402
-from dsv3.train_config import model_config_dict, validate_train_config  # noqa: E402
+from dsv3.training.train_config import model_config_dict, validate_train_config  # noqa: E402
 from disk import snapshot  # noqa: E402
 
 TINY_MODEL = ModelConfig.from_config_dict(tiny.get_config())

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dsv3 import checkpoint as ckpt_lib
-from dsv3 import resume
+from dsv3.training import checkpoint as ckpt_lib
+from dsv3.training import resume
 from disk import snapshot
 
 

@@ -1,4 +1,4 @@
-"""The compile-only dry run (dsv3/compile_only.py, `python -m dsv3.train ... --compile_only=TARGET`).
+"""The compile-only dry run (dsv3/analysis/compile_only.py, `python -m dsv3.train ... --compile_only=TARGET`).
 
 CPU: in-process on the 8 simulated devices of conftest.py. H100: only where the optional compile-only GPU
 toolchain (requirements-aot.txt: Python 3.12, jax 0.12, jax-cuda12-plugin) is installed; skipped otherwise.
@@ -15,7 +15,7 @@ import pytest
 import hlo
 
 from configs import tiny
-from dsv3 import compile_only
+from dsv3.analysis import compile_only
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

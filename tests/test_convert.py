@@ -8,8 +8,8 @@ import sys
 import jax
 import numpy as np
 
-from dsv3 import checkpoint as ckpt_lib
 from dsv3 import convert, hf, model
+from dsv3.training import checkpoint as ckpt_lib
 from disk import snapshot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

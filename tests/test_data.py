@@ -10,7 +10,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from dsv3 import corpus, data, tokenizer
+from dsv3 import data
+from dsv3.data import corpus, tokenizer
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
          "upsilon phi chi psi omega def return class import yield lambda while").split()

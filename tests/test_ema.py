@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dsv3 import ema as ema_lib
+from dsv3.training import ema as ema_lib
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
 import tiny  # noqa: E402
@@ -227,7 +227,7 @@ def test_checkpoint_sharding_keeps_one_device_per_process():
 def test_state_through_checkpointer(tmp_path, target):
   """The EMA goes into an orbax checkpoint and back, restored on its checkpoint target (host memory, one
   replica) or on the params' shardings; either way the EMA continues bitwise like the original."""
-  from dsv3 import checkpoint as ckpt_lib
+  from dsv3.training import checkpoint as ckpt_lib
   mesh = _ep_mesh()
   ps = [_ep_params(i, mesh) for i in range(3)]
   ema = ema_lib.HostEMA(DECAY, ps[0])
@@ -294,7 +294,7 @@ def _train_config(**kw):
 def test_trainer_resume_keeps_the_ema(tmp_path, monkeypatch):
   """8 devices, data=2 x expert=4: a run resumed from its step-2 checkpoint ends (step 4) with the same EMA,
   bitwise, as the uninterrupted run; the EMA checkpoint is sharded like the params, one replica each."""
-  from dsv3 import checkpoint as ckpt_lib
+  from dsv3.training import checkpoint as ckpt_lib
   from dsv3 import train
   monkeypatch.setenv("DSV3_CACHE", str(tmp_path / "cache"))
   full, resumed = tmp_path / "full", tmp_path / "resumed"

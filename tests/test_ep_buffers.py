@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv3 import moe
-from dsv3.expert_parallel import ExpertParallel, buffer_rows, shard_hit_probability
+from dsv3.nn import moe
+from dsv3.parallel.expert_parallel import ExpertParallel, buffer_rows, shard_hit_probability
 from test_expert_parallel import FAST_COMPILE, TOL, _emulated_ragged_all_to_all, _maxdiff
 import tiny_model
 
@@ -22,7 +22,7 @@ CFG = tiny_model.config(hidden_size=H, moe_intermediate_size=I, n_routed_experts
 
 
 def _routed(N, hot_bias, seed=0):
-  """x, routing from dsv3.moe.route (node-limited) with `hot_bias` added to experts 0 and 1, weights."""
+  """x, routing from dsv3.nn.moe.route (node-limited) with `hot_bias` added to experts 0 and 1, weights."""
   r = jax.random.split(jax.random.key(seed), 5)
   x = jax.random.normal(r[0], (N, H))
   bias = jnp.zeros((E,)).at[:2].set(hot_bias)

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from dsv3 import corpus, data, resume
+from dsv3 import data
+from dsv3.data import corpus
+from dsv3.training import resume
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho".split()
 

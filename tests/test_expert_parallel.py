@@ -18,9 +18,11 @@ import pytest
 
 import tiny_model
 
-from dsv3 import model, moe, sharding
+from dsv3 import model
 from dsv3.bench.ep_traffic import alltoall_bytes, dispatch_units
-from dsv3.expert_parallel import ExpertParallel
+from dsv3.nn import moe
+from dsv3.parallel import sharding
+from dsv3.parallel.expert_parallel import ExpertParallel
 
 MESHES = [(8, 1), (4, 2), (2, 4), (1, 8)]
 # Every layer MoE; 16 experts, 4 per token, so each expert rank of every mesh below holds several experts.

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv3 import fp8
+from dsv3.kernels import fp8
 
 # E4M3 keeps 3 mantissa bits: round-to-nearest is off by at most half an ulp, 2^-4 of the value, for
 # normal numbers; below 2^-6 (subnormal) the spacing is fixed at 2^-9, so at most 2^-10 absolute, in units

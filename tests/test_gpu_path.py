@@ -3,7 +3,8 @@ BF16 and FP8 (batch 8 x 1024), read from the scheduled HLO (dsv3.bench.hlo_gemms
 
 BF16: the expert GEMMs (forward and both gradients) are tokamax's grouped kernels, not XLA's ragged_dot (a
 dense dot over every local expert), multiplying with BF16 wgmma. FP8: every GEMM of every FP8 linear and
-expert is one of dsv3.fp8_triton's kernels, reading E4M3 operands and multiplying with E4M3 wgmma. Needs the compile-only toolchain (requirements-aot.txt); skipped elsewhere.
+expert is one of dsv3.kernels.fp8_triton's kernels, reading E4M3 operands and multiplying with E4M3 wgmma.
+Needs the compile-only toolchain (pip install -e ".[aot]"); skipped elsewhere.
 """
 import collections
 import re
@@ -13,7 +14,7 @@ import pytest
 import hlo
 
 from configs import small
-from dsv3 import compile_only
+from dsv3.analysis import compile_only
 from dsv3.bench import hlo_gemms
 
 pytestmark = pytest.mark.skipif(not hlo.gpu_toolchain(),

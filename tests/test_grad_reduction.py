@@ -13,8 +13,9 @@ import pytest
 import hlo
 
 from configs import tiny
-from dsv3 import sharding, steps as steps_lib
 from dsv3.config import ModelConfig
+from dsv3.parallel import sharding
+from dsv3.training import steps as steps_lib
 
 MESHES = {"dp8": {"data": 8, "expert": 1}, "dp2_ep4": {"data": 2, "expert": 4}}
 

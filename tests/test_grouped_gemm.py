@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv3 import fp8, fp8_triton, grouped_gemm, moe, tiled_gemm
 from dsv3.config import ModelConfig
+from dsv3.kernels import fp8, fp8_triton, grouped_gemm, tiled_gemm
+from dsv3.nn import moe
 
 M = 130
 G = 5
@@ -103,7 +104,7 @@ def test_fp8_kernel_emulation_matches_fp8_ragged_dot(pow2, block_m):
 _INTERPRETER_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     jax.config.update("jax_default_matmul_precision", "highest")
-    from dsv3 import fp8, fp8_triton
+    from dsv3.kernels import fp8, fp8_triton
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((130, 300)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((5, 300, 136)) * 0.06, jnp.float32)

@@ -19,7 +19,7 @@ from safetensors.torch import save_file  # noqa: E402
 import tiny_model  # noqa: E402
 
 from dsv3 import hf, model  # noqa: E402
-from dsv3 import safetensors_io as sio  # noqa: E402
+from dsv3.interop import safetensors_io as sio  # noqa: E402
 
 # Every Linear dim either <= 128 or a multiple of 128: transformers' CPU dequantiser derives the block
 # size from the scale grid (rows // scale_rows), so it cannot read partial edge blocks of multi-block dims.

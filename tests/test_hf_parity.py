@@ -106,9 +106,9 @@ def _layer_params(cfg, variables, i):
 
 def test_layer_by_layer(pair):
   """Each decoder layer, fed the reference's own input, gives the reference's output; MoE router picks agree."""
-  from dsv3.layers import rope_cos_sin
+  from dsv3.nn.layers import rope_cos_sin
   from dsv3.model import Block
-  from dsv3.moe import MoE, route
+  from dsv3.nn.moe import MoE, route
   cfg, variables, ref, _ = pair
   tok = tokens(seed=1)
   with torch.no_grad():
@@ -143,8 +143,8 @@ def test_layer_by_layer(pair):
 
 
 def test_attention_alone(pair):
-  from dsv3.layers import rope_cos_sin
-  from dsv3.mla import MLA
+  from dsv3.nn.layers import rope_cos_sin
+  from dsv3.nn.mla import MLA
   cfg, variables, ref, _ = pair
   x = np.asarray(jax.random.normal(jax.random.key(7), (2, 9, cfg.hidden_size)), np.float32)
   T = x.shape[1]

@@ -18,8 +18,9 @@ from jax.sharding import PartitionSpec as P
 
 import tiny_model
 
-from dsv3 import hf, model, sharding
-from dsv3 import safetensors_io as sio
+from dsv3 import hf, model
+from dsv3.interop import safetensors_io as sio
+from dsv3.parallel import sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "hf_load_worker.py")

@@ -12,7 +12,7 @@ import zipfile
 
 import pytest
 
-from dsv3 import compile_only
+from dsv3.analysis import compile_only
 
 tomllib = pytest.importorskip("tomllib")   # Python >= 3.11
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from dsv3 import metrics
+from dsv3.training import metrics
 
 
 def _lines(workdir):

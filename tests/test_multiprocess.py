@@ -1,6 +1,6 @@
 """Real multi-process runs on one machine: 2 processes × 4 CPU devices, gloo collectives.
 
-- Expert parallelism: both processes run tests/mp_worker.py through dsv3.distributed.maybe_initialize (the
+- Expert parallelism: both processes run tests/mp_worker.py through dsv3.parallel.distributed.maybe_initialize (the
   DSV3_* variables that launch/local.sh sets), build the (data=2, expert=4) mesh over all 8 devices, and must
   print the same loss, gradient norm and logits checksum as one process holding all 8 devices.
 - Preemption: SIGTERM to ONE process of a 2-process training run; both save the same step and exit 0, and

@@ -13,10 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv3 import fp8, moe
-from dsv3.config import ConfigError
 from dsv3.bench.ep_traffic import alltoall_bytes, dispatch_traffic, row_bytes, traffic_bytes
-from dsv3.expert_parallel import ExpertParallel, dispatch_plan
+from dsv3.config import ConfigError
+from dsv3.kernels import fp8
+from dsv3.nn import moe
+from dsv3.parallel.expert_parallel import ExpertParallel, dispatch_plan
 from test_expert_parallel import (E, FAST_COMPILE, H, KCFG, N, TOL, _emulated_ragged_all_to_all, _inputs,
                                   _maxdiff)
 

@@ -10,8 +10,9 @@ import optax
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
 import tiny  # noqa: E402
 
-from dsv3 import model, optimizer  # noqa: E402
+from dsv3 import model  # noqa: E402
 from dsv3.config import ModelConfig  # noqa: E402
+from dsv3.training import optimizer
 
 
 def test_no_weight_decay_on_norms_or_vectors():

@@ -1,4 +1,4 @@
-"""dsv3.overlap reads the scheduled HLO: which collectives are asynchronous and which GEMMs run inside them.
+"""dsv3.analysis.overlap reads the scheduled HLO: which collectives are asynchronous and which GEMMs run inside them.
 
 The parser is checked on a hand-written scheduled module; the F&B program's overlap is checked on the real
 one, compiled for 8 H100s where the optional compile-only GPU toolchain is installed (skipped otherwise).
@@ -6,7 +6,7 @@ one, compiled for 8 H100s where the optional compile-only GPU toolchain is insta
 import pytest
 
 import hlo
-from dsv3 import overlap
+from dsv3.analysis import overlap
 from dsv3.pipeline import schedules
 
 SCHEDULED = """

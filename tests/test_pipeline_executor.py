@@ -14,8 +14,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import tiny_model
 
-from dsv3 import layout, losses, model, sharding
+from dsv3 import layout, model
+from dsv3.parallel import sharding
 from dsv3.pipeline import executor, per_device, stages
+from dsv3.training import losses
 
 CFG4 = tiny_model.even_config(num_hidden_layers=4, remat="none")
 CFG8 = CFG4.replace(num_hidden_layers=8)
@@ -158,8 +160,8 @@ def test_variables_on_the_pipeline_mesh(model4):
 
 def test_expert_parallel_inside_stages(model4):
   """P=4 ranks of ('data' 1, 'expert' 2): each stage's routed experts split over its 'expert' axis (the
-  dense all-to-all dispatch of dsv3.expert_parallel), variables placed as the trainer places them."""
-  from dsv3 import sharding
+  dense all-to-all dispatch of dsv3.parallel.expert_parallel), variables placed as the trainer places them."""
+  from dsv3.parallel import sharding
   cfg, variables, tokens, reference = model4
   mesh = tiny_model.mesh(data=1, expert=2, pipeline=4)
   placed = {"params": jax.device_put(variables["params"], sharding.param_shardings(mesh, variables["params"])),

@@ -12,8 +12,10 @@ import pytest
 
 import tiny_model
 
-from dsv3 import abstract_model, cli, memory, plan
-from dsv3.train_config import model_config_dict
+from dsv3 import cli, plan
+from dsv3 import abstract_model
+from dsv3.analysis import memory
+from dsv3.training.train_config import model_config_dict
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "deepseek_v3.py"

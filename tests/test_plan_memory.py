@@ -2,7 +2,7 @@
 import pytest
 
 from configs import tiny
-from dsv3 import compile_only
+from dsv3.analysis import compile_only
 
 
 def test_tiny_estimate_within_15_percent_of_compiled_peak(tmp_path):

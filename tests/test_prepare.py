@@ -1,4 +1,4 @@
-"""Tests of offline data preparation (`python -m dsv3.data prepare`, dsv3.prepare) and of training from it.
+"""Tests of offline data preparation (`python -m dsv3.data prepare`, dsv3.data.prepare) and of training from it.
 
 The corpus is the stdlib (a few dozen files), the tokenizer a small BPE trained once per session in a temp
 cache (DSV3_CACHE). The prepared streams must give exactly the batches the raw source gives; a run killed
@@ -17,7 +17,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from dsv3 import corpus, data, prepare, tokenizer
+from dsv3 import data
+from dsv3.data import corpus, prepare, tokenizer
 from disk import snapshot
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -9,11 +9,12 @@ import sys
 import jax.numpy as jnp
 import pytest
 
-from dsv3 import checkpoint as ckpt_lib
-from dsv3 import convert, resume, train
-from dsv3 import metrics as metrics_lib
+from dsv3 import convert, train
 from dsv3.config import ConfigError
-from dsv3.train_config import validate_train_config
+from dsv3.training import checkpoint as ckpt_lib
+from dsv3.training import metrics as metrics_lib
+from dsv3.training import resume
+from dsv3.training.train_config import validate_train_config
 from test_train import ROOT, cache_dir, small_config  # noqa: F401  (cache_dir: the shared data cache fixture)
 
 MEMORY_FIELDS = ("device_peak_bytes", "host_peak_rss_bytes")

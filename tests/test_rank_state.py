@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from dsv3 import checkpoint as ckpt_lib
-from dsv3 import ema as ema_lib
-from dsv3 import layout, model as model_lib, sharding
-from dsv3 import runner as runner_lib
+from dsv3 import layout, model as model_lib
 from dsv3.config import ModelConfig
+from dsv3.parallel import sharding
 from dsv3.pipeline import executor, pipelined
+from dsv3.training import checkpoint as ckpt_lib
+from dsv3.training import ema as ema_lib
+from dsv3.training import runner as runner_lib
 
 
 def _config(pipeline, schedule, data=1, expert=1, layers=8):

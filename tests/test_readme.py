@@ -15,8 +15,9 @@ import jax.numpy as jnp
 import pytest
 from absl import flags
 
-from dsv3 import cli, hf, model, tokenizer
+from dsv3 import cli, hf, model
 from dsv3.config import ModelConfig
+from dsv3.data import tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC_FILES = ["README.md"] + sorted(os.path.join("docs", f) for f in os.listdir(os.path.join(ROOT, "docs"))
@@ -24,7 +25,7 @@ DOC_FILES = ["README.md"] + sorted(os.path.join("docs", f) for f in os.listdir(o
 DOCS = {f: open(os.path.join(ROOT, f)).read() for f in DOC_FILES}
 README = "\n".join(DOCS.values())      # the commands of every page are checked alike
 # Subcommand -> the module that defines its flags (and runs it).
-SUBCOMMANDS = {"dsv3.bench": {"gpu": "dsv3.bench.gpu"}, "dsv3.data": {"prepare": "dsv3.prepare"}}
+SUBCOMMANDS = {"dsv3.bench": {"gpu": "dsv3.bench.gpu"}, "dsv3.data": {"prepare": "dsv3.data.prepare"}}
 
 # The test that runs each README command (file::function; a slow one where the command is long by nature).
 RUN_BY = {

@@ -14,7 +14,8 @@ import pytest
 import residuals
 import tiny_model
 
-from dsv3 import losses, model
+from dsv3 import model
+from dsv3.training import losses
 
 # The widths above; three layers (a dense stack and a two-layer MoE stack), no MTP block outside the stacks.
 BASE = tiny_model.config(intermediate_size=40, q_lora_rank=22, kv_lora_rank=17, num_hidden_layers=3,

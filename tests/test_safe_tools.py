@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from dsv3 import checkpoint as ckpt_lib
-from dsv3 import convert, hf, model, safetensors_io, workdir
+from dsv3 import convert, hf, model
+from dsv3.interop import safetensors_io
+from dsv3.training import checkpoint as ckpt_lib
+from dsv3.training import workdir
 from disk import snapshot
 import tiny_model
 
@@ -26,7 +28,7 @@ ENV = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="")
 # The workdir lock.
 def _holder(path):
   """A subprocess that holds the lock of `path` until killed."""
-  code = ("import sys, time; from dsv3 import workdir; workdir.acquire(sys.argv[1], process_index=0); "
+  code = ("import sys, time; from dsv3.training import workdir; workdir.acquire(sys.argv[1], process_index=0); "
           "print('locked', flush=True); time.sleep(120)")
   proc = subprocess.Popen([sys.executable, "-c", code, str(path)], env=ENV, cwd=ROOT, stdout=subprocess.PIPE,
                           text=True)

@@ -8,8 +8,9 @@ import pytest
 
 import tiny_model
 
-from dsv3 import losses, model
+from dsv3 import model
 from dsv3.config import ConfigError
+from dsv3.training import losses
 
 CFG = tiny_model.config(num_hidden_layers=4)  # a three-layer MoE stack to scan or unroll; remat="paper"
 

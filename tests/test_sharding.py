@@ -8,7 +8,8 @@ from jax.sharding import PartitionSpec as P
 
 import tiny_model
 
-from dsv3 import model, sharding
+from dsv3 import model
+from dsv3.parallel import sharding
 
 CFG = tiny_model.even_config(num_hidden_layers=3)
 

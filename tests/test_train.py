@@ -17,7 +17,7 @@ import tiny  # noqa: E402
 
 from dsv3 import train  # noqa: E402
 from dsv3.config import ConfigError  # noqa: E402
-from dsv3.train_config import validate_train_config  # noqa: E402
+from dsv3.training.train_config import validate_train_config  # noqa: E402
 
 # Small enough to compile in seconds; the data cache is shared by every run of the session.
 OVERRIDES = ["--config.num_train_steps=6", "--config.batch_size=8", "--config.seq_len=32",
@@ -232,7 +232,8 @@ def test_init_from_hf_reads_each_shard_into_the_state_shardings(tmp_path, cache_
   read slice by slice) and equal the exported ones; a run from it trains."""
   import jax
   import numpy as np
-  from dsv3 import hf, model, sharding
+  from dsv3 import hf, model
+  from dsv3.parallel import sharding
   from dsv3.config import ModelConfig
   c = small_config(**{"mesh.data": 2, "mesh.expert": 4}, num_train_steps=1, ema_decay=0.0, eval_every_steps=100)
   cfg = ModelConfig.from_config_dict(c)

@@ -10,8 +10,8 @@ import pytest
 
 from test_train import OVERRIDES, ROOT, cache_dir, losses, small_config  # noqa: F401  (cache_dir: fixture)
 
-from dsv3 import checkpoint as ckpt_lib  # noqa: E402
 from dsv3 import train  # noqa: E402
+from dsv3.training import checkpoint as ckpt_lib  # noqa: E402
 
 
 def checkpoint_steps(workdir):

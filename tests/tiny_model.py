@@ -4,8 +4,8 @@ Tests get them through conftest.py's fixtures, or import this module where a val
 level (parametrize lists, module constants) or in a worker script run as a subprocess (tests/ is then
 sys.path[0]).
 """
-from dsv3 import sharding
 from dsv3.config import ModelConfig
+from dsv3.parallel import sharding
 
 # MLA (q LoRA) + DeepSeekMoE (grouped routing, a shared expert) + one MTP depth, fp32, compiled in seconds.
 # Fields not named keep ModelConfig's defaults (remat='paper'), as a config read back from HF files has.
@@ -37,5 +37,5 @@ def yarn(original_max_position_embeddings=8):
 
 
 def mesh(data=1, expert=1, pipeline=1):
-  """dsv3.sharding's ('pipeline', 'data', 'expert') mesh over all devices (their count is the product)."""
+  """dsv3.parallel.sharding's ('pipeline', 'data', 'expert') mesh over all devices (their count is the product)."""
   return sharding.make_mesh(dict(data=data, expert=expert, pipeline=pipeline))

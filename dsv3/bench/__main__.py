@@ -7,11 +7,11 @@ sequence length, compile time vs depth, and memory vs the planner.
   python -m dsv3.bench gpu [--smoke]                     # one lent GPU: kernel checks, GEMM TFLOP/s, train step
 
 Sections (--what, comma-separated; dsv3/bench/step.py unless named):
-  train    tokens/s and MFU of the trainer's step (dsv3.steps: forward + backward with MTP and the balance
+  train    tokens/s and MFU of the trainer's step (dsv3.training.steps: forward + backward with MTP and the balance
            loss, AdamW, the routing-bias update and the divergence guard) for configs/tiny.py (and
            configs/small.py with --small) on the current backend. MFU = tokens/s x
            dsv3.plan.flops_per_token(include_mtp) / peak; the peak is the GPU's datasheet figure or, on CPU, a
-           measured float32 matmul (dsv3.metrics.device_peak_flops).
+           measured float32 matmul (dsv3.training.metrics.device_peak_flops).
   hf       (dsv3/bench/hf.py) the same configs and weights in HF transformers (PyTorch, CPU): dsv3.hf.save_checkpoint,
            then AutoModelForCausalLM.from_pretrained. Both run forward + backward + AdamW (lr 1e-4, betas
            0.9/0.95, weight decay 0.1, no clipping) of the main model's next-token loss at the same batch,

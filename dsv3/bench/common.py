@@ -1,5 +1,5 @@
 """What the benchmarks share: their command-line runner, simulated CPU devices, configs by name, the timer,
-random tokens, the trainer's step (dsv3.steps) on one device, table printing."""
+random tokens, the trainer's step (dsv3.training.steps) on one device, table printing."""
 from __future__ import annotations
 
 import os
@@ -12,8 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 
-from dsv3 import cli, sharding, steps
+from dsv3 import cli
 from dsv3.config import ModelConfig
+from dsv3.parallel import sharding
+from dsv3.training import steps
 
 
 
@@ -78,7 +80,7 @@ def tokens(cfg: ModelConfig, batch: int, seq_len: int, seed: int = 0):
 
 
 def one_device_steps(config, cfg: ModelConfig) -> steps.Steps:
-  """The trainer's steps (dsv3.steps.make) of `config` with model `cfg`, on a one-device mesh."""
+  """The trainer's steps (dsv3.training.steps.make) of `config` with model `cfg`, on a one-device mesh."""
   return steps.make(config, cfg, sharding.make_mesh(dict(data=1, expert=1, pipeline=1), jax.devices()[:1]))
 
 

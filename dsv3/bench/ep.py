@@ -12,7 +12,7 @@ Node-limited routing (report §3.2.2): with n_group equal to the number of exper
 topk_group = M, group-limited routing sends each token to at most M shards, and the dispatch sends a
 token once per shard, so traffic per token is bounded by M rows each way however large k is.
 
-Inter-node traffic at DeepSeek-V3's shapes (`node_traffic_table`, accounting in numpy from dsv3.moe.route on
+Inter-node traffic at DeepSeek-V3's shapes (`node_traffic_table`, accounting in numpy from dsv3.nn.moe.route on
 random inputs, no devices needed): EP 8-64 over nodes of --node_size GPUs, with and without node-limited
 routing, the flat dispatch (a row per shard) against the two-hop one (model.ep_node_size: a row per node
 over the inter-node link, then a row per shard inside the node), BF16 or FP8 dispatch rows (the combine is
@@ -27,11 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from dsv3 import moe, sharding
 from dsv3.bench import common
 from dsv3.bench.ep_traffic import alltoall_bytes, dispatch_traffic, traffic_bytes
 from dsv3.config import ModelConfig, deepseek_v3_671b
-from dsv3.expert_parallel import ExpertParallel
+from dsv3.nn import moe
+from dsv3.parallel import sharding
+from dsv3.parallel.expert_parallel import ExpertParallel
 
 FLAG_NAMES = ("tokens", "hidden", "experts", "topk", "iters", "node_size", "node_eps", "node_tokens")
 
@@ -97,7 +98,7 @@ def node_traffic_table(args):
               ("no limit (n_group=1)", base.replace(n_group=1, topk_group=1))]
   routes = {name: np.asarray(moe.route(cfg, x, kernel, jnp.zeros((E,)))[0]) for name, cfg in routings}
   kib = lambda b: b / N / 1024
-  print(f"\nInter- and intra-node traffic per token (CPU accounting, dsv3.moe.route on {N} random tokens): "
+  print(f"\nInter- and intra-node traffic per token (CPU accounting, dsv3.nn.moe.route on {N} random tokens): "
         f"hidden {H}, {E} experts, top-{base.num_experts_per_tok}, {L} GPUs per node; KiB per token; dispatch "
         f"rows BF16 or FP8 (E4M3 + a 4-byte scale per 128), combine BF16; bound = report §3.2.2 (<= "
         f"topk_group nodes a token)\n")

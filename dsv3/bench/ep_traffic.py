@@ -1,6 +1,6 @@
 """Expert-parallel traffic accounting: which rows the dispatch and combine send, per link, from the routing.
 
-Pure numpy over `topk_idx`, laid out as dsv3.expert_parallel lays out its units (the tests check that the
+Pure numpy over `topk_idx`, laid out as dsv3.parallel.expert_parallel lays out its units (the tests check that the
 dispatch sends exactly these), so `python -m dsv3.bench.ep` can count bytes for meshes larger than any here.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Optional
 
 import numpy as np
 
-from dsv3 import fp8
+from dsv3.kernels import fp8
 
 
 def dispatch_units(topk_idx, n_experts: int, num_shards: int) -> int:

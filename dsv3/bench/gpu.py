@@ -40,9 +40,11 @@ import jax
 import jax.numpy as jnp
 from absl import flags
 
-from dsv3 import attention, cli, metrics, moe
+from dsv3 import cli
 from dsv3.bench import common, gpu_kernels, step
 from dsv3.config import ModelConfig
+from dsv3.nn import attention, moe
+from dsv3.training import metrics
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _RESULT = "BENCH_GPU_TRAIN_RESULT "          # prefix of the child's one JSON line on stdout

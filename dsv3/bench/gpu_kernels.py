@@ -10,13 +10,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv3 import attention, fp8, grouped_gemm
+from dsv3.kernels import fp8, grouped_gemm
+from dsv3.nn import attention
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def tokamax_ragged_dot(x, w, group_sizes):
-  """The BF16 grouped GEMM under test (dsv3.grouped_gemm's tokamax path)."""
+  """The BF16 grouped GEMM under test (dsv3.kernels.grouped_gemm's tokamax path)."""
   return grouped_gemm.ragged_dot(x, w, group_sizes)
 
 

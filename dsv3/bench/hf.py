@@ -6,7 +6,7 @@
 `hf`: per-phase ms (forward, backward, optimizer), tokens/s and the ratio, and one MoE block's forward +
 backward, on the same weights (dsv3.hf.save_checkpoint, then AutoModelForCausalLM.from_pretrained).
 `profile`: the dsv3 step through dsv3.bench.step_profile, by op class, by phase and model part, the slowest ops.
-dsv3's side is the trainer's step (dsv3.steps) with HF's training settings (`hf_train_config`).
+dsv3's side is the trainer's step (dsv3.training.steps) with HF's training settings (`hf_train_config`).
 torch and transformers are the test extras' heavy references, imported only here.
 """
 from __future__ import annotations
@@ -20,10 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsv3 import cli, plan
 from dsv3 import hf as hf_io
-from dsv3 import cli, moe, plan
 from dsv3.bench import common, step_profile
 from dsv3.config import ModelConfig
+from dsv3.nn import moe
 
 
 def hf_comparison_configs():
@@ -56,7 +57,7 @@ def _chosen(args) -> dict:
 
 
 def _jax_phases(trainer, train_args, steps: int) -> dict:
-  """Seconds per call of the trainer's step (`trainer`: dsv3.steps.Steps; train_args: its arguments) and of
+  """Seconds per call of the trainer's step (`trainer`: dsv3.training.steps.Steps; train_args: its arguments) and of
   its phases, each a separately compiled program: forward (eval: logits and cross entropy), backward (grads:
   forward + backward, minus forward) and the update (update: AdamW, norms and the guard)."""
   state, tokens, mtp_weight, gamma = train_args

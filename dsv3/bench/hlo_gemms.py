@@ -1,7 +1,7 @@
 """The GEMMs of a compiled GPU program and what runs each, read from its scheduled HLO.
 
 Every scheduled GEMM is one of: a kernel custom call (`triton_kernel_call*`: a Triton kernel through
-jax-triton, e.g. dsv3.fp8_triton's or tokamax's; `mosaic_gpu*`: a Mosaic GPU kernel, e.g. tokamax's
+jax-triton, e.g. dsv3.kernels.fp8_triton's or tokamax's; `mosaic_gpu*`: a Mosaic GPU kernel, e.g. tokamax's
 sm90 grouped GEMM), a cuBLAS / cuBLASLt call (`__cublas$...`, `$f8` for FP8), a fusion holding a dot (XLA's
 own Triton GEMM emitter), or a bare dot. Operand dtypes are the scheduled operands' (f8e4m3fn: E4M3). For a
 kernel, `mma` lists the tensor-core instructions in its code: a Triton kernel's PTX (in the call's compressed
@@ -17,7 +17,8 @@ import re
 import zlib
 from typing import List
 
-from dsv3 import cli, overlap
+from dsv3 import cli
+from dsv3.analysis import overlap
 from dsv3.bench import common
 
 KERNEL_TARGETS = ("triton_kernel_call", "mosaic_gpu", "__cublas", "__gpu$xla.gpu.triton")

@@ -5,7 +5,7 @@
 For each expert degree EP, compiles (deviceless; needs the compile-only toolchain, requirements-aot.txt) pipeline rank
 0 of a DualPipe run of the config on mesh pipeline 2 x expert EP, EP GPUs per rank (EP 16: a rank spans two
 8-GPU hosts): its F&B programs (stages.forward_backward) and the F and B programs each one fuses. From each
-program's scheduled HLO (dsv3.overlap) it prints, over the expert all-to-alls (dispatch and combine, and
+program's scheduled HLO (dsv3.analysis.overlap) it prints, over the expert all-to-alls (dispatch and combine, and
 their transposes in the backward): how many, their bytes per device, the fraction that is asynchronous, and
 the fraction of bytes whose start..done window holds GEMMs of the other chunk (F&B) or any GEMM; the F and B
 programs also as they compiled before (XLA's default scheduling, XLA_DEFAULTS). Then the
@@ -21,8 +21,9 @@ from typing import Optional
 from absl import flags
 from ml_collections import config_flags
 
-from dsv3 import compile_only, overlap, sharding
+from dsv3.analysis import compile_only, overlap
 from dsv3.bench import common
+from dsv3.parallel import sharding
 from dsv3.pipeline import schedules, stages
 
 

@@ -1,6 +1,6 @@
 """The train-step sections of `python -m dsv3.bench` (train, moe, seq, compile, memory; what each prints: the
 docstring of dsv3/bench/__main__.py). Every section but moe times or compiles the trainer's own step,
-dsv3.steps.make(config, cfg, mesh).train, on one device."""
+dsv3.training.steps.make(config, cfg, mesh).train, on one device."""
 from __future__ import annotations
 
 import time
@@ -9,9 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv3 import cli, memory, metrics, moe, plan
+from dsv3 import cli, plan
+from dsv3.analysis import memory
 from dsv3.bench import common
 from dsv3.config import ModelConfig
+from dsv3.nn import moe
+from dsv3.training import metrics
 
 
 def train_throughput(config, batch: int, seq_len: int, steps: int) -> dict:
@@ -64,7 +67,7 @@ def dense_dispatch(x, topk_idx, topk_weight, w_gate, w_up, w_down):
   """The baseline: every expert on every token (E x the FLOPs), combined by one-hot routing weights.
 
   x [N, H], topk_idx/topk_weight [N, k], w_* [E, H, I] / [E, I, H] -> [N, H]. Same result as the dropless
-  grouped GEMM path (dsv3.moe.routed_experts_local), no sorting, no ragged shapes.
+  grouped GEMM path (dsv3.nn.moe.routed_experts_local), no sorting, no ragged shapes.
   """
   E = w_gate.shape[0]
   combine = jnp.einsum("nk,nke->ne", topk_weight, jax.nn.one_hot(topk_idx, E, dtype=jnp.float32))

@@ -20,10 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dsv3 import backend, layout, sharding
+from dsv3 import layout
 from dsv3.config import ModelConfig, require_model_config
-from dsv3.expert_parallel import ExpertParallel
-from dsv3.layers import compute_dtype
+from dsv3.kernels import backend
+from dsv3.nn.layers import compute_dtype
+from dsv3.parallel import sharding
+from dsv3.parallel.expert_parallel import ExpertParallel
 from dsv3.pipeline import per_device, rank_state, reduction, schedules, stages
 from dsv3.pipeline.transfers import Transfers
 
@@ -164,7 +166,7 @@ def _sds(shape, dtype, placement) -> jax.ShapeDtypeStruct:
 class Record(Execute):
   """The driver as a dry run: abstract arrays (ShapeDtypeStructs with shardings) stand in for every array,
   every rank is walked as if this process held them all, and each program call goes to
-  `on_call(call, fn, args)`, which returns its abstract outputs (dsv3.runner compiles the program and reads
+  `on_call(call, fn, args)`, which returns its abstract outputs (dsv3.training.runner compiles the program and reads
   them off the compiled executable)."""
   abstract = True
 

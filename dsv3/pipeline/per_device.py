@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dsv3 import layout, sharding
-from dsv3.expert_parallel import ExpertParallel
+from dsv3 import layout
+from dsv3.parallel import sharding
+from dsv3.parallel.expert_parallel import ExpertParallel
 from dsv3.pipeline.stages import stage_units, stage_variables
 
 

@@ -1,4 +1,4 @@
-"""The pipelined train step on per-rank state: what dsv3.steps is to an unpipelined run.
+"""The pipelined train step on per-rank state: what dsv3.training.steps is to an unpipelined run.
 
   ps = PipelinedSteps(config, cfg, mesh)
   state = {"ranks": ps.init(rng), "guard": ...}            # rank r's units on its sub-mesh (rank_state)
@@ -7,7 +7,7 @@
 
 One step: the executor's gradients, each unit's reduced once among its holders; the whole model's gradient
 norm (one small all-reduce over 'pipeline'); every rank's optimizer and routing-bias update of its own
-units (dsv3.steps.apply_update, clipped by that norm); then the divergence guard from the summed norms.
+units (dsv3.training.steps.apply_update, clipped by that norm); then the divergence guard from the summed norms.
 `exe=executor.Record(...)` walks the same step on abstract state and records its programs (the dry run).
 """
 from __future__ import annotations
@@ -19,8 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dsv3 import layout, steps as steps_lib
+from dsv3 import layout
 from dsv3.pipeline import executor
+from dsv3.training import steps as steps_lib
 
 SUMS = ("update", "params", "new_params", "vio_sum", "vio_max")   # a rank's row of the guard's sums
 

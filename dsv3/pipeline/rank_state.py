@@ -14,7 +14,9 @@ from typing import Dict, List, Optional, Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dsv3 import layout, sharding, steps
+from dsv3 import layout
+from dsv3.parallel import sharding
+from dsv3.training import steps
 
 
 def needs(spec, unit: str) -> bool:
@@ -75,7 +77,7 @@ class RankLayout:
     return layout.map_state(keep, state) if "params" in state else keep(state)
 
   def rank_shardings(self, abstract_state, r: int) -> dict:
-    """Shardings of rank r's part of a train state on its sub-mesh (dsv3.steps.saved_shardings' rules)."""
+    """Shardings of rank r's part of a train state on its sub-mesh (dsv3.training.steps.saved_shardings' rules)."""
     return steps.saved_shardings(self.meshes[r], abstract_state)
 
   def view_shardings(self, abstract_state):

@@ -12,8 +12,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dsv3 import layout, sharding, steps as steps_lib
+from dsv3 import layout
+from dsv3.parallel import sharding
 from dsv3.pipeline import per_device, stages
+from dsv3.training import steps as steps_lib
 
 SCALARS = ("loss", "balance", "ce", "mtp_loss", "grad_sq")    # a rank's row of whole-model sums
 

@@ -17,10 +17,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dsv3 import layout, losses
+from dsv3 import layout
 from dsv3.config import ModelConfig
-from dsv3.layers import compute_dtype, remat_policy, rope_cos_sin
 from dsv3.model import Block, Transformer
+from dsv3.nn.layers import compute_dtype, remat_policy, rope_cos_sin
+from dsv3.training import losses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,7 +310,7 @@ GPU_OVERLAP_OPTIONS = {"xla_gpu_enable_latency_hiding_scheduler": True,
                        "xla_gpu_experimental_collective_start_as_early_as_possible": True,
                        "xla_gpu_experimental_parallel_collective_overlap_limit": 2}
 
-# Name scopes that tag every op of an F&B program with its chunk (dsv3.overlap reads them from the HLO).
+# Name scopes that tag every op of an F&B program with its chunk (dsv3.analysis.overlap reads them from the HLO).
 FORWARD_SCOPE, BACKWARD_SCOPE = "fb_forward", "fb_backward"
 
 

@@ -7,7 +7,7 @@ yields (name, text) per non-empty document; a document is held out for validatio
 its name is below `validation_fraction` (`is_validation`). `encode_documents` turns documents into the
 `<|bos|> text <|eos|>` train / validation streams; `load_tokenizer` resolves `data.tokenizer`.
 
-This module needs neither grain nor jax, so tokenizing worker processes (dsv3.prepare) start quickly.
+This module needs neither grain nor jax, so tokenizing worker processes (dsv3.data.prepare) start quickly.
 Every bad setting raises DataError (a ValueError) whose message names the config field and the fix.
 """
 from __future__ import annotations
@@ -26,8 +26,8 @@ from typing import Callable, Iterable, Iterator, Optional
 import numpy as np
 import pyarrow.parquet as pq
 
-from dsv3 import tokenizer as tokenizer_lib
 from dsv3.config import ConfigError
+from dsv3.data import tokenizer as tokenizer_lib
 
 FORMATS = ("auto", "text", "jsonl", "parquet", "bin", "npy")
 _EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet",

@@ -9,7 +9,7 @@
 `make_datasets` reads `config.data` (fields in `default_data_config`), `seq_len`, `batch_size` (global),
 `seed`, `eval_batches` and `model.vocab_size` (also the size of a BPE it trains). Every bad setting raises
 DataError naming the field and the fix. How streams are cached, packed, shuffled and sharded, and how the
-validation sample is drawn: README "Training data". Offline tokenization: dsv3.prepare.
+validation sample is drawn: README "Training data". Offline tokenization: dsv3.data.prepare.
 """
 from __future__ import annotations
 
@@ -22,15 +22,14 @@ import grain
 import jax
 import ml_collections
 import numpy as np
-from absl import flags
 
-from dsv3 import cli, prepare
-from dsv3 import tokenizer as tokenizer_lib
 from dsv3.config import closest_key
-# Corpus discovery and tokenization live in dsv3.corpus; their public names stay importable from here.
-from dsv3.corpus import (FORMATS, VALIDATION_FRACTION, Corpus, DataError, encode_documents, is_validation,
-                         iter_documents, load_tokenizer, resolve_corpus, stdlib_corpus, tail_cut, tail_split)
-from dsv3.corpus import check_max_files, digest, unit_hash
+from dsv3.data import prepare
+from dsv3.data import tokenizer as tokenizer_lib
+# Corpus discovery and tokenization live in dsv3.data.corpus; their public names stay importable from here.
+from dsv3.data.corpus import (FORMATS, VALIDATION_FRACTION, Corpus, DataError, encode_documents, is_validation,
+                              iter_documents, load_tokenizer, resolve_corpus, stdlib_corpus, tail_cut, tail_split)
+from dsv3.data.corpus import check_max_files, digest, unit_hash
 
 VERSION = 1                      # bump when tokenization or packing changes: old cached streams are ignored
 # The validation sample's shuffle seed: fixed, not config.seed, so runs with different seeds are scored on
@@ -42,7 +41,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   """The `data` block of the training config, with each field's meaning."""
   return ml_collections.ConfigDict(dict(
       # 'stdlib' (the running Python's standard-library *.py sources, without tests and site-packages), a path,
-      # glob, directory or comma-separated list, or a directory dsv3.prepare wrote (its own tokenizer and split).
+      # glob, directory or comma-separated list, or a directory dsv3.data.prepare wrote (its own tokenizer and split).
       source="stdlib",
       format="auto",              # 'auto' (by extension) | 'text' (a document per file) | 'jsonl' | 'parquet' | 'bin' | 'npy'
       field="text",               # the jsonl key / parquet column holding the document text
@@ -396,8 +395,3 @@ def _raw_streams(d, fraction: float, vocab_size: Optional[int]) -> tuple:
   fingerprint = digest([corpus.fingerprint, tok.fingerprint if tok else "", fraction])
   return train, val, tok, fingerprint, f"{corpus.format}, {len(corpus.files)} files"
 
-
-if __name__ == "__main__":      # python -m dsv3.data prepare --source=... --out=...
-  prepare.define_flags()
-  flags.adopt_module_key_flags(prepare)      # --help lists the main module's flags: prepare's are its own
-  cli.run(prepare.main)                      # errors are one line naming the flag (exit status 2)

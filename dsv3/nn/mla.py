@@ -6,7 +6,7 @@ low-rank path (q_a_proj -> norm -> q_b_proj) when q_lora_rank is set.
 
 Two mathematically equal ways to attend:
 - expanded (training): up-project c_kv with kv_b_proj into per-head k_nope and v, then ordinary causal
-  attention (dsv3/attention.py: dense, blockwise flash-style or cuDNN, by cfg.attention);
+  attention (dsv3/nn/attention.py: dense, blockwise flash-style or cuDNN, by cfg.attention);
 - absorbed (decoding): fold kv_b_proj's key half W_UK into the query and its value half W_UV into the
   output, so attention runs directly against the cached latents. The cache then holds only
   kv_lora_rank + qk_rope_head_dim numbers per token per layer (70,272 bytes/token for the 671B model in BF16).
@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from dsv3.attention import attention
 from dsv3.config import ModelConfig
-from dsv3.layers import MLA_UP, Linear, RMSNorm, apply_rope, compute_dtype
+from dsv3.nn.attention import attention
+from dsv3.nn.layers import MLA_UP, Linear, RMSNorm, apply_rope, compute_dtype
 
 
 def init_layer_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> dict:

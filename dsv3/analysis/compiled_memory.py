@@ -110,7 +110,8 @@ def format_table(result: dict) -> str:
     if "overlap" in r:
       o = r["overlap"]
       lines.append(f"{r['program']}: {o['count']} expert all-to-alls, {o['asynchronous']:.0%} asynchronous, "
-                   f"{o['hidden_by_other_chunk']:.0%} of their bytes under the other chunk's GEMMs (dsv3.overlap)")
+                   f"{o['hidden_by_other_chunk']:.0%} of their bytes under the other chunk's GEMMs "
+                   "(dsv3.analysis.overlap)")
   cap = result["capacity_bytes_per_device"]
   lines.append(f"max peak {gb(result['max_peak_bytes_per_device'])} GB ({result['max_peak_position']})"
                + (f" of {gb(cap)} GB" if cap else "")

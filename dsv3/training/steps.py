@@ -20,9 +20,11 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
-from dsv3 import layout, losses, model as model_lib, optimizer as opt_lib, sharding
+from dsv3 import layout, model as model_lib
 from dsv3.config import ModelConfig
-from dsv3.expert_parallel import ExpertParallel
+from dsv3.parallel import sharding
+from dsv3.parallel.expert_parallel import ExpertParallel
+from dsv3.training import losses, optimizer as opt_lib
 
 # The divergence record before any bad step (guard["step"] < 0: none yet).
 CLEAN_GUARD = {"step": np.int32(-1), "loss": np.float32(0), "grad_norm": np.float32(0),

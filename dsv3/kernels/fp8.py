@@ -21,7 +21,7 @@ with each slice's partial sum and the total in FP32. Three interchangeable imple
   precision. Scales are constant inside a K slice, so scaling the operands equals scaling each slice's
   partial sum; E4M3 x E4M3 products are exact in FP32, so this is the promoted accumulation up to FP32
   summation order.
-* 'triton' (GPU default): dsv3.fp8_triton's kernels, E4M3 tensor-core products promoted in registers.
+* 'triton' (GPU default): dsv3.kernels.fp8_triton's kernels, E4M3 tensor-core products promoted in registers.
 * 'fp8': real float8 dot_generals in XLA, one per K slice with preferred_element_type=float32, scaled and
   summed in FP32: the same arithmetic without a kernel (each slice rewrites an FP32 output-sized buffer).
 
@@ -38,8 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv3 import backend, fp8_triton
-from dsv3.tiled_gemm import cdiv
+from dsv3.kernels import backend, fp8_triton
+from dsv3.kernels.tiled_gemm import cdiv
 
 FP8 = jnp.float8_e4m3fn
 E4M3_MAX = 448.0

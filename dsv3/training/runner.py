@@ -9,7 +9,7 @@
   for p in runner.programs(batch, compile): ...    # every program one step (and evaluation) runs
 
 Both runners have the same methods and return shapes; only the state inside differs. Unpipelined, the state
-is dsv3.steps' {step, params, routing, opt_state, guard} on the whole mesh and a step is one SPMD program.
+is dsv3.training.steps' {step, params, routing, opt_state, guard} on the whole mesh and a step is one SPMD program.
 Pipelined, it is {'ranks': rank r's units on its sub-mesh (dsv3.pipeline.pipelined), 'guard'}; checkpoints
 and the EMA see each unit once (per-layer), and the step is the executor's schedule of stage programs.
 
@@ -27,9 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from dsv3 import layout, sharding, steps as steps_lib
+from dsv3 import layout
 from dsv3.config import ModelConfig
+from dsv3.parallel import sharding
 from dsv3.pipeline import executor, per_device, pipelined, reduction, schedules, stages
+from dsv3.training import steps as steps_lib
 
 
 def make_runner(config, cfg: ModelConfig, mesh: Mesh):
@@ -131,10 +133,10 @@ def _placed(abstract, shardings):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Unpipelined: dsv3.steps' SPMD step on the whole mesh.
+# Unpipelined: dsv3.training.steps' SPMD step on the whole mesh.
 # ---------------------------------------------------------------------------------------------------
 class Runner:
-  """The unpipelined runner: one SPMD train step and eval step (dsv3.steps) on the whole mesh."""
+  """The unpipelined runner: one SPMD train step and eval step (dsv3.training.steps) on the whole mesh."""
   pipelined = False
 
   def __init__(self, config, cfg: ModelConfig, mesh: Mesh):

@@ -1,8 +1,9 @@
 """The MoE grouped GEMM on GPU: tokamax's ragged_dot (Mosaic GPU on sm90, else Triton), forward and both
-gradients, in BF16. FP8 expert GEMMs are dsv3.fp8 (its Triton kernels); the CPU paths are dsv3.tiled_gemm.
+gradients, in BF16. FP8 expert GEMMs are dsv3.kernels.fp8 (its Triton kernels); the CPU paths are
+dsv3.kernels.tiled_gemm.
 
 tokamax is an optional GPU dependency (pyproject.toml's `gpu` extra, pinned per Python), imported on first use.
-`deviceless(target_devices)` lets a compile-only run (dsv3.compile_only) lower these kernels for a GPU that
+`deviceless(target_devices)` lets a compile-only run (dsv3.analysis.compile_only) lower these kernels for a GPU that
 is not there.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv3 import fp8
+from dsv3.kernels import fp8
 
 # tokamax tries these in order and runs the first whose kernel supports the call's shapes and chip.
 IMPLEMENTATIONS = ("mosaic_gpu", "triton")
@@ -69,7 +70,7 @@ _ragged_dot.defvjp(_ragged_dot_fwd, _ragged_dot_bwd)
 def ragged_dot(x, w, group_sizes):
   """jax.lax.ragged_dot(x [M, K], w [G, K, N], group_sizes) in tokamax's kernels; x.dtype out (f32 accumulate)."""
   # Inside shard_map (expert parallelism) both operands must vary alike: the weight gradient then sums over
-  # the token axes (the transpose of the cast), as in dsv3.fp8.
+  # the token axes (the transpose of the cast), as in dsv3.kernels.fp8.
   x, w = fp8.match_varying(x, w)
   return _ragged_dot(x, w, jnp.asarray(group_sizes, jnp.int32))
 

@@ -10,7 +10,7 @@ Every GEMM of an FP8 linear layer and of the experts (forward, input gradient, w
 
 In both, each 128-wide K step's tensor-core product is taken out in FP32, multiplied by its two scales and
 added to an FP32 accumulator: the report's promotion (section 3.3.2). Row tiles follow
-`dsv3.tiled_gemm.tile_schedule` (a tile never straddles two experts). The kernels are launched through
+`dsv3.kernels.tiled_gemm.tile_schedule` (a tile never straddles two experts). The kernels are launched through
 jax_triton (GPU only, imported lazily); on CPU the tests run their bodies in Triton's interpreter
 (`interpret`) and `emulate_scaled_matmul` re-traces the first kernel's schedule and scale indexing in jnp.
 """
@@ -22,7 +22,7 @@ import numpy as np
 import triton
 import triton.language as tl
 
-from dsv3.tiled_gemm import cdiv, num_tiles, tile_schedule
+from dsv3.kernels.tiled_gemm import cdiv, num_tiles, tile_schedule
 
 TILE = 128          # the scaling tile = the promotion interval = the K step
 BLOCK_M = 128

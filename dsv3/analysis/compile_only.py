@@ -4,15 +4,15 @@
 
 TARGET 'cpu' compiles for this process's (simulated) CPU devices; 'h100', 'h800' and 'h200' for a deviceless
 GPU topology of 8 GPUs per host (jax.experimental.topologies, the chip's GpuTargetConfigProto in
-dsv3/gpu_specs/; an H800 compiles as an H100), which needs the compile-only toolchain (docs/compile_only.md).
+dsv3/analysis/gpu_specs/; an H800 compiles as an H100), which needs the compile-only toolchain (docs/compile_only.md).
 The state and batch are abstract (the trainer's shapes and shardings). The programs are exactly those the
-trainer's runner runs (dsv3.runner.Runner.programs): unpipelined, its train and eval steps; pipelined, the
+trainer's runner runs (dsv3.training.runner.Runner.programs): unpipelined, its train and eval steps; pipelined, the
 executor's own driver walked on abstract state, each rank's stage programs (F, B or B* and W, F&B cells),
 gradient sums, update and evaluation on its sub-mesh, then the guard's check. Writes
-DIR/compiled/memory.json (dsv3.compiled_memory: per program, per rank, the worst, and dsv3.plan's estimate)
+DIR/compiled/memory.json (dsv3.analysis.compiled_memory: per program, per rank, the worst, and dsv3.plan's estimate)
 and each program's scheduled HLO as DIR/compiled/<program>.hlo.txt. A mesh over MAX_COMPILE_DEVICES compiles
 as a stand-in with the same per-device shapes (`stand_in`). GPU kernels are chosen by the target mesh's
-platform (dsv3.backend); XLA:GPU sorts compile without CUB (its scratch size needs a device).
+platform (dsv3.kernels.backend); XLA:GPU sorts compile without CUB (its scratch size needs a device).
 """
 from __future__ import annotations
 
@@ -28,12 +28,15 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import topologies
 
-from dsv3 import cli, compiled_memory, grouped_gemm, overlap, plan, sharding
-from dsv3 import runner as runner_lib
-from dsv3 import workdir as workdir_lib
+from dsv3 import cli, plan
+from dsv3.analysis import compiled_memory, overlap
 from dsv3.config import ModelConfig
-from dsv3.train_config import validate_train_config
+from dsv3.kernels import grouped_gemm
+from dsv3.parallel import sharding
 from dsv3.pipeline import stages
+from dsv3.training import runner as runner_lib
+from dsv3.training import workdir as workdir_lib
+from dsv3.training.train_config import validate_train_config
 
 TARGETS = ("cpu", "h100", "h800", "h200")
 _SPEC_FILES = {"h100": "h100_sxm.txtpb", "h800": "h100_sxm.txtpb", "h200": "h200.txtpb"}
@@ -106,7 +109,7 @@ def check_toolchain(target: str) -> None:
 
 
 def gpu_spec(target: str) -> str:
-  """The GpuTargetConfigProto text for `target`'s chip: dsv3/gpu_specs/, the texts XLA ships
+  """The GpuTargetConfigProto text for `target`'s chip: dsv3/analysis/gpu_specs/, the texts XLA ships
   (xla/backends/gpu/target_config/specs/) as embedded in jax-cuda12-plugin 0.12.0.1's library."""
   path = os.path.join(os.path.dirname(__file__), "gpu_specs", _SPEC_FILES[target])
   with open(path) as f:
@@ -150,7 +153,7 @@ def _compile(program: runner_lib.Program, options, echo):
 
 def compiled_programs(config, mesh, options=None, echo=print, select=None, baselines=False) -> tuple:
   """(runner, programs): every program one training step of `config` on `mesh` runs, as the trainer's runner
-  runs them (dsv3.runner.Runner.programs), compiled with XLA `options`. A program of the same shapes as one
+  runs them (dsv3.training.runner.Runner.programs), compiled with XLA `options`. A program of the same shapes as one
   compiled for another rank is not compiled again (its `same_as`). select(program) -> False leaves a program
   uncompiled (a study that needs only some; the next programs then take its traced shapes). baselines: also
   the unfused F and B programs of each F&B cell (a study of the overlap)."""
@@ -227,10 +230,10 @@ def compile_step(config, workdir: str, target: str, echo=print) -> dict:
                  "needs a device), so the MoE dispatch sorts differ from what a GPU run executes")
     if config.precision == "fp8":
       notes.append("FP8 GEMMs (every linear's and expert's forward, input and weight gradient) in "
-                   "dsv3.fp8_triton's kernels")
+                   "dsv3.kernels.fp8_triton's kernels")
     elif config.model.grouped_gemm in ("auto", "tokamax"):
       notes.append("expert GEMMs in tokamax's grouped kernels (model.grouped_gemm 'auto' on GPU; "
-                   "dsv3.grouped_gemm.deviceless tells tokamax the target chip)")
+                   "dsv3.kernels.grouped_gemm.deviceless tells tokamax the target chip)")
   devices = target_devices(target, int(config.mesh.data) * int(config.mesh.expert) * int(config.mesh.pipeline))
   mesh = sharding.make_mesh(config.mesh, devices=devices)
   options = GPU_COMPILER_OPTIONS if gpu else None
@@ -259,7 +262,7 @@ def compile_step(config, workdir: str, target: str, echo=print) -> dict:
       f.write(text)
     rows.append(dict(program=p.name, position=p.position, devices=[d.id for d in p.mesh.devices.flat],
                      hlo=f"{p.name}.hlo.txt", **compiled_memory.program_memory(p.compiled)))
-    if gpu and p.kind in ("FB", "FBstar"):     # what the F&B cell overlaps (dsv3.overlap)
+    if gpu and p.kind in ("FB", "FBstar"):     # what the F&B cell overlaps (dsv3.analysis.overlap)
       rows[-1]["overlap"] = {k: v for k, v in overlap.summary(text).items() if k != "rows"}
   worst = compiled_memory.peaks(rows, ranks)
   estimate = plan.plan(config, platform="gpu" if gpu else "cpu")["memory_per_device"]   # its code paths
@@ -268,7 +271,8 @@ def compile_step(config, workdir: str, target: str, echo=print) -> dict:
       platform=devices[0].platform, devices=len(devices), mesh=dict(mesh.shape),
       capacity_bytes_per_device=capacity_bytes(target), programs=rows, **worst,
       estimated_peak_bytes_per_device=estimate["total_with_activations_bytes"],
-      estimate=dict(source="dsv3.memory.step_memory: parameters + ZeRO-1 optimizer states as the trainer holds them, "
+      estimate=dict(source="dsv3.analysis.memory.step_memory: parameters + ZeRO-1 optimizer states as the trainer "
+                           "holds them, "
                            "FP32 gradients (pipelined: the per-device parameter copies and accumulators) of the "
                            "worst rank, and activations (remat-saved residuals of every layer x in-flight "
                            "micro-batches, one layer's backward or the head's working set, logits)", **estimate),

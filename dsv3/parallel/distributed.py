@@ -1,6 +1,6 @@
 """Multi-process start-up: one call that does the right thing on a laptop, under SLURM, MPI or by hand.
 
-    from dsv3 import distributed
+    from dsv3.parallel import distributed
     info = distributed.maybe_initialize()     # FIRST, before any other JAX call
 
 JAX runs one process per host (or per GPU); `jax.distributed.initialize` connects them so that

@@ -34,10 +34,10 @@ import numpy as np
 import tqdm
 from absl import flags
 
-from dsv3 import corpus as corpus_lib
-from dsv3 import tokenizer as tokenizer_lib
 from dsv3.config import ConfigError
-from dsv3.corpus import DataError, digest
+from dsv3.data import corpus as corpus_lib
+from dsv3.data import tokenizer as tokenizer_lib
+from dsv3.data.corpus import DataError, digest
 
 FORMAT, FORMAT_VERSION = "dsv3.prepared", 1
 MANIFEST, JOB, CHUNKS = "manifest.json", "prepare.json", "chunks"

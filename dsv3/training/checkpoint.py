@@ -26,8 +26,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from dsv3 import orbax_errors
-from dsv3 import workdir as workdir_lib
+from dsv3.training import orbax_errors
+from dsv3.training import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 

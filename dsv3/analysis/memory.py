@@ -14,10 +14,13 @@ import collections
 import jax.numpy as jnp
 import numpy as np
 
-from dsv3 import attention as attn_lib, expert_parallel as ep_lib, layout, tiled_gemm
+from dsv3 import layout
 from dsv3.abstract_model import leaves
 from dsv3.config import ConfigError, ModelConfig
-from dsv3.layers import KEEP
+from dsv3.kernels import tiled_gemm
+from dsv3.nn import attention as attn_lib
+from dsv3.nn.layers import KEEP
+from dsv3.parallel import expert_parallel as ep_lib
 from dsv3.pipeline import schedules, stages as stages_lib
 
 
@@ -146,7 +149,7 @@ def _routed_expert_bytes(cfg: ModelConfig, n: int, data: int, expert: int, platf
   if platform == "cpu" and cfg.grouped_gemm in ("auto", "tiled") and cfg.precision != "fp8":
     bm = tiled_gemm.default_block_m(m, e_local)
     tiles = tiled_gemm.num_tiles(m, e_local, bm)
-    # dsv3.tiled_gemm: row tiles of the GEMM inputs and each tile's gathered expert weight, per GEMM
+    # dsv3.kernels.tiled_gemm: row tiles of the GEMM inputs and each tile's gathered expert weight, per GEMM
     gemm["tiles"] = (tiles * bm * (H + I) + 3 * tiles * H * I, c)
   elif platform != "cpu" and cfg.grouped_gemm == "ragged_dot" and cfg.precision != "fp8":
     # XLA:GPU expands ragged_dot into a dense dot per expert over all rows: f32 [experts, rows, width]
@@ -154,7 +157,7 @@ def _routed_expert_bytes(cfg: ModelConfig, n: int, data: int, expert: int, platf
     # unrolled (read off XLA:GPU's buffer assignment in the compile-only dry run, jax 0.12, configs/small.py).
     gemm["ragged_dense"] = ((3 if scanned else 4) * e_local * m * max(H, I), 4)
   elif cfg.grouped_gemm == "scan":
-    # dsv3.tiled_gemm.scan_ragged_dot: one tile at a time; padded copies of its input and output gradient
+    # dsv3.kernels.tiled_gemm.scan_ragged_dot: one tile at a time; padded copies of its input and output gradient
     gemm["scan_pad"] = (2 * m * max(H, I), c)
   routed_all = sum(e * b for e, b in gemm.values()) + transport
   routed_saved = sum(e * b for name, (e, b) in gemm.items() if keep(name)) if cfg.remat != "full" else 0
@@ -252,7 +255,7 @@ def activation_plan(cfg: ModelConfig, rows: int, seq_len: int, data: int = 1, ex
               moe_rows=dispatch, activation_bytes=int(saved + working))
 
 
-_KEEP = frozenset(KEEP) | {"moe_out"}    # what remat='paper' saves (dsv3.layers.KEEP)
+_KEEP = frozenset(KEEP) | {"moe_out"}    # what remat='paper' saves (dsv3.nn.layers.KEEP)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from dsv3 import fp8
 from dsv3.config import ModelConfig, yarn_get_mscale
+from dsv3.kernels import fp8
 
 # Names for activation checkpointing.
 RMSNORM = "rmsnorm"          # RMSNorm outputs: recomputed under the paper policy

@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from dsv3 import backend, fp8, grouped_gemm, tiled_gemm
 from dsv3.config import ModelConfig
-from dsv3.layers import MLP, compute_dtype
+from dsv3.kernels import backend, fp8, grouped_gemm, tiled_gemm
+from dsv3.nn.layers import MLP, compute_dtype
 
 
 def route(cfg: ModelConfig, x: jax.Array, router_kernel: jax.Array, bias: jax.Array):
@@ -86,7 +86,7 @@ def expert_ffn(xs, group_sizes, w_gate, w_up, w_down, cfg: ModelConfig):
 
 def capacity(cfg: ModelConfig, assignments: int, experts: int) -> int:
   """Rows an expert computes at most: capacity_factor x its balanced share of `assignments`, at least 1.
-  The one owner of the expert capacity (all experts local, or split by dsv3.expert_parallel)."""
+  The one owner of the expert capacity (all experts local, or split by dsv3.parallel.expert_parallel)."""
   return max(1, int(cfg.capacity_factor * assignments / experts + 0.999999))
 
 
@@ -145,9 +145,9 @@ def sequence_balance_loss(cfg: ModelConfig, scores, topk_idx, batch: int):
 class MoE(nn.Module):
   """Shared experts + routed experts. Returns (y, aux) with aux = {load [E], balance_loss, dropped: the
   (token, expert) assignments not computed, and with expert parallelism ep_load_ratio: the worst
-  buffer load over its balanced value (dsv3.expert_parallel)}."""
+  buffer load over its balanced value (dsv3.parallel.expert_parallel)}."""
   cfg: ModelConfig
-  # Set by dsv3.expert_parallel to run dispatch/combine inside shard_map; None = all experts local.
+  # Set by dsv3.parallel.expert_parallel to run dispatch/combine inside shard_map; None = all experts local.
   expert_parallel: Optional[object] = None
 
   @nn.compact
@@ -159,7 +159,7 @@ class MoE(nn.Module):
     pdt = jnp.dtype(cfg.param_dtype)
     router_kernel = self.param("gate", init, (H, E), jnp.float32)   # gating stays FP32
     bias = self.variable("routing", "e_score_correction_bias", lambda: jnp.zeros((E,), jnp.float32)).value
-    # Inside a shard_map over the mesh (dsv3.steps' local gradients) the module holds this device's experts.
+    # Inside a shard_map over the mesh (dsv3.training.steps' local gradients) the module holds this device's experts.
     ep = self.expert_parallel
     E_here = E // ep.num_shards if ep is not None and ep.manual else E
     w_gate = self.param("experts_gate_proj", init, (E_here, H, I), pdt)

@@ -10,7 +10,7 @@ are the same whatever the mesh). Each device holds N / (data·expert) tokens and
   2. exchanges the per-destination unit counts (the ragged transport needs them for its offsets);
   3. dispatches the units to the shards that own their experts (all-to-all);
   4. on each shard, runs the (unit, local expert) rows sorted by expert through one grouped GEMM
-     (dsv3.moe.expert_ffn), gate-weighted, so each unit returns ONE row;
+     (dsv3.nn.moe.expert_ffn), gate-weighted, so each unit returns ONE row;
   5. combines: the reverse all-to-all, then each token sums the rows of its shards.
 
 Transports, same results: `ragged` (jax.lax.ragged_all_to_all; GPU/TPU) sends only the real units; `dense`
@@ -43,9 +43,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
-from dsv3 import backend, fp8, moe, sharding
 from dsv3.config import ModelConfig
-from dsv3.moe import expert_ffn
+from dsv3.kernels import backend, fp8
+from dsv3.nn import moe
+from dsv3.nn.moe import expert_ffn
+from dsv3.parallel import sharding
 
 
 def _exclusive_cumsum(x, axis=0):
@@ -54,7 +56,7 @@ def _exclusive_cumsum(x, axis=0):
 
 @dataclasses.dataclass(frozen=True)
 class ExpertParallel:
-  """Plugs into dsv3.moe.MoE (`Transformer(cfg, ExpertParallel(mesh))`). Hashable: a Flax attribute.
+  """Plugs into dsv3.nn.moe.MoE (`Transformer(cfg, ExpertParallel(mesh))`). Hashable: a Flax attribute.
 
   mesh: a mesh with `expert_axis` (and optionally `data_axis`; other axes see replicated tokens).
   impl: 'auto' | 'ragged' | 'dense' — the all-to-all transport (see the module docstring).
@@ -63,7 +65,7 @@ class ExpertParallel:
   impl: str = "auto"
   data_axis: str = "data"
   expert_axis: str = "expert"
-  manual: bool = False    # called inside a shard_map over the token axes already (dsv3.steps' local gradients)
+  manual: bool = False    # called inside a shard_map over the token axes already (dsv3.training.steps' local gradients)
 
   def __post_init__(self):
     if self.impl not in ("auto", "ragged", "dense"):
@@ -73,7 +75,7 @@ class ExpertParallel:
 
   @property
   def token_axes(self) -> tuple:
-    """The axes the tokens are split over (dsv3.sharding.token_axes owns the rule)."""
+    """The axes the tokens are split over (dsv3.parallel.sharding.token_axes owns the rule)."""
     return sharding.token_axes(self.mesh, axes=(self.data_axis, self.expert_axis))
 
   @property
@@ -119,7 +121,7 @@ class ExpertParallel:
 
 
 def default_transport(platform: str) -> str:
-  """The all-to-all transport `impl='auto'` picks on a platform ('gpu', 'cpu', 'tpu': dsv3.backend's names):
+  """The all-to-all transport `impl='auto'` picks on a platform ('gpu', 'cpu', 'tpu': dsv3.kernels.backend's names):
   ragged where jax.lax.ragged_all_to_all exists (GPU, TPU), dense on CPU."""
   return "dense" if platform == "cpu" else "ragged"
 
@@ -320,7 +322,7 @@ _fp8_dispatch.defvjp(lambda move, x, tables: (_fp8_dispatch(move, x, tables), (x
 def _local_experts(cfg, x, ids, w, ep, n, expand, w_gate, w_up, w_down):
   """The received units through this device's experts: x [R, H], ids / w [R, k] (local expert ids, -1 none).
   Keeps the first `expand` (unit, expert) rows in arrival order, sorts them by expert (stable: arrival order
-  inside an expert) and runs one grouped GEMM (dsv3.moe.expert_ffn), gate-weighted: (one row per unit [R, H],
+  inside an expert) and runs one grouped GEMM (dsv3.nn.moe.expert_ffn), gate-weighted: (one row per unit [R, H],
   dropped assignments)."""
   R, H = x.shape
   k, e_local = ids.shape[1], w_gate.shape[0]

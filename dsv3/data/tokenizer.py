@@ -95,7 +95,7 @@ class Tokenizer:
     d.mkdir(parents=True, exist_ok=True)
     cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": True, "add_eos_token": False,
            "bos_token": self.tok.id_to_token(self.bos_id), "eos_token": self.tok.id_to_token(self.eos_id)}
-    # Atomic: a reader (another host, a resumed dsv3.prepare) sees a complete file or none.
+    # Atomic: a reader (another host, a resumed dsv3.data.prepare) sees a complete file or none.
     atomic_write(d / "tokenizer.json", lambda f: f.write(self.tok.to_str(pretty=True).encode()))
     atomic_write(d / "tokenizer_config.json", lambda f: f.write(json.dumps(cfg, indent=2).encode()))
 

@@ -2,7 +2,7 @@
 
 XLA:CPU lowers jax.lax.ragged_dot to a dense computation masked over all experts, so its cost grows with the
 expert count. Here rows sorted by expert are cut into `block_m`-row tiles that never straddle two experts
-(`tile_schedule`, the same schedule the FP8 Triton kernel in dsv3.fp8_triton runs), and each GEMM is one batched
+(`tile_schedule`, the same schedule the FP8 Triton kernel in dsv3.kernels.fp8_triton runs), and each GEMM is one batched
 matmul over the tiles: the work is ~(M + G * block_m) * K * N whatever G is.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ def cdiv(a, b):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The tile schedule (shared with the FP8 Triton kernel in dsv3.fp8_triton, its jnp emulation and the tests).
+# The tile schedule (shared with the FP8 Triton kernel in dsv3.kernels.fp8_triton, its jnp emulation and the tests).
 
 
 def num_tiles(m, g, block_m):

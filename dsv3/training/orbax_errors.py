@@ -1,4 +1,4 @@
-"""How dsv3.checkpoint reads orbax's failures: which are storage errors (a full disk, a read-only file
+"""How dsv3.training.checkpoint reads orbax's failures: which are storage errors (a full disk, a read-only file
 system), a one-line summary of any, and the libraries' logs kept quiet while we report them ourselves."""
 from __future__ import annotations
 

@@ -35,7 +35,7 @@ def _sharding_of(shardings, coll, ours):
     if not isinstance(tree, dict) or k not in tree:
       raise ValueError(f"load_checkpoint(shardings=...): no sharding for {_path(coll, ours)}; pass a tree shaped "
                        f"like the variables {{'params', 'routing'}} or a function of their abstract tree, e.g. "
-                       f"lambda a: dsv3.sharding.param_shardings(mesh, a)")
+                       f"lambda a: dsv3.parallel.sharding.param_shardings(mesh, a)")
     tree = tree[k]
   if not isinstance(tree, jax.sharding.Sharding):
     raise ValueError(f"load_checkpoint(shardings=...): {_path(coll, ours)} maps to {type(tree).__name__}, "

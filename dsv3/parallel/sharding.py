@@ -15,7 +15,7 @@ tensors in DeepSeek-V3 are the routed experts. `fsdp=True` additionally shards t
 parameters over 'data' (ZeRO-3 style) for configs that do not fit otherwise.
 
 Axes are `AxisType.Auto`: the model is written in the global (jit) view and lets XLA propagate
-shardings; only the MoE dispatch is written per-device, inside `jax.shard_map` (dsv3.expert_parallel).
+shardings; only the MoE dispatch is written per-device, inside `jax.shard_map` (dsv3.parallel.expert_parallel).
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ collective is in flight. A GEMM is a dot / convolution, a cuBLAS or Triton GEMM 
 call or loop whose computation holds one. Every instruction's chunk comes from the name scope in its
 metadata (stages.FORWARD_SCOPE / BACKWARD_SCOPE in an F&B program), else from its operands'.
 
-  python -m dsv3.overlap DIR/compiled/rank0_FB_stage1_stage0.hlo.txt ...
+  python -m dsv3.analysis.overlap DIR/compiled/rank0_FB_stage1_stage0.hlo.txt ...
 """
 from __future__ import annotations
 

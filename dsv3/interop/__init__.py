@@ -1,0 +1,1 @@
+"""Formats: HF config conversion, sharded safetensors reading and writing."""

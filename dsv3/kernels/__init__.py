@@ -1,0 +1,1 @@
+"""Numerics and kernels: FP8 fine-grained scaling, expert GEMMs (XLA tiled, tokamax), the GPU platform check."""

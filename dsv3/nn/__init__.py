@@ -1,0 +1,1 @@
+"""The model's building blocks: layers, Multi-head Latent Attention, DeepSeekMoE, attention kernels."""

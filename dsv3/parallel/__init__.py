@@ -1,0 +1,1 @@
+"""Where arrays live: the mesh and shardings, expert parallelism, multi-process start-up."""

@@ -1,0 +1,1 @@
+"""The training system: the runner, the pure steps, losses, optimizer, checkpoints, EMA, metrics, workdir, config."""
