@@ -136,7 +136,7 @@ def test_bad_settings_raise(model4, schedule, num_stages, microbatches, match):
 
 def test_batch_and_layer_errors(model4):
   cfg, variables, tokens, _ = model4
-  with pytest.raises(ValueError, match=r"pipeline\.microbatches = 8 must divide the batch size 12"):
+  with pytest.raises(ValueError, match=r"pipeline\.microbatches: batch_size=12 must split into 8 micro-batches"):
     executor.pipeline_value_and_grad(cfg, variables, tokens[:12], schedule="1f1b", num_stages=4,
                                      microbatches=8, mtp_weight=MTP_WEIGHT, alpha=ALPHA)
   with pytest.raises(ValueError, match=r"num_hidden_layers = 4 cannot be cut into 8 pipeline stages"):

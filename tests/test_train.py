@@ -241,8 +241,9 @@ def test_init_from_hf_reads_each_shard_into_the_state_shardings(tmp_path, cache_
   hf.save_checkpoint(cfg, exported, str(tmp_path / "hf"))
   mesh = sharding.make_mesh(c.mesh)
   shardings = {k: sharding.param_shardings(mesh, v) for k, v in exported.items()}
-  state = jax.tree.map(np.zeros_like, exported)
-  loaded = train._init_from(str(tmp_path / "hf"), cfg, state, shardings)
+  like = {k: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), exported[k], shardings[k])
+          for k in ("params", "routing")}
+  loaded = train._init_from(str(tmp_path / "hf"), cfg, like)
   for key in ("params", "routing"):
     jax.tree.map(lambda a, b, s: (np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                                   (a.sharding.is_equivalent_to(s, a.ndim) or pytest.fail(f"{a.sharding} != {s}"))),
