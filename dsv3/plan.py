@@ -24,8 +24,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from dsv3 import cli, model
-from dsv3.analysis import memory, overlap
 from dsv3.abstract_model import leaves
+from dsv3.analysis import memory, overlap
 from dsv3.config import ConfigError, ModelConfig, deepseek_v3_671b, require_model_config
 from dsv3.flops import attention_flops, count as _count, flops_per_token, mtp_flops_per_token  # noqa: F401
 from dsv3.pipeline import schedules

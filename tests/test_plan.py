@@ -12,8 +12,8 @@ import pytest
 
 import tiny_model
 
-from dsv3 import cli, plan
 from dsv3 import abstract_model
+from dsv3 import cli, plan
 from dsv3.analysis import memory
 from dsv3.training.train_config import model_config_dict
 
