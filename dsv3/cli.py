@@ -36,7 +36,9 @@ class UsageError(Exception):
 
 def _program(argv: Sequence[str]) -> str:
   spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-  return spec.name if spec is not None and spec.name else os.path.basename(argv[0] if argv else "dsv3")
+  if spec is not None and spec.name:      # `python -m dsv3.data` runs dsv3.data.__main__: name the package
+    return spec.name.removesuffix(".__main__")
+  return os.path.basename(argv[0] if argv else "dsv3")
 
 
 def _flag_value(argv: Sequence[str], name: str) -> Optional[str]:

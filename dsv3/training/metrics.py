@@ -280,6 +280,13 @@ class MetricWriter:
       print(f"  best:       {best}", flush=True)
     print(f"  metrics:    {self.jsonl_path} (TensorBoard: {self.tb_dir})", flush=True)
 
+  def write_text(self, step: int, name: str, text: str) -> None:
+    """Records a text (e.g. a sample generation or the config) in TensorBoard and on the console."""
+    if not self.enabled:
+      return
+    self._files()[1].add_text(name, text, int(step))
+    self._print(f"[step {step}] {name}: {text}")
+
   def _fields(self, values: Mapping[str, float]) -> dict:
     out = {}
     for label, metric, fmt in _PROGRESS_FIELDS:
