@@ -26,6 +26,7 @@ from jax.experimental import multihost_utils
 
 from dsv3 import cli, convert, flops, hf
 from dsv3 import data as data_lib
+from dsv3.analysis import compile_only
 from dsv3.config import ModelConfig
 from dsv3.interop import hf_config
 from dsv3.parallel import distributed
@@ -62,9 +63,7 @@ def main(argv):
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required: the directory for checkpoints and metrics")
   if FLAGS.compile_only:
-    # The dry run is an analysis tool: imported only when asked for, before any backend starts (GPU
-    # targets set JAX_PLATFORMS).
-    from dsv3.analysis import compile_only  # pylint: disable=import-outside-toplevel
+    # Before any backend starts: GPU targets set JAX_PLATFORMS.
     compile_only.run(FLAGS.config, FLAGS.workdir, FLAGS.compile_only)
     return
   distributed.maybe_initialize()            # no-op unless launched as several processes

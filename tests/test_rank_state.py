@@ -9,7 +9,7 @@ from configs import tiny
 from dsv3 import layout, model as model_lib
 from dsv3.config import ModelConfig
 from dsv3.parallel import sharding
-from dsv3.pipeline import executor, pipelined
+from dsv3.pipeline import dispatch, executor, pipelined
 from dsv3.training import checkpoint as ckpt_lib
 from dsv3.training import ema as ema_lib
 from dsv3.training import runner as runner_lib
@@ -158,12 +158,12 @@ def test_step_takes_the_params_into_its_copies(dualpipe_pp2):
 
 
 def test_dry_run_records_the_calls_a_step_makes(dualpipe_pp2):
-  """The dry run cannot drift from the step: executor.run walked on abstract state (executor.Record, what
+  """The dry run cannot drift from the step: executor.run walked on abstract state (dispatch.Record, what
   runner.programs and --compile_only use) records the same program calls, in the same order, as a real
   step makes."""
   config, cfg, mesh, ps, ranks = dualpipe_pp2
 
-  class Logged(executor.Execute):
+  class Logged(dispatch.Execute):
     calls = []
 
     def call(self, call, fn, *args):
@@ -181,7 +181,7 @@ def test_dry_run_records_the_calls_a_step_makes(dualpipe_pp2):
       return fn.trace(*args).out_info
   abstract = [{k: s[k] for k in ("params", "routing")} for s in ps.abstract_state()["ranks"]]
   executor.run(ps.plan, abstract, jax.ShapeDtypeStruct(tokens.shape, tokens.dtype), 0.3, 1e-3,
-               exe=executor.Record(record))
+               exe=dispatch.Record(record))
   assert recorded == Logged.calls
   kinds = {k for _, k, _ in recorded}
   assert {"F", "sums"} <= kinds and kinds & {"FB", "FBstar"}       # DualPipe fuses F&B cells

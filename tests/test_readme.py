@@ -3,6 +3,7 @@ the flags they pass it, and a test (named in RUN_BY) runs that command. Their li
 name exist, and nothing points outside the repository. A doc edit that drifts from the code, or a new command
 without a test, fails here."""
 import importlib
+import glob
 import json
 import os
 import re
@@ -105,9 +106,18 @@ def test_doc_links_resolve():
 
 
 def test_docs_stay_inside_the_repository():
-  """A user's clone has only the repository: no page points at a sibling folder or a file outside it."""
-  bad = [f"{f}:{n}: {line.strip()}" for f, text in DOCS.items() for n, line in enumerate(text.splitlines(), 1)
-         if "../shared" in line or "GPU_AOT" in line]
+  """A user's clone has only the repository: every `../` path a page names stays inside it, and every
+  markdown file a page names is one of the repository's."""
+  repo_md = {os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "**", "*.md"), recursive=True)}
+  bad = []
+  for f, text in DOCS.items():
+    for n, line in enumerate(text.splitlines(), 1):
+      for up in re.findall(r"(?:\.\./)+[\w./-]*", line):
+        full = os.path.normpath(os.path.join(ROOT, os.path.dirname(f), up))
+        if not (full.startswith(ROOT + os.sep) and os.path.exists(full)):
+          bad.append(f"{f}:{n}: {up} is not in the repository")
+      bad += [f"{f}:{n}: {md} is no file of the repository" for md in re.findall(r"\b[\w-]+\.md\b", line)
+              if md not in repo_md]
   assert not bad, bad
 
 

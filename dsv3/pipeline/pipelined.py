@@ -8,7 +8,7 @@
 One step: the executor's gradients, each unit's reduced once among its holders; the whole model's gradient
 norm (one small all-reduce over 'pipeline'); every rank's optimizer and routing-bias update of its own
 units (dsv3.training.steps.apply_update, clipped by that norm); then the divergence guard from the summed norms.
-`exe=executor.Record(...)` walks the same step on abstract state and records its programs (the dry run).
+`exe=dispatch.Record(...)` walks the same step on abstract state and records its programs (the dry run).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dsv3 import layout
-from dsv3.pipeline import executor
+from dsv3.pipeline import dispatch, executor
 from dsv3.training import steps as steps_lib
 
 SUMS = ("update", "params", "new_params", "vio_sum", "vio_max")   # a rank's row of the guard's sums
@@ -132,7 +132,7 @@ class PipelinedSteps:
                       for r in range(self.layout.num_ranks)],
             "guard": jax.tree.map(placed, jax.eval_shape(lambda: steps_lib.CLEAN_GUARD), self.guard_sharding)}
 
-  def train(self, state, batch, mtp_weight, gamma, exe: executor.Execute = executor.EXECUTE, fused: bool = True):
+  def train(self, state, batch, mtp_weight, gamma, exe: dispatch.Execute = dispatch.EXECUTE, fused: bool = True):
     """One step: (state, metrics). `batch`: the global batch on the host; the state is donated. fused=False:
     each F&B cell as its F then its B (executor.run's no-overlap baseline)."""
     ranks, plan, lay = state["ranks"], self.plan, self.layout
@@ -145,7 +145,7 @@ class PipelinedSteps:
       rank = dict(ranks[r], params=variables[r]["params"])      # made back from the step's copies
       gamma_r = exe.constant(np.float32(gamma), here)
       norm_r = exe.glue(lambda: lay.on_rank(grad_norm, r), lambda: _sds((), jnp.float32, here))
-      call = executor.Call(f"rank{r}_update", "update", r, lay.meshes[r], (len(self.update_units(r)),))
+      call = dispatch.Call(f"rank{r}_update", "update", r, lay.meshes[r], (len(self.update_units(r)),))
       new[r], rows[r] = exe.call(call, self.update_program(r), rank, grads[r], loads[r], gamma_r, norm_r)
     whole = NamedSharding(self.mesh, P())
     step = exe.glue(lambda: jax.make_array_from_single_device_arrays(
@@ -153,11 +153,11 @@ class PipelinedSteps:
         lambda: _sds((), jnp.int32, whole))
     rows = exe.glue(lambda: lay.gather_rows(rows),
                     lambda: _sds((lay.num_ranks, len(SUMS)), jnp.float32, NamedSharding(self.mesh, P("pipeline"))))
-    guard, metrics = exe.call(executor.Call("check", "check", None, self.mesh), self.check_program,
+    guard, metrics = exe.call(dispatch.Call("check", "check", None, self.mesh), self.check_program,
                               state["guard"], step, metrics, grad_norm, rows)
     return {"ranks": new, "guard": guard}, metrics
 
-  def evaluate(self, state, tokens, params=None, exe: executor.Execute = executor.EXECUTE):
+  def evaluate(self, state, tokens, params=None, exe: dispatch.Execute = dispatch.EXECUTE):
     """(cross entropy, loads [num_moe_layers, E]) of a batch, as host values; of the state's params or of
     a per-unit params view `params` (the EMA's)."""
     ranks = state["ranks"] if params is None else self.with_params(state["ranks"], params)

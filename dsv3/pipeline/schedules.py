@@ -12,7 +12,7 @@ from typing import List, Optional
 from absl import flags
 
 from dsv3 import cli
-from dsv3.pipeline import simulate as _engine
+from dsv3.pipeline import simulate as _engine, timeline
 from dsv3.pipeline.ops import Op, Schedule, parse_op
 from dsv3.pipeline.simulate import SimResult
 
@@ -369,8 +369,6 @@ def main(argv):
     for r, ops in enumerate(dualpipe(a.ranks, a.chunks).strings()):
       print(f"rank {r}: " + " ".join(ops))
   if a.png:
-    # Optional: matplotlib costs ~1 s to import, and every process imports this module through config.py.
-    from dsv3.pipeline import timeline  # pylint: disable=g-import-not-at-top
     timeline.plot_timeline(rows[2][-1], a.png, title=f"DualPipe, {a.ranks} ranks, {a.chunks} micro-batches "
                                                       f"(F={a.F}, B={a.B}, W={a.W}, F&B={fb})")
     print(f"wrote {a.png}")

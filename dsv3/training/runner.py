@@ -14,7 +14,7 @@ Pipelined, it is {'ranks': rank r's units on its sub-mesh (dsv3.pipeline.pipelin
 and the EMA see each unit once (per-layer), and the step is the executor's schedule of stage programs.
 
 `programs` is how the compile-only dry run knows what to compile: the unpipelined runner's train and eval
-steps; the pipelined runner walks the executor's own driver on abstract state (dsv3.pipeline.executor.Record),
+steps; the pipelined runner walks the executor's own driver on abstract state (dsv3.pipeline.dispatch.Record),
 so every program a step calls is recorded, with its name, its rank and its arguments, and none re-derived.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding
 from dsv3 import layout
 from dsv3.config import ModelConfig
 from dsv3.parallel import sharding
-from dsv3.pipeline import executor, per_device, pipelined, reduction, schedules, stages
+from dsv3.pipeline import dispatch, per_device, pipelined, reduction, schedules, stages
 from dsv3.training import steps as steps_lib
 
 
@@ -86,7 +86,7 @@ def _on(a, mesh: Mesh):
 
 
 class _Recorder:
-  """Collects a step's programs as it is walked (executor.Record's on_call) and gives each call its abstract
+  """Collects a step's programs as it is walked (dispatch.Record's on_call) and gives each call its abstract
   outputs, read off the compiled program: the next programs then take their inputs exactly as the compiled
   ones lay them out. A program of the same name at the same position is the same program (recorded once);
   one of the same shapes at another rank is compiled once (`same_as`)."""
@@ -96,7 +96,7 @@ class _Recorder:
     self.programs: List[Program] = []
     self.outputs, self.first = {}, {}
 
-  def on_call(self, call: executor.Call, fn, args):
+  def on_call(self, call: dispatch.Call, fn, args):
     position = f"rank{call.rank}" if call.rank is not None else f"all {call.mesh.size} devices"
     return self.add(call.name, call.kind, position, call.mesh, fn, args, call.key)
 
@@ -308,12 +308,12 @@ class PipelinedRunner(Runner):
     return ce, (loads if self.cfg.num_moe_layers else None)
 
   def programs(self, batch, compile: Optional[Callable] = None, baselines: bool = False) -> List[Program]:
-    """Every program of one step and one evaluation, as the executor calls them (executor.Record walks its
+    """Every program of one step and one evaluation, as the executor calls them (dispatch.Record walks its
     driver on abstract state): each rank's F, B or B* and W, F&B cells, gradient sums, update and eval
     stages on its sub-mesh, then the guard's check on the whole mesh; in rank order. baselines: also the
     step walked unfused (each F&B cell as its F then its B: the F and B programs every F&B fuses)."""
     rec = _Recorder(compile)
-    exe = executor.Record(rec.on_call)
+    exe = dispatch.Record(rec.on_call)
     state = self.ps.abstract_state()
     tokens = jax.ShapeDtypeStruct(tuple(batch.shape), jnp.int32)      # the host batch
     for fused in (True, False) if baselines else (True,):
