@@ -45,8 +45,6 @@ from dsv3.bench import common, gpu, hf, step
 SECTIONS = {"train": step.bench_train, "hf": hf.hf, "profile": hf.profile, "moe": step.bench_moe,
             "seq": step.bench_seq, "compile": step.bench_compile, "memory": step.bench_memory}
 
-FLAG_NAMES = ("small", "fast", "steps", "batch", "seq", "tokens", "top", "hf_configs")   # what the sections read
-
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """`python -m dsv3.bench`'s flags (`python -m dsv3.bench gpu` has dsv3.bench.gpu's instead)."""
@@ -70,7 +68,7 @@ def main(argv):
   unknown = sorted(set(what) - set(SECTIONS))
   if unknown:
     raise cli.UsageError(f"--what: unknown section(s) {unknown}; choose from {','.join(SECTIONS)}")
-  args = common.flag_args(*FLAG_NAMES)
+  args = common.flag_args(define_flags)
   args.steps = args.steps or (2 if args.fast else 5)
   for w in what:
     t0 = time.perf_counter()

@@ -40,10 +40,12 @@ def use_cpu_devices(count: int = 8) -> None:
     jax.config.update("jax_num_cpu_devices", count)
 
 
-def flag_args(*names: str, flag_values: flags.FlagValues = flags.FLAGS) -> types.SimpleNamespace:
-  """The values of the parsed absl flags `names`, as attributes named after the flags: what a bench's
-  functions take, so that a notebook or a test can call them without parsing a command line."""
-  return types.SimpleNamespace(**{name: flag_values[name].value for name in names})
+def flag_args(define_flags, flag_values: flags.FlagValues = flags.FLAGS) -> types.SimpleNamespace:
+  """The parsed values of the flags a command's `define_flags` defines, as attributes named after them:
+  what a bench's functions take, so that a notebook or a test can call them without parsing a command line."""
+  defined = flags.FlagValues()
+  define_flags(defined)
+  return types.SimpleNamespace(**{name: flag_values[name].value for name in defined})
 
 
 def short_run_config(name: str, steps: int, batch_size: int, seq_len: int, vocab: int, max_files: int,

@@ -34,11 +34,9 @@ from dsv3.nn import moe
 from dsv3.parallel import sharding
 from dsv3.parallel.expert_parallel import ExpertParallel
 
-FLAG_NAMES = ("tokens", "hidden", "experts", "topk", "iters", "node_size", "node_eps", "node_tokens")
-
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
-  """The command line's flags (FLAG_NAMES), defined only by `python -m dsv3.bench.ep`."""
+  """The command line's flags, defined only by `python -m dsv3.bench.ep`."""
   fv = dict(flag_values=flag_values)
   flags.DEFINE_integer("tokens", 1024, "tokens per step (global)", **fv)
   flags.DEFINE_integer("hidden", 64, "hidden size", **fv)
@@ -164,7 +162,7 @@ def main(argv):
   common.use_cpu_devices(8)
   jax.config.update("jax_default_matmul_precision", "highest")
   print(f"backend: {jax.default_backend()}, {jax.device_count()} devices")
-  args = common.flag_args(*FLAG_NAMES)
+  args = common.flag_args(define_flags)
   node_limited_table(args)
   node_traffic_table(args)
   ep_table(args, min(8, jax.device_count()))

@@ -202,11 +202,8 @@ def tables(result) -> str:
   return "\n".join(out)
 
 
-FLAG_NAMES = ("out", "smoke", "budget_s", "iters", "train_batch", "train_seq", "train_steps", "train_child")
-
-
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
-  """The command's flags (FLAG_NAMES), defined only by `python -m dsv3.bench gpu` (dsv3/bench/__main__.py) and
+  """The command's flags, defined only by `python -m dsv3.bench gpu` (dsv3/bench/__main__.py) and
   by this module's main block (its train children)."""
   fv = dict(flag_values=flag_values)
   flags.DEFINE_string("out", "gpu_bench.json", "Where the JSON goes (default ./gpu_bench.json).", **fv)
@@ -222,7 +219,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 def main(argv):
   if argv[1:]:
     raise cli.UsageError(f"unexpected argument(s) {argv[1:]}")
-  args = common.flag_args(*FLAG_NAMES)
+  args = common.flag_args(define_flags)
   if args.train_child:
     _train_child(args)
   else:

@@ -30,11 +30,9 @@ from dsv3.bench import common
 from dsv3.config import ModelConfig
 from dsv3.pipeline import executor, schedules
 
-FLAG_NAMES = ("ranks", "microbatches", "batch", "seq", "steps", "schedules", "unfused")
-
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
-  """The command line's flags (FLAG_NAMES), defined only by `python -m dsv3.bench.pipeline`."""
+  """The command line's flags, defined only by `python -m dsv3.bench.pipeline`."""
   fv = dict(flag_values=flag_values)
   flags.DEFINE_integer("ranks", 4, "Pipeline ranks (each gets devices / ranks of the 8 devices).", **fv)
   flags.DEFINE_integer("microbatches", 8, "Micro-batches per step.", **fv)
@@ -103,7 +101,7 @@ def bench(schedule: str, ranks: int, microbatches: int, steps: int, cfg: ModelCo
 def main(argv):
   del argv
   common.use_cpu_devices(8)
-  args = common.flag_args(*FLAG_NAMES)
+  args = common.flag_args(define_flags)
   cfg = ModelConfig(**BENCH_MODEL).validate()
   variables = _variables(cfg)
   tokens = jax.random.randint(jax.random.key(1), (args.batch, args.seq + 1), 0, cfg.vocab_size, jnp.int32)
