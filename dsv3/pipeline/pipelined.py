@@ -144,15 +144,15 @@ class PipelinedSteps:
       here = NamedSharding(lay.meshes[r], P())
       rank = dict(ranks[r], params=variables[r]["params"])      # made back from the step's copies
       gamma_r = exe.constant(np.float32(gamma), here)
-      norm_r = exe.glue(lambda: lay.on_rank(grad_norm, r), lambda: _sds((), jnp.float32, here))
+      norm_r = exe.glue(lambda: lay.on_rank(grad_norm, r), lambda: dispatch.sds((), jnp.float32, here))
       call = dispatch.Call(f"rank{r}_update", "update", r, lay.meshes[r], (len(self.update_units(r)),))
       new[r], rows[r] = exe.call(call, self.update_program(r), rank, grads[r], loads[r], gamma_r, norm_r)
     whole = NamedSharding(self.mesh, P())
     step = exe.glue(lambda: jax.make_array_from_single_device_arrays(
         (), whole, [s.data for r in exe.ranks(plan) for s in new[r]["step"].addressable_shards]),
-        lambda: _sds((), jnp.int32, whole))
-    rows = exe.glue(lambda: lay.gather_rows(rows),
-                    lambda: _sds((lay.num_ranks, len(SUMS)), jnp.float32, NamedSharding(self.mesh, P("pipeline"))))
+        lambda: dispatch.sds((), jnp.int32, whole))
+    by_rank = NamedSharding(self.mesh, P("pipeline"))
+    rows = exe.glue(lambda: lay.gather_rows(rows), lambda: dispatch.sds((lay.num_ranks, len(SUMS)), jnp.float32, by_rank))
     guard, metrics = exe.call(dispatch.Call("check", "check", None, self.mesh), self.check_program,
                               state["guard"], step, metrics, grad_norm, rows)
     return {"ranks": new, "guard": guard}, metrics
@@ -164,6 +164,3 @@ class PipelinedSteps:
     variables = [None if s is None else {"params": s["params"], "routing": s["routing"]} for s in ranks]
     return executor.evaluate(self.plan, variables, tokens, exe)
 
-
-def _sds(shape, dtype, placement):
-  return jax.ShapeDtypeStruct(shape, dtype, sharding=placement)
