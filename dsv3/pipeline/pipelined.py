@@ -152,7 +152,8 @@ class PipelinedSteps:
         (), whole, [s.data for r in exe.ranks(plan) for s in new[r]["step"].addressable_shards]),
         lambda: dispatch.sds((), jnp.int32, whole))
     by_rank = NamedSharding(self.mesh, P("pipeline"))
-    rows = exe.glue(lambda: lay.gather_rows(rows), lambda: dispatch.sds((lay.num_ranks, len(SUMS)), jnp.float32, by_rank))
+    rows = exe.glue(lambda: lay.gather_rows(rows),
+                    lambda: dispatch.sds((lay.num_ranks, len(SUMS)), jnp.float32, by_rank))
     guard, metrics = exe.call(dispatch.Call("check", "check", None, self.mesh), self.check_program,
                               state["guard"], step, metrics, grad_norm, rows)
     return {"ranks": new, "guard": guard}, metrics
