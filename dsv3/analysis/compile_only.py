@@ -10,8 +10,9 @@ trainer's runner runs (dsv3.training.runner.Runner.programs): unpipelined, its t
 executor's own driver walked on abstract state, each rank's stage programs (F, B or B* and W, F&B cells),
 gradient sums, update and evaluation on its sub-mesh, then the guard's check. Writes
 DIR/compiled/memory.json (dsv3.analysis.compiled_memory: per program, per rank, the worst, and dsv3.plan's estimate)
-and each program's scheduled HLO as DIR/compiled/<program>.hlo.txt. A mesh over MAX_COMPILE_DEVICES compiles
-as a stand-in with the same per-device shapes (`stand_in`). GPU kernels are chosen by the target mesh's
+and each program's scheduled HLO as DIR/compiled/<program>.hlo.txt. Every program compiles on its own devices of
+the full mesh (a stage program on its rank's sub-mesh: EP64 x DP2 = 128 GPUs in the 671B layout), so its
+per-device shapes are the run's, every expert buffer included (memory.json's exact_shapes). GPU kernels are chosen by the target mesh's
 platform (dsv3.kernels.backend); XLA:GPU sorts compile without CUB (its scratch size needs a device).
 """
 from __future__ import annotations
@@ -42,7 +43,6 @@ TARGETS = ("cpu", "h100", "h800", "h200")
 _SPEC_FILES = {"h100": "h100_sxm.txtpb", "h800": "h100_sxm.txtpb", "h200": "h200.txtpb"}
 GPU_COMPILER_OPTIONS = {"xla_gpu_enable_cub_radix_sort": False}
 GPUS_PER_HOST = 8
-MAX_COMPILE_DEVICES = 256     # a larger mesh compiles as its stand-in (`stand_in`)
 # The compile-only GPU toolchain past jax 0.12 (pyproject.toml's `aot` extra), and what each piece does.
 GPU_TOOLCHAIN = (
     ("jax-cuda12-pjrt", "XLA's CUDA compiler"),
@@ -163,9 +163,10 @@ def compiled_programs(config, mesh, options=None, echo=print, select=None, basel
   return runner, runner.programs(batch, compile, baselines=baselines)
 
 
-def rank_info(holding: dict, programs: list) -> dict:
+def rank_info(holding: dict, programs: list, ema: bool) -> dict:
   """A pipeline rank's row of memory.json's 'ranks' (what compiled_memory.rank_peak reads): its programs (by
-  the name they compiled under) and the bytes per device it holds across them."""
+  the name they compiled under) and the bytes per device it holds across them. ema: the run keeps an EMA,
+  whose evaluation puts a copy of the rank's params on its devices (HostEMA.value, laid out as they are)."""
   size = compiled_memory.bytes_per_device
   names = []
   for p in programs:
@@ -175,41 +176,8 @@ def rank_info(holding: dict, programs: list) -> dict:
   return dict(rank=holding["rank"], stages=holding["stages"], programs=names,
               inflight_microbatches=holding["inflight_microbatches"], state_bytes=size(state),
               params_bytes=size(state["params"]), params_in_copies=holding["params_in_copies"],
+              ema_bytes=size(state["params"]) if ema else 0,
               copies_bytes=2 * sum(size(c) for c in holding["copies"]))   # the copies and their accumulators
-
-
-def stand_in(config):
-  """(config to compile, note or None). A mesh of more than MAX_COMPILE_DEVICES devices compiles as a
-  stand-in with the same per-device shapes: the expert axis cut to one node (8) and the routed experts and
-  the batch cut by the same factor, so every device holds as many experts, rows and micro-batch rows as in
-  the full mesh (EP8 with 32 experts for EP64 with 256). Node-limited routing keeps its groups.
-  The non-expert optimizer shards are split over fewer devices (data x 8, not data x expert), so the
-  stand-in holds a little more than the full mesh: its figures are an upper bound."""
-  mesh = config.mesh
-  devices = int(mesh.data) * int(mesh.expert) * int(mesh.pipeline)
-  if devices <= MAX_COMPILE_DEVICES or int(mesh.expert) <= GPUS_PER_HOST:
-    return config, None
-  factor = int(mesh.expert) // GPUS_PER_HOST
-  m = config.model
-  if int(mesh.expert) % GPUS_PER_HOST or m.n_routed_experts % factor or config.batch_size % factor:
-    raise CompileOnlyError(
-        f"--compile_only: {devices} devices is too many to compile here, and no stand-in keeps the per-device "
-        f"shapes: mesh.expert={mesh.expert} must be a multiple of {GPUS_PER_HOST} dividing n_routed_experts="
-        f"{m.n_routed_experts} and batch_size={config.batch_size}")
-  experts = m.n_routed_experts // factor
-  if m.n_group > 1 and (experts % m.n_group or experts // m.n_group < 2):
-    raise CompileOnlyError(f"--compile_only: the stand-in's {experts} experts do not split into model.n_group="
-                           f"{m.n_group} groups of >= 2; compile a mesh of <= {MAX_COMPILE_DEVICES} devices")
-  small = config.copy_and_resolve_references()
-  small.mesh.expert = GPUS_PER_HOST
-  small.model.n_routed_experts = experts
-  small.batch_size = config.batch_size // factor
-  note = (f"stand-in: the {devices}-device mesh {dict(mesh)} compiles as mesh.expert {mesh.expert} -> "
-          f"{GPUS_PER_HOST}, model.n_routed_experts {m.n_routed_experts} -> {experts}, batch_size "
-          f"{config.batch_size} -> {small.batch_size}: the same {m.n_routed_experts // int(mesh.expert)} experts, "
-          f"rows and micro-batch rows per device; non-expert optimizer shards over data x {GPUS_PER_HOST} "
-          f"instead of data x {mesh.expert} (an upper bound)")
-  return small, note
 
 
 def compile_step(config, workdir: str, target: str, echo=print) -> dict:
@@ -221,10 +189,8 @@ def compile_step(config, workdir: str, target: str, echo=print) -> dict:
   check_toolchain(target)
 
   gpu = target != "cpu"
-  full = config
-  config, stand_in_note = stand_in(config)
   config = config.copy_and_resolve_references()
-  notes = [stand_in_note] if stand_in_note else []
+  notes = []
   if gpu:
     notes.append("XLA flag --xla_gpu_enable_cub_radix_sort=false: sorts compile as XLA's sort (CUB's scratch size "
                  "needs a device), so the MoE dispatch sorts differ from what a GPU run executes")
@@ -240,7 +206,15 @@ def compile_step(config, workdir: str, target: str, echo=print) -> dict:
   with grouped_gemm.deviceless(devices) if gpu else contextlib.nullcontext():
     runner, programs = compiled_programs(config, mesh, options, echo)
   holdings = runner.rank_holdings(jax.ShapeDtypeStruct((int(config.batch_size), int(config.seq_len) + 1), jnp.int32))
-  ranks = None if holdings is None else [rank_info(h, programs) for h in holdings]
+  ema = bool(config.ema_decay)
+  if holdings is None:      # unpipelined: one holding, the whole state on every device's share
+    state = runner.checkpoint_like
+    ranks = None
+    single = dict(state_bytes=compiled_memory.bytes_per_device(state),
+                  ema_bytes=compiled_memory.bytes_per_device(state["params"]) if ema else 0)
+  else:
+    ranks = [rank_info(h, programs, ema) for h in holdings]
+    single = None
   if runner.pipelined:
     notes.append(f"pipeline ({config.pipeline.schedule}, {config.pipeline.microbatches} micro-batches): each "
                  f"rank's programs on its own state (its stages' units), as the executor calls them, compiled "
@@ -251,6 +225,9 @@ def compile_step(config, workdir: str, target: str, echo=print) -> dict:
     if gpu:
       notes.append(f"stage programs with XLA options {stages.GPU_OVERLAP_OPTIONS} (the executor's on GPUs); each "
                    f"F&B program's line says how much of its expert all-to-all traffic runs under the other chunk")
+  notes.append("phases: evaluation holds the state" + (", the EMA's device copy of the params (HostEMA.value)"
+                                                          if ema else "") + " and an eval program's temporaries; "
+               "a checkpoint save copies the state to the host (orbax), holding nothing more on the device")
   out_dir = os.path.join(workdir, "compiled")
   os.makedirs(out_dir, exist_ok=True)
   rows = []
@@ -264,7 +241,7 @@ def compile_step(config, workdir: str, target: str, echo=print) -> dict:
                      hlo=f"{p.name}.hlo.txt", **compiled_memory.program_memory(p.compiled)))
     if gpu and p.kind in ("FB", "FBstar"):     # what the F&B cell overlaps (dsv3.analysis.overlap)
       rows[-1]["overlap"] = {k: v for k, v in overlap.summary(text).items() if k != "rows"}
-  worst = compiled_memory.peaks(rows, ranks)
+  worst = compiled_memory.peaks(rows, ranks, single)
   estimate = plan.plan(config, platform="gpu" if gpu else "cpu")["memory_per_device"]   # its code paths
   result = dict(
       target=target, device_kind=str(getattr(devices[0], "device_kind", devices[0].platform)),
@@ -278,11 +255,9 @@ def compile_step(config, workdir: str, target: str, echo=print) -> dict:
                            "micro-batches, one layer's backward or the head's working set, logits)", **estimate),
       peak_over_estimate=worst["max_peak_bytes_per_device"] / max(estimate["total_with_activations_bytes"], 1),
       compiler_options=dict(options or {}),
-      exact_shapes=stand_in_note is None,       # every program compiled with the full mesh's per-device shapes
-      stand_in=None if stand_in_note is None else dict(note=stand_in_note, mesh=dict(full.mesh),
-                                                      n_routed_experts=int(full.model.n_routed_experts),
-                                                      batch_size=int(full.batch_size)),
+      exact_shapes=True,       # every program compiled on its own devices of the full mesh
       notes=notes)
+  result["shortfalls"] = compiled_memory.shortfalls(result)
   with open(os.path.join(out_dir, "memory.json"), "w") as f:
     json.dump(result, f, indent=1, default=str)
   echo(compiled_memory.format_table(result))

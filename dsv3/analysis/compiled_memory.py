@@ -41,7 +41,8 @@ def rank_peak(info: dict, rows: list) -> dict:
     gradient sums           held + the sums' temp and output (the ZeRO-1 gradients)
     copies                  state + the parameter copies (the moment they are taken or given back)
     update                  the update program's peak (state, gradients, optimizer temporaries)
-    evaluation              state + an eval program's temp and output
+    evaluation              state + the EMA's device copy (ema_bytes) + an eval program's temp and output
+    save                    state (orbax copies it to the host)
 
   The residuals of one micro-batch are the largest output of the rank's F programs (its VJP residuals and
   the activation it sends on)."""
@@ -61,26 +62,50 @@ def rank_peak(info: dict, rows: list) -> dict:
       sums=held + max(r["temp_bytes"] + r["output_bytes"] for r in of("sums")),
       copies=info["state_bytes"] + info["copies_bytes"] // 2,      # taking the params / giving them back
       update=max(r["peak_bytes"] for r in of("update")),
-      evaluation=info["state_bytes"] + max([r["temp_bytes"] + r["output_bytes"] for r in of("eval")] or [0]))
+      evaluation=info["state_bytes"] + info.get("ema_bytes", 0)
+      + max([r["temp_bytes"] + r["output_bytes"] for r in of("eval")] or [0]),
+      save=info["state_bytes"])
   worst = max(phases, key=phases.get)
   return dict(info, residual_bytes_per_microbatch=residual, working_bytes=work, phases=phases,
               peak_phase=worst, peak_bytes=phases[worst])
 
 
-def peaks(rows: list, ranks: Optional[list]) -> dict:
+def peaks(rows: list, ranks: Optional[list], single: Optional[dict] = None) -> dict:
   """The worst figures of memory.json: over mesh positions, or pipelined over ranks (`rank_peak`; each rank's
   peak in per_rank_peak_bytes, one entry unpipelined), and the worst single program. rows: program_memory's
-  per program (with 'program' and 'position')."""
+  per program (with 'program' and 'position'). single (unpipelined): {state_bytes, ema_bytes}, for the
+  phases outside the train step (evaluation: the state, the EMA's device copy and the eval step's temp)."""
   worst_program = max(rows, key=lambda r: r["peak_bytes"])
+  phases = None
   if ranks is not None:
     ranks = [rank_peak(info, rows) for info in ranks]
     worst_rank = max(ranks, key=lambda r: r["peak_bytes"])
     max_peak, max_position = worst_rank["peak_bytes"], f"rank{worst_rank['rank']} ({worst_rank['peak_phase']})"
   else:
     max_peak, max_position = worst_program["peak_bytes"], worst_program["position"]
-  return dict(ranks=ranks, max_peak_bytes_per_device=max_peak, max_peak_position=max_position,
+    if single is not None:
+      evals = [r for r in rows if r["program"].startswith("eval")]
+      phases = dict(train=max(r["peak_bytes"] for r in rows if not r["program"].startswith("eval")),
+                    evaluation=single["state_bytes"] + single["ema_bytes"]
+                    + max([r["temp_bytes"] + r["output_bytes"] for r in evals] or [0]),
+                    save=single["state_bytes"])
+      phase = max(phases, key=phases.get)
+      max_peak, max_position = phases[phase], f"{worst_program['position']} ({phase})"
+  return dict(ranks=ranks, phases=phases, max_peak_bytes_per_device=max_peak, max_peak_position=max_position,
               per_rank_peak_bytes=[r["peak_bytes"] for r in ranks] if ranks is not None else [max_peak],
               max_program_peak_bytes=worst_program["peak_bytes"], max_peak_program=worst_program["program"])
+
+
+def shortfalls(result: dict) -> list:
+  """Every (rank, phase) whose compiled figure exceeds the target's memory: [{rank, phase, need_bytes,
+  short_bytes}] (rank None unpipelined); [] when everything fits or the target has no capacity (CPU)."""
+  cap = result.get("capacity_bytes_per_device")
+  if not cap:
+    return []
+  rows = ([(r["rank"], r["phases"]) for r in result["ranks"]] if result.get("ranks") is not None
+          else [(None, result.get("phases") or {"step": result["max_peak_bytes_per_device"]})])
+  return [dict(rank=rank, phase=phase, need_bytes=need, short_bytes=need - cap)
+          for rank, phases in rows for phase, need in phases.items() if need > cap]
 
 
 def gb(n: Optional[int]) -> str:
@@ -117,5 +142,9 @@ def format_table(result: dict) -> str:
                + (f" of {gb(cap)} GB" if cap else "")
                + f"; dsv3.plan estimate {gb(result['estimated_peak_bytes_per_device'])} GB (with activations), "
                f"ratio {result['peak_over_estimate']:.2f}")
+  for s in result.get("shortfalls") or []:
+    where = "every device" if s["rank"] is None else f"rank {s['rank']}"
+    lines.append(f"DOES NOT FIT: {where}, {s['phase']} phase: {gb(s['need_bytes'])} GB of {gb(cap)} GB, "
+                 f"{gb(s['short_bytes'])} GB short")
   lines += [f"note: {n}" for n in result["notes"]]
   return "\n".join(lines)

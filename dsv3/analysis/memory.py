@@ -38,8 +38,9 @@ def memory_plan(cfg: ModelConfig, data: int, expert: int, pipeline: int, schedul
                 moments_dtype: str = "float32", copies: bool = True) -> dict:
   """Bytes per device of params / grads / optimizer states, by dtype, for the pipeline rank holding most.
 
-  Pipelined, a rank holds its stages' units once, and per stage copy a gradient accumulator ('grads') and,
-  when `copies` (rows split over the sub-mesh, per_device.Devices), a per-device parameter copy ('copies').
+  Pipelined, a rank holds its stages' units once, and per unit a gradient accumulator ('grads') and, when
+  `copies` (rows split over the sub-mesh, per_device.Devices), a per-device parameter copy ('copies'), which
+  its stage copies share (dsv3.pipeline.executor).
   Unpipelined, 'grads' are the FP32 gradients and there are no copies.
   """
   for name, v in (("data", data), ("expert", expert), ("pipeline", pipeline)):
@@ -66,7 +67,6 @@ def memory_plan(cfg: ModelConfig, data: int, expert: int, pipeline: int, schedul
       embed[key] += leaf.total
     else:
       elements[last][key] += leaf.total
-  with_embed = lambda s: elements[s] + embed if s in (0, last) else elements[s]
   local = lambda routed, n: -(-n // expert) if routed else n
 
   def rank_bytes(stages):
@@ -86,13 +86,12 @@ def memory_plan(cfg: ModelConfig, data: int, expert: int, pipeline: int, schedul
       opt[moments_dtype] += 2 * shard * jnp.dtype(moments_dtype).itemsize
       if jnp.dtype(dtype).itemsize < 4:
         opt["float32"] += shard * 4
-    if pipeline > 1:           # per stage copy: its accumulator, and its per-device parameter copy
-      for s in stages:
-        for (routed, dtype, trainable), n in with_embed(s).items():
-          if trainable:
-            grads[dtype] += local(routed, n) * jnp.dtype(dtype).itemsize
-            if copies:
-              copy[dtype] += local(routed, n) * jnp.dtype(dtype).itemsize
+    if pipeline > 1:           # per unit of the rank (its stage copies share them): an accumulator, a copy
+      for (routed, dtype, trainable), n in units.items():
+        if trainable:
+          grads[dtype] += local(routed, n) * jnp.dtype(dtype).itemsize
+          if copies:
+            copy[dtype] += local(routed, n) * jnp.dtype(dtype).itemsize
     return dict(params=dict(params), grads=dict(grads), optimizer=dict(opt), copies=dict(copy),
                 total_bytes=sum(params.values()) + sum(grads.values()) + sum(opt.values()) + sum(copy.values()))
 

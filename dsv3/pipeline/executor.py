@@ -123,6 +123,7 @@ class _Step:
     self.spec = sharding.batch_spec(plan.meshes[0], self.mb)     # sub-meshes are alike: one row layout
     self.weights_coefs = (mtp_weight, alpha)
     self.copies: Dict[tuple, dict] = {}
+    self.rank_copies, self.accs = {}, {}     # per rank: its per-layer parameter copies and accumulators
     self.micro, self.acts, self.grads_in, self.saved = {}, {}, {}, {}
     self.deferred = [collections.deque() for _ in plan.schedule]
 
@@ -132,27 +133,39 @@ class _Step:
   def take_copies(self, rank_variables, donate: bool) -> dict:
     """Stage copies on the ranks this process runs; their parameters as per-device copies where the
     micro-batch rows split over the sub-mesh, so gradients are reduced once per step (per_device.Devices).
+    A rank copies each of its units once, and keeps one accumulator per unit: its stage copies share them
+    (DualPipe's rank 0 runs stage 0, which embeds, and the last stage, whose MTP module embeds).
     Returns the shardings of the params each rank gave to its copies (donate)."""
     plan, exe, taken = self.plan, self.exe, {}
     for r in exe.ranks(plan):
       devices = per_device.Devices.of(plan.meshes[r], self.mb)
-      mine = reduction.stage_copies(plan, r)
-      specs = [plan.specs[s] for _, s in mine]
       params, routing = rank_variables[r]["params"], rank_variables[r].get("routing", {})
-      like = lambda: [devices.abstract_copies(stages.stage_variables(params, {}, sp)[0]) for sp in specs]
+      like = lambda: devices.abstract_copies(params)
       if donate and devices.axes:
         taken[r] = jax.tree.map(lambda x: x.sharding, params)
-        trees = exe.glue(lambda: devices.copies_taking(params, specs), like)
+        copied = exe.glue(lambda: devices.copies_taking(params), like)
       else:
-        trees = exe.glue(lambda: [devices.copies(stages.stage_variables(params, routing, sp)[0]) for sp in specs],
-                         like)
+        copied = exe.glue(lambda: devices.copies(params), like)
+      self.rank_copies[r] = copied
+      self.accs[r] = exe.glue(lambda: stages.zeros_like(copied), lambda: copied)
       coefs = exe.constant(np.asarray([*self.weights_coefs, 1.0 / plan.microbatches], np.float32),
                            NamedSharding(plan.meshes[r], P()))
-      for (d, s), p, sp in zip(mine, trees, specs):
-        self.copies[d, s] = dict(params=p, routing=stages.stage_variables(params, routing, sp)[1], coefs=coefs,
-                                 acc=exe.glue(lambda: stages.zeros_like(p), lambda: p), key=sp.program_key,
-                                 aux=[], devices=devices, stage=s)
+      for d, s in reduction.stage_copies(plan, r):
+        sp = plan.specs[s]
+        self.copies[d, s] = dict(params=stages.stage_variables(copied, {}, sp)[0], rank=r, spec=sp,
+                                 routing=stages.stage_variables(params, routing, sp)[1], coefs=coefs,
+                                 key=sp.program_key, aux=[], devices=devices, stage=s)
     return taken
+
+  def acc(self, c):
+    """Stage copy c's gradient accumulator, made of its rank's per-unit accumulators."""
+    return stages.stage_variables(self.accs[c["rank"]], {}, c["spec"])[0]
+
+  def set_acc(self, c, tree):
+    """Stores a program's new accumulator of stage copy c back into its rank's per-unit accumulators."""
+    units = layout.by_unit(self.accs[c["rank"]])
+    units.update(stages.stage_units(c["spec"], tree))
+    self.accs[c["rank"]] = layout.from_units(units)
 
   def place_tokens(self):
     """Micro-batch tokens go to the first and last stage of their direction (the embedding and the loss)."""
@@ -192,7 +205,7 @@ class _Step:
       if op.input_only:
         self.deferred[r].append((c, vjps, out))
       else:
-        c["acc"] = out
+        self.set_acc(c, out)
     if s > 0:
       self.grads_in[d, s - 1, op.microbatch] = self.exe.move(plan, dx, r, plan.owner[d, s - 1], self.hidden, self.spec)
     return dx, out
@@ -215,7 +228,7 @@ class _Step:
       if op.input_only:
         dx, out = self.exe.call(call, self.plan.programs.backward_input, c["key"], vjps, g, c["coefs"], c["params"])
       else:
-        dx, out = self.exe.call(call, self.plan.programs.backward, c["key"], vjps, g, c["coefs"], c["acc"],
+        dx, out = self.exe.call(call, self.plan.programs.backward, c["key"], vjps, g, c["coefs"], self.acc(c),
                                 c["params"])
     return self.backward_done(r, op, c, vjps, dx, out)
 
@@ -232,7 +245,7 @@ class _Step:
       (y, f_vjps, aux), (dx, out) = self.exe.call(
           call, self.plan.programs.forward_backward, self.plan.cfg, fc["key"], c["key"], b.input_only,
           fc["devices"], fc["params"], fc["routing"], x, tok, fc["coefs"], b_vjps, g,
-          None if b.input_only else c["acc"], c["params"])
+          None if b.input_only else self.acc(c), c["params"])
     return self.forward_done(r, f, y, f_vjps, aux), self.backward_done(r, b, c, b_vjps, dx, out)
 
   def weights(self, r, op):
@@ -240,8 +253,9 @@ class _Step:
       return None
     c, vjps, cts = self.deferred[r].popleft()
     call = Call(self.name(r, "W", c["stage"]), "W", r, self.plan.meshes[r], c["key"])
-    c["acc"] = self.exe.call(call, self.plan.programs.backward_weights, c["key"], vjps, cts, c["acc"], c["params"])
-    return c["acc"]
+    acc = self.exe.call(call, self.plan.programs.backward_weights, c["key"], vjps, cts, self.acc(c), c["params"])
+    self.set_acc(c, acc)
+    return acc
 
   def cell(self, r, op):
     return dict(F=self.forward, B=self.backward, FB=self.forward_backward, W=self.weights)[op.kind](r, op)
@@ -249,22 +263,18 @@ class _Step:
   def rank_sums(self, r, params):
     """Rank r's gradients and loads summed over its micro-batches and copies (reduction.rank_sums_program)."""
     plan = self.plan
-    mine = reduction.stage_copies(plan, r)
-    copies = [self.copies[ds] for ds in mine]
+    copies = [self.copies[ds] for ds in reduction.stage_copies(plan, r)]
     shared = sum(len(plan.layout.holders(u)) > 1 for u in layout.by_unit(params))
     call = Call(self.name(r, "sums"), "sums", r, plan.meshes[r], (tuple(c["key"] for c in copies), shared))
     return self.exe.call(call, reduction.rank_sums_program(plan, r, params, copies[0]["devices"]),
-                         [c["acc"] for c in copies], [c["aux"] for c in copies])
+                         self.accs[r], [c["aux"] for c in copies])
 
   def give_back(self, rank_variables, taken: dict):
     """The params the copies took (donate), made back from them: equal arrays, nothing moves."""
     for r, shardings in taken.items():
-      mine = reduction.stage_copies(self.plan, r)
-      copies = [self.copies[ds] for ds in mine]
+      devices = self.copies[reduction.stage_copies(self.plan, r)[0]]["devices"]
       rank_variables[r]["params"] = self.exe.glue(
-          lambda: copies[0]["devices"].params_from_copies([c["params"] for c in copies],
-                                                          [self.plan.specs[s] for _, s in mine], shardings),
-          lambda: rank_variables[r]["params"])
+          lambda: devices.params_from_copies(self.rank_copies[r], shardings), lambda: rank_variables[r]["params"])
 
 
 def run(plan: Plan, rank_variables, tokens, mtp_weight, alpha, timings: Optional[list] = None,

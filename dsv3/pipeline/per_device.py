@@ -16,10 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dsv3 import layout
 from dsv3.parallel import sharding
 from dsv3.parallel.expert_parallel import ExpertParallel
-from dsv3.pipeline.stages import stage_units, stage_variables
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,26 +65,22 @@ class Devices:
     return treedef.unflatten([jax.ShapeDtypeStruct((_num_copies(sh), *a.shape), a.dtype, sharding=sh)
                               for a, sh in zip(leaves, self._copy_shardings(tree))])
 
-  def copies_taking(self, params, specs):
-    """Per-device copies of each of `specs`' stage parameters (`copies` of stage_variables), made from a
-    rank's per-layer `params`, which are donated: during the step the copies stand in for them, so a rank
-    does not hold its parameters twice. `params_from_copies` gives them back."""
-    trees = [stage_variables(params, {}, spec)[0] for spec in specs]
-    shardings = tuple(self._copy_shardings(t) for t in trees)
-    return _copies_taking(params, tuple(specs), shardings)
+  def copies_taking(self, params):
+    """`copies` of a rank's per-layer `params`, which are donated: during the step the copies stand in for
+    them, so a rank does not hold its parameters twice. `params_from_copies` gives them back."""
+    if not self.axes:
+      return params
+    leaves, treedef = jax.tree.flatten(params)
+    return treedef.unflatten(_copies_taking(tuple(leaves), self._copy_shardings(params)))
 
-  def params_from_copies(self, copies, specs, shardings):
-    """The rank's per-layer params (on `shardings`) from the stage copies `copies_taking` made: each leaf
-    is its first holder's copy on the device itself (every device's copy is the same; nothing moves)."""
-    units = {}
-    for spec, tree in zip(specs, copies):
-      for unit, sub in stage_units(spec, tree):
-        units.setdefault(unit, sub)
-    target = layout.by_unit(shardings)
-    units = {u: units[u] for u in target}
-    out_specs = jax.tree.map(lambda sh: sh.spec, target)
+  def params_from_copies(self, copies, shardings):
+    """The rank's per-layer params (on `shardings`) from the copies `copies_taking` made: each leaf is the
+    device's own copy (every device's copy is the same; nothing moves)."""
+    if not self.axes:
+      return copies
+    out_specs = jax.tree.map(lambda sh: sh.spec, shardings)
     leaves, treedef = jax.tree.flatten(out_specs, is_leaf=lambda x: isinstance(x, P))
-    return layout.from_units(_uncopy(self, treedef, tuple(leaves))(units))
+    return _uncopy(self, treedef, tuple(leaves))(copies)
 
   def _copy_shardings(self, tree) -> tuple:
     specs = jax.tree.leaves(self._specs(tree, copied=False), is_leaf=lambda x: isinstance(x, P))
@@ -130,25 +124,21 @@ def _broadcast_copies(leaves, shardings):
           for a, sh in zip(leaves, shardings)]
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2), donate_argnums=0)
-def _copies_taking(params, specs, shardings):
-  out = []
-  for spec, sh in zip(specs, shardings):
-    leaves, treedef = jax.tree.flatten(stage_variables(params, {}, spec)[0])
-    out.append(treedef.unflatten([jax.lax.with_sharding_constraint(
-        jnp.broadcast_to(a[None], (_num_copies(s), *a.shape)), s) for a, s in zip(leaves, sh)]))
-  return out
+@functools.partial(jax.jit, static_argnums=1, donate_argnums=0)
+def _copies_taking(leaves, shardings):
+  return [jax.lax.with_sharding_constraint(jnp.broadcast_to(a[None], (_num_copies(s), *a.shape)), s)
+          for a, s in zip(leaves, shardings)]
 
 
 @functools.lru_cache(maxsize=None)
 def _uncopy(devices: "Devices", treedef, out_specs: tuple):
-  """A jitted map from copied units to the units themselves: each device keeps its own copy's block."""
+  """A jitted map from copied params to the params themselves: each device keeps its own copy's block."""
   out_specs = jax.tree.unflatten(treedef, out_specs)
 
-  def take(units):
+  def take(copies):
     body = lambda tree: jax.tree.map(lambda a: a[0], tree)
-    return jax.shard_map(body, mesh=devices.mesh, check_vma=False, in_specs=(devices._specs(units, copied=True),),
-                         out_specs=out_specs)(units)
+    return jax.shard_map(body, mesh=devices.mesh, check_vma=False, in_specs=(devices._specs(copies, copied=True),),
+                         out_specs=out_specs)(copies)
   return jax.jit(take)
 
 

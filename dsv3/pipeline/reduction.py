@@ -14,25 +14,24 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dsv3 import layout
 from dsv3.parallel import sharding
-from dsv3.pipeline import per_device, stages
+from dsv3.pipeline import per_device
 from dsv3.training import steps as steps_lib
 
 SCALARS = ("loss", "balance", "ce", "mtp_loss", "grad_sq")    # a rank's row of whole-model sums
 
 
-def _rank_sums(stage_specs, devices, shared, shardings, accs, auxes):
+def _rank_sums(stage_specs, devices, shared, shardings, acc, auxes):
   """One rank's gradients and loads by unit, summed over its micro-batches and stage copies.
 
   Every unit comes back reduced (the per-device copies summed into their ZeRO-1 shards, the rank's one
   reduction); `shared` units (also held by other ranks) with a leading axis of one row, for the sum among
   their holders. Also returns the rank's row of SCALARS."""
-  grads, loads = {}, {}
+  grads = layout.by_unit(acc)      # the rank's per-unit accumulators, shared by its stage copies
+  loads = {}
   add = lambda d, k, v: d.__setitem__(k, v if k not in d else jax.tree.map(jnp.add, d[k], v))
   total = lambda xs: sum(xs[1:], xs[0])
   row = dict.fromkeys(SCALARS, jnp.zeros((), jnp.float32))
-  for spec, acc, aux in zip(stage_specs, accs, auxes):
-    for unit, g in stages.stage_units(spec, acc):
-      add(grads, unit, g)
+  for spec, aux in zip(stage_specs, auxes):
     for name in ("loss", "balance", "ce", "mtp_loss"):
       if aux[0].get(name) is not None:
         row[name] = row[name] + total([a[name] for a in aux])
@@ -142,8 +141,8 @@ def stage_copies(plan, r: int) -> list:
 
 
 def rank_sums_program(plan, r: int, params, devices: per_device.Devices):
-  """Rank r's jitted _rank_sums for its (abstract or real) per-layer `params`: (accumulators, auxes) of its
-  stage copies -> (own grads, shared rows, own loads, shared load rows, SCALARS row)."""
+  """Rank r's jitted _rank_sums for its (abstract or real) per-layer `params`: (the rank's per-layer
+  accumulators, its stage copies' auxes) -> (own grads, shared rows, own loads, shared load rows, SCALARS row)."""
   mine = stage_copies(plan, r)
   key = ("sums", r, tuple(mine), devices, jax.tree.structure(params),
          tuple((x.shape, x.dtype) for x in jax.tree.leaves(params)))

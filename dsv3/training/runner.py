@@ -333,8 +333,7 @@ class PipelinedRunner(Runner):
       state = _placed(self.ps.rank_abstract[r], self.ps.rank_shardings[r])
       devices = per_device.Devices.of(sub, rows)
       mine = reduction.stage_copies(plan, r)
-      copies = [devices.abstract_copies(stages.stage_variables(state["params"], state["routing"], plan.specs[s])[0])
-                for _, s in mine]
+      copies = [devices.abstract_copies(state["params"])]     # one per unit, shared by the rank's stages
       out.append(dict(rank=r, stages=[int(s) for _, s in mine], state=state, copies=copies,
                       params_in_copies=bool(devices.axes),
                       inflight_microbatches=int(plan.prediction.peak_activations[r])))
