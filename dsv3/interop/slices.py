@@ -16,12 +16,27 @@ the source before anything is read (CheckpointMismatchError names the tensor and
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import numpy as np
 
+from dsv3 import layout
 from dsv3.training.checkpoint import CheckpointMismatchError, leaf_key
+
+
+class Saved(NamedTuple):
+  """A source, where the tree sits in it, and its name for errors: a checkpoint step's train state
+  (prefix ('train',)), an export's or an HF dir's variables (prefix ())."""
+  source: Any
+  prefix: tuple
+  what: str
+
+  @property
+  def per_layer(self) -> bool:
+    """Whether the saved tree is in the per-layer form (a pipelined run wrote it), else stacked."""
+    n = len(self.prefix)
+    return any(k[:n] == self.prefix and k[n:n + 2] == ("params", layout.LAYERS) for k in self.source.shapes)
 
 
 @dataclasses.dataclass(frozen=True)

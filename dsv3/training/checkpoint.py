@@ -295,11 +295,11 @@ class Checkpointer:
 
   def _restore_one(self, step: int, abstract_state: Any, read: Optional[Callable]) -> Restored:
     if read is not None:
-      state = read(self.saved(step))
+      state = read(self.saved(step))      # an explicit step: no fallback here (the caller's loop does it)
       out = self._mgr.restore(step, args=ocp.args.Composite(extras=ocp.args.JsonRestore()))
       return Restored(step, state, _checked_extras(out["extras"]))
     if abstract_state is None:
-      abstract_state = self.saved(step).abstract
+      abstract_state = self.saved(step).abstract      # idem
     state_args = ocp.args.StandardRestore(abstract_state)
     out = self._mgr.restore(step, args=ocp.args.Composite(state=state_args,
                                                           extras=ocp.args.JsonRestore()))
@@ -309,11 +309,13 @@ class Checkpointer:
     """The saved state's tree of shapes and dtypes (latest readable step by default, falling back past a
     step whose state item is missing or damaged as `read_extras` does), each on this process's first
     device: how to tell which layout wrote it."""
-    return self._newest_good(lambda s: self.saved(s).abstract, step, fallback, "reading step {} instead")
+    return self.saved(step, fallback).abstract
 
-  def saved(self, step: int) -> "SavedStep":
-    """Step `step`'s state item as saved (shapes, dtypes, block reads); CheckpointCorruptError if it has none."""
-    return SavedStep(int(step), os.path.join(self.step_dir(step), "state"))
+  def saved(self, step: Optional[int] = None, fallback: Optional[bool] = None) -> "SavedStep":
+    """Step `step`'s state item as saved (shapes, dtypes, block reads), by default the latest readable one
+    (falling back as `saved_abstract` does); CheckpointCorruptError if it has none."""
+    return self._newest_good(lambda s: SavedStep(s, os.path.join(self.step_dir(s), "state")), step, fallback,
+                             "reading step {} instead")
 
   def _newest_good(self, read, step: Optional[int], fallback: Optional[bool], instead: str):
     """read(step) of `step`, or (step=None) of the newest step it works on: every reader of a step but
