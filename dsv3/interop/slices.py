@@ -108,8 +108,8 @@ class Route:
 
   def check(self, source, keys, what: str) -> None:
     """Raises CheckpointMismatchError naming the first tensor of `keys`' sources that `source` lacks or holds
-    in another shape than the config's."""
-    for key in keys:
+    in another shape than the config's (the params first: the names a user knows)."""
+    for key in sorted(keys, key=lambda k: (k[:1] != ("params",), k)):
       for k in self.sources(key):
         want, got = tuple(self.expected[k]), source.shapes.get(self.prefix + k)
         if got is None:
