@@ -160,6 +160,19 @@ def load_checkpoint(path: str, dtype=None, config_overrides: Optional[dict] = No
   shaped like the variables (or a function of their abstract tree, e.g. `lambda a:
   sharding.param_shardings(mesh, a)`): each process reads only the slices of its own devices' shards.
   """
+  cfg, source = open_checkpoint(path, dtype, config_overrides)
+  if shardings is not None:
+    return cfg, hf_sharded.load(source, shardings)
+  variables: dict = {}
+  for key, leaf in source.leaves.items():
+    _set(variables, key, jnp.asarray(source.read(key)))
+  return cfg, variables
+
+
+def open_checkpoint(path: str, dtype=None, config_overrides: Optional[dict] = None):
+  """(ModelConfig, hf_sharded.Source): an HF dir's variables, checked against its config.json (every tensor's
+  name and shape; the MTP's stored copies of the embedding and head, each process a share of their rows),
+  read later by slices (dsv3.interop.slices.place puts them into any target, e.g. a pipelined run's ranks)."""
   cfg = read_config(path)
   if config_overrides:
     cfg = cfg.replace(**config_overrides).validate()
@@ -169,18 +182,8 @@ def load_checkpoint(path: str, dtype=None, config_overrides: Optional[dict] = No
   reader = sio.Reader(files)
   leaves = _plan(cfg, reader, files, weight_map, path, dtype)
   read = lambda name, index=None: _read(reader, name, index)
-  _check_copies(cfg, reader, read, dtype)
-  if shardings is not None:
-    return cfg, hf_sharded.load(leaves, read, shardings)
-  variables: dict = {}
-  for (coll, ours), leaf in leaves.items():
-    buf = np.empty(leaf.shape, leaf.dtype)
-    for idx, (name, transpose) in leaf.parts.items():
-      value = read(name)
-      buf[idx] = value.T if transpose else value            # cast to the leaf's dtype on assignment
-    _set(variables.setdefault(coll, {}), ours, jnp.asarray(buf))
-    del buf
-  return cfg, variables
+  _check_copies(cfg, reader, read, dtype, share=(jax.process_index(), jax.process_count()))
+  return cfg, hf_sharded.Source(leaves, read, reader)
 
 
 def _plan(cfg, reader, files, weight_map, path, dtype) -> dict:
@@ -227,16 +230,18 @@ def _read(reader, name: str, index=None) -> np.ndarray:
                           f"file is damaged or truncated: re-download or re-export the checkpoint") from e
 
 
-def _check_copies(cfg, reader, read, dtype, chunk_bytes: int = 64 << 20) -> None:
-  """The MTP's stored embedding/head must equal the shared ones (compared at the loaded precision, by rows)."""
+def _check_copies(cfg, reader, read, dtype, chunk_bytes: int = 64 << 20, share=(0, 1)) -> None:
+  """The MTP's stored embedding/head must equal the shared ones (compared at the loaded precision, by rows);
+  share=(i, n): only the i-th of n equal parts of the rows (each process its own part)."""
   for key, main in _mtp_copies(cfg).items():
     if reader.shape(key) != reader.shape(main):
       raise CheckpointError(f"{reader.file(key)}: {key} has shape {reader.shape(key)}, {main} "
                             f"{reader.shape(main)}; dsv3's MTP shares the main embedding and head")
     rows = reader.shape(key)[0]
+    first, last = rows * share[0] // share[1], rows * (share[0] + 1) // share[1]
     step = max(1, chunk_bytes // max(1, 4 * int(np.prod(reader.shape(key)[1:]))))
-    for r in range(0, rows, step):
-      a, b = (read(k, (slice(r, r + step),)) for k in (key, main))
+    for r in range(first, last, step):
+      a, b = (read(k, (slice(r, min(r + step, last)),)) for k in (key, main))
       if dtype is not None:
         a, b = a.astype(dtype), b.astype(dtype)
       if not np.allclose(a.astype(np.float32), b.astype(np.float32), atol=1e-6):

@@ -24,11 +24,11 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from dsv3 import cli, convert, flops, hf
+from dsv3 import cli, flops, hf
 from dsv3 import data as data_lib
 from dsv3.analysis import compile_only
 from dsv3.config import ModelConfig
-from dsv3.interop import hf_config
+from dsv3.interop import hf_config, slices
 from dsv3.parallel import distributed
 from dsv3.parallel import sharding
 from dsv3.training import checkpoint as ckpt_lib
@@ -208,9 +208,8 @@ def _resume_or_init(config, cfg, runner, checkpointer, datasets, writer, ema, fl
     writer.console(f"Resumed from {checkpointer.step_dir(restored.step)} at step {restored.step}"
                    + "".join(f"; {n}: {a!r} -> {b!r}" for n, a, b in changed or ()))
     return state
-  state = runner.init(jax.random.key(config.seed))
-  if config.init_from:
-    state = runner.with_variables(state, _init_from(config.init_from, cfg, runner.variables_like))
+  saved = _init_from(config.init_from, cfg) if config.init_from else None
+  state = runner.init(jax.random.key(config.seed), saved)
   if ema is not None:
     ema.update(runner.params(state), 0)
   return state
@@ -366,13 +365,14 @@ def _diverged_message(guard, config, checkpointer) -> str:
           f"To trip later or never on large updates, raise or zero --config.nan_guard.max_update_ratio.")
 
 
-def _init_from(path: str, cfg, like):
-  """{'params', 'routing'} (stacked, placed like `like`: runner.variables_like) from an HF checkpoint dir or
-  an orbax dsv3 checkpoint (either layout)."""
+def _init_from(path: str, cfg) -> slices.Saved:
+  """config.init_from's variables, read later by slices straight into the runner's shardings (runner.init):
+  an HF checkpoint dir (its config.json checked against config.model first), a dsv3 --to=orbax export, or a
+  training checkpoints dir (its latest readable step), written by either layout."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"config.init_from: {path!r} does not exist; point it at an HF checkpoint dir "
                             f"(config.json + safetensors) or a dsv3 orbax checkpoint dir, or set it to ''")
-  shardings = jax.tree.map(lambda a: a.sharding, like)
+  what = f"config.init_from {path}"
   if os.path.exists(os.path.join(path, "config.json")):
     loaded_cfg = hf.read_config(path)              # checked before reading any tensor
     diffs = [f for f in hf_config.HF_FIELDS if getattr(loaded_cfg, f) != getattr(cfg, f)]
@@ -380,12 +380,12 @@ def _init_from(path: str, cfg, like):
       raise ValueError(f"config.init_from: the checkpoint's {diffs[0]}={getattr(loaded_cfg, diffs[0])!r} differs "
                        f"from config.model.{diffs[0]}={getattr(cfg, diffs[0])!r} (differing: {diffs}); "
                        f"make config.model match the checkpoint")
-    # Each process reads only its own slices, straight into the state's shardings.
-    _, variables = hf.load_checkpoint(path, shardings=shardings)
-  else:
-    variables = convert.load_orbax_variables(path)
-  cast = lambda new, old: jax.tree.map(lambda n, o: n.astype(o.dtype), new, old)
-  return {k: jax.device_put(cast(variables.get(k, {}), like[k]), shardings[k]) for k in ("params", "routing")}
+    return slices.Saved(hf.open_checkpoint(path)[1], (), what)
+  if os.path.isdir(os.path.join(path, "variables")):        # a --to=orbax export
+    return slices.Saved(ckpt_lib.SavedStep(None, os.path.join(os.path.abspath(path), "variables")), (), what)
+  ckpts = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+  with ckpt_lib.Checkpointer(ckpts, read_only=True) as checkpointer:
+    return slices.Saved(checkpointer.saved(), ("train",), what)
 
 
 if __name__ == "__main__":
@@ -393,4 +393,4 @@ if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "workdir"])
   # Errors whose message names the cause and the fix end the run with that line, not a traceback.
   cli.run(main, user_errors=(TrainingError, workdir_lib.WorkdirError, ckpt_lib.CheckpointStorageError,
-                             ckpt_lib.CheckpointCorruptError))
+                             ckpt_lib.CheckpointCorruptError, ckpt_lib.CheckpointMismatchError, hf.CheckpointError))

@@ -235,15 +235,15 @@ def test_init_from_hf_reads_each_shard_into_the_state_shardings(tmp_path, cache_
   from dsv3 import hf, model
   from dsv3.parallel import sharding
   from dsv3.config import ModelConfig
+  from dsv3.training import runner as runner_lib
   c = small_config(**{"mesh.data": 2, "mesh.expert": 4}, num_train_steps=1, ema_decay=0.0, eval_every_steps=100)
   cfg = ModelConfig.from_config_dict(c)
   exported = model.init(cfg, jax.random.key(7))
   hf.save_checkpoint(cfg, exported, str(tmp_path / "hf"))
   mesh = sharding.make_mesh(c.mesh)
   shardings = {k: sharding.param_shardings(mesh, v) for k, v in exported.items()}
-  like = {k: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), exported[k], shardings[k])
-          for k in ("params", "routing")}
-  loaded = train._init_from(str(tmp_path / "hf"), cfg, like)
+  loaded = runner_lib.make_runner(c, cfg, mesh).load(train._init_from(str(tmp_path / "hf"), cfg),
+                                                     runner_lib.VARIABLES)[0]
   for key in ("params", "routing"):
     jax.tree.map(lambda a, b, s: (np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                                   (a.sharding.is_equivalent_to(s, a.ndim) or pytest.fail(f"{a.sharding} != {s}"))),

@@ -1,11 +1,11 @@
 """HF checkpoint import straight into sharded arrays: each process reads only its own devices' slices.
 
-`hf.load_checkpoint(path, shardings=...)` plans the variable leaves (shape, dtype, and which HF tensor
-fills which position of the stacked [L, ...] / [L, E, ...] axes) and calls `load`. Every leaf becomes
-one array made of this process's device blocks: a callback maps each device's index range on the
-stack/expert axes to HF tensor names and reads just the requested rows/columns of each (transposing
-[out, in] -> [in, out] per slice; FP8 blocks dequantised per slice), and the block is placed on its
-device before the next is read. Host memory stays at one block beyond the process's own shards.
+`hf.open_checkpoint(path)` plans the variable leaves (shape, dtype, and which HF tensor fills which position
+of the stacked [L, ...] / [L, E, ...] axes) as a `Source` that dsv3.interop.slices places into any target,
+stacked or per-layer (a pipelined run's ranks): a callback maps each device's index range on the stack/expert
+axes to HF tensor names and reads just the requested rows/columns of each (transposing [out, in] -> [in, out]
+per slice; FP8 blocks dequantised per slice), and the block is placed on its device before the next is read.
+Host memory stays at one block beyond the process's own shards. `load` is hf.load_checkpoint's stacked case.
 """
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from typing import Callable
 
 import jax
 import numpy as np
+
+from dsv3.interop import slices
 
 
 @dataclasses.dataclass
@@ -43,58 +45,61 @@ def _sharding_of(shardings, coll, ours):
   return tree
 
 
-def abstract(leaves: dict) -> dict:
-  """The variables tree as ShapeDtypeStructs, for a `shardings` function."""
-  out: dict = {}
-  for (coll, ours), leaf in leaves.items():
-    tree = out.setdefault(coll, {})
-    for k in ours[:-1]:
-      tree = tree.setdefault(k, {})
-    tree[ours[-1]] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
-  return out
+class Source:
+  """An HF dir's variables in the stacked form as a dsv3.interop.slices source: leaf keys (collection, *path),
+  `read(key, index)` reads that block tensor by tensor (FP8 blocks dequantised per slice)."""
+
+  def __init__(self, leaves: dict, read: Callable, reader=None):
+    self.leaves = {(coll, *ours): leaf for (coll, ours), leaf in leaves.items()}
+    self.shapes = {k: tuple(leaf.shape) for k, leaf in self.leaves.items()}
+    self.dtypes = {k: np.dtype(leaf.dtype) for k, leaf in self.leaves.items()}
+    self._blocks = {k: _callback(leaf, read) for k, leaf in self.leaves.items()}
+    self._reader = reader
+
+  @property
+  def bytes_read(self) -> int:
+    return self._reader.bytes_read if self._reader is not None else 0
+
+  def read(self, key: tuple, index=()) -> np.ndarray:
+    return self._blocks[key](index)
+
+  def abstract(self) -> dict:
+    """The variables tree as ShapeDtypeStructs."""
+    out: dict = {}
+    for key, leaf in self.leaves.items():
+      tree = out
+      for k in key[:-1]:
+        tree = tree.setdefault(k, {})
+      tree[key[-1]] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
+    return out
 
 
-def load(leaves: dict, read: Callable, shardings) -> dict:
-  """(collection, path) -> Leaf, read(name, index) -> np.ndarray, shardings tree/fn -> variables of jax.Arrays."""
+def load(source: Source, shardings) -> dict:
+  """A Source's variables as jax.Arrays on `shardings` (a tree shaped like the variables, or a function of
+  their abstract tree), each block read once and put on its devices as it is read (dsv3.interop.slices)."""
   if callable(shardings) and not isinstance(shardings, dict):
-    shardings = shardings(abstract(leaves))
-  variables: dict = {}
-  for (coll, ours), leaf in leaves.items():
-    target = _sharding_of(shardings, coll, ours)
-    cb = _callback(leaf, read)
-    # make_array_from_callback would hold every local block on the host before placing any; placing
-    # each block as it is read keeps the host overhead at one block.
-    # Devices holding the same block are visited one after another, so it is read once.
-    indices = target.addressable_devices_indices_map(leaf.shape)
-    order = sorted(indices, key=lambda d: [s.indices(n)[:2] for s, n in zip(indices[d], leaf.shape)])
-    blocks = {device: jax.device_put(cb(indices[device]), device) for device in order}
-    array = jax.make_array_from_single_device_arrays(leaf.shape, target, [blocks[d] for d in indices])
-    tree = variables.setdefault(coll, {})
+    shardings = shardings(source.abstract())
+  target = source.abstract()
+  for (coll, *ours), leaf in source.leaves.items():
+    tree = target[coll]
     for k in ours[:-1]:
-      tree = tree.setdefault(k, {})
-    tree[ours[-1]] = array
-  return variables
+      tree = tree[k]
+    tree[ours[-1]] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=_sharding_of(shardings, coll, ours))
+  return slices.place([target], slices.identity(target), source, "HF checkpoint")[0]
 
 
 def _callback(leaf: Leaf, read: Callable) -> Callable:
-  """index (slices over leaf.shape) -> that block, read tensor by tensor; the same index asked again at once
-  (the next device replicates the block) is not read again."""
+  """index (slices over leaf.shape) -> that block, read tensor by tensor."""
   k = len(next(iter(leaf.parts)))           # stack axes in front: 0 (whole tensor), 1 (layers), 2 (+experts)
-  cache: dict = {}
 
   def cb(index):
     index = tuple(slice(*s.indices(n)[:2]) for s, n in zip(tuple(index) + (slice(None),) * len(leaf.shape),
                                                             leaf.shape))
-    key = tuple((s.start, s.stop) for s in index)
-    if key in cache:
-      return cache[key]
     stack, rest = index[:k], index[k:]
-    cache.clear()
     out = np.empty(tuple(s.stop - s.start for s in index), leaf.dtype)
     for pos in itertools.product(*(range(s.start, s.stop) for s in stack)):
       name, transpose = leaf.parts[pos]
       value = read(name, rest[::-1] if transpose else rest)
       out[tuple(p - s.start for p, s in zip(pos, stack))] = value.T if transpose else value
-    cache[key] = out
     return out
   return cb

@@ -52,35 +52,27 @@ class PipelinedSteps:
   # -------------------------------------------------------------------------------------------------
   # State: per rank, and the per-unit view.
   # -------------------------------------------------------------------------------------------------
-  def init(self, rng):
-    """Rank r's part of the initial state, computed on its sub-mesh (the other units' init is dead code)."""
+  def init(self, rng, skip: tuple = ()):
+    """Rank r's part of the initial state, computed on its sub-mesh (the other units' init is dead code);
+    without the top-level keys `skip` (e.g. ('params', 'routing') when they are read from a checkpoint: then
+    never made)."""
     out = [None] * self.layout.num_ranks
     for r in self.ranks:
-      keep = lambda rng, r=r: self.layout.restrict(layout.map_state(self.unstack, self.steps.init(rng)), r)
-      out[r] = jax.jit(keep, out_shardings=self.rank_shardings[r])(rng)
+      def keep(rng, r=r):
+        state = self.layout.restrict(layout.map_state(self.unstack, self.steps.init(rng)), r)
+        return {k: v for k, v in state.items() if k not in skip}
+      shardings = {k: v for k, v in self.rank_shardings[r].items() if k not in skip}
+      out[r] = jax.jit(keep, out_shardings=shardings)(rng)
     return out
 
-  def with_stacked_variables(self, ranks, variables):
-    """`ranks` with their params and routing biases taken from stacked `variables` replicated over
-    'pipeline' on the whole mesh (init_from); the optimizer state is kept."""
-    out = list(ranks)
-    for r in self.ranks:
-      keep = lambda v, r=r: self.layout.restrict({k: self.unstack(v[k]) for k in ("params", "routing")}, r)
-      shardings = {k: self.rank_shardings[r][k] for k in ("params", "routing")}
-      out[r] = dict(ranks[r], **jax.jit(keep, out_shardings=shardings)(self.on_rank(variables, r)))
-    return out
-
-  def from_stacked_state(self, state):
-    """Per-rank states from a stacked state replicated over 'pipeline' on the whole mesh."""
-    out = [None] * self.layout.num_ranks
-    for r in self.ranks:
-      keep = lambda s, r=r: self.layout.restrict(layout.map_state(self.unstack, s), r)
-      out[r] = jax.jit(keep, out_shardings=self.rank_shardings[r])(self.on_rank(state, r))
-    return out
-
-  def on_rank(self, tree, r: int):
-    """A tree replicated over 'pipeline' on the whole mesh, as rank r's view (no copy)."""
-    return jax.tree.map(lambda x: self.layout.on_rank(x, r), tree)
+  def rank_targets(self, ranks=None) -> list:
+    """Per rank, its part of the state as ShapeDtypeStructs on its own shardings, for `ranks` (default: those
+    with local devices; None for the others): what a checkpoint or init_from is read straight into
+    (dsv3.interop.slices), and what a dry run walks the step on."""
+    ranks = self.ranks if ranks is None else ranks
+    placed = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+    return [jax.tree.map(placed, self.rank_abstract[r], self.rank_shardings[r]) if r in ranks else None
+            for r in range(self.layout.num_ranks)]
 
   def view(self, ranks):
     """The per-unit view of the state (dsv3.pipeline.rank_state): what checkpoints and the EMA see."""
@@ -128,8 +120,7 @@ class PipelinedSteps:
   def abstract_state(self) -> dict:
     """The state's ShapeDtypeStructs with their shardings, every rank's (what a dry run walks the step on)."""
     placed = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
-    return {"ranks": [jax.tree.map(placed, self.rank_abstract[r], self.rank_shardings[r])
-                      for r in range(self.layout.num_ranks)],
+    return {"ranks": self.rank_targets(range(self.layout.num_ranks)),
             "guard": jax.tree.map(placed, jax.eval_shape(lambda: steps_lib.CLEAN_GUARD), self.guard_sharding)}
 
   def train(self, state, batch, mtp_weight, gamma, exe: dispatch.Execute = dispatch.EXECUTE, fused: bool = True):

@@ -19,11 +19,13 @@ import os
 import shutil
 import socket
 import time
-from typing import Any, Iterator, Mapping, NamedTuple, Optional
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
+from etils import epath
 from jax.experimental import multihost_utils
 
 from dsv3.training import orbax_errors
@@ -210,25 +212,7 @@ class Checkpointer:
     With step=None and `fallback` (default: the Checkpointer's), a missing or damaged latest extras
     falls back to the next older step, as `restore` does, with one warning naming the step read.
     """
-    fallback = self.fallback if fallback is None else fallback
-    if step is not None:
-      step = int(step)
-      if step not in self._mgr.all_steps():
-        raise FileNotFoundError(f"no checkpoint {self.step_dir(step)}; the steps in "
-                                f"{self.directory} are {self.all_steps()}")
-      return self._read_extras_one(step)
-    steps = sorted(self._mgr.all_steps(), reverse=True)
-    if not steps:
-      raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    for i, s in enumerate(steps):
-      try:
-        extras = self._read_extras_one(s)
-      except CheckpointCorruptError as e:
-        if not fallback or i + 1 == len(steps):
-          raise
-        log.warning("%s; reading step %d instead.", e, steps[i + 1])
-        continue
-      return extras
+    return self._newest_good(self._read_extras_one, step, fallback, "reading step {} instead")
 
   def _read_extras_one(self, step: int) -> dict:
     try:
@@ -240,12 +224,15 @@ class Checkpointer:
           f"checkpoint {self.step_dir(step)} extras cannot be read: {orbax_errors.short(e)}") from e
 
   def restore(self, step: Optional[int] = None, abstract_state: Any = None,
-              fallback: Optional[bool] = None) -> Optional[Restored]:
+              fallback: Optional[bool] = None, read: Optional[Callable] = None) -> Optional[Restored]:
     """Restores (step, state, extras); None when there is no checkpoint and no `step` was asked for.
 
     `abstract_state`: a pytree of `jax.ShapeDtypeStruct` (with `sharding`) or arrays giving the shapes,
     dtypes and target shardings — the arrays are re-sliced for them, whatever topology wrote them.
     Without it, every array comes back whole on this process's first local device, whatever mesh wrote it.
+    `read`: instead, read(SavedStep) -> the state, for readers that choose their target by what was saved
+    (dsv3.training.runner.restore); it falls back like orbax's own reads. A CheckpointMismatchError (the
+    checkpoint does not fit the target) is raised at once: every step would fail the same way.
     With step=None the latest step is tried first; if it cannot be read and `fallback` holds, a
     warning names its directory and the next older step is tried, and so on. An explicit `step` never
     falls back.
@@ -259,7 +246,9 @@ class Checkpointer:
                                 f"{self.directory} are {self.all_steps()}")
       try:
         with orbax_errors.quiet_library_logs():
-          return self._restore_one(step, abstract_state)
+          return self._restore_one(step, abstract_state, read)
+      except CheckpointMismatchError:
+        raise
       except Exception as e:  # noqa: BLE001 - re-raised with the directory named
         raise CheckpointCorruptError(
             f"checkpoint {self.step_dir(step)} cannot be restored: {orbax_errors.short(e)}") from e
@@ -270,8 +259,10 @@ class Checkpointer:
     for s in steps:
       try:
         with orbax_errors.quiet_library_logs():
-          result = self._restore_one(s, abstract_state)
+          result = self._restore_one(s, abstract_state, read)
         ok = True
+      except CheckpointMismatchError:
+        raise
       except Exception as e:  # noqa: BLE001 - any read error means "this step is unusable"
         result, ok, err = None, False, e
       if _all_processes(ok):
@@ -302,31 +293,52 @@ class Checkpointer:
         f"abstract_state probably does not match the saved state (a changed config); else the "
         f"directories are damaged. Nothing was moved or deleted.") from first_err
 
-  def _restore_one(self, step: int, abstract_state: Any) -> Restored:
+  def _restore_one(self, step: int, abstract_state: Any, read: Optional[Callable]) -> Restored:
+    if read is not None:
+      state = read(self.saved(step))      # an explicit step: no fallback here (the caller's loop does it)
+      out = self._mgr.restore(step, args=ocp.args.Composite(extras=ocp.args.JsonRestore()))
+      return Restored(step, state, _checked_extras(out["extras"]))
     if abstract_state is None:
-      abstract_state = self._local_target(step)
+      abstract_state = self.saved(step).abstract      # idem
     state_args = ocp.args.StandardRestore(abstract_state)
     out = self._mgr.restore(step, args=ocp.args.Composite(state=state_args,
                                                           extras=ocp.args.JsonRestore()))
     return Restored(step, out["state"], _checked_extras(out["extras"]))
 
-  def saved_abstract(self, step: Optional[int] = None) -> Any:
-    """The saved state's tree of shapes and dtypes (latest step by default), each on this process's first
+  def saved_abstract(self, step: Optional[int] = None, fallback: Optional[bool] = None) -> Any:
+    """The saved state's tree of shapes and dtypes (latest readable step by default, falling back past a
+    step whose state item is missing or damaged as `read_extras` does), each on this process's first
     device: how to tell which layout wrote it."""
-    step = self.latest_step() if step is None else int(step)
-    with orbax_errors.quiet_library_logs():
-      return self._local_target(step)
+    return self.saved(step, fallback).abstract
 
-  def _local_target(self, step: int) -> Any:
-    """The saved state's shapes and dtypes, every array on this process's first device: a target that
-    restores whatever mesh wrote the checkpoint (orbax refuses to guess a layout for other devices)."""
-    with ocp.StandardCheckpointer() as reader:
-      metadata = reader.metadata(os.path.join(self.step_dir(step), "state"))
-    metadata = getattr(metadata, "item_metadata", metadata)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    is_array = lambda m: hasattr(m, "shape") and hasattr(m, "dtype")
-    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device)
-                        if is_array(m) else m, metadata, is_leaf=is_array)
+  def saved(self, step: Optional[int] = None, fallback: Optional[bool] = None) -> "SavedStep":
+    """Step `step`'s state item as saved (shapes, dtypes, block reads), by default the latest readable one
+    (falling back as `saved_abstract` does); CheckpointCorruptError if it has none."""
+    return self._newest_good(lambda s: SavedStep(s, os.path.join(self.step_dir(s), "state")), step, fallback,
+                             "reading step {} instead")
+
+  def _newest_good(self, read, step: Optional[int], fallback: Optional[bool], instead: str):
+    """read(step) of `step`, or (step=None) of the newest step it works on: every reader of a step but
+    `restore` (which also agrees across processes and moves damaged steps aside) falls back this way, with
+    one warning per skipped step (`instead` formats the next step). Raises CheckpointCorruptError naming the
+    step, FileNotFoundError when there is no such step or none at all."""
+    fallback = self.fallback if fallback is None else fallback
+    if step is not None:
+      step = int(step)
+      if step not in self._mgr.all_steps():
+        raise FileNotFoundError(f"no checkpoint {self.step_dir(step)}; the steps in "
+                                f"{self.directory} are {self.all_steps()}")
+      return read(step)
+    steps = sorted(self._mgr.all_steps(), reverse=True)
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    for i, s in enumerate(steps):
+      try:
+        return read(s)
+      except CheckpointCorruptError as e:
+        if not fallback or i + 1 == len(steps):
+          raise
+        log.warning("%s; %s.", e, instead.format(steps[i + 1]))
 
   def _quarantine(self, step: int) -> Optional[str]:
     """Renames a damaged step directory out of orbax's sight, so that the step can be saved again;
@@ -363,6 +375,62 @@ class Checkpointer:
 
   def __exit__(self, *exc):
     self.close()
+
+
+def leaf_key(path) -> tuple:
+  """A pytree path as the strings orbax names a saved leaf by (dict keys, attribute names, sequence indices):
+  the same key for a live optax state (namedtuples) and its saved metadata (dicts and lists)."""
+  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+class SavedStep:
+  """One checkpoint step's `state` item as saved: `abstract`, its tree of shapes and dtypes (each array on
+  this process's first device: a target that restores whatever mesh wrote it), `shapes` ({leaf_key: shape})
+  and `read(key, index)`, one block of one leaf read from disk (tensorstore reads only the chunks the block
+  touches). `bytes_read` counts the bytes of the blocks read. Raises CheckpointCorruptError when the step
+  has no readable state item (an interrupted copy or rsync leaves its extras without it)."""
+
+  def __init__(self, step: int, directory: str):
+    self.step, self.directory = step, directory
+    try:
+      with ocp.StandardCheckpointer() as reader:
+        metadata = reader.metadata(directory)
+      tree = getattr(metadata, "item_metadata", metadata)
+      ok = isinstance(getattr(tree, "tree", tree), Mapping)
+    except Exception as e:  # noqa: BLE001 - re-raised with the directory named
+      raise CheckpointCorruptError(f"checkpoint {os.path.dirname(directory)} state cannot be read: "
+                                   f"{orbax_errors.short(e)}") from e
+    if not ok:
+      raise CheckpointCorruptError(f"checkpoint {os.path.dirname(directory)} has no readable state item "
+                                   f"({directory} is missing or damaged: an interrupted copy?)")
+    self._zarr3 = bool(getattr(tree, "use_zarr3", False))
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    is_array = lambda m: hasattr(m, "shape") and hasattr(m, "dtype")
+    self.abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device)
+                                 if is_array(m) else m, tree, is_leaf=is_array)
+    flat = jax.tree_util.tree_flatten_with_path(self.abstract)[0]
+    self.shapes = {leaf_key(p): tuple(a.shape) for p, a in flat if is_array(a)}
+    self.dtypes = {leaf_key(p): np.dtype(a.dtype) for p, a in flat if is_array(a)}
+    self._stores: dict = {}
+    self.bytes_read = 0
+
+  def read(self, key: tuple, index: tuple = ()) -> np.ndarray:
+    """Leaf `key`[index] (index: slices, one per leading axis or fewer) as a numpy array."""
+    if key not in self._stores:
+      info = ocp.type_handlers.ParamInfo(name=".".join(key), parent_dir=epath.Path(self.directory),
+                                         is_ocdbt_checkpoint=True, use_zarr3=self._zarr3)
+      ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(epath.Path(self.directory))
+      spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=ocdbt)
+      self._stores[key] = ts.open(ts.Spec(spec), read=True, open=True,
+                                  context=ocp.type_handlers.get_ts_context(use_ocdbt=ocdbt)).result()
+    out = np.asarray(self._stores[key][tuple(index)].read().result())
+    self.bytes_read += out.nbytes
+    return out
+
+
+class CheckpointMismatchError(ValueError):
+  """The checkpoint is readable but does not fit what it is read into (a tensor's shape, a missing tensor):
+  the same on every step, so never a reason to fall back; the message names the tensor and both shapes."""
 
 
 class CheckpointCorruptError(RuntimeError):

@@ -42,7 +42,8 @@ Reading it back, never gathered to one host:
   devices have it) on `checkpoint_sharding(params sharding)`: the params' mesh with one device per
   process for each distinct shard, so each process provides each of its distinct shards once and orbax
   writes every process's shards from that process. `checkpoint_target()` is the matching restore
-  target; `load_state_dict` keeps the distinct local pieces of what is restored.
+  target; `load_state_dict` keeps the distinct local pieces of what is restored, and `load_blocks` reads
+  just those pieces from a checkpoint of either layout (dsv3.training.runner.restore).
 Leaves given without a sharding (numpy params, or abstract ones without `sharding`) come back as numpy.
 
 Back-pressure: at most `max_pending` updates are in flight. If the host falls behind the device, the
@@ -371,6 +372,24 @@ class HostEMA:
     self._ema = [{k: np.array(v, dtype=self._store_dtype(v.dtype)) for k, v in layout.local_pieces(x).items()}
                  for layout, x in zip(self._layouts, leaves)]
     self.step = None if state.get("step") is None else int(state["step"])
+
+  def load_blocks(self, read, step: Optional[int]) -> None:
+    """Restores the EMA block by block, as of step `step`: read(path, bounds) -> the block of the leaf at
+    pytree path `path` at bounds ((start, stop) per axis), as numpy. Only this process's distinct pieces
+    are asked for, so a checkpoint of either layout restores with the EMA's shardings, never whole
+    (dsv3.training.runner.restore reads them by slices)."""
+    self.wait()
+    paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(
+        jax.tree.unflatten(self._treedef, [0] * len(self._layouts)))[0]]
+    ema = []
+    for path, layout in zip(paths, self._layouts):
+      pieces = {}
+      for k in layout.keys:
+        block = np.asarray(read(path, k))
+        block = np.asarray(block, dtype=self._store_dtype(block.dtype))
+        pieces[k] = block if block.flags.writeable else block.copy()    # updated in place later
+      ema.append(pieces)
+    self._ema, self.step = ema, None if step is None else int(step)
 
   def close(self) -> None:
     """Joins pending work and stops the worker thread."""

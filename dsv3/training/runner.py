@@ -5,7 +5,8 @@
   state, metrics = runner.train(state, runner.place(host_batch), mtp_weight, gamma)
   ce, loads = runner.evaluate(state, runner.place(host_batch), params=None)
   runner.checkpoint(state)                         # what checkpoints hold; runner.restore reads either layout
-  runner.params(state), runner.step(state), runner.guard(state), runner.with_variables(state, variables)
+  runner.params(state), runner.step(state), runner.guard(state)
+  state = runner.init(rng, slices.Saved(...))      # init_from: params and routing read straight into place
   for p in runner.programs(batch, compile): ...    # every program one step (and evaluation) runs
 
 Both runners have the same methods and return shapes; only the state inside differs. Unpipelined, the state
@@ -20,6 +21,7 @@ so every program a step calls is recorded, with its name, its rank and its argum
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable, List, Optional
 
 import jax
@@ -29,9 +31,14 @@ from jax.sharding import Mesh, NamedSharding
 
 from dsv3 import layout
 from dsv3.config import ModelConfig
+from dsv3.interop import slices
 from dsv3.parallel import sharding
 from dsv3.pipeline import dispatch, per_device, pipelined, reduction, schedules, stages
+from dsv3.training import checkpoint as ckpt_lib
 from dsv3.training import steps as steps_lib
+
+
+VARIABLES = ("params", "routing")   # what init_from reads; the rest of the state is initialised
 
 
 def make_runner(config, cfg: ModelConfig, mesh: Mesh):
@@ -155,23 +162,20 @@ class Runner:
     """This process's rows of a batch as the global array the step takes."""
     return jax.make_array_from_process_local_data(self.steps.batch_sharding, np.asarray(host_batch, np.int32))
 
-  def init(self, rng):
-    state = jax.jit(self.steps.init, out_shardings=self.steps.saved_shardings)(rng)
+  def init(self, rng, saved: Optional[slices.Saved] = None):
+    """A fresh state. With `saved` (an HF dir's or a checkpoint's variables, either layout: init_from) its
+    params and routing biases are read straight into their shardings and only the rest is initialised
+    (the random parameters are never made)."""
+    skip = VARIABLES if saved is not None else ()
+    shardings = {k: v for k, v in self.steps.saved_shardings.items() if k not in skip}
+    state = jax.jit(lambda r: {k: v for k, v in self.steps.init(r).items() if k not in skip},
+                    out_shardings=shardings)(rng)
+    if saved is not None:
+      state.update(self.load(saved, VARIABLES)[0])
     return self._with_guard(state)
 
   def _with_guard(self, saved_state):
     return dict(saved_state, guard=jax.device_put(steps_lib.CLEAN_GUARD, self.steps.state_shardings["guard"]))
-
-  @property
-  def variables_like(self) -> dict:
-    """{'params', 'routing'} of the stacked model as `with_variables` takes them: shapes, dtypes, shardings
-    (init_from loads a checkpoint straight into them)."""
-    return {k: _placed(self.steps.abstract[k], self.steps.state_shardings[k]) for k in ("params", "routing")}
-
-  def with_variables(self, state, variables):
-    """`state` with its params and routing biases from `variables` (placed as variables_like); the optimizer
-    state is kept."""
-    return dict(state, **variables)
 
   @property
   def checkpoint_like(self) -> dict:
@@ -195,19 +199,23 @@ class Runner:
 
   def restore(self, checkpointer, ema=None):
     """(state, orbax Restored) of the latest good checkpoint, whichever layout wrote it (`restore`)."""
-    state, restored = restore(checkpointer, self, ema)
-    return self._with_guard(state), restored
+    targets, restored = restore(checkpointer, self, ema)
+    return self._with_guard(targets[0]), restored
 
-  def restore_target(self, per_layer: bool):
-    """(abstract target with shardings, its conversion into this runner's checkpointed state) for a checkpoint
-    written per-layer (pipelined) or stacked."""
-    if not per_layer:
-      return self.checkpoint_like, lambda s: s
-    unstack = lambda t: layout.unstack(self.cfg, t)
-    abstract = jax.eval_shape(lambda s: layout.map_state(unstack, s), self.steps.abstract)
-    convert = jax.jit(lambda s: layout.map_state(lambda t: layout.stack(self.cfg, t), s),
-                      out_shardings=self.steps.saved_shardings)
-    return _placed(abstract, steps_lib.saved_shardings(self.mesh, abstract)), convert
+  def targets(self) -> list:
+    """The checkpointed state as ShapeDtypeStructs on the shardings it is read straight into: [the whole
+    state] on the mesh; the pipelined runner's is per rank."""
+    return [self.checkpoint_like]
+
+  def load(self, saved: slices.Saved, keys: tuple = ()) -> list:
+    """`targets()` (their top-level `keys`; default all) read from `saved` by slices, whichever layout
+    wrote it: each process reads only its own devices' blocks, each straight onto its devices."""
+    keys = keys or tuple(self.steps.abstract)
+    unstack = lambda t: layout.map_state(lambda v: layout.unstack(self.cfg, v), t)
+    route = slices.Route({k: self.steps.abstract[k] for k in keys}, unstack, self.pipelined, saved.per_layer,
+                         saved.prefix)
+    targets = [None if t is None else {k: t[k] for k in keys} for t in self.targets()]
+    return slices.place(targets, route, saved.source, saved.what)
 
   # -- the step --------------------------------------------------------------------------------------
   def train(self, state, batch, mtp_weight, gamma):
@@ -264,14 +272,14 @@ class PipelinedRunner(Runner):
     """The global batch stays on the host: the executor places each micro-batch on its stages."""
     return np.asarray(host_batch, np.int32)
 
-  def init(self, rng):
-    return {"ranks": self.ps.init(rng), "guard": self._guard()}
+  def init(self, rng, saved: Optional[slices.Saved] = None):
+    ranks = self.ps.init(rng, skip=VARIABLES if saved is not None else ())
+    if saved is not None:
+      ranks = [None if s is None else dict(s, **v) for s, v in zip(ranks, self.load(saved, VARIABLES))]
+    return {"ranks": ranks, "guard": self._guard()}
 
   def _guard(self):
     return jax.device_put(steps_lib.CLEAN_GUARD, self.ps.guard_sharding)
-
-  def with_variables(self, state, variables):
-    return dict(state, ranks=self.ps.with_stacked_variables(state["ranks"], variables))
 
   @property
   def checkpoint_like(self) -> dict:
@@ -291,13 +299,9 @@ class PipelinedRunner(Runner):
     ranks, restored = restore(checkpointer, self, ema)
     return {"ranks": ranks, "guard": self._guard()}, restored
 
-  def restore_target(self, per_layer: bool):
-    if per_layer:
-      return self.checkpoint_like, self.ps.split
-    # Stacked: read replicated over 'pipeline' (the whole model per device, once), split on device.
-    rules = {k: jax.tree.map(lambda _: sharding.replicated(self.mesh), v) if k == "step" else
-             sharding.param_shardings(self.mesh, v) for k, v in self.steps.abstract.items()}
-    return _placed(self.steps.abstract, rules), self.ps.from_stacked_state
+  def targets(self) -> list:
+    """Per rank, its part of the state on its own sub-mesh (None for ranks without local devices)."""
+    return self.ps.rank_targets()
 
   def train(self, state, batch, mtp_weight, gamma):
     # The executor places each stage on its own sub-mesh, so it runs outside any mesh context.
@@ -342,28 +346,28 @@ class PipelinedRunner(Runner):
 
 # ---------------------------------------------------------------------------------------------------
 # Resuming across layouts: a checkpoint written stacked (unpipelined) or per-layer (pipelined, any degree)
-# restores into either runner.
+# restores into either runner, read by slices straight into the runner's own shardings.
 # ---------------------------------------------------------------------------------------------------
 def restore(checkpointer, runner: Runner, ema=None):
-  """(checkpointed state in `runner`'s layout, orbax Restored) of the latest good checkpoint. `ema`: a
-  HostEMA to load (its params_like in the runner's layout).
+  """(runner.targets() read from the latest good checkpoint, orbax Restored). `ema`: a HostEMA to load (its
+  params_like in the runner's layout: runner.checkpoint_like['params']).
 
-  Same layout: each array is read straight into its target shards. Across layouts: the saved layout is read
-  (pipelined: with the params and optimizer state replicated over 'pipeline', the whole model per device,
-  once) and converted on device, and the EMA is read and converted on the host."""
-  saved = checkpointer.saved_abstract()
-  per_layer = layout.is_per_layer(saved["train"]["params"])
-  target, convert = runner.restore_target(per_layer)
-  same_layout = per_layer == runner.pipelined
-  tree = {"train": target}
-  if ema is not None:
-    tree["ema"] = ema.checkpoint_target() if same_layout else saved["ema"]
-  restored = checkpointer.restore(abstract_state=tree)
-  state = convert(restored.state["train"])
-  if ema is not None:
-    values = restored.state["ema"]
-    if not same_layout:
-      values = jax.tree.map(np.asarray, values)
-      values = layout.unstack(runner.cfg, values) if runner.pipelined else layout.stack(runner.cfg, values)
-    ema.load_state_dict({"ema": values, "step": restored.step, "decay": ema.decay})
-  return state, restored
+  Whichever layout wrote it, each process reads only the blocks of its own devices (a pipelined rank's
+  units, the EMA's distinct local pieces), straight into their shardings: nothing is read whole or
+  replicated over 'pipeline'. A step that cannot be read falls back to the one before (Checkpointer.restore);
+  one whose shapes do not fit the config raises CheckpointMismatchError naming the tensor and both shapes."""
+  def read(step):
+    where = f"checkpoint {os.path.dirname(step.directory)}"
+    saved = slices.Saved(step, ("train",), where)
+    load_ema = ema is not None and any(k[:1] == ("ema",) for k in step.shapes)   # else filled by its next update
+    if load_ema:   # checked first: a mismatch is named before anything is read
+      route = slices.Route(runner.steps.abstract["params"], lambda t: layout.unstack(runner.cfg, t),
+                           runner.pipelined, saved.per_layer, ("ema",))
+      paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(runner.checkpoint_like["params"])[0]]
+      route.check(step, [ckpt_lib.leaf_key(p) for p in paths], where)
+    state = runner.load(saved)
+    if load_ema:
+      ema.load_blocks(lambda path, bounds: route.block(step, ckpt_lib.leaf_key(path), bounds), step.step)
+    return state
+  restored = checkpointer.restore(read=read)
+  return restored.state, restored
