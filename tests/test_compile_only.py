@@ -144,33 +144,31 @@ c.batch_size, c.seq_len = 1024, 16                 # one 16-token row per device
 c.model.n_routed_experts = 64                       # one expert per device at EP64
 c.mesh.data, c.mesh.expert, c.mesh.pipeline = 4, 64, 2
 c.pipeline.schedule, c.pipeline.microbatches = "1f1b", 4
-result = compile_only.run(c, sys.argv[1], "cpu")
-plan = expert_parallel.dispatch_plan(ModelConfig.from_config_dict(c), 16, 64, "dense")
+result = compile_only.run(c, sys.argv[1], "h100")
+plan = expert_parallel.dispatch_plan(ModelConfig.from_config_dict(c), 16, 64, "ragged")
 print("RESULT", json.dumps(dict(devices=result["devices"], exact=result["exact_shapes"], hops=plan["hops"])))
 """
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not hlo.gpu_toolchain(), reason="needs the compile-only GPU toolchain (requirements-aot.txt)")
 def test_more_than_256_devices_compile_with_their_own_shapes(tmp_path):
-  """A 512-device mesh (PP2 x EP64 x DP4) compiles as it is: each stage program on its rank's 256 devices,
-  with the dispatch buffers dispatch_plan sizes for EP64 (a cut-down stand-in would size them for fewer
-  shards), and nothing refused for its size."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=512", JAX_PLATFORMS="cpu",
-             PYTHONPATH=ROOT)
+  """A 512-GPU mesh (PP2 x EP64 x DP4) compiles as it is: each stage program on its rank's 256 devices, with
+  the receive buffer dispatch_plan sizes for EP64 (a cut-down stand-in, EP8 with 8 experts, would receive
+  128 rows where EP64 receives 256), and nothing refused for its size. (The CPU target compiles the same,
+  at minutes per program for 256-device sub-meshes.)"""
+  env = dict(os.environ, PYTHONPATH=ROOT)
   out = subprocess.run([sys.executable, "-c", _LARGE, str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=1500)
   assert out.returncode == 0, out.stderr[-3000:]
   found = json.loads(out.stdout.split("RESULT ", 1)[1])
   assert found["devices"] == 512 and found["exact"] is True
+  memory = json.load(open(tmp_path / "compiled" / "memory.json"))
+  assert {len(r["devices"]) for r in memory["programs"] if r["position"].startswith("rank")} == {256}
   stage = open(tmp_path / "compiled" / "rank0_F_stage0.hlo.txt").read()
-  devices = {d for r in json.load(open(tmp_path / "compiled" / "memory.json"))["programs"]
-             if r["program"] == "rank0_F_stage0" for d in r["devices"]}
-  assert len(devices) == 256
-  # The dense dispatch's receive buffer: [recv rows, hidden] per device, at EP64's block size.
-  recv = found["hops"][-1]["recv"]
-  shapes = re.findall(r"\] all-to-all\(|(\w+)\[([\d,]+)\]\{[^}]*\} all-to-all\(", stage)
-  sizes = {tuple(int(x) for x in dims.split(",")) for _, dims in shapes if dims}
-  assert any(d[0] * (d[1] if len(d) > 2 else 1) == recv for d in sizes), (recv, sizes)
+  # The token rows' dispatch: [recv rows, hidden] per device, at EP64's block size.
+  received = {(int(a), int(b)) for a, b in re.findall(r"= f32\[(\d+),(\d+)\]\S* ragged-all-to-all-done\(", stage)}
+  assert (found["hops"][-1]["recv"], 128) in received, received
 
 
 def test_shortfalls_name_the_rank_phase_and_gb():
