@@ -93,10 +93,12 @@ def test_a_failed_run_removes_only_what_it_created(tmp_path):
   (kept / "notes.txt").write_text("mine")
   with pytest.raises(ValueError):
     with workdir_lib.lock(str(kept)):
-      (kept / "metrics.jsonl").write_text('{"step": 1}\n')     # the run wrote a file: it stays, so does the lock
+      os.makedirs(kept / "checkpoints")
+      (kept / "metrics.jsonl").write_text('{"step": 1}\n')     # the run wrote a file: all of it stays
       raise ValueError("diverged")
-  assert sorted(os.listdir(kept)) == [".dsv3.lock", "metrics.jsonl", "notes.txt"]
+  assert sorted(os.listdir(kept)) == [".dsv3.lock", "checkpoints", "metrics.jsonl", "notes.txt"]
   (kept / "metrics.jsonl").unlink()
+  (kept / "checkpoints").rmdir()
   (kept / ".dsv3.lock").unlink()
   with pytest.raises(ValueError):
     with workdir_lib.lock(str(kept)):
@@ -143,7 +145,7 @@ def test_truncate_after_drops_a_torn_line_that_is_not_utf8(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # The trainer on one workdir: a diverged attempt, a rerun, a resume with a larger batch, a shorter run.
 
-def test_a_workdirs_life_rerun_resume_with_another_batch_and_fewer_steps(tmp_path, cache_dir, capsys):
+def test_a_rerun_drops_stale_rows_says_its_warmup_and_refuses_fewer_steps(tmp_path, cache_dir, capsys):
   wd = str(tmp_path)
   # What an attempt that diverged before its first checkpoint logged (test_train_guard makes one for real).
   (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 11.0}\n{"step": 2, "loss": 99.0}\n')
@@ -158,8 +160,14 @@ def test_a_workdirs_life_rerun_resume_with_another_batch_and_fewer_steps(tmp_pat
   with pytest.raises(ConfigError, match=r"config\.num_train_steps: 1 is below the step of the checkpoint .* \(2\), "
                                         r"so there is nothing to train; raise --config\.num_train_steps above 2"):
     train.train_and_evaluate(small_config(num_train_steps=1), wd)
-  # Another batch_size resumes, the data continuing at the first example not yet read; a torn, non-UTF-8
-  # last line of metrics.jsonl does not block it.
+
+
+@pytest.mark.slow
+def test_resume_with_a_larger_batch_continues_the_data(tmp_path, cache_dir, capsys):
+  """The trainer end to end: 2 steps of 8, then 1 of 16 from the checkpoint; a torn, non-UTF-8 last line of
+  metrics.jsonl does not block the resume."""
+  wd = str(tmp_path)
+  train.train_and_evaluate(small_config(num_train_steps=2, eval_every_steps=100), wd)
   with open(tmp_path / "metrics.jsonl", "ab") as f:
     f.write(b'{"step": 3, "lo\xff')
   train.train_and_evaluate(small_config(num_train_steps=3, batch_size=16, eval_every_steps=100), wd)
@@ -179,6 +187,7 @@ def test_resume_after_a_batch_size_change_reads_the_next_example(tmp_path):
   b.set_state(a.get_state() | {"examples": 4})             # as saved after one batch of 4
   np.testing.assert_array_equal(np.concatenate(_take(b, 3)), rows[4:28])
   assert b.get_state()["examples"] == 28
+  assert resume.check_compatible({"batch_size": 4}, {"batch_size": 8}) == [("batch_size", 4, 8)]   # allowed
 
 
 # ------------------------------------------------------------------------------------------------
@@ -229,14 +238,14 @@ def test_loss_spike_rule_is_validated():
 
 
 def test_learning_rate_one_stops_on_the_loss_spike(tmp_path, cache_dir):
-  """lr=1.0 with the update-ratio rule off: the loss climbs from ~8.2 to over 14 by step 3, and the loss rule
-  (armed after 2 steps here) stops the run there, naming the rule and a lower learning rate."""
-  c = small_config(learning_rate=1.0, num_train_steps=3, checkpoint_every_steps=100, eval_every_steps=100,
+  """lr=1.0 with the update-ratio rule off: the loss climbs from ~8.2 to over 14 by step 3 (then 21, 58, ...), and
+  the loss rule (armed after 2 steps here) stops the run, naming the rule and a lower learning rate."""
+  c = small_config(learning_rate=1.0, num_train_steps=6, checkpoint_every_steps=100, eval_every_steps=100,
                    ema_decay=0.0, **{"nan_guard.max_update_ratio": 0.0, "nan_guard.loss_warmup_steps": 2})
   with pytest.raises(train.TrainingError) as err:
     train.train_and_evaluate(c, str(tmp_path))
   msg = str(err.value)
-  assert re.match(r"step 3: training diverged: loss \S+ > config\.nan_guard\.max_loss_ratio=1\.5 x \S+ \(the "
+  assert re.match(r"step [3-6]: training diverged: loss \S+ > config\.nan_guard\.max_loss_ratio=1\.5 x \S+ \(the "
                   r"lowest EMA", msg), msg
   assert "--config.learning_rate=0.0003" in msg and "raise or zero --config.nan_guard.max_loss_ratio" in msg, msg
 
@@ -296,6 +305,10 @@ def test_generate_reads_a_training_workdir_as_convert_does(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"empty holds no checkpoint .*; give an HF checkpoint dir"):
     generate._load(str(tmp_path / "empty"), None)
   assert convert.load_orbax_step(str(tmp_path / "run"))[0] == 7
+  # convert on the same workdir says which step it exported, without the libraries' INFO lines.
+  rc, lines, out = _cli("dsv3.convert", "--to=hf", f"--src={tmp_path / 'run'}", f"--dst={tmp_path / 'hf'}")
+  assert rc == 0 and f"wrote {tmp_path / 'hf'} (step 7) from {tmp_path / 'run'}" in out, (out, lines)
+  assert not [l for l in lines if re.match(r"^[IW]\d{4} ", l)], lines
 
 
 def test_generate_says_to_shorten_a_prompt_longer_than_the_positions():

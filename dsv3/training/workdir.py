@@ -87,14 +87,15 @@ class Lock:
       _remove_empty_parents(self.workdir, self.created)
 
   def _remove_leftovers(self) -> bool:
-    """Removes the empty directories this run created in the workdir and, if nothing else it created is left,
-    its lock file (while still holding it). Returns whether the lock file went."""
+    """If the run wrote no file in the workdir, removes what it created there (empty directories, and the lock
+    file while still holding it); a run that wrote anything keeps all of it. Returns whether the lock went."""
     try:
-      new = [n for n in os.listdir(self.workdir) if n not in self.before and n != LOCK_NAME]
-      for name in new:
-        _remove_empty_dirs(os.path.join(self.workdir, name))
-      if LOCK_NAME in self.before or any(n not in self.before and n != LOCK_NAME for n in os.listdir(self.workdir)):
+      new = [os.path.join(self.workdir, n) for n in os.listdir(self.workdir) if n not in self.before]
+      if LOCK_NAME in self.before or any(_holds_a_file(p) for p in new if p != self.path):
         return False
+      for path in new:
+        if path != self.path:
+          _remove_empty_dirs(path)
       os.remove(self.path)
       return True
     except OSError:
@@ -107,8 +108,15 @@ class Lock:
     self.release()
 
 
+def _holds_a_file(path: str) -> bool:
+  """Whether `path` is, or (a directory) holds anywhere below it, something other than a directory."""
+  if os.path.islink(path) or not os.path.isdir(path):
+    return True
+  return any(_holds_a_file(os.path.join(path, n)) for n in os.listdir(path))
+
+
 def _remove_empty_dirs(path: str) -> None:
-  """Removes `path` if it is a directory tree holding no file (bottom-up); anything holding a file stays."""
+  """Removes `path`, a directory tree holding no file, bottom-up."""
   if os.path.islink(path) or not os.path.isdir(path):
     return
   for name in os.listdir(path):
