@@ -8,6 +8,14 @@ override must name a field of that file (else the closest field is suggested), a
 `main` (the validators) is also printed as its one line. Each of these prints to stderr and exits with 2,
 the usage-error status, before anything is written to disk.
 
+Errors `main` raises later are user errors too when dsv3 raised them on purpose: an exception of any type
+whose innermost frame is a `raise` statement in dsv3's own code is one of its input checks (a missing
+file, a checkpoint of another shape, a mesh that is not the device count, ...), and by the project's
+convention its message names the field or file and the fix. It ends the run as one line on stderr, exit
+status 1, whatever its type (ValueError, FileNotFoundError, a CheckpointError, ...). An exception raised
+anywhere else (inside JAX, numpy, orbax) is a bug or a missing check and keeps its traceback, as does
+every error when -v / --verbosity is given.
+
   from dsv3 import cli
   if __name__ == "__main__":
     cli.run(main)                      # instead of absl.app.run(main)
@@ -18,14 +26,18 @@ from __future__ import annotations
 import os
 import re
 import sys
+import traceback
 from typing import Callable, Optional, Sequence
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections.config_flags import config_flags  # the module: is_config_flag, ConfigFileFlagParser
 
 from dsv3.config import ConfigError, closest_key
 
 USAGE_ERROR = 2
+USER_ERROR = 1
+# The dsv3 package: a `raise` here is one of its checks (`raised_by_a_check`).
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # The repository's configs/, where load_config looks up a bare name such as 'tiny'.
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -164,22 +176,55 @@ def parse_flags(argv: Sequence[str]) -> list:
     sys.exit(USAGE_ERROR)
 
 
+def raised_by_a_check(err: BaseException) -> bool:
+  """Whether `err` was raised by a `raise` statement in dsv3's own code (one of its input checks, whose
+  message names the field or file and the fix), rather than by a library or an implicit failure (a
+  KeyError, a None subscripted): the innermost frame of its traceback is a `raise` line under dsv3/."""
+  if not isinstance(err, Exception) or isinstance(err, (AssertionError, NotImplementedError)):
+    return False
+  frames = traceback.extract_tb(err.__traceback__)
+  if not frames:
+    return False
+  last = frames[-1]
+  return (os.path.abspath(last.filename).startswith(PACKAGE_DIR + os.sep)
+          and (last.line or "").lstrip().startswith("raise "))
+
+
+def one_line(err: BaseException) -> str:
+  """The error's message as one line: a multi-line message (a list of fields, a 'Fix:' line) joined."""
+  text = str(err).strip() or type(err).__name__
+  text = re.sub(r":[ \t]*\n\s*", ": ", text)
+  return re.sub(r"\s*\n\s*", "; ", text)
+
+
+def _traceback_wanted() -> bool:
+  """-v / --verbosity on the command line: library logs, and the traceback of every error."""
+  return flags.FLAGS.is_parsed() and "verbosity" in flags.FLAGS and flags.FLAGS["verbosity"].present
+
+
 def run(main: Callable[[list], object], argv: Optional[Sequence[str]] = None,
         user_errors: tuple = ()) -> None:
   """absl.app.run(main) with one-line, exit-status-2 errors for bad flags, config fields, ConfigErrors and
   the UsageErrors `main` raises.
 
-  `user_errors`: exception types whose message already says what went wrong and the fix (a locked
-  workdir, a diverged run, a full disk); they end the run with that message and exit status 1, without a
-  traceback.
+  Any other error dsv3 raises on purpose (`raised_by_a_check`), and any of the `user_errors` types (whose
+  message already says what went wrong and the fix: a locked workdir, a diverged run, a full disk) wherever
+  raised, ends the run with that message as one line and exit status 1, without a traceback. Library INFO
+  logs stay off; -v / --verbosity brings them back, and every error's traceback.
   """
   def guarded(args):
+    if not _traceback_wanted():       # library INFO logs (absl, orbax, jax) only with -v / --verbosity
+      logging.set_verbosity(logging.WARNING)
     try:
       return main(args)
     except (ConfigError, UsageError) as e:
-      print(f"{_program(args)}: {e}", file=sys.stderr)
+      if _traceback_wanted():
+        raise
+      print(f"{_program(args)}: {one_line(e)}", file=sys.stderr)
       sys.exit(USAGE_ERROR)
-    except user_errors as e:
-      print(f"{_program(args)}: {type(e).__name__}: {e}", file=sys.stderr)
-      sys.exit(1)
+    except Exception as e:  # noqa: BLE001 - a user error is reported in one line, anything else re-raised
+      if _traceback_wanted() or not (isinstance(e, user_errors) or raised_by_a_check(e)):
+        raise
+      print(f"{_program(args)}: {type(e).__name__}: {one_line(e)}", file=sys.stderr)
+      sys.exit(USER_ERROR)
   app.run(guarded, argv=argv, flags_parser=parse_flags)

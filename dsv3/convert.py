@@ -50,36 +50,57 @@ def save_orbax_variables(config: ModelConfig, variables, path: str, overwrite: b
   workdir_lib.install(tmp, path)
 
 
+# What every reader says when a folder holds no checkpoint it can read.
+READABLE = ("an HF checkpoint dir (config.json + safetensors), a training --workdir (or its checkpoints/) or a "
+            "--to=orbax export (variables/ + config.json)")
+
+
+def is_orbax_export(path: str) -> bool:
+  """Whether `path` is a --to=orbax export (variables/ + config.json)."""
+  return os.path.isdir(os.path.join(path, "variables"))
+
+
+def checkpoints_dir(path: str) -> str:
+  """The training checkpoints/ dir of a workdir (or `path` itself); FileNotFoundError naming `path` if neither
+  holds a checkpoint step."""
+  path = os.path.abspath(path)
+  ckpts = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+  if os.path.isdir(ckpts):
+    with ckpt_lib.Checkpointer(ckpts, read_only=True) as checkpointer:
+      if checkpointer.latest_step() is not None:
+        return ckpts
+  raise FileNotFoundError(f"{path} holds no checkpoint (no config.json, variables/ or checkpoint step); give "
+                          f"{READABLE}")
+
+
 def load_orbax_variables(path: str, step=None):
   """Variables from a --to=orbax dir, or from a training checkpoints/ dir (latest or `step`), in the
   model's stacked layout whatever the run's (a pipelined run saves each layer apart, dsv3.layout)."""
+  return load_orbax_step(path, step)[1]
+
+
+def load_orbax_step(path: str, step=None):
+  """(step, variables) as `load_orbax_variables` reads them: the training step read (the latest that restores,
+  when `step` is None), or None for a --to=orbax export."""
   path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, "variables")):
+  if is_orbax_export(path):
     with ocp.StandardCheckpointer() as ckptr:
-      return ckptr.restore(os.path.join(path, "variables"))
-  ckpts = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
-  if not os.path.isdir(ckpts):
-    raise FileNotFoundError(f"{path}: neither a dsv3 orbax export (variables/) nor a training checkpoints dir")
-  with ckpt_lib.Checkpointer(ckpts, read_only=True) as checkpointer:
+      return None, ckptr.restore(os.path.join(path, "variables"))
+  with ckpt_lib.Checkpointer(checkpoints_dir(path), read_only=True) as checkpointer:
     restored = checkpointer.restore(step)
-  if restored is None:
-    raise FileNotFoundError(f"{path}: neither a dsv3 orbax export (variables/) nor a training checkpoints dir")
   train = restored.state["train"]
   variables = {"params": train["params"], "routing": train["routing"]}
   if layout.is_per_layer(variables["params"]):     # a pipelined run's checkpoint: each layer on its own
     cfg = config_of(path, restored.step)
     variables = {k: layout.stack(cfg, jax.tree.map(np.asarray, v)) for k, v in variables.items()}
-  return variables
+  return restored.step, variables
 
 
 def config_of(path: str, step=None):
   """The ModelConfig of an HF or --to=orbax dir (config.json) or of a training checkpoint's saved config."""
   if os.path.exists(os.path.join(path, "config.json")):
     return hf.read_config(path)
-  ckpts = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
-  if not os.path.isdir(ckpts):
-    raise FileNotFoundError(f"{path}: no config.json and no training checkpoints dir")
-  with ckpt_lib.Checkpointer(ckpts, read_only=True) as checkpointer:
+  with ckpt_lib.Checkpointer(checkpoints_dir(path), read_only=True) as checkpointer:
     flat = checkpointer.read_extras(step)["config"]
   model = {k[len("model."):]: v for k, v in flat.items() if k.startswith("model.")}
   rope = {k[len("rope_scaling."):]: v for k, v in model.items() if k.startswith("rope_scaling.")}
@@ -131,11 +152,13 @@ def main(argv):
   if F.to == "orbax":
     cfg, variables = hf.load_checkpoint(F.src)
     save_orbax_variables(cfg, variables, F.dst, overwrite=F.overwrite)
+    print(f"wrote {F.dst} (orbax variables) from {F.src}")
   else:
-    cfg = config_of(F.src, step)
-    hf.save_checkpoint(cfg, load_orbax_variables(F.src, step), F.dst, overwrite=F.overwrite,
+    step, variables = load_orbax_step(F.src, step)
+    hf.save_checkpoint(config_of(F.src, step), variables, F.dst, overwrite=F.overwrite,
                        dtype="fp8" if F.fp8 else None)
-  print(f"wrote {F.dst}" + (f" (step {step}, the best)" if F.best else ""))
+    what = "the export" if step is None else f"step {step}" + (", the best" if F.best else "")
+    print(f"wrote {F.dst} ({what}) from {F.src}")
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:

@@ -5,7 +5,7 @@ greedy at temperature 0, else temperature sampling within the top-p nucleus; wit
 eos. `speculative_generate` drafts with the model's own MTP modules and verifies with the main model, so
 its output is exactly greedy `generate`'s (`_speculative` says why).
 
-  python -m dsv3.generate --checkpoint=HF_OR_ORBAX_DIR [--config=...] --tokenizer=TOK --prompt="..."
+  python -m dsv3.generate --checkpoint=HF_DIR_OR_WORKDIR --tokenizer=TOK --prompt="..."
 """
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from dsv3 import cli, hf, model
+from dsv3 import cli, convert, hf, model
 from dsv3.config import ModelConfig, require_model_config
 from dsv3.data import tokenizer as tok_lib
-from dsv3.training import checkpoint as ckpt_lib
+from dsv3.interop import hf_config
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -94,6 +94,10 @@ def _prepare(config, params, prompt_ids, max_new_tokens, where: str):
   if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
     raise ValueError(f"max_new_tokens: must be an integer >= 0, got {max_new_tokens!r}")
   T, limit = prompt.shape[-1], cfg.max_position_embeddings
+  if T > limit:
+    raise ValueError(f"prompt_ids: the prompt has {T} tokens, more than the model's max_position_embeddings="
+                     f"{limit}; shorten the prompt to at most {limit} tokens (fewer, to leave room for "
+                     f"max_new_tokens)")
   if T + max_new_tokens > limit:
     raise ValueError(f"max_new_tokens: the prompt length {T} + max_new_tokens {max_new_tokens} = "
                      f"{T + max_new_tokens} exceeds the model's max_position_embeddings={limit}; set "
@@ -258,33 +262,33 @@ def speculative_generate(config: ModelConfig, params, prompt_ids, max_new_tokens
 def _check_checkpoint_dir(checkpoint: str) -> None:
   if not os.path.isdir(checkpoint):
     what = "is a file, not a directory" if os.path.exists(checkpoint) else "does not exist"
-    raise ValueError(f"--checkpoint: {checkpoint!r} {what}; give an HF-format dir (config.json + safetensors) "
-                     f"or a training run's checkpoint dir (WORKDIR/checkpoints)")
+    raise ValueError(f"--checkpoint: {checkpoint!r} {what}; give an HF-format dir (config.json + safetensors), "
+                     f"a training --workdir (or its checkpoints/) or a convert --to=orbax export")
 
 
 def _load(checkpoint: str, config):
-  """(ModelConfig, variables) from an HF-format dir, an orbax training dir, or random init (no checkpoint)."""
+  """(ModelConfig, variables) from an HF-format dir, a training workdir (or its checkpoints/: the latest step),
+  a convert --to=orbax export, or random init (no checkpoint). The checkpoint carries its model config (HF's
+  config.json, the training run's saved config); a --config given too must agree with it."""
   if not checkpoint:
     if config is None:
       raise ValueError("--checkpoint: give a checkpoint dir, or --config to run randomly initialised weights")
     cfg = ModelConfig.from_config_dict(config)
     return cfg, jax.jit(model.init, static_argnums=0)(cfg, jax.random.key(0))
   _check_checkpoint_dir(checkpoint)
-  if os.path.exists(os.path.join(checkpoint, "config.json")):
-    return hf.load_checkpoint(checkpoint)
-  if config is None:
-    raise ValueError(f"--config: {checkpoint!r} has no config.json, so it is read as an orbax training "
-                     f"checkpoint, which needs the training config file that made it")
-  cfg = ModelConfig.from_config_dict(config)
-  restored = ckpt_lib.Checkpointer(checkpoint, async_save=False, read_only=True).restore()
-  if restored is None:
-    raise ValueError(f"--checkpoint: no checkpoint step found in {checkpoint!r}")
-  for tree in (restored.state, *(restored.state.get(k) for k in ("params", "variables", "model")
-                                 if isinstance(restored.state, dict))):
-    if isinstance(tree, dict) and "params" in tree and (cfg.num_moe_layers == 0 or "routing" in tree):
-      return cfg, tree
-  raise ValueError(f"--checkpoint: step {restored.step} in {checkpoint!r} holds no {{'params', 'routing'}} "
-                   f"variables (top-level keys: {sorted(restored.state)})")
+  if os.path.exists(os.path.join(checkpoint, "config.json")) and not convert.is_orbax_export(checkpoint):
+    cfg, variables = hf.load_checkpoint(checkpoint)
+  else:                          # the readers convert and init_from use: one fallback, one layout
+    cfg = convert.config_of(checkpoint)
+    variables = convert.load_orbax_variables(checkpoint)
+  if config is not None:
+    given = ModelConfig.from_config_dict(config)
+    diffs = [f for f in hf_config.HF_FIELDS if getattr(given, f) != getattr(cfg, f)]
+    if diffs:
+      raise ValueError(f"--config: its model.{diffs[0]}={getattr(given, diffs[0])!r} differs from the "
+                       f"checkpoint's {getattr(cfg, diffs[0])!r} in {checkpoint!r} (differing: {diffs}); drop "
+                       f"--config (the checkpoint carries its model config) or give the config it was trained with")
+  return cfg, variables
 
 
 def main(argv):
@@ -340,8 +344,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   fv = dict(flag_values=flag_values)
   config_flags.DEFINE_config_file("config", None, "Training config file (ml_collections); not needed for "
                                   "HF checkpoints, which carry config.json.", lock_config=False, **fv)
-  flags.DEFINE_string("checkpoint", "", "HF-format dir (config.json + safetensors) or orbax training dir; "
-                      "empty with --config: random weights.", **fv)
+  flags.DEFINE_string("checkpoint", "", "HF-format dir (config.json + safetensors), a training --workdir (or its "
+                      "checkpoints/; the latest step) or a convert --to=orbax export; empty with --config: random "
+                      "weights.", **fv)
   flags.DEFINE_string("tokenizer", "", "tokenizer.json (or a dir holding one) for --prompt and for decoding.",
                       **fv)
   flags.DEFINE_string("prompt", "", "Prompt text (needs --tokenizer).", **fv)
@@ -356,14 +361,6 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_bool("speculative", False, "Self-speculative decoding with the MTP modules (greedy).", **fv)
 
 
-def _main_with_errors(argv):
-  """Bad flags and files end the run with their one-line message, not a traceback."""
-  try:
-    main(argv)
-  except ValueError as e:  # every input check above raises ValueError naming its flag
-    raise SystemExit(f"dsv3.generate: {type(e).__name__}: {e}") from None
-
-
 if __name__ == "__main__":
   define_flags()
-  cli.run(_main_with_errors)
+  cli.run(main)          # every check above names its flag: one line, no traceback (dsv3.cli.run)

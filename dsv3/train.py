@@ -27,7 +27,7 @@ from jax.experimental import multihost_utils
 from dsv3 import cli, flops, hf
 from dsv3 import data as data_lib
 from dsv3.analysis import compile_only
-from dsv3.config import ModelConfig
+from dsv3.config import ConfigError, ModelConfig
 from dsv3.interop import hf_config, slices
 from dsv3.parallel import distributed
 from dsv3.parallel import sharding
@@ -56,8 +56,6 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 def main(argv):
   del argv
   FLAGS = flags.FLAGS
-  if not FLAGS["verbosity"].present:   # library INFO logs (absl, orbax, jax) only with -v / --verbosity
-    logging.set_verbosity(logging.WARNING)
   if FLAGS.config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/tiny.py")
   if not FLAGS.workdir:
@@ -77,11 +75,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
   run (a second run on it fails at once, naming this one's pid and host).
   """
   validate_train_config(config)
-  with workdir_lib.lock(workdir):
-    return _train_and_evaluate(config, workdir)
+  # The signal handlers first: a Ctrl-C during the setup (data, the first compile, a restore) is then a flag
+  # the loop reads before its first step, not a KeyboardInterrupt inside XLA's compile, whose threads
+  # crashed the interpreter's exit (a segmentation fault).
+  with workdir_lib.lock(workdir), _StopSignals() as stop:
+    return _train_and_evaluate(config, workdir, stop)
 
 
-def _train_and_evaluate(config, workdir: str) -> dict:
+def _train_and_evaluate(config, workdir: str, stop: "_StopSignals") -> dict:
   # ------------------------------------------------------------------------------------------------
   # Setup: the model config, the mesh and the runner (dsv3.training.runner: pipelined or not, the same methods;
   # the state is the runner's, opaque here).
@@ -107,6 +108,10 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   flat_config = resume.flatten_config(config)
   ema = ema_lib.HostEMA(config.ema_decay, runner.checkpoint_like["params"]) if config.ema_decay else None
   writer = metrics_lib.MetricWriter(workdir, total_steps)
+  if int(config.warmup_steps) > total_steps:
+    writer.console(f"note: config.warmup_steps={config.warmup_steps} is longer than the run (num_train_steps="
+                   f"{total_steps}), so the learning rate warms up over all {total_steps} steps and never reaches "
+                   f"its constant or decay phase; set --config.warmup_steps below {total_steps} for those")
   state = _resume_or_init(config, cfg, runner, checkpointer, datasets, writer, ema, flat_config)
 
   def save(step, force=False, metrics=None):
@@ -128,12 +133,14 @@ def _train_and_evaluate(config, workdir: str) -> dict:
                                       flops.flops_per_token(cfg, config.seq_len, include_mtp=True), peak,
                                       jax.device_count())
   profile = _Profile(config.profile, workdir, start_step)
-  stop = _StopSignals()
   last, done, started, finished = {}, start_step, time.perf_counter(), False
   run_dropped = None        # MoE assignments dropped since start (a device scalar: no sync per step)
   writer.start(start_step)
   try:
     for step in range(start_step, total_steps):
+      if step == start_step and stop.agreed():     # signalled during the setup: nothing new to save
+        writer.console(f"stopping on {stop.name()} before step {step + 1}: nothing new to save")
+        break
       profile.before(step)
       with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):   # cheap: a host-side marker
         mtp_weight = opt_lib.piecewise(step, total_steps, config.mtp_weight, config.mtp_weight_final,
@@ -182,7 +189,6 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   # ------------------------------------------------------------------------------------------------
   finally:
     profile.close()
-    stop.close()
     checkpointer.wait()
     if finished:
       _summary(writer, checkpointer, config, start_step, done, time.perf_counter() - started, last)
@@ -199,7 +205,13 @@ def _train_and_evaluate(config, workdir: str) -> dict:
 def _resume_or_init(config, cfg, runner, checkpointer, datasets, writer, ema, flat_config):
   """The run's state: the workdir's latest checkpoint (written by either layout; the data iterator and the
   metrics resume with it), else config.init_from's variables in a fresh state, else a fresh state."""
-  if checkpointer.latest_step() is not None:
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    if latest > int(config.num_train_steps):
+      raise ConfigError(f"config.num_train_steps: {config.num_train_steps} is below the step of the checkpoint in "
+                        f"{checkpointer.directory} ({latest}), so there is nothing to train; raise "
+                        f"--config.num_train_steps above {latest} to continue that run, or pass a new --workdir to "
+                        f"start a new one")
     # None, or the (name, old, new) fields that may change on resume (e.g. learning_rate) and did.
     changed = resume.check_compatible(checkpointer.read_extras()["config"], flat_config)
     state, restored = runner.restore(checkpointer, ema)
@@ -208,6 +220,11 @@ def _resume_or_init(config, cfg, runner, checkpointer, datasets, writer, ema, fl
     writer.console(f"Resumed from {checkpointer.step_dir(restored.step)} at step {restored.step}"
                    + "".join(f"; {n}: {a!r} -> {b!r}" for n, a, b in changed or ()))
     return state
+  # A fresh start: whatever an earlier attempt that left no checkpoint logged here is not this run's.
+  dropped = writer.truncate_after(0)
+  if dropped:
+    writer.console(f"{writer.jsonl_path}: dropped {dropped} rows an earlier attempt logged (it left no checkpoint); "
+                   f"this run starts at step 0")
   saved = _init_from(config.init_from, cfg) if config.init_from else None
   state = runner.init(jax.random.key(config.seed), saved)
   if ema is not None:
@@ -312,6 +329,12 @@ class _StopSignals:
     for s, h in self.previous.items():
       signal.signal(s, h)
 
+  def __enter__(self) -> "_StopSignals":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
 
 def _eval_line(step: int, evals: dict) -> str:
   """'step 100: val_loss 4.1200 ppl 61.56 val_loss_ema 4.1000 maxvio 0.310' (what the evaluation found)."""
@@ -349,6 +372,13 @@ def _diverged_message(guard, config, checkpointer) -> str:
     bad.append(f"the update or the new parameters are non-finite (update/param norm ratio {ratio})")
   elif max_ratio > 0 and ratio > max_ratio:
     bad.append(f"update/param norm ratio {ratio:.3g} > config.nan_guard.max_update_ratio={max_ratio:g}")
+  max_loss, low = float(config.nan_guard.get("max_loss_ratio", 0)), float(guard["loss_low"])
+  spiked = math.isfinite(loss) and max_loss > 0 and loss > max_loss * low
+  if spiked:
+    bad.append(f"loss {loss:.4g} > config.nan_guard.max_loss_ratio={max_loss:g} x {low:.4g} (the lowest EMA of the "
+               f"loss in this run): the loss is climbing")
+  rule = "spikes in the loss, raise or zero --config.nan_guard.max_loss_ratio" if spiked and len(bad) == 1 else \
+      "large updates, raise or zero --config.nan_guard.max_update_ratio"
   values = f"loss {loss:.4g}, gradient norm {grad_norm:.4g}, update/param norm ratio {ratio:.3g}"
   lr = float(config.learning_rate)
   fix = f"--config.learning_rate={_suggest_lr(lr, float(guard['lr']), ratio, max_ratio):g}"
@@ -362,7 +392,7 @@ def _diverged_message(guard, config, checkpointer) -> str:
              f"--workdir, or this one: it has no checkpoint) with {fix} (learning_rate was {lr:g}), or a longer "
              f"--config.warmup_steps.")
   return (f"step {step}: training diverged: {'; '.join(bad) or 'unknown'} ({values}). {where} "
-          f"To trip later or never on large updates, raise or zero --config.nan_guard.max_update_ratio.")
+          f"To trip later or never on {rule}.")
 
 
 def _init_from(path: str, cfg) -> slices.Saved:

@@ -183,46 +183,46 @@ class TrainIterator:
 
     # grain reshuffles epoch e with seed + e; hashing the seed keeps runs with seeds s and s+1 unrelated.
     ds = grain.MapDataset.range(n).shuffle(seed=int(unit_hash(f"shuffle:{seed}") * 2 ** 32)).repeat(None)
-    ds = ds.map_with_index(window)[process_index::process_count]
-    self._batches = ds.batch(global_batch // process_count, drop_remainder=True)
+    self._examples = ds.map_with_index(window)      # global example k: a pure function of k
+    self._process = (process_index, process_count)
     self._read = grain.ReadOptions(num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch)
     self._it = None
     self._start(0)
 
-  def _start(self, batch_index: int):
+  def _start(self, examples: int):
+    """Batches from global example `examples` on: global batch b holds examples examples + b*G ..
+    examples + (b+1)*G - 1, and process p takes every P-th of them from the p-th."""
     if self._it is not None and hasattr(self._it, "close"):
       self._it.close()   # stops the old prefetch thread
-    self._next = batch_index
-    self._it = iter(self._batches[batch_index:].to_iter_dataset(self._read))
+    self._next = examples
+    index, count = self._process
+    batches = self._examples[examples:][index::count].batch(self.global_batch // count, drop_remainder=True)
+    self._it = iter(batches.to_iter_dataset(self._read))
 
   def __iter__(self):
     return self
 
   def __next__(self) -> np.ndarray:
     batch = next(self._it)
-    self._next += 1
+    self._next += self.global_batch
     return batch
 
   @property
   def epoch(self) -> float:
-    return self._next * self.global_batch / self.windows_per_epoch
+    return self._next / self.windows_per_epoch
 
   def get_state(self) -> dict:
-    return {"version": VERSION, "examples": self._next * self.global_batch, "seed": self.seed,
+    return {"version": VERSION, "examples": self._next, "seed": self.seed,
             "seq_len": self.seq_len, "fingerprint": self.fingerprint}
 
   def set_state(self, state: dict) -> None:
-    """Continues after `state['examples']` global examples; exact when the data settings are unchanged."""
+    """Continues with global example `state['examples']`, the first one not yet read: exact when the data
+    settings are unchanged, whatever batch_size or process count read the examples before it."""
     for k in ("seed", "seq_len", "fingerprint"):
       if state.get(k) != getattr(self, k):
         logging.warning("data: checkpoint's data %s was %r, now %r; continuing from its example count, but "
                         "the batches differ from an uninterrupted run", k, state.get(k), getattr(self, k))
-    examples = int(state["examples"])
-    batch_index = -(-examples // self.global_batch)
-    if batch_index * self.global_batch != examples:
-      logging.warning("data: batch_size changed to %d; skipping %d examples to align", self.global_batch,
-                      batch_index * self.global_batch - examples)
-    self._start(batch_index)
+    self._start(int(state["examples"]))
 
 
 @dataclasses.dataclass

@@ -146,30 +146,55 @@ def resolve_corpus(source: str, fmt: str = "auto", field: str = "text", max_file
   return Corpus(paths, names, fmt, field, fp)
 
 
+def _decoded(path, data: bytes, offset: int = 0) -> str:
+  """`data` (the bytes of `path` from `offset`) as UTF-8 text; DataError naming the file when it is not text
+  (a binary file, an executable, another encoding), which would otherwise train as replacement characters."""
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise DataError(f"data.source: {path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                    f"{offset + e.start}); remove it from data.source (narrow the glob or directory) or convert "
+                    f"it to UTF-8; token ids go in .bin/.npy files") from None
+  if "\0" in text:
+    raise DataError(f"data.source: {path} holds a NUL byte (offset {offset + data.index(0)}), so it is binary, "
+                    f"not text; remove it from data.source (narrow the glob or directory); token ids go in "
+                    f".bin/.npy files")
+  return text
+
+
+def _lines(path) -> Iterator[str]:
+  """The lines of a jsonl file, each checked as `_decoded` checks a whole file."""
+  offset = 0
+  with open(path, "rb") as f:
+    for raw in f:
+      yield _decoded(path, raw, offset)
+      offset += len(raw)
+
+
 def iter_documents(corpus: Corpus) -> Iterator[tuple[str, str]]:
-  """Yields (stable name, text) for each non-empty document of a text/jsonl/parquet corpus."""
+  """Yields (stable name, text) for each non-empty document of a text/jsonl/parquet corpus. A text or jsonl
+  file that is not UTF-8 text raises DataError naming it (`_decoded`)."""
   field = corpus.field
   for path, name in zip(corpus.files, corpus.names):
     if corpus.format == "text":
-      text = path.read_text(encoding="utf-8", errors="replace")
+      text = _decoded(path, path.read_bytes())
       if text.strip():
         yield name, text
     elif corpus.format == "jsonl":
-      with open(path, encoding="utf-8", errors="replace") as f:
-        for i, line in enumerate(f):
-          if not line.strip():
-            continue
-          try:
-            obj = json.loads(line)
-          except ValueError as e:
-            raise DataError(f"data.source: {path}:{i + 1} is not valid JSON ({e}); jsonl files need one JSON "
-                            f"object per line (or set data.format='text')") from None
-          if not isinstance(obj, dict) or field not in obj:
-            keys = sorted(obj)[:10] if isinstance(obj, dict) else type(obj).__name__
-            raise DataError(f"data.field: {path}:{i + 1} has no field {field!r} (it has {keys}); set "
-                            f"data.field to the key that holds the document text")
-          if isinstance(obj[field], str) and obj[field].strip():
-            yield f"{name}:{i}", obj[field]
+      for i, line in enumerate(_lines(path)):
+        if not line.strip():
+          continue
+        try:
+          obj = json.loads(line)
+        except ValueError as e:
+          raise DataError(f"data.source: {path}:{i + 1} is not valid JSON ({e}); jsonl files need one JSON "
+                          f"object per line (or set data.format='text')") from None
+        if not isinstance(obj, dict) or field not in obj:
+          keys = sorted(obj)[:10] if isinstance(obj, dict) else type(obj).__name__
+          raise DataError(f"data.field: {path}:{i + 1} has no field {field!r} (it has {keys}); set "
+                          f"data.field to the key that holds the document text")
+        if isinstance(obj[field], str) and obj[field].strip():
+          yield f"{name}:{i}", obj[field]
     else:
       pf = pq.ParquetFile(path)
       if field not in pf.schema_arrow.names:

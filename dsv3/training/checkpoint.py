@@ -101,6 +101,8 @@ class Checkpointer:
           max_to_keep=keep, save_interval_steps=self.save_every, create=True,
           enable_async_checkpointing=async_save,
           cleanup_tmp_directories=True)  # leftovers of a save killed half-way
+    if not read_only:
+      orbax_errors.quiet_storage_failures()   # a full disk is reported once, by _storage_errors
     with orbax_errors.quiet_library_logs():  # read_only: orbax warns that the directory is read only
       self._mgr = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "extras"))
 
@@ -166,6 +168,7 @@ class Checkpointer:
     step = int(step)
     if step in self._mgr.all_steps() or not (force or step % self.save_every == 0):
       return False
+    self.wait()   # the previous save first: its failure names its own step, not this one
     extras = dict(extras or {})
     for k, v in extras.items():  # fail here, naming the key, rather than in a background thread
       try:

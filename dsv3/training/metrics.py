@@ -5,7 +5,7 @@
   float values. It is the machine-readable record (plots, tests, regressions) and survives without any
   TensorBoard install. It is opened in append mode so a resumed run continues the same file;
   `truncate_after(step)` first drops the lines a crashed run wrote after its last checkpoint, which the
-  resumed run is about to write again.
+  resumed run is about to write again (step 0 on a fresh start: an earlier attempt without a checkpoint).
 - TensorBoard event files under `workdir/tb` (tensorboardX), with `purge_step` after a truncation so
   TensorBoard hides the stale tail too.
 - the console: a tqdm progress bar with loss, tokens/s, MFU and ETA (`start` opens it, so that its rate
@@ -214,24 +214,30 @@ class MetricWriter:
       self._purge_step = None
     return self._jsonl, self._tb
 
-  def truncate_after(self, step: int) -> None:
-    """Drops metrics.jsonl lines with step > `step` and hides later TensorBoard events (resume)."""
+  def truncate_after(self, step: int) -> int:
+    """Drops metrics.jsonl lines with step > `step` and hides later TensorBoard events: on resume, what a
+    crashed run logged after its checkpoint; on a fresh start (step 0), everything an earlier attempt that
+    left no checkpoint logged. Lines that do not read back (cut short, not UTF-8) are dropped too. Returns
+    how many rows were dropped."""
     if not self.enabled:
-      return
+      return 0
+    dropped = 0
     if self._jsonl is not None:
       self._jsonl.close()
       self._jsonl = None
     if os.path.exists(self.jsonl_path):
       kept = []
-      with open(self.jsonl_path, encoding="utf-8") as f:
+      with open(self.jsonl_path, "rb") as f:      # bytes: a line a crash cut inside a character still reads
         for line in f:
           try:
-            if int(json.loads(line)["step"]) <= step:
-              kept.append(line if line.endswith("\n") else line + "\n")
+            if int(json.loads(line.decode("utf-8"))["step"]) <= step:
+              kept.append(line if line.endswith(b"\n") else line + b"\n")
+              continue
           except (ValueError, KeyError, TypeError):
             pass  # a line cut short by a crash: drop it, it would break readers of the file
+          dropped += bool(line.strip())
       tmp = self.jsonl_path + ".tmp"
-      with open(tmp, "w", encoding="utf-8") as f:
+      with open(tmp, "wb") as f:
         f.writelines(kept)
       os.replace(tmp, self.jsonl_path)  # atomic: a crash here leaves the old or the new file
     if self._tb is not None:
@@ -239,6 +245,7 @@ class MetricWriter:
       self._tb = None
     self._purge_step = int(step) + 1
     self._initial_step = int(step)
+    return dropped
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     """Records `scalars` (name -> scalar) at `step` in every sink."""

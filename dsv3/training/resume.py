@@ -9,12 +9,13 @@ import fnmatch
 import json
 from typing import Any, Iterable, Mapping
 
-# Config fields that may change between a run and its resumption: schedule lengths, logging cadence,
+# Config fields that may change between a run and its resumption: schedule lengths, the global batch (the
+# data iterator continues at the first example not yet read, dsv3.data.TrainIterator), logging cadence,
 # paths, the mesh (checkpoints are topology-free), the pipeline schedule (a pipelined step computes the
 # unpipelined step's gradients), the optimizer's hyper-parameters and learning-rate schedule, loss
 # weights, evaluation, and the run guards. Shell-style patterns over dotted names; `check_compatible`
 # reports those that did change.
-DEFAULT_IGNORE = ("num_train_steps", "log_every_steps", "checkpoint_every_steps", "eval_every_steps",
+DEFAULT_IGNORE = ("num_train_steps", "batch_size", "log_every_steps", "checkpoint_every_steps", "eval_every_steps",
                   "eval_batches", "data.eval_batches", "keep_checkpoints", "workdir", "*workdir*",
                   "mesh.*", "pipeline.*",
                   "learning_rate", "min_lr_ratio", "lr_schedule", "warmup_steps", "decay_start_frac",

@@ -26,9 +26,13 @@ from dsv3.parallel import sharding
 from dsv3.parallel.expert_parallel import ExpertParallel
 from dsv3.training import losses, optimizer as opt_lib
 
-# The divergence record before any bad step (guard["step"] < 0: none yet).
+# The divergence record before any bad step (guard["step"] < 0: none yet), and the loss-spike rule's running
+# state: the loss's EMA, its lowest value so far (inf: none yet), and the steps this run has seen.
 CLEAN_GUARD = {"step": np.int32(-1), "loss": np.float32(0), "grad_norm": np.float32(0),
-               "update_ratio": np.float32(0), "lr": np.float32(0)}
+               "update_ratio": np.float32(0), "lr": np.float32(0),
+               "loss_ema": np.float32(0), "loss_low": np.float32(np.inf), "seen": np.int32(0)}
+# The loss-spike rule's smoothing: an EMA over ~10 steps, so one noisy batch never trips it; a climb does.
+LOSS_EMA_DECAY = 0.9
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +46,8 @@ class StepContext:
   alpha: float                                # the sequence-wise balance loss weight of the objective
   grad_accum: int
   max_update_ratio: float                     # the guard's ||update|| / ||params|| limit (0: none)
+  max_loss_ratio: float                       # the guard's loss EMA / its lowest value limit (0: none)
+  loss_warmup: int                            # steps of each run before that rule arms
   aux_free: bool                              # the routing biases follow the loads (balance.mode)
 
 
@@ -70,6 +76,8 @@ def make(config, cfg: ModelConfig, mesh) -> Steps:
                     expert_parallel=ExpertParallel(mesh) if sharding.axis_size(mesh, "expert") > 1 else None,
                     alpha=losses.balance_alpha(config.balance), grad_accum=int(config.grad_accum_steps),
                     max_update_ratio=float(config.nan_guard.max_update_ratio),
+                    max_loss_ratio=float(config.nan_guard.get("max_loss_ratio", 0.0)),
+                    loss_warmup=int(config.nan_guard.get("loss_warmup_steps", 0)),
                     aux_free=config.balance.mode == "aux_free")
   bind = lambda fn: functools.partial(fn, ctx)
   abstract = jax.eval_shape(lambda: init(ctx, jax.random.key(config.seed)))   # no array anywhere
@@ -240,20 +248,41 @@ def check(ctx: StepContext, guard, step, metrics, grad_norm, sums):
   """The divergence guard and the step's metrics from the whole model's norms (`sums` added up).
 
   guard is sticky: the first step whose loss, gradient norm, update or new parameters are non-finite,
-  or whose ||update|| / ||params|| exceeds nan_guard.max_update_ratio, is recorded there (with its
-  values) and kept; the host reads it only where it syncs anyway (logging, eval, saving)."""
+  whose ||update|| / ||params|| exceeds nan_guard.max_update_ratio, or whose loss spiked (`loss_spike`) is
+  recorded there (with its values, the running loss statistics frozen with them) and kept; the host reads it
+  only where it syncs anyway (logging, eval, saving)."""
   update_norm = jnp.sqrt(sums["update"])
   update_ratio = update_norm / jnp.maximum(jnp.sqrt(sums["params"]), 1e-30)
-  ok = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
+  loss = metrics["loss"].astype(jnp.float32)
+  ok = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
         & jnp.isfinite(jnp.sqrt(sums["new_params"])))
   if ctx.max_update_ratio > 0:
     ok &= update_ratio <= ctx.max_update_ratio
+  running, spiked = loss_spike(ctx, guard, loss)
+  ok &= ~spiked
   lr = ctx.lr_schedule(step - 1)
-  first_bad = (guard["step"] < 0) & ~ok
-  now = {"step": step, "loss": metrics["loss"].astype(jnp.float32), "grad_norm": grad_norm,
-         "update_ratio": update_ratio, "lr": lr}
-  guard = {k: jnp.where(first_bad, now[k], guard[k]).astype(guard[k].dtype) for k in guard}
+  clean = guard["step"] < 0
+  first_bad = clean & ~ok
+  now = {"step": step, "loss": loss, "grad_norm": grad_norm, "update_ratio": update_ratio, "lr": lr, **running}
+  guard = {k: jnp.where(first_bad | (clean & (k in running)), now[k], guard[k]).astype(guard[k].dtype)
+           for k in guard}
   metrics = dict(metrics, grad_norm=grad_norm, update_ratio=update_ratio, lr=lr)
   if "vio_sum" in sums:
     metrics.update(maxvio_batch_mean=sums["vio_sum"] / ctx.cfg.num_moe_layers, maxvio_batch_max=sums["vio_max"])
   return guard, metrics
+
+
+def loss_spike(ctx: StepContext, guard, loss):
+  """The loss-spike rule: ({loss_ema, loss_low, seen} after this step, whether this step's loss spiked).
+
+  The loss's EMA (LOSS_EMA_DECAY) follows the run from its first step and `loss_low` keeps its lowest value:
+  a smoothed floor that one noisy batch does not move. After nan_guard.loss_warmup_steps steps of this run, a
+  step whose loss exceeds nan_guard.max_loss_ratio x that floor has spiked: a diverging learning rate whose
+  updates stay small next to the parameters, which the update-ratio rule misses. A resumed run starts the
+  statistics afresh."""
+  seen = guard["seen"] + 1
+  spiked = jnp.zeros((), bool)
+  if ctx.max_loss_ratio > 0:
+    spiked = (seen > ctx.loss_warmup) & (loss > ctx.max_loss_ratio * guard["loss_low"])
+  ema = jnp.where(guard["seen"] == 0, loss, LOSS_EMA_DECAY * guard["loss_ema"] + (1 - LOSS_EMA_DECAY) * loss)
+  return {"loss_ema": ema, "loss_low": jnp.minimum(guard["loss_low"], ema), "seen": seen}, spiked

@@ -72,9 +72,11 @@ def base_train_config(model: ModelConfig):
   c.keep_best_by = ""                     # '' | 'val_loss'
   c.keep_best = 1
   c.init_from = ""                        # HF checkpoint dir or orbax dir; used when the workdir is empty
-  # Divergence guard: a step whose loss, gradient norm or update is non-finite, or whose update norm
-  # exceeds max_update_ratio x the parameter norm, stops the run before any later checkpoint (0: no ratio check).
-  c.nan_guard = ml_collections.ConfigDict(dict(max_update_ratio=1.0))
+  # Divergence guard: a step whose loss, gradient norm or update is non-finite, whose update norm exceeds
+  # max_update_ratio x the parameter norm (0: no ratio check), or, after loss_warmup_steps steps of the run,
+  # whose loss exceeds max_loss_ratio x the lowest EMA of the loss so far (0: no spike check; the EMA spans ~10
+  # steps) stops the run before any later checkpoint.
+  c.nan_guard = ml_collections.ConfigDict(dict(max_update_ratio=1.0, max_loss_ratio=1.5, loss_warmup_steps=5))
   # Profiling: a jax.profiler trace of steps start_step .. start_step+num_steps-1 (numbered as in
   # metrics.jsonl: step 1 is the first) in workdir/profile (TensorBoard's profile plugin, Perfetto). 0: off.
   c.profile = ml_collections.ConfigDict(dict(start_step=10, num_steps=0))
@@ -117,8 +119,9 @@ def _number(c, field: str, lo, hi=None, lo_open=False, hi_open=False, hint="") -
 
 
 def _check_known_fields(c, base) -> None:
-  """Every field of the top level and of the balance, mesh, pipeline and profile blocks is one `base` has."""
-  for block in ("", "balance", "mesh", "pipeline", "profile"):
+  """Every field of the top level and of the balance, mesh, pipeline, profile and nan_guard blocks is one `base`
+  has."""
+  for block in ("", "balance", "mesh", "pipeline", "profile", "nan_guard"):
     if block and block not in c:
       continue
     given, known = (c, base) if not block else (c[block], base[block])
@@ -173,6 +176,17 @@ def _check_steps_and_optimizer(c) -> None:
   _number(c, "balance.aux_loss_alpha", 0)
   if "nan_guard" in c:
     _number(c, "nan_guard.max_update_ratio", 0, hint=" (0 disables the update-size check)")
+    if "max_loss_ratio" in c.nan_guard:
+      _number(c, "nan_guard.max_loss_ratio", 0, hint=" (0 disables the loss-spike check)")
+      ratio = c.nan_guard.max_loss_ratio
+      need(ratio == 0 or ratio > 1, "nan_guard.max_loss_ratio",
+           f"must be 0 (no loss-spike check) or > 1 (a step's loss over this many times the lowest loss EMA "
+           f"stops the run; 1.5 by default), got {ratio!r}: a ratio <= 1 would stop a run whose loss merely "
+           f"stops falling")
+    if "loss_warmup_steps" in c.nan_guard:
+      v = c.nan_guard.loss_warmup_steps
+      need(is_int(v) and v >= 0, "nan_guard.loss_warmup_steps",
+           f"must be an integer >= 0 (steps of each run before the loss-spike check starts), got {v!r}")
 
 
 def _check_checkpoints_and_profile(c) -> None:

@@ -51,32 +51,103 @@ class WorkdirLockedError(WorkdirError):
 
 # --------------------------------------------------------------------------------------------------
 class Lock:
-  """An acquired workdir lock; `release()` (or leaving the `with` block) gives it back."""
+  """An acquired workdir lock; `release()` (or leaving the `with` block) gives it back.
 
-  def __init__(self, path: str, fd: Optional[int]):
+  It remembers what the workdir held when it was taken, so that a run that fails before writing anything
+  leaves no trace: `release(clean=True)` then removes the lock file, the empty directories and the workdir
+  itself where this run created them, and nothing else.
+  """
+
+  def __init__(self, path: str, fd: Optional[int], workdir: Optional[str] = None, created: Optional[str] = None,
+               before: frozenset = frozenset()):
     self.path, self._fd = path, fd
+    self.workdir, self.created, self.before = workdir, created, before
 
   @property
   def held(self) -> bool:
     return self._fd is not None
 
-  def release(self) -> None:
-    """Empties the owner record (so the next owner logs no takeover) and unlocks. Idempotent."""
+  def release(self, clean: bool = False) -> None:
+    """Empties the owner record (so the next owner logs no takeover) and unlocks. Idempotent. With `clean`
+    (the run failed), first removes what the run created if it holds no file (`_remove_leftovers`)."""
     if self._fd is None:
       return
-    try:
-      os.ftruncate(self._fd, 0)
-    except OSError:
-      pass
+    removed = False
+    if clean and self.workdir is not None:
+      removed = self._remove_leftovers()
+    if not removed:
+      try:
+        os.ftruncate(self._fd, 0)
+      except OSError:
+        pass
     fcntl.flock(self._fd, fcntl.LOCK_UN)
     os.close(self._fd)
     self._fd = None
+    if removed and self.created is not None:
+      _remove_empty_parents(self.workdir, self.created)
+
+  def _remove_leftovers(self) -> bool:
+    """If the run wrote no file in the workdir, removes what it created there (empty directories, and the lock
+    file while still holding it); a run that wrote anything keeps all of it. Returns whether the lock went."""
+    try:
+      new = [os.path.join(self.workdir, n) for n in os.listdir(self.workdir) if n not in self.before]
+      if LOCK_NAME in self.before or any(_holds_a_file(p) for p in new if p != self.path):
+        return False
+      for path in new:
+        if path != self.path:
+          _remove_empty_dirs(path)
+      os.remove(self.path)
+      return True
+    except OSError:
+      return False
 
   def __enter__(self) -> "Lock":
     return self
 
   def __exit__(self, *exc) -> None:
     self.release()
+
+
+def _holds_a_file(path: str) -> bool:
+  """Whether `path` is, or (a directory) holds anywhere below it, something other than a directory."""
+  if os.path.islink(path) or not os.path.isdir(path):
+    return True
+  return any(_holds_a_file(os.path.join(path, n)) for n in os.listdir(path))
+
+
+def _remove_empty_dirs(path: str) -> None:
+  """Removes `path`, a directory tree holding no file, bottom-up."""
+  if os.path.islink(path) or not os.path.isdir(path):
+    return
+  for name in os.listdir(path):
+    _remove_empty_dirs(os.path.join(path, name))
+  try:
+    os.rmdir(path)
+  except OSError:
+    pass          # not empty: it holds a file
+
+
+def _remove_empty_parents(path: str, top: str) -> None:
+  """Removes `path` and its parents up to `top` (the first directory this run created), while empty."""
+  while True:
+    try:
+      os.rmdir(path)
+    except OSError:
+      return
+    if path == top:
+      return
+    path = os.path.dirname(path)
+
+
+def _first_missing(path: str) -> Optional[str]:
+  """The outermost directory of `path` that does not exist yet (what makedirs would create first), or None."""
+  missing = None
+  while not os.path.exists(path):
+    missing, parent = path, os.path.dirname(path)
+    if parent == path:
+      break
+    path = parent
+  return missing
 
 
 def prepare(path: str, flag: str = "--workdir") -> str:
@@ -99,7 +170,9 @@ def acquire(path: str, process_index: Optional[int] = None, flag: str = "--workd
   `process_index` defaults to jax.process_index(); processes other than 0 only create the directory and
   get a Lock that holds nothing.
   """
+  created = _first_missing(os.path.abspath(os.fspath(path)))
   path = prepare(path, flag)
+  before = frozenset(_names(path))
   if process_index is None:
     process_index = jax.process_index()
   lock_path = os.path.join(path, LOCK_NAME)
@@ -133,17 +206,21 @@ def acquire(path: str, process_index: Optional[int] = None, flag: str = "--workd
   os.ftruncate(fd, 0)
   os.pwrite(fd, record.encode(), 0)
   os.fsync(fd)
-  return Lock(lock_path, fd)
+  return Lock(lock_path, fd, path, created, before)
 
 
 @contextlib.contextmanager
 def lock(path: str, process_index: Optional[int] = None, flag: str = "--workdir") -> Iterator[Lock]:
-  """`with lock(workdir):` holds the workdir lock for the block (see `acquire`)."""
+  """`with lock(workdir):` holds the workdir lock for the block (see `acquire`). A block that fails (a refused
+  setting, a missing init_from) before writing any file there leaves the workdir as it found it: a directory
+  the run created is removed again, the lock file too (`Lock.release(clean=True)`)."""
   held = acquire(path, process_index, flag)
+  failed = True
   try:
     yield held
+    failed = False
   finally:
-    held.release()
+    held.release(clean=failed)
 
 
 def _read_owner(fd: int) -> dict:
