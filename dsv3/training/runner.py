@@ -168,8 +168,9 @@ class Runner:
     (the random parameters are never made)."""
     skip = VARIABLES if saved is not None else ()
     shardings = {k: v for k, v in self.steps.saved_shardings.items() if k not in skip}
-    state = jax.jit(lambda r: {k: v for k, v in self.steps.init(r).items() if k not in skip},
-                    out_shardings=shardings)(rng)
+    def init(r):     # named: the first program a run compiles shows in the logs as jit(init)
+      return {k: v for k, v in self.steps.init(r).items() if k not in skip}
+    state = jax.jit(init, out_shardings=shardings)(rng)
     if saved is not None:
       state.update(self.load(saved, VARIABLES)[0])
     return self._with_guard(state)
