@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import hlo
-from configs import tiny
+import tiny_model
 from dsv3 import hf, layout, model as model_lib
 from dsv3.analysis import compile_only
 from dsv3.config import ModelConfig
@@ -24,12 +24,7 @@ from dsv3.training import ema as ema_lib
 from dsv3.training import runner as runner_lib
 
 
-def _config(pipeline, schedule, data=1, expert=1, layers=8):
-  c = tiny.get_config()
-  c.model.num_hidden_layers = layers
-  c.mesh.pipeline, c.mesh.data, c.mesh.expert = pipeline, data, expert
-  c.pipeline.schedule, c.pipeline.microbatches = schedule, 8
-  return c
+_config = tiny_model.pipelined_train_config
 
 
 def _random(tree, seed):

@@ -39,3 +39,13 @@ def yarn(original_max_position_embeddings=8):
 def mesh(data=1, expert=1, pipeline=1):
   """dsv3.parallel.sharding's ('pipeline', 'data', 'expert') mesh over all devices (their count is the product)."""
   return sharding.make_mesh(dict(data=data, expert=expert, pipeline=pipeline))
+
+
+def pipelined_train_config(pipeline, schedule, data=1, expert=1, layers=8):
+  """configs/tiny.py's training config as a pipelined run: `layers` layers, 8 micro-batches, the mesh given."""
+  from configs import tiny     # here: worker scripts import this module without the repository on sys.path
+  c = tiny.get_config()
+  c.model.num_hidden_layers = layers
+  c.mesh.pipeline, c.mesh.data, c.mesh.expert = pipeline, data, expert
+  c.pipeline.schedule, c.pipeline.microbatches = schedule, 8
+  return c
