@@ -121,6 +121,16 @@ def _pipeline_inflight(schedule: str, P: int, microbatches: int) -> list:
   return [int(n) for n in schedules.simulate(sched).peak_activations]
 
 
+def _fuses_fb(schedule: str, P: int, microbatches: int) -> bool:
+  """Whether `schedule` has overlapped F&B cells, which the executor runs as one program each."""
+  if P <= 1 or schedule == "none":
+    return False
+  try:
+    return any(op.kind == "FB" for line in schedules.make(schedule, P, microbatches) for op in line)
+  except ValueError:       # a layout the executor refuses
+    return False
+
+
 def _routed_expert_bytes(cfg: ModelConfig, n: int, data: int, expert: int, platform: str, scanned: bool,
                          keep) -> tuple:
   """(all, saved, dispatch rows) of one MoE layer's routed experts on a device holding n tokens: the bytes of
@@ -275,16 +285,21 @@ def step_memory(cfg: ModelConfig, batch: int, seq_len: int, data: int, expert: i
     out = memory_plan(cfg, data, expert, pipeline, schedule, moments_dtype, copies=split and data * expert > 1)
     num_stages = out["pipeline_stages"]
     inflight = _pipeline_inflight(schedule, pipeline, microbatches)
+    fused = _fuses_fb(schedule, pipeline, microbatches)
     totals = []
     specs = stages_lib.split_layers(cfg, num_stages)
     for r, stages in enumerate(out["per_rank_stages"]):
       mem = out["per_rank"][r]
       # A micro-batch in flight holds one stage's residuals: the rank's worst stage's.
       kinds = lambda s: (specs[s].moe.count(False), specs[s].moe.count(True))
-      act = max((activation_plan(cfg, max(rows, 1), seq_len, data, expert, layers=kinds(s),
-                                 mtp=s == num_stages - 1, head=s == num_stages - 1, platform=platform,
-                                 inflight=inflight[r], scanned=False) for s in stages),
-                key=lambda a: a["activation_bytes"])
+      acts = [activation_plan(cfg, max(rows, 1), seq_len, data, expert, layers=kinds(s),
+                              mtp=s == num_stages - 1, head=s == num_stages - 1, platform=platform,
+                              inflight=inflight[r], scanned=False) for s in stages]
+      act = dict(max(acts, key=lambda a: a["activation_bytes"]))
+      # An F&B cell is one program (executor.forward_backward): while one chunk's backward works, the other
+      # chunk's forward holds its own working set, a layer's or its logits (the rank's worst stage).
+      act["fb_forward_working_bytes"] = max(max(a["layer_working_bytes"], a["logits_bytes"]) for a in acts) if fused else 0
+      act["activation_bytes"] += act["fb_forward_working_bytes"]
       params = sum(mem["params"].values())
       state = params + sum(mem["optimizer"].values())
       grads, copies = sum(mem["grads"].values()), sum(mem["copies"].values())
