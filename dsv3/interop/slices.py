@@ -1,9 +1,9 @@
 """Saved trees read straight into placed arrays, by slices: each process reads only its own devices' blocks.
 
 A source is a saved tree in one of dsv3.layout's two forms (stacked, or per-layer) that reads any block of any
-leaf, by key (dsv3.training.checkpoint.leaf_key: a leaf's path as strings):
+leaf, by key (dsv3.training.saved_step.leaf_key: a leaf's path as strings):
   shapes {key: shape}, dtypes {key: dtype}, read(key, index) -> np.ndarray, bytes_read
-an orbax checkpoint step (dsv3.training.checkpoint.SavedStep) or an HF dir (dsv3.interop.hf_sharded.Source).
+an orbax checkpoint step (dsv3.training.saved_step.SavedStep) or an HF dir (dsv3.interop.hf_sharded.Source).
 
 `Route` says where each leaf of a target tree (either form) comes from in a source (either form), by
 dsv3.layout's own unstack: a per-layer leaf is one row of a stacked leaf. `place` fills target trees of
@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from dsv3 import layout
-from dsv3.training.checkpoint import CheckpointMismatchError, leaf_key
+from dsv3.training.saved_step import CheckpointMismatchError, leaf_key
 
 
 class Saved(NamedTuple):
