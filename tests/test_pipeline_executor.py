@@ -209,7 +209,7 @@ def test_residuals_leave_out_the_parameters(model4_remat):
   mesh = plan.meshes[1]
   p, rt = stages.stage_variables(part["params"], part["routing"], plan.specs[1])
   devices = per_device.Devices.of(mesh, BATCH // 4)
-  p = devices.copies(jax.device_put(p, sharding.param_shardings(mesh, p)))
+  p = devices.copies(jax.device_put(p, sharding.param_shardings(mesh, p)), cfg)
   x = jax.device_put(jnp.zeros((BATCH // 4, SEQ, cfg.hidden_size)), NamedSharding(mesh, P(("data", "expert"))))
   coefs = jnp.asarray([MTP_WEIGHT, ALPHA, 0.25], jnp.float32)
   _, vjps, _ = plan.programs.forward(cfg, plan.specs[1].program_key, p, rt, x, tokens[:BATCH // 4], coefs, devices)
@@ -247,7 +247,7 @@ def test_fused_fb_with_input_only_backward(model4):
   mesh, spec = plan.meshes[1], plan.specs[1]
   devices = per_device.Devices.of(mesh, BATCH // 4)
   p, rt = stages.stage_variables(part["params"], part["routing"], spec)
-  p = devices.copies(jax.device_put(p, sharding.param_shardings(mesh, p)))
+  p = devices.copies(jax.device_put(p, sharding.param_shardings(mesh, p)), cfg)
   rows = NamedSharding(mesh, P(("data", "expert")))
   x0, x1 = (jax.device_put(jax.random.normal(jax.random.key(i), (BATCH // 4, SEQ, cfg.hidden_size)), rows)
             for i in (2, 3))
@@ -260,3 +260,40 @@ def test_fused_fb_with_input_only_backward(model4):
   got_f, got_b = plan.programs.forward_backward(cfg, key, key, True, devices, p, rt, x1, tok(1), coefs, vjps,
                                                 None, None, p)
   assert _max_diff((want_f[0], want_f[2], want_b), (got_f[0], got_f[2], got_b)) <= 1e-6
+
+
+def test_bf16_working_copies_equal_the_fp32_master(monkeypatch):
+  """A BF16 model's stages run on BF16 per-device copies of the FP32 master (half the bytes; RMSNorm scales,
+  the router and the embedding, which the model reads in FP32, and the head, read twice, stay FP32), and give
+  bitwise the loss and gradients of FP32 copies: the model casts each weight to BF16 where it reads it
+  either way, and the accumulators are FP32."""
+  from dsv3.nn import layers
+  cfg = CFG4.replace(dtype="bfloat16")
+  variables = _variables(cfg)
+  tokens = jax.random.randint(jax.random.key(1), (BATCH, SEQ + 1), 0, cfg.vocab_size, jnp.int32)
+  mesh = tiny_model.mesh(data=2, expert=2, pipeline=2)
+  placed = {"params": jax.device_put(variables["params"], sharding.param_shardings(mesh, variables["params"])),
+            "routing": jax.device_put(variables["routing"], NamedSharding(mesh, P()))}
+  seen = []
+  copies = per_device.Devices.copies
+
+  def spy(self, params, cfg):
+    out = copies(self, params, cfg)
+    seen.append({jax.tree_util.keystr(p)[-12:]: x.dtype for p, x in jax.tree_util.tree_flatten_with_path(out)[0]})
+    return out
+
+  monkeypatch.setattr(per_device.Devices, "copies", spy)
+  run = lambda: executor.pipeline_value_and_grad(cfg, placed, tokens, schedule="dualpipe", num_stages=2,
+                                                 microbatches=4, mtp_weight=MTP_WEIGHT, alpha=ALPHA,
+                                                 compiler_options=FAST_COMPILE, devices=mesh)
+  loss, metrics, grads, loads = run()
+  dtypes = {k: v for s in seen for k, v in s.items()}
+  assert dtypes and {str(d) for d in dtypes.values()} == {"bfloat16", "float32"}, dtypes
+  assert all(str(d) == "float32" for k, d in dtypes.items() if k.endswith(("['weight']", "['gate']", "mbedding']", "['lm_head']")))
+  assert all(str(g.dtype) == "float32" for g in jax.tree.leaves(grads))
+  monkeypatch.setattr(layers, "working_dtype", lambda name, cfg: jnp.float32)
+  seen.clear()
+  loss32, metrics32, grads32, loads32 = run()
+  assert {str(d) for s in seen for d in s.values()} == {"float32"}
+  assert float(loss) == float(loss32)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), grads, grads32)

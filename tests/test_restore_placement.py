@@ -187,3 +187,37 @@ def _load_config(path):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
+
+
+_RSS_MODEL = {"hidden_size": 512, "intermediate_size": 1024, "moe_intermediate_size": 256, "num_hidden_layers": 8,
+              "n_routed_experts": 32}       # configs/tiny.py:dualpipe grown to 98M parameters (+ 6M MTP)
+
+
+@pytest.mark.slow
+def test_init_from_costs_at_most_half_the_checkpoint_in_host_memory(tmp_path):
+  """A DualPipe PP4 x EP2 run of a ~100M-parameter model on 8 CPU devices: its peak RSS with init_from (the
+  slices read straight into each rank) stays within the same run from scratch + 0.5 x the checkpoint's bytes."""
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  model = [f"--config.model.{k}={v}" for k, v in _RSS_MODEL.items()]
+  cfg = ModelConfig.from_config_dict(_config(4, "dualpipe", expert=2)).replace(**_RSS_MODEL)
+  hf_dir = str(tmp_path / "hf")
+  hf.save_checkpoint(cfg, model_lib.init(cfg, jax.random.key(0)), hf_dir)
+  ckpt_bytes = sum(os.path.getsize(os.path.join(hf_dir, f)) for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
+  assert ckpt_bytes > 350e6            # ~100M float32 parameters
+
+  def peak(*extra):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    proc = subprocess.Popen([sys.executable, "-m", "dsv3.train", "--config=configs/tiny.py:dualpipe", *model,
+                             "--config.num_train_steps=2", *extra],
+                            cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    assert status == 0, out[-3000:]
+    return usage.ru_maxrss * 1024       # KiB on Linux
+  scratch = peak(f"--workdir={tmp_path / 'scratch'}")
+  loaded = peak(f"--workdir={tmp_path / 'loaded'}", f"--config.init_from={hf_dir}")
+  print(f"peak RSS: scratch {scratch / 1e9:.2f} GB, init_from {loaded / 1e9:.2f} GB "
+        f"(+{(loaded - scratch) / 1e6:.0f} MB); checkpoint {ckpt_bytes / 1e6:.0f} MB")
+  assert loaded <= scratch + 0.5 * ckpt_bytes

@@ -175,9 +175,9 @@ def rank_info(holding: dict, programs: list, ema: bool) -> dict:
   state = holding["state"]
   return dict(rank=holding["rank"], stages=holding["stages"], programs=names,
               inflight_microbatches=holding["inflight_microbatches"], state_bytes=size(state),
-              params_bytes=size(state["params"]), params_in_copies=holding["params_in_copies"],
-              ema_bytes=size(state["params"]) if ema else 0,
-              copies_bytes=2 * sum(size(c) for c in holding["copies"]))   # the copies and their accumulators
+              params_bytes=size(state["params"]), ema_bytes=size(state["params"]) if ema else 0,
+              copies_bytes=size(holding["copies"]) + size(holding["accumulators"]),
+              parameter_copies_bytes=size(holding["copies"]), working_params_bytes=size(holding["working"]))
 
 
 def compile_step(config, workdir: str, target: str, echo=print) -> dict:

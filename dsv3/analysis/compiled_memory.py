@@ -35,13 +35,15 @@ def program_memory(compiled) -> dict:
 
 def rank_peak(info: dict, rows: list) -> dict:
   """Rank info's peak bytes per device over one step, from its representative's compiled programs (rows).
-  held: the state (less the params, which the step's copies stand in for) + copies and accumulators.
+  held: the state (the params in it are the ZeRO-sharded FP32 master) + the per-device parameter copies and
+  their gradient accumulators.
 
     forward/backward phase  held + in-flight x residuals + the largest F temp or B/B*/W temp and new outputs
     gradient sums           held + the sums' temp and output (the ZeRO-1 gradients)
-    copies                  state + the parameter copies (the moment they are taken or given back)
+    copies                  state + the parameter copies (the moment they are gathered)
     update                  the update program's peak (state, gradients, optimizer temporaries)
-    evaluation              state + the EMA's device copy (ema_bytes) + an eval program's temp and output
+    evaluation              state + the EMA's device copy (ema_bytes) + the params gathered for it
+                            (working_params_bytes) + an eval program's temp and output
     save                    state (orbax copies it to the host)
 
   The residuals of one micro-batch are the largest output of the rank's F programs (its VJP residuals and
@@ -49,8 +51,7 @@ def rank_peak(info: dict, rows: list) -> dict:
   mine = [r for r in rows if r["program"] in info["programs"]]
   kind = lambda r: r["program"].split("_")[1]
   of = lambda *kinds: [r for r in mine if kind(r) in kinds]
-  # During the step the params live in the copies (taken at its start, given back at its end).
-  held = info["state_bytes"] - info["params_bytes"] * info["params_in_copies"] + info["copies_bytes"]
+  held = info["state_bytes"] + info["copies_bytes"]
   residual = max(r["output_bytes"] for r in of("F"))
   # F's outputs are the residuals counted in flight; a backward's are the input gradient, cotangents and the
   # accumulator (donated: aliased); an F&B's are both, its F's residuals among those counted in flight.
@@ -60,9 +61,9 @@ def rank_peak(info: dict, rows: list) -> dict:
   phases = dict(
       forward_backward=held + info["inflight_microbatches"] * residual + work,
       sums=held + max(r["temp_bytes"] + r["output_bytes"] for r in of("sums")),
-      copies=info["state_bytes"] + info["copies_bytes"] // 2,      # taking the params / giving them back
+      copies=info["state_bytes"] + info["parameter_copies_bytes"],
       update=max(r["peak_bytes"] for r in of("update")),
-      evaluation=info["state_bytes"] + info.get("ema_bytes", 0)
+      evaluation=info["state_bytes"] + info.get("ema_bytes", 0) + info.get("working_params_bytes", 0)
       + max([r["temp_bytes"] + r["output_bytes"] for r in of("eval")] or [0]),
       save=info["state_bytes"])
   worst = max(phases, key=phases.get)

@@ -19,7 +19,7 @@ from dsv3.abstract_model import leaves
 from dsv3.config import ConfigError, ModelConfig
 from dsv3.kernels import tiled_gemm
 from dsv3.nn import attention as attn_lib
-from dsv3.nn.layers import KEEP
+from dsv3.nn.layers import KEEP, working_dtype
 from dsv3.parallel import expert_parallel as ep_lib
 from dsv3.pipeline import schedules, stages as stages_lib
 
@@ -38,9 +38,11 @@ def memory_plan(cfg: ModelConfig, data: int, expert: int, pipeline: int, schedul
                 moments_dtype: str = "float32", copies: bool = True) -> dict:
   """Bytes per device of params / grads / optimizer states, by dtype, for the pipeline rank holding most.
 
-  Pipelined, a rank holds its stages' units once, and per unit a gradient accumulator ('grads') and, when
-  `copies` (rows split over the sub-mesh, per_device.Devices), a per-device parameter copy ('copies'), which
-  its stage copies share (dsv3.pipeline.executor).
+  Pipelined, a rank holds its stages' units once: the params (the FP32 master) ZeRO-sharded like their
+  optimizer state (rank_state.RankLayout.rank_shardings), and per unit an accumulator in the master's dtype
+  ('grads') and, when `copies` (rows split over the sub-mesh, per_device.Devices), a per-device working copy
+  in the dtype the model reads the leaf in ('copies', nn.layers.working_dtype), which its stage copies share
+  (dsv3.pipeline.executor).
   Unpipelined, 'grads' are the FP32 gradients and there are no copies.
   """
   for name, v in (("data", data), ("expert", expert), ("pipeline", pipeline)):
@@ -57,8 +59,12 @@ def memory_plan(cfg: ModelConfig, data: int, expert: int, pipeline: int, schedul
   # elements[stage][(routed, dtype, trainable)]; the embedding apart: stage 0 and the last stage need it
   elements = [collections.Counter() for _ in range(num_stages)]
   embed = collections.Counter()
+  def working(leaf):     # per_device's rule: the working dtype, or the leaf's own if narrower
+    want = jnp.dtype(working_dtype(leaf.path.split("/")[-1], cfg))
+    return (want if want.itemsize < jnp.dtype(leaf.dtype).itemsize else jnp.dtype(leaf.dtype)).name
+
   for leaf in leaves(cfg):
-    key = (leaf.routed, leaf.dtype, leaf.trainable)
+    key = (leaf.routed, leaf.dtype, leaf.trainable, working(leaf))
     if leaf.group in ("dense", "moe"):
       stack = leaf.path.split("/")[1]
       for i in range(leaf.layers):
@@ -74,24 +80,24 @@ def memory_plan(cfg: ModelConfig, data: int, expert: int, pipeline: int, schedul
     units = sum((elements[s] for s in stages), collections.Counter())
     if 0 in stages or last in stages:
       units += embed
-    for (routed, dtype, trainable), n in units.items():
+    for (routed, dtype, trainable, _), n in units.items():
       n = local(routed, n)
-      params[dtype] += n * jnp.dtype(dtype).itemsize
+      zero = data if routed else data * expert
+      shard = -(-n // zero)
+      params[dtype] += (shard if pipeline > 1 and trainable else n) * jnp.dtype(dtype).itemsize
       if not trainable:
         continue
       if pipeline == 1:
         grads["float32"] += n * 4
-      zero = data if routed else data * expert
-      shard = -(-n // zero)
       opt[moments_dtype] += 2 * shard * jnp.dtype(moments_dtype).itemsize
       if jnp.dtype(dtype).itemsize < 4:
         opt["float32"] += shard * 4
     if pipeline > 1:           # per unit of the rank (its stage copies share them): an accumulator, a copy
-      for (routed, dtype, trainable), n in units.items():
+      for (routed, dtype, trainable, work), n in units.items():
         if trainable:
           grads[dtype] += local(routed, n) * jnp.dtype(dtype).itemsize
           if copies:
-            copy[dtype] += local(routed, n) * jnp.dtype(dtype).itemsize
+            copy[work] += local(routed, n) * jnp.dtype(work).itemsize
     return dict(params=dict(params), grads=dict(grads), optimizer=dict(opt), copies=dict(copy),
                 total_bytes=sum(params.values()) + sum(grads.values()) + sum(opt.values()) + sum(copy.values()))
 
@@ -303,8 +309,7 @@ def step_memory(cfg: ModelConfig, batch: int, seq_len: int, data: int, expert: i
       params = sum(mem["params"].values())
       state = params + sum(mem["optimizer"].values())
       grads, copies = sum(mem["grads"].values()), sum(mem["copies"].values())
-      # The step takes the params into its copies (executor.run(donate=True)): not held twice.
-      step = state - (params if copies else 0) + grads + copies + act["activation_bytes"]
+      step = state + grads + copies + act["activation_bytes"]
       totals.append((max(step, state + copies), r, state, grads, copies, act))
     total, r, state, grads, copies, act = max(totals, key=lambda t: t[0])
     stages = out["per_rank_stages"][r]

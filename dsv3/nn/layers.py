@@ -44,6 +44,18 @@ def compute_dtype(cfg: ModelConfig):
   return jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
 
 
+# Parameters whose working copy stays float32 whatever cfg.dtype: those the model reads in FP32 (RMSNorm
+# scales, the router's gate, the embedding table, whose scatter-added gradient of repeated tokens is FP32),
+# and the output head, which the main model and every MTP module read (their gradients add up in FP32).
+FLOAT32_PARAMS = frozenset({"weight", "gate", "embedding", "lm_head"})
+
+
+def working_dtype(name: str, cfg: ModelConfig):
+  """The dtype of a working copy of parameter leaf `name` (a pipeline rank's per-device copies, gathered from
+  the FP32 master): one that gives bitwise the loss and gradients of the master itself."""
+  return jnp.float32 if name in FLOAT32_PARAMS else compute_dtype(cfg)
+
+
 def matmul(x: jax.Array, kernel: jax.Array, cfg: ModelConfig) -> jax.Array:
   """x [..., K] @ kernel [K, N] in the configured precision; the result has the compute dtype."""
   dtype = compute_dtype(cfg)

@@ -1,8 +1,8 @@
 """The device mesh and where every array lives on it: DeepSeek-V3's PP × DP(ZeRO-1) × EP, no TP.
 
 One mesh with three named axes, outermost first:
-  'pipeline'  pipeline stages (consumed by dsv3.pipeline's executor; one sub-mesh per stage); parameters
-              are replicated over it, optimizer state is split over it,
+  'pipeline'  pipeline stages (consumed by dsv3.pipeline's executor; one sub-mesh per stage, on which a
+              rank keeps its FP32 master params ZeRO-1 sharded like their optimizer state),
   'data'      data parallelism; optimizer state is ZeRO-1 sharded over it,
   'expert'    expert parallelism; routed experts are split over it on their E axis.
 Tokens are sharded over ('data', 'expert') together: an expert-parallel group is also a data-parallel

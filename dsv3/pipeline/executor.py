@@ -123,31 +123,26 @@ class _Step:
     self.spec = sharding.batch_spec(plan.meshes[0], self.mb)     # sub-meshes are alike: one row layout
     self.weights_coefs = (mtp_weight, alpha)
     self.copies: Dict[tuple, dict] = {}
-    self.rank_copies, self.accs = {}, {}     # per rank: its per-layer parameter copies and accumulators
+    self.accs = {}     # per rank: its per-unit gradient accumulators
     self.micro, self.acts, self.grads_in, self.saved = {}, {}, {}, {}
     self.deferred = [collections.deque() for _ in plan.schedule]
 
   def name(self, r: int, kind: str, *stages_) -> str:
     return f"rank{r}_{kind}" + "".join(f"_stage{s}" for s in stages_)
 
-  def take_copies(self, rank_variables, donate: bool) -> dict:
-    """Stage copies on the ranks this process runs; their parameters as per-device copies where the
+  def take_copies(self, rank_variables):
+    """Stage copies on the ranks this process runs; their parameters as per-device working copies where the
     micro-batch rows split over the sub-mesh, so gradients are reduced once per step (per_device.Devices).
-    A rank copies each of its units once, and keeps one accumulator per unit: its stage copies share them
-    (DualPipe's rank 0 runs stage 0, which embeds, and the last stage, whose MTP module embeds).
-    Returns the shardings of the params each rank gave to its copies (donate)."""
-    plan, exe, taken = self.plan, self.exe, {}
+    A rank copies each of its units once, and keeps one accumulator per unit in its master's dtype (FP32):
+    its stage copies share them (DualPipe's rank 0 runs stage 0, which embeds, and the last stage, whose
+    MTP module embeds)."""
+    plan, exe, cfg = self.plan, self.exe, self.plan.cfg
     for r in exe.ranks(plan):
       devices = per_device.Devices.of(plan.meshes[r], self.mb)
       params, routing = rank_variables[r]["params"], rank_variables[r].get("routing", {})
-      like = lambda: devices.abstract_copies(params)
-      if donate and devices.axes:
-        taken[r] = jax.tree.map(lambda x: x.sharding, params)
-        copied = exe.glue(lambda: devices.copies_taking(params), like)
-      else:
-        copied = exe.glue(lambda: devices.copies(params), like)
-      self.rank_copies[r] = copied
-      self.accs[r] = exe.glue(lambda: stages.zeros_like(copied), lambda: copied)
+      copied = exe.glue(lambda: devices.copies(params, cfg), lambda: devices.abstract_copies(params, cfg))
+      self.accs[r] = exe.glue(lambda: stages.accumulators(copied, params),
+                              lambda: stages.abstract_accumulators(copied, params))
       coefs = exe.constant(np.asarray([*self.weights_coefs, 1.0 / plan.microbatches], np.float32),
                            NamedSharding(plan.meshes[r], P()))
       for d, s in reduction.stage_copies(plan, r):
@@ -155,7 +150,6 @@ class _Step:
         self.copies[d, s] = dict(params=stages.stage_variables(copied, {}, sp)[0], rank=r, spec=sp,
                                  routing=stages.stage_variables(params, routing, sp)[1], coefs=coefs,
                                  key=sp.program_key, aux=[], devices=devices, stage=s)
-    return taken
 
   def acc(self, c):
     """Stage copy c's gradient accumulator, made of its rank's per-unit accumulators."""
@@ -269,27 +263,19 @@ class _Step:
     return self.exe.call(call, reduction.rank_sums_program(plan, r, params, copies[0]["devices"]),
                          self.accs[r], [c["aux"] for c in copies])
 
-  def give_back(self, rank_variables, taken: dict):
-    """The params the copies took (donate), made back from them: equal arrays, nothing moves."""
-    for r, shardings in taken.items():
-      devices = self.copies[reduction.stage_copies(self.plan, r)[0]]["devices"]
-      rank_variables[r]["params"] = self.exe.glue(
-          lambda: devices.params_from_copies(self.rank_copies[r], shardings), lambda: rank_variables[r]["params"])
-
 
 def run(plan: Plan, rank_variables, tokens, mtp_weight, alpha, timings: Optional[list] = None,
-        donate: bool = False, fused: bool = True, exe: Execute = EXECUTE):
+        fused: bool = True, exe: Execute = EXECUTE):
   """One step on per-rank variables (rank_variables[r] = rank r's {'params', 'routing'} on its sub-mesh, None
   where this process holds none of it). Returns (loss, metrics, grads, loads, grad_norm): grads[r] and loads[r]
   like rank r's params and routing, each unit summed over its holders and placed like its ZeRO-1 state.
 
-  donate: the params are donated into the step's per-device copies (not held twice) and replaced by equal
-  arrays at the end (the trainer's step). timings: a list to append (rank, op, start, end) to, every op
+  timings: a list to append (rank, op, start, end) to, every op
   waited for (per-op costs, not speed). fused: False runs an F&B cell as F then B (the no-overlap baseline).
   exe: Record(...) walks this same code with abstract arrays and records each program (the dry run).
   """
   step = _Step(plan, exe, tokens, mtp_weight, alpha)
-  taken = step.take_copies(rank_variables, donate)
+  step.take_copies(rank_variables)
   step.place_tokens()
   for _, r, i in plan.order:
     op = plan.schedule[r][i]
@@ -299,9 +285,7 @@ def run(plan: Plan, rank_variables, tokens, mtp_weight, alpha, timings: Optional
       jax.block_until_ready(results)
       timings.append((r, str(op), start, time.perf_counter()))
   sums = {r: step.rank_sums(r, rank_variables[r]["params"]) for r in exe.ranks(plan)}
-  out = exe.assemble(plan, sums, rank_variables)
-  step.give_back(rank_variables, taken)
-  return out
+  return exe.assemble(plan, sums, rank_variables)
 
 
 def evaluate(plan: Plan, rank_variables, tokens, exe: Execute = EXECUTE):
@@ -322,6 +306,11 @@ def evaluate(plan: Plan, rank_variables, tokens, exe: Execute = EXECUTE):
   rows = {r: exe.glue(lambda r=r: _zeros_row(width_row, plan.meshes[r]),
                       lambda r=r: sds((1, width_row), jnp.float32, NamedSharding(plan.meshes[r], P())))
           for r in exe.ranks(plan)}     # ranks running no stage of direction 0 (DualPipe's) add nothing
+  working = {}     # per rank: its params gathered once, in their working dtypes (per_device.Devices.working)
+  for r in exe.ranks(plan):
+    devices = per_device.Devices(plan.meshes[r], (), plan.expert_parallel[r])
+    params = rank_variables[r]["params"]
+    working[r] = exe.glue(lambda: devices.working(params, cfg), lambda: devices.abstract_working(params, cfg))
   for c in range(chunks):
     x = None
     for s in range(plan.num_stages):
@@ -330,7 +319,7 @@ def evaluate(plan: Plan, rank_variables, tokens, exe: Execute = EXECUTE):
       if exe.mine(plan, r):
         mesh = plan.meshes[r]
         devices = per_device.Devices(mesh, (), plan.expert_parallel[r])
-        p, rt = stages.stage_variables(rank_variables[r]["params"], rank_variables[r].get("routing", {}), st)
+        p, rt = stages.stage_variables(working[r], rank_variables[r].get("routing", {}), st)
         data = exe.rows(tokens, c * mb, (c + 1) * mb, NamedSharding(mesh, spec)) if st.first or st.last else None
         coefs = exe.constant(np.asarray([0.0, 0.0, 1.0], np.float32), NamedSharding(mesh, P()))
         y, aux = exe.call(Call(f"rank{r}_eval_stage{s}", "eval", r, mesh, st.program_key), plan.programs.evaluate,

@@ -1,9 +1,9 @@
 """Where a stage runs: per device on parameter copies, or in the global view.
 
 When a micro-batch's rows split over every device of the sub-mesh (the trainer's layouts always do), each
-piece runs per device (shard_map, check_vma=False) on the device's own rows and its own copy of the stage's
-parameters, so every backward leaves each device's gradient in its copy, unreduced, and the executor sums
-the copies once per step. Otherwise the pieces run in the global view and XLA reduces every backward.
+piece runs per device (shard_map, check_vma=False) on the device's own rows and its own working copy of the
+stage's parameters (in the dtype the model reads each in), so every backward leaves each device's gradient in
+its copy, unreduced, and the executor adds it to an FP32 accumulator and sums the copies once per step. Otherwise the pieces run in the global view and XLA reduces every backward.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dsv3.nn import layers
 from dsv3.parallel import sharding
 from dsv3.parallel.expert_parallel import ExpertParallel
 
@@ -49,38 +50,39 @@ class Devices:
       return P(copy or None, *spec)
     return jax.tree.map(one, sharding.param_specs(self.mesh, shapes), is_leaf=lambda x: isinstance(x, P))
 
-  def copies(self, tree):
-    """The stage's parameters as per-device copies: each leaf broadcast over a leading axis that spans the
-    devices it is replicated on (its own split, e.g. experts over 'expert', is kept). Unchanged if axes=()."""
-    if not self.axes:
-      return tree
-    leaves, treedef = jax.tree.flatten(tree)
-    return treedef.unflatten(_broadcast_copies(tuple(leaves), self._copy_shardings(tree)))
-
-  def abstract_copies(self, tree):
-    """`copies` of a tree of ShapeDtypeStructs, with their shardings (what a dry run lowers with)."""
-    if not self.axes:
-      return tree
-    leaves, treedef = jax.tree.flatten(tree)
-    return treedef.unflatten([jax.ShapeDtypeStruct((_num_copies(sh), *a.shape), a.dtype, sharding=sh)
-                              for a, sh in zip(leaves, self._copy_shardings(tree))])
-
-  def copies_taking(self, params):
-    """`copies` of a rank's per-layer `params`, which are donated: during the step the copies stand in for
-    them, so a rank does not hold its parameters twice. `params_from_copies` gives them back."""
+  def copies(self, params, cfg):
+    """The stage's parameters as per-device working copies: each leaf in the dtype the model reads it in
+    (nn.layers.working_dtype; BF16 for a BF16 model's GEMM weights), gathered from wherever the FP32 master
+    lives (a pipeline rank keeps it ZeRO-sharded) and broadcast over a leading axis that spans the devices it
+    is replicated on (its own split, e.g. experts over 'expert', is kept). Unchanged if axes=()."""
     if not self.axes:
       return params
     leaves, treedef = jax.tree.flatten(params)
-    return treedef.unflatten(_copies_taking(tuple(leaves), self._copy_shardings(params)))
+    return treedef.unflatten(_broadcast_copies(tuple(leaves), self._copy_shardings(params),
+                                               _working_dtypes(params, cfg)))
 
-  def params_from_copies(self, copies, shardings):
-    """The rank's per-layer params (on `shardings`) from the copies `copies_taking` made: each leaf is the
-    device's own copy (every device's copy is the same; nothing moves)."""
+  def abstract_copies(self, params, cfg):
+    """`copies` of a tree of ShapeDtypeStructs, with their shardings (what a dry run lowers with)."""
     if not self.axes:
-      return copies
-    out_specs = jax.tree.map(lambda sh: sh.spec, shardings)
-    leaves, treedef = jax.tree.flatten(out_specs, is_leaf=lambda x: isinstance(x, P))
-    return _uncopy(self, treedef, tuple(leaves))(copies)
+      return params
+    leaves, treedef = jax.tree.flatten(params)
+    return treedef.unflatten([jax.ShapeDtypeStruct((_num_copies(sh), *a.shape), dt, sharding=sh) for a, sh, dt
+                              in zip(leaves, self._copy_shardings(params), _working_dtypes(params, cfg))])
+
+  def working(self, params, cfg):
+    """The params in the global view as a stage reads them: each leaf in its working dtype, gathered from
+    the ZeRO-sharded master onto the stage's layout (routed experts over 'expert', the rest replicated).
+    Evaluation's stages run on these, so no program partitions a GEMM over a sharded weight."""
+    leaves, treedef = jax.tree.flatten(params)
+    shardings = tuple(jax.tree.leaves(sharding.param_shardings(self.mesh, params)))
+    return treedef.unflatten(_gather(tuple(leaves), shardings, _working_dtypes(params, cfg)))
+
+  def abstract_working(self, params, cfg):
+    """`working` of a tree of ShapeDtypeStructs."""
+    leaves, treedef = jax.tree.flatten(params)
+    shardings = jax.tree.leaves(sharding.param_shardings(self.mesh, params))
+    return treedef.unflatten([jax.ShapeDtypeStruct(a.shape, dt, sharding=sh) for a, sh, dt
+                              in zip(leaves, shardings, _working_dtypes(params, cfg))])
 
   def _copy_shardings(self, tree) -> tuple:
     specs = jax.tree.leaves(self._specs(tree, copied=False), is_leaf=lambda x: isinstance(x, P))
@@ -118,28 +120,24 @@ class Devices:
     return out, {k: jax.tree.map(lambda v: v.sum(0) if k == "load" else v.mean(0), v) for k, v in stats.items()}
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _broadcast_copies(leaves, shardings):
-  return [jax.lax.with_sharding_constraint(jnp.broadcast_to(a[None], (_num_copies(sh), *a.shape)), sh)
-          for a, sh in zip(leaves, shardings)]
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _broadcast_copies(leaves, shardings, dtypes):
+  # Cast before the gather: a BF16 copy moves half the bytes.
+  return [jax.lax.with_sharding_constraint(jnp.broadcast_to(a.astype(dt)[None], (_num_copies(sh), *a.shape)), sh)
+          for a, sh, dt in zip(leaves, shardings, dtypes)]
 
 
-@functools.partial(jax.jit, static_argnums=1, donate_argnums=0)
-def _copies_taking(leaves, shardings):
-  return [jax.lax.with_sharding_constraint(jnp.broadcast_to(a[None], (_num_copies(s), *a.shape)), s)
-          for a, s in zip(leaves, shardings)]
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _gather(leaves, shardings, dtypes):
+  return [jax.lax.with_sharding_constraint(a.astype(dt), sh) for a, sh, dt in zip(leaves, shardings, dtypes)]
 
 
-@functools.lru_cache(maxsize=None)
-def _uncopy(devices: "Devices", treedef, out_specs: tuple):
-  """A jitted map from copied params to the params themselves: each device keeps its own copy's block."""
-  out_specs = jax.tree.unflatten(treedef, out_specs)
-
-  def take(copies):
-    body = lambda tree: jax.tree.map(lambda a: a[0], tree)
-    return jax.shard_map(body, mesh=devices.mesh, check_vma=False, in_specs=(devices._specs(copies, copied=True),),
-                         out_specs=out_specs)(copies)
-  return jax.jit(take)
+def _working_dtypes(params, cfg) -> tuple:
+  """Per leaf of `params`: the working dtype (layers.working_dtype), or the leaf's own if narrower."""
+  def one(path, a):
+    want = jnp.dtype(layers.working_dtype(str(getattr(path[-1], "key", path[-1])), cfg))
+    return want if want.itemsize < jnp.dtype(a.dtype).itemsize else jnp.dtype(a.dtype)
+  return tuple(jax.tree.leaves(jax.tree_util.tree_map_with_path(one, params)))
 
 
 def _num_copies(copy_sharding: NamedSharding) -> int:

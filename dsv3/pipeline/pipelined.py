@@ -129,11 +129,11 @@ class PipelinedSteps:
     ranks, plan, lay = state["ranks"], self.plan, self.layout
     variables = [None if s is None else {"params": s["params"], "routing": s["routing"]} for s in ranks]
     _, metrics, grads, loads, grad_norm = executor.run(plan, variables, batch, float(mtp_weight), self.steps.alpha,
-                                                       donate=True, fused=fused, exe=exe)
+                                                       fused=fused, exe=exe)
     new, rows = [None] * len(ranks), {}
     for r in exe.ranks(plan):
       here = NamedSharding(lay.meshes[r], P())
-      rank = dict(ranks[r], params=variables[r]["params"])      # made back from the step's copies
+      rank = ranks[r]
       gamma_r = exe.constant(np.float32(gamma), here)
       norm_r = exe.glue(lambda: lay.on_rank(grad_norm, r), lambda: dispatch.sds((), jnp.float32, here))
       call = dispatch.Call(f"rank{r}_update", "update", r, lay.meshes[r], (len(self.update_units(r)),))

@@ -77,8 +77,14 @@ class RankLayout:
     return layout.map_state(keep, state) if "params" in state else keep(state)
 
   def rank_shardings(self, abstract_state, r: int) -> dict:
-    """Shardings of rank r's part of a train state on its sub-mesh (dsv3.training.steps.saved_shardings' rules)."""
-    return steps.saved_shardings(self.meshes[r], abstract_state)
+    """Shardings of rank r's part of a train state on its sub-mesh: dsv3.training.steps.saved_shardings'
+    rules, except that the params, the FP32 master weights, are ZeRO-1 sharded like their optimizer state.
+    A step works on per-device working copies gathered from them (dsv3.pipeline.per_device), so the master
+    is never whole on a device, and the update is local to each shard."""
+    out = steps.saved_shardings(self.meshes[r], abstract_state)
+    if "params" in abstract_state:
+      out["params"] = sharding.zero1_shardings(self.meshes[r], abstract_state["params"])
+    return out
 
   def view_shardings(self, abstract_state):
     """The per-unit view's shardings: each leaf over its holders' devices, laid out within each rank as

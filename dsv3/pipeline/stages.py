@@ -328,9 +328,15 @@ def forward_backward(cfg: ModelConfig, fkey, bkey, input_only: bool, devices, pa
   return f_out, b_out
 
 
-def zeros_like(tree):
-  """A gradient accumulator with the placement of `tree` (the stage's parameters on its sub-mesh)."""
-  return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype, device=a.sharding), tree)
+def accumulators(copies, params):
+  """Gradient accumulators for per-device parameter `copies`: their shapes and placement, the dtype of the
+  master `params` (FP32: a BF16 copy's micro-batch gradients add up in FP32, as the report keeps them)."""
+  return jax.tree.map(lambda c, p: jnp.zeros(c.shape, p.dtype, device=c.sharding), copies, params)
+
+
+def abstract_accumulators(copies, params):
+  """`accumulators` as ShapeDtypeStructs (a dry run's)."""
+  return jax.tree.map(lambda c, p: jax.ShapeDtypeStruct(c.shape, p.dtype, sharding=c.sharding), copies, params)
 
 
 class Programs(NamedTuple):

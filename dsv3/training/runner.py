@@ -328,19 +328,20 @@ class PipelinedRunner(Runner):
     return sorted(rec.programs, key=rank)
 
   def rank_holdings(self, batch) -> list:
-    """Per rank, what it holds across the step's programs (abstract trees): its state; its stage copies'
-    per-device parameter copies (params_in_copies: the step takes the params into them); and how many
-    micro-batches' residuals it keeps in flight at most (the schedule's simulated peak)."""
+    """Per rank, what it holds across the step's programs (abstract trees): its state; its per-device
+    parameter copies and their accumulators (one of each per unit, shared by the rank's stages, as
+    executor.take_copies makes them); the params evaluation gathers (`working`); and how many micro-batches' residuals it keeps in flight at most (the
+    schedule's simulated peak)."""
     plan = self.ps.plan
     rows = schedules.microbatch_rows(int(batch.shape[0]), plan.microbatches)
     out = []
     for r, sub in enumerate(plan.meshes):
       state = _placed(self.ps.rank_abstract[r], self.ps.rank_shardings[r])
       devices = per_device.Devices.of(sub, rows)
-      mine = reduction.stage_copies(plan, r)
-      copies = [devices.abstract_copies(state["params"])]     # one per unit, shared by the rank's stages
-      out.append(dict(rank=r, stages=[int(s) for _, s in mine], state=state, copies=copies,
-                      params_in_copies=bool(devices.axes),
+      copies = devices.abstract_copies(state["params"], self.cfg)
+      out.append(dict(rank=r, stages=[int(s) for _, s in reduction.stage_copies(plan, r)], state=state,
+                      copies=copies, accumulators=stages.abstract_accumulators(copies, state["params"]),
+                      working=devices.abstract_working(state["params"], self.cfg),
                       inflight_microbatches=int(plan.prediction.peak_activations[r])))
     return out
 
