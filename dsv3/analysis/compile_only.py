@@ -177,7 +177,7 @@ def rank_info(holding: dict, programs: list, ema: bool) -> dict:
               inflight_microbatches=holding["inflight_microbatches"], state_bytes=size(state),
               params_bytes=size(state["params"]), ema_bytes=size(state["params"]) if ema else 0,
               copies_bytes=size(holding["copies"]) + size(holding["accumulators"]),
-              parameter_copies_bytes=size(holding["copies"]), working_params_bytes=size(holding["working"]))
+              parameter_copies_bytes=size(holding["copies"]))
 
 
 def compile_step(config, workdir: str, target: str, echo=print) -> dict:

@@ -42,8 +42,8 @@ def rank_peak(info: dict, rows: list) -> dict:
     gradient sums           held + the sums' temp and output (the ZeRO-1 gradients)
     copies                  state + the parameter copies (the moment they are gathered)
     update                  the update program's peak (state, gradients, optimizer temporaries)
-    evaluation              state + the EMA's device copy (ema_bytes) + the params gathered for it
-                            (working_params_bytes) + an eval program's temp and output
+    evaluation              state + the EMA's device copy (ema_bytes) + the parameter copies it runs on
+                            + an eval program's temp and output
     save                    state (orbax copies it to the host)
 
   The residuals of one micro-batch are the largest output of the rank's F programs (its VJP residuals and
@@ -63,7 +63,7 @@ def rank_peak(info: dict, rows: list) -> dict:
       sums=held + max(r["temp_bytes"] + r["output_bytes"] for r in of("sums")),
       copies=info["state_bytes"] + info["parameter_copies_bytes"],
       update=max(r["peak_bytes"] for r in of("update")),
-      evaluation=info["state_bytes"] + info.get("ema_bytes", 0) + info.get("working_params_bytes", 0)
+      evaluation=info["state_bytes"] + info.get("ema_bytes", 0) + info["parameter_copies_bytes"]
       + max([r["temp_bytes"] + r["output_bytes"] for r in of("eval")] or [0]),
       save=info["state_bytes"])
   worst = max(phases, key=phases.get)

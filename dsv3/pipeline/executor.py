@@ -306,11 +306,11 @@ def evaluate(plan: Plan, rank_variables, tokens, exe: Execute = EXECUTE):
   rows = {r: exe.glue(lambda r=r: _zeros_row(width_row, plan.meshes[r]),
                       lambda r=r: sds((1, width_row), jnp.float32, NamedSharding(plan.meshes[r], P())))
           for r in exe.ranks(plan)}     # ranks running no stage of direction 0 (DualPipe's) add nothing
-  working = {}     # per rank: its params gathered once, in their working dtypes (per_device.Devices.working)
+  working = {}     # per rank: its working copies, made once (per device where the rows split, as in training)
   for r in exe.ranks(plan):
-    devices = per_device.Devices(plan.meshes[r], (), plan.expert_parallel[r])
+    devices = per_device.Devices.of(plan.meshes[r], mb)
     params = rank_variables[r]["params"]
-    working[r] = exe.glue(lambda: devices.working(params, cfg), lambda: devices.abstract_working(params, cfg))
+    working[r] = exe.glue(lambda: devices.copies(params, cfg), lambda: devices.abstract_copies(params, cfg))
   for c in range(chunks):
     x = None
     for s in range(plan.num_stages):
@@ -318,7 +318,7 @@ def evaluate(plan: Plan, rank_variables, tokens, exe: Execute = EXECUTE):
       y = None
       if exe.mine(plan, r):
         mesh = plan.meshes[r]
-        devices = per_device.Devices(mesh, (), plan.expert_parallel[r])
+        devices = per_device.Devices.of(mesh, mb)
         p, rt = stages.stage_variables(working[r], rank_variables[r].get("routing", {}), st)
         data = exe.rows(tokens, c * mb, (c + 1) * mb, NamedSharding(mesh, spec)) if st.first or st.last else None
         coefs = exe.constant(np.asarray([0.0, 0.0, 1.0], np.float32), NamedSharding(mesh, P()))

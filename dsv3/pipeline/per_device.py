@@ -54,9 +54,9 @@ class Devices:
     """The stage's parameters as per-device working copies: each leaf in the dtype the model reads it in
     (nn.layers.working_dtype; BF16 for a BF16 model's GEMM weights), gathered from wherever the FP32 master
     lives (a pipeline rank keeps it ZeRO-sharded) and broadcast over a leading axis that spans the devices it
-    is replicated on (its own split, e.g. experts over 'expert', is kept). Unchanged if axes=()."""
+    is replicated on (its own split, e.g. experts over 'expert', is kept). With axes=(): `working`."""
     if not self.axes:
-      return params
+      return self.working(params, cfg)
     leaves, treedef = jax.tree.flatten(params)
     return treedef.unflatten(_broadcast_copies(tuple(leaves), self._copy_shardings(params),
                                                _working_dtypes(params, cfg)))
@@ -64,15 +64,15 @@ class Devices:
   def abstract_copies(self, params, cfg):
     """`copies` of a tree of ShapeDtypeStructs, with their shardings (what a dry run lowers with)."""
     if not self.axes:
-      return params
+      return self.abstract_working(params, cfg)
     leaves, treedef = jax.tree.flatten(params)
     return treedef.unflatten([jax.ShapeDtypeStruct((_num_copies(sh), *a.shape), dt, sharding=sh) for a, sh, dt
                               in zip(leaves, self._copy_shardings(params), _working_dtypes(params, cfg))])
 
   def working(self, params, cfg):
     """The params in the global view as a stage reads them: each leaf in its working dtype, gathered from
-    the ZeRO-sharded master onto the stage's layout (routed experts over 'expert', the rest replicated).
-    Evaluation's stages run on these, so no program partitions a GEMM over a sharded weight."""
+    the ZeRO-sharded master onto the stage's layout (routed experts over 'expert', the rest replicated), so
+    no program partitions a GEMM over a sharded weight."""
     leaves, treedef = jax.tree.flatten(params)
     shardings = tuple(jax.tree.leaves(sharding.param_shardings(self.mesh, params)))
     return treedef.unflatten(_gather(tuple(leaves), shardings, _working_dtypes(params, cfg)))

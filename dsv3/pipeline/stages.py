@@ -94,15 +94,25 @@ def _embed(cfg: ModelConfig, p, tokens):
   return emb.apply({"params": p["embed_tokens"]}, tokens).astype(compute_dtype(cfg))
 
 
-def _layer(cfg: ModelConfig, moe: bool, ep, routing, cos, sin, alpha, p, x):
+def _rope(cfg: ModelConfig, x):
+  """RoPE's cos and sin for x's [rows, T] positions (every row starts at 0). Each piece makes its own, inside
+  its checkpointed function: closed over by a piece's VJP they would be residuals, f32 [rows, T, d/2] twice per
+  layer and micro-batch in flight."""
+  return rope_cos_sin(cfg, jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2]))
+
+
+def _layer(cfg: ModelConfig, moe: bool, ep, routing, alpha, p, x):
   variables = {"params": p, "routing": routing} if moe else {"params": p}
+  cos, sin = _rope(cfg, x)
   y, (aux, _) = Block(cfg, moe, ep).apply(variables, x, None, cos, sin, 0)
   if not moe:
     return (y, jnp.zeros((), jnp.float32)), {}
   return (y, alpha * aux["balance_loss"]), {"balance": aux["balance_loss"], "load": aux["load"]}
 
 
-def _head(cfg: ModelConfig, ep, routing, tokens, labels, cos, sin, coefs, p, x):
+def _head(cfg: ModelConfig, ep, routing, tokens, labels, coefs, p, x):
+  cos, sin = _rope(cfg, x)
+
   def run(m, x):
     out = {"logits": m.head(m.norm(x)), "aux": {}}
     if m.mtp:
@@ -115,8 +125,8 @@ def _head(cfg: ModelConfig, ep, routing, tokens, labels, cos, sin, coefs, p, x):
   return loss, aux
 
 
-def _layer_fn(cfg: ModelConfig, moe: bool, ep, routing, cos, sin, alpha, local=lambda p: p):
-  fn = lambda p, x: _layer(cfg, moe, ep, routing, cos, sin, alpha, local(p), x)
+def _layer_fn(cfg: ModelConfig, moe: bool, ep, routing, alpha, local=lambda p: p):
+  fn = lambda p, x: _layer(cfg, moe, ep, routing, alpha, local(p), x)
   if cfg.remat != "none":
     # The same memory policy as the unpipelined model: the VJP keeps only what the policy saves.
     fn = jax.checkpoint(fn, policy=remat_policy(cfg.remat), prevent_cse=False)
@@ -129,34 +139,34 @@ def _embed_piece(cfg: ModelConfig, devices, inputs):
   return lambda p: devices.run(fn, p, (inputs,))[0]
 
 
-def _layer_piece(cfg: ModelConfig, moe: bool, devices, routing, cos, sin, alpha):
+def _layer_piece(cfg: ModelConfig, moe: bool, devices, routing, alpha):
   """(p, x) -> ((y, loss share), {'balance', 'load'} for an MoE layer)."""
-  def fn(p, x, cos, sin, routing, alpha):
-    (y, part), aux = _layer_fn(cfg, moe, devices.expert_parallel, routing, cos, sin, alpha, devices.local)(p, x)
+  def fn(p, x, routing, alpha):
+    (y, part), aux = _layer_fn(cfg, moe, devices.expert_parallel, routing, alpha, devices.local)(p, x)
     return y, dict(aux, part=part)
 
   def piece(p, x):
-    y, stats = devices.run(fn, p, (x, cos, sin), (routing, alpha))
+    y, stats = devices.run(fn, p, (x,), (routing, alpha))
     part = stats.pop("part")
     return (y, part), stats
   return piece
 
 
-def _head_piece(cfg: ModelConfig, devices, routing, inputs, labels, cos, sin, coefs):
+def _head_piece(cfg: ModelConfig, devices, routing, inputs, labels, coefs):
   """(p, x) -> (loss share, {'ce', 'mtp_loss', 'balance', 'load'})."""
-  head = lambda routing, inputs, labels, cos, sin, coefs, p, x: _head(
-      cfg, devices.expert_parallel, routing, inputs, labels, cos, sin, coefs, devices.local(p), x)
+  head = lambda routing, inputs, labels, coefs, p, x: _head(
+      cfg, devices.expert_parallel, routing, inputs, labels, coefs, devices.local(p), x)
   if cfg.remat != "none":
     # The VJP keeps the head's input, not its float32 logits (heads x rows x vocab): a pipeline rank holds
     # one VJP per micro-batch in flight, and the logits are recomputed in the backward.
     head = jax.checkpoint(head, policy=remat_policy(cfg.remat), prevent_cse=False)
 
-  def fn(p, x, inputs, labels, cos, sin, routing, coefs):
-    loss, aux = head(routing, inputs, labels, cos, sin, coefs, p, x)
+  def fn(p, x, inputs, labels, routing, coefs):
+    loss, aux = head(routing, inputs, labels, coefs, p, x)
     return None, dict({k: v for k, v in aux.items() if v is not None}, part=loss)
 
   def piece(p, x):
-    _, stats = devices.run(fn, p, (x, inputs, labels, cos, sin), (routing, coefs))
+    _, stats = devices.run(fn, p, (x, inputs, labels), (routing, coefs))
     return stats.pop("part"), stats
   return piece
 
@@ -177,21 +187,19 @@ def forward(cfg: ModelConfig, key, params, routing, x, tokens, coefs, devices):
   """
   first, last, kinds = key
   inputs = tokens[:, :-1] if tokens is not None else None
-  batch, seq = (inputs.shape if inputs is not None else x.shape[:2])
-  cos, sin = rope_cos_sin(cfg, jnp.broadcast_to(jnp.arange(seq), (batch, seq)))
   vjps, share, balance, loads, aux = [], jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), [], {}
   if first:
     x, vjp = jax.vjp(_embed_piece(cfg, devices, inputs), params["embed"])
     vjps.append(vjp)
   for moe, p, r in zip(kinds, params["layers"], routing["layers"]):
-    (x, part), vjp, layer_aux = jax.vjp(_layer_piece(cfg, moe, devices, r, cos, sin, coefs[1]), p, x, has_aux=True)
+    (x, part), vjp, layer_aux = jax.vjp(_layer_piece(cfg, moe, devices, r, coefs[1]), p, x, has_aux=True)
     vjps.append(vjp)
     share = share + part
     if moe:
       balance = balance + layer_aux["balance"]
       loads.append(layer_aux["load"])
   if last:
-    head = _head_piece(cfg, devices, routing["head"], inputs, tokens[:, 1:], cos, sin, coefs)
+    head = _head_piece(cfg, devices, routing["head"], inputs, tokens[:, 1:], coefs)
     part, vjp, head_aux = jax.vjp(head, params["head"], x, has_aux=True)
     vjps.append(vjp)
     share = share + part

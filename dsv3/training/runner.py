@@ -330,7 +330,7 @@ class PipelinedRunner(Runner):
   def rank_holdings(self, batch) -> list:
     """Per rank, what it holds across the step's programs (abstract trees): its state; its per-device
     parameter copies and their accumulators (one of each per unit, shared by the rank's stages, as
-    executor.take_copies makes them); the params evaluation gathers (`working`); and how many micro-batches' residuals it keeps in flight at most (the
+    executor.take_copies makes them, and evaluation too); and how many micro-batches' residuals it keeps in flight at most (the
     schedule's simulated peak)."""
     plan = self.ps.plan
     rows = schedules.microbatch_rows(int(batch.shape[0]), plan.microbatches)
@@ -341,7 +341,6 @@ class PipelinedRunner(Runner):
       copies = devices.abstract_copies(state["params"], self.cfg)
       out.append(dict(rank=r, stages=[int(s) for _, s in reduction.stage_copies(plan, r)], state=state,
                       copies=copies, accumulators=stages.abstract_accumulators(copies, state["params"]),
-                      working=devices.abstract_working(state["params"], self.cfg),
                       inflight_microbatches=int(plan.prediction.peak_activations[r])))
     return out
 
