@@ -50,6 +50,8 @@ def _check_result(result, workdir, target, programs):
       # evaluation holds the state and the EMA's device copy of the rank's params besides its eval program
       assert rank["ema_bytes"] == rank["params_bytes"] > 0
       assert rank["phases"]["evaluation"] >= rank["state_bytes"] + rank["ema_bytes"]
+      # the planner's figure for the rank, beside it
+      assert rank["plan_bytes"] > 0 and rank["peak_over_plan"] == rank["peak_bytes"] / rank["plan_bytes"]
   assert saved["estimated_peak_bytes_per_device"] > 0
   # dsv3.plan's goal: size a layout before compiling it. Off by 2x it would pick wrong layouts (as it did
   # on 2026-11-29: 2.25 on configs/small.py, 3.15 pipelined); on every layout it must stay within that.

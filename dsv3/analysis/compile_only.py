@@ -257,6 +257,9 @@ def compile_step(config, workdir: str, target: str, echo=print) -> dict:
       compiler_options=dict(options or {}),
       exact_shapes=True,       # every program compiled on its own devices of the full mesh
       notes=notes)
+  if worst["ranks"] is not None:      # the planner beside each rank's compiled peak
+    for r, plan_bytes in zip(worst["ranks"], estimate["per_rank_peak_bytes"]):
+      r.update(plan_bytes=int(plan_bytes), peak_over_plan=r["peak_bytes"] / max(int(plan_bytes), 1))
   result["shortfalls"] = compiled_memory.shortfalls(result)
   with open(os.path.join(out_dir, "memory.json"), "w") as f:
     json.dump(result, f, indent=1, default=str)

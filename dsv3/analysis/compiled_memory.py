@@ -123,15 +123,15 @@ def format_table(result: dict) -> str:
     lines.append(f"{r['program']:<24} {r['position']:<26}" + "".join(
         f"{gb(r[k + '_bytes']):>10}" for k in cols[2:]))
   if result.get("ranks"):
-    cols = ("rank", "stages", "inflight", "state", "copies", "residual", "working", "peak", "phase")
+    cols = ("rank", "stages", "inflight", "state", "copies", "residual", "working", "peak", "plan", "phase")
     lines.append("per rank over the step (GB per device; copies = parameter copies + gradient accumulators, "
-                 "residual = one micro-batch's):")
+                 "residual = one micro-batch's, plan = dsv3.plan's estimate of the rank's step):")
     lines.append("".join(f"{c:>10}" for c in cols))
     for r in result["ranks"]:
       lines.append("".join(f"{v:>10}" for v in (
           r["rank"], ",".join(map(str, r["stages"])), r["inflight_microbatches"],
           gb(r["state_bytes"]), gb(r["copies_bytes"]), gb(r["residual_bytes_per_microbatch"]),
-          gb(r["working_bytes"]), gb(r["peak_bytes"]))) + f"  {r['peak_phase']}")
+          gb(r["working_bytes"]), gb(r["peak_bytes"]), gb(r.get("plan_bytes")))) + f"  {r['peak_phase']}")
   for r in result["programs"]:
     if "overlap" in r:
       o = r["overlap"]
