@@ -31,8 +31,9 @@ def get_config(arg=None):
   check_variant("configs/deepseek_v3.py", arg)   # one recipe; mesh and sizes are --config.* overrides
   c = base_train_config(deepseek_v3_671b())
   c.precision = "fp8"                       # E4M3 GEMMs, 1x128 / 128x128 scales (report §3.3)
-  # Memory per H800 (python -m dsv3.train --config=configs/deepseek_v3.py --workdir=DIR --compile_only=h800
-  # --config.precision=bf16; README "The 671B layout, compiled"). The report recomputes RMSNorm and the MLA
+  # Memory per H800 (python -m dsv3.train --config=configs/deepseek_v3.py --workdir=DIR --compile_only=h800;
+  # docs/results.md "Every rank, the shipped config"): at most 74.9 GB per device, on ranks 0 and 15 (FP32
+  # master weights ZeRO-sharded, BF16 working copies, as the report keeps them). The report recomputes RMSNorm and the MLA
   # up-projections only (remat='paper') and caches activations in FP8; here 'paper' keeps 11.7 GB of BF16
   # residuals per micro-batch, x16 in flight on a DualPipe rank, so every layer is recomputed ('full': 0.36
   # GB). XLA:GPU's ragged_dot holds f32 [experts, rows, 7168] buffers (13 GB each);
