@@ -291,7 +291,7 @@ def test_bf16_working_copies_equal_the_fp32_master(monkeypatch):
   assert dtypes and {str(d) for d in dtypes.values()} == {"bfloat16", "float32"}, dtypes
   assert all(str(d) == "float32" for k, d in dtypes.items() if k.endswith(("['weight']", "['gate']", "mbedding']", "['lm_head']")))
   assert all(str(g.dtype) == "float32" for g in jax.tree.leaves(grads))
-  monkeypatch.setattr(layers, "working_dtype", lambda name, cfg: jnp.float32)
+  monkeypatch.setattr(layers, "working_dtype", lambda name, dtype, cfg: jnp.dtype(jnp.float32))
   seen.clear()
   loss32, metrics32, grads32, loads32 = run()
   assert {str(d) for s in seen for d in s.values()} == {"float32"}

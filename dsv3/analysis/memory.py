@@ -59,9 +59,7 @@ def memory_plan(cfg: ModelConfig, data: int, expert: int, pipeline: int, schedul
   # elements[stage][(routed, dtype, trainable)]; the embedding apart: stage 0 and the last stage need it
   elements = [collections.Counter() for _ in range(num_stages)]
   embed = collections.Counter()
-  def working(leaf):     # per_device's rule: the working dtype, or the leaf's own if narrower
-    want = jnp.dtype(working_dtype(leaf.path.split("/")[-1], cfg))
-    return (want if want.itemsize < jnp.dtype(leaf.dtype).itemsize else jnp.dtype(leaf.dtype)).name
+  working = lambda leaf: working_dtype(leaf.path.split("/")[-1], leaf.dtype, cfg).name   # per_device's copies
 
   for leaf in leaves(cfg):
     key = (leaf.routed, leaf.dtype, leaf.trainable, working(leaf))

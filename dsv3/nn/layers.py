@@ -50,10 +50,12 @@ def compute_dtype(cfg: ModelConfig):
 FLOAT32_PARAMS = frozenset({"weight", "gate", "embedding", "lm_head"})
 
 
-def working_dtype(name: str, cfg: ModelConfig):
-  """The dtype of a working copy of parameter leaf `name` (a pipeline rank's per-device copies, gathered from
-  the FP32 master): one that gives bitwise the loss and gradients of the master itself."""
-  return jnp.float32 if name in FLOAT32_PARAMS else compute_dtype(cfg)
+def working_dtype(name: str, dtype, cfg: ModelConfig) -> jnp.dtype:
+  """The dtype of a working copy of parameter leaf `name` stored in `dtype` (a pipeline rank's per-device
+  copies, gathered from the FP32 master): one that gives bitwise the loss and gradients of the master itself;
+  the leaf's own dtype where that is narrower."""
+  want = jnp.dtype(jnp.float32 if name in FLOAT32_PARAMS else compute_dtype(cfg))
+  return want if want.itemsize < jnp.dtype(dtype).itemsize else jnp.dtype(dtype)
 
 
 def matmul(x: jax.Array, kernel: jax.Array, cfg: ModelConfig) -> jax.Array:

@@ -3,7 +3,8 @@
 When a micro-batch's rows split over every device of the sub-mesh (the trainer's layouts always do), each
 piece runs per device (shard_map, check_vma=False) on the device's own rows and its own working copy of the
 stage's parameters (in the dtype the model reads each in), so every backward leaves each device's gradient in
-its copy, unreduced, and the executor adds it to an FP32 accumulator and sums the copies once per step. Otherwise the pieces run in the global view and XLA reduces every backward.
+its copy, unreduced, and the executor adds it to an FP32 accumulator and sums the copies once per step.
+Otherwise the pieces run in the global view and XLA reduces every backward.
 """
 from __future__ import annotations
 
@@ -133,10 +134,8 @@ def _gather(leaves, shardings, dtypes):
 
 
 def _working_dtypes(params, cfg) -> tuple:
-  """Per leaf of `params`: the working dtype (layers.working_dtype), or the leaf's own if narrower."""
-  def one(path, a):
-    want = jnp.dtype(layers.working_dtype(str(getattr(path[-1], "key", path[-1])), cfg))
-    return want if want.itemsize < jnp.dtype(a.dtype).itemsize else jnp.dtype(a.dtype)
+  """Per leaf of `params`: its working dtype (layers.working_dtype)."""
+  one = lambda path, a: layers.working_dtype(str(getattr(path[-1], "key", path[-1])), a.dtype, cfg)
   return tuple(jax.tree.leaves(jax.tree_util.tree_map_with_path(one, params)))
 
 
