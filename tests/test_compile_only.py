@@ -38,6 +38,8 @@ def _check_result(result, workdir, target, programs):
   assert saved["max_program_peak_bytes"] == max(r["peak_bytes"] for r in saved["programs"]) > 0
   assert max(saved["per_rank_peak_bytes"]) == saved["max_peak_bytes_per_device"]
   assert saved["exact_shapes"] is True
+  # the settings compiled, as the run resolved them (mesh, precision, the model's dispatch, ...)
+  assert {k: saved["settings"]["mesh"][k] for k in saved["mesh"]} == saved["mesh"]
   if saved["ranks"] is None:     # the worst phase: the train step, or evaluation with the EMA's device copy
     assert saved["max_peak_bytes_per_device"] == max(saved["phases"].values()) >= saved["max_program_peak_bytes"]
     assert len(saved["per_rank_peak_bytes"]) == 1
@@ -69,9 +71,11 @@ def _check_result(result, workdir, target, programs):
 
 
 def test_cpu_ep(tmp_path, capsys):
-  result = compile_only.run(_config(), str(tmp_path), "cpu")
+  config = _config()
+  config.model.ep_node_size = 2            # the two-hop dispatch: memory.json names it among the settings
+  result = compile_only.run(config, str(tmp_path), "cpu")
   saved = _check_result(result, str(tmp_path), "cpu", ["train_step", "eval_step"])
-  assert saved["mesh"] == {"pipeline": 1, "data": 2, "expert": 4}
+  assert saved["mesh"] == {"pipeline": 1, "data": 2, "expert": 4} and saved["settings"]["model"]["ep_node_size"] == 2
   table = capsys.readouterr().out
   assert "train_step" in table and "eval_step" in table and "max peak" in table
   hlo = open(tmp_path / "compiled" / "train_step.hlo.txt").read()

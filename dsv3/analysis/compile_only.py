@@ -256,6 +256,7 @@ def compile_step(config, workdir: str, target: str, echo=print) -> dict:
       peak_over_estimate=worst["max_peak_bytes_per_device"] / max(estimate["total_with_activations_bytes"], 1),
       compiler_options=dict(options or {}),
       exact_shapes=True,       # every program compiled on its own devices of the full mesh
+      settings=config.to_dict(),   # what was compiled: the resolved config, overrides included
       notes=notes)
   if worst["ranks"] is not None:      # the planner beside each rank's compiled peak
     for r, plan_bytes in zip(worst["ranks"], estimate["per_rank_peak_bytes"]):

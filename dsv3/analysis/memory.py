@@ -146,7 +146,8 @@ def _routed_expert_bytes(cfg: ModelConfig, n: int, data: int, expert: int, platf
   if expert > 1:
     b = ep_lib.buffer_rows(cfg, n, expert, ep_lib.default_transport(platform))
     m, e_local = b["expand"], E // expert                        # grouped-GEMM rows on this device
-    # dispatch: the send and receive buffers of hidden rows, the combined rows coming back (f32)
+    # dispatch: the send and receive buffers of hidden rows, the combined rows coming back (f32). An FP8 payload
+    # (cfg.ep_fp8_dispatch) does not shrink them: the backward moves BF16 gradient rows through as many rows.
     dispatch = dict(send_rows=b["send"], recv_rows=b["recv"], expand_rows=m)
     transport = (b["send"] + b["recv"]) * H * c + (b["recv"] + n) * H * 4
   else:
