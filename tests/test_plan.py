@@ -84,6 +84,27 @@ def test_671b_config_recipe(cli_json):
   assert 10 * 2**30 < mem["total_bytes"] < 80 * 2**30
 
 
+def test_fb_cell_adds_the_other_chunks_forward_peak_not_a_whole_layer():
+  """An F&B program holds one chunk's backward and the other's forward: the plan adds the forward's peak (the
+  routed experts' dispatch, grouped GEMM and combine run one after another), below a layer's whole working set;
+  an FP8 dispatch payload shrinks that forward, not the backward's buffers."""
+  def rank0(**model):
+    c = _load_config()
+    for k, v in model.items():
+      c.model[k] = v
+    return plan.plan(c, platform="gpu")["memory_per_device"]["activations"]
+  flat, fp8_rows = rank0(ep_fp8_dispatch=False), rank0(ep_fp8_dispatch=True)
+  for act in (flat, fp8_rows):
+    assert 0 < act["forward_working_bytes"] < act["layer_working_bytes"]
+    assert act["fb_forward_working_bytes"] == max(act["forward_working_bytes"], act["logits_bytes"])
+  assert fp8_rows["layer_working_bytes"] == flat["layer_working_bytes"]
+  assert fp8_rows["forward_working_bytes"] <= flat["forward_working_bytes"]
+  # Unfused schedules add nothing.
+  c = _load_config()
+  c.pipeline.schedule = "1f1b"
+  assert plan.plan(c, platform="gpu")["memory_per_device"]["activations"]["fb_forward_working_bytes"] == 0
+
+
 def test_cli_overrides_reach_the_model():
   p = json.loads(_run_cli(f"--config={CONFIG}", "--json", "--config.model.num_nextn_predict_layers=2",
                           "--config.mesh.expert=32", "--config.mesh.data=4"))

@@ -137,10 +137,11 @@ def _fuses_fb(schedule: str, P: int, microbatches: int) -> bool:
 
 def _routed_expert_bytes(cfg: ModelConfig, n: int, data: int, expert: int, platform: str, scanned: bool,
                          keep) -> tuple:
-  """(all, saved, dispatch rows) of one MoE layer's routed experts on a device holding n tokens: the bytes of
-  every tensor, those the remat policy keeps (`keep(name)`), and the expert-parallel buffers' rows."""
+  """(all, saved, forward, dispatch rows) of one MoE layer's routed experts on a device holding n tokens: the
+  bytes of every tensor, those the remat policy keeps (`keep(name)`), the forward's peak (its dispatch, grouped
+  GEMM and combine run one after another), and the expert-parallel buffers' rows."""
   if not cfg.num_moe_layers:
-    return 0, 0, {}
+    return 0, 0, 0, {}
   c = 2 if cfg.dtype == "bfloat16" else 4                       # compute dtype bytes
   H, k, E, I = cfg.hidden_size, cfg.num_experts_per_tok, cfg.n_routed_experts, cfg.moe_intermediate_size
   if expert > 1:
@@ -150,12 +151,19 @@ def _routed_expert_bytes(cfg: ModelConfig, n: int, data: int, expert: int, platf
     # (cfg.ep_fp8_dispatch) does not shrink them: the backward moves BF16 gradient rows through as many rows.
     dispatch = dict(send_rows=b["send"], recv_rows=b["recv"], expand_rows=m)
     transport = (b["send"] + b["recv"]) * H * c + (b["recv"] + n) * H * 4
+    # The forward alone: its dispatch buffers carry the payload (FP8 rows are unpacked on arrival), and the
+    # grouped GEMM reads its rows from the last hop's receive buffer.
+    last_recv = b["hops"][-1]["recv"] if "hops" in b else b["recv"]
+    payload = ep_lib.fp8_row_bytes(H) if cfg.ep_fp8_dispatch else H * c
+    forward_dispatch = (b["send"] + b["recv"]) * payload + (last_recv * H * c if cfg.ep_fp8_dispatch else 0)
+    forward_source, forward_combine = last_recv * H * c, (b["recv"] + n) * H * 4
   else:
     # Without expert parallelism the routed experts sort the whole micro-batch's assignments (a sort the
     # SPMD partitioner cannot split over 'data'), so every device runs all data * n tokens' rows.
     m, e_local = data * n * k, E
     dispatch = dict(expand_rows=m)
     transport = data * n * H * 4                                 # the scatter-added float32 output
+    forward_dispatch, forward_source, forward_combine = 0, 0, transport
   gemm = {"expert_x": (m * H, c),                                # rows gathered into expert order
           "expert_gate": (m * I, c), "expert_up": (m * I, c),    # grouped-GEMM outputs (named for remat)
           "expert_act": (m * I, c),                              # silu(gate) * up, the down GEMM's input
@@ -175,7 +183,12 @@ def _routed_expert_bytes(cfg: ModelConfig, n: int, data: int, expert: int, platf
     gemm["scan_pad"] = (2 * m * max(H, I), c)
   routed_all = sum(e * b for e, b in gemm.values()) + transport
   routed_saved = sum(e * b for name, (e, b) in gemm.items() if keep(name)) if cfg.remat != "full" else 0
-  return routed_all, routed_saved, dispatch
+  # The forward's grouped GEMM: its rows and outputs, one of the backward's widest dense ragged_dot buffers,
+  # and one of scan's two padded copies (the other pads the output gradient).
+  share = {"ragged_dense": 1 / (3 if scanned else 4), "scan_pad": 1 / 2}
+  forward_gemm = forward_source + sum(e * b * share.get(name, 1) for name, (e, b) in gemm.items())
+  routed_forward = max(forward_dispatch, forward_gemm, forward_combine)
+  return routed_all, routed_saved, int(routed_forward), dispatch
 
 
 def activation_plan(cfg: ModelConfig, rows: int, seq_len: int, data: int = 1, expert: int = 1,
@@ -227,7 +240,8 @@ def activation_plan(cfg: ModelConfig, rows: int, seq_len: int, data: int = 1, ex
     return sum(e * b for name, (e, b) in terms.items() if not saved or keep(name))
 
   E = cfg.n_routed_experts
-  routed_all, routed_saved, dispatch = _routed_expert_bytes(cfg, n, data, expert, platform, scanned, keep)
+  routed_all, routed_saved, routed_forward, dispatch = _routed_expert_bytes(cfg, n, data, expert, platform,
+                                                                           scanned, keep)
   router = {"router_logits": (E, 4), "scores": (E, 4),          # float32 router logits and sigmoid scores
             "moe_out": (H, c)}                                   # the MoE output (routed + shared)
   shared = ffn(cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else {}
@@ -244,6 +258,10 @@ def activation_plan(cfg: ModelConfig, rows: int, seq_len: int, data: int = 1, ex
     tok = per_token(terms, False) + residual
     return n * tok + (routed_all if moe else 0)
 
+  def forward(moe: bool) -> float:
+    """A layer's forward working set: its tensors once, the routed experts' at their forward peak."""
+    return layer(moe, False) - (routed_all - routed_forward if moe else 0)
+
   dense_layers, moe_layers = cfg.num_dense_layers, cfg.num_moe_layers
   if isinstance(layers, tuple):                                  # (dense, MoE) layers of a pipeline stage
     dense_layers, moe_layers = layers
@@ -255,6 +273,8 @@ def activation_plan(cfg: ModelConfig, rows: int, seq_len: int, data: int = 1, ex
                   + depths * layer(moe_mtp, True))               # residuals kept for backward, every layer
   layer_working = max([layer(False, False)] * bool(dense_layers) + [layer(True, False)] * bool(moe_layers)
                       + [layer(moe_mtp, False)] * bool(depths) + [0])
+  forward_working = max([forward(False)] * bool(dense_layers) + [forward(True)] * bool(moe_layers)
+                        + [forward(moe_mtp)] * bool(depths) + [0])
   heads = (1 + depths) if head else 0
   logits = heads * n * V * 4                                     # float32 logits of every head
   head_working = (n * V * 4 + n * H * c) if head else 0          # one head's logits gradient and its input
@@ -265,7 +285,8 @@ def activation_plan(cfg: ModelConfig, rows: int, seq_len: int, data: int = 1, ex
   working = max(layer_working, logits + head_working - kept_logits)
   return dict(tokens_per_microbatch=n, remat=policy, attention=impl, inflight_microbatches=inflight,
               saved_residual_bytes=int(saved_layers), logits_bytes=int(logits),
-              layer_working_bytes=int(layer_working), head_working_bytes=int(head_working),
+              layer_working_bytes=int(layer_working), forward_working_bytes=int(forward_working),
+              head_working_bytes=int(head_working),
               moe_rows=dispatch, activation_bytes=int(saved + working))
 
 
@@ -302,8 +323,8 @@ def step_memory(cfg: ModelConfig, batch: int, seq_len: int, data: int, expert: i
                               inflight=inflight[r], scanned=False) for s in stages]
       act = dict(max(acts, key=lambda a: a["activation_bytes"]))
       # An F&B cell is one program (executor.forward_backward): while one chunk's backward works, the other
-      # chunk's forward holds its own working set, a layer's or its logits (the rank's worst stage).
-      act["fb_forward_working_bytes"] = max(max(a["layer_working_bytes"], a["logits_bytes"]) for a in acts) if fused else 0
+      # chunk's forward holds at most its own peak, a layer's forward working set or its logits.
+      act["fb_forward_working_bytes"] = max(max(a["forward_working_bytes"], a["logits_bytes"]) for a in acts) if fused else 0
       act["activation_bytes"] += act["fb_forward_working_bytes"]
       params = sum(mem["params"].values())
       state = params + sum(mem["optimizer"].values())

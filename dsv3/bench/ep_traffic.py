@@ -9,7 +9,7 @@ from typing import Optional
 
 import numpy as np
 
-from dsv3.kernels import fp8
+from dsv3.parallel import expert_parallel
 
 
 def dispatch_units(topk_idx, n_experts: int, num_shards: int) -> int:
@@ -81,7 +81,7 @@ def row_bytes(hidden: int, payload: str) -> int:
   """Bytes of one hidden row on the wire: 'fp32', 'bf16', or 'fp8' (E4M3 values and an f32 scale per 1x128
   tile, as `_fp8_pack` sends them)."""
   if payload == "fp8":
-    return hidden + 4 * -(-hidden // fp8.TILE)
+    return expert_parallel.fp8_row_bytes(hidden)
   return hidden * {"fp32": 4, "bf16": 2}[payload]
 
 

@@ -290,6 +290,11 @@ def _dense_all_to_all(axis, ep, hop, members, v):
   return got.reshape((ep, c) + tail)[members].reshape((D * c,) + tail)
 
 
+def fp8_row_bytes(hidden: int) -> int:
+  """Bytes of one row `_fp8_pack` sends: E4M3 values, then an f32 scale per 1x128 tile."""
+  return hidden + 4 * -(-hidden // fp8.TILE)
+
+
 def _fp8_pack(x):
   """[n, H] -> [n, H + 4·ceil(H/128)] uint8: E4M3 values, then the f32 scale of each 1x128 tile."""
   q, scale = fp8.quantize_tiles(x)
