@@ -87,7 +87,7 @@ def test_671b_config_recipe(cli_json):
 def test_fb_cell_adds_the_other_chunks_forward_peak_not_a_whole_layer():
   """An F&B program holds one chunk's backward and the other's forward: the plan adds the forward's peak (the
   routed experts' dispatch, grouped GEMM and combine run one after another), below a layer's whole working set;
-  an FP8 dispatch payload shrinks that forward, not the backward's buffers."""
+  an FP8 dispatch payload never grows that forward and leaves the backward's buffers alone."""
   def rank0(**model):
     c = _load_config()
     for k, v in model.items():
