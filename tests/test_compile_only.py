@@ -67,7 +67,32 @@ def _check_result(result, workdir, target, programs):
   assert "checkpoints" not in os.listdir(workdir) and "tb" not in os.listdir(workdir)
   assert not os.path.exists(os.path.join(workdir, "metrics.jsonl"))
   assert saved == json.loads(json.dumps(result, default=str))
+  _check_estimate(saved, out)
   return saved
+
+
+def _check_estimate(saved, out):
+  """estimate.json (DESIGN.md's fields): every compiled program costed, the step composed from them."""
+  with open(os.path.join(out, "estimate.json")) as f:
+    est = json.load(f)
+  assert est["target"] == saved["target"] and set(est["programs"]) == {r["program"] for r in saved["programs"]}
+  tokens = saved["settings"]["batch_size"] * saved["settings"]["seq_len"]
+  assert est["step_seconds"] > 0
+  assert est["tokens_per_second_per_device"] == pytest.approx(tokens / est["step_seconds"] / saved["devices"])
+  assert 0 < est["mfu"] < 1
+  figures = est["assumptions"]["figures"]
+  assert figures["flops"]["bf16"] > 0 and figures["hbm"] > 0 and figures["sources"]
+  if saved["ranks"] is None:      # the step is its train program; its GEMMs at least the model's (dsv3.flops)
+    train = est["programs"]["train_step"]
+    assert est["step_seconds"] == train["seconds"] >= train["compute"] > 0
+    # (up to 2x more here: 64 routed rows per device fill half of each expert's 128-row tiles)
+    assert 0.9 < train["flops"] * saved["devices"] / est["flops_per_step"] < 3, (train, est["flops_per_step"])
+  else:     # the schedule simulated on the cells, then what follows the pipeline
+    cells, pipe = est["cells"], est["pipeline"]
+    micro = saved["settings"]["pipeline"]["microbatches"]
+    assert pipe["pipeline_seconds"] >= micro * cells["F"] and cells["B"] >= cells["W"] >= 0
+    assert est["step_seconds"] == pytest.approx(pipe["pipeline_seconds"] + pipe["after_pipeline_seconds"]
+                                                + pipe["check_seconds"])
 
 
 def test_cpu_ep(tmp_path, capsys):

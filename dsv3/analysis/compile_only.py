@@ -9,8 +9,9 @@ The state and batch are abstract (the trainer's shapes and shardings). The progr
 trainer's runner runs (dsv3.training.runner.Runner.programs): unpipelined, its train and eval steps; pipelined, the
 executor's own driver walked on abstract state, each rank's stage programs (F, B or B* and W, F&B cells),
 gradient sums, update and evaluation on its sub-mesh, then the guard's check. Writes
-DIR/compiled/memory.json (dsv3.analysis.compiled_memory: per program, per rank, the worst, and dsv3.plan's estimate)
-and each program's scheduled HLO as DIR/compiled/<program>.hlo.txt. Every program compiles on its own devices of
+DIR/compiled/memory.json (dsv3.analysis.compiled_memory: per program, per rank, the worst, and dsv3.plan's estimate),
+each program's scheduled HLO as DIR/compiled/<program>.hlo.txt, and DIR/compiled/estimate.json
+(dsv3.analysis.step_time: each program's time on the target, the step, tokens/s per device, MFU). Every program compiles on its own devices of
 the full mesh (a stage program on its rank's sub-mesh: EP64 x DP2 = 128 GPUs in the 671B layout), so its
 per-device shapes are the run's, every expert buffer included (memory.json's exact_shapes). GPU kernels are chosen by the target mesh's
 platform (dsv3.kernels.backend); XLA:GPU sorts compile without CUB (its scratch size needs a device).
@@ -30,7 +31,7 @@ import jax.numpy as jnp
 from jax.experimental import topologies
 
 from dsv3 import cli, plan
-from dsv3.analysis import compiled_memory, overlap
+from dsv3.analysis import compiled_memory, overlap, step_time
 from dsv3.config import ModelConfig
 from dsv3.kernels import grouped_gemm
 from dsv3.parallel import sharding
@@ -237,7 +238,7 @@ def compile_step(config, workdir: str, target: str, echo=print) -> dict:
     text = p.compiled.as_text()
     with open(os.path.join(out_dir, f"{p.name}.hlo.txt"), "w") as f:
       f.write(text)
-    rows.append(dict(program=p.name, position=p.position, devices=[d.id for d in p.mesh.devices.flat],
+    rows.append(dict(program=p.name, kind=p.kind, position=p.position, devices=[d.id for d in p.mesh.devices.flat],
                      hlo=f"{p.name}.hlo.txt", **compiled_memory.program_memory(p.compiled)))
     if gpu and p.kind in ("FB", "FBstar"):     # what the F&B cell overlaps (dsv3.analysis.overlap)
       rows[-1]["overlap"] = {k: v for k, v in overlap.summary(text).items() if k != "rows"}
@@ -265,4 +266,6 @@ def compile_step(config, workdir: str, target: str, echo=print) -> dict:
   with open(os.path.join(out_dir, "memory.json"), "w") as f:
     json.dump(result, f, indent=1, default=str)
   echo(compiled_memory.format_table(result))
+  figures = step_time.figures(target) if gpu else step_time.measure_cpu(devices=len(devices))
+  step_time.write(json.loads(json.dumps(result, default=str)), out_dir, figures, echo)
   return result

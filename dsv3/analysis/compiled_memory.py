@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsv3.analysis import overlap
+
 
 def bytes_per_device(tree) -> int:
   """Bytes one device holds of a tree of ShapeDtypeStructs with shardings (every device holds as much)."""
@@ -134,10 +136,7 @@ def format_table(result: dict) -> str:
           gb(r["working_bytes"]), gb(r["peak_bytes"]), gb(r.get("plan_bytes")))) + f"  {r['peak_phase']}")
   for r in result["programs"]:
     if "overlap" in r:
-      o = r["overlap"]
-      lines.append(f"{r['program']}: {o['count']} expert all-to-alls, {o['asynchronous']:.0%} asynchronous, "
-                   f"{o['hidden_by_other_chunk']:.0%} of their bytes under the other chunk's GEMMs "
-                   "(dsv3.analysis.overlap)")
+      lines.append(f"{r['program']}: {overlap.describe(r['overlap'])} (dsv3.analysis.overlap)")
   cap = result["capacity_bytes_per_device"]
   lines.append(f"max peak {gb(result['max_peak_bytes_per_device'])} GB ({result['max_peak_position']})"
                + (f" of {gb(cap)} GB" if cap else "")

@@ -36,6 +36,8 @@ class Instruction:
   callees: List[str]
   op_name: str
   target: str          # custom-call target
+  attrs: str = ""      # the text after the operand list (dimension numbers, replica groups, backend config)
+  args: str = ""       # the operand list as printed (a parameter's index: `parameter(3)` -> '3')
 
 
 @dataclasses.dataclass
@@ -92,7 +94,8 @@ def parse(text: str) -> Dict[str, List[Instruction]]:
     op_name = re.search(r'op_name="([^"]*)"', attrs)
     target = re.search(r'custom_call_target="([^"]*)"', attrs)
     current.append(Instruction(name, shape, op.group(1), re.findall(r"%([\w.\-]+)", operands), callees,
-                               op_name.group(1) if op_name else "", target.group(1) if target else ""))
+                               op_name.group(1) if op_name else "", target.group(1) if target else "",
+                               attrs, operands))
   return comps
 
 
@@ -185,22 +188,46 @@ def _collective_kind(program: Program, inst: Instruction) -> Optional[str]:
   return None
 
 
+FRACTIONS = ("asynchronous", "hidden_by_other_chunk", "hidden_by_any_gemm")
+NO_ALL_TO_ALL = "no expert all-to-all (nothing to overlap)"
+
+
 def summary(text: str, expert_only: bool = True) -> dict:
   """Overlap figures of one scheduled program, over its expert all-to-alls (or all collectives):
   bytes and count, the asynchronous fraction, and the fraction of bytes whose window holds a GEMM of the
-  other chunk ('other'; F&B programs) or any GEMM ('any'); plus the per-collective rows."""
+  other chunk ('other'; F&B programs) or any GEMM ('any'); plus the per-collective rows. A program with no
+  such collective has None for every fraction (not 0% or 100%: there is nothing to overlap)."""
   program = Program(text)
   rows = [c for c in program.collectives() if not expert_only or c.kind in EXPERT_COLLECTIVES]
-  total = sum(c.bytes for c in rows) or 1
+  return from_rows([dataclasses.asdict(c) for c in rows],
+                   gemms=sum(1 for name, insts in program.computations.items() if name not in program.fused
+                             for i in insts if program.is_gemm(i)))
+
+
+def from_rows(rows: List[dict], gemms: int) -> dict:
+  """`summary`'s dict over collective rows (dataclasses.asdict(Collective)); fractions None without rows."""
+  total = sum(r["bytes"] for r in rows)
   other = {"F": "B", "B": "F"}
-  frac = lambda keep: sum(c.bytes for c in rows if keep(c)) / total
-  return dict(count=len(rows), bytes=sum(c.bytes for c in rows),
-              asynchronous=frac(lambda c: c.asynchronous),
-              hidden_by_other_chunk=frac(lambda c: c.chunk in other and c.hidden_by(other[c.chunk])),
-              hidden_by_any_gemm=frac(lambda c: c.hidden_by()),
-              gemms=sum(1 for name, insts in program.computations.items() if name not in program.fused
-                        for i in insts if program.is_gemm(i)),
-              rows=[dataclasses.asdict(c) for c in rows])
+  hidden = lambda r, chunk=None: any(n for c, n in r["window"].items() if chunk is None or c == chunk)
+  frac = lambda keep: sum(r["bytes"] for r in rows if keep(r)) / total if rows and total else None
+  return dict(count=len(rows), bytes=total,
+              asynchronous=frac(lambda r: r["asynchronous"]),
+              hidden_by_other_chunk=frac(lambda r: r["chunk"] in other and hidden(r, other[r["chunk"]])),
+              hidden_by_any_gemm=frac(lambda r: hidden(r)), gemms=gemms, rows=rows)
+
+
+def percent(value: Optional[float]) -> str:
+  """A fraction of `summary` as printed: 'n/a' where the program has no all-to-all."""
+  return "n/a" if value is None else f"{value:.0%}"
+
+
+def describe(s: dict) -> str:
+  """One line for a `summary`: what overlaps, or that there is no all-to-all."""
+  if not s["count"]:
+    return NO_ALL_TO_ALL
+  return (f"{s['count']} expert all-to-alls, {s['bytes'] / 2**20:.2f} MiB; asynchronous {percent(s['asynchronous'])}, "
+          f"window holds the other chunk's GEMMs {percent(s['hidden_by_other_chunk'])}, any GEMM "
+          f"{percent(s['hidden_by_any_gemm'])} (of bytes)")
 
 
 def fb_cost(F: float, B: float, hidden: float, comm_ratio: float = 1.0) -> float:
@@ -213,9 +240,7 @@ def fb_cost(F: float, B: float, hidden: float, comm_ratio: float = 1.0) -> float
 
 
 def format_rows(name: str, s: dict) -> str:
-  lines = [f"{name}: {s['count']} expert all-to-alls, {s['bytes'] / 2**20:.2f} MiB; asynchronous "
-           f"{s['asynchronous']:.0%}, window holds the other chunk's GEMMs {s['hidden_by_other_chunk']:.0%}, any "
-           f"GEMM {s['hidden_by_any_gemm']:.0%} (of bytes)"]
+  lines = [f"{name}: {describe(s)}"]
   for r in s["rows"]:
     gemms = ", ".join(f"{k or '?'}:{v}" for k, v in sorted(r["window"].items(), key=str)) or "-"
     lines.append(f"  {r['name']:<34} {r['kind']:<18} chunk {r['chunk'] or '?'}  {r['bytes']:>10} B  "

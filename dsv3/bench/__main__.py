@@ -29,6 +29,8 @@ Sections (--what, comma-separated; dsv3/bench/step.py unless named):
            number of tokens per step (2048, or --tokens).
   compile  lowering and compile time of the tiny training step with 2, 4, 8, 16 layers, scanned (nn.scan keeps
            it flat) and unrolled (model.scan_layers=False).
+  estimate the step-time estimator (dsv3.analysis.step_time) given this CPU's measured GEMM FLOP/s, memory
+           bandwidth and per-kernel cost, beside the measured step of the tiny and 16M configs (its calibration).
   memory   peak bytes per device of the compiled training step (compiled.memory_analysis(): arguments +
            outputs - donated aliases + temporaries) next to the planner's params + grads + optimizer estimate.
 """
@@ -43,7 +45,7 @@ from dsv3 import cli
 from dsv3.bench import common, gpu, hf, step
 
 SECTIONS = {"train": step.bench_train, "hf": hf.hf, "profile": hf.profile, "moe": step.bench_moe,
-            "seq": step.bench_seq, "compile": step.bench_compile, "memory": step.bench_memory}
+            "seq": step.bench_seq, "compile": step.bench_compile, "memory": step.bench_memory, "estimate": step.bench_estimate}
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:

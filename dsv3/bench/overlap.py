@@ -68,12 +68,7 @@ def rank0_programs(config, target: str, echo=print, options=None) -> dict:
 
 def combine(*summaries: dict) -> dict:
   """Programs run one after the other (an unfused F&B cell: its F, then its B) as one summary."""
-  rows = [r for s in summaries for r in s["rows"]]
-  total = sum(r["bytes"] for r in rows) or 1
-  frac = lambda key: sum(s[key] * s["bytes"] for s in summaries) / total
-  return dict(count=len(rows), bytes=sum(r["bytes"] for r in rows), asynchronous=frac("asynchronous"),
-              hidden_by_other_chunk=frac("hidden_by_other_chunk"), hidden_by_any_gemm=frac("hidden_by_any_gemm"),
-              gemms=sum(s["gemms"] for s in summaries), rows=rows)
+  return overlap.from_rows([r for s in summaries for r in s["rows"]], gemms=sum(s["gemms"] for s in summaries))
 
 
 def overlap_rows(found: dict, defaults: Optional[dict] = None) -> list:
@@ -127,8 +122,11 @@ def main(argv):
     for label, s in (("fused", r["fused"]), ("F, B apart", r["unfused"]),
                      ("F, B apart, XLA's default scheduling (before)", r["unfused_xla_defaults"])):
       print(f"| {r['ep']} | {r['program']} | {label} | {s['count']} | {s['bytes'] / 2**20:.2f} | "
-            f"{s['asynchronous']:.0%} | {s['hidden_by_other_chunk']:.0%} | {s['hidden_by_any_gemm']:.0%} |")
-  worst = min(r["fused"]["hidden_by_other_chunk"] for r in results)
+            + " | ".join(overlap.percent(s[k]) for k in overlap.FRACTIONS) + " |")
+  worst = min((r["fused"]["hidden_by_other_chunk"] for r in results if r["fused"]["count"]), default=None)
+  if worst is None:
+    print(f"\n{overlap.NO_ALL_TO_ALL}: no F&B program of rank 0 has an expert all-to-all")
+    return
   fb = overlap.fb_cost(1.0, 2.0, worst, F.comm_ratio)
   bubbles = bubble_rows(8, 20, fb)
   print(f"\nDualPipe PP8, 20 micro-batches, F 1 B 2 W 1, all-to-all : compute = {F.comm_ratio:g} : 1; the fused "

@@ -187,3 +187,44 @@ def bench_memory(args):
         f"(donated state) vs the planner (params + grads + optimizer; activations are in 'temp')")
   print(common.fmt_table(["config", "batch", "args", "outputs", "aliased", "temp", "peak", "plan params", "plan grads",
                     "plan opt", "plan total", "peak/plan"], rows))
+
+
+def estimate_error(config, cfg: ModelConfig, batch: int, seq_len: int, steps: int, figures) -> dict:
+  """The trainer's one-device step of `config` / `cfg` at (batch, seq_len): its measured seconds (median of
+  `steps`) beside dsv3.analysis.step_time's estimate of the same compiled program on `figures`."""
+  from dsv3.analysis import step_time
+  cfg = cfg.replace(max_position_embeddings=max(seq_len, cfg.max_position_embeddings))
+  trainer = common.one_device_steps(config, cfg)
+  state, *args = common.train_args(config, trainer, common.tokens(cfg, batch, seq_len))
+  compiled = jax.jit(trainer.train, donate_argnums=0).lower(state, *args).compile()
+  estimate = step_time.program_time(compiled.as_text(), figures)
+  box = {"state": state}
+
+  def run():
+    box["state"], out = compiled(box["state"], *args)
+    out["loss"].block_until_ready()
+  measured = common.timeit(run, steps, warmup=1)
+  return dict(measured_s=measured, estimate_s=estimate.seconds, error=estimate.seconds / measured - 1,
+              gemm_s=sum(v / figures.flops[k] for k, v in [("fp32", estimate.flops)]),
+              flops=estimate.flops, bytes=estimate.bytes, kernels=estimate.kernels)
+
+
+def bench_estimate(args):
+  """The step-time estimator (dsv3.analysis.step_time) calibrated on this CPU: its figures measured, then the
+  estimate of the tiny and 16M configs' compiled steps beside their measured steps."""
+  from dsv3.analysis import step_time
+  from dsv3.bench import hf
+  figures = step_time.measure_cpu()
+  cases = [("tiny", cli.load_config("tiny"), None, args.batch or 16, args.seq or 128)]
+  m16, batch16, seq16 = hf.hf_comparison_configs()["16m"]
+  cases.append(("16m", cli.load_config("tiny"), m16.replace(num_nextn_predict_layers=1), batch16, seq16))
+  rows = []
+  for name, config, cfg, batch, seq in cases:
+    r = estimate_error(config, cfg or ModelConfig.from_config_dict(config), batch, seq, args.steps, figures)
+    rows.append([name, f"{batch}x{seq}", f"{r['flops'] / 1e9:.2f}", f"{r['bytes'] / 1e9:.2f}", str(r["kernels"]),
+                 f"{r['measured_s'] * 1e3:.0f}", f"{r['estimate_s'] * 1e3:.0f}", f"{r['error']:+.0%}"])
+  print(f"== step-time estimate vs measured ({common.device_line()}; figures measured: GEMM "
+        f"{figures.flops['fp32'] / 1e9:.0f} GFLOP/s, memory {figures.hbm / 1e9:.1f} GB/s, "
+        f"{figures.launch * 1e6:.1f} us per kernel)")
+  print(common.fmt_table(["config", "batch", "GFLOPs", "GB moved", "kernels", "measured ms", "estimate ms",
+                          "error"], rows))
