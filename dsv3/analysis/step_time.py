@@ -95,6 +95,17 @@ def figures(target: str) -> Figures:
   return Figures(target=target, flops=dict(peaks[kind]), **row)
 
 
+def for_device(device_kind: str) -> Figures:
+  """The figures of the GPU whose jax device_kind is `device_kind` (e.g. 'NVIDIA H100 80GB HBM3');
+  UnknownTargetError for one with none on record."""
+  kind = device_kind.lower()
+  for target, row in FIGURES.items():
+    if row["device_kind"] in kind:
+      return figures(target)
+  raise UnknownTargetError(f"no step-time figures for device {device_kind!r}; known: {', '.join(sorted(FIGURES))}. "
+                           f"Add its peak FLOP/s, HBM and NVLink / InfiniBand bandwidths to {FIGURES_FILE}")
+
+
 def measure_cpu(devices: int = 1, size: int = 1024, mib: int = 256) -> Figures:
   """This CPU's figures, measured: an f32 GEMM's FLOP/s (every dtype: XLA:CPU computes narrower GEMMs
   through f32), the bandwidth of a large elementwise kernel into a new buffer, and a kernel's fixed cost (a chain of small

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 from absl import flags
 
 from dsv3 import cli
+from dsv3.analysis import step_time
 from dsv3.bench import common, gpu_kernels, step
 from dsv3.config import ModelConfig
 from dsv3.nn import attention, moe
@@ -73,10 +74,14 @@ def train_row(name, precision, batch, seq, steps, layers=None) -> dict:
   # 'cudnn' rather than 'auto' where it should work, so that a cuDNN failure shows instead of a fallback.
   c.model.attention = "auto" if why_not else "cudnn"
   attn = "cudnn" if not why_not else ("dense" if seq <= attention.DENSE_MAX_LEN else "blockwise")
-  r = step.train_throughput(c, batch, seq, steps)
+  try:
+    figures, estimate_note = step_time.for_device(jax.devices()[0].device_kind), ""
+  except step_time.UnknownTargetError as e:
+    figures, estimate_note = None, str(e)
+  r = step.train_throughput(c, batch, seq, steps, figures)
   mem = metrics.memory_stats()
   return dict(r, config=name, layers=cfg.num_hidden_layers, precision=precision, attention=attn,
-              attention_note=why_not, grouped_gemm=moe.grouped_gemm_impl(cfg), status="ok", reason="",
+              attention_note=why_not, estimate_note=estimate_note, grouped_gemm=moe.grouped_gemm_impl(cfg), status="ok", reason="",
               mfu_bf16_peak=metrics.mfu(r["tokens_per_s"], r["flops_per_token"],
                                         metrics.device_peak_flops(dtype="bf16")),
               peak_bytes=next(iter(mem.values())), peak_bytes_kind=next(iter(mem)))
@@ -186,15 +191,17 @@ def tables(result) -> str:
              f"{r['gemm']} {r['mode']}" + (f" {r['tokens']} tok" if r["gemm"] == "grouped" else "")
              + f" {f(r['ratio'], '.2f') or 'n/a'}" for r in result["fp8_vs_bf16"]), "",
          "### Train step", "",
-         _md(["config", "precision", "attention", "batch", "compile+1st s", "step ms", "tokens/s", "MFU",
+         _md(["config", "precision", "attention", "batch", "compile+1st s", "step ms", "estimated ms", "tokens/s", "MFU",
               "MFU vs BF16 peak", "peak memory GiB", "note"],
              [[r["config"] + (f", {r['layers']} layers" if "layers" in r else ""), r["precision"],
                r.get("attention", ""), f"{r['batch']}x{r['seq_len']}",
                f(r.get("first_step_s"), ".1f"), f(r.get("step_s") and r["step_s"] * 1e3, ".0f"),
+               f(r.get("estimate_s") and r["estimate_s"] * 1e3, ".0f"),
                f(r.get("tokens_per_s"), ",.0f"), f(r.get("mfu"), ".1%"), f(r.get("mfu_bf16_peak"), ".1%"),
                f(r.get("peak_bytes") and r["peak_bytes"] / 2**30, ".2f")
                + (" (host RSS)" if r.get("peak_bytes_kind") == "host_peak_rss_bytes" else ""),
-               r["reason"] or r.get("attention_note", "")] for r in result["train"]]), "",
+               r["reason"] or "; ".join(n for n in (r.get("attention_note"), r.get("estimate_note")) if n)]
+              for r in result["train"]]), "",
          "### Goals", "",
          _md(["goal", "value", "met", "detail"],
              [[g["goal"], f(g["value"], ".3g"), {True: "met", False: "NOT met", None: "n/a"}[g["met"]], g["detail"]]

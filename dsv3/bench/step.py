@@ -17,27 +17,33 @@ from dsv3.nn import moe
 from dsv3.training import metrics
 
 
-def train_throughput(config, batch: int, seq_len: int, steps: int) -> dict:
-  """tokens/s and MFU of the trainer's step of `config` at (batch, seq_len), median of `steps` timed steps."""
+def train_throughput(config, batch: int, seq_len: int, steps: int, figures=None) -> dict:
+  """tokens/s and MFU of the trainer's step of `config` at (batch, seq_len), median of `steps` timed steps;
+  with `figures` (dsv3.analysis.step_time.Figures), also `estimate_s`: the estimated step of the same program."""
   cfg = ModelConfig.from_config_dict(config).replace(max_position_embeddings=max(seq_len, 1))
   trainer = common.one_device_steps(config, cfg)
   step = jax.jit(trainer.train, donate_argnums=0)
   state, *args = common.train_args(config, trainer, common.tokens(cfg, batch, seq_len))
   box = {"state": state}
+  t0 = time.perf_counter()
+  compiled = step.lower(state, *args).compile()
 
   def run():
-    box["state"], out = step(box["state"], *args)
+    box["state"], out = compiled(box["state"], *args)
     out["loss"].block_until_ready()
 
-  t0 = time.perf_counter()
   run()                                    # compile + first step
   first = time.perf_counter() - t0
   sec = common.timeit(run, steps, warmup=0)
   tok_s = batch * seq_len / sec
   flops = plan.flops_per_token(cfg, seq_len, include_mtp=True)
   peak = metrics.device_peak_flops(dtype={"fp8": "fp8", "bf16": "bf16"}.get(config.precision, "fp32"))
-  return dict(batch=batch, seq_len=seq_len, step_s=sec, tokens_per_s=tok_s, flops_per_token=flops,
-              peak=peak, mfu=metrics.mfu(tok_s, flops, peak), first_step_s=first)
+  out = dict(batch=batch, seq_len=seq_len, step_s=sec, tokens_per_s=tok_s, flops_per_token=flops,
+             peak=peak, mfu=metrics.mfu(tok_s, flops, peak), first_step_s=first)
+  if figures is not None:                  # dsv3.analysis.step_time's estimate of this very program
+    from dsv3.analysis import step_time
+    out["estimate_s"] = step_time.program_time(compiled.as_text(), figures).seconds
+  return out
 
 
 # ---------------------------------------------------------------------------------------------------
