@@ -152,3 +152,17 @@ def test_the_cost_model_counts_the_models_flops():
   counted = step_time.program_time(text, FIG).flops
   expected = plan.plan(config)["flops_per_step"]
   assert 0.9 < counted / expected < 1.5, (counted, expected)
+
+
+def test_a_ragged_all_to_all_moves_its_fill_of_the_buffer():
+  """Expert buffers hold ep_buffer_factor x the balanced load: at fill 1/f the ragged exchange moves 1/f."""
+  ragged = _module("""
+  %ragged-all-to-all.1 = bf16[8192,1024]{1,0} ragged-all-to-all(%x, %x, %x, %x, %x, %x), channel_id=1, replica_groups=GROUPS
+  ROOT %fusion.1 = bf16[4096,4096]{1,0} fusion(%a, %a), kind=kCustom, calls=%fused_dot
+""")
+  full, quarter = (step_time.program_time(ragged, FIG, ragged_fill=f).communication for f in (1.0, 0.25))
+  assert full == pytest.approx(A2A_BYTES * 7 / 8 / 1e11 + 2e-6)
+  assert quarter == pytest.approx(A2A_BYTES / 4 * 7 / 8 / 1e11 + 2e-6)
+  # the dense all-to-all moves its whole buffer whatever the fill
+  assert step_time.program_time(SYNC, FIG, ragged_fill=0.25).communication == pytest.approx(
+      A2A_BYTES * 7 / 8 / 1e11 + 2e-6)

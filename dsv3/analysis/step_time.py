@@ -316,9 +316,12 @@ class ProgramTime:
     return dataclasses.asdict(self)
 
 
-def program_time(text: str, fig: Figures, device_ids: Optional[List[int]] = None) -> ProgramTime:
+def program_time(text: str, fig: Figures, device_ids: Optional[List[int]] = None,
+                 ragged_fill: float = 1.0) -> ProgramTime:
   """The estimated time of one scheduled program (HLO text) on `fig`'s target; `device_ids`: the global ids
-  of the program's devices in order (which node each is on), default 0..n-1."""
+  of the program's devices in order (which node each is on), default 0..n-1. ragged_fill: the share of a
+  ragged op's static buffer its data fills (a ragged all-to-all's bytes, a ragged GEMM kernel's FLOPs);
+  the expert buffers are sized ep_buffer_factor x the balanced load, so 1 / that factor when balanced."""
   program = Costed(text)
   entry = _entry(text, program)
   ids = device_ids or list(range(_num_partitions(text)))
@@ -326,6 +329,8 @@ def program_time(text: str, fig: Figures, device_ids: Optional[List[int]] = None
 
   def kernel(inst) -> float:
     flops = program.flops(inst)
+    if "ragged" in inst.op_name:           # a ragged GEMM kernel computes the rows its groups hold
+      flops = {k: v * ragged_fill for k, v in flops.items()}
     nbytes = program.bytes(inst)
     out.flops += sum(flops.values())
     out.bytes += nbytes
@@ -356,7 +361,8 @@ def program_time(text: str, fig: Figures, device_ids: Optional[List[int]] = None
           attrs = inner[0].attrs if inner else attrs
         operand = sum(overlap.shape_bytes(program.by_name[o].shape) for o in inst.operands if o in program.by_name)
         group = replica_groups(attrs, len(ids))[0]
-        cost = collective_seconds(kind, overlap.shape_bytes(result), group, ids, fig, operand)
+        nbytes = overlap.shape_bytes(result) * (ragged_fill if kind == "ragged-all-to-all" else 1.0)
+        cost = collective_seconds(kind, nbytes, group, ids, fig, operand)
         out.communication += cost
         out.collectives += 1
         begin = max(t, comm_free)
@@ -415,6 +421,13 @@ CELL_KINDS = ("F", "B", "Bstar", "W", "FB", "FBstar")
 AFTER_PIPELINE = ("sums", "update")
 
 
+def _kind_from_name(name: str) -> str:
+  """A program's kind from its name ('rank3_FBstar_stage3_stage12' -> 'FBstar'; 'train_step' -> 'train'), for
+  a memory.json written before its rows carried `kind`."""
+  found = re.match(r"rank\d+_([A-Za-z]+)", name)
+  return found.group(1) if found else name.split("_")[0]
+
+
 def _edge_seconds(settings: dict, fig: Figures) -> tuple:
   """(seconds, bytes) of one micro-batch's hidden states crossing to the next pipeline rank, per device: its
   share of the micro-batch rows x seq_len x hidden in the compute dtype, over the link between the ranks."""
@@ -437,11 +450,13 @@ def estimate(memory: dict, hlo_dir: str, fig: Figures, echo=None) -> dict:
   from dsv3.pipeline import schedules
 
   settings = memory["settings"]
+  factor = float(settings["model"].get("ep_buffer_factor", 0) or 0)
+  fill = 1.0 / factor if factor > 1 else 1.0
   times = {}
   for row in memory["programs"]:
     with open(os.path.join(hlo_dir, row["hlo"])) as f:
-      times[row["program"]] = dict(kind=row.get("kind"), position=row["position"],
-                                   **program_time(f.read(), fig, row.get("devices")).as_dict())
+      times[row["program"]] = dict(kind=row.get("kind") or _kind_from_name(row["program"]), position=row["position"],
+                                   **program_time(f.read(), fig, row.get("devices"), fill).as_dict())
     if echo:
       echo(f"estimated {row['program']}: {times[row['program']]['seconds'] * 1e3:.2f} ms")
   devices = int(memory["devices"])
@@ -475,7 +490,7 @@ def estimate(memory: dict, hlo_dir: str, fig: Figures, echo=None) -> dict:
       target=fig.target, step_seconds=step, tokens_per_step=tokens,
       tokens_per_second_per_device=tokens / step / devices,
       mfu=p["flops_per_step"] / step / devices / bf16,
-      flops_per_step=p["flops_per_step"], devices=devices, schedule=schedule, cells=cells, pipeline=simulated,
+      flops_per_step=p["flops_per_step"], devices=devices, ragged_fill=fill, schedule=schedule, cells=cells, pipeline=simulated,
       programs=times,
       assumptions=dict(
           figures=fig.as_dict(),
@@ -487,7 +502,9 @@ def estimate(memory: dict, hlo_dir: str, fig: Figures, echo=None) -> dict:
                       "its result, split by the link each peer is on; all-gather / reduce-scatter (n-1)/n; "
                       "all-reduce 2(n-1)/n; a ring across nodes at InfiniBand) + a latency; asynchronous ones "
                       "overlap whatever the schedule runs inside their window. A ragged all-to-all counts its "
-                      "whole result buffer (its capacity: an upper bound)",
+                      "static buffer times ragged_fill (1 / model.ep_buffer_factor: the buffers hold that factor x the "
+                      "balanced load), as a ragged GEMM kernel its FLOPs; other expert GEMMs (scan, tiled) run "
+                      "their static shapes",
           pipeline=("the schedule's simulator (dsv3.pipeline.schedules.simulate) with the slowest rank's F, B "
                     "(B* + W), W and F&B programs as cell costs and one micro-batch's hidden states between "
                     "ranks as the edge; then the slowest rank's gradient sums and update, and the guard's check"
