@@ -30,7 +30,7 @@ ENTRY %main (a: bf16[64,128], w: bf16[128,32], x: bf16[1024,128], o: bf16[1024,1
   %o = bf16[1024,128]{1,0} parameter(3)
   %s = s64[8]{0} parameter(4)
   %ragged-all-to-all-start.1 = ((bf16[1024,128]{1,0}, bf16[1024,128]{1,0}, s64[8]{0}), bf16[1024,128]{1,0}) ragged-all-to-all-start(%x, %o, %s), channel_id=1, replica_groups={{0,1,2,3,4,5,6,7}}
-  %gemm.1 = bf16[64,32]{1,0} custom-call(%a, %w), custom_call_target="__cublas$gemm", metadata={op_name="jit(f)/fb_backward/transpose(jvp())/dot_general"}
+  %gemm.1 = bf16[64,32]{1,0} custom-call(%a, %w), custom_call_target="__cublas$gemm", metadata={op_name="jit(f)/fb_backward/transpose(fb_forward)/jvp()/dot_general"}
   %fusion.2 = bf16[64,32]{1,0} fusion(%a, %w), kind=kCustom, calls=%fused_dot, metadata={op_name="jit(f)/fb_forward/dot_general"}
   %ragged-all-to-all-done.1 = bf16[1024,128]{1,0} ragged-all-to-all-done(%ragged-all-to-all-start.1)
   %all-to-all.3 = bf16[1024,128]{1,0} all-to-all(%ragged-all-to-all-done.1), channel_id=2, replica_groups={{0,1,2,3,4,5,6,7}}, dimensions={0}, metadata={op_name="jit(f)/fb_backward/all_to_all"}
@@ -49,7 +49,8 @@ def test_parser_finds_windows_chunks_and_bytes():
   ragged = found["ragged-all-to-all-start.1"]
   assert ragged.kind == "ragged-all-to-all" and ragged.asynchronous and ragged.bytes == 1024 * 128 * 2
   assert ragged.chunk == "F"                       # from its operand %x's name scope
-  assert ragged.window == {"B": 1, "F": 1}         # the cuBLAS call and the fusion that holds a dot
+  # the cuBLAS call (B: its outermost scope, the VJP of a forward traced under its own) and the dot's fusion
+  assert ragged.window == {"B": 1, "F": 1}
   assert ragged.hidden_by("B") and ragged.hidden_by()
   sync = found["all-to-all.3"]
   assert not sync.asynchronous and sync.window == {} and sync.chunk == "B"

@@ -140,10 +140,12 @@ class Program:
     if inst.name in self._chunk:
       return self._chunk[inst.name]
     found = None
-    if FORWARD_SCOPE in inst.op_name:
-      found = "F"
-    elif BACKWARD_SCOPE in inst.op_name:
-      found = "B"
+    # The outermost scope decides: the backward chunk's ops carry 'fb_backward/transpose(fb_forward)/...'
+    # (the VJP of a forward traced under its own scope).
+    at = {c: inst.op_name.find(scope) for c, scope in (("F", FORWARD_SCOPE), ("B", BACKWARD_SCOPE))}
+    scoped = [c for c in at if at[c] >= 0]
+    if scoped:
+      found = min(scoped, key=at.get)
     elif depth < 50:
       for o in inst.operands:
         if o in self.by_name:
