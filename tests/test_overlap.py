@@ -73,7 +73,8 @@ def test_fb_cost():
 
 @pytest.mark.skipif(not hlo.gpu_toolchain(), reason="needs the compile-only GPU toolchain (requirements-aot.txt)")
 def test_fused_fb_hides_the_expert_all_to_alls():
-  """Compiled for 8 H100s per rank (tiny config, DualPipe PP2 x EP8), what the F&B program is for (report
+  """Compiled for 8 H100s per rank (tiny config, DualPipe PP2 x EP8, the expert kernels 'auto' picks: tokamax's),
+  what the F&B program is for (report
   §3.2.1, stages.forward_backward): every expert all-to-all is asynchronous; the overlap goes both ways, some
   all-to-all of F running under B's GEMMs and some of B under F's; and more of the traffic runs under GEMMs
   than when the cell runs as F then B, which overlap nothing with each other."""
@@ -84,7 +85,7 @@ def test_fused_fb_hides_the_expert_all_to_alls():
   c.mesh.data, c.mesh.expert, c.mesh.pipeline = 1, 8, 2
   c.pipeline.schedule, c.pipeline.microbatches = "dualpipe", 4
   c.precision = "bf16"
-  rows = bench_overlap.overlap_rows(bench_overlap.rank0_programs(c, "h100", echo=lambda *_: None))
+  rows = bench_overlap.overlap_rows(bench_overlap.rank0_programs(c, "h100", echo=lambda *_: None, pgle=True))
   assert rows
   for row in rows:
     fused, apart = row["fused"], row["unfused"]
@@ -95,3 +96,6 @@ def test_fused_fb_hides_the_expert_all_to_alls():
     assert apart["hidden_by_other_chunk"] == 0.0
     assert fused["hidden_by_other_chunk"] > 0.0, report
     assert fused["hidden_by_any_gemm"] > apart["hidden_by_any_gemm"], report
+    # the cost-model latency profile (step_time.latency_profile) compiles the same cell, all of it asynchronous
+    pgle = row["fused_pgle"]
+    assert pgle["count"] == fused["count"] and pgle["bytes"] == fused["bytes"] and pgle["asynchronous"] == 1.0

@@ -166,3 +166,12 @@ def test_a_ragged_all_to_all_moves_its_fill_of_the_buffer():
   # the dense all-to-all moves its whole buffer whatever the fill
   assert step_time.program_time(SYNC, FIG, ragged_fill=0.25).communication == pytest.approx(
       A2A_BYTES * 7 / 8 / 1e11 + 2e-6)
+
+
+def test_the_latency_profile_names_every_kernel_and_collective_with_its_modelled_time():
+  import re
+  text = step_time.latency_profile(ASYNC, FIG)
+  costs = dict((n, float(c)) for n, c in re.findall(r'costs \{ name: "([^"]+)" cost_us: ([0-9.]+) \}', text))
+  assert set(costs) == {"all-to-all-start.1", "fusion.1", "copy.1"}     # no parameter, no -done
+  assert costs["fusion.1"] == pytest.approx(GEMM_SECONDS * 1e6, abs=1e-3)     # printed to 1 ns
+  assert costs["all-to-all-start.1"] == pytest.approx((A2A_BYTES * 7 / 8 / 1e11 + 2e-6) * 1e6, abs=1e-3)

@@ -252,6 +252,36 @@ class Costed(overlap.Program):
     return float(sum(reads)), float(result)
 
 
+  def kernel_cost(self, inst: overlap.Instruction, fig: Figures, ragged_fill: float = 1.0) -> tuple:
+    """(seconds, FLOPs, bytes) of one kernel on `fig`: the larger of its GEMM FLOPs at the peak for their
+    dtype and its bytes at HBM bandwidth, plus the launch; a ragged GEMM kernel computes `ragged_fill` of
+    its static rows."""
+    flops = self.flops(inst)
+    if "ragged" in inst.op_name:           # a ragged GEMM kernel computes the rows its groups hold
+      flops = {k: v * ragged_fill for k, v in flops.items()}
+    nbytes = self.bytes(inst)
+    gemm = sum(v / fig.flops[k] for k, v in flops.items())
+    return max(gemm, nbytes / fig.hbm) + fig.launch, sum(flops.values()), nbytes
+
+  def collective_cost(self, inst: overlap.Instruction, comp: str, kind: str, device_ids: List[int], fig: Figures,
+                      ragged_fill: float = 1.0) -> float:
+    """Seconds of one collective (its start, or the synchronous op) of computation `comp` on `fig`: the bytes
+    of its result (a ragged all-to-all: `ragged_fill` of them) over its first device group."""
+    result = inst.shape
+    if inst.opcode.endswith("-start"):
+      done = next((j for j in self.computations[comp] if j.opcode.endswith("-done") and inst.name in j.operands),
+                  None)
+      result = done.shape if done is not None else inst.shape
+    attrs = inst.attrs
+    if inst.opcode == "async-start":
+      inner = [i for c in inst.callees for i in self.computations.get(c, []) if i.opcode in overlap.COLLECTIVES]
+      attrs = inner[0].attrs if inner else attrs
+    operand = sum(overlap.shape_bytes(self.by_name[o].shape) for o in inst.operands if o in self.by_name)
+    group = replica_groups(attrs, len(device_ids))[0]
+    nbytes = overlap.shape_bytes(result) * (ragged_fill if kind == "ragged-all-to-all" else 1.0)
+    return collective_seconds(kind, nbytes, group, device_ids, fig, operand)
+
+
 # ---------------------------------------------------------------------------------------------------
 # A program on two streams.
 # ---------------------------------------------------------------------------------------------------
@@ -328,15 +358,11 @@ def program_time(text: str, fig: Figures, device_ids: Optional[List[int]] = None
   out = ProgramTime()
 
   def kernel(inst) -> float:
-    flops = program.flops(inst)
-    if "ragged" in inst.op_name:           # a ragged GEMM kernel computes the rows its groups hold
-      flops = {k: v * ragged_fill for k, v in flops.items()}
-    nbytes = program.bytes(inst)
-    out.flops += sum(flops.values())
+    seconds, flops, nbytes = program.kernel_cost(inst, fig, ragged_fill)
+    out.flops += flops
     out.bytes += nbytes
     out.kernels += 1
-    gemm = sum(v / fig.flops[k] for k, v in flops.items())
-    return max(gemm, nbytes / fig.hbm) + fig.launch
+    return seconds
 
   def walk(comp: str, t: float, comm_free: float) -> tuple:
     pending: Dict[str, float] = {}
@@ -350,19 +376,7 @@ def program_time(text: str, fig: Figures, device_ids: Optional[List[int]] = None
             out.exposed += max(0.0, finish - t)
             t = max(t, finish)
           continue
-        result = inst.shape
-        if inst.opcode.endswith("-start"):
-          done = next((j for j in program.computations[comp] if j.opcode.endswith("-done") and inst.name in j.operands),
-                      None)
-          result = done.shape if done is not None else inst.shape
-        attrs = inst.attrs
-        if inst.opcode == "async-start":
-          inner = [i for c in inst.callees for i in program.computations.get(c, []) if i.opcode in overlap.COLLECTIVES]
-          attrs = inner[0].attrs if inner else attrs
-        operand = sum(overlap.shape_bytes(program.by_name[o].shape) for o in inst.operands if o in program.by_name)
-        group = replica_groups(attrs, len(ids))[0]
-        nbytes = overlap.shape_bytes(result) * (ragged_fill if kind == "ragged-all-to-all" else 1.0)
-        cost = collective_seconds(kind, nbytes, group, ids, fig, operand)
+        cost = program.collective_cost(inst, comp, kind, ids, fig, ragged_fill)
         out.communication += cost
         out.collectives += 1
         begin = max(t, comm_free)
@@ -402,6 +416,35 @@ def program_time(text: str, fig: Figures, device_ids: Optional[List[int]] = None
   end, comm_free = walk(entry, 0.0, 0.0)
   out.seconds = max(end, comm_free)
   return out
+
+
+PGLE_OPTION = "xla_gpu_pgle_profile_file_or_directory_path"
+
+
+def latency_profile(text: str, fig: Figures, device_ids: Optional[List[int]] = None, ragged_fill: float = 1.0) -> str:
+  """A profile for XLA's profile-guided latency estimator (the text proto its PGLE option reads: `costs {
+  name: ... cost_us: ... }`), made from this cost model instead of a device: every kernel and collective of
+  the scheduled program `text`, by name. Compiled again with it (PGLE_OPTION = the file), the latency-hiding
+  scheduler weighs GEMMs and all-to-alls at their modelled times rather than alike. Instruction names are
+  the same when the same program compiles again with the same options."""
+  program = Costed(text)
+  ids = device_ids or list(range(_num_partitions(text)))
+  lines = []
+  for comp, insts in program.computations.items():
+    if comp in program.fused:
+      continue
+    for inst in insts:
+      kind = overlap._collective_kind(program, inst)
+      if kind is not None:
+        if inst.opcode.endswith("-done"):
+          continue
+        seconds = program.collective_cost(inst, comp, kind, ids, fig, ragged_fill)
+      elif inst.opcode in _FREE or inst.opcode in ("while", "call", "conditional") or inst.opcode.endswith("-done"):
+        continue
+      else:
+        seconds = program.kernel_cost(inst, fig, ragged_fill)[0]
+      lines.append(f'costs {{ name: "{inst.name}" cost_us: {seconds * 1e6:.3f} }}')
+  return "\n".join(lines) + "\n"
 
 
 def _entry(text: str, program: overlap.Program) -> str:

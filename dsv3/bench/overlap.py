@@ -1,6 +1,7 @@
 """DualPipe's overlap in the GPU compiler's schedule: fused F&B programs against their unfused F and B.
 
-  .venv-aot/bin/python -m dsv3.bench.overlap [--config=configs/small.py] [--target=h100] [--expert=8,16]
+  .venv-aot/bin/python -m dsv3.bench.overlap [--config=configs/small.py] [--target=h100] [--expert=8,16] \
+      [--config.precision=fp8] [--nopgle] [--nobaselines]
 
 For each expert degree EP, compiles (deviceless; needs the compile-only toolchain, requirements-aot.txt) pipeline rank
 0 of a DualPipe run of the config on mesh pipeline 2 x expert EP, EP GPUs per rank (EP 16: a rank spans two
@@ -8,7 +9,10 @@ For each expert degree EP, compiles (deviceless; needs the compile-only toolchai
 program's scheduled HLO (dsv3.analysis.overlap) it prints, over the expert all-to-alls (dispatch and combine, and
 their transposes in the backward): how many, their bytes per device, the fraction that is asynchronous, and
 the fraction of bytes whose start..done window holds GEMMs of the other chunk (F&B) or any GEMM; the F and B
-programs also as they compiled before (XLA's default scheduling, XLA_DEFAULTS). Then the
+programs also as they compiled before (XLA's default scheduling, XLA_DEFAULTS), and each F&B program compiled
+again with a latency profile from the step-time cost model (--pgle: XLA's profile-guided latency estimator fed
+dsv3.analysis.step_time.latency_profile, no device needed). The expert kernels are those model.grouped_gemm
+picks for the target ('auto': tokamax's, or the FP8 kernels). Then the
 DualPipe bubble the schedule simulator gives with the F&B cost that overlap implies (overlap.fb_cost)
 against F + B. --json writes everything, every collective's window included.
 """
@@ -16,13 +20,16 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
+import time
 from typing import Optional
 
 from absl import flags
 from ml_collections import config_flags
 
-from dsv3.analysis import compile_only, overlap
+from dsv3.analysis import compile_only, overlap, step_time
 from dsv3.bench import common
+from dsv3.kernels import grouped_gemm
 from dsv3.parallel import sharding
 from dsv3.pipeline import schedules, stages
 
@@ -38,6 +45,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_float("comm_ratio", 1.0, "Expert all-to-all time over compute time when nothing "
                      "overlaps (report §3.2.1: about 1 for cross-node EP), for the F&B cost.", **fv)
   flags.DEFINE_string("json", None, "Also write the results here.", **fv)
+  flags.DEFINE_bool("pgle", True, "Also compile each F&B program with a latency profile from the step-time "
+                    "cost model (dsv3.analysis.step_time.latency_profile).", **fv)
+  flags.DEFINE_bool("baselines", True, "Also the F and B programs under XLA's default scheduling (before).", **fv)
 
 
 # XLA's defaults for what stages.GPU_OVERLAP_OPTIONS sets: how the stage programs compiled before it.
@@ -49,21 +59,37 @@ XLA_DEFAULTS = {"xla_gpu_enable_latency_hiding_scheduler": False,
 STAGE_KINDS = ("F", "B", "Bstar", "W", "FB", "FBstar")
 
 
-def rank0_programs(config, target: str, echo=print, options=None) -> dict:
+def rank0_programs(config, target: str, echo=print, options=None, pgle: bool = False) -> dict:
   """{program name: overlap.summary} of pipeline rank 0's stage programs (F, B, B*, W and F&B, and the F and
   B each F&B fuses), compiled for `target` as the trainer's runner runs them (with `options` over the stage
-  programs' own); the other programs are walked, not compiled."""
+  programs' own; the expert kernels model.grouped_gemm picks for the target, 'auto': tokamax's on GPU); the
+  other programs are walked, not compiled. pgle: each F&B program compiled again with a latency profile
+  from dsv3.analysis.step_time's cost model (its summary under '<name>+pgle')."""
   config = config.copy_and_resolve_references()
-  if config.model.grouped_gemm == "auto":
-    config.model.grouped_gemm = "ragged_dot"          # as measured (README); a GPU run resolves it to tokamax
   devices = compile_only.target_devices(target, int(config.mesh.pipeline) * int(config.mesh.expert)
                                         * int(config.mesh.data))
   mesh = sharding.make_mesh(config.mesh, devices=devices)
   rank0 = lambda p: p.position == "rank0" and p.kind in STAGE_KINDS
-  _, programs = compile_only.compiled_programs(config, mesh, {**compile_only.GPU_COMPILER_OPTIONS, **(options or {})},
-                                               echo, select=rank0, baselines=True)
-  return {p.name: overlap.summary(p.compiled.as_text()) for p in programs
-          if rank0(p) and p.same_as is None and p.compiled is not None}
+  options = {**compile_only.GPU_COMPILER_OPTIONS, **(options or {})}
+  with grouped_gemm.deviceless(devices):
+    _, programs = compile_only.compiled_programs(config, mesh, options, echo, select=rank0, baselines=True)
+    found = {p.name: overlap.summary(p.compiled.as_text()) for p in programs
+             if rank0(p) and p.same_as is None and p.compiled is not None}
+    if pgle:
+      figures = step_time.figures(target)
+      factor = float(config.model.ep_buffer_factor)
+      with tempfile.TemporaryDirectory() as tmp:
+        for p in programs:
+          if rank0(p) and p.kind in ("FB", "FBstar") and p.same_as is None and p.compiled is not None:
+            path = os.path.join(tmp, f"{p.name}.pbtxt")
+            with open(path, "w") as f:
+              f.write(step_time.latency_profile(p.compiled.as_text(), figures,
+                                                ragged_fill=1 / factor if factor > 1 else 1.0))
+            start = time.perf_counter()
+            again = p.lower().compile(compiler_options={**options, step_time.PGLE_OPTION: path})
+            echo(f"compiled {p.name} with the cost model's latency profile in {time.perf_counter() - start:.0f} s")
+            found[p.name + "+pgle"] = overlap.summary(again.as_text())
+  return found
 
 
 def combine(*summaries: dict) -> dict:
@@ -76,11 +102,15 @@ def overlap_rows(found: dict, defaults: Optional[dict] = None) -> list:
   those compiled with XLA's default scheduling (`defaults`: rank0_programs with XLA_DEFAULTS), if given."""
   rows = []
   for name, s in found.items():
+    if name.endswith("+pgle"):
+      continue
     kind, *stage = name.split("_")[1:]
     if kind not in ("FB", "FBstar"):
       continue
     f, b = (f"rank0_{k}_{st}" for k, st in zip(("F", "Bstar" if kind == "FBstar" else "B"), stage))
     row = dict(program=name, fused=s, unfused=combine(found[f], found[b]), unfused_programs=[f, b])
+    if name + "+pgle" in found:
+      row["fused_pgle"] = found[name + "+pgle"]
     if defaults:
       row["unfused_xla_defaults"] = combine(defaults[f], defaults[b])
     rows.append(row)
@@ -109,8 +139,8 @@ def main(argv):
     config.pipeline.schedule, config.pipeline.microbatches = "dualpipe", F.microbatches
     config.batch_size = max(int(config.batch_size), ep * F.microbatches)
     print(f"EP{ep}: compiling rank 0 of DualPipe PP2 x EP{ep} for {F.target} ...", flush=True)
-    defaults = rank0_programs(config, F.target, options=XLA_DEFAULTS)
-    for row in overlap_rows(rank0_programs(config, F.target), defaults):
+    defaults = rank0_programs(config, F.target, options=XLA_DEFAULTS) if F.baselines else None
+    for row in overlap_rows(rank0_programs(config, F.target, pgle=F.pgle), defaults):
       row["ep"] = ep
       results.append(row)
   print(f"\nExpert all-to-alls of pipeline rank 0 ({F.target}, compiled; stages.GPU_OVERLAP_OPTIONS): "
@@ -119,11 +149,14 @@ def main(argv):
         "| window holds any GEMM |")
   print("|---|---|---|---|---|---|---|---|")
   for r in results:
-    for label, s in (("fused", r["fused"]), ("F, B apart", r["unfused"]),
-                     ("F, B apart, XLA's default scheduling (before)", r["unfused_xla_defaults"])):
+    for label, s in (("fused", r["fused"]), ("fused, cost-model PGLE", r.get("fused_pgle")), ("F, B apart", r["unfused"]),
+                     ("F, B apart, XLA's default scheduling (before)", r.get("unfused_xla_defaults"))):
+      if s is None:
+        continue
       print(f"| {r['ep']} | {r['program']} | {label} | {s['count']} | {s['bytes'] / 2**20:.2f} | "
             + " | ".join(overlap.percent(s[k]) for k in overlap.FRACTIONS) + " |")
-  worst = min((r["fused"]["hidden_by_other_chunk"] for r in results if r["fused"]["count"]), default=None)
+  best = lambda r: max(x["hidden_by_other_chunk"] for x in (r["fused"], r.get("fused_pgle") or r["fused"]))
+  worst = min((best(r) for r in results if r["fused"]["count"]), default=None)
   if worst is None:
     print(f"\n{overlap.NO_ALL_TO_ALL}: no F&B program of rank 0 has an expert all-to-all")
     return
