@@ -99,3 +99,12 @@ def test_fused_fb_hides_the_expert_all_to_alls():
     # the cost-model latency profile (step_time.latency_profile) compiles the same cell, all of it asynchronous
     pgle = row["fused_pgle"]
     assert pgle["count"] == fused["count"] and pgle["bytes"] == fused["bytes"] and pgle["asynchronous"] == 1.0
+
+
+def test_a_program_without_all_to_all_says_so():
+  """No expert all-to-all: nothing to overlap, so no fraction (neither 0% nor 100%) and a line that says so."""
+  no_a2a = "\n".join(line for line in SCHEDULED.splitlines() if "all-to-all" not in line)
+  s = overlap.summary(no_a2a)
+  assert s["count"] == 0 and all(s[k] is None for k in overlap.FRACTIONS)
+  assert overlap.describe(s) == overlap.NO_ALL_TO_ALL and "no expert all-to-all" in overlap.format_rows("p", s)
+  assert overlap.percent(s["hidden_by_other_chunk"]) == "n/a"
