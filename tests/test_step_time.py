@@ -175,3 +175,27 @@ def test_the_latency_profile_names_every_kernel_and_collective_with_its_modelled
   assert set(costs) == {"all-to-all-start.1", "fusion.1", "copy.1"}     # no parameter, no -done
   assert costs["fusion.1"] == pytest.approx(GEMM_SECONDS * 1e6, abs=1e-3)     # printed to 1 ns
   assert costs["all-to-all-start.1"] == pytest.approx((A2A_BYTES * 7 / 8 / 1e11 + 2e-6) * 1e6, abs=1e-3)
+
+
+def test_a_layer_slice_of_a_stacked_buffer_moves_only_the_slice():
+  """A scanned layer's fusion (or its asynchronous start) reading one layer of a stacked [L, ...] operand
+  through a dynamic slice moves that layer, not the stack."""
+  module = """HloModule m, is_scheduled=true
+%fused_slice (p0: bf16[16,1024,1024], p1: s32[]) -> bf16[1,1024,1024] {
+  %p0 = bf16[16,1024,1024]{2,1,0} parameter(0)
+  %p1 = s32[] parameter(1)
+  %z = s32[] constant(0)
+  ROOT %ds = bf16[1,1024,1024]{2,1,0} dynamic-slice(%p0, %p1, %z, %z), dynamic_slice_sizes={1,1024,1024}
+}
+
+ENTRY %main (w: bf16[16,1024,1024], i: s32[]) -> bf16[1,1024,1024] {
+  %w = bf16[16,1024,1024]{2,1,0} parameter(0)
+  %i = s32[] parameter(1)
+  %fusion-start.1 = ((bf16[16,1024,1024]{2,1,0}, s32[]), bf16[1,1024,1024]{2,1,0}, u32[]) fusion-start(%w, %i), kind=kLoop, calls=%fused_slice
+  ROOT %fusion-done.1 = bf16[1,1024,1024]{2,1,0} fusion-done(%fusion-start.1)
+}
+"""
+  layer = 1024 * 1024 * 2
+  program = step_time.Costed(module)
+  assert program.moved(program.by_name["fusion-start.1"]) == (layer, layer)
+  assert step_time.program_time(module, FIG).bytes == 2 * layer

@@ -228,11 +228,14 @@ class Costed(overlap.Program):
     return float(sum(self.moved(inst)))
 
   def moved(self, inst: overlap.Instruction) -> tuple:
-    """(read, written) bytes of a kernel: its operands and its result, where a fusion reads only a dynamic slice of an
-    operand (a layer of a stacked weight) or writes one into its result, that slice."""
+    """(read, written) bytes of a kernel: its operands and its result, where a fusion (or an asynchronous one's
+    start) reads only a dynamic slice of an operand (a layer of a stacked weight) or writes one into its
+    result, that slice."""
     result = overlap.shape_bytes(inst.shape)
     reads = [overlap.shape_bytes(self.by_name[o].shape) if o in self.by_name else 0 for o in inst.operands]
-    if inst.opcode == "fusion" and inst.callees:
+    if inst.opcode == "fusion-start":      # ((operands), result, context): the result is the middle element
+      result -= sum(reads) + 4
+    if inst.opcode in ("fusion", "fusion-start") and inst.callees:
       body = self.computations.get(inst.callees[0], [])
       params = {i.name: int(i.args) for i in body if i.opcode == "parameter" and i.args.strip().isdigit()}
       users: Dict[str, List[overlap.Instruction]] = {}
@@ -241,7 +244,7 @@ class Costed(overlap.Program):
           users.setdefault(o, []).append(i)
       for name, index in params.items():
         use = users.get(name, [])
-        if use and index < len(reads) and all(u.opcode == "dynamic-slice" for u in use):
+        if use and index < len(reads) and all(u.opcode == "dynamic-slice" and u.operands[0] == name for u in use):
           reads[index] = sum(overlap.shape_bytes(u.shape) for u in use)
         if use and index < len(reads) and all(u.opcode == "dynamic-update-slice" and u.operands[0] == name
                                               for u in use):
@@ -494,7 +497,8 @@ def estimate(memory: dict, hlo_dir: str, fig: Figures, echo=None) -> dict:
 
   settings = memory["settings"]
   factor = float(settings["model"].get("ep_buffer_factor", 0) or 0)
-  fill = 1.0 / factor if factor > 1 else 1.0
+  # Only expert-parallel buffers are sized by the factor (one expert shard: the rows are the routed ones).
+  fill = 1.0 / factor if factor > 1 and int(settings["mesh"]["expert"]) > 1 else 1.0
   times = {}
   for row in memory["programs"]:
     with open(os.path.join(hlo_dir, row["hlo"])) as f:
