@@ -14,13 +14,14 @@ import dataclasses
 import glob
 import gzip
 import json
-import math
 import re
 import tempfile
 import time
 from typing import Dict, List, Optional
 
 import jax
+
+from dsv3.analysis import step_time
 
 # Model parts, matched in order against the op_name JAX records (module paths of dsv3.model).
 PARTS = (("head", ("Transformer.head", "lm_head")), ("router", ("mlp/gate", "router", "top_k", "argsort")),
@@ -89,25 +90,6 @@ def _hlo_index(hlo: str) -> Dict[str, dict]:
   return index
 
 
-def _shape(text: str) -> List[int]:
-  m = re.search(r"\[([\d,]*)\]", text)
-  return [int(d) for d in m.group(1).split(",") if d] if m else []
-
-
-def _dot_flops(inst: dict, index: Dict[str, dict]) -> float:
-  """2 x output elements x contracted size of one dot instruction."""
-  line = inst["line"]
-  out = _shape(line.split(" = ", 1)[1])
-  operands = re.search(r"dot\(([^)]*)\)", line)
-  contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line)
-  if not (operands and contracting):
-    return 0.0
-  lhs = operands.group(1).split(",")[0].strip()
-  lhs_shape = _shape(lhs) if "[" in lhs else _shape(index.get(lhs.lstrip("%"), {}).get("line", "").split(" = ", 1)[-1])
-  k = math.prod(lhs_shape[int(d)] for d in contracting.group(1).split(",") if d and int(d) < len(lhs_shape))
-  return 2.0 * math.prod(out) * k
-
-
 def _kind(inst: dict) -> str:
   ops = {b["opcode"] for b in inst["body"]} or {inst["opcode"]}
   if "dot" in ops or "convolution" in ops:
@@ -164,6 +146,7 @@ def profile(fn, *args, calls: int = 5, warmup: int = 2) -> Profile:
   """Profile of `fn(*args)` (a jax.jit function; nothing is donated: pass fresh args). See the module doc."""
   compiled = fn.lower(*args).compile()
   index = _hlo_index(compiled.as_text())
+  costed = step_time.Costed(compiled.as_text())       # the GEMMs' FLOPs, as the step-time estimate counts them
   for _ in range(warmup):
     jax.block_until_ready(compiled(*args))
   t0 = time.perf_counter()
@@ -186,8 +169,7 @@ def profile(fn, *args, calls: int = 5, warmup: int = 2) -> Profile:
   for name, us in _exclusive_us(events).items():
     inst = index[name]
     kind = _kind(inst)
-    dots = [b for b in inst["body"] if b["opcode"] == "dot"] or ([inst] if inst["opcode"] == "dot" else [])
-    flops = sum(_dot_flops(d, index) for d in dots) if kind == "gemm" else 0.0
+    flops = sum(costed.flops(costed.by_name[name]).values()) if kind == "gemm" and name in costed.by_name else 0.0
     op_name = inst["op_name"] or next((b["op_name"] for b in inst["body"] if b["op_name"]), "")
     ops.append(Op(name, kind, *_phase_and_part(op_name), us / calls / 1e3, flops))
   return Profile(ops, step_ms)
