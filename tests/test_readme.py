@@ -41,6 +41,7 @@ RUN_BY = {
     "dsv3.bench.ep": "tests/test_readme.py::test_bench_entry_points_run",
     "dsv3.bench.pipeline": "tests/test_readme.py::test_bench_entry_points_run",
     "dsv3.bench.overlap": "tests/test_overlap.py::test_fused_fb_hides_the_expert_all_to_alls",
+    "dsv3.analysis.step_time": "tests/test_step_time.py::test_cli_costs_a_dry_run_for_another_chip",
     "dsv3.bench.studies.balance": "tests/test_studies.py::test_balance_study_runs_and_reports",
     "dsv3.bench.studies.mtp": "tests/test_studies.py::test_mtp_study_ablates_and_measures_acceptance",
     "dsv3.bench.studies.fp8": "tests/test_studies.py::test_fp8_study_compares_the_same_steps",

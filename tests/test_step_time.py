@@ -199,3 +199,26 @@ ENTRY %main (w: bf16[16,1024,1024], i: s32[]) -> bf16[1,1024,1024] {
   program = step_time.Costed(module)
   assert program.moved(program.by_name["fusion-start.1"]) == (layer + 4, layer)      # + the s32 index
   assert step_time.program_time(module, FIG).bytes == 2 * layer + 4
+
+
+def test_cli_costs_a_dry_run_for_another_chip(tmp_path):
+  """`python -m dsv3.analysis.step_time DIR --target=h800` as the README shows it: a dry run's programs
+  (memory.json and the scheduled HLO) costed with another chip's figures, estimate.json written."""
+  from configs import tiny
+  settings = tiny.get_config()
+  settings.mesh.expert = 8
+  compiled = tmp_path / "compiled"
+  compiled.mkdir()
+  (compiled / "train_step.hlo.txt").write_text(SYNC)
+  memory = dict(target="h100", devices=8, ranks=None, settings=settings.to_dict(),
+                programs=[dict(program="train_step", kind="train", position="all 8 devices (SPMD)",
+                               devices=list(range(8)), hlo="train_step.hlo.txt")])
+  (compiled / "memory.json").write_text(json.dumps(memory))
+  proc = subprocess.run([sys.executable, "-m", "dsv3.analysis.step_time", str(tmp_path), "--target=h800"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  est = json.loads((compiled / "estimate.json").read_text())
+  h800 = step_time.figures("h800")
+  assert est["target"] == "h800" and est["assumptions"]["figures"]["nvlink"] == h800.nvlink
+  assert est["step_seconds"] == pytest.approx(step_time.program_time(SYNC, h800).seconds)
+  assert "step" in proc.stdout and "MFU" in proc.stdout

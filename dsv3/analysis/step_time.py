@@ -29,6 +29,7 @@ import time
 from typing import Dict, List, Optional
 
 import numpy as np
+from absl import flags
 
 from dsv3.analysis import overlap
 
@@ -601,16 +602,13 @@ def write(memory: dict, out_dir: str, fig: Figures, echo=print) -> dict:
   return est
 
 
-def define_flags(flag_values=None) -> None:
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """`python -m dsv3.analysis.step_time`'s flags (importing the module defines none)."""
-  from absl import flags
-  fv = dict(flag_values=flag_values or flags.FLAGS)
   flags.DEFINE_string("target", None, f"Whose figures to cost with: {', '.join(sorted(FIGURES))} or cpu (measured "
-                      "here); default the dry run's own target.", **fv)
+                      "here); default the dry run's own target.", flag_values=flag_values)
 
 
 def main(argv):
-  from absl import flags
   from dsv3 import cli
   if len(argv) != 2:
     raise cli.UsageError("usage: python -m dsv3.analysis.step_time DIR [--target=h800]: DIR is a --compile_only "
