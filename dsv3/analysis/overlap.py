@@ -160,7 +160,7 @@ class Program:
     for insts in self.computations.values():
       position = {i.name: k for k, i in enumerate(insts)}
       for k, inst in enumerate(insts):
-        kind = _collective_kind(self, inst)
+        kind = collective_kind(self, inst)
         if kind is None or inst.opcode.endswith("-done"):
           continue
         window, asynchronous, result = {}, False, inst.shape
@@ -176,7 +176,8 @@ class Program:
     return out
 
 
-def _collective_kind(program: Program, inst: Instruction) -> Optional[str]:
+def collective_kind(program: Program, inst: Instruction) -> Optional[str]:
+  """The collective an instruction is or starts ('all-to-all', ...; its -start, -done or async wrapper), else None."""
   op = inst.opcode
   for suffix in ("-start", "-done"):
     op = op[:-len(suffix)] if op.endswith(suffix) else op

@@ -14,7 +14,7 @@ update and guard programs that follow it.
 
 The target figures (`FIGURES`: HBM and link bandwidths; peak FLOP/s from dsv3.training.metrics.PEAK_FLOPS)
 are datasheet or published numbers; 'cpu' is measured on this machine (`measure_cpu`), which is how the
-model is calibrated against real steps (python -m dsv3.bench estimate).
+model is calibrated against real steps (python -m dsv3.bench --what=estimate).
 
   python -m dsv3.analysis.step_time DIR [--target=h800]     # re-estimate a dry run's programs
 """
@@ -371,7 +371,7 @@ def program_time(text: str, fig: Figures, device_ids: Optional[List[int]] = None
   def walk(comp: str, t: float, comm_free: float) -> tuple:
     pending: Dict[str, float] = {}
     for inst in program.computations.get(comp, []):
-      kind = overlap._collective_kind(program, inst)
+      kind = overlap.collective_kind(program, inst)
       if kind is not None:
         if inst.opcode.endswith("-done"):
           start = next((o for o in inst.operands if o in pending), None)
@@ -438,7 +438,7 @@ def latency_profile(text: str, fig: Figures, device_ids: Optional[List[int]] = N
     if comp in program.fused:
       continue
     for inst in insts:
-      kind = overlap._collective_kind(program, inst)
+      kind = overlap.collective_kind(program, inst)
       if kind is not None:
         if inst.opcode.endswith("-done"):
           continue
@@ -464,7 +464,6 @@ def _num_partitions(text: str) -> int:
 # ---------------------------------------------------------------------------------------------------
 # A step: the programs one training step runs, composed as the executor runs them.
 # ---------------------------------------------------------------------------------------------------
-CELL_KINDS = ("F", "B", "Bstar", "W", "FB", "FBstar")
 AFTER_PIPELINE = ("sums", "update")
 
 
