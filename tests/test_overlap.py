@@ -96,7 +96,7 @@ def test_fused_fb_hides_the_expert_all_to_alls():
     assert apart["hidden_by_other_chunk"] == 0.0
     assert fused["hidden_by_other_chunk"] > 0.0, report
     assert fused["hidden_by_any_gemm"] > apart["hidden_by_any_gemm"], report
-    # the cost-model latency profile (step_time.latency_profile) compiles the same cell, all of it asynchronous
+    # the cost-model latency profile (hlo_cost.latency_profile) compiles the same cell, all of it asynchronous
     pgle = row["fused_pgle"]
     assert pgle["count"] == fused["count"] and pgle["bytes"] == fused["bytes"] and pgle["asynchronous"] == 1.0
 

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax.experimental import topologies
 
 from dsv3 import cli, plan
-from dsv3.analysis import compiled_memory, overlap, step_time
+from dsv3.analysis import chip_figures, compiled_memory, overlap, step_time
 from dsv3.config import ModelConfig
 from dsv3.kernels import grouped_gemm
 from dsv3.parallel import sharding
@@ -266,6 +266,6 @@ def compile_step(config, workdir: str, target: str, echo=print) -> dict:
   with open(os.path.join(out_dir, "memory.json"), "w") as f:
     json.dump(result, f, indent=1, default=str)
   echo(compiled_memory.format_table(result))
-  figures = step_time.figures(target) if gpu else step_time.measure_cpu(devices=len(devices))
+  figures = chip_figures.figures(target) if gpu else chip_figures.measure_cpu(devices=len(devices))
   step_time.write(json.loads(json.dumps(result, default=str)), out_dir, figures, echo)
   return result

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from absl import flags
 
 from dsv3 import cli
-from dsv3.analysis import step_time
+from dsv3.analysis import chip_figures
 from dsv3.bench import common, gpu_kernels, step
 from dsv3.config import ModelConfig
 from dsv3.nn import attention, moe
@@ -75,8 +75,8 @@ def train_row(name, precision, batch, seq, steps, layers=None) -> dict:
   c.model.attention = "auto" if why_not else "cudnn"
   attn = "cudnn" if not why_not else ("dense" if seq <= attention.DENSE_MAX_LEN else "blockwise")
   try:
-    figures, estimate_note = step_time.for_device(jax.devices()[0].device_kind), ""
-  except step_time.UnknownTargetError as e:
+    figures, estimate_note = chip_figures.for_device(jax.devices()[0].device_kind), ""
+  except chip_figures.UnknownTargetError as e:
     figures, estimate_note = None, str(e)
   r = step.train_throughput(c, batch, seq, steps, figures)
   mem = metrics.memory_stats()

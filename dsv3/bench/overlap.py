@@ -11,7 +11,7 @@ their transposes in the backward): how many, their bytes per device, the fractio
 the fraction of bytes whose start..done window holds GEMMs of the other chunk (F&B) or any GEMM; the F and B
 programs also as they compiled before (XLA's default scheduling, XLA_DEFAULTS), and each F&B program compiled
 again with a latency profile from the step-time cost model (--pgle: XLA's profile-guided latency estimator fed
-dsv3.analysis.step_time.latency_profile, no device needed). The expert kernels are those model.grouped_gemm
+dsv3.analysis.hlo_cost.latency_profile, no device needed). The expert kernels are those model.grouped_gemm
 picks for the target ('auto': tokamax's, or the FP8 kernels). Then the
 DualPipe bubble the schedule simulator gives with the F&B cost that overlap implies (overlap.fb_cost)
 against F + B. --json writes everything, every collective's window included.
@@ -27,7 +27,7 @@ from typing import Optional
 from absl import flags
 from ml_collections import config_flags
 
-from dsv3.analysis import compile_only, overlap, step_time
+from dsv3.analysis import chip_figures, compile_only, hlo_cost, overlap
 from dsv3.bench import common
 from dsv3.kernels import grouped_gemm
 from dsv3.parallel import sharding
@@ -46,7 +46,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                      "overlaps (report §3.2.1: about 1 for cross-node EP), for the F&B cost.", **fv)
   flags.DEFINE_string("json", None, "Also write the results here.", **fv)
   flags.DEFINE_bool("pgle", True, "Also compile each F&B program with a latency profile from the step-time "
-                    "cost model (dsv3.analysis.step_time.latency_profile).", **fv)
+                    "cost model (dsv3.analysis.hlo_cost.latency_profile).", **fv)
   flags.DEFINE_bool("baselines", True, "Also the F and B programs under XLA's default scheduling (before).", **fv)
 
 
@@ -76,17 +76,17 @@ def rank0_programs(config, target: str, echo=print, options=None, pgle: bool = F
     found = {p.name: overlap.summary(p.compiled.as_text()) for p in programs
              if rank0(p) and p.same_as is None and p.compiled is not None}
     if pgle:
-      figures = step_time.figures(target)
+      figures = chip_figures.figures(target)
       factor = float(config.model.ep_buffer_factor)
       with tempfile.TemporaryDirectory() as tmp:
         for p in programs:
           if rank0(p) and p.kind in ("FB", "FBstar") and p.same_as is None and p.compiled is not None:
             path = os.path.join(tmp, f"{p.name}.pbtxt")
             with open(path, "w") as f:
-              f.write(step_time.latency_profile(p.compiled.as_text(), figures,
+              f.write(hlo_cost.latency_profile(p.compiled.as_text(), figures,
                                                 ragged_fill=1 / factor if factor > 1 else 1.0))
             start = time.perf_counter()
-            again = p.lower().compile(compiler_options={**options, step_time.PGLE_OPTION: path})
+            again = p.lower().compile(compiler_options={**options, hlo_cost.PGLE_OPTION: path})
             echo(f"compiled {p.name} with the cost model's latency profile in {time.perf_counter() - start:.0f} s")
             found[p.name + "+pgle"] = overlap.summary(again.as_text())
   return found

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv3 import cli, plan
-from dsv3.analysis import memory
-from dsv3.bench import common
+from dsv3.analysis import chip_figures, hlo_cost, memory
+from dsv3.bench import common, hf
 from dsv3.config import ModelConfig
 from dsv3.nn import moe
 from dsv3.training import metrics
@@ -19,7 +19,7 @@ from dsv3.training import metrics
 
 def train_throughput(config, batch: int, seq_len: int, steps: int, figures=None) -> dict:
   """tokens/s and MFU of the trainer's step of `config` at (batch, seq_len), median of `steps` timed steps;
-  with `figures` (dsv3.analysis.step_time.Figures), also `estimate_s`: the estimated step of the same program."""
+  with `figures` (dsv3.analysis.chip_figures.Figures), also `estimate_s`: the estimated step of the same program."""
   cfg = ModelConfig.from_config_dict(config).replace(max_position_embeddings=max(seq_len, 1))
   trainer = common.one_device_steps(config, cfg)
   step = jax.jit(trainer.train, donate_argnums=0)
@@ -41,8 +41,7 @@ def train_throughput(config, batch: int, seq_len: int, steps: int, figures=None)
   out = dict(batch=batch, seq_len=seq_len, step_s=sec, tokens_per_s=tok_s, flops_per_token=flops,
              peak=peak, mfu=metrics.mfu(tok_s, flops, peak), first_step_s=first)
   if figures is not None:                  # dsv3.analysis.step_time's estimate of this very program
-    from dsv3.analysis import step_time
-    out["estimate_s"] = step_time.program_time(compiled.as_text(), figures).seconds
+    out["estimate_s"] = hlo_cost.program_time(compiled.as_text(), figures).seconds
   return out
 
 
@@ -198,12 +197,11 @@ def bench_memory(args):
 def estimate_error(config, cfg: ModelConfig, batch: int, seq_len: int, steps: int, figures) -> dict:
   """The trainer's one-device step of `config` / `cfg` at (batch, seq_len): its measured seconds (median of
   `steps`) beside dsv3.analysis.step_time's estimate of the same compiled program on `figures`."""
-  from dsv3.analysis import step_time
   cfg = cfg.replace(max_position_embeddings=max(seq_len, cfg.max_position_embeddings))
   trainer = common.one_device_steps(config, cfg)
   state, *args = common.train_args(config, trainer, common.tokens(cfg, batch, seq_len))
   compiled = jax.jit(trainer.train, donate_argnums=0).lower(state, *args).compile()
-  estimate = step_time.program_time(compiled.as_text(), figures)
+  estimate = hlo_cost.program_time(compiled.as_text(), figures)
   box = {"state": state}
 
   def run():
@@ -218,9 +216,7 @@ def estimate_error(config, cfg: ModelConfig, batch: int, seq_len: int, steps: in
 def bench_estimate(args):
   """The step-time estimator (dsv3.analysis.step_time) calibrated on this CPU: its figures measured, then the
   estimate of the tiny and 16M configs' compiled steps beside their measured steps."""
-  from dsv3.analysis import step_time
-  from dsv3.bench import hf
-  figures = step_time.measure_cpu()
+  figures = chip_figures.measure_cpu()
   cases = [("tiny", cli.load_config("tiny"), None, args.batch or 16, args.seq or 128)]
   m16, batch16, seq16 = hf.hf_comparison_configs()["16m"]
   cases.append(("16m", cli.load_config("tiny"), m16.replace(num_nextn_predict_layers=1), batch16, seq16))

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional
 
 import jax
 
-from dsv3.analysis import step_time
+from dsv3.analysis import hlo_cost
 
 # Model parts, matched in order against the op_name JAX records (module paths of dsv3.model).
 PARTS = (("head", ("Transformer.head", "lm_head")), ("router", ("mlp/gate", "router", "top_k", "argsort")),
@@ -146,7 +146,7 @@ def profile(fn, *args, calls: int = 5, warmup: int = 2) -> Profile:
   """Profile of `fn(*args)` (a jax.jit function; nothing is donated: pass fresh args). See the module doc."""
   compiled = fn.lower(*args).compile()
   index = _hlo_index(compiled.as_text())
-  costed = step_time.Costed(compiled.as_text())       # the GEMMs' FLOPs, as the step-time estimate counts them
+  costed = hlo_cost.Costed(compiled.as_text())       # the GEMMs' FLOPs, as the step-time estimate counts them
   for _ in range(warmup):
     jax.block_until_ready(compiled(*args))
   t0 = time.perf_counter()
