@@ -209,7 +209,6 @@ def estimate_error(config, cfg: ModelConfig, batch: int, seq_len: int, steps: in
     out["loss"].block_until_ready()
   measured = common.timeit(run, steps, warmup=1)
   return dict(measured_s=measured, estimate_s=estimate.seconds, error=estimate.seconds / measured - 1,
-              gemm_s=sum(v / figures.flops[k] for k, v in [("fp32", estimate.flops)]),
               flops=estimate.flops, bytes=estimate.bytes, kernels=estimate.kernels)
 
 
