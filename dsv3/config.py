@@ -80,7 +80,7 @@ class ModelConfig:
   ep_fp8_dispatch: bool = False           # expert-parallel dispatch rows as FP8 E4M3, 1x128 scales (combine stays)
   grouped_gemm: str = "auto"              # 'auto' | 'ragged_dot' | 'tiled' (flat on CPU) | 'scan' (one tile at
   #                                         a time: no [experts, rows, width] buffer) | 'tokamax' (GPU kernels)
-  attention: str = "auto"                 # 'auto' | 'dense' | 'blockwise' | 'cudnn' (dsv3/nn/attention.py)
+  attention: str = "auto"                 # 'auto' | 'dense' | 'blockwise' | 'cudnn' | 'tokamax' (dsv3/nn/attention.py)
   attention_block: int = 512              # blockwise attention's query/key tile
   scan_layers: bool = True                # False: each layer stack runs unrolled (same params; no scan
                                           # carry/residual stacking, so faster on CPU; compile grows with depth)
@@ -150,8 +150,8 @@ class ModelConfig:
          f"must be one of 'none', 'paper', 'full', got {self.remat!r}")
     need(self.grouped_gemm in ("auto", "ragged_dot", "tiled", "scan", "tokamax"), "grouped_gemm",
          f"must be 'auto', 'ragged_dot', 'tiled', 'scan' or 'tokamax', got {self.grouped_gemm!r}")
-    need(self.attention in ("auto", "dense", "blockwise", "cudnn"), "attention",
-         f"must be 'auto', 'dense', 'blockwise' or 'cudnn', got {self.attention!r}")
+    need(self.attention in ("auto", "dense", "blockwise", "cudnn", "tokamax"), "attention",
+         f"must be 'auto', 'dense', 'blockwise', 'cudnn' or 'tokamax', got {self.attention!r}")
     need(isinstance(self.scan_layers, bool), "scan_layers", f"must be True or False, got {self.scan_layers!r}")
     need(isinstance(self.attention_block, int) and self.attention_block > 0, "attention_block",
          f"must be a positive integer, got {self.attention_block!r}")

@@ -3,7 +3,7 @@
 Forward and q/k/v gradients within 1e-5 in fp32, for T a multiple of the tile, T not a multiple, T below one
 tile, and MLA's real head dims (192 / 128); the whole MLA layer and its parameter gradients likewise; under
 remat='paper' nothing T x T is saved for backward; the compiled temporary memory of forward+backward at
-T=4096 is about that at T=1024 (dense: 16x); 'auto' and 'cudnn' choose and refuse as documented.
+T=4096 is about that at T=1024 (dense: 16x); 'auto', 'cudnn' and 'tokamax' choose and refuse as documented.
 """
 import jax
 import jax.numpy as jnp
@@ -128,6 +128,14 @@ def test_cudnn_refuses_what_it_cannot_run():
   if jax.default_backend() == "cpu":
     bf = lambda x: x.astype(jnp.bfloat16)
     assert attn.cudnn_unsupported(bf(q), bf(k), bf(v))          # no cuDNN on a CPU-only install
+
+
+def test_tokamax_without_tokamax_names_the_setting(monkeypatch):
+  """attention='tokamax' where tokamax is not installed: one error naming the setting and the fix."""
+  monkeypatch.setattr(attn, "_tokamax", lambda: None)
+  q, k, v, _ = qkvw(8)
+  with pytest.raises(ValueError, match="model.attention='tokamax' needs tokamax.*pip install"):
+    attn.attention(q, k, v, SCALE, "tokamax")
 
 
 def test_config_validates_attention():

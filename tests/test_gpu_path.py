@@ -29,16 +29,34 @@ def _small_ep8(precision):
   return c
 
 
-def _gemms(precision, tmp_path_factory):
+def _train_step(precision, tmp_path_factory) -> str:
   workdir = tmp_path_factory.mktemp(precision)
   compile_only.run(_small_ep8(precision), str(workdir), "h100")
   with open(workdir / "compiled" / "train_step.hlo.txt") as f:
-    return hlo_gemms.gemms(f.read())
+    return f.read()
+
+
+def _gemms(precision, tmp_path_factory):
+  return hlo_gemms.gemms(_train_step(precision, tmp_path_factory))
 
 
 @pytest.fixture(scope="module")
-def bf16_gemms(tmp_path_factory):
-  return _gemms("bf16", tmp_path_factory)
+def bf16_step(tmp_path_factory):
+  return _train_step("bf16", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def bf16_gemms(bf16_step):
+  return hlo_gemms.gemms(bf16_step)
+
+
+def test_attention_is_a_flash_kernel_without_a_device(bf16_step):
+  """attention='auto' compiled deviceless (cuDNN cannot be): MLA's attention forward and backward are tokamax's
+  Triton flash-attention kernels, and no blockwise loop is left in the step."""
+  ops = set(re.findall(r'op_name="[^"]*(pallas_flash_attention_\w+)/pallas_call"', bf16_step))
+  assert any(o.startswith("pallas_flash_attention_fwd") for o in ops), ops
+  assert any(o.endswith("_vjp") for o in ops), ops
+  assert "blockwise" not in bf16_step
 
 
 @pytest.fixture(scope="module")

@@ -257,9 +257,16 @@ def test_fused_fb_with_input_only_backward(model4):
   _, vjps, _ = plan.programs.forward(cfg, key, p, rt, x0, tok(0), coefs, devices)
   want_f = plan.programs.forward(cfg, key, p, rt, x1, tok(1), coefs, devices)
   want_b = plan.programs.backward_input(key, vjps, None, coefs, p)
-  got_f, got_b = plan.programs.forward_backward(cfg, key, key, True, devices, p, rt, x1, tok(1), coefs, vjps,
-                                                None, None, p)
+  args = (cfg, key, key, True, devices, p, rt, x1, tok(1), coefs, vjps, None, None, p)
+  got_f, got_b = plan.programs.forward_backward(*args)
   assert _max_diff((want_f[0], want_f[2], want_b), (got_f[0], got_f[2], got_b)) <= 1e-6
+  # pipeline.fb_barriers: one barrier per step the two chunks take side by side (F's layers, then its head;
+  # B*'s head, then its layers), none without; the numbers are the same either way.
+  free = stages.programs(tuple(sorted(FAST_COMPILE.items())), fb_barriers=False).forward_backward
+  barriers = lambda program: program.lower(*args).as_text().count("stablehlo.optimization_barrier")
+  assert barriers(plan.programs.forward_backward) - barriers(free) == len(spec.layers)
+  free_f, free_b = free(*args)
+  assert _max_diff((got_f[0], got_f[2], got_b), (free_f[0], free_f[2], free_b)) == 0.0
 
 
 def test_bf16_working_copies_equal_the_fp32_master(monkeypatch):

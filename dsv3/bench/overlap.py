@@ -9,7 +9,8 @@ For each expert degree EP, compiles (deviceless; needs the compile-only toolchai
 program's scheduled HLO (dsv3.analysis.overlap) it prints, over the expert all-to-alls (dispatch and combine, and
 their transposes in the backward): how many, their bytes per device, the fraction that is asynchronous, and
 the fraction of bytes whose start..done window holds GEMMs of the other chunk (F&B) or any GEMM; the F and B
-programs also as they compiled before (XLA's default scheduling, XLA_DEFAULTS), and each F&B program compiled
+programs also as they compiled before (XLA's default scheduling, XLA_DEFAULTS), each F&B program without its
+barriers (pipeline.fb_barriers=False: XLA orders the two chunks freely), and each F&B program compiled
 again with a latency profile from the step-time cost model (--pgle: XLA's profile-guided latency estimator fed
 dsv3.analysis.hlo_cost.latency_profile, no device needed). The expert kernels are those model.grouped_gemm
 picks for the target ('auto': tokamax's, or the FP8 kernels). Then the
@@ -47,7 +48,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_string("json", None, "Also write the results here.", **fv)
   flags.DEFINE_bool("pgle", True, "Also compile each F&B program with a latency profile from the step-time "
                     "cost model (dsv3.analysis.hlo_cost.latency_profile).", **fv)
-  flags.DEFINE_bool("baselines", True, "Also the F and B programs under XLA's default scheduling (before).", **fv)
+  flags.DEFINE_bool("baselines", True, "Also the F and B programs under XLA's default scheduling (before), and "
+                    "the F&B programs without their barriers (pipeline.fb_barriers=False).", **fv)
 
 
 # XLA's defaults for what stages.GPU_OVERLAP_OPTIONS sets: how the stage programs compiled before it.
@@ -59,17 +61,18 @@ XLA_DEFAULTS = {"xla_gpu_enable_latency_hiding_scheduler": False,
 STAGE_KINDS = ("F", "B", "Bstar", "W", "FB", "FBstar")
 
 
-def rank0_programs(config, target: str, echo=print, options=None, pgle: bool = False) -> dict:
-  """{program name: overlap.summary} of pipeline rank 0's stage programs (F, B, B*, W and F&B, and the F and
-  B each F&B fuses), compiled for `target` as the trainer's runner runs them (with `options` over the stage
-  programs' own; the expert kernels model.grouped_gemm picks for the target, 'auto': tokamax's on GPU); the
-  other programs are walked, not compiled. pgle: each F&B program compiled again with a latency profile
-  from dsv3.analysis.step_time's cost model (its summary under '<name>+pgle')."""
+def rank0_programs(config, target: str, echo=print, options=None, pgle: bool = False,
+                   kinds=STAGE_KINDS) -> dict:
+  """{program name: overlap.summary} of pipeline rank 0's stage programs of `kinds` (F, B, B*, W and F&B, and
+  the F and B each F&B fuses), compiled for `target` as the trainer's runner runs them (with `options` over
+  the stage programs' own; the expert kernels model.grouped_gemm picks for the target, 'auto': tokamax's on
+  GPU); the other programs are walked, not compiled. pgle: each F&B program compiled again with a latency
+  profile from dsv3.analysis.step_time's cost model (its summary under '<name>+pgle')."""
   config = config.copy_and_resolve_references()
   devices = compile_only.target_devices(target, int(config.mesh.pipeline) * int(config.mesh.expert)
                                         * int(config.mesh.data))
   mesh = sharding.make_mesh(config.mesh, devices=devices)
-  rank0 = lambda p: p.position == "rank0" and p.kind in STAGE_KINDS
+  rank0 = lambda p: p.position == "rank0" and p.kind in kinds
   options = {**compile_only.GPU_COMPILER_OPTIONS, **(options or {})}
   with grouped_gemm.deviceless(devices):
     _, programs = compile_only.compiled_programs(config, mesh, options, echo, select=rank0, baselines=True)
@@ -97,9 +100,10 @@ def combine(*summaries: dict) -> dict:
   return overlap.from_rows([r for s in summaries for r in s["rows"]], gemms=sum(s["gemms"] for s in summaries))
 
 
-def overlap_rows(found: dict, defaults: Optional[dict] = None) -> list:
+def overlap_rows(found: dict, defaults: Optional[dict] = None, free: Optional[dict] = None) -> list:
   """Per F&B program: its summary and that of the F and B programs it fuses (the unfused baseline), and of
-  those compiled with XLA's default scheduling (`defaults`: rank0_programs with XLA_DEFAULTS), if given."""
+  those compiled with XLA's default scheduling (`defaults`: rank0_programs with XLA_DEFAULTS), and of the
+  F&B program without its barriers (`free`: rank0_programs with pipeline.fb_barriers=False), if given."""
   rows = []
   for name, s in found.items():
     if name.endswith("+pgle"):
@@ -113,6 +117,8 @@ def overlap_rows(found: dict, defaults: Optional[dict] = None) -> list:
       row["fused_pgle"] = found[name + "+pgle"]
     if defaults:
       row["unfused_xla_defaults"] = combine(defaults[f], defaults[b])
+    if free:
+      row["fused_free"] = free[name]
     rows.append(row)
   return rows
 
@@ -140,7 +146,12 @@ def main(argv):
     config.batch_size = max(int(config.batch_size), ep * F.microbatches)
     print(f"EP{ep}: compiling rank 0 of DualPipe PP2 x EP{ep} for {F.target} ...", flush=True)
     defaults = rank0_programs(config, F.target, options=XLA_DEFAULTS) if F.baselines else None
-    for row in overlap_rows(rank0_programs(config, F.target, pgle=F.pgle), defaults):
+    free = None
+    if F.baselines:
+      config_free = config.copy_and_resolve_references()
+      config_free.pipeline.fb_barriers = False
+      free = rank0_programs(config_free, F.target, kinds=("FB", "FBstar"))
+    for row in overlap_rows(rank0_programs(config, F.target, pgle=F.pgle), defaults, free):
       row["ep"] = ep
       results.append(row)
   print(f"\nExpert all-to-alls of pipeline rank 0 ({F.target}, compiled; stages.GPU_OVERLAP_OPTIONS): "
@@ -149,7 +160,8 @@ def main(argv):
         "| window holds any GEMM |")
   print("|---|---|---|---|---|---|---|---|")
   for r in results:
-    for label, s in (("fused", r["fused"]), ("fused, cost-model PGLE", r.get("fused_pgle")), ("F, B apart", r["unfused"]),
+    for label, s in (("fused, barriers", r["fused"]), ("fused, barriers + cost-model PGLE", r.get("fused_pgle")),
+                     ("fused, no barriers", r.get("fused_free")), ("F, B apart", r["unfused"]),
                      ("F, B apart, XLA's default scheduling (before)", r.get("unfused_xla_defaults"))):
       if s is None:
         continue

@@ -1,4 +1,4 @@
-"""Causal softmax attention for MLA's training path: dense, blockwise (flash-style, pure JAX) and cuDNN.
+"""Causal softmax attention for MLA's training path: dense, blockwise (flash-style, pure JAX), cuDNN and tokamax.
 
 All three take q, k [B, T, N, Dqk] and v [B, T, N, Dv] (MLA: Dqk = qk_nope + qk_rope = 192, Dv = 128 in V3)
 and return the heads side by side, [B, T, N * Dv] in v's dtype (o_proj's input, named 'attn_out' for remat),
@@ -18,8 +18,12 @@ with float32 scores and accumulation.
   (<= 128 before): MLA's 192 needs an H100/H200. Its residuals are jax's own, unnamed, so under
   remat='paper' a layer's backward reruns the cuDNN forward (memory stays linear).
 
+- tokamax: tokamax's Triton flash attention (`tokamax.dot_product_attention(implementation='triton')`), which
+  takes Dv != Dqk as it is; GPU only. Unlike cuDNN it compiles without a device (python -m dsv3.compile_only).
+
 `attention(..., implementation='auto')` uses cuDNN where the program is lowered for a GPU and cuDNN takes the
-shapes (`jax.lax.platform_dependent`, so a deviceless GPU compile on a CPU host decides like the GPU run),
+shapes (`jax.lax.platform_dependent`, so a deviceless GPU compile on a CPU host decides like the GPU run); for a
+GPU where cuDNN refuses (a deviceless compile, too old a cuDNN), tokamax's kernel when tokamax is installed;
 otherwise dense up to DENSE_MAX_LEN tokens and blockwise above.
 """
 from __future__ import annotations
@@ -30,7 +34,9 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-IMPLEMENTATIONS = ("auto", "dense", "blockwise", "cudnn")
+from dsv3.kernels import backend
+
+IMPLEMENTATIONS = ("auto", "dense", "blockwise", "cudnn", "tokamax")
 # 'auto' off GPU: dense up to here, blockwise above. Measured on CPU (fwd+bwd, B2 N4 d48/32): the two are within
 # noise up to 256 tokens (dense compiles in half the time), blockwise is 2-7x faster from 1024 tokens on.
 DENSE_MAX_LEN = 256
@@ -58,15 +64,19 @@ def attention(q, k, v, scale: float, implementation: str = "auto", block: int = 
     if why_not:
       raise ValueError(f"attention='cudnn': {why_not}; use 'auto' or 'blockwise'")
     return cudnn_attention(q, k, v, scale)
+  if implementation == "tokamax":
+    return tokamax_attention(q, k, v, scale)
   fallback = (functools.partial(dense_attention, scale=scale) if q.shape[1] <= DENSE_MAX_LEN
               else functools.partial(blockwise_attention, scale=scale, block=block))
-  if why_not:
-    return fallback(q, k, v)
-  try:
-    return jax.lax.platform_dependent(q, k, v, cuda=functools.partial(cudnn_attention, scale=scale),
-                                      default=fallback)
-  except CUDNN_REFUSALS:
-    return fallback(q, k, v)
+  if not why_not:
+    try:
+      return jax.lax.platform_dependent(q, k, v, cuda=functools.partial(cudnn_attention, scale=scale),
+                                        default=fallback)
+    except CUDNN_REFUSALS:
+      pass
+  if backend.target_platform() == "gpu" and _tokamax() is not None:
+    return tokamax_attention(q, k, v, scale)
+  return fallback(q, k, v)
 
 
 def dense_attention(q, k, v, scale: float):
@@ -211,3 +221,24 @@ def cudnn_attention(q, k, v, scale: float):
   out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="cudnn")
   return checkpoint_name(out[..., :dv].reshape(*out.shape[:2], -1), "attn_out")
 
+
+
+# ---------------------------------------------------------------------------------------------------
+# tokamax (GPU).
+# ---------------------------------------------------------------------------------------------------
+def _tokamax():
+  try:
+    import tokamax      # optional: the GPU extras
+  except ImportError:
+    return None
+  return tokamax
+
+
+def tokamax_attention(q, k, v, scale: float):
+  """tokamax's Triton flash attention, causal; Dv may differ from Dqk (MLA's 192 / 128)."""
+  lib = _tokamax()
+  if lib is None:
+    raise ValueError("model.attention='tokamax' needs tokamax (pip install -e '.[gpu]' on a GPU host, or the "
+                     "'aot' extra for a compile-only run); or use 'auto'")
+  out = lib.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="triton")
+  return checkpoint_name(out.reshape(*out.shape[:2], -1), "attn_out")

@@ -66,7 +66,7 @@ class Plan:
   """Everything about one (config, schedule, ranks, micro-batches, devices) that does not depend on data."""
 
   def __init__(self, cfg: ModelConfig, schedule: str, num_ranks: int, microbatches: int, devices=None,
-               compiler_options=None, transfer: str = "auto"):
+               compiler_options=None, transfer: str = "auto", fb_barriers: bool = True):
     self.cfg = cfg
     self.schedule = schedules.make(schedule, num_ranks, microbatches)
     self.num_stages = schedules.num_stages(schedule, num_ranks)
@@ -79,7 +79,7 @@ class Plan:
     self.meshes = sharding.stage_meshes(self.mesh)
     if backend.mesh_platform(self.mesh) == "gpu":     # F&B overlap: see stages.forward_backward
       compiler_options = tuple(sorted({**stages.GPU_OVERLAP_OPTIONS, **dict(compiler_options or ())}.items()))
-    self.programs = stages.programs(compiler_options)
+    self.programs = stages.programs(compiler_options, fb_barriers)
     self.transfers = Transfers(self.meshes, transfer)
     # Expert parallelism inside every stage: its routed experts over the sub-mesh's 'expert' axis.
     self.expert_parallel = [ExpertParallel(m) if m.shape.get("expert", 1) > 1 else None for m in self.meshes]
@@ -355,7 +355,7 @@ _PLANS: Dict[tuple, Plan] = {}
 
 
 def get_plan(cfg: ModelConfig, schedule: str, num_stages: int, microbatches: int, devices=None,
-             compiler_options=None, transfer: str = "auto") -> Plan:
+             compiler_options=None, transfer: str = "auto", fb_barriers: bool = True) -> Plan:
   """Plans are cached per (config, schedule, ranks, micro-batches, devices); the compiled stage programs
   are cached by jit itself (per stage shape and sub-mesh), so they are shared across schedules."""
   if devices is None or isinstance(devices, Mesh):
@@ -363,9 +363,9 @@ def get_plan(cfg: ModelConfig, schedule: str, num_stages: int, microbatches: int
   else:
     dev_key = tuple((tuple(m.devices.flat), m.axis_names) if isinstance(m, Mesh) else m for m in devices)
   options = tuple(sorted(compiler_options.items())) if compiler_options else None
-  key = (cfg, schedule, num_stages, microbatches, dev_key, options, transfer)
+  key = (cfg, schedule, num_stages, microbatches, dev_key, options, transfer, fb_barriers)
   if key not in _PLANS:
-    _PLANS[key] = Plan(cfg, schedule, num_stages, microbatches, devices, options, transfer)
+    _PLANS[key] = Plan(cfg, schedule, num_stages, microbatches, devices, options, transfer, fb_barriers)
   return _PLANS[key]
 
 

@@ -185,6 +185,22 @@ def forward(cfg: ModelConfig, key, params, routing, x, tokens, coefs, devices):
   aux = {'loss': this stage's share, 'balance': raw balance statistic summed over its MoE layers,
   'loads': [E] per MoE layer, and on the last stage 'ce', 'mtp_loss', 'mtp_loads'}.
   """
+  return _run(_forward_pieces(cfg, key, params, routing, x, tokens, coefs, devices))
+
+
+def _run(steps):
+  """Runs a piece-by-piece generator (`_forward_pieces`, `_backward_pieces`) to its end; returns its value."""
+  try:
+    carry = next(steps)
+    while True:
+      carry = steps.send(carry)
+  except StopIteration as done:
+    return done.value
+
+
+def _forward_pieces(cfg: ModelConfig, key, params, routing, x, tokens, coefs, devices):
+  """`forward` one piece at a time: yields the activation between two pieces and goes on with what it is
+  sent back (forward_backward ties it to the other chunk's); returns forward's result."""
   first, last, kinds = key
   inputs = tokens[:, :-1] if tokens is not None else None
   vjps, share, balance, loads, aux = [], jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), [], {}
@@ -192,6 +208,8 @@ def forward(cfg: ModelConfig, key, params, routing, x, tokens, coefs, devices):
     x, vjp = jax.vjp(_embed_piece(cfg, devices, inputs), params["embed"])
     vjps.append(vjp)
   for moe, p, r in zip(kinds, params["layers"], routing["layers"]):
+    if vjps:
+      x = yield x
     (x, part), vjp, layer_aux = jax.vjp(_layer_piece(cfg, moe, devices, r, coefs[1]), p, x, has_aux=True)
     vjps.append(vjp)
     share = share + part
@@ -199,6 +217,7 @@ def forward(cfg: ModelConfig, key, params, routing, x, tokens, coefs, devices):
       balance = balance + layer_aux["balance"]
       loads.append(layer_aux["load"])
   if last:
+    x = yield x        # a stage has at least one layer, so a piece ran before the head
     head = _head_piece(cfg, devices, routing["head"], inputs, tokens[:, 1:], coefs)
     part, vjp, head_aux = jax.vjp(head, params["head"], x, has_aux=True)
     vjps.append(vjp)
@@ -253,12 +272,19 @@ def _backward(key, vjps, g, coefs, want_params: bool, acc=None):
   accumulators), each piece's gradient is added to its accumulator as soon as it exists, so the stage's
   gradients are never all live at once; the sums come back in place of the gradients.
   """
+  return _run(_backward_pieces(key, vjps, g, coefs, want_params, acc))
+
+
+def _backward_pieces(key, vjps, g, coefs, want_params: bool, acc=None):
+  """`_backward` one piece at a time: yields the cotangent between two pieces (see `_forward_pieces`)."""
   first, last, _ = key
   seed = coefs[2]
   n = len(vjps)
   grads, cts = [None] * n, [None] * n
   for i in reversed(range(n)):
     is_head, is_embed = last and i == n - 1, first and i == 0
+    if i < n - 1:
+      g = yield g
     ct = seed if is_head else (g if is_embed else (g, seed))
     cts[i] = ct
     if is_embed:
@@ -313,7 +339,7 @@ def backward_weights(key, vjps, cts, acc, params):
 # XLA:GPU options of the stage programs on GPUs (the executor's Plan adds them). Without the latency-hiding
 # scheduler an F&B program's all-to-alls are synchronous; with it, collectives started as early as their inputs
 # allow and two in flight at once, the other chunk's GEMMs run inside more of their windows (measured by
-# python -m dsv3.bench.overlap; its analytical cost model does better but crashes XLA 0.12 on blockwise attention).
+# python -m dsv3.bench.overlap).
 GPU_OVERLAP_OPTIONS = {"xla_gpu_enable_latency_hiding_scheduler": True,
                        "xla_gpu_experimental_collective_start_as_early_as_possible": True,
                        "xla_gpu_experimental_parallel_collective_overlap_limit": 2}
@@ -323,17 +349,42 @@ FORWARD_SCOPE, BACKWARD_SCOPE = "fb_forward", "fb_backward"
 
 
 def forward_backward(cfg: ModelConfig, fkey, bkey, input_only: bool, devices, params, routing, x, tokens,
-                     coefs, vjps, g, acc, b_params):
+                     coefs, vjps, g, acc, b_params, barriers: bool = True):
   """F&B: F of one micro-batch (`forward`'s arguments) and the backward of another (B, or B* if input_only;
   `backward`'s arguments) as ONE program. The two chunks share no data, so XLA's scheduler may run one
   chunk's expert all-to-all while the other chunk's GEMMs compute; the numbers are F's and B's exactly.
+  barriers: the chunks advance piece by piece side by side, and an optimization barrier between steps ties
+  what each carries, so F's k-th piece and B's k-th piece (B walks its pieces backwards) are scheduled
+  between the same two barriers, as DeepSeek's F&B pairs them. Without, XLA orders the two chunks freely.
   Returns (F's (y, vjps, aux), B's (dx, acc) or B*'s (dx, cts))."""
-  with jax.named_scope(FORWARD_SCOPE):
-    f_out = forward(cfg, fkey, params, routing, x, tokens, coefs, devices)
-  with jax.named_scope(BACKWARD_SCOPE):
-    b_out = (backward_input(bkey, vjps, g, coefs, b_params) if input_only
-             else backward(bkey, vjps, g, coefs, acc, b_params))
-  return f_out, b_out
+  f_steps = _forward_pieces(cfg, fkey, params, routing, x, tokens, coefs, devices)
+  b_steps = _backward_pieces(bkey, _with_params(vjps, b_params), g, coefs, want_params=not input_only,
+                             acc=None if input_only else _as_list(bkey, acc))
+  f_out, (dx, sums, cts) = _side_by_side(((f_steps, FORWARD_SCOPE), (b_steps, BACKWARD_SCOPE)), barriers)
+  return f_out, ((None if bkey[0] else dx), cts if input_only else _as_tree(bkey, sums))
+
+
+def _side_by_side(chunks, barriers: bool):
+  """Runs piece-by-piece generators (`_forward_pieces`, `_backward_pieces`) in lockstep, each under its name
+  scope, tying what they carry between steps with one optimization barrier if `barriers`; returns their values."""
+  live, carry, out = dict(enumerate(chunks)), {}, [None] * len(chunks)
+  def step(i, value=None):
+    steps, scope = live[i]
+    with jax.named_scope(scope):
+      try:
+        carry[i] = steps.send(value)
+      except StopIteration as done:
+        out[i] = done.value
+        del live[i]
+  for i in list(live):
+    step(i)
+  while live:
+    if barriers and len(live) > 1:
+      ids = sorted(live)
+      carry.update(zip(ids, jax.lax.optimization_barrier(tuple(carry[i] for i in ids))))
+    for i in list(live):
+      step(i, carry[i])
+  return out
 
 
 def accumulators(copies, params):
@@ -359,9 +410,10 @@ class Programs(NamedTuple):
 
 
 @functools.lru_cache(maxsize=None)
-def programs(compiler_options: Optional[Tuple[Tuple[str, Any], ...]] = None) -> Programs:
+def programs(compiler_options: Optional[Tuple[Tuple[str, Any], ...]] = None, fb_barriers: bool = True) -> Programs:
   """The stage programs compiled with `compiler_options` (XLA flags as (name, value) pairs, e.g. a lower
-  CPU optimisation level for tests); the gradient accumulator is donated, so it is updated in place."""
+  CPU optimisation level for tests); the gradient accumulator is donated, so it is updated in place.
+  fb_barriers: forward_backward's `barriers` (config pipeline.fb_barriers)."""
   opts = dict(compiler_options) if compiler_options else None
   return Programs(
       forward=jax.jit(forward, static_argnums=(0, 1, 7), compiler_options=opts),
@@ -369,5 +421,6 @@ def programs(compiler_options: Optional[Tuple[Tuple[str, Any], ...]] = None) -> 
       backward_input=jax.jit(backward_input, static_argnums=0, compiler_options=opts),
       backward_weights=jax.jit(backward_weights, static_argnums=0, donate_argnums=3, compiler_options=opts),
       evaluate=jax.jit(evaluate, static_argnums=(0, 1, 7), compiler_options=opts),
-      forward_backward=jax.jit(forward_backward, static_argnums=(0, 1, 2, 3, 4), donate_argnums=12,
+      forward_backward=jax.jit(functools.partial(forward_backward, barriers=fb_barriers),
+                               static_argnums=(0, 1, 2, 3, 4), donate_argnums=12,
                                compiler_options=opts))

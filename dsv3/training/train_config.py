@@ -82,7 +82,8 @@ def base_train_config(model: ModelConfig):
   c.profile = ml_collections.ConfigDict(dict(start_step=10, num_steps=0))
   # Parallelism.
   c.mesh = ml_collections.ConfigDict(dict(data=1, expert=1, pipeline=1))
-  c.pipeline = ml_collections.ConfigDict(dict(schedule="none", microbatches=1))
+  # fb_barriers: DualPipe's F&B cells tie each piece of one chunk to the other's (stages.forward_backward).
+  c.pipeline = ml_collections.ConfigDict(dict(schedule="none", microbatches=1, fb_barriers=True))
   c.data = data.default_data_config()
   return c
 
@@ -243,6 +244,8 @@ def _check_layout(c) -> None:
        f"mesh.pipeline={c.mesh.pipeline} needs a schedule: set --config.pipeline.schedule=dualpipe (or 1f1b, ...)")
   need(is_int(c.pipeline.microbatches) and c.pipeline.microbatches >= 1, "pipeline.microbatches",
        f"must be an integer >= 1, got {c.pipeline.microbatches!r}")
+  need(isinstance(c.pipeline.fb_barriers, bool), "pipeline.fb_barriers",
+       f"must be True or False, got {c.pipeline.fb_barriers!r}")
   shards = c.mesh.data * c.mesh.expert
   need(c.batch_size % (shards * c.grad_accum_steps) == 0, "batch_size",
        f"{c.batch_size} must be divisible by mesh.data*mesh.expert*grad_accum_steps = "
