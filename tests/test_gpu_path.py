@@ -53,9 +53,8 @@ def bf16_gemms(bf16_step):
 def test_attention_is_a_flash_kernel_without_a_device(bf16_step):
   """attention='auto' compiled deviceless (cuDNN cannot be): MLA's attention forward and backward are tokamax's
   Triton flash-attention kernels, and no blockwise loop is left in the step."""
-  ops = set(re.findall(r'op_name="[^"]*(pallas_flash_attention_\w+)/pallas_call"', bf16_step))
-  assert any(o.startswith("pallas_flash_attention_fwd") for o in ops), ops
-  assert any(o.endswith("_vjp") for o in ops), ops
+  kernels = set(re.findall(r"pallas_flash_attention_(\w+?)\)?/pallas_call", bf16_step))
+  assert any(k.startswith("fwd") for k in kernels) and "vjp" in kernels, kernels
   assert "blockwise" not in bf16_step
 
 
