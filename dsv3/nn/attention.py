@@ -1,6 +1,6 @@
 """Causal softmax attention for MLA's training path: dense, blockwise (flash-style, pure JAX), cuDNN and tokamax.
 
-All three take q, k [B, T, N, Dqk] and v [B, T, N, Dv] (MLA: Dqk = qk_nope + qk_rope = 192, Dv = 128 in V3)
+Each takes q, k [B, T, N, Dqk] and v [B, T, N, Dv] (MLA: Dqk = qk_nope + qk_rope = 192, Dv = 128 in V3)
 and return the heads side by side, [B, T, N * Dv] in v's dtype (o_proj's input, named 'attn_out' for remat),
 with float32 scores and accumulation.
 
@@ -220,7 +220,6 @@ def cudnn_attention(q, k, v, scale: float):
   v = jnp.pad(v, [(0, 0)] * 3 + [(0, q.shape[-1] - dv)]) if dv != q.shape[-1] else v
   out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="cudnn")
   return checkpoint_name(out[..., :dv].reshape(*out.shape[:2], -1), "attn_out")
-
 
 
 # ---------------------------------------------------------------------------------------------------
