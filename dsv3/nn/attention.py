@@ -1,7 +1,7 @@
 """Causal softmax attention for MLA's training path: dense, blockwise (flash-style, pure JAX), cuDNN and tokamax.
 
 Each takes q, k [B, T, N, Dqk] and v [B, T, N, Dv] (MLA: Dqk = qk_nope + qk_rope = 192, Dv = 128 in V3)
-and return the heads side by side, [B, T, N * Dv] in v's dtype (o_proj's input, named 'attn_out' for remat),
+and returns the heads side by side, [B, T, N * Dv] in v's dtype (o_proj's input, named 'attn_out' for remat),
 with float32 scores and accumulation.
 
 - dense: today's [B, N, T, T] scores and probabilities; the probabilities are saved for backward
