@@ -89,12 +89,12 @@ def for_device(device_kind: str) -> Figures:
 
 
 def measure_cpu(devices: int = 1, size: int = 1024, mib: int = 256) -> Figures:
-  """This CPU's figures, measured: an f32 GEMM's FLOP/s (every dtype: XLA:CPU computes narrower GEMMs
-  through f32), the bandwidth of a large elementwise kernel into a new buffer, and a kernel's fixed cost (a chain of small
-  dependent ops that do not fuse). `devices` simulated devices share the machine: each gets its 1/devices
-  share of the FLOP/s and bandwidth. Its 'links' are memory."""
+  """This CPU's figures, measured now (each call measures again): an f32 GEMM's FLOP/s (every dtype: XLA:CPU
+  computes narrower GEMMs through f32), the bandwidth of a large elementwise kernel into a new buffer, and a
+  kernel's fixed cost (a chain of small dependent ops that do not fuse). `devices` simulated devices share the
+  machine: each gets its 1/devices share of the FLOP/s and bandwidth. Its 'links' are memory."""
 
-  gemm = metrics.device_peak_flops(jax.devices("cpu")[0], "fp32")
+  gemm = metrics.measure_matmul_flops(jax.devices("cpu")[0], jnp.float32, size)
   n = mib * 2**20 // 4
   x = jnp.ones((n,), jnp.float32)
   # Into a fresh result, as XLA:CPU's kernels write theirs each call (its first touch of the pages included).

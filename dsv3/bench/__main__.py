@@ -30,7 +30,8 @@ Sections (--what, comma-separated; dsv3/bench/step.py unless named):
   compile  lowering and compile time of the tiny training step with 2, 4, 8, 16 layers, scanned (nn.scan keeps
            it flat) and unrolled (model.scan_layers=False).
   estimate the step-time estimator (dsv3.analysis.step_time) given this CPU's measured GEMM FLOP/s, memory
-           bandwidth and per-kernel cost, beside the measured step of the tiny and 16M configs (its calibration).
+           bandwidth and per-kernel cost, beside the measured step of the tiny and 16M configs (its calibration):
+           --rounds times the figures are measured again and each step timed, side by side.
   memory   peak bytes per device of the compiled training step (compiled.memory_analysis(): arguments +
            outputs - donated aliases + temporaries) next to the planner's params + grads + optimizer estimate.
 """
@@ -58,6 +59,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_integer("batch", None, "train/hf batch (default 16 / each hf config's own).", **fv)
   flags.DEFINE_integer("seq", None, "train/hf sequence length (default 128 / each hf config's).", **fv)
   flags.DEFINE_integer("tokens", None, "moe: tokens per layer call; seq: tokens per step.", **fv)
+  flags.DEFINE_integer("rounds", 3, "estimate: rounds of (measure the CPU's figures, time each step).", **fv)
   flags.DEFINE_integer("top", 15, "profile: how many of the slowest ops to list.", **fv)
   flags.DEFINE_list("hf_configs", None, "hf: comma-separated subset of tiny,16m (default both).", **fv)
 

@@ -3,6 +3,7 @@ docstring of dsv3/bench/__main__.py). Every section but moe times or compiles th
 dsv3.training.steps.make(config, cfg, mesh).train, on one device."""
 from __future__ import annotations
 
+import statistics
 import time
 
 import jax
@@ -194,38 +195,49 @@ def bench_memory(args):
                     "plan opt", "plan total", "peak/plan"], rows))
 
 
-def estimate_error(config, cfg: ModelConfig, batch: int, seq_len: int, steps: int, figures) -> dict:
-  """The trainer's one-device step of `config` / `cfg` at (batch, seq_len): its measured seconds (median of
-  `steps`) beside dsv3.analysis.step_time's estimate of the same compiled program on `figures`."""
+def compiled_step(config, cfg: ModelConfig, batch: int, seq_len: int):
+  """The trainer's one-device step of `config` / `cfg` at (batch, seq_len), compiled: (its HLO text, `run`,
+  which runs one step and blocks)."""
   cfg = cfg.replace(max_position_embeddings=max(seq_len, cfg.max_position_embeddings))
   trainer = common.one_device_steps(config, cfg)
   state, *args = common.train_args(config, trainer, common.tokens(cfg, batch, seq_len))
   compiled = jax.jit(trainer.train, donate_argnums=0).lower(state, *args).compile()
-  estimate = hlo_cost.program_time(compiled.as_text(), figures)
   box = {"state": state}
 
   def run():
     box["state"], out = compiled(box["state"], *args)
     out["loss"].block_until_ready()
-  measured = common.timeit(run, steps, warmup=1)
-  return dict(measured_s=measured, estimate_s=estimate.seconds, error=estimate.seconds / measured - 1,
-              flops=estimate.flops, bytes=estimate.bytes, kernels=estimate.kernels)
+  run()                                    # the first call maps the buffers
+  return compiled.as_text(), run
 
 
 def bench_estimate(args):
-  """The step-time estimator (dsv3.analysis.step_time) calibrated on this CPU: its figures measured, then the
-  estimate of the tiny and 16M configs' compiled steps beside their measured steps."""
-  figures = chip_figures.measure_cpu()
-  cases = [("tiny", cli.load_config("tiny"), None, args.batch or 16, args.seq or 128)]
+  """The step-time estimator (dsv3.analysis.step_time) calibrated on this CPU, for the tiny and 16M configs'
+  compiled steps. Each of `args.rounds` rounds measures the CPU's figures again and then times each step
+  (median of `args.steps`), so an estimate and the step it predicts are measured side by side; the table
+  gives the median over rounds and the range of the per-round errors."""
   m16, batch16, seq16 = hf.hf_comparison_configs()["16m"]
-  cases.append(("16m", cli.load_config("tiny"), m16.replace(num_nextn_predict_layers=1), batch16, seq16))
+  cases = [("tiny", cli.load_config("tiny"), None, args.batch or 16, args.seq or 128),
+           ("16m", cli.load_config("tiny"), m16.replace(num_nextn_predict_layers=1), batch16, seq16)]
+  steps = [(name, batch, seq, *compiled_step(config, cfg or ModelConfig.from_config_dict(config), batch, seq))
+           for name, config, cfg, batch, seq in cases]
+  figs, measured, estimated = [], {}, {}
+  for _ in range(args.rounds):
+    figs.append(chip_figures.measure_cpu())
+    for name, _, _, text, run in steps:
+      measured.setdefault(name, []).append(common.timeit(run, args.steps, warmup=1))
+      estimated.setdefault(name, []).append(hlo_cost.program_time(text, figs[-1]))
   rows = []
-  for name, config, cfg, batch, seq in cases:
-    r = estimate_error(config, cfg or ModelConfig.from_config_dict(config), batch, seq, args.steps, figures)
-    rows.append([name, f"{batch}x{seq}", f"{r['flops'] / 1e9:.2f}", f"{r['bytes'] / 1e9:.2f}", str(r["kernels"]),
-                 f"{r['measured_s'] * 1e3:.0f}", f"{r['estimate_s'] * 1e3:.0f}", f"{r['error']:+.0%}"])
-  print(f"== step-time estimate vs measured ({common.device_line()}; figures measured: GEMM "
-        f"{figures.flops['fp32'] / 1e9:.0f} GFLOP/s, memory {figures.hbm / 1e9:.1f} GB/s, "
-        f"{figures.launch * 1e6:.1f} us per kernel)")
+  for name, batch, seq, _, _ in steps:
+    errors = [e.seconds / m - 1 for e, m in zip(estimated[name], measured[name])]
+    est, meas = estimated[name][0], statistics.median(measured[name])
+    median_est = statistics.median(e.seconds for e in estimated[name])
+    rows.append([name, f"{batch}x{seq}", f"{est.flops / 1e9:.2f}", f"{est.bytes / 1e9:.2f}", str(est.kernels),
+                 f"{meas * 1e3:.0f}", f"{median_est * 1e3:.0f}", f"{median_est / meas - 1:+.0%}",
+                 f"{min(errors):+.0%} .. {max(errors):+.0%}"])
+  span = lambda values, scale: f"{min(values) / scale:.3g}-{max(values) / scale:.3g}"
+  print(f"== step-time estimate vs measured ({common.device_line()}; {args.rounds} rounds, figures measured in "
+        f"each: GEMM {span([f.flops['fp32'] for f in figs], 1e9)} GFLOP/s, memory "
+        f"{span([f.hbm for f in figs], 1e9)} GB/s, {span([f.launch for f in figs], 1e-6)} us per kernel)")
   print(common.fmt_table(["config", "batch", "GFLOPs", "GB moved", "kernels", "measured ms", "estimate ms",
-                          "error"], rows))
+                          "error", "error per round"], rows))

@@ -62,7 +62,7 @@ _DTYPE_ALIASES = {"bf16": "bf16", "bfloat16": "bf16", "fp8": "fp8", "float8": "f
 _measured: dict = {}  # (platform, device_kind, dtype) -> measured FLOP/s, once per process
 
 
-def _measure_matmul_flops(device, dtype, n: int, repeats: int = 3) -> float:
+def measure_matmul_flops(device, dtype, n: int, repeats: int = 3) -> float:
   """Best-of-`repeats` FLOP/s of a jitted n x n matmul on `device` (after one compile/warm-up run)."""
   a = jax.device_put(jnp.ones((n, n), dtype), device)
   f = jax.jit(lambda x, y: x @ y)
@@ -93,11 +93,11 @@ def device_peak_flops(device=None, dtype: str = "bf16") -> float:
   cache_key = (device.platform, kind, key if device.platform != "cpu" else "fp32")
   if cache_key not in _measured:
     if device.platform == "cpu":
-      _measured[cache_key] = _measure_matmul_flops(device, jnp.float32, 1024)
+      _measured[cache_key] = measure_matmul_flops(device, jnp.float32, 1024)
     else:
       logging.warning("No peak FLOP/s on record for %r; measuring a bf16 matmul instead, so MFU is "
                       "relative to that measurement.", device.device_kind)
-      _measured[cache_key] = _measure_matmul_flops(device, jnp.bfloat16, 4096)
+      _measured[cache_key] = measure_matmul_flops(device, jnp.bfloat16, 4096)
   return _measured[cache_key]
 
 
