@@ -71,6 +71,8 @@ BAD_TRAIN = [
     ({"mesh.expert": 3}, r"config\.mesh\.expert: model\.n_routed_experts=16 must be divisible by mesh\.expert=3"),
     ({"pipeline.microbatches": 0}, r"config\.pipeline\.microbatches: must be an integer >= 1"),
     ({"pipeline.fb_barriers": "yes"}, r"config\.pipeline\.fb_barriers: must be True or False, got 'yes'"),
+    ({"pipeline.collectives_in_flight": 0},
+     r"config\.pipeline\.collectives_in_flight: must be an integer >= 1, got 0"),
     ({"mesh.pipeline": 2, "mesh.data": 4, "pipeline.schedule": "dualpipe"},
      r"config\.pipeline\.microbatches must be even and >= 2 \* mesh\.pipeline = 4 for dualpipe"),
     ({"mesh.pipeline": 8, "mesh.data": 1, "pipeline.schedule": "dualpipev", "pipeline.microbatches": 16},

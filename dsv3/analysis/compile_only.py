@@ -224,8 +224,10 @@ def compile_step(config, workdir: str, target: str, echo=print) -> dict:
                  f"sums of units shared between ranks, the sum of the scalar rows over 'pipeline' and the "
                  f"transfers are not compiled")
     if gpu:
-      notes.append(f"stage programs with XLA options {stages.GPU_OVERLAP_OPTIONS} (the executor's on GPUs); each "
-                   f"F&B program's line says how much of its expert all-to-all traffic runs under the other chunk")
+      overlap_options = stages.gpu_overlap_options(config.pipeline.collectives_in_flight)
+      notes.append(f"stage programs with XLA options {overlap_options} (the executor's on GPUs; the last is "
+                   f"pipeline.collectives_in_flight); each F&B program's line says how much of its expert "
+                   f"all-to-all traffic runs under the other chunk")
   notes.append("phases: evaluation holds the state" + (", the EMA's device copy of the params (HostEMA.value)"
                                                           if ema else "") + " and an eval program's temporaries; "
                "a checkpoint save copies the state to the host (orbax), holding nothing more on the device")

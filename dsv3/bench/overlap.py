@@ -183,7 +183,8 @@ def main(argv):
     print("\n" + overlap.format_rows(f"EP{r['ep']} {r['program']} (fused)", r["fused"]))
   if F.json:
     with open(F.json, "w") as f:
-      json.dump(dict(target=F.target, options=stages.GPU_OVERLAP_OPTIONS, programs=results, bubble=bubbles),
+      options = stages.gpu_overlap_options(F.config.pipeline.collectives_in_flight)
+      json.dump(dict(target=F.target, options=options, programs=results, bubble=bubbles),
                 f, indent=1, default=str)
 
 

@@ -66,7 +66,8 @@ class Plan:
   """Everything about one (config, schedule, ranks, micro-batches, devices) that does not depend on data."""
 
   def __init__(self, cfg: ModelConfig, schedule: str, num_ranks: int, microbatches: int, devices=None,
-               compiler_options=None, transfer: str = "auto", fb_barriers: bool = True):
+               compiler_options=None, transfer: str = "auto", fb_barriers: bool = True,
+               collectives_in_flight: int = 2):
     self.cfg = cfg
     self.schedule = schedules.make(schedule, num_ranks, microbatches)
     self.num_stages = schedules.num_stages(schedule, num_ranks)
@@ -78,7 +79,8 @@ class Plan:
     self.mesh = pipeline_mesh(num_ranks, devices)
     self.meshes = sharding.stage_meshes(self.mesh)
     if backend.mesh_platform(self.mesh) == "gpu":     # F&B overlap: see stages.forward_backward
-      compiler_options = tuple(sorted({**stages.GPU_OVERLAP_OPTIONS, **dict(compiler_options or ())}.items()))
+      compiler_options = tuple(sorted({**stages.gpu_overlap_options(collectives_in_flight),
+                                       **dict(compiler_options or ())}.items()))
     self.programs = stages.programs(compiler_options, fb_barriers)
     self.transfers = Transfers(self.meshes, transfer)
     # Expert parallelism inside every stage: its routed experts over the sub-mesh's 'expert' axis.
@@ -355,7 +357,8 @@ _PLANS: Dict[tuple, Plan] = {}
 
 
 def get_plan(cfg: ModelConfig, schedule: str, num_stages: int, microbatches: int, devices=None,
-             compiler_options=None, transfer: str = "auto", fb_barriers: bool = True) -> Plan:
+             compiler_options=None, transfer: str = "auto", fb_barriers: bool = True,
+             collectives_in_flight: int = 2) -> Plan:
   """Plans are cached per (config, schedule, ranks, micro-batches, devices); the compiled stage programs
   are cached by jit itself (per stage shape and sub-mesh), so they are shared across schedules."""
   if devices is None or isinstance(devices, Mesh):
@@ -363,9 +366,10 @@ def get_plan(cfg: ModelConfig, schedule: str, num_stages: int, microbatches: int
   else:
     dev_key = tuple((tuple(m.devices.flat), m.axis_names) if isinstance(m, Mesh) else m for m in devices)
   options = tuple(sorted(compiler_options.items())) if compiler_options else None
-  key = (cfg, schedule, num_stages, microbatches, dev_key, options, transfer, fb_barriers)
+  key = (cfg, schedule, num_stages, microbatches, dev_key, options, transfer, fb_barriers, collectives_in_flight)
   if key not in _PLANS:
-    _PLANS[key] = Plan(cfg, schedule, num_stages, microbatches, devices, options, transfer, fb_barriers)
+    _PLANS[key] = Plan(cfg, schedule, num_stages, microbatches, devices, options, transfer, fb_barriers,
+                       collectives_in_flight)
   return _PLANS[key]
 
 

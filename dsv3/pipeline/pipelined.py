@@ -34,7 +34,8 @@ class PipelinedSteps:
     self.steps = steps_lib.make(config, cfg, mesh)
     self.plan = executor.get_plan(cfg, config.pipeline.schedule, int(config.mesh.pipeline),
                                   int(config.pipeline.microbatches), devices=mesh,
-                                  fb_barriers=bool(config.pipeline.fb_barriers))
+                                  fb_barriers=bool(config.pipeline.fb_barriers),
+                                  collectives_in_flight=int(config.pipeline.collectives_in_flight))
     self.layout = lay = self.plan.layout
     self.stacked_abstract = self.steps.abstract
     self.abstract = jax.eval_shape(lambda s: layout.map_state(self.unstack, s), self.steps.abstract)

@@ -339,10 +339,16 @@ def backward_weights(key, vjps, cts, acc, params):
 # XLA:GPU options of the stage programs on GPUs (the executor's Plan adds them). Without the latency-hiding
 # scheduler an F&B program's all-to-alls are synchronous; with it, collectives started as early as their inputs
 # allow and two in flight at once, the other chunk's GEMMs run inside more of their windows (measured by
-# python -m dsv3.bench.overlap).
+# python -m dsv3.bench.overlap). pipeline.collectives_in_flight sets the last (gpu_overlap_options).
+IN_FLIGHT_OPTION = "xla_gpu_experimental_parallel_collective_overlap_limit"
 GPU_OVERLAP_OPTIONS = {"xla_gpu_enable_latency_hiding_scheduler": True,
                        "xla_gpu_experimental_collective_start_as_early_as_possible": True,
-                       "xla_gpu_experimental_parallel_collective_overlap_limit": 2}
+                       IN_FLIGHT_OPTION: 2}
+
+
+def gpu_overlap_options(collectives_in_flight: int) -> dict:
+  """GPU_OVERLAP_OPTIONS with at most `collectives_in_flight` asynchronous collectives in flight at once."""
+  return {**GPU_OVERLAP_OPTIONS, IN_FLIGHT_OPTION: int(collectives_in_flight)}
 
 # Name scopes that tag every op of an F&B program with its chunk (dsv3.analysis.overlap reads them from the HLO).
 FORWARD_SCOPE, BACKWARD_SCOPE = "fb_forward", "fb_backward"

@@ -83,7 +83,11 @@ def base_train_config(model: ModelConfig):
   # Parallelism.
   c.mesh = ml_collections.ConfigDict(dict(data=1, expert=1, pipeline=1))
   # fb_barriers: DualPipe's F&B cells tie each piece of one chunk to the other's (stages.forward_backward).
-  c.pipeline = ml_collections.ConfigDict(dict(schedule="none", microbatches=1, fb_barriers=True))
+  # collectives_in_flight: on GPUs, how many asynchronous collectives a stage program may have in flight at once
+  # (XLA's parallel collective overlap limit): more lets more of the other chunk's GEMMs into the all-to-alls'
+  # windows, for more memory (docs/results.md, "DualPipe's overlap").
+  c.pipeline = ml_collections.ConfigDict(dict(schedule="none", microbatches=1, fb_barriers=True,
+                                              collectives_in_flight=2))
   c.data = data.default_data_config()
   return c
 
@@ -246,6 +250,8 @@ def _check_layout(c) -> None:
        f"must be an integer >= 1, got {c.pipeline.microbatches!r}")
   need(isinstance(c.pipeline.fb_barriers, bool), "pipeline.fb_barriers",
        f"must be True or False, got {c.pipeline.fb_barriers!r}")
+  need(is_int(c.pipeline.collectives_in_flight) and c.pipeline.collectives_in_flight >= 1,
+       "pipeline.collectives_in_flight", f"must be an integer >= 1, got {c.pipeline.collectives_in_flight!r}")
   shards = c.mesh.data * c.mesh.expert
   need(c.batch_size % (shards * c.grad_accum_steps) == 0, "batch_size",
        f"{c.batch_size} must be divisible by mesh.data*mesh.expert*grad_accum_steps = "
