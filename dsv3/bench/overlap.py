@@ -55,7 +55,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 # XLA's defaults for what stages.GPU_OVERLAP_OPTIONS sets: how the stage programs compiled before it.
 XLA_DEFAULTS = {"xla_gpu_enable_latency_hiding_scheduler": False,
                 "xla_gpu_experimental_collective_start_as_early_as_possible": False,
-                "xla_gpu_experimental_parallel_collective_overlap_limit": 1}
+                stages.IN_FLIGHT_OPTION: 1}
 
 
 STAGE_KINDS = ("F", "B", "Bstar", "W", "FB", "FBstar")

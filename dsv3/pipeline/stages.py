@@ -350,6 +350,7 @@ def gpu_overlap_options(collectives_in_flight: int) -> dict:
   """GPU_OVERLAP_OPTIONS with at most `collectives_in_flight` asynchronous collectives in flight at once."""
   return {**GPU_OVERLAP_OPTIONS, IN_FLIGHT_OPTION: int(collectives_in_flight)}
 
+
 # Name scopes that tag every op of an F&B program with its chunk (dsv3.analysis.overlap reads them from the HLO).
 FORWARD_SCOPE, BACKWARD_SCOPE = "fb_forward", "fb_backward"
 
